@@ -1,0 +1,1 @@
+"""InfinityStar core: a pure-PyTorch reimplementation of the official inference (no ComfyUI import)."""
