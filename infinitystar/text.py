@@ -1,0 +1,127 @@
+"""Text conditioning of the official model (spec §4): prompt decoration and flan-t5 encoding.
+
+The prompt gets the duration tag and the closing phrase both official scripts append, is tokenized
+to 512 tokens (padding ``max_length``, truncation) and run through the T5 encoder; the features are
+compacted to the true length L (including ``</s>``). An empty negative prompt means "use the model's
+learned null text" (``cfg_uncond[:L]``), signalled by ``uncond=None``; a non-empty one is encoded the
+same way (undecorated, as upstream) and must not be longer than the positive prompt.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TEXT_MAXLEN = 512
+CLOSING_PHRASE = ", Close-up on big objects, emphasize scale and detail"
+
+
+def decorate_prompt(prompt: str, duration_s: int | None, enabled: bool = True) -> str:
+    """Apply the official decoration: ``<<<t={d}s>>>`` + prompt + closing phrase.
+
+    Images (``duration_s`` 0 or None) get the closing phrase only: there is no official T2I script,
+    and the golden T2I case was made this way. Without the duration tag videos degrade badly
+    (upstream issue #29), so ``enabled=False`` is for experiments only.
+    """
+    if not enabled:
+        return prompt
+    text = f"{prompt}{CLOSING_PHRASE}"
+    if duration_s:
+        text = f"<<<t={int(duration_s)}s>>>{text}"
+    return text
+
+
+def duration_from_frames(frames: int) -> int | None:
+    """Seconds tag for a pixel-frame count at 16 fps: 1 -> None (image), 81 -> 5, 161 -> 10."""
+    if frames <= 1:
+        return None
+    return (frames - 1) // 16
+
+
+def compact_features(features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(1, 512, C) T5 output + (1, 512) mask -> (L, C) fp32, L = number of valid tokens incl. ``</s>``."""
+    length = int(attention_mask[0].sum().item())
+    return features[0, :length].float()
+
+
+def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
+                        device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The ``T5EncoderModel`` of a Hugging Face folder, in eval mode without grads (offline)."""
+    from transformers import T5EncoderModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a T5 text-encoder folder (no config.json). Expected the hub folder "
+            "text_encoder/flan-t5-xl-official/; get it with `python -m infinitystar download --dest DIR`.")
+    module = T5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    module.eval().requires_grad_(False).to(device)
+    logger.info("text encoder %s loaded (%s, d_model %d)", path, dtype, module.config.d_model)
+    return module
+
+
+class TextEncoder:
+    """flan-t5 encoder plus its tokenizer, loaded from a Hugging Face folder (``text_encoder/flan-t5-xl-official``)."""
+
+    def __init__(self, module: torch.nn.Module, tokenizer, max_length: int = TEXT_MAXLEN):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
+                    ) -> TextEncoder:
+        """Load ``T5EncoderModel`` and ``AutoTokenizer`` from ``path`` offline (no hub access)."""
+        from transformers import AutoTokenizer
+
+        module = load_encoder_module(path, dtype=dtype, device=device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: no usable tokenizer files (spiece.model / tokenizer.json): {exc}") from exc
+        return cls(module, tokenizer)
+
+    @property
+    def channels(self) -> int:
+        return int(self.module.config.d_model)
+
+    def tokenize(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, both (1, 512) int64, exactly as the official ``encode_prompt``."""
+        tokens = self.tokenizer(text=[text], max_length=self.max_length, padding="max_length", truncation=True,
+                                return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
+
+    @torch.no_grad()
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      device: str | torch.device | None = None) -> torch.Tensor:
+        """Run T5 on (1, 512) ids/mask and return compacted (L, C) fp32 features on CPU."""
+        device = device if device is not None else next(self.module.parameters()).device
+        out = self.module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        return compact_features(out.last_hidden_state, attention_mask).cpu()
+
+    def encode_text(self, text: str, device: str | torch.device | None = None) -> torch.Tensor:
+        """Encode an already decorated string to (L, C) fp32 features."""
+        return self.encode_tokens(*self.tokenize(text), device=device)
+
+    def encode(self, prompt: str, negative_prompt: str = "", duration_s: int | None = 5, decorate: bool = True,
+               device: str | torch.device | None = None):
+        """Decorate and encode a prompt; returns ``infinitystar.sampler.TextCondition`` (fp32, on CPU).
+
+        ``duration_s`` is the clip length tag (5 or 10; 0/None for an image). An empty negative prompt gives
+        ``uncond=None`` (the model's ``cfg_uncond[:L]``); a non-empty one is encoded undecorated.
+        """
+        from .sampler import TextCondition
+
+        cond = self.encode_text(decorate_prompt(prompt, duration_s, enabled=decorate), device=device)
+        uncond = None
+        if negative_prompt:
+            uncond = self.encode_text(negative_prompt, device=device)
+            if uncond.shape[0] > cond.shape[0]:
+                raise ValueError(
+                    f"negative prompt is {uncond.shape[0]} tokens but the (decorated) prompt is only "
+                    f"{cond.shape[0]}; the official sampler pads the negative to the prompt's length and cannot "
+                    "shorten it. Shorten the negative prompt or lengthen the prompt.")
+        return TextCondition(cond=cond, uncond=uncond)
