@@ -13,7 +13,9 @@ Run ``python -m infinitystar.tiny OUTDIR [--seed N]``.
 """
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import logging
 import random
 import string
@@ -66,3 +68,95 @@ def write_tiny_text_encoder(folder: str | Path, d_model: int = 32, seed: int = 0
         model = T5EncoderModel(config).eval()
     model.save_pretrained(str(folder))
     return folder
+
+
+def _init_like_official(model: torch.nn.Module) -> None:
+    """Linear weights N(0, 0.02) and zero biases, as the official ``special_init``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
+def tiny_transformer_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 state dict of the tiny transformer preset with official key names."""
+    from .checkpoint import initial_cfg_uncond
+    from .config import TRANSFORMER_PRESETS
+    from .transformer import InfinityStarTransformer
+
+    config = TRANSFORMER_PRESETS["tiny"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InfinityStarTransformer(config)
+        _init_like_official(model)
+        torch.nn.init.normal_(model.sos_token, std=0.02)
+    with torch.no_grad():
+        model.cfg_uncond.copy_(initial_cfg_uncond(config.text_maxlen, config.text_channels))
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def tiny_tokenizer_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """State dict of the tiny video tokenizer preset with official key names."""
+    from .vae import VAE_PRESETS, VideoTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VideoTokenizer(VAE_PRESETS["tiny"])
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_sharded_safetensors(folder: str | Path, state_dict: dict[str, torch.Tensor], shards: int = SHARDS,
+                              metadata: dict | None = None) -> Path:
+    """Write ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` (HF layout)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(state_dict)
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    running = 0
+    for key in keys:  # contiguous split by cumulative bytes, like HF's shard writer
+        groups[min(shards - 1, running * shards // max(total, 1))].append(key)
+        running += state_dict[key].numel() * state_dict[key].element_size()
+    weight_map = {}
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: state_dict[k] for k in group}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, name))
+    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_tiny_models(outdir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the whole tiny model set in the official layout; returns the paths by component."""
+    from .config import TRANSFORMER_PRESETS
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"root": outdir}
+    for offset, (variant, name) in enumerate(TRANSFORMER_DIRS.items()):
+        paths[f"transformer_{variant}"] = write_sharded_safetensors(
+            outdir / name, tiny_transformer_state_dict(seed + offset))
+    paths["vae"] = outdir / VAE_FILE
+    torch.save({"vae": tiny_tokenizer_state_dict(seed)}, paths["vae"])
+    paths["text_encoder"] = write_tiny_text_encoder(
+        outdir / TEXT_ENCODER_DIR, d_model=TRANSFORMER_PRESETS["tiny"].text_channels, seed=seed)
+    logger.info("tiny models written to %s", outdir)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infinitystar.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", help="folder to write the tiny model set into")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    args = parser.parse_args(argv)
+    for component, path in write_tiny_models(args.outdir, seed=args.seed).items():
+        print(f"{component:18s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

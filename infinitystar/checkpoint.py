@@ -1,0 +1,396 @@
+"""Loading the official checkpoint files exactly as published (spec §7), with low peak host memory.
+
+Transformer: a sharded fp32 safetensors folder (``model.safetensors.index.json`` + shards), a single
+``.safetensors`` file, or a ``.pth`` (plain state dict or ``['trainer']['gpt_fsdp']``), in any float dtype.
+Tokenizer: ``infinitystar_videovae.pth`` (``{"vae": state_dict}``) or a ``.safetensors``.
+
+The model is built on the ``meta`` device and each tensor is read, cast to its target dtype and assigned as it
+arrives, so the host never holds more than the final model plus one tensor. Safetensors files are read with
+plain positioned reads (no mmap), which keeps file pages out of the resident set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+CFG_UNCOND_ROWS = 512
+LEGACY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+DOWNLOAD_HINT = "Get the official files with `python -m infinitystar download --variant 720p --dest DIR`."
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    variant: str  # "720p", "480p" or "unknown" (the two released models have identical shapes)
+    config: object  # TransformerConfig detected from the tensor shapes
+    dtype: torch.dtype  # storage dtype of the blocks after loading
+    path: Path
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype, shape and (safetensors only) byte range."""
+    file: Path
+    dtype: torch.dtype
+    shape: tuple
+    start: int = -1
+    end: int = -1
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header and check every byte range against the file size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{file}: not a safetensors file (only {size} bytes); the download is incomplete.")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{file}: corrupted or truncated safetensors header ({size} bytes on disk). "
+                             "Delete it and download it again.")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{file}: corrupted safetensors header ({exc}). Delete it and download it again.") from exc
+    entries = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        if meta.get("dtype") not in _ST_DTYPES:
+            raise ValueError(f"{file}: tensor {key} has unsupported dtype {meta.get('dtype')}")
+        start, end = (8 + n + int(o) for o in meta["data_offsets"])
+        if end > size:
+            raise ValueError(f"{file}: truncated: tensor {key} ends at byte {end} but the file has {size} bytes. "
+                             "Delete it and download it again.")
+        entries[key] = TensorEntry(file, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end)
+    return entries
+
+
+def _read_safetensor(entry: TensorEntry, handle) -> torch.Tensor:
+    numel = math.prod(entry.shape)
+    item = torch.empty((), dtype=entry.dtype).element_size()
+    if (entry.end - entry.start) != numel * item:
+        raise ValueError(f"{entry.file}: byte range does not match shape {entry.shape} {entry.dtype}")
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    handle.seek(entry.start)
+    view = out.view(-1).view(torch.uint8).numpy() if numel else np.empty(0, np.uint8)
+    got = handle.readinto(memoryview(view))
+    if got != len(view):
+        raise ValueError(f"{entry.file}: truncated while reading (got {got} of {len(view)} bytes)")
+    return out
+
+
+def _torch_load(file: Path) -> dict:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        try:  # legacy (non-zip) .pth files cannot be memory-mapped
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{file}: cannot read this .pth ({exc}); it is corrupted or truncated.") from exc
+    except Exception as exc:
+        raise ValueError(f"{file}: cannot read this .pth ({exc}); it is corrupted, truncated or not a "
+                         "weights-only checkpoint.") from exc
+    if isinstance(obj, Mapping):
+        if isinstance(obj.get("vae"), Mapping):
+            obj = obj["vae"]
+        elif isinstance(obj.get("trainer"), Mapping) and isinstance(obj["trainer"].get("gpt_fsdp"), Mapping):
+            obj = obj["trainer"]["gpt_fsdp"]
+        elif isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{file}: holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The weight files behind ``path`` (a sharded folder, one .safetensors, or one .pth)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}. {DOWNLOAD_HINT}")
+    if path.is_dir():
+        index = path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [path / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{path}: shards listed in {INDEX_FILE} are missing: {missing}. "
+                                        "The download is incomplete; run the download again (it resumes).")
+            return files
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no .safetensors files. {DOWNLOAD_HINT}")
+        return files
+    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .safetensors, .pth or a folder")
+    return [path]
+
+
+class CheckpointReader:
+    """Lazy view of all tensors behind a path: shapes/dtypes first, data tensor by tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = checkpoint_files(self.path)
+        self.entries: dict[str, TensorEntry] = {}
+        self._loaded: dict[str, torch.Tensor] = {}  # .pth tensors (memory-mapped by torch.load)
+        for file in self.files:
+            if file.suffix == ".safetensors":
+                self.entries.update(_safetensors_header(file))
+            else:
+                sd = _torch_load(file)
+                self._loaded.update(sd)
+                self.entries.update({k: TensorEntry(file, v.dtype, tuple(v.shape)) for k, v in sd.items()})
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        return {k: e.shape for k, e in self.entries.items()}
+
+    def metadata(self) -> dict:
+        """``metadata`` of the index file, if any (the released index has ``total_size``)."""
+        index = self.path / INDEX_FILE
+        return json.loads(index.read_text()).get("metadata", {}) if index.is_file() else {}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) file by file in stored dtype; one tensor is materialised at a time."""
+        by_file: dict[Path, list[str]] = {}
+        for key, entry in self.entries.items():
+            by_file.setdefault(entry.file, []).append(key)
+        for file, keys in by_file.items():
+            if file.suffix != ".safetensors":
+                for key in keys:
+                    yield key, self._loaded[key]
+                continue
+            keys.sort(key=lambda k: self.entries[k].start)
+            with open(file, "rb", buffering=0) as handle:
+                for key in keys:
+                    yield key, _read_safetensor(self.entries[key], handle)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors())
+
+
+# ---------------------------------------------------------------------------------------------- what is this file
+
+_FOREIGN = (  # (key substring, description): checked in order, first hit wins
+    ("lora_A", "a LoRA (PEFT lora_A/lora_B weights), not a base model"),
+    ("lora_down", "a LoRA (lora_down/lora_up weights), not a base model"),
+    ("sa.mat_qkv", "an Infinity image model (Infinity-2B/8B, FoundationVision/Infinity), not InfinityStar"),
+    ("shared_ada_lin", "an Infinity image model (Infinity-2B/8B, FoundationVision/Infinity), not InfinityStar"),
+    ("self_attn.q.weight", "a Wan video model (Wan2.x), not InfinityStar"),
+    ("patch_embedding", "a Wan video model (Wan2.x), not InfinityStar"),
+    ("double_blocks.", "a Flux/HunyuanVideo-style diffusion model, not InfinityStar"),
+    ("joint_blocks.", "a Stable Diffusion 3 model, not InfinityStar"),
+    ("input_blocks.", "a Stable Diffusion (UNet) checkpoint, not InfinityStar"),
+    ("first_stage_model.", "a Stable Diffusion checkpoint, not InfinityStar"),
+    ("transformer_blocks.", "a diffusers-format transformer, not InfinityStar"),
+    ("SelfAttention.q.weight", "a T5 text encoder (load it as the text encoder folder instead)"),
+)
+
+
+def is_transformer_keys(keys) -> bool:
+    keys = set(keys)
+    return "cfg_uncond" in keys and "semantic_head2.weight" in keys and any(
+        k.startswith("block_chunks.") and ".attn.q_proj." in k for k in keys)
+
+
+def is_tokenizer_keys(keys) -> bool:
+    keys = set(keys)
+    return "encoder.conv_in.conv.weight" in keys and "scale_learnable_parameters" in keys
+
+
+def detect_variant(path: str | Path, metadata: Mapping | None = None) -> str:
+    """'720p' / '480p' from the file or folder name or index metadata; the two models' shapes are identical."""
+    meta_variant = str((metadata or {}).get("variant", ""))
+    if meta_variant in ("720p", "480p"):
+        return meta_variant
+    for part in reversed(Path(path).resolve().parts[-3:]):
+        found = re.findall(r"(720p|480p)", part.lower())
+        if found:
+            return found[-1]
+    return "unknown"
+
+
+def describe_keys(shapes: Mapping[str, tuple], path: str | Path = "", metadata: Mapping | None = None) -> str:
+    """A short human description of what a state dict (key -> shape) holds."""
+    keys = list(shapes)
+    if is_transformer_keys(keys):
+        from .config import TRANSFORMER_PRESETS, detect_transformer_config
+
+        try:
+            config = detect_transformer_config(shapes)
+        except ValueError:
+            return "an InfinityStar-like transformer with unexpected tensors"
+        size = "8B" if config == TRANSFORMER_PRESETS["8b"] else f"{config.depth}-block width-{config.width}"
+        variant = detect_variant(path, metadata)
+        return f"InfinityStar {size} transformer ({variant if variant != 'unknown' else 'unknown variant'})"
+    if is_tokenizer_keys(keys):
+        return "InfinityStar video tokenizer (VAE)"
+    for needle, what in _FOREIGN:
+        if any(needle in k for k in keys):
+            return what
+    return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {', '.join(keys[:3])})"
+
+
+def identify_file(path: str | Path) -> str:
+    """Describe a checkpoint file or folder without loading its tensors."""
+    reader = CheckpointReader(path)
+    return describe_keys(reader.shapes, path, reader.metadata())
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def initial_cfg_uncond(rows: int, channels: int) -> torch.Tensor:
+    """The official model's initial null text: trunc-normal(std 1.2) from a seed-0 CPU generator / sqrt(C)."""
+    out = torch.empty(CFG_UNCOND_ROWS, channels)
+    torch.nn.init.trunc_normal_(out, std=1.2, generator=torch.Generator("cpu").manual_seed(0))
+    return (out / channels ** 0.5)[:rows]
+
+
+def adapt_cfg_uncond(tensor: torch.Tensor, rows: int = CFG_UNCOND_ROWS) -> torch.Tensor:
+    """Truncate or extend ``cfg_uncond`` to ``rows`` like the official ``load_state_dict`` (extra rows = init)."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    extra = initial_cfg_uncond(rows, tensor.shape[1])[tensor.shape[0]:]
+    return torch.cat([tensor, extra.to(tensor.dtype)])
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (f" … (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+
+def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], path: Path, what: str,
+               description: str) -> None:
+    """Raise ValueError naming the file when keys or shapes differ from the model's."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    bad = [f"{k} {tuple(found[k])} vs {tuple(expected[k])}" for k in expected
+           if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or bad):
+        return
+    parts = [f"{len(xs)} {label}: {_few(xs)}" for label, xs in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", bad)) if xs]
+    raise ValueError(f"{path} does not match the {what}: " + "; ".join(parts)
+                     + f". The file looks like {description}. {DOWNLOAD_HINT}")
+
+
+def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = tensor
+    else:
+        raise KeyError(key)
+
+
+def _left_on_meta(model: torch.nn.Module) -> list[str]:
+    names = [n for n, p in model.named_parameters() if p.is_meta]
+    return names + [n for n, b in model.named_buffers() if b.is_meta]
+
+
+def _stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device, rename=None) -> None:
+    """Read each tensor, cast it to ``target(key, tensor)`` dtype on ``device`` and assign it."""
+    for key, tensor in reader.tensors():
+        key = rename(key) if rename else key
+        if key is None:
+            continue
+        if key == "cfg_uncond":
+            tensor = adapt_cfg_uncond(tensor)
+        _assign(model, key, tensor.to(device=device, dtype=target(key, tensor)))
+        del tensor
+    left = _left_on_meta(model)
+    if left:
+        raise ValueError(f"{reader.path}: these model tensors were not filled by the file: {_few(left)}")
+
+
+def _transformer_target(dtype: torch.dtype | None, keep_fp32_modules: bool, fp32_modules: tuple[str, ...]):
+    def target(key: str, tensor: torch.Tensor) -> torch.dtype:
+        if dtype is None or not tensor.is_floating_point():
+            return tensor.dtype
+        if key.split(".")[0] in fp32_modules:
+            return torch.float32 if keep_fp32_modules else (dtype if dtype.itemsize > 1 else torch.bfloat16)
+        if dtype.itemsize == 1 and tensor.ndim < 2:  # fp8 storage is for matmul weights; norms stay bf16
+            return torch.bfloat16
+        return dtype
+    return target
+
+
+def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",
+                     keep_fp32_modules: bool = True):
+    """Load the InfinityStar transformer from an official file or sharded folder.
+
+    ``dtype`` None keeps the file's dtype everywhere; otherwise the blocks are stored in ``dtype`` (fp8 only for
+    matmul weights, norms then bf16) and the embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the
+    official precision layout. Returns ``(model, CheckpointInfo)``.
+    """
+    from .config import detect_transformer_config
+    from .transformer import InfinityStarTransformer
+
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported transformer dtype {dtype}; choose one of {FLOAT_DTYPES}")
+    reader = CheckpointReader(path)
+    shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
+    description = describe_keys(shapes, path, reader.metadata())
+    if not is_transformer_keys(shapes):
+        raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like {description}. "
+                         f"{DOWNLOAD_HINT}")
+    config = detect_transformer_config(shapes)
+    with torch.device("meta"):
+        model = InfinityStarTransformer(config, ops=ops)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if "cfg_uncond" in shapes:
+        shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
+    check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
+    target = _transformer_target(dtype, keep_fp32_modules, tuple(model.fp32_modules))
+    _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k)
+    model.eval().requires_grad_(False)
+    info = CheckpointInfo(detect_variant(path, reader.metadata()), config, model.block_dtype(), reader.path)
+    logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.dtype)
+    return model, info
+
+
+def load_tokenizer(path: str | Path, *, ops=torch.nn, dtype: torch.dtype | None = None, device="cpu"):
+    """Load the InfinityStar video tokenizer (``infinitystar_videovae.pth`` or a .safetensors) strictly."""
+    from .vae import VideoTokenizer, detect_vae_config
+
+    reader = CheckpointReader(path)
+    shapes = reader.shapes
+    description = describe_keys(shapes, path)
+    if not is_tokenizer_keys(shapes):
+        raise ValueError(f"{reader.path} is not the InfinityStar video tokenizer: it looks like {description}. "
+                         f"{DOWNLOAD_HINT}")
+    config = detect_vae_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    with torch.device("meta"):
+        model = VideoTokenizer(config, ops=ops)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(expected, shapes, reader.path, "InfinityStar video tokenizer", description)
+
+    def target(key, tensor):
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    _stream_into(model, reader, target, device)
+    model.eval().requires_grad_(False)
+    logger.info("loaded video tokenizer from %s (block channels %s)", reader.path, config.block_out_channels)
+    return model

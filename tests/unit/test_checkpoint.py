@@ -1,0 +1,184 @@
+"""Loading official-layout checkpoints: sharded/merged/.pth, dtype casting, detection and error messages."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from infinitystar.checkpoint import (
+    CFG_UNCOND_ROWS,
+    describe_keys,
+    identify_file,
+    initial_cfg_uncond,
+    load_tokenizer,
+    load_transformer,
+)
+from infinitystar.tiny import tiny_tokenizer_state_dict, tiny_transformer_state_dict, write_sharded_safetensors
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_transformer_state_dict(seed=3)
+
+
+@pytest.fixture(scope="module")
+def sharded(sd, tmp_path_factory):
+    return write_sharded_safetensors(tmp_path_factory.mktemp("ck") / "infinitystar_8b_480p_weights", sd, shards=3)
+
+
+def _is_block(key):
+    return key.startswith("block_chunks.")
+
+
+def test_sharded_layout_is_official(sharded):
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["metadata"]["total_size"] > 0
+
+
+def test_load_keeps_file_dtype(sd, sharded):
+    model, info = load_transformer(sharded)
+    assert info.variant == "480p" and info.dtype == torch.float32 and info.path == sharded
+    got = model.state_dict()
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_load_casts_blocks_and_keeps_fp32_modules(sd, sharded, dtype):
+    model, info = load_transformer(sharded, dtype=dtype)
+    got = model.state_dict()
+    assert info.dtype == dtype
+    for k, v in sd.items():
+        if not _is_block(k):
+            want = torch.float32
+        elif dtype.itemsize == 1 and v.ndim < 2:
+            want = torch.bfloat16
+        else:
+            want = dtype
+        assert got[k].dtype == want, k
+        assert torch.equal(got[k].view(torch.uint8), v.to(want).view(torch.uint8)), k
+
+
+def test_merged_bf16_file_and_pth_variants(sd, tmp_path):
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    merged = tmp_path / "some_model.safetensors"
+    save_file(bf16, str(merged))
+    model, info = load_transformer(merged)
+    assert info.variant == "unknown" and info.dtype == torch.bfloat16
+    assert torch.equal(model.head.weight, bf16["head.weight"])
+    for i, payload in enumerate((sd, {"trainer": {"gpt_fsdp": sd}})):
+        pth = tmp_path / f"infinitystar_720p_{i}.pth"
+        torch.save(payload, pth)
+        model, info = load_transformer(pth, dtype=torch.bfloat16)
+        assert info.variant == "720p"
+        assert torch.equal(model.cfg_uncond, sd["cfg_uncond"])
+
+
+@pytest.mark.parametrize("rows", [300, 600])
+def test_cfg_uncond_rows_are_adapted(sd, tmp_path, rows):
+    changed = dict(sd)
+    channels = sd["cfg_uncond"].shape[1]
+    changed["cfg_uncond"] = torch.randn(rows, channels, generator=torch.Generator().manual_seed(rows))
+    changed["lvl_1L"] = torch.zeros(3)  # legacy buffer, dropped like the official loader does
+    save_file(changed, str(tmp_path / "m.safetensors"))
+    model, _ = load_transformer(tmp_path / "m.safetensors")
+    assert model.cfg_uncond.shape == (CFG_UNCOND_ROWS, channels)
+    n = min(rows, CFG_UNCOND_ROWS)
+    assert torch.equal(model.cfg_uncond[:n], changed["cfg_uncond"][:n])
+    if rows < CFG_UNCOND_ROWS:
+        assert torch.equal(model.cfg_uncond[rows:], initial_cfg_uncond(CFG_UNCOND_ROWS, channels)[rows:])
+
+
+def test_initial_cfg_uncond_is_official_init():
+    ref = torch.empty(512, 32)
+    torch.nn.init.trunc_normal_(ref, std=1.2, generator=torch.Generator("cpu").manual_seed(0))
+    assert torch.equal(initial_cfg_uncond(512, 32), ref / 32 ** 0.5)
+
+
+@pytest.mark.parametrize("keys,expect", [
+    ({"blocks.0.self_attn.q.weight": (8, 8), "patch_embedding.weight": (8, 16, 1, 2, 2)}, "Wan"),
+    ({"block_chunks.0.module.0.sa.mat_qkv.weight": (24, 8), "shared_ada_lin.1.weight": (8, 8)}, "Infinity image"),
+    ({"diffusion_model.x.lora_A.weight": (4, 8), "diffusion_model.x.lora_B.weight": (8, 4)}, "LoRA"),
+    ({"double_blocks.0.img_attn.qkv.weight": (24, 8)}, "Flux"),
+])
+def test_foreign_files_are_rejected_with_what_they_look_like(tmp_path, keys, expect):
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(path))
+    assert expect in identify_file(path)
+    with pytest.raises(ValueError, match=f"foreign.safetensors is not an InfinityStar transformer.*{expect}"):
+        load_transformer(path)
+    with pytest.raises(ValueError, match="not the InfinityStar video tokenizer"):
+        load_tokenizer(path)
+
+
+def test_truncated_shard_names_the_file(sharded, tmp_path):
+    broken = tmp_path / "infinitystar_8b_720p_weights"
+    broken.mkdir()
+    for f in sharded.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) - 100] if f.name.startswith("model-00002") else data)
+    with pytest.raises(ValueError, match="model-00002-of-00003.safetensors.*truncated"):
+        load_transformer(broken)
+    (broken / "model-00003-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00003-of-00003"):
+        load_transformer(broken)
+
+
+def test_garbage_file_names_the_file(tmp_path):
+    bad = tmp_path / "junk.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_transformer(bad)
+
+
+def test_missing_and_misshaped_keys(sd, tmp_path):
+    partial = {k: v for k, v in sd.items() if "mlp.down_proj" not in k}
+    save_file(partial, str(tmp_path / "p.safetensors"))
+    with pytest.raises(ValueError, match="missing: .*mlp.down_proj"):
+        load_transformer(tmp_path / "p.safetensors")
+    wrong = dict(sd)
+    wrong["block_chunks.1.module.0.mlp.down_proj.weight"] = torch.zeros(3, 3)
+    save_file(wrong, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="mis-shaped"):
+        load_transformer(tmp_path / "w.safetensors")
+
+
+def test_missing_path_says_how_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m infinitystar download"):
+        load_transformer(tmp_path / "nothing_here")
+
+
+def test_tokenizer_pth_and_safetensors(tmp_path):
+    vae_sd = tiny_tokenizer_state_dict(seed=1)
+    torch.save({"vae": vae_sd}, tmp_path / "infinitystar_videovae.pth")
+    save_file(vae_sd, str(tmp_path / "vae.safetensors"))
+    for path in (tmp_path / "infinitystar_videovae.pth", tmp_path / "vae.safetensors"):
+        assert identify_file(path) == "InfinityStar video tokenizer (VAE)"
+        model = load_tokenizer(path)
+        got = model.state_dict()
+        assert set(got) == set(vae_sd)
+        assert all(torch.equal(got[k], v) for k, v in vae_sd.items())
+    half = load_tokenizer(tmp_path / "vae.safetensors", dtype=torch.bfloat16)
+    assert half.proj_up.weight.dtype == torch.bfloat16
+    assert half.state_dict()["quantizer.lfq_detail.mask"].dtype == vae_sd["quantizer.lfq_detail.mask"].dtype
+    with pytest.raises(ValueError, match="not the InfinityStar video tokenizer.*transformer"):
+        save_file(tiny_transformer_state_dict(0), str(tmp_path / "t.safetensors"))
+        load_tokenizer(tmp_path / "t.safetensors")
+
+
+def test_full_size_key_manifests_are_recognised():
+    from golden_cases import checkpoint_keys_dir
+
+    folder = checkpoint_keys_dir()
+    if folder is None:
+        pytest.skip("no golden checkpoint_keys folder")
+    for name, variant in (("transformer_720p.json", "720p"), ("transformer_480p.json", "480p")):
+        keys = json.loads((folder / name).read_text())["keys"]
+        shapes = {k: tuple(v["shape"]) for k, v in keys.items()}
+        assert describe_keys(shapes, f"/m/infinitystar_8b_{variant}_weights") == f"InfinityStar 8B transformer ({variant})"
+    vae = json.loads((folder / "vae_full.json").read_text())["keys"]
+    assert describe_keys({k: tuple(v["shape"]) for k, v in vae.items()}) == "InfinityStar video tokenizer (VAE)"
