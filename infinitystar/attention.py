@@ -1,0 +1,83 @@
+"""The one attention dispatch of the model (spec §2.1 steps 5-6, §2.4): unmasked, non-causal, GQA.
+
+``sdpa`` (torch) is the default; ``flash`` (flash-attn 2/3) and ``sage`` (sageattention) are
+opt-in and only used when installed. The official model rounds q, k, v to bf16 right before its
+flash-attn call; ``round_qkv_bf16`` reproduces that rounding for fp32 runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "flash", "sage")
+_PIP_NAMES = {"flash": "flash-attn (or flash_attn_interface from flash-attention 3)", "sage": "sageattention"}
+
+
+def available_backends() -> list[str]:
+    found = ["sdpa"]
+    if importlib.util.find_spec("flash_attn_interface") or importlib.util.find_spec("flash_attn"):
+        found.append("flash")
+    if importlib.util.find_spec("sageattention"):
+        found.append("sage")
+    return found
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # KV head j serves query heads j*g .. j*g+g-1 (repeat_interleave, not tiling), spec §2.1
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _flash(q, k, v, scale):
+    try:
+        from flash_attn_interface import flash_attn_func  # flash-attention 3
+    except ImportError:
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError as e:
+            raise ImportError(f"attention backend 'flash' needs the pip package {_PIP_NAMES['flash']}") from e
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+def _sage(q, k, v, scale):
+    try:
+        from sageattention import sageattn
+    except ImportError as e:
+        raise ImportError(f"attention backend 'sage' needs the pip package {_PIP_NAMES['sage']}") from e
+    return sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+           round_qkv_bf16: bool = True) -> torch.Tensor:
+    """Full (unmasked) attention.
+
+    q: (B, Nq, Lq, D); k, v: (B, Nkv, Lk, D) with Nq a multiple of Nkv. Returns (B, Nq, Lq, D) in
+    q's dtype. With ``round_qkv_bf16`` fp32 inputs are rounded to bf16 and attended in fp32
+    (parity with the official fp32 runs); bf16 inputs are unchanged by it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS} "
+                         f"(installed: {available_backends()})")
+    if backend != "sdpa" and backend not in available_backends():
+        raise ImportError(f"attention backend {backend!r} needs the pip package {_PIP_NAMES[backend]}; "
+                          f"installed backends: {available_backends()}")
+    dtype = q.dtype
+    if round_qkv_bf16 and dtype == torch.float32:
+        q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    groups = q.shape[1] // k.shape[1]
+    if backend != "sdpa" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        fn = _flash if backend == "flash" else _sage
+        kk, vv = (k, v) if backend == "flash" else (_expand_kv(k, groups), _expand_kv(v, groups))
+        return fn(q, kk, vv, scale).to(dtype)
+    if backend != "sdpa":
+        # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
+        logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
+    out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
+    return out.to(dtype)

@@ -1,0 +1,197 @@
+"""The bitwise spacetime AR sampler of the official model (``ar_infer_infinity_elegant``, spec §5).
+
+One text step fills the 't0' K/V; then every (scale, repetition) step embeds the area-downsampled
+clip accumulator, runs the blocks (batch 2: conditional, unconditional), takes the semantic or
+detail head, multiplies by 1/tau, applies guidance over the whole step and draws all bits with
+ONE ``torch.multinomial`` call on a generator seeded once. Teacher-forced steps (I2V, V2V) still
+draw, so the random stream matches the official sampler. Parity-tested against the golden cases.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .bsq import LATENT_CHANNELS, accumulate, downsample_accumulator
+from .guidance import GuidanceConfig, guide
+from .kv_cache import TEXT_KEY, ScaleKVCache
+from .rope import text_rope, visual_rope
+from .schedule import ScaleStep, Schedule
+from .transformer import InfinityStarTransformer, StepContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextCondition:
+    """Compacted T5 features of the prompt, and optionally of a negative prompt.
+
+    cond: (L, C_text) fp32. uncond: (L_neg <= L, C_text) or None for the learned ``cfg_uncond[:L]``;
+    a negative prompt is projected then zero-padded to L (spec §4).
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+
+
+@dataclass
+class SampleResult:
+    bits: list[torch.Tensor]  # per step, uint8 (1, t, h, w, d) on CPU
+    accumulators: list[torch.Tensor]  # per clip, fp32 (1, 64, T_clip, H, W)
+    summed_codes: torch.Tensor  # accumulators concatenated along T: (1, 64, T_total, H, W)
+
+
+@dataclass
+class StepRecord:
+    """What :func:`sample` shows a ``step_hook`` after each step (tensors on the compute device)."""
+
+    step: ScaleStep
+    logits: torch.Tensor  # (2, t*h*w, 2d) fp32 head output before 1/tau: [cond, uncond]
+    guided: torch.Tensor  # (1, t*h*w, 2d) fp32, the sampler input
+    drawn: torch.Tensor  # (1, t, h, w, d) uint8, the bits drawn
+    bits: torch.Tensor  # (1, t, h, w, d) uint8, the bits used (drawn or teacher)
+
+
+def draw_bits(guided: torch.Tensor, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """One multinomial over every (class 0, class 1) pair of a step: guided (1, L, 2d) -> uint8 shape.
+
+    parity: softmax over pairs then exactly one ``torch.multinomial(probs, 1, replacement=True)``.
+    """
+    probs = guided.reshape(1, -1, 2).softmax(dim=-1).view(-1, 2)
+    if probs.device != generator.device:
+        probs = probs.to(generator.device)
+    idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
+    return idx.view(*shape).to(device=guided.device, dtype=torch.uint8)
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 blocks on CUDA (the official layout), fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _model_device(model: InfinityStarTransformer) -> torch.device:
+    return model.word_embed.weight.device
+
+
+def _as_step_bits(bits: torch.Tensor, step: ScaleStep, device) -> torch.Tensor:
+    bits = bits if bits.dim() == 5 else bits[None]
+    want = (1, step.t, step.h, step.w, step.d)
+    if tuple(bits.shape) != want:
+        raise ValueError(f"bits for step {step.index} have shape {tuple(bits.shape)}, expected {want}")
+    return bits.to(device=device, dtype=torch.uint8)
+
+
+class _Runner:
+    """State of one generation: KV cache, accumulators, schedule bookkeeping."""
+
+    def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16):
+        self.model, self.schedule = model, schedule
+        self.device = _model_device(model)
+        self.dtype = compute_dtype or default_compute_dtype(self.device)
+        self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
+        self.cache = ScaleKVCache(model.config.depth)
+        self.last_use = schedule.ref_last_use()
+        self.accumulators: list[torch.Tensor] = []
+        self.text = text
+        _, self.h_final, self.w_final = schedule.scales[-1]
+
+    def ctx(self, rope, store_key=None, ref_keys=()):
+        return StepContext(rope, self.cache, store_key, tuple(ref_keys), self.attn_backend, self.round_qkv_bf16)
+
+    def text_step(self):
+        prefix = self.model.text_prefix(self.text.cond.to(self.device),
+                                        None if self.text.uncond is None else self.text.uncond.to(self.device))
+        rope = text_rope(prefix.shape[1], self.model.config.head_dim, self.model.config.rope_base)
+        self.model.forward_blocks(prefix, self.ctx(rope, store_key=TEXT_KEY), self.dtype)
+
+    def accumulator(self, clip: int) -> torch.Tensor:
+        while len(self.accumulators) <= clip:
+            t, H, W = self.schedule.clip_size(len(self.accumulators))
+            self.accumulators.append(torch.zeros(1, LATENT_CHANNELS, t, H, W, device=self.device))
+        return self.accumulators[clip]
+
+    def forward(self, step: ScaleStep, acc: torch.Tensor) -> torch.Tensor:
+        """Run the blocks for one step from the accumulator before it; returns (2, thw, C) hidden."""
+        cfg = self.model.config
+        x = self.model.embed_codes(downsample_accumulator(acc, (step.t, step.h, step.w)))
+        x = x.expand(2, -1, -1)  # both guidance branches get identical visual tokens
+        rope = visual_rope(cfg.text_maxlen + step.real_sid, step.frame_ss, step.frame_ee, step.h, step.w,
+                           self.h_final, self.w_final, cfg.head_dim, cfg.rope_base)
+        store = step.si if step.is_last_rep and step.si in self.last_use else None
+        return self.model.forward_blocks(x, self.ctx(rope, store, (*step.ref_sids, TEXT_KEY)), self.dtype)
+
+    def release_after(self, index: int):
+        for key, last in self.last_use.items():
+            if last <= index and key in self.cache:
+                self.cache.release(key)
+
+    def replay_prefix(self, prefix_bits: Sequence[torch.Tensor]) -> int:
+        """Rebuild accumulators and the reference K/V chain from the bits of whole leading clips.
+
+        Only the last step of each clip is run (it is the only K/V a later clip reads). Returns the
+        index of the first step to generate.
+        """
+        n = len(prefix_bits)
+        clips = [c for c in range(self.schedule.num_clips) if self.schedule.steps_before_clip(c + 1) == n]
+        if not clips:
+            raise ValueError(f"prefix of {n} steps does not end at a clip boundary; clip ends: "
+                             f"{[self.schedule.steps_before_clip(c + 1) for c in range(self.schedule.num_clips)]}")
+        for step in self.schedule.steps[:n]:
+            bits = _as_step_bits(prefix_bits[step.index], step, self.device)
+            if step.is_last_rep and step.si in self.last_use:
+                self.forward(step, self.accumulator(step.clip))
+            self.accumulators[step.clip] = accumulate(self.accumulator(step.clip), bits)
+            self.release_after(step.index)
+        return n
+
+
+def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedule, *, seed: int,
+           guidance: GuidanceConfig = GuidanceConfig(), tau_image: float = 1.0, tau_video: float = 0.4,
+           teacher_bits: Sequence[torch.Tensor] | None = None, prefix_bits: Sequence[torch.Tensor] | None = None,
+           callback: Callable[[int, int, list[torch.Tensor]], None] | None = None,
+           step_hook: Callable[[StepRecord], None] | None = None, generator_device: str = "cpu",
+           compute_dtype: torch.dtype | None = None, attn_backend: str = "sdpa",
+           round_qkv_bf16: bool = True) -> SampleResult:
+    """Generate the bits of every step of ``schedule``.
+
+    teacher_bits: bits (t, h, w, d) or (1, t, h, w, d) of the first N steps; they replace the drawn
+      bits but every step still draws (I2V: the image steps; V2V: image + clip-1 steps).
+    prefix_bits: bits of whole leading clips (video extension): those clips are not sampled and
+      no random numbers are drawn for them; only each clip's last step is replayed to rebuild the
+      reference K/V chain.
+    callback(step_index, total_steps, accumulators) runs after each step; an exception raised in it
+      propagates (the K/V cache is freed either way).
+    """
+    runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16)
+    generator = torch.Generator(generator_device).manual_seed(int(seed))
+    teacher = list(teacher_bits or [])
+    bits_out: list[torch.Tensor] = []
+    try:
+        with torch.inference_mode():
+            runner.text_step()
+            start = 0
+            if prefix_bits:
+                start = runner.replay_prefix(prefix_bits)
+                bits_out = [_as_step_bits(b, s, "cpu") for b, s in zip(prefix_bits, schedule.steps)]
+            for step in schedule.steps[start:]:
+                acc = runner.accumulator(step.clip)
+                hidden = runner.forward(step, acc)
+                logits = model.head_logits(hidden, step.is_semantic)  # [2, thw, 2d] fp32
+                tau = tau_image if step.clip == 0 else tau_video
+                scaled = logits * (1 / tau)  # parity: multiply by the Python reciprocal, spec §5.3 step 4
+                guided = guide(scaled[:1], scaled[1:], guidance)
+                drawn = draw_bits(guided, (1, step.t, step.h, step.w, step.d), generator)
+                bits = _as_step_bits(teacher[step.index], step, drawn.device) if step.index < len(teacher) else drawn
+                if step_hook is not None:
+                    step_hook(StepRecord(step, logits, guided, drawn, bits))
+                runner.accumulators[step.clip] = accumulate(acc, bits)
+                runner.release_after(step.index)
+                bits_out.append(bits.cpu())
+                if callback is not None:
+                    callback(step.index, schedule.num_steps, runner.accumulators)
+        accs = runner.accumulators
+        return SampleResult(bits_out, accs, torch.cat(accs, dim=2))
+    finally:
+        runner.cache.clear()

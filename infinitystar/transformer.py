@@ -1,0 +1,245 @@
+"""The InfinityStar autoregressive transformer (official ``Infinity(arch='qwen')``, spec §2).
+
+Qwen3-style pre-norm blocks (GQA self-attention with QK-norm and 4D RoPE, SwiGLU MLP), text as a
+prefix in the same self-attention, ``word_embed`` over the 64-channel accumulated codes, and two
+bit heads (16-bit semantic, 64-bit detail). There is no adaLN, no cross-attention and no timestep
+embedding. Parameter names equal the official checkpoint's; the model runs one AR step per call
+(the sampler owns the loop). Parity-tested against the golden cases.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attend
+from .config import FP32_MODULES, TransformerConfig
+from .kv_cache import ScaleKVCache
+from .rope import apply_rope
+
+logger = logging.getLogger(__name__)
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call a Linear; plain torch.nn layers whose weight dtype differs from x get a cast copy."""
+    w = getattr(layer, "weight", None)
+    if (isinstance(w, torch.Tensor) and w.dtype != x.dtype and w.device.type != "meta"
+            and not getattr(layer, "comfy_cast_weights", False) and type(layer) is nn.Linear):
+        b = layer.bias.to(x.dtype) if layer.bias is not None else None
+        return F.linear(x, w.to(x.dtype), b)
+    return layer(x)
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMS norm computed in fp32, cast back to the input dtype (official FastRMSNorm).
+
+    The weight is moved to the input's device at call time, so offloaded weights work.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(device=x.device, dtype=torch.float32)).to(x.dtype)
+
+
+@dataclass
+class StepContext:
+    """What one forward step needs besides its tokens."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (L, head_dim/2) fp32
+    cache: ScaleKVCache | None = None
+    store_key: Hashable | None = None  # store this step's K/V under this key
+    ref_keys: Sequence[Hashable] = ()  # cached entries to attend to, in order
+    attn_backend: str = "sdpa"
+    round_qkv_bf16: bool = True
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ops=nn, device=None, dtype=None):
+        super().__init__()
+        C, D = cfg.width, cfg.head_dim
+        self.head_dim = D
+        self.q_proj = ops.Linear(C, cfg.num_heads * D, bias=False, device=device, dtype=dtype)
+        self.k_proj = ops.Linear(C, cfg.num_kv_heads * D, bias=False, device=device, dtype=dtype)
+        self.v_proj = ops.Linear(C, cfg.num_kv_heads * D, bias=False, device=device, dtype=dtype)
+        self.o_proj = ops.Linear(cfg.num_heads * D, C, bias=False, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(D, cfg.norm_eps, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(D, cfg.norm_eps, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        B, L, C = x.shape
+        shape = (B, L, -1, self.head_dim)
+        q = self.q_norm(_linear(self.q_proj, x).view(shape)).transpose(1, 2)  # [B, N, L, D]
+        k = self.k_norm(_linear(self.k_proj, x).view(shape)).transpose(1, 2)  # [B, Nkv, L, D]
+        v = _linear(self.v_proj, x).view(shape).transpose(1, 2)
+        cos, sin = ctx.rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is not None:
+            if ctx.store_key is not None:
+                ctx.cache.store(ctx.store_key, layer, k, v)
+            if ctx.ref_keys:
+                ks, vs = ctx.cache.gather(layer, ctx.ref_keys)
+                k, v = torch.cat([*ks, k], dim=2), torch.cat([*vs, v], dim=2)
+        o = attend(q, k, v, backend=ctx.attn_backend, round_qkv_bf16=ctx.round_qkv_bf16)
+        return _linear(self.o_proj, o.transpose(1, 2).reshape(B, L, C).to(x.dtype))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: TransformerConfig, ops=nn, device=None, dtype=None):
+        super().__init__()
+        self.gate_proj = ops.Linear(cfg.width, cfg.mlp_hidden, bias=False, device=device, dtype=dtype)
+        self.up_proj = ops.Linear(cfg.width, cfg.mlp_hidden, bias=False, device=device, dtype=dtype)
+        self.down_proj = ops.Linear(cfg.mlp_hidden, cfg.width, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self.down_proj, F.silu(_linear(self.gate_proj, x)) * _linear(self.up_proj, x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ops=nn, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.width, cfg.norm_eps, device=device, dtype=dtype)
+        self.attn = Attention(cfg, ops, device=device, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.width, cfg.norm_eps, device=device, dtype=dtype)
+        self.mlp = MLP(cfg, ops, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        # 1. self-attention over [references, text, own tokens]
+        h = x + self.attn(self.input_layernorm(x), ctx, layer)
+        # 2. feed-forward
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class BlockChunk(nn.Module):
+    """Only here to give the official key layout ``block_chunks.{c}.module.{j}``."""
+
+    def __init__(self, blocks: list[Block]):
+        super().__init__()
+        self.module = nn.ModuleList(blocks)
+
+
+class InfinityStarTransformer(nn.Module):
+    """The AR transformer; one call of :meth:`forward_blocks` is one step (text or visual)."""
+
+    fp32_modules = FP32_MODULES
+
+    def __init__(self, config: TransformerConfig, ops=nn, device=None, dtype=None):
+        super().__init__()
+        cfg = self.config = config
+        kw = dict(device=device, dtype=dtype)
+        self.cfg_uncond = nn.Parameter(torch.empty(cfg.text_maxlen, cfg.text_channels, **kw))  # learned null text
+        self.sos_token = nn.Parameter(torch.empty(1, 1, cfg.width, **kw))  # in the checkpoint, unused
+        self.text_proj = ops.Linear(cfg.text_channels, cfg.width, bias=True, **kw)
+        self.word_embed = ops.Linear(cfg.codebook_dim, cfg.width, bias=True, **kw)
+        self.norm_hidden_sates = RMSNorm(cfg.width, cfg.norm_eps, **kw)  # (sic) official key name
+        self.head = ops.Linear(cfg.width, 2 * cfg.detail_dim, bias=True, **kw)
+        self.semantic_head2 = ops.Linear(cfg.width, 2 * cfg.semantic_dim, bias=True, **kw)
+        per = cfg.blocks_per_chunk
+        self.block_chunks = nn.ModuleList(
+            BlockChunk([Block(cfg, ops, **kw) for _ in range(per)]) for _ in range(cfg.block_chunks))
+        if self.cfg_uncond.device.type != "meta":
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.cfg_uncond, std=1.2)
+                self.cfg_uncond.div_(cfg.text_channels ** 0.5)
+                nn.init.normal_(self.sos_token, std=0.02)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [b for chunk in self.block_chunks for b in chunk.module]
+
+    def block_dtype(self) -> torch.dtype:
+        return self.block_chunks[0].module[0].attn.q_proj.weight.dtype
+
+    def apply_precision_layout(self, block_dtype: torch.dtype = torch.bfloat16) -> InfinityStarTransformer:
+        """Official layout: blocks in ``block_dtype``, FP32_MODULES in fp32 (spec §2.2)."""
+        self.block_chunks.to(block_dtype)
+        for name in self.fp32_modules:
+            module = getattr(self, name)
+            if isinstance(module, nn.Parameter):
+                module.data = module.data.float()
+            else:
+                module.float()
+        return self
+
+    # ---- embeddings ----
+    def text_prefix(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefix tokens (2, L, C) fp32: [conditional, unconditional].
+
+        cond: (L, C_text) compacted T5 features. uncond: (L_neg, C_text) negative-prompt features
+        with L_neg <= L, projected then zero-padded to L (spec §4); None -> ``cfg_uncond[:L]``.
+        """
+        L = cond.shape[0]
+        dev = self.text_proj.weight.device if self.text_proj.weight.device.type != "meta" else cond.device
+        cond = cond.to(dev, torch.float32)
+        if uncond is None:
+            uncond = self.cfg_uncond[:L].to(dev, torch.float32)
+        elif uncond.shape[0] > L:
+            raise ValueError(f"negative prompt has {uncond.shape[0]} tokens, more than the prompt's {L}; "
+                             "the official model pads the negative prompt to the prompt length and cannot truncate")
+        uncond = uncond.to(dev, torch.float32)
+        proj = _linear(self.text_proj, torch.cat([cond, uncond], dim=0))
+        prefix = proj.new_zeros(2, L, proj.shape[-1])
+        prefix[0] = proj[:L]
+        prefix[1, : uncond.shape[0]] = proj[L:]
+        return prefix
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, 64, t, h, w) -> tokens (B, t*h*w, C) fp32, row-major over (t, h, w)."""
+        x = codes.flatten(2).transpose(1, 2).to(torch.float32)  # [B, thw, 64]
+        return _linear(self.word_embed, x)
+
+    # ---- one step ----
+    def forward_blocks(self, x: torch.Tensor, ctx: StepContext, compute_dtype: torch.dtype | None = None
+                       ) -> torch.Tensor:
+        """Run every block over tokens x (B, L, C); returns the hidden states in the compute dtype."""
+        x = x.to(compute_dtype or self.block_dtype())
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, i)
+        return x
+
+    def head_logits(self, hidden: torch.Tensor, semantic: bool) -> torch.Tensor:
+        """Final norm then the semantic (2*16) or detail (2*64) head, in fp32: (B, L, 2d)."""
+        x = self.norm_hidden_sates(hidden).float()
+        return _linear(self.semantic_head2 if semantic else self.head, x)
+
+
+def load_transformer_state_dict(model: InfinityStarTransformer, state_dict: Mapping[str, torch.Tensor],
+                                assign: bool = False) -> None:
+    """Strictly load an official-layout state dict; raise ValueError listing key/shape problems.
+
+    ``cfg_uncond`` with another row count is truncated or extended like the official loader does.
+    """
+    own = model.state_dict()
+    sd = dict(state_dict)
+    if "cfg_uncond" in sd and "cfg_uncond" in own and sd["cfg_uncond"].shape != own["cfg_uncond"].shape:
+        old, new = sd["cfg_uncond"], own["cfg_uncond"]
+        if old.shape[1:] == new.shape[1:]:
+            n = min(old.shape[0], new.shape[0])
+            rest = new[n:].to(old.dtype) if new.device.type != "meta" else old.new_zeros(new.shape[0] - n, *new.shape[1:])
+            sd["cfg_uncond"] = torch.cat([old[:n], rest.to(old.device)]) if n < new.shape[0] else old[:n]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mis = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mis:
+        def few(xs):
+            return ", ".join(xs[:5]) + (f" … (+{len(xs) - 5})" if len(xs) > 5 else "")
+        looks = f"{len(sd)} tensors, e.g. {few(list(sd))}"
+        raise ValueError(
+            f"transformer state dict does not match the InfinityStar layout ({model.config}). "
+            + (f"missing {len(missing)}: {few(missing)}. " if missing else "")
+            + (f"unexpected {len(unexpected)}: {few(unexpected)}. " if unexpected else "")
+            + (f"mis-shaped {len(mis)}: {few(mis)}. " if mis else "")
+            + f"The file has {looks}.")
+    model.load_state_dict(sd, strict=True, assign=assign)
