@@ -1,0 +1,153 @@
+"""Golden: teacher-forced logits (cond, uncond, guided) and free-running bits of the AR sampler.
+
+One teacher-forced run per case: every step's input comes from the golden bits of the earlier
+steps, so the logits of step i are comparable with the golden ``logits_*_{i}``, and the bits our
+sampler *draws* (same seeded generator) are compared with the golden draws.
+
+Tolerance. The official model rounds q, k, v to bf16 before attention. A 1-ulp fp32 difference
+(another CPU or torch build doing the same matmuls) then flips single bf16 roundings, which moves
+some logits by 1e-5..1e-4 (measured: perturbing every weight by 1e-7 relative moves logits by up
+to 1e-4). Elementwise rtol 1e-4 / atol 1e-5 therefore holds only bit-for-bit; here it must hold
+for nearly all elements, and the per-step median error must stay at the fp32 noise floor.
+Skipping the bf16 rounding, by contrast, moves the median by ~1e-4 and most elements past the
+tolerance, so these checks fail on it. Set INFINITYSTAR_STRICT_LOGITS=1 to require every element.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+from golden_cases import cases, load_manifest
+from safetensors.torch import load_file
+
+from infinitystar.config import TransformerConfig
+from infinitystar.guidance import apg
+from infinitystar.sampler import TextCondition, sample
+from infinitystar.schedule import build_schedule
+from infinitystar.transformer import InfinityStarTransformer, load_transformer_state_dict
+
+pytestmark = pytest.mark.golden
+
+RTOL, ATOL = 1e-4, 1e-5
+STRICT = os.environ.get("INFINITYSTAR_STRICT_LOGITS") == "1"
+# name -> (max fraction of elements outside rtol/atol in one step, mean fraction over the case,
+#          max per-step median abs error, max abs error)
+LIMITS = {"cond": (0.03, 0.003, 1e-5, 2e-3), "uncond": (0.03, 0.003, 1e-5, 2e-3),
+          "guided": (0.3, 0.06, 1e-4, 1e-2)}
+AR_KINDS = ("t2v", "t2i", "i2v", "v2v")
+
+
+def build_model(case_dir, manifest) -> InfinityStarTransformer:
+    t = manifest["transformer"]
+    cfg = TransformerConfig(depth=t["depth"], block_chunks=t["block_chunks"], width=t["width"],
+                            num_heads=t["num_heads"], num_kv_heads=t["num_kv_heads"], mlp_hidden=t["mlp_hidden"],
+                            text_channels=t["text_channels"], text_maxlen=t.get("text_maxlen", 512),
+                            codebook_dim=t.get("codebook_dim", 64), semantic_dim=t.get("semantic_dim", 16),
+                            detail_dim=t.get("detail_dim", 64))
+    assert cfg.head_dim == t["head_dim"]
+    model = InfinityStarTransformer(cfg)
+    load_transformer_state_dict(model, load_file(case_dir / "transformer.safetensors"))
+    return model.eval()
+
+
+def text_condition(case_dir, manifest) -> TextCondition:
+    inputs = np.load(case_dir / "inputs.npz")
+    neg = torch.from_numpy(inputs["t5_neg"]) if manifest["text"].get("negative_prompt") else None
+    return TextCondition(torch.from_numpy(inputs["t5_cond"]), neg)
+
+
+def logit_rows(step: dict, h: int, w: int) -> torch.Tensor:
+    per = h * w
+    return torch.cat([torch.arange(f * per, (f + 1) * per) for f in step["logit_frames"]])
+
+
+_RUNS: dict = {}
+
+
+def teacher_forced_run(case_dir):
+    """Run the sampler teacher-forced on all golden bits; keep per-step error stats and draws."""
+    if case_dir in _RUNS:
+        return _RUNS[case_dir]
+    manifest = load_manifest(case_dir)
+    sched = manifest["schedule"]
+    schedule = build_schedule(sched["pn"], sched["h_div_w_template"], sched["frames"])
+    steps_npz = np.load(case_dir / "steps.npz")
+    gold = [torch.from_numpy(steps_npz[f"bits_{s['step']:03d}"]) for s in sched["steps"]]
+    stats, flips = [], []
+
+    def hook(rec):
+        s, ms = rec.step, sched["steps"][rec.step.index]
+        key = f"drawn_{s.index:03d}"
+        want = torch.from_numpy(steps_npz[key]) if key in steps_npz else gold[s.index]
+        flips.append(int((rec.drawn[0].cpu() != want).sum()))
+        if not ms["logit_frames"]:
+            return
+        rows = logit_rows(ms, s.h, s.w)
+        got = {"cond": rec.logits[0], "uncond": rec.logits[1], "guided": rec.guided[0]}
+        for name in ms["stored_logits"]:
+            ref = torch.from_numpy(steps_npz[f"logits_{name}_{s.index:03d}"])
+            mine = got[name][rows].cpu()
+            err = (mine - ref).abs()
+            outside = (err > ATOL + RTOL * ref.abs()).float().mean().item()
+            stats.append((s.index, name, outside, err.median().item(), err.max().item(), mine, ref))
+
+    with torch.no_grad():
+        model = build_model(case_dir, manifest)
+        sample(model, text_condition(case_dir, manifest), schedule, seed=manifest["sampler"]["seed"],
+               tau_image=manifest["sampler"]["tau_image"], tau_video=manifest["sampler"]["tau_video"],
+               teacher_bits=gold, step_hook=hook)
+    _RUNS[case_dir] = (manifest, stats, flips)
+    return _RUNS[case_dir]
+
+
+@pytest.mark.parametrize("case_dir", cases(*AR_KINDS))
+@pytest.mark.parametrize("name", ["cond", "uncond", "guided"])
+def test_teacher_forced_logits(case_dir, name):
+    _, stats, _ = teacher_forced_run(case_dir)
+    rows = [r for r in stats if r[1] == name]
+    assert rows, f"no stored {name} logits"
+    if STRICT:
+        for index, _, _, _, _, mine, ref in rows:
+            torch.testing.assert_close(mine, ref, rtol=RTOL, atol=ATOL, msg=lambda m, i=index: f"step {i}: {m}")
+        return
+    max_frac, mean_frac, max_median, max_abs = LIMITS[name]
+    fracs = [r[2] for r in rows]
+    worst = max(rows, key=lambda r: r[2])
+    summary = (f"{name}: {len(rows)} steps; outside rtol {RTOL}/atol {ATOL}: worst step {worst[0]} "
+               f"{worst[2]:.2%}, mean {np.mean(fracs):.3%}; max median err {max(r[3] for r in rows):.2e}; "
+               f"max err {max(r[4] for r in rows):.2e}")
+    assert max(fracs) <= max_frac and np.mean(fracs) <= mean_frac, summary
+    assert max(r[3] for r in rows) <= max_median, summary
+    assert max(r[4] for r in rows) <= max_abs, summary
+
+
+@pytest.mark.parametrize("case_dir", cases(*AR_KINDS))
+def test_apg_matches_golden_guidance(case_dir):
+    """APG on the golden cond/uncond (x 1/tau) gives the golden guided logits (full-row steps)."""
+    manifest = load_manifest(case_dir)
+    sched = manifest["schedule"]
+    steps_npz = np.load(case_dir / "steps.npz")
+    checked = 0
+    for s in sched["steps"]:
+        if {"cond", "uncond", "guided"} - set(s["stored_logits"]) or s["logit_frames"] != list(range(s["t"])):
+            continue  # APG runs over the whole step: needs every row
+        tau = manifest["sampler"]["tau_image"] if s["clip"] == 0 else manifest["sampler"]["tau_video"]
+        i = s["step"]
+        cond, uncond, guided = (torch.from_numpy(steps_npz[f"logits_{n}_{i:03d}"])[None]
+                                for n in ("cond", "uncond", "guided"))
+        out = apg(cond * (1 / tau), uncond * (1 / tau), manifest["sampler"]["cfg"],
+                  manifest["sampler"]["apg_norm_threshold"], manifest["sampler"]["apg_eta"])
+        torch.testing.assert_close(out, guided, rtol=RTOL, atol=ATOL, msg=lambda m, i=i: f"step {i}: {m}")
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("case_dir", cases(*AR_KINDS))
+def test_free_running_bits(case_dir):
+    """Bits drawn from our own logits (aligned by teacher forcing) equal the golden draws but for a few."""
+    manifest, _, flips = teacher_forced_run(case_dir)
+    sched = manifest["schedule"]
+    total = sum(s["t"] * s["h"] * s["w"] * s["d"] for s in sched["steps"])
+    allowed = 10 + total // 200_000
+    bad = {i: n for i, n in enumerate(flips) if n}
+    assert sum(flips) <= allowed, f"{sum(flips)} of {total} drawn bits differ (allowed {allowed}); per step {bad}"
