@@ -16,12 +16,16 @@ DEFAULT_FPS = 16
 
 
 def to_uint8(frames) -> np.ndarray:
-    """Accept uint8 or float [0, 1] arrays/tensors of shape (T, H, W, 3) or (H, W, 3); return uint8 numpy."""
+    """Accept uint8 or float [0, 1] arrays/tensors of shape (T, H, W, 3) or (H, W, 3); return uint8 numpy.
+
+    Floats are truncated (``x * 255`` then cast), like the official post-processing, so the written pixels
+    equal the official pipeline's before compression.
+    """
     if hasattr(frames, "detach"):
-        frames = frames.detach().cpu().numpy()
+        frames = frames.detach().cpu().float().numpy()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
-        frames = (np.clip(frames.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        frames = (np.clip(frames.astype(np.float32), 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
     return frames
 
 

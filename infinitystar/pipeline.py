@@ -1,0 +1,268 @@
+"""T2V, T2I, I2V, V2V and clip extension built from the core pieces; the one API the CLI and the nodes share.
+
+- ``resolve_schedule`` turns a resolution, aspect and duration into a :class:`Schedule` and checks the duration
+  against what the loaded weights were trained for (spec §5.4: 720p 5 s only, 480p 5 or 10 s).
+- ``encode_image`` / ``encode_video`` run the tokenizer and the multi-scale BSQ encode (spec §6.1, §6.2) and give
+  the :class:`Tokens` that ``generate`` teacher-forces (the official ``gt_leak``).
+- ``extend`` appends 20-latent-frame clips to existing tokens: earlier clips are not re-sampled, only the last
+  step of each is replayed to rebuild the reference K/V chain (each clip attends only to the previous clip's
+  last scale, spec §6.3).
+- ``decode`` turns tokens into float frames with the official post-processing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .guidance import GuidanceConfig
+from .schedule import PIXEL_FRAMES_PER_CLIP, Schedule, build_schedule
+
+logger = logging.getLogger(__name__)
+
+FPS = 16
+TOKENS_FORMAT = "infinitystar-tokens"
+TOKENS_VERSION = "1"
+TRAINED_DURATIONS = {"720p": (0, 5), "480p": (0, 5, 10)}  # seconds the released models were trained for
+RESOLUTIONS = {"720p": "0.90M", "480p": "0.40M"}
+
+
+@dataclass
+class Tokens:
+    """Bits of every step of a (possibly partial) generation plus the summed codes the tokenizer decodes.
+
+    bits: per step, uint8 (1, t, h, w, d) on CPU, in schedule order. summed_codes: (1, 64, T, H, W) fp32.
+    ``pn``/``h_div_w``/``frames`` rebuild the schedule these bits belong to.
+    """
+
+    bits: list[torch.Tensor]
+    summed_codes: torch.Tensor
+    pn: str
+    h_div_w: float
+    frames: int  # pixel frames (1 for an image)
+    seed: int | None = None
+
+    def schedule(self) -> Schedule:
+        return build_schedule(self.pn, self.h_div_w, self.frames)
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames > 1
+
+    def save(self, path: str | Path) -> Path:
+        """Write a .safetensors file (``bits.NNN`` uint8, ``summed_codes`` fp32, schedule in the metadata)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"bits.{i:04d}": b.to(torch.uint8).contiguous().cpu() for i, b in enumerate(self.bits)}
+        tensors["summed_codes"] = self.summed_codes.float().contiguous().cpu()
+        meta = {"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "pn": self.pn,
+                "h_div_w": repr(float(self.h_div_w)), "frames": str(self.frames),
+                "seed": json.dumps(self.seed)}
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokens:
+        """Read tokens written by :meth:`save` and check them against their schedule."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokens file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != TOKENS_FORMAT:
+                raise ValueError(f"{path} is not an InfinityStar tokens file (metadata format={meta.get('format')!r})")
+            keys = sorted(k for k in f.keys() if k.startswith("bits."))
+            bits = [f.get_tensor(k) for k in keys]
+            summed = f.get_tensor("summed_codes")
+        tokens = cls(bits, summed, meta["pn"], float(meta["h_div_w"]), int(meta["frames"]), json.loads(meta["seed"]))
+        check_bits(tokens.bits, tokens.schedule(), f"{path}")
+        return tokens
+
+
+def check_bits(bits: list[torch.Tensor], schedule: Schedule, what: str = "tokens") -> None:
+    """Raise ValueError unless ``bits`` are the leading steps of ``schedule`` with matching shapes."""
+    if len(bits) > schedule.num_steps:
+        raise ValueError(f"{what}: {len(bits)} steps of bits but the schedule has only {schedule.num_steps}")
+    for step, b in zip(schedule.steps, bits):
+        want = (1, step.t, step.h, step.w, step.d)
+        if tuple(b.shape) != want and tuple(b.shape) != want[1:]:
+            raise ValueError(f"{what}: step {step.index} bits have shape {tuple(b.shape)}, the schedule "
+                             f"({schedule.pn}, h/w {schedule.h_div_w}, {schedule.frames} frames) expects {want}")
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def frames_for_duration(duration_s: int) -> int:
+    """0 -> 1 (image), 5 -> 81, 10 -> 161, ... (16 fps, whole 5 s clips)."""
+    duration_s = int(duration_s)
+    if duration_s < 0 or duration_s % 5:
+        raise ValueError(f"duration must be 0 (image) or a multiple of 5 seconds, got {duration_s}")
+    return 1 + duration_s * FPS
+
+
+def allowed_durations(model_info=None) -> tuple[int, ...] | None:
+    """Durations the loaded released weights were trained for; None when anything goes (tiny/unknown)."""
+    if model_info is None:
+        return None
+    from .config import TRANSFORMER_PRESETS
+
+    if model_info.config != TRANSFORMER_PRESETS["8b"]:
+        return None
+    return TRAINED_DURATIONS.get(model_info.variant)
+
+
+def resolve_schedule(resolution: str, aspect: str | float = "16:9", duration_s: int | None = None, *,
+                     frames: int | None = None, model_info=None) -> Schedule:
+    """Schedule for a resolution ('720p', '480p', '0.06M' … '0.90M'), aspect ('W:H' or h/w) and a duration
+    (0 = image, 5 = 81 frames, 10 = 161 frames) or an explicit pixel-frame count.
+
+    With ``model_info`` (``checkpoint.CheckpointInfo`` of released weights) the duration is checked against what
+    that model was trained for; longer videos are made with :func:`extend`.
+    """
+    if frames is None:
+        frames = frames_for_duration(5 if duration_s is None else duration_s)
+    allowed = allowed_durations(model_info)
+    if allowed is not None:
+        seconds = (frames - 1) // FPS
+        if seconds not in allowed:
+            longer = " Longer videos: generate 5 s, then extend by clips." if seconds > max(allowed) else ""
+            raise ValueError(f"the {model_info.variant} model was trained for durations {list(allowed)} s only, "
+                             f"not {seconds} s.{longer} The 480p model also does 10 s.")
+        if model_info.variant in RESOLUTIONS and RESOLUTIONS.get(resolution, resolution) != RESOLUTIONS[
+                model_info.variant]:
+            logger.warning("the %s model is used at resolution %s; it was trained at %s",
+                           model_info.variant, resolution, RESOLUTIONS[model_info.variant])
+    return build_schedule(resolution, aspect, frames)
+
+
+def _image_schedule(schedule: Schedule) -> Schedule:
+    return build_schedule(schedule.pn, schedule.h_div_w, 1)
+
+
+# ---------------------------------------------------------------------------------------------- encode
+
+def _tokenizer_device(tokenizer) -> torch.device:
+    return tokenizer.decoder.conv_in.conv.weight.device
+
+
+def _encode(tokenizer, pixels: torch.Tensor, schedule: Schedule, seed: int, callback=None) -> Tokens:
+    from .vae import encode_bits
+
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    latent = tokenizer.encode_latent(pixels.to(_tokenizer_device(tokenizer)), generator=generator,
+                                     callback=callback)
+    bits, summed = encode_bits(latent, schedule.steps)
+    return Tokens([b.cpu() for b in bits], summed.cpu(), schedule.pn, schedule.h_div_w, schedule.frames, seed)
+
+
+def encode_image(tokenizer, image, schedule: Schedule, *, seed: int = 0) -> Tokens:
+    """Encode a conditioning image (PIL, uint8 (H, W, 3) RGB or a path) for I2V.
+
+    The image is resized to cover and center-cropped to the schedule's size (official ``transform``); the
+    posterior sample uses a CPU generator seeded with ``seed``. Returns the tokens of the image steps only.
+    """
+    from .vae import prepare_image
+
+    if isinstance(image, (str, Path)):
+        from .video_io import read_image
+
+        image = read_image(image)
+    target = _image_schedule(schedule)
+    return _encode(tokenizer, prepare_image(image, target.height, target.width), target, seed)
+
+
+def encode_video(tokenizer, frames, schedule: Schedule, *, seed: int = 0, clips: int | None = None,
+                 callback=None) -> Tokens:
+    """Encode uint8 (T, H, W, 3) RGB frames (16 fps) as the first ``clips`` video clips for V2V continuation.
+
+    ``clips`` defaults to as many whole clips (80 frames after the first) as the frames hold, at most one less
+    than the schedule has. Returns the tokens of the image clip plus those clips.
+    """
+    from .vae import prepare_video
+
+    available = (len(frames) - 1) // PIXEL_FRAMES_PER_CLIP
+    clips = min(available, schedule.num_clips - 2) if clips is None else int(clips)
+    if clips < 1 or clips > available:
+        raise ValueError(f"need {1 + PIXEL_FRAMES_PER_CLIP * max(clips, 1)} frames (≥ 5 s at 16 fps) to encode "
+                         f"{max(clips, 1)} clip(s), got {len(frames)} frames; the schedule has "
+                         f"{schedule.num_clips - 1} video clip(s)")
+    target = build_schedule(schedule.pn, schedule.h_div_w, 1 + PIXEL_FRAMES_PER_CLIP * clips)
+    pixels = prepare_video(frames[: target.frames], target.height, target.width)
+    return _encode(tokenizer, pixels, target, seed, callback)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+def _check_condition(condition: Tokens, schedule: Schedule) -> None:
+    if condition.pn != schedule.pn or abs(condition.h_div_w - schedule.h_div_w) > 1e-9:
+        raise ValueError(f"conditioning tokens are for {condition.pn} h/w {condition.h_div_w}, the generation is "
+                         f"{schedule.pn} h/w {schedule.h_div_w}; encode the condition with the same schedule")
+    if condition.frames >= schedule.frames and schedule.frames > 1:
+        raise ValueError(f"conditioning tokens already cover {condition.frames} frames; nothing left to generate "
+                         f"in a {schedule.frames}-frame schedule")
+    check_bits(condition.bits, schedule, "conditioning tokens")
+
+
+def generate(transformer, text, schedule: Schedule, *, seed: int, guidance: GuidanceConfig = GuidanceConfig(),
+             tau_image: float = 1.0, tau_video: float = 0.4, condition: Tokens | None = None,
+             callback: Callable | None = None, compute_dtype: torch.dtype | None = None, **sample_kwargs) -> Tokens:
+    """Sample every step of ``schedule`` (T2V, T2I; I2V/V2V when ``condition`` holds the leading steps' bits,
+    which are teacher-forced while every step still draws, as the official sampler does)."""
+    from .sampler import sample
+
+    teacher = None
+    if condition is not None:
+        _check_condition(condition, schedule)
+        teacher = condition.bits
+    result = sample(transformer, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
+                    tau_video=tau_video, teacher_bits=teacher, callback=callback,
+                    compute_dtype=compute_dtype, **sample_kwargs)
+    return Tokens(result.bits, result.summed_codes.float().cpu(), schedule.pn, schedule.h_div_w, schedule.frames,
+                  seed)
+
+
+def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
+           guidance: GuidanceConfig = GuidanceConfig(), tau_image: float = 1.0, tau_video: float = 0.4,
+           callback: Callable | None = None, compute_dtype: torch.dtype | None = None, **sample_kwargs) -> Tokens:
+    """Append ``clips`` video clips (80 frames each) to complete ``tokens`` (a video or an image).
+
+    Earlier clips are kept bit for bit; only their last steps are replayed to rebuild the reference chain, so
+    the cost is one forward per previous clip plus the new clips' steps. The models were trained up to 10 s.
+    """
+    from .sampler import sample
+
+    if clips < 1:
+        raise ValueError(f"clips must be ≥ 1, got {clips}")
+    old = tokens.schedule()
+    if len(tokens.bits) != old.num_steps:
+        raise ValueError(f"tokens hold {len(tokens.bits)} of {old.num_steps} steps; only complete generations "
+                         "can be extended")
+    schedule = build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips))
+    result = sample(transformer, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
+                    tau_video=tau_video, prefix_bits=tokens.bits, callback=callback,
+                    compute_dtype=compute_dtype, **sample_kwargs)
+    return Tokens(result.bits, result.summed_codes.float().cpu(), schedule.pn, schedule.h_div_w, schedule.frames,
+                  seed)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled: bool = False,
+           callback: Callable | None = None) -> torch.Tensor:
+    """Tokens -> float frames (T, H, W, 3) in [0, 1] on CPU, with the official frame-0 := frame-1 for videos.
+
+    ``frames * 255`` truncated to uint8 equals the official output pixels.
+    """
+    from .vae import frames_to_float_images
+
+    codes = tokens.summed_codes.to(_tokenizer_device(tokenizer))
+    raw = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback)
+    return frames_to_float_images(raw, smooth_first_frame=tokens.is_video)

@@ -1,0 +1,152 @@
+"""Pipeline on the tiny model set: schedules and duration rules, tokens I/O, T2I/T2V/I2V/V2V, extension."""
+import numpy as np
+import pytest
+import torch
+
+from infinitystar import pipeline as P
+from infinitystar.checkpoint import CheckpointInfo, load_tokenizer, load_transformer
+from infinitystar.config import TRANSFORMER_PRESETS
+from infinitystar.text import TextEncoder
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    transformer, info = load_transformer(tiny_models["transformer_720p"])
+    tokenizer = load_tokenizer(tiny_models["vae"])
+    text_encoder = TextEncoder.from_folder(tiny_models["text_encoder"], dtype=torch.float32)
+    return transformer, info, tokenizer, text_encoder
+
+
+@pytest.fixture(scope="module")
+def t2v(models):
+    transformer, _, _, te = models
+    schedule = P.resolve_schedule("0.06M", "16:9", 5)
+    return P.generate(transformer, te.encode("a red fox", duration_s=5), schedule, seed=7)
+
+
+def _info(variant, preset="8b"):
+    return CheckpointInfo(variant, TRANSFORMER_PRESETS[preset], torch.bfloat16, None)
+
+
+def test_durations_map_to_frames():
+    assert [P.frames_for_duration(d) for d in (0, 5, 10, 15)] == [1, 81, 161, 241]
+    with pytest.raises(ValueError, match="multiple of 5"):
+        P.frames_for_duration(7)
+    assert P.resolve_schedule("480p", "16:9", 10).frames == 161
+    assert P.resolve_schedule("0.06M", "1:1", frames=1).frames == 1
+
+
+def test_duration_rules_follow_the_released_models():
+    assert P.resolve_schedule("720p", "16:9", 5, model_info=_info("720p")).frames == 81
+    assert P.resolve_schedule("720p", "16:9", 0, model_info=_info("720p")).frames == 1
+    with pytest.raises(ValueError, match="720p model was trained for durations \\[0, 5\\]"):
+        P.resolve_schedule("720p", "16:9", 10, model_info=_info("720p"))
+    assert P.resolve_schedule("480p", "16:9", 10, model_info=_info("480p")).num_clips == 3
+    with pytest.raises(ValueError, match="extend"):
+        P.resolve_schedule("480p", "16:9", 15, model_info=_info("480p"))
+    assert P.resolve_schedule("0.06M", "16:9", 15, model_info=_info("720p", "tiny")).frames == 241
+    assert P.resolve_schedule("0.06M", "16:9", 15, model_info=_info("unknown")).frames == 241
+
+
+def test_tokens_roundtrip_and_errors(t2v, tmp_path):
+    path = t2v.save(tmp_path / "t.safetensors")
+    back = P.Tokens.load(path)
+    assert (back.pn, back.h_div_w, back.frames, back.seed) == (t2v.pn, t2v.h_div_w, t2v.frames, 7)
+    assert len(back.bits) == len(t2v.bits) == back.schedule().num_steps
+    assert all(torch.equal(a, b) for a, b in zip(back.bits, t2v.bits))
+    assert torch.equal(back.summed_codes, t2v.summed_codes)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an InfinityStar tokens file"):
+        P.Tokens.load(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="expects"):
+        P.check_bits([torch.zeros(1, 1, 2, 2, 16)], t2v.schedule())
+
+
+def test_t2v_tokens_match_schedule(t2v):
+    schedule = t2v.schedule()
+    assert t2v.frames == 81 and t2v.seed == 7 and len(t2v.bits) == schedule.num_steps
+    assert t2v.summed_codes.shape == (1, 64, schedule.latent_frames, *schedule.scales[-1][1:])
+    P.check_bits(t2v.bits, schedule)
+
+
+def test_t2i_decodes_to_one_image(models):
+    transformer, _, tokenizer, te = models
+    schedule = P.resolve_schedule("0.06M", "1:1", 0)
+    calls = []
+    tokens = P.generate(transformer, te.encode("a tulip", duration_s=0), schedule, seed=1,
+                        callback=lambda i, n, state: calls.append((i, n)))
+    assert calls[0] == (0, schedule.num_steps) and calls[-1] == (schedule.num_steps - 1, schedule.num_steps)
+    frames = P.decode(tokenizer, tokens)
+    assert frames.shape == (1, schedule.height, schedule.width, 3) and frames.dtype == torch.float32
+    assert 0 <= frames.min() and frames.max() <= 1
+
+
+def test_extend_replays_only_the_reference_chain(t2v, models, monkeypatch):
+    transformer, _, _, te = models
+    text = te.encode("a red fox", duration_s=10)
+    forwards = []
+    original = transformer.forward_blocks
+    monkeypatch.setattr(transformer, "forward_blocks", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    longer = P.extend(transformer, text, t2v, clips=1, seed=3)
+    new = longer.schedule()
+    assert longer.frames == 161 and len(longer.bits) == new.num_steps
+    assert all(torch.equal(a, b) for a, b in zip(longer.bits, t2v.bits))
+    torch.testing.assert_close(longer.summed_codes[:, :, : t2v.summed_codes.shape[2]], t2v.summed_codes)
+    new_steps = new.num_steps - t2v.schedule().num_steps
+    assert len(forwards) == 1 + 2 + new_steps  # text, last step of the image clip and of clip 1, new clip
+
+
+def test_extend_rejects_partial_tokens(models):
+    transformer, _, tokenizer, te = models
+    image_tokens = P.encode_image(tokenizer, np.zeros((40, 60, 3), np.uint8), P.resolve_schedule("0.06M", "16:9", 5))
+    image_tokens.bits = image_tokens.bits[:-1]
+    with pytest.raises(ValueError, match="complete"):
+        P.extend(transformer, te.encode("x"), image_tokens, seed=0)
+
+
+def test_i2v_teacher_forces_the_image(models):
+    transformer, _, tokenizer, te = models
+    schedule = P.resolve_schedule("0.06M", "16:9", 5)
+    image = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
+    cond = P.encode_image(tokenizer, image, schedule, seed=5)
+    assert cond.frames == 1 and len(cond.bits) == schedule.num_image_steps
+    again = P.encode_image(tokenizer, image, schedule, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(again.bits, cond.bits))
+    out = P.generate(transformer, te.encode("a cat", duration_s=5), schedule, seed=2, condition=cond)
+    assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(out.bits, cond.bits))
+    torch.testing.assert_close(out.summed_codes[:, :, :1], cond.summed_codes)
+    wrong = P.resolve_schedule("0.06M", "1:1", 5)
+    with pytest.raises(ValueError, match="same schedule"):
+        P.generate(transformer, te.encode("a cat"), wrong, seed=2, condition=cond)
+
+
+class _StubTokenizer:
+    """Stands in for the video tokenizer (its own encode is tested in test_vae*): returns a seeded latent."""
+
+    def __init__(self):
+        self.decoder = torch.nn.Module()
+        self.decoder.conv_in = torch.nn.Module()
+        self.decoder.conv_in.conv = torch.nn.Conv3d(1, 1, 1)
+        self.seen = []
+
+    def encode_latent(self, pixels, generator=None, callback=None):
+        self.seen.append(tuple(pixels.shape))
+        _, _, t, h, w = pixels.shape
+        return torch.randn(1, 64, 1 + (t - 1) // 4, h // 16, w // 16, generator=generator)
+
+
+def test_v2v_encodes_whole_clips():
+    tokenizer = _StubTokenizer()
+    schedule = P.resolve_schedule("0.06M", "16:9", 10)
+    frames = (np.random.default_rng(1).random((90, 48, 80, 3)) * 255).astype(np.uint8)
+    cond = P.encode_video(tokenizer, frames, schedule, seed=0)
+    assert tokenizer.seen == [(1, 3, 81, schedule.height, schedule.width)]
+    assert cond.frames == 81 and len(cond.bits) == P.resolve_schedule("0.06M", "16:9", 5).num_steps
+    assert cond.summed_codes.shape == (1, 64, 21, *schedule.scales[-1][1:])
+    P._check_condition(cond, schedule)
+    with pytest.raises(ValueError, match="nothing left"):
+        P._check_condition(cond, P.resolve_schedule("0.06M", "16:9", 5))
+    with pytest.raises(ValueError, match="frames"):
+        P.encode_video(tokenizer, frames[:50], schedule)
