@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
+from .download import TEXT_ENCODER_DIR, TRANSFORMER_DIRS, VAE_FILE
+
 logger = logging.getLogger(__name__)
 
-TRANSFORMER_DIRS = {"720p": "infinitystar_8b_720p_weights", "480p": "infinitystar_8b_480p_weights"}
-VAE_FILE = "infinitystar_videovae.pth"
-TEXT_ENCODER_DIR = "text_encoder/flan-t5-xl-official"
 SHARDS = 2
 
 _WORDS = ("a the of and in on with under over through near red green blue yellow white black bright dark "

@@ -1,0 +1,138 @@
+"""Getting the official files (HF repo ``FoundationVision/InfinityStar``, spec §7) and finding them on disk.
+
+Only the chosen variant's files are fetched (≈35 GB transformer + 0.7 GB tokenizer + the flan-t5-xl folder),
+resumably, into a folder laid out like the hub repository:
+
+    DEST/infinitystar_8b_720p_weights/   DEST/infinitystar_8b_480p_weights/
+    DEST/infinitystar_videovae.pth       DEST/text_encoder/flan-t5-xl-official/
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REPO_ID = "FoundationVision/InfinityStar"
+TRANSFORMER_DIRS = {"720p": "infinitystar_8b_720p_weights", "480p": "infinitystar_8b_480p_weights"}
+VAE_FILE = "infinitystar_videovae.pth"
+TEXT_ENCODER_DIR = "text_encoder/flan-t5-xl-official"
+COMPONENTS = ("transformer", "vae", "text_encoder")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in TRANSFORMER_DIRS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {list(TRANSFORMER_DIRS)}")
+
+
+def allow_patterns(variant: str = "720p", components: Sequence[str] = COMPONENTS) -> list[str]:
+    """Hub path patterns of the files one variant needs."""
+    _check_variant(variant)
+    table = {"transformer": f"{TRANSFORMER_DIRS[variant]}/*", "vae": VAE_FILE, "text_encoder": f"{TEXT_ENCODER_DIR}/*"}
+    unknown = [c for c in components if c not in table]
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; choose from {list(table)}")
+    return [table[c] for c in components]
+
+
+def model_paths(root: str | Path, variant: str = "720p") -> dict[str, Path]:
+    """Where each component lives under a hub-layout folder (whether or not it exists)."""
+    _check_variant(variant)
+    root = Path(root)
+    return {"transformer": root / TRANSFORMER_DIRS[variant], "vae": root / VAE_FILE,
+            "text_encoder": root / TEXT_ENCODER_DIR}
+
+
+def how_to_get(root: str | Path, variant: str) -> str:
+    return (f"Download them with `python -m infinitystar download --variant {variant} --dest {root}` "
+            f"(≈37 GB from huggingface.co/{REPO_ID}), or try the pipeline offline on random weights with "
+            "`python -m infinitystar demo`.")
+
+
+def _is_present(component: str, path: Path) -> bool:
+    if component == "transformer":
+        return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.pth")))
+    if component == "text_encoder":
+        return (path / "config.json").is_file()
+    return path.is_file()
+
+
+def find_models(root: str | Path, variant: str = "720p", components: Sequence[str] = COMPONENTS) -> dict[str, Path]:
+    """Paths of the wanted components under ``root``; FileNotFoundError saying how to get the missing ones."""
+    paths = model_paths(root, variant)
+    missing = [f"{c} ({paths[c]})" for c in components if not _is_present(c, paths[c])]
+    if missing:
+        raise FileNotFoundError(f"InfinityStar {variant} files not found under {root}: missing "
+                                f"{', '.join(missing)}. {how_to_get(root, variant)}")
+    return {c: paths[c] for c in components}
+
+
+def _copy_local(source: Path, dest: Path, patterns: list[str], progress: bool) -> None:
+    """Copy the files matching ``patterns`` from a hub-layout folder; files already complete are skipped."""
+    from tqdm.auto import tqdm
+
+    files = [p for p in sorted(source.rglob("*")) if p.is_file()
+             and any(fnmatch.fnmatch(p.relative_to(source).as_posix(), pat) for pat in patterns)]
+    if not files:
+        raise FileNotFoundError(f"{source} has no files matching {patterns}; is it laid out like the hub repo?")
+    todo = [p for p in files if not ((dest / p.relative_to(source)).is_file()
+                                     and (dest / p.relative_to(source)).stat().st_size == p.stat().st_size)]
+    with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, disable=not progress,
+              desc="copying") as bar:
+        for p in todo:
+            target = dest / p.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".incomplete")
+            shutil.copyfile(p, partial)
+            partial.replace(target)  # a file only gets its final name once complete
+            bar.update(p.stat().st_size)
+
+
+def _is_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return constants.HF_HUB_OFFLINE or flag in ("1", "true", "yes", "on")
+
+
+def download_models(dest_dir: str | Path, variant: str = "720p", components: Sequence[str] = COMPONENTS,
+                    progress: bool = True, repo_id: str = REPO_ID, local_source: str | Path | None = None,
+                    endpoint: str | None = None, revision: str | None = None) -> dict[str, Path]:
+    """Fetch one variant's files into ``dest_dir`` (hub layout) and return their paths.
+
+    ``local_source`` copies from a local folder laid out like the hub repo instead (a mirror, a USB disk, the
+    tiny set). Downloads resume where they stopped. With ``HF_HUB_OFFLINE`` set, only files already present are
+    accepted, with a clear error otherwise.
+    """
+    dest = Path(dest_dir)
+    patterns = allow_patterns(variant, components)
+    if local_source is not None:
+        source = Path(local_source)
+        if not source.is_dir():
+            raise FileNotFoundError(f"local source folder not found: {source}")
+        _copy_local(source, dest, patterns, progress)
+        return find_models(dest, variant, components)
+    if _is_offline():
+        try:
+            return find_models(dest, variant, components)
+        except FileNotFoundError as exc:
+            raise RuntimeError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded, and {exc} Unset "
+                               "HF_HUB_OFFLINE, or copy the files from another machine with "
+                               "download_models(..., local_source=FOLDER).") from None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    logger.info("downloading %s (%s) from %s into %s", variant, ", ".join(components), repo_id, dest)
+    if not progress:
+        disable_progress_bars()
+    try:
+        snapshot_download(repo_id, local_dir=str(dest), allow_patterns=patterns, revision=revision,
+                          endpoint=endpoint)
+    finally:
+        if not progress:
+            enable_progress_bars()
+    return find_models(dest, variant, components)

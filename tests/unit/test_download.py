@@ -1,0 +1,64 @@
+"""Downloading and finding model files, offline: local-folder copies and a stand-in for the hub client."""
+import shutil
+
+import pytest
+
+from infinitystar import download as D
+
+
+def test_patterns_select_one_variant():
+    assert D.allow_patterns("480p") == ["infinitystar_8b_480p_weights/*", "infinitystar_videovae.pth",
+                                         "text_encoder/flan-t5-xl-official/*"]
+    assert D.allow_patterns("720p", ["vae"]) == ["infinitystar_videovae.pth"]
+    with pytest.raises(ValueError, match="variant"):
+        D.allow_patterns("1080p")
+    with pytest.raises(ValueError, match="components"):
+        D.allow_patterns("720p", ["lora"])
+
+
+def test_find_models_says_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m infinitystar download --variant 480p --dest"):
+        D.find_models(tmp_path, "480p")
+
+
+def test_local_source_copies_only_the_variant(tiny_models, tmp_path):
+    dest = tmp_path / "models"
+    paths = D.download_models(dest, "480p", local_source=tiny_models["root"], progress=False)
+    assert paths == D.find_models(dest, "480p")
+    assert not (dest / "infinitystar_8b_720p_weights").exists()
+    assert (dest / "infinitystar_8b_480p_weights" / "model.safetensors.index.json").is_file()
+    assert (dest / "text_encoder/flan-t5-xl-official/spiece.model").is_file()
+    # resumable: a complete file is not copied again, a partial one is replaced
+    vae = dest / "infinitystar_videovae.pth"
+    vae.write_bytes(b"partial")
+    before = (dest / "infinitystar_8b_480p_weights/model.safetensors.index.json").stat().st_mtime_ns
+    D.download_models(dest, "480p", local_source=tiny_models["root"], progress=False)
+    assert vae.stat().st_size == tiny_models["vae"].stat().st_size
+    assert (dest / "infinitystar_8b_480p_weights/model.safetensors.index.json").stat().st_mtime_ns == before
+
+
+def test_hub_path_passes_only_the_variant_patterns(tiny_models, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, *, local_dir, allow_patterns, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        D._copy_local(tiny_models["root"], D.Path(local_dir), allow_patterns, progress=False)
+        return local_dir
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    paths = D.download_models(tmp_path, "720p", components=("transformer", "vae"), progress=False)
+    assert calls == [(D.REPO_ID, ["infinitystar_8b_720p_weights/*", "infinitystar_videovae.pth"])]
+    assert set(paths) == {"transformer", "vae"} and paths["transformer"].is_dir()
+
+
+def test_offline_mode_is_clear(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
+        D.download_models(tmp_path, "720p", progress=False)
+    for name in ("infinitystar_8b_720p_weights", "text_encoder"):
+        shutil.copytree(tiny_models["root"] / name, tmp_path / name)
+    shutil.copy(tiny_models["vae"], tmp_path)
+    assert D.download_models(tmp_path, "720p", progress=False)["vae"].is_file()
