@@ -1,0 +1,50 @@
+"""Text encoding node: prompt + negative prompt through flan-t5, decorated as the official scripts do."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import host
+from . import types as T
+
+DURATION_TAGS = {"auto": (0, 5, 10), "5s": (5,), "10s": (10,), "off": (0,)}
+
+
+class InfinityStarTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarTextEncode", display_name="InfinityStar Text Encode",
+            category="InfinityStar/conditioning",
+            description="Encodes a prompt (and optional negative prompt) with flan-t5-xl. The prompt gets the "
+                        "official decoration: a <<<t=5s>>> duration tag for videos and the closing phrase "
+                        "', Close-up on big objects, emphasize scale and detail'. The encoder is released "
+                        "from the GPU right after, so the transformer can load.",
+            inputs=[
+                T.TextEncoder.Input("text_encoder", tooltip="From InfinityStar Text Encoder Loader."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="What to generate. Long, concrete descriptions work best (the model "
+                                        "was trained on detailed captions); up to 512 T5 tokens."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Empty (default) uses the model's learned null text, as the official "
+                                        "scripts do. A negative prompt must be shorter than the decorated "
+                                        "prompt in tokens."),
+                io.Combo.Input("duration_tag", options=list(DURATION_TAGS), default="auto",
+                               tooltip="auto encodes the prompt for image, 5 s and 10 s and lets the sampler "
+                                       "take the one matching its duration (3 short T5 passes). Without the "
+                                       "tag videos degrade badly (upstream issue #29); 'off' is for "
+                                       "experiments (closing phrase only)."),
+            ],
+            outputs=[T.Conditioning.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder: T.LoadedTextEncoder, prompt: str, negative_prompt: str,
+                duration_tag: str) -> io.NodeOutput:
+        texts = {}
+        patcher = text_encoder.patcher
+        with host.loaded(patcher, force_full_load=True, release_after=True):
+            for seconds in DURATION_TAGS[duration_tag]:
+                host.check_interrupt()
+                texts[seconds] = text_encoder.encoder.encode(prompt, negative_prompt, duration_s=seconds or None,
+                                                             device=patcher.load_device)
+        return io.NodeOutput(T.Conditioned(texts, prompt, negative_prompt))

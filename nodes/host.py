@@ -1,0 +1,222 @@
+"""The pack's seam to ComfyUI's memory manager, progress bar and interrupt flag.
+
+The only module of the pack that imports ``comfy.model_management``, ``comfy.model_patcher``, ``comfy.ops`` and
+``comfy.utils``. It picks the ``comfy.ops`` family for the weight/compute dtypes, wraps each module (transformer,
+T5, tokenizer) in ComfyUI's patcher class (``CoreModelPatcher`` looked up at call time, so upstream's dynamic-VRAM
+patcher is used when ``main.py`` installed it), loads through ``load_models_gpu(memory_required=...)``, reports
+progress per AR step with interrupt checks and previews, and cleans up in ``finally``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
+import comfy.utils
+import torch
+from comfy.cli_args import LatentPreviewMethod, args
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PREVIEW_EVERY = 4  # AR steps between previews; a preview costs a 64x64 eigendecomposition
+
+
+# ---------------------------------------------------------------------------------------------- devices, ops
+
+def devices(kind: str) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) ComfyUI assigns to a 'transformer', 'text_encoder' or 'vae'."""
+    if kind == "text_encoder":
+        return mm.text_encoder_device(), mm.text_encoder_offload_device()
+    if kind == "vae":
+        return mm.vae_device(), mm.vae_offload_device()
+    return mm.get_torch_device(), mm.unet_offload_device()
+
+
+def resolve_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 where the device supports it (the official numerics), else fp16 on GPUs, else fp32."""
+    if COMPUTE_DTYPES.get(choice) is not None:
+        return COMPUTE_DTYPES[choice]
+    if mm.is_device_cpu(device):
+        return torch.float32
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_device: torch.device):
+    """``comfy.ops`` family for storing in ``weight_dtype`` and computing in ``compute_dtype``.
+
+    The file dtype ("default") is unknown before loading, so it gets ``manual_cast``, which casts per layer only
+    when the dtypes differ. Every family carries ``comfy_cast_weights``, which is what lets a partial load leave
+    layers on the offload device and stream them in.
+    """
+    if weight_dtype is None:
+        return comfy.ops.manual_cast
+    return comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device)
+
+
+def text_encoder_dtype(choice: str) -> torch.dtype:
+    """'auto' -> fp16 on GPUs (the official flan-t5 dtype), fp32 on the CPU where fp16 matmuls are slow."""
+    if COMPUTE_DTYPES.get(choice) is not None:
+        return COMPUTE_DTYPES[choice]
+    device, _ = devices("text_encoder")
+    return torch.float32 if mm.is_device_cpu(device) else torch.float16
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device()
+
+
+# ---------------------------------------------------------------------------------------------- patchers
+
+class _Holder(torch.nn.Module):
+    """Gives the patcher a module whose ``device`` attribute it may set (HF models expose a read-only one)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+
+def _place_small_tensors(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+    """ON_LOAD callback for partial loads of the transformer.
+
+    The patcher moves leaf modules only, so ``cfg_uncond``/``sos_token`` (parameters of the root) would stay on
+    the offload device, and the small fp32 embeddings/heads may be left there too while the sampler takes its
+    device from ``word_embed``. They are a few MB for the 8B model, so they always go to the load device.
+    """
+    model = patcher.model
+    if not getattr(model, "model_lowvram", False) or device_to is None:
+        return
+    for name in getattr(model, "fp32_modules", ()):
+        obj = getattr(model, name, None)
+        if isinstance(obj, torch.nn.Parameter):
+            obj.data = obj.data.to(device_to)
+        elif isinstance(obj, torch.nn.Module):
+            obj.to(device_to)
+
+
+def make_patcher(module: torch.nn.Module, kind: str):
+    """Wrap ``module`` in ComfyUI's patcher for a 'transformer', 'text_encoder' or 'vae'."""
+    load_device, offload_device = devices(kind)
+    patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", None) or comfy.model_patcher.ModelPatcher
+    if isinstance(getattr(type(module), "device", None), property):
+        module = _Holder(module)
+    patcher = patcher_cls(module, load_device=load_device, offload_device=offload_device)
+    if kind == "transformer":
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _place_small_tensors)
+    return patcher
+
+
+def sampling_memory(config, schedule, compute_dtype: torch.dtype) -> int:
+    """Bytes of activations + K/V cache for one generation (batch 2: conditional and unconditional)."""
+    from infinitystar.memory import estimate_sampling_memory
+
+    return int(estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype))
+
+
+def free_memory_for(patcher) -> int:
+    """Free bytes on the patcher's load device after loading (sizes decode chunks)."""
+    return int(mm.get_free_memory(patcher.load_device))
+
+
+def release(patcher) -> None:
+    """Take ``patcher`` off ComfyUI's loaded-model list and back to its offload device."""
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is patcher:
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+    mm.soft_empty_cache()
+
+
+def is_loaded(patcher) -> bool:
+    return any(loaded.model is patcher for loaded in mm.current_loaded_models)
+
+
+@contextlib.contextmanager
+def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False,
+           release_after: bool = False) -> Iterator[torch.nn.Module]:
+    """Load through ComfyUI's manager (evicting/partially loading as it sees fit) and yield the module.
+
+    On any exception (interrupt included) the model is unloaded, so nothing stays pinned on the device;
+    on success it stays resident for the next prompt unless ``release_after``.
+    """
+    mm.load_models_gpu([patcher], memory_required=int(memory_required), force_full_load=force_full_load)
+    module = patcher.model
+    ok = False
+    try:
+        yield module.inner if isinstance(module, _Holder) else module
+        ok = True
+    finally:
+        if not ok or release_after:
+            release(patcher)
+        else:
+            mm.soft_empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+def check_interrupt() -> None:
+    mm.throw_exception_if_processing_interrupted()
+
+
+def previews_enabled() -> bool:
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def accumulator_preview(accumulator: torch.Tensor, max_size: int | None = None):
+    """PIL image of the last latent frame of a (1, 64, T, H, W) code accumulator.
+
+    A cheap approximation, not a decode: the 64 code channels are projected onto their 3 principal components
+    (per frame) and stretched to 0..255, so the preview shows layout and motion, not true colours.
+    """
+    from PIL import Image
+
+    frame = accumulator[0, :, -1].float().cpu()  # [64, H, W]
+    c, h, w = frame.shape
+    x = frame.reshape(c, -1).T  # [HW, 64]
+    x = x - x.mean(0, keepdim=True)
+    _, vecs = torch.linalg.eigh(x.T @ x + 1e-6 * torch.eye(c))
+    rgb = x @ vecs[:, -3:].flip(1)  # [HW, 3], strongest component -> red
+    lo, hi = rgb.quantile(0.02, dim=0), rgb.quantile(0.98, dim=0)
+    rgb = ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    img = Image.fromarray((rgb.reshape(h, w, 3) * 255).to(torch.uint8).numpy())
+    scale = max(1, min(16, (max_size or args.preview_size) // max(h, w)))
+    return img.resize((w * scale, h * scale), Image.NEAREST)
+
+
+class StepProgress:
+    """``sampler`` callback: ComfyUI progress per AR step, interrupt check, preview every few steps."""
+
+    def __init__(self, total_steps: int, preview_every: int = PREVIEW_EVERY, node_id: str | None = None):
+        self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+        self.preview_every = max(1, int(preview_every))
+        self.previews = previews_enabled()
+        self.last_preview = None
+
+    def __call__(self, step_index: int, total_steps: int, accumulators) -> None:
+        check_interrupt()
+        preview = None
+        done = step_index + 1
+        if self.previews and accumulators and (done % self.preview_every == 0 or done == total_steps):
+            self.last_preview = accumulator_preview(accumulators[-1])
+            preview = ("JPEG", self.last_preview, args.preview_size)
+        self.bar.update_absolute(done, total_steps, preview)
+
+
+class ChunkProgress:
+    """``callback(done, total)`` for tokenizer encode/decode chunks, with an interrupt check."""
+
+    def __init__(self, node_id: str | None = None):
+        self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
+
+    def __call__(self, done: int, total: int) -> None:
+        check_interrupt()
+        self.bar.update_absolute(done, total)

@@ -1,0 +1,197 @@
+"""Loader nodes: transformer, flan-t5 text encoder, video tokenizer, and the official-files downloader.
+
+Each loader returns its module inside a ComfyUI patcher (``nodes.host``); ComfyUI's output cache keeps the
+loaded object for later prompts while the inputs stay the same, so nothing is cached in the pack.
+"""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io, ui
+
+from . import host, paths
+from . import types as T
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage")
+VAE_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+TEXT_DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
+
+
+def _missing(name: str, choices: list[str], what: str) -> bool | str:
+    if name in choices:
+        return True
+    try:
+        {"transformer": paths.resolve_transformer, "text encoder": paths.resolve_text_encoder,
+         "video tokenizer": paths.resolve_vae}[what](name)
+    except FileNotFoundError as exc:
+        return str(exc)
+    return True
+
+
+def _pick_attention(choice: str, load_device) -> str:
+    from infinitystar.attention import _PIP_NAMES, available_backends
+
+    found = available_backends()
+    if choice == "auto":  # flash matches the official numerics on CUDA; sage changes them, so never automatic
+        return "flash" if "flash" in found and load_device.type == "cuda" else "sdpa"
+    if choice not in found:
+        raise ValueError(f"attention backend {choice!r} is not installed (pip install {_PIP_NAMES[choice]}); "
+                         f"available here: {', '.join(found)}. 'auto' falls back to sdpa.")
+    return choice
+
+
+class InfinityStarModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarModelLoader", display_name="InfinityStar Model Loader",
+            category="InfinityStar/loaders",
+            description="Loads the InfinityStar 8B autoregressive transformer (720p or 480p weights: a sharded "
+                        "folder or one merged file) from models/infinitystar or models/diffusion_models. "
+                        "ComfyUI's memory manager places it; it streams layers when VRAM is short.",
+            inputs=[
+                io.Combo.Input("model_name", options=paths.transformer_choices(),
+                               tooltip="Sharded folder (infinitystar_8b_720p_weights/ with its index json) or "
+                                       "a merged .safetensors. 720p weights make 5 s clips; 480p weights also "
+                                       "make 10 s. Missing? Use the InfinityStar Download Models node."),
+                io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the blocks. default keeps the file's (bf16, ~17 GB); "
+                                       "fp8 halves that (~9 GB) at a small quality cost (e5m2 for RTX 30xx). "
+                                       "Embeddings and heads stay fp32 as in the official layout."),
+                io.Combo.Input("compute_dtype", options=list(host.COMPUTE_DTYPES), default="auto",
+                               tooltip="Dtype the blocks run in. auto = bf16 where supported (official), fp16 "
+                                       "on older GPUs, fp32 on CPU. Weights are cast per layer when it differs."),
+                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto",
+                               tooltip="Attention kernel. auto = flash-attn if installed on CUDA (the official "
+                                       "kernel), else PyTorch SDPA. sage is faster but changes the numerics."),
+            ],
+            outputs=[T.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        return _missing(model_name, paths.transformer_choices(), "transformer")
+
+    @classmethod
+    def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str) -> io.NodeOutput:
+        from infinitystar.checkpoint import load_transformer
+
+        path = paths.resolve_transformer(model_name)
+        load_device, offload_device = host.devices("transformer")
+        backend = _pick_attention(attention, load_device)
+        compute = host.resolve_compute_dtype(compute_dtype, load_device)
+        wdtype = host.WEIGHT_DTYPES[weight_dtype]
+        ops = host.pick_ops(wdtype, compute, load_device)
+        model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)
+        patcher = host.make_patcher(model, "transformer")
+        logger.info("InfinityStar transformer %s: variant %s, blocks %s, compute %s, attention %s",
+                    path.name, info.variant, info.dtype, compute, backend)
+        return io.NodeOutput(T.LoadedTransformer(patcher, info, compute, backend))
+
+
+class InfinityStarTextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarTextEncoderLoader", display_name="InfinityStar Text Encoder Loader",
+            category="InfinityStar/loaders",
+            description="Loads the flan-t5-xl encoder folder (text_encoder/flan-t5-xl-official) from "
+                        "models/text_encoders or models/infinitystar. It is loaded to the GPU only while "
+                        "encoding and released afterwards so the transformer has the room.",
+            inputs=[
+                io.Combo.Input("encoder_name", options=paths.text_encoder_choices(),
+                               tooltip="Hugging Face folder with config.json, the weights and spiece.model "
+                                       "(about 2.4 GB in fp16). Missing? Use the InfinityStar Download Models "
+                                       "node."),
+                io.Combo.Input("dtype", options=list(TEXT_DTYPE_CHOICES), default="auto",
+                               tooltip="auto = fp16 on GPUs (as the official scripts load it), fp32 on CPU "
+                                       "where fp16 is slow. bf16 halves memory like fp16 with a wider range."),
+            ],
+            outputs=[T.TextEncoder.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, encoder_name: str) -> bool | str:
+        return _missing(encoder_name, paths.text_encoder_choices(), "text encoder")
+
+    @classmethod
+    def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
+        from infinitystar.text import TextEncoder
+
+        path = paths.resolve_text_encoder(encoder_name)
+        _, offload_device = host.devices("text_encoder")
+        encoder = TextEncoder.from_folder(path, dtype=host.text_encoder_dtype(dtype), device=offload_device)
+        return io.NodeOutput(T.LoadedTextEncoder(host.make_patcher(encoder.module, "text_encoder"), encoder, path))
+
+
+class InfinityStarVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarVAELoader", display_name="InfinityStar Video Tokenizer Loader",
+            category="InfinityStar/loaders",
+            description="Loads the InfinityStar video tokenizer (infinitystar_videovae.pth or a .safetensors "
+                        "conversion) from models/infinitystar or models/vae; it decodes tokens to frames and "
+                        "encodes start images / videos.",
+            inputs=[
+                io.Combo.Input("vae_name", options=paths.vae_choices(),
+                               tooltip="The official infinitystar_videovae.pth. Other VAEs are refused with a "
+                                       "note of what they look like."),
+                io.Combo.Input("dtype", options=list(VAE_DTYPE_CHOICES), default="auto",
+                               tooltip="Dtype the convolutions run in (weights stay as stored). auto = bf16 where "
+                                       "supported (the official decode runs under bf16 autocast), else fp32."),
+            ],
+            outputs=[T.VAE.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, vae_name: str) -> bool | str:
+        return _missing(vae_name, paths.vae_choices(), "video tokenizer")
+
+    @classmethod
+    def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
+        from infinitystar.checkpoint import load_tokenizer
+
+        path = paths.resolve_vae(vae_name)
+        load_device, offload_device = host.devices("vae")
+        compute = host.resolve_compute_dtype(dtype, load_device)
+        tokenizer = load_tokenizer(path, ops=host.pick_ops(None, compute, load_device), device=offload_device)
+        tokenizer.compute_dtype = compute
+        return io.NodeOutput(T.LoadedVAE(host.make_patcher(tokenizer, "vae"), path))
+
+
+class InfinityStarDownloadModels(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarDownloadModels", display_name="InfinityStar Download Models",
+            category="InfinityStar/loaders",
+            description="Downloads the official files from the Hugging Face repo FoundationVision/InfinityStar "
+                        "into models/infinitystar (resumable; files already there are kept). Queue it once, "
+                        "then refresh the loaders' lists (press R).",
+            inputs=[
+                io.Combo.Input("variant", options=["720p", "480p"], default="720p",
+                               tooltip="720p: 5 s clips at 1280x720 (~35 GB fp32 shards). 480p: 5 or 10 s at "
+                                       "832x480. The tokenizer and text encoder are shared."),
+                io.Combo.Input("components", options=["all", "transformer", "vae", "text_encoder"], default="all",
+                               tooltip="What to fetch. all = transformer + video tokenizer + flan-t5-xl "
+                                       "(~45 GB in total)."),
+            ],
+            outputs=[io.String.Output(display_name="folder")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, variant: str, components: str) -> io.NodeOutput:
+        try:
+            from infinitystar.download import download_models
+        except ImportError as exc:
+            raise RuntimeError(f"the downloader is not available in this install ({exc})") from exc
+        wanted = ("transformer", "vae", "text_encoder") if components == "all" else (components,)
+        dest = paths.default_dir()
+        dest.mkdir(parents=True, exist_ok=True)
+        got = download_models(dest, variant=variant, components=wanted, progress=True)
+        summary = "\n".join(f"{k}: {v}" for k, v in got.items())
+        return io.NodeOutput(str(dest), ui=ui.PreviewText(f"downloaded into {dest}\n{summary}"))

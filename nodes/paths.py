@@ -1,0 +1,157 @@
+"""Model folders of the pack: registers ``models/infinitystar`` with ComfyUI's ``folder_paths`` and lists the
+transformer (single file or sharded folder), text-encoder folders and tokenizer files a user can pick.
+
+The only module of the pack that touches ``folder_paths``. A user's ``extra_model_paths.yaml`` may already have
+added ``infinitystar:`` paths before the pack is imported; they are kept.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+
+FOLDER = "infinitystar"
+WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft")
+INDEX_FILE = "model.safetensors.index.json"
+MAX_DEPTH = 3  # how deep to look for sharded folders and text-encoder folders
+# Where each component may live, searched in this order.
+TRANSFORMER_FOLDERS = (FOLDER, "diffusion_models")
+TEXT_ENCODER_FOLDERS = (FOLDER, "text_encoders")
+VAE_FOLDERS = (FOLDER, "vae")
+
+
+def register() -> None:
+    """Add ``<models>/infinitystar`` (idempotent) and make sure its extension set is not empty."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))  # de-duplicates
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    if not exts:  # an empty set means "any file" to folder_paths; keep listings to weight files
+        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
+
+
+def default_dir() -> Path:
+    """The folder downloads go to: the first registered ``infinitystar`` path."""
+    register()
+    return Path(folder_paths.get_folder_paths(FOLDER)[0])
+
+
+def output_dir() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
+def input_dir() -> Path:
+    return Path(folder_paths.get_input_directory())
+
+
+def _bases(folders: tuple[str, ...]) -> list[Path]:
+    register()
+    out = []
+    for name in folders:
+        if name in folder_paths.folder_names_and_paths:
+            out += [Path(p) for p in folder_paths.get_folder_paths(name)]
+    return out
+
+
+def _is_sharded(folder: Path) -> bool:
+    return (folder / INDEX_FILE).is_file()
+
+
+def _is_hf_text_encoder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(
+        (folder / f).is_file() for f in ("spiece.model", "tokenizer.json", "tokenizer_config.json"))
+
+
+def _scan(base: Path, depth: int = 0):
+    """Yield (kind, path) under ``base``: 'sharded' and 'hf' folders (not descended into) and weight 'file's."""
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if _is_sharded(entry):
+                yield "sharded", entry
+            elif _is_hf_text_encoder(entry):
+                yield "hf", entry
+            elif depth < MAX_DEPTH:
+                yield from _scan(entry, depth + 1)
+        elif entry.suffix.lower() in WEIGHT_EXTENSIONS:
+            yield "file", entry
+
+
+def _list(folders: tuple[str, ...], kinds: tuple[str, ...]) -> list[str]:
+    names: list[str] = []
+    for base in _bases(folders):
+        for kind, path in _scan(base):
+            rel = path.relative_to(base).as_posix()
+            if kind in kinds and rel not in names:
+                names.append(rel)
+    return names
+
+
+def transformer_choices() -> list[str]:
+    return _list(TRANSFORMER_FOLDERS, ("sharded", "file"))
+
+
+def text_encoder_choices() -> list[str]:
+    return _list(TEXT_ENCODER_FOLDERS, ("hf",))
+
+
+def vae_choices() -> list[str]:
+    return [n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith(".index.json")]
+
+
+def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str) -> Path:
+    for base in _bases(folders):
+        candidate = base / name
+        if candidate.exists():
+            return candidate
+    looked = ", ".join(str(b) for b in _bases(folders)) or "(no folder registered)"
+    raise FileNotFoundError(
+        f"InfinityStar {what} {name!r} not found. Put it in {default_dir()} (searched: {looked}). {hint}")
+
+
+DOWNLOAD_HINT = ("Use the 'InfinityStar Download Models' node (or `python -m infinitystar download --dest "
+                 "<ComfyUI>/models/infinitystar`) to fetch the official files from FoundationVision/InfinityStar.")
+
+
+def resolve_transformer(name: str) -> Path:
+    return _resolve(name, TRANSFORMER_FOLDERS, "transformer",
+                    "It is the folder infinitystar_8b_720p_weights/ (or _480p_) with its shards and "
+                    f"{INDEX_FILE}, or one merged .safetensors file. {DOWNLOAD_HINT}")
+
+
+def resolve_text_encoder(name: str) -> Path:
+    return _resolve(name, TEXT_ENCODER_FOLDERS, "text encoder",
+                    f"It is the Hugging Face folder text_encoder/flan-t5-xl-official/. {DOWNLOAD_HINT}")
+
+
+def resolve_vae(name: str) -> Path:
+    return _resolve(name, VAE_FOLDERS, "video tokenizer",
+                    f"It is the file infinitystar_videovae.pth. {DOWNLOAD_HINT}")
+
+
+def next_output_file(prefix: str, extension: str) -> tuple[Path, str]:
+    """A new numbered file in ComfyUI's output folder for ``prefix`` (which may hold subfolders).
+
+    Returns (path, subfolder relative to the output folder).
+    """
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+    return Path(folder) / f"{name}_{counter:05}_{extension}", subfolder
+
+
+def input_files(extension: str) -> list[str]:
+    """Files with ``extension`` under ComfyUI's input folder (relative posix paths)."""
+    base = input_dir()
+    if not base.is_dir():
+        return []
+    return sorted(p.relative_to(base).as_posix() for p in base.rglob(f"*{extension}") if p.is_file())
+
+
+def resolve_input(name: str) -> Path:
+    path = input_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{name!r} not found in ComfyUI's input folder {input_dir()}")
+    return path

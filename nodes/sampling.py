@@ -1,0 +1,143 @@
+"""The sampler node: text (and optionally a start image) -> InfinityStar tokens, one AR step at a time."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from . import host
+from . import types as T
+
+RESOLUTIONS = ("auto", "720p", "480p", "0.25M", "0.06M")
+DURATIONS = {"image": 0, "5 s": 5, "10 s": 10}
+VARIANT_RESOLUTION = {"720p": "720p", "480p": "480p"}
+SMALL_MODEL_RESOLUTION = "0.06M"  # auto for weights that are neither released variant (e.g. the tiny test set)
+
+
+def guidance_inputs(prefix_tooltip: str = "") -> list:
+    """Guidance/temperature inputs shared by the sampler and the extend node."""
+    return [
+        io.Float.Input("guidance_scale", default=34.0, min=0.0, max=100.0, step=0.5,
+                       tooltip=prefix_tooltip + "Guidance strength on the bit logits. 34 is the official value "
+                               "for both released models (with APG); lower = looser prompt following."),
+        io.Float.Input("apg_threshold", default=0.05, min=0.0, max=10.0, step=0.005,
+                       tooltip="APG clip of the per-element RMS of (cond - uncond); 0.05 is official. Only "
+                               "used with APG."),
+        io.Boolean.Input("use_plain_cfg", default=False,
+                         tooltip="Plain CFG instead of APG. At scale 34 this destroys the output; lower the "
+                                 "scale (about 3-7) if you enable it."),
+        io.Float.Input("tau_video", default=0.4, min=0.01, max=5.0, step=0.01,
+                       tooltip="Sampling temperature of the video clips; 0.4 is official. Higher = more "
+                               "varied but noisier motion."),
+    ]
+
+
+def guidance_config(guidance_scale: float, apg_threshold: float, use_plain_cfg: bool):
+    from infinitystar.guidance import GuidanceConfig
+
+    return GuidanceConfig(scale=float(guidance_scale), threshold=float(apg_threshold), use_apg=not use_plain_cfg)
+
+
+def image_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """ComfyUI IMAGE (B, H, W, C) float [0, 1] -> uint8 (B, H, W, 3) RGB (alpha dropped)."""
+    return (image[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def pick_resolution(resolution: str, info) -> str:
+    if resolution != "auto":
+        return resolution
+    from infinitystar.config import TRANSFORMER_PRESETS
+
+    if info.config == TRANSFORMER_PRESETS["8b"]:
+        return VARIANT_RESOLUTION.get(info.variant, "720p")
+    return SMALL_MODEL_RESOLUTION
+
+
+def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None):
+    """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, callback)``."""
+    memory = host.sampling_memory(model.info.config, schedule, model.compute_dtype)
+    progress = host.StepProgress(schedule.num_steps, node_id=node_id)
+    with host.loaded(model.patcher, memory) as module:
+        return fn(module, progress)
+
+
+class InfinityStarSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarSampler", display_name="InfinityStar Sampler", category="InfinityStar/sampling",
+            description="Generates a video (or an image) as InfinityStar tokens: a text step, then every scale "
+                        "of the image pyramid and of each 20-latent-frame clip, each repeated a few times, each "
+                        "step drawing all its bits at once. Give a start image + the tokenizer for "
+                        "image-to-video. Decode the tokens with InfinityStar Decode.",
+            inputs=[
+                T.Model.Input("model", tooltip="From InfinityStar Model Loader."),
+                T.Conditioning.Input("positive", tooltip="From InfinityStar Text Encode (holds the negative "
+                                                         "prompt too)."),
+                io.Combo.Input("resolution", options=list(RESOLUTIONS), default="auto",
+                               tooltip="auto = what the weights were trained at (720p: 1280x720-class, 480p: "
+                                       "832x480-class). 0.25M / 0.06M are small pyramids for quick drafts; "
+                                       "quality drops away from the trained size."),
+                io.Combo.Input("aspect_ratio", options=_aspects(), default="16:9",
+                               tooltip="W:H, snapped to the nearest of the model's 15 aspect templates."),
+                io.Combo.Input("duration", options=list(DURATIONS), default="5 s",
+                               tooltip="image = one frame. 5 s = 81 frames at 16 fps. 10 s = 161 frames, only "
+                                       "for the 480p weights (longer: InfinityStar Extend). Cost grows with "
+                                       "every clip."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the one CPU generator all steps draw from, so a seed gives the same "
+                                     "tokens on any device."),
+                *guidance_inputs(),
+                io.Float.Input("tau_image", default=1.0, min=0.01, max=5.0, step=0.01,
+                               tooltip="Sampling temperature of the first (image) clip; 1.0 is official."),
+                io.Image.Input("start_image", optional=True,
+                               tooltip="Optional first frame for image-to-video: it is encoded and its tokens "
+                                       "are teacher-forced (resized to cover, center-cropped). Needs 'vae'."),
+                T.VAE.Input("vae", optional=True, tooltip="Video tokenizer, needed only with start_image."),
+            ],
+            outputs=[T.Tokens.Output(display_name="tokens")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, resolution: str, duration: str) -> bool | str:
+        if resolution == "720p" and DURATIONS.get(duration, 0) > 5:
+            return ("720p generates 5 s clips only (the released 720p model was trained for 5 s). Use 480p for "
+                    "10 s, or generate 5 s and continue with InfinityStar Extend.")
+        return True
+
+    @classmethod
+    def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, resolution: str, aspect_ratio: str,
+                duration: str, seed: int, guidance_scale: float, apg_threshold: float, use_plain_cfg: bool,
+                tau_video: float, tau_image: float, start_image: torch.Tensor | None = None,
+                vae: T.LoadedVAE | None = None) -> io.NodeOutput:
+        from infinitystar import pipeline
+
+        seconds = DURATIONS[duration]
+        # raises before anything loads when the weights were not trained for this duration
+        schedule = pipeline.resolve_schedule(pick_resolution(resolution, model.info), aspect_ratio, seconds,
+                                             model_info=model.info)
+        condition = None
+        if start_image is not None:
+            if vae is None:
+                raise ValueError("start_image needs the video tokenizer: connect an InfinityStar Video Tokenizer "
+                                 "Loader to 'vae'.")
+            if seconds == 0:
+                raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
+            with host.loaded(vae.patcher) as tokenizer:
+                condition = pipeline.encode_image(tokenizer, image_to_uint8(start_image)[0], schedule, seed=seed)
+        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
+
+        def sample(module, progress):
+            return pipeline.generate(module, positive.select(seconds), schedule, seed=seed, guidance=guidance,
+                                     tau_image=tau_image, tau_video=tau_video, condition=condition,
+                                     callback=progress, compute_dtype=model.compute_dtype,
+                                     attn_backend=model.attention)
+
+        return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None)))
+
+
+def _aspects() -> list[str]:
+    from infinitystar.schedule import supported_aspects
+
+    return supported_aspects()

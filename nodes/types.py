@@ -1,0 +1,74 @@
+"""Socket types of the pack and the small frozen records that travel along them.
+
+Each record holds a ComfyUI ModelPatcher (so ComfyUI's memory manager owns placement) plus what the
+next node needs to know about the weights; tokens travel as ``infinitystar.pipeline.Tokens``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from comfy_api.latest import io
+
+Model = io.Custom("INFINITYSTAR_MODEL")
+TextEncoder = io.Custom("INFINITYSTAR_TEXT_ENCODER")
+VAE = io.Custom("INFINITYSTAR_VAE")
+Conditioning = io.Custom("INFINITYSTAR_CONDITIONING")
+Tokens = io.Custom("INFINITYSTAR_TOKENS")
+
+
+@dataclass(frozen=True)
+class LoadedTransformer:
+    """The AR transformer inside a patcher; ``info`` is ``checkpoint.CheckpointInfo`` (variant, config)."""
+
+    patcher: Any
+    info: Any
+    compute_dtype: torch.dtype | None  # None: bf16 on CUDA, fp32 elsewhere (sampler default)
+    attention: str  # "sdpa" | "flash" | "sage"
+
+    @property
+    def module(self):
+        return self.patcher.model
+
+
+@dataclass(frozen=True)
+class LoadedTextEncoder:
+    """flan-t5 encoder (``infinitystar.text.TextEncoder``) whose module sits in a patcher."""
+
+    patcher: Any
+    encoder: Any
+    path: Path
+
+
+@dataclass(frozen=True)
+class LoadedVAE:
+    """The video tokenizer (``infinitystar.vae.VideoTokenizer``) inside a patcher."""
+
+    patcher: Any
+    path: Path
+
+    @property
+    def module(self):
+        return self.patcher.model
+
+
+@dataclass(frozen=True)
+class Conditioned:
+    """Encoded prompt(s): duration tag in seconds (0 = image / no tag) -> ``sampler.TextCondition``.
+
+    With the "auto" tag the prompt is encoded once per tag (image, 5 s, 10 s) so the sampler can take the one
+    matching its duration; a fixed tag holds a single entry used for every duration.
+    """
+
+    texts: dict[int, Any]
+    prompt: str
+    negative_prompt: str
+
+    def select(self, duration_s: int):
+        """The condition for a generation of ``duration_s`` seconds (0 = image)."""
+        if len(self.texts) == 1:
+            return next(iter(self.texts.values()))
+        key = 0 if duration_s <= 0 else min(duration_s, max(self.texts))
+        return self.texts.get(key) or self.texts[max(self.texts)]

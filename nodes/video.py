@@ -1,0 +1,141 @@
+"""Token <-> frame nodes: decode tokens to an IMAGE batch, encode frames to tokens, extend tokens by clips."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from . import host
+from . import types as T
+from .sampling import guidance_config, guidance_inputs, image_to_uint8, run_transformer
+
+logger = logging.getLogger(__name__)
+
+FPS = 16.0
+DECODE_BUDGET_SHARE = 0.8  # of the free memory after loading; the rest is slack for the allocator
+TRAINED_SECONDS = 10  # the released models were trained up to 10 s
+
+
+class InfinityStarDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarDecode", display_name="InfinityStar Decode", category="InfinityStar/video",
+            description="Decodes InfinityStar tokens to frames (IMAGE batch, 16 fps) with the video tokenizer, "
+                        "in temporal chunks sized from the free memory. Chain into CreateVideo -> SaveVideo, "
+                        "ImageScale, or any image node.",
+            inputs=[
+                T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
+                T.Tokens.Input("tokens", tooltip="From the sampler, InfinityStar Extend/Encode or Load Tokens."),
+                io.Boolean.Input("tiled", default=False,
+                                 tooltip="Also split each frame into overlapping spatial tiles (blended). Use "
+                                         "only if a normal decode runs out of memory: seams are possible."),
+            ],
+            outputs=[io.Image.Output(display_name="images"),
+                     io.Float.Output(display_name="fps", tooltip="Frame rate of the model: 16.")],
+        )
+
+    @classmethod
+    def execute(cls, vae: T.LoadedVAE, tokens, tiled: bool) -> io.NodeOutput:
+        from infinitystar import pipeline
+        from infinitystar.vae import estimate_decode_memory
+
+        tokenizer = vae.module
+        need = estimate_decode_memory(tokenizer.config, tuple(tokens.summed_codes.shape), None,
+                                      tokenizer.compute_dtype or torch.float32)
+        with host.loaded(vae.patcher, need) as tokenizer:
+            budget = int(host.free_memory_for(vae.patcher) * DECODE_BUDGET_SHARE)
+            frames = pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
+                                     callback=host.ChunkProgress())
+        return io.NodeOutput(frames.float().to(host.intermediate_device()), FPS)
+
+
+class InfinityStarEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .sampling import RESOLUTIONS, _aspects
+
+        return io.Schema(
+            node_id="InfinityStarEncode", display_name="InfinityStar Encode", category="InfinityStar/video",
+            description="Encodes frames (IMAGE batch at 16 fps) into InfinityStar tokens so InfinityStar Extend "
+                        "can continue them. One frame gives image tokens; 81+ frames give whole 5 s clips "
+                        "(1 + 80k frames are used, the rest dropped).",
+            inputs=[
+                T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
+                io.Image.Input("images", tooltip="Frames to encode, e.g. from LoadVideo -> GetVideoComponents. "
+                                                 "They are resized to cover and center-cropped."),
+                io.Combo.Input("resolution", options=[r for r in RESOLUTIONS if r != "auto"], default="720p",
+                               tooltip="Pyramid to encode into; must be the one the extension will use "
+                                       "(720p or 480p for the released weights)."),
+                io.Combo.Input("aspect_ratio", options=["from input", *_aspects()], default="from input",
+                               tooltip="from input = the template nearest to the frames' own aspect."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seeds the tokenizer's posterior sample (the official encode samples)."),
+            ],
+            outputs=[T.Tokens.Output(display_name="tokens")],
+        )
+
+    @classmethod
+    def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
+                seed: int) -> io.NodeOutput:
+        from infinitystar import pipeline
+        from infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
+
+        aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
+        frames = image_to_uint8(images)
+        clips = (len(frames) - 1) // PIXEL_FRAMES_PER_CLIP
+        with host.loaded(vae.patcher) as tokenizer:
+            if clips == 0:
+                schedule = pipeline.resolve_schedule(resolution, aspect, 0)
+                tokens = pipeline.encode_image(tokenizer, frames[0], schedule, seed=seed)
+            else:
+                schedule = pipeline.resolve_schedule(resolution, aspect, frames=1 + PIXEL_FRAMES_PER_CLIP * (clips + 1))
+                tokens = pipeline.encode_video(tokenizer, frames, schedule, seed=seed, clips=clips,
+                                               callback=host.ChunkProgress())
+        return io.NodeOutput(tokens)
+
+
+class InfinityStarExtend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarExtend", display_name="InfinityStar Extend", category="InfinityStar/video",
+            description="Continues tokens by N more clips of 20 latent frames (80 frames, 5 s each). Earlier "
+                        "clips are kept bit for bit; each new clip sees the previous clip's last scale, as in "
+                        "the official model. Use the same prompt or a new one.",
+            inputs=[
+                T.Model.Input("model", tooltip="From InfinityStar Model Loader (same variant as the tokens)."),
+                T.Conditioning.Input("positive", tooltip="Prompt for the new clips."),
+                T.Tokens.Input("tokens", tooltip="A complete generation (sampler, Encode, Load Tokens)."),
+                io.Int.Input("clips", default=1, min=1, max=8,
+                             tooltip="Clips to add (5 s each). The released models were trained up to 10 s; "
+                                     "quality may drift beyond that."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the new clips' draws (earlier clips draw nothing)."),
+                *guidance_inputs(),
+            ],
+            outputs=[T.Tokens.Output(display_name="tokens")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, clips: int, seed: int,
+                guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float) -> io.NodeOutput:
+        from infinitystar import pipeline
+        from infinitystar.schedule import PIXEL_FRAMES_PER_CLIP, build_schedule
+
+        frames = tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips)
+        seconds = (frames - 1) // int(FPS)
+        if seconds > TRAINED_SECONDS:
+            logger.warning("extending to %d s; the released models were trained up to %d s", seconds,
+                           TRAINED_SECONDS)
+        schedule = build_schedule(tokens.pn, tokens.h_div_w, frames)
+        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
+
+        def extend(module, progress):
+            return pipeline.extend(module, positive.select(min(seconds, TRAINED_SECONDS)), tokens, clips,
+                                   seed=seed, guidance=guidance, tau_video=tau_video, callback=progress,
+                                   compute_dtype=model.compute_dtype, attn_backend=model.attention)
+
+        return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None)))

@@ -1,0 +1,291 @@
+"""The pack inside a real ComfyUI, in-process on the CPU: schemas, every node on the tiny checkpoints, partial
+loading, interrupts. Needs COMFYUI_PATH (see conftest.py)."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+SMALL = dict(resolution="0.06M", aspect_ratio="16:9", guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False,
+             tau_video=0.4, tau_image=1.0)
+
+
+def run(node, **inputs):
+    """Execute a V3 node the way the executor does (class clone + normalised output); returns the result tuple."""
+    clone = node.PREPARE_CLASS_CLONE({})
+    return clone.EXECUTE_NORMALIZED(**inputs).result
+
+
+@pytest.fixture(scope="module")
+def loaded(pack, comfy_dirs):
+    nodes = pack
+    model = run(nodes.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype="default", compute_dtype="auto", attention="auto")[0]
+    te = run(nodes.loaders.InfinityStarTextEncoderLoader, encoder_name="text_encoder/flan-t5-xl-official",
+             dtype="auto")[0]
+    vae = run(nodes.loaders.InfinityStarVAELoader, vae_name="infinitystar_videovae.pth", dtype="auto")[0]
+    cond = run(nodes.conditioning.InfinityStarTextEncode, text_encoder=te, prompt="a red fox running in snow",
+               negative_prompt="", duration_tag="auto")[0]
+    return {"model": model, "te": te, "vae": vae, "cond": cond}
+
+
+def _kv_caches_alive():
+    from infinitystar.kv_cache import ScaleKVCache
+
+    return [c for c in gc.get_objects() if isinstance(c, ScaleKVCache) and len(c)]
+
+
+def _stray_tensors(module: torch.nn.Module) -> list[str]:
+    """Tensor-valued attributes that are neither parameters nor buffers (a cache left on the module)."""
+    found = []
+    for name, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if attr.startswith("_"):
+                continue
+            if isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple, dict)) and any(
+                    isinstance(v, torch.Tensor) for v in (value.values() if isinstance(value, dict) else value))):
+                found.append(f"{name}.{attr}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+def test_every_schema_converts_like_object_info(pack):
+    import asyncio
+
+    ext = asyncio.run(pack.comfy_entrypoint())
+    node_list = asyncio.run(ext.get_node_list())
+    assert {n.GET_SCHEMA().node_id for n in node_list} == {n.__name__ for n in node_list}
+    for node in node_list:
+        schema = node.GET_SCHEMA()
+        info = node.GET_NODE_INFO_V1()  # what /object_info serves
+        assert info["name"].startswith("InfinityStar") and info["category"].startswith("InfinityStar/")
+        assert schema.description, node
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+        sockets = {**info["input"]["required"], **info["input"].get("optional", {})}
+        assert set(sockets) == {i.id for i in schema.inputs}
+
+
+def test_custom_socket_types_link_by_name(pack):
+    info = {n.__name__: n.GET_NODE_INFO_V1() for n in pack.NODES}
+    assert info["InfinityStarModelLoader"]["output"] == ["INFINITYSTAR_MODEL"]
+    assert info["InfinityStarSampler"]["input"]["required"]["model"][0] == "INFINITYSTAR_MODEL"
+    assert info["InfinityStarSampler"]["output"] == ["INFINITYSTAR_TOKENS"]
+    assert info["InfinityStarDecode"]["output"] == ["IMAGE", "FLOAT"]
+
+
+def test_folders_list_official_layout(pack, comfy_dirs):
+    paths = pack.paths
+    assert "infinitystar_8b_720p_weights" in paths.transformer_choices()
+    assert "infinitystar_8b_480p_weights" in paths.transformer_choices()
+    assert not any(c.endswith("-of-00002.safetensors") for c in paths.transformer_choices())  # folders, not shards
+    assert "text_encoder/flan-t5-xl-official" in paths.text_encoder_choices()
+    assert "infinitystar_videovae.pth" in paths.vae_choices()
+
+
+def test_registration_keeps_user_paths(pack, comfy_dirs):
+    import folder_paths
+
+    pack.paths.register()
+    pack.paths.register()
+    listed = folder_paths.get_folder_paths("infinitystar")
+    assert listed[0] == str(comfy_dirs["models"])  # the user's (here: the test's) folder stays first
+    assert len(listed) == len(set(listed))
+    assert folder_paths.folder_names_and_paths["infinitystar"][1]  # extensions set is not empty
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_missing_model_names_folder_and_download(pack, comfy_dirs):
+    loader = pack.loaders.InfinityStarModelLoader
+    msg = loader.validate_inputs(model_name="infinitystar_8b_1080p_weights")
+    assert isinstance(msg, str) and "models" in msg and "Download" in msg
+    with pytest.raises(FileNotFoundError, match="infinitystar"):
+        run(loader, model_name="nope.safetensors", weight_dtype="default", compute_dtype="auto", attention="auto")
+
+
+def test_foreign_file_says_what_it_looks_like(pack, comfy_dirs):
+    from safetensors.torch import save_file
+
+    folder = comfy_dirs["models"] / "foreign"
+    folder.mkdir(exist_ok=True)
+    save_file({"patch_embedding.weight": torch.zeros(4, 4), "blocks.0.self_attn.q.weight": torch.zeros(4, 4)},
+              str(folder / "wan_like.safetensors"))
+    with pytest.raises(ValueError, match="Wan"):
+        run(pack.loaders.InfinityStarModelLoader, model_name="foreign/wan_like.safetensors", weight_dtype="default",
+            compute_dtype="auto", attention="auto")
+    with pytest.raises(ValueError, match="not the InfinityStar video tokenizer"):
+        run(pack.loaders.InfinityStarVAELoader, vae_name="foreign/wan_like.safetensors", dtype="auto")
+
+
+def test_unsupported_duration_fails_before_loading(pack, comfy_dirs):
+    from infinitystar.checkpoint import CheckpointInfo
+    from infinitystar.config import TRANSFORMER_PRESETS
+
+    sampler = pack.sampling.InfinityStarSampler
+    assert isinstance(sampler.validate_inputs(resolution="720p", duration="10 s"), str)
+    assert sampler.validate_inputs(resolution="480p", duration="10 s") is True
+
+    class Untouchable:  # any use of the patcher would mean something started loading
+        def __getattr__(self, name):
+            raise AssertionError(f"patcher.{name} used before validation")
+
+    info = CheckpointInfo("720p", TRANSFORMER_PRESETS["8b"], torch.bfloat16, Path("x"))
+    model = pack.types.LoadedTransformer(Untouchable(), info, torch.float32, "sdpa")
+    with pytest.raises(ValueError, match="trained for durations"):
+        run(sampler, model=model, positive=None, duration="10 s", seed=0, **{**SMALL, "resolution": "auto"})
+
+
+def test_start_image_without_vae_is_refused(pack, loaded):
+    with pytest.raises(ValueError, match="vae"):
+        run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+            seed=0, start_image=torch.rand(1, 64, 64, 3), **SMALL)
+
+
+# ---------------------------------------------------------------------------------------------- execution
+
+def test_text_to_image_chains_into_core_nodes(pack, loaded, comfy):
+    from comfy_extras.nodes_video import CreateVideo
+
+    import nodes as comfy_nodes
+
+    te = loaded["te"]
+    assert not pack.host.is_loaded(te.patcher)  # T5 was released after encoding
+    assert set(loaded["cond"].texts) == {0, 5, 10}
+    tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                 duration="image", seed=3, **SMALL)[0]
+    schedule = tokens.schedule()
+    assert tokens.frames == 1 and len(tokens.bits) == schedule.num_steps
+    images, fps = run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=tokens, tiled=False)
+    assert images.shape == (1, schedule.height, schedule.width, 3) and images.dtype == torch.float32
+    assert images.device.type == "cpu" and 0 <= images.min() and images.max() <= 1 and fps == 16.0
+    scaled = comfy_nodes.ImageScale().upscale(images, "nearest-exact", 64, 48, "disabled")[0]
+    assert scaled.shape == (1, 48, 64, 3)
+    video = run(CreateVideo, images=images, fps=fps)[0]
+    assert video.get_dimensions() == (schedule.width, schedule.height)
+    # same seed -> same tokens (the model stayed resident; the second run reuses it)
+    again = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                duration="image", seed=3, **SMALL)[0]
+    assert all(torch.equal(a, b) for a, b in zip(tokens.bits, again.bits))
+
+
+def test_image_to_video_encode_extend_save_load(pack, loaded, comfy_dirs):
+    start = torch.rand(1, 200, 360, 3, generator=torch.Generator().manual_seed(0))
+    i2v = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+              seed=5, start_image=start, vae=loaded["vae"], **SMALL)[0]
+    assert i2v.frames == 81 and len(i2v.bits) == i2v.schedule().num_steps
+    image_tokens = run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=start, resolution="0.06M",
+                       aspect_ratio="16:9", seed=5)[0]
+    n_image = image_tokens.schedule().num_steps
+    # teacher forcing: the I2V image steps are the encoded start image
+    assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(i2v.bits[:n_image], image_tokens.bits))
+
+    saved = comfy_dirs["input"] / "tok.safetensors"
+    out = run(pack.tokens_io.InfinityStarSaveTokens, tokens=image_tokens, filename_prefix="infinitystar/t")
+    assert out == ()
+    written = sorted((comfy_dirs["output"] / "infinitystar").glob("t_*.safetensors"))
+    assert written
+    saved.write_bytes(written[-1].read_bytes())
+    assert "tok.safetensors" in pack.paths.input_files(".safetensors")
+    back = run(pack.tokens_io.InfinityStarLoadTokens, tokens_file="tok.safetensors")[0]
+    assert all(torch.equal(a, b) for a, b in zip(back.bits, image_tokens.bits))
+
+    longer = run(pack.video.InfinityStarExtend, model=loaded["model"], positive=loaded["cond"], tokens=back,
+                 clips=1, seed=1, guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)[0]
+    assert longer.frames == 81 and len(longer.bits) == longer.schedule().num_steps
+    assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(longer.bits[:n_image], back.bits))
+
+
+def test_partial_load_matches_full_load(pack, comfy, loaded, tiny_models):
+    """A third of the transformer on the load device, the rest cast in per layer: same tokens as a full load.
+
+    On a CPU-only ComfyUI, load and offload device are both the CPU and ``load_models_gpu`` always loads fully
+    (vram state DISABLED), so this drives the patcher's partial load directly with the budget
+    ``load_models_gpu`` would pass; what is exercised is ComfyUI's lowvram bookkeeping and the comfy.ops
+    cast-on-the-fly path of every offloaded layer, not a transfer between two devices.
+    """
+    from infinitystar import pipeline
+
+    host = pack.host
+    schedule = pipeline.resolve_schedule("0.06M", "16:9", 0)
+    text = loaded["cond"].select(0)
+
+    def tokens_with(budget_share: float | None):
+        model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                    weight_dtype="bf16", compute_dtype="fp32", attention="sdpa")[0]
+        patcher = model.patcher
+        if budget_share is None:
+            patcher.partially_load(patcher.load_device, patcher.model_size() * 2)
+        else:
+            patcher.partially_load(patcher.load_device, int(patcher.model_size() * budget_share))
+        try:
+            module = patcher.model
+            lowvram = bool(module.model_lowvram)
+            loaded_share = patcher.loaded_size() / patcher.model_size()
+            out = pipeline.generate(module, text, schedule, seed=11, compute_dtype=model.compute_dtype)
+        finally:
+            patcher.detach()
+        return out, lowvram, loaded_share
+
+    full, full_lowvram, full_share = tokens_with(None)
+    part, part_lowvram, part_share = tokens_with(1 / 3)
+    assert not full_lowvram and full_share == pytest.approx(1.0, abs=0.05)
+    assert part_lowvram and part_share <= 0.34
+    assert all(torch.equal(a, b) for a, b in zip(full.bits, part.bits))
+    assert torch.equal(full.summed_codes, part.summed_codes)
+    _ = host
+
+
+def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded):
+    import comfy.utils as comfy_utils
+
+    host = pack.host
+    model = loaded["model"]
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if len(calls) == 3:
+            comfy.interrupt_current_processing(True)
+
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.InterruptProcessingException):
+            run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s", seed=0,
+                **SMALL)
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        comfy.interrupt_current_processing(False)
+    assert len(calls) == 3  # stopped at the next step after the flag was raised
+    assert not host.is_loaded(model.patcher)
+    assert not any(getattr(lm.model, "model", None) is model.module for lm in comfy.current_loaded_models)
+    gc.collect()
+    assert _kv_caches_alive() == []
+    assert _stray_tensors(model.module) == []
+    # the model is usable again afterwards
+    again = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="image", seed=0,
+                **SMALL)[0]
+    assert len(again.bits) == again.schedule().num_steps
+
+
+def test_step_progress_sends_previews(pack, comfy, loaded):
+    import comfy.utils as comfy_utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    seen = []
+    comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append((v, t, p)))
+    old = args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    try:
+        tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                     duration="image", seed=0, **SMALL)[0]
+    finally:
+        args.preview_method = old
+        comfy_utils.set_progress_bar_global_hook(None)
+    total = tokens.schedule().num_steps
+    assert [v for v, _, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t, _ in seen)
+    previews = [p for _, _, p in seen if p is not None]
+    assert previews and previews[0][0] == "JPEG" and previews[-1][1].size[0] > 0
