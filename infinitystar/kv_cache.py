@@ -19,10 +19,16 @@ class ScaleKVCache:
     def __init__(self, num_layers: int):
         self._k: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
         self._v: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
+        self.peak_nbytes = 0  # largest nbytes() seen after a store
+        self._nbytes = 0
 
     def store(self, key: Hashable, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if key in self._k[layer]:
+            self._nbytes -= _size(self._k[layer][key]) + _size(self._v[layer][key])
         self._k[layer][key] = k
         self._v[layer][key] = v
+        self._nbytes += _size(k) + _size(v)
+        self.peak_nbytes = max(self.peak_nbytes, self._nbytes)
 
     def gather(self, layer: int, keys: Sequence[Hashable]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Cached K and V of ``keys`` (in that order) for one layer."""
@@ -33,7 +39,9 @@ class ScaleKVCache:
 
     def release(self, key: Hashable) -> None:
         for d in (*self._k, *self._v):
-            d.pop(key, None)
+            t = d.pop(key, None)
+            if t is not None:
+                self._nbytes -= _size(t)
 
     def keys(self) -> list[Hashable]:
         return list(self._k[0]) if self._k else []
@@ -41,9 +49,14 @@ class ScaleKVCache:
     def clear(self) -> None:
         for d in (*self._k, *self._v):
             d.clear()
+        self._nbytes = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (*self._k, *self._v) for t in d.values())
+        return self._nbytes
 
     def __contains__(self, key: Hashable) -> bool:
         return bool(self._k) and key in self._k[0]
+
+
+def _size(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

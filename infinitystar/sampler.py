@@ -41,6 +41,7 @@ class SampleResult:
     bits: list[torch.Tensor]  # per step, uint8 (1, t, h, w, d) on CPU
     accumulators: list[torch.Tensor]  # per clip, fp32 (1, 64, T_clip, H, W)
     summed_codes: torch.Tensor  # accumulators concatenated along T: (1, 64, T_total, H, W)
+    kv_peak_bytes: int = 0  # largest K/V cache size during the run
 
 
 @dataclass
@@ -192,6 +193,6 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                 if callback is not None:
                     callback(step.index, schedule.num_steps, runner.accumulators)
         accs = runner.accumulators
-        return SampleResult(bits_out, accs, torch.cat(accs, dim=2))
+        return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes)
     finally:
         runner.cache.clear()

@@ -199,14 +199,22 @@ def default_repetitions(pn: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def build_schedule(pn: str = "0.90M", aspect: str | float = "16:9", frames: int = 81, *,
                    image_repetition: tuple[int, ...] | None = None,
-                   video_repetition: tuple[int, ...] | None = None) -> Schedule:
-    """Build the AR schedule for a resolution class, aspect ('W:H' or h/w) and pixel frame count."""
+                   video_repetition: tuple[int, ...] | None = None, num_scales: int | None = None) -> Schedule:
+    """Build the AR schedule for a resolution class, aspect ('W:H' or h/w) and pixel frame count.
+
+    ``num_scales`` truncates each clip's pyramid (cheap previews and tests; the released models
+    were trained on the full pyramids).
+    """
     pn = _parse_pn(pn)
     h_div_w = nearest_template(_parse_aspect(aspect))
     clips = _num_video_clips(frames)
     n = PN_SCALES[pn]
-    pyramid = aspect_templates()[h_div_w][:n]
     img_rep, vid_rep = default_repetitions(pn)
+    if num_scales is not None:
+        if not 1 <= num_scales <= n:
+            raise ValueError(f"num_scales must be in 1..{n} for pn {pn}, got {num_scales}")
+        n, img_rep, vid_rep = num_scales, img_rep[:num_scales], vid_rep[:num_scales]
+    pyramid = aspect_templates()[h_div_w][:n]
     img_rep = tuple(image_repetition or img_rep)
     vid_rep = tuple(video_repetition or vid_rep)
     if len(img_rep) != n or len(vid_rep) != n or min(img_rep + vid_rep) < 1:
@@ -214,7 +222,7 @@ def build_schedule(pn: str = "0.90M", aspect: str | float = "16:9", frames: int 
     scales = [(1, h, w) for h, w in pyramid]
     for _ in range(clips):
         scales += [(FRAMES_PER_CLIP, h, w) for h, w in pyramid]
-    semantic_scales = n - 3
+    semantic_scales = max(n - 3, 0)
     steps, real_sid = [], 0
     for si, (t, h, w) in enumerate(scales):
         clip, inner = divmod(si, n)

@@ -1,0 +1,52 @@
+import importlib.util
+
+import pytest
+import torch
+
+from infinitystar.attention import attend, available_backends
+
+
+def reference(q, k, v):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    w = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    return w @ v
+
+
+def test_gqa_matches_reference_without_rounding():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 7, 16, generator=g) for n in (4, 2, 2))
+    k = k[:, :, :5].contiguous()
+    v = v[:, :, :5].contiguous()
+    torch.testing.assert_close(attend(q, k, v, round_qkv_bf16=False), reference(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_kv_head_j_serves_query_heads_jg_to_jg_plus_g():
+    q = torch.randn(1, 4, 3, 8)
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    out = attend(q, k, v, round_qkv_bf16=False)
+    only0 = attend(q[:, :2], k[:, :1], v[:, :1], round_qkv_bf16=False)
+    torch.testing.assert_close(out[:, :2], only0)
+
+
+def test_bf16_rounding_of_inputs():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    rounded = reference(*(t.bfloat16().float() for t in (q, k, v)))
+    out = attend(q, k, v)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, rounded, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, reference(q, k, v), rtol=0, atol=1e-7)
+
+
+def test_backend_errors():
+    q = torch.randn(1, 1, 2, 8)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attend(q, q, q, backend="xformers")
+    assert "sdpa" in available_backends()
+    if importlib.util.find_spec("sageattention") is None:
+        with pytest.raises(ImportError, match="sageattention"):
+            attend(q, q, q, backend="sage")
+    if importlib.util.find_spec("flash_attn") is None and importlib.util.find_spec("flash_attn_interface") is None:
+        with pytest.raises(ImportError, match="flash-attn"):
+            attend(q, q, q, backend="flash")

@@ -1,0 +1,45 @@
+import torch
+
+from infinitystar.rope import apply_rope, inv_freq, normalized_positions, text_rope, visual_rope
+
+
+def test_normalized_positions_round_half_even():
+    assert normalized_positions(2, 45).tolist() == [0, 22]  # 22.5 rounds to 22
+    assert normalized_positions(45, 45).tolist() == list(range(45))
+    assert normalized_positions(1, 80).tolist() == [0]
+
+
+def test_inv_freq():
+    f = inv_freq(128)
+    assert f.shape == (16,) and f.dtype == torch.float32 and f[0] == 1.0
+    torch.testing.assert_close(f, 1.0 / 10000 ** (torch.arange(16) / 16))
+
+
+def test_text_rope_uses_only_scale_axis():
+    cos, sin = text_rope(7, 32)
+    assert cos.shape == (7, 16)
+    F = 4
+    assert torch.all(cos[:, F:] == 1) and torch.all(sin[:, F:] == 0)
+    torch.testing.assert_close(sin[:, 0], torch.sin(torch.arange(7.0)))
+
+
+def test_visual_rope_axis_major_layout():
+    cos, sin = visual_rope(512 + 5, 1, 21, 2, 3, 12, 21, head_dim=32)
+    assert cos.shape == (20 * 2 * 3, 16)
+    f = inv_freq(32)
+    t, h, w = torch.meshgrid(torch.arange(1, 21), torch.tensor([0, 6]), torch.tensor([0, 7, 14]), indexing="ij")
+    pos = [torch.full_like(t, 517), t, h, w]  # [scale, frame, height, width], rows 0, 6 on 12; cols 0, 7, 14 on 21
+    want = torch.cat([torch.outer(p.flatten().float(), f) for p in pos], dim=-1)
+    torch.testing.assert_close(cos, want.cos())
+    torch.testing.assert_close(sin, want.sin())
+
+
+def test_apply_rope_is_interleaved_complex_rotation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 32, generator=g)
+    cos, sin = visual_rope(520, 0, 1, 1, 5, 3, 9, head_dim=32)
+    y = apply_rope(x, cos, sin)
+    xc = torch.view_as_complex(x.reshape(2, 3, 5, 16, 2))
+    ref = torch.view_as_real(xc * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))).reshape(x.shape)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16

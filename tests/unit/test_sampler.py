@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+import infinitystar.sampler as sampler_mod
+from infinitystar.config import TRANSFORMER_PRESETS
+from infinitystar.sampler import TextCondition, draw_bits, sample
+from infinitystar.schedule import build_schedule
+from infinitystar.transformer import InfinityStarTransformer
+
+TINY = TRANSFORMER_PRESETS["tiny"]
+ONES = (1,) * 7
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return InfinityStarTransformer(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def text():
+    return TextCondition(torch.randn(9, TINY.text_channels, generator=torch.Generator().manual_seed(3)))
+
+
+def short_schedule(frames=81, aspect="16:9"):
+    """7 scales per clip (up to 6x11 at 16:9), one repetition each: cheap but every code path."""
+    return build_schedule("0.06M", aspect, frames, image_repetition=ONES, video_repetition=ONES, num_scales=7)
+
+
+def test_draw_bits_is_one_multinomial():
+    guided = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0))
+    bits = draw_bits(guided, (1, 1, 2, 3, 4), torch.Generator().manual_seed(5))
+    probs = guided.reshape(1, -1, 2).softmax(-1).view(-1, 2)
+    want = torch.multinomial(probs, 1, replacement=True, generator=torch.Generator().manual_seed(5))
+    assert bits.dtype == torch.uint8 and torch.equal(bits.flatten(), want.flatten().to(torch.uint8))
+
+
+def test_seeded_and_shaped(model, text):
+    sched = short_schedule()
+    a = sample(model, text, sched, seed=7)
+    b = sample(model, text, sched, seed=7)
+    c = sample(model, text, sched, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert not all(torch.equal(x, y) for x, y in zip(a.bits, c.bits))
+    assert len(a.bits) == sched.num_steps and a.bits[-1].shape == (1, 20, 5, 9, 64)
+    assert a.bits[0].shape == (1, 1, 1, 1, 16)
+    assert a.summed_codes.shape == (1, 64, 21, 5, 9) and len(a.accumulators) == 2
+
+
+def test_image_only(model, text):
+    sched = build_schedule("0.06M", "1:1", 1)
+    out = sample(model, text, sched, seed=1)
+    assert out.summed_codes.shape == (1, 64, 1, 16, 16) and len(out.bits) == 33
+
+
+def test_callback_and_cleanup(model, text, monkeypatch):
+    caches = []
+
+    class Recorded(sampler_mod.ScaleKVCache):
+        def __init__(self, n):
+            super().__init__(n)
+            caches.append(self)
+
+    monkeypatch.setattr(sampler_mod, "ScaleKVCache", Recorded)
+    sched = short_schedule(aspect="1:1")
+    seen = []
+    sample(model, text, sched, seed=0, callback=lambda i, n, accs: seen.append((i, n, len(accs))))
+    assert [s[0] for s in seen] == list(range(sched.num_steps)) and seen[-1][1:] == (sched.num_steps, 2)
+    assert caches[-1].keys() == []
+
+    def stop(i, n, accs):
+        if i == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(model, text, sched, seed=0, callback=stop)
+    assert caches[-1].keys() == [] and caches[-1].nbytes() == 0
+
+
+def test_teacher_forcing_keeps_the_random_stream(model, text):
+    sched = short_schedule(aspect="1:1")
+    drawn_free, drawn_forced = [], []
+    free = sample(model, text, sched, seed=4, step_hook=lambda r: drawn_free.append(r.drawn.clone()))
+    teacher = [torch.randint(0, 2, b.shape[1:], dtype=torch.uint8) for b in free.bits[:5]]
+    forced = sample(model, text, sched, seed=4, teacher_bits=teacher,
+                    step_hook=lambda r: drawn_forced.append(r.drawn.clone()))
+    assert all(torch.equal(f[0], t) for f, t in zip(forced.bits, teacher))
+    assert torch.equal(drawn_free[0], drawn_forced[0])  # same logits, same generator state
+    assert len(drawn_forced) == sched.num_steps  # every forced step still draws
+
+
+def test_negative_prompt_changes_the_output(model, text):
+    sched = short_schedule(frames=1, aspect="1:1")
+    neg = TextCondition(text.cond, torch.randn(4, TINY.text_channels, generator=torch.Generator().manual_seed(9)))
+    a = sample(model, text, sched, seed=2)
+    b = sample(model, neg, sched, seed=2)
+    assert not all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+
+
+def test_extension_replays_the_reference_chain(model, text):
+    sched = short_schedule(frames=161, aspect="1:1")
+    logits_full = {}
+    full = sample(model, text, sched, seed=5,
+                  step_hook=lambda r: logits_full.setdefault(r.step.index, r.logits.clone()))
+    start = sched.steps_before_clip(2)
+    logits_ext = {}
+    ext = sample(model, text, sched, seed=5, prefix_bits=full.bits[:start], teacher_bits=full.bits,
+                 step_hook=lambda r: logits_ext.setdefault(r.step.index, r.logits.clone()))
+    assert sorted(logits_ext) == list(range(start, sched.num_steps))
+    for i in logits_ext:
+        torch.testing.assert_close(logits_ext[i], logits_full[i], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ext.summed_codes, full.summed_codes)
+    with pytest.raises(ValueError, match="clip boundary"):
+        sample(model, text, sched, seed=5, prefix_bits=full.bits[:start - 1])

@@ -1,0 +1,88 @@
+import pytest
+
+from infinitystar.schedule import (
+    ScaleStep,
+    aspect_templates,
+    build_schedule,
+    nearest_template,
+    supported_frames,
+    supported_pn,
+)
+
+
+def test_fifteen_templates():
+    keys = sorted(aspect_templates())
+    assert len(keys) == 15 and keys[0] == 0.336 and keys[-1] == 2.971
+    assert all(len(v) == 15 for v in aspect_templates().values())
+
+
+@pytest.mark.parametrize("pn,aspect,size", [
+    ("0.90M", "16:9", (720, 1280)), ("0.90M", "1:1", (960, 960)), ("0.90M", "9:16", (1280, 720)),
+    ("720p", 0.571, (720, 1280)), ("0.40M", "16:9", (480, 848)), ("480p", "1:1", (640, 640)),
+    ("0.06M", "16:9", (192, 336))])
+def test_output_sizes(pn, aspect, size):
+    s = build_schedule(pn, aspect, 81)
+    assert (s.height, s.width) == size
+
+
+def test_720p_schedule_from_spec():
+    s = build_schedule("720p", "16:9", 81)
+    assert s.num_steps == 85 and s.num_image_steps == 45 and s.scales_per_clip == 15
+    pyramid = [(h, w) for _, h, w in s.scales[:15]]
+    assert pyramid == [(1, 1), (2, 3), (2, 4), (3, 5), (4, 7), (4, 8), (5, 9), (6, 11), (8, 13), (9, 16), (12, 21),
+                       (18, 32), (24, 43), (30, 53), (45, 80)]
+    assert s.video_repetition == (3,) * 12 + (2, 1, 1) and s.image_repetition == (3,) * 15
+    assert [st.real_sid for st in s.steps] == list(range(85))
+    assert s.latent_frames == 21 and s.clip_size(0) == (1, 45, 80) and s.clip_size(1) == (20, 45, 80)
+    detail = {(st.h, st.w) for st in s.steps if st.d == 64}
+    assert detail == {(24, 43), (30, 53), (45, 80)}
+
+
+@pytest.mark.parametrize("frames,steps,clips", [(81, 81, 2), (161, 120, 3), (241, 159, 4), (1, 42, 1)])
+def test_480p_step_counts(frames, steps, clips):
+    s = build_schedule("480p", "16:9", frames)
+    assert s.num_steps == steps and s.num_clips == clips
+    assert s.video_repetition == (3,) * 12 + (2, 1) and s.semantic_scales == 11
+    assert s.detail_scale_min_tokens == 350
+
+
+def test_reference_table_and_frames():
+    s = build_schedule("0.06M", "16:9", 241)
+    n = s.scales_per_clip
+    for st in s.steps:
+        if st.clip == 0:
+            assert st.ref_sids == () and (st.frame_ss, st.frame_ee) == (0, 1) and st.t == 1
+        else:
+            assert st.ref_sids == (st.clip * n - 1,)
+            assert (st.frame_ss, st.frame_ee) == (1 + 20 * (st.clip - 1), 1 + 20 * st.clip) and st.t == 20
+    last = s.ref_last_use()
+    assert set(last) == {n - 1, 2 * n - 1, 3 * n - 1}  # the last scale of every clip but the final one
+    assert sum(st.is_last_rep for st in s.steps) == len(s.scales)
+
+
+def test_image_schedule():
+    s = build_schedule("0.06M", "1:1", 1)
+    assert s.num_clips == 1 and s.steps == s.image_steps and s.num_steps == 33
+    assert all(isinstance(st, ScaleStep) and st.clip == 0 for st in s.steps)
+
+
+def test_nearest_template_snaps():
+    assert nearest_template(0.55) == 0.562 and nearest_template(10.0) == 2.971 and nearest_template(1.02) == 1.0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pn="1080p"), "unsupported resolution"), (dict(aspect="wide"), "unsupported aspect"),
+    (dict(aspect=-1.0), "unsupported aspect"), (dict(frames=49), "unsupported frame count"),
+    (dict(frames=0), "unsupported frame count")])
+def test_bad_input_lists_supported(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        build_schedule(**kwargs)
+    text = str(info.value)
+    assert any(str(x) in text for x in supported_pn() + supported_frames() + ["W:H"])
+
+
+def test_custom_repetitions():
+    s = build_schedule("0.06M", "16:9", 81, image_repetition=(1,) * 11, video_repetition=(1,) * 11)
+    assert s.num_steps == 22 and all(st.is_last_rep for st in s.steps)
+    with pytest.raises(ValueError):
+        build_schedule("0.06M", "16:9", 81, video_repetition=(1, 2))

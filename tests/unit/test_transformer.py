@@ -1,0 +1,96 @@
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from infinitystar.config import TRANSFORMER_PRESETS
+from infinitystar.rope import text_rope
+from infinitystar.transformer import InfinityStarTransformer, RMSNorm, StepContext, load_transformer_state_dict
+
+TINY = TRANSFORMER_PRESETS["tiny"]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return InfinityStarTransformer(TINY).eval()
+
+
+def test_official_key_layout():
+    sd = tiny_model().state_dict()
+    assert len(sd) == 33
+    for key in ("sos_token", "cfg_uncond", "norm_hidden_sates.weight", "block_chunks.1.module.0.attn.k_norm.weight",
+                "block_chunks.0.module.0.mlp.down_proj.weight", "semantic_head2.bias", "word_embed.bias"):
+        assert key in sd
+    assert sd["head.weight"].shape == (128, 64) and sd["semantic_head2.weight"].shape == (32, 64)
+    assert sd["block_chunks.0.module.0.attn.k_proj.weight"].shape == (32, 64)
+    assert not any(k.endswith(".bias") and "proj" in k and "text_proj" not in k for k in sd)
+
+
+def test_ops_injection_builds_every_linear():
+    built = []
+
+    class CountingLinear(nn.Linear):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    ops = types.SimpleNamespace(Linear=CountingLinear)
+    model = InfinityStarTransformer(TINY, ops=ops, device="meta")
+    assert len(built) == 4 + 7 * TINY.depth
+    assert all(isinstance(m, CountingLinear) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_rmsnorm_fp32_and_cast_back():
+    norm = RMSNorm(8)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    xf = x.float()
+    torch.testing.assert_close(y, (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16())
+
+
+def test_load_reports_problems():
+    model = tiny_model()
+    sd = model.state_dict()
+    bad = dict(sd)
+    bad.pop("head.bias")
+    bad["extra.weight"] = torch.zeros(1)
+    bad["word_embed.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError) as info:
+        load_transformer_state_dict(model, bad)
+    msg = str(info.value)
+    assert "missing 1: head.bias" in msg and "extra.weight" in msg and "word_embed.weight: file (3, 3)" in msg
+    short = dict(sd, cfg_uncond=sd["cfg_uncond"][:100].clone())  # official loader extends cfg_uncond
+    load_transformer_state_dict(model, short)
+    torch.testing.assert_close(model.cfg_uncond[:100], short["cfg_uncond"])
+
+
+def test_meta_build_and_assign_load():
+    src = tiny_model(1)
+    meta = InfinityStarTransformer(TINY, device="meta")
+    load_transformer_state_dict(meta, src.state_dict(), assign=True)
+    assert meta.word_embed.weight.device.type == "cpu"
+
+
+def test_precision_layout():
+    model = tiny_model().apply_precision_layout(torch.bfloat16)
+    assert model.block_dtype() == torch.bfloat16
+    assert model.head.weight.dtype == model.cfg_uncond.dtype == model.norm_hidden_sates.weight.dtype == torch.float32
+    prefix = model.text_prefix(torch.randn(5, TINY.text_channels))
+    hidden = model.forward_blocks(prefix, StepContext(text_rope(5, TINY.head_dim)))
+    assert hidden.dtype == torch.bfloat16
+    assert model.head_logits(hidden, semantic=True).dtype == torch.float32
+
+
+def test_text_prefix_null_and_negative():
+    model = tiny_model()
+    cond = torch.randn(6, TINY.text_channels)
+    prefix = model.text_prefix(cond)
+    torch.testing.assert_close(prefix[1], model.text_proj(model.cfg_uncond[:6]))
+    neg = torch.randn(4, TINY.text_channels)
+    prefix = model.text_prefix(cond, neg)
+    torch.testing.assert_close(prefix[1, :4], model.text_proj(neg))
+    assert torch.all(prefix[1, 4:] == 0)  # zero-padded after projection, not the bias
+    with pytest.raises(ValueError, match="negative prompt has 7 tokens"):
+        model.text_prefix(cond, torch.randn(7, TINY.text_channels))
