@@ -1,0 +1,143 @@
+"""Temporal chunking (exact, with conv caches) and spatial tiling (approximate) of the tokenizer.
+
+Why chunked decoding is exact: every temporal operation of the decoder either looks back at most
+two frames (causal convs, continued by the cache) or treats the *first frame of the video* apart
+(odd-T rules in the DC up blocks and the spatial-norm resize). A chunk plan reproduces a one-shot
+decode when only the first chunk carries that first frame (decoded with ``split_first`` so an even
+first chunk still merges it), and every later chunk has an even number of latents. The official
+plan is the case of pairs: first chunk 3 latents (1 if T = 1, 4 if T is even), then 2, 2, ...
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .blocks import ConvCache
+
+Callback = Callable[[int, int], None] | None
+
+
+def plan_encode_chunks(frames: int, chunk: int) -> list[tuple[int, int]]:
+    """Official encoder frame chunks: size ``chunk``, the first absorbing the remainder (spec §3.2)."""
+    n = max(frames // chunk, 1)
+    rem = frames % chunk if frames >= chunk else 0
+    if frames < chunk:
+        return [(0, frames)]
+    bounds = [(0, chunk + rem)]
+    bounds += [(chunk * i + rem, chunk * (i + 1) + rem) for i in range(1, n)]
+    return bounds
+
+
+def encode_chunks(encoder: nn.Module, x: torch.Tensor, chunk: int, callback: Callback = None) -> torch.Tensor:
+    """Run the encoder over the official frame chunks with one conv cache; concatenate along T."""
+    plan = plan_encode_chunks(x.shape[2], chunk)
+    cache: ConvCache = {}
+    out = []
+    for i, (s, e) in enumerate(plan):
+        out.append(encoder(x[:, :, s:e], cache))
+        if callback is not None:
+            callback(i + 1, len(plan))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
+def plan_decode_chunks(latents: int, chunk_latents: int | None = None) -> list[tuple[int, int]]:
+    """Latent-frame chunks for an exact chunked decode.
+
+    ``None``: the official plan (3, 2, 2, ...; 1 for T = 1; 4, 2, ... for even T; 2 for T = 2).
+    An integer c: later chunks of c' = max(2, c rounded down to even) latents and a first chunk of
+    1..c' latents with the parity of T, so no chunk exceeds max(c, 2).
+    """
+    if latents < 1:
+        raise ValueError(f"need at least one latent frame, got {latents}")
+    if chunk_latents is None:
+        step = 2
+        first = 1 if latents == 1 else (3 if latents % 2 else 4)
+        first = min(first, latents)
+    else:
+        if chunk_latents < 1:
+            raise ValueError(f"chunk_latents must be >= 1, got {chunk_latents}")
+        if chunk_latents >= latents:
+            return [(0, latents)]
+        step = max(2, chunk_latents - chunk_latents % 2)
+        first = (latents - 1) % step + 1
+    bounds = [(0, first)]
+    s = first
+    while s < latents:
+        bounds.append((s, s + step))
+        s += step
+    return bounds
+
+
+def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
+                   callback: Callback = None) -> torch.Tensor:
+    """Decode (B, 16, T, h, w) chunk by chunk with one conv cache; returns (B, 3, 1+4(T-1), 8h, 8w)."""
+    cache: ConvCache = {}
+    out = []
+    for i, (s, e) in enumerate(plan):
+        out.append(decoder(z[:, :, s:e], cache, split_first=(i == 0)))
+        if callback is not None:
+            callback(i + 1, len(plan))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+def _ramp(length: int, lo_blend: int, hi_blend: int, device) -> torch.Tensor:
+    """Weights 1 inside, rising linearly over ``lo_blend`` px at the start and falling over ``hi_blend`` at the end."""
+    w = torch.ones(length, device=device)
+    if lo_blend > 0:
+        w[:lo_blend] = torch.arange(1, lo_blend + 1, device=device) / (lo_blend + 1)
+    if hi_blend > 0:
+        w[length - hi_blend:] = torch.arange(hi_blend, 0, -1, device=device) / (hi_blend + 1)
+    return w
+
+
+def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
+                 tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int,
+                 callback: Callback = None) -> torch.Tensor:
+    """Approximate decode of overlapping spatial tiles, linearly blended in the overlaps.
+
+    ``tile`` and ``overlap`` are in cells of the 64-channel latent grid (16 px each); each tile is
+    decoded exactly in time (chunks + its own conv cache). The decoder's receptive field crosses
+    tile borders, so results differ from a full decode near the seams.
+    """
+    (th, tw), (oh, ow) = _pair(tile), _pair(overlap)
+    th, tw, oh, ow = th * patch, tw * patch, oh * patch, ow * patch  # decoder input is unpatchified
+    b, _, t, h, w = z.shape
+    ys, xs = _tile_starts(h, th, oh), _tile_starts(w, tw, ow)
+    up = None
+    out = weight = None
+    total, done = len(ys) * len(xs) * len(plan), 0
+    for y0 in ys:
+        for x0 in xs:
+            part = z[:, :, :, y0:y0 + th, x0:x0 + tw]
+            cb = None
+            if callback is not None:
+                def cb(i, n, _base=done):
+                    callback(_base + i, total)
+            pix = decode_chunked(decoder, part, plan, cb)
+            done += len(plan)
+            if out is None:
+                up = pix.shape[-1] // part.shape[-1]
+                out = torch.zeros(b, pix.shape[1], pix.shape[2], h * up, w * up, dtype=torch.float32, device=pix.device)
+                weight = torch.zeros(1, 1, 1, h * up, w * up, dtype=torch.float32, device=pix.device)
+            ph, pw = pix.shape[-2:]
+            py, px = y0 * up, x0 * up
+            wy = _ramp(ph, (oh * up) if y0 > 0 else 0, (oh * up) if y0 + th < h else 0, pix.device)
+            wx = _ramp(pw, (ow * up) if x0 > 0 else 0, (ow * up) if x0 + tw < w else 0, pix.device)
+            wmap = (wy[:, None] * wx[None, :])[None, None, None]
+            out[..., py:py + ph, px:px + pw] += pix.float() * wmap
+            weight[..., py:py + ph, px:px + pw] += wmap
+    return out / weight

@@ -1,0 +1,131 @@
+"""Pixels in and out of the tokenizer, and the multi-scale BSQ encode of a latent (spec §3.3, §3.5, §6).
+
+- ``prepare_image`` / ``prepare_video``: the official ``transform`` (LANCZOS resize to cover with
+  int() truncation, center crop, 2x - 1).
+- ``frames_to_uint8`` / ``frames_to_float_images``: the official post-processing (clamp((x+1)/2),
+  truncation to uint8, frame 0 := frame 1 for videos only; upstream crashes on single images).
+- ``encode_bits``: the encoder-side residual loop over a schedule's steps, one zero accumulator
+  per clip, producing the bits the transformer is teacher-forced with (I2V/V2V) and the summed codes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import bsq
+
+
+def _as_pil(img: Any) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected a PIL image or a uint8 HWC RGB array, got {arr.dtype} {arr.shape}")
+    return Image.fromarray(arr, "RGB")
+
+
+def _transform(pil: Image.Image, height: int, width: int) -> torch.Tensor:
+    """Resize to cover (LANCZOS, int() on the computed side), center crop, to [-1, 1]; (3, H, W)."""
+    w0, h0 = pil.size
+    if w0 / h0 <= width / height:
+        rw, rh = width, int(width / (w0 / h0))
+    else:
+        rw, rh = int((w0 / h0) * height), height
+    arr = np.asarray(pil.resize((rw, rh), resample=Image.LANCZOS))
+    y0, x0 = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
+    x = torch.from_numpy(np.array(arr[y0:y0 + height, x0:x0 + width])).permute(2, 0, 1)
+    x = x.float().div(255)
+    return x + x - 1  # parity: official im.add(im).add_(-1)
+
+
+def _check_size(height: int, width: int, multiple: int = 16) -> None:
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"target height and width must be positive multiples of {multiple}, got {height}x{width}")
+
+
+def prepare_image(img: Any, height: int, width: int) -> torch.Tensor:
+    """PIL image or uint8 (H, W, 3) RGB -> (1, 3, 1, height, width) float32 in [-1, 1]."""
+    _check_size(height, width)
+    return _transform(_as_pil(img), height, width)[None, :, None]
+
+
+def prepare_video(frames: Any, height: int, width: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) RGB frames -> (1, 3, T, height, width) float32 in [-1, 1], per-frame transform."""
+    _check_size(height, width)
+    arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+        raise ValueError(f"expected uint8 video frames (T, H, W, 3) RGB, got {arr.dtype} {arr.shape}")
+    return torch.stack([_transform(Image.fromarray(f, "RGB"), height, width) for f in arr], dim=1)[None]
+
+
+def _to_thwc(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output (1, 3, T, H, W) or (3, T, H, W) -> (T, H, W, 3) float32 in [0, 1] (clamp((x+1)/2))."""
+    if x.ndim == 5:
+        if x.shape[0] != 1:
+            raise ValueError(f"expected a single video (1, 3, T, H, W), got {tuple(x.shape)}")
+        x = x[0]
+    if x.ndim != 4 or x.shape[0] != 3:
+        raise ValueError(f"expected decoder output (1, 3, T, H, W), got {tuple(x.shape)}")
+    return ((x.float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)
+
+
+def frames_to_uint8(x: torch.Tensor, *, is_video: bool) -> torch.Tensor:
+    """Raw decoder output -> (T, H, W, 3) uint8 RGB on CPU, exactly as the official post-processing.
+
+    Truncation (not rounding) to uint8; for videos frame 0 is then replaced by frame 1 (the
+    official "smoothing"); single images keep their only frame.
+    """
+    img = _to_thwc(x).mul(255).to(torch.uint8).cpu()
+    if is_video and img.shape[0] > 1:
+        img[0] = img[1]
+    return img
+
+
+def frames_to_float_images(x: torch.Tensor, *, smooth_first_frame: bool = False) -> torch.Tensor:
+    """Raw decoder output -> (T, H, W, 3) float32 in [0, 1] on CPU (a ComfyUI IMAGE batch).
+
+    ``smooth_first_frame`` applies the official video rule frame 0 := frame 1 (ignored for one frame).
+    """
+    img = _to_thwc(x).cpu().contiguous()
+    if smooth_first_frame and img.shape[0] > 1:
+        img[0] = img[1]
+    return img
+
+
+def encode_bits(latent: torch.Tensor, steps: Sequence[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Multi-scale BSQ residual quantization of a latent over schedule steps (spec §3.3).
+
+    ``latent`` (1, 64, T, h, w); each step has ``clip, t, h, w, d, frame_ss, frame_ee`` (a
+    ``ScaleStep``). Per clip a zero accumulator of the clip's full size; per step residual =
+    target - accumulator, area-resample to (d, t, h, w), sign -> bits, accumulator += trilinear
+    codes. A prefix of a schedule (e.g. the image steps for I2V) is fine.
+
+    Returns the bits per step, (1, t, h, w, d) uint8, and the accumulators of the clips seen,
+    concatenated along T in clip order: (1, 64, sum of clip lengths, h, w).
+    """
+    if latent.ndim != 5:
+        raise ValueError(f"expected a latent (B, C, T, h, w), got {tuple(latent.shape)}")
+    target_all = latent.float()
+    accs: dict[int, torch.Tensor] = {}
+    ranges: dict[int, tuple[int, int]] = {}
+    bits_out: list[torch.Tensor] = []
+    for step in steps:
+        clip, ss, ee = int(step.clip), int(step.frame_ss), int(step.frame_ee)
+        if ee > target_all.shape[2] or ee - ss != int(step.t):
+            raise ValueError(f"step {getattr(step, 'index', '?')} wants frames [{ss}, {ee}) with t={step.t}, "
+                             f"latent has {target_all.shape[2]} frames")
+        if clip not in accs:
+            accs[clip] = torch.zeros_like(target_all[:, :, ss:ee])
+            ranges[clip] = (ss, ee)
+        target = target_all[:, :, ss:ee]
+        bits, codes = bsq.quantize_residual(target - accs[clip], int(step.d), (int(step.t), int(step.h), int(step.w)))
+        accs[clip] = accs[clip] + codes
+        bits_out.append(bits)
+    if not accs:
+        raise ValueError("encode_bits needs at least one step")
+    summed = torch.cat([accs[c] for c in sorted(accs)], dim=2)
+    return bits_out, summed

@@ -1,0 +1,80 @@
+"""Peak memory of the tokenizer: chunked decode grows with the chunk, not with the number of frames.
+
+Peak = maximum over time of the bytes allocated minus freed, from torch.profiler's per-op CPU
+memory records (profile_memory=True), ordered by op start time.
+"""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from infinitystar.vae import VaeConfig, VideoTokenizer, estimate_decode_memory, estimate_encode_memory
+from infinitystar.vae.memory import choose_decode_chunk
+
+CFG = VaeConfig(block_out_channels=(8, 8, 16, 16, 16))
+
+
+def peak_bytes(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cur = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+@pytest.fixture(scope="module")
+def tok():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield VideoTokenizer(CFG).eval()
+    torch.set_num_threads(n)
+
+
+def _codes(t):
+    return torch.randn(1, 64, t, 3, 3, generator=torch.Generator().manual_seed(t)) * 0.3
+
+
+def _output_bytes(t):
+    return 3 * (1 + 4 * (t - 1)) * 48 * 48 * 4
+
+
+def test_chunked_decode_peak_grows_with_chunk_not_frames(tok):
+    short, long = 5, 13
+    chunked = {t: peak_bytes(lambda t=t: tok.decode(_codes(t), chunk_latents=2)) for t in (short, long)}
+    one_shot = {t: peak_bytes(lambda t=t: tok.decode(_codes(t), chunk_latents=t)) for t in (short, long)}
+    # Beyond the decoded frames themselves (kept, then concatenated: 2x), chunked work memory is flat...
+    work = {t: chunked[t] - 2 * _output_bytes(t) for t in chunked}
+    assert work[long] <= 1.15 * work[short], (chunked, work)
+    # ...while a one-shot decode grows with the frame count.
+    assert one_shot[long] >= 2 * one_shot[short], one_shot
+    assert chunked[long] < 0.5 * one_shot[long]
+    # A bigger chunk costs more.
+    assert peak_bytes(lambda: tok.decode(_codes(long), chunk_latents=6)) > 1.3 * chunked[long]
+
+
+@pytest.mark.parametrize("t, chunk", [(5, 2), (13, 2), (13, 6), (9, None)])
+def test_decode_estimate_is_an_upper_bound(tok, t, chunk):
+    measured = peak_bytes(lambda: tok.decode(_codes(t), chunk_latents=chunk))
+    est = estimate_decode_memory(CFG, (1, 64, t, 3, 3), chunk, torch.float32)
+    assert measured <= est <= 2.0 * measured, (measured, est)
+
+
+def test_encode_estimate_is_an_upper_bound(tok):
+    x = torch.rand(1, 3, 17, 48, 48) * 2 - 1
+    measured = peak_bytes(lambda: tok.encode_posterior(x))
+    est = estimate_encode_memory(CFG, x.shape, torch.float32)
+    assert measured <= est <= 2.0 * measured, (measured, est)
+
+
+def test_estimates_scale_and_choose_chunk():
+    full = VaeConfig()
+    shape = (1, 64, 21, 45, 80)  # 720p, 81 frames
+    small = estimate_decode_memory(full, shape, 2, torch.bfloat16)
+    assert estimate_decode_memory(full, shape, 2, torch.float32) == pytest.approx(2 * small, rel=0.01)
+    assert estimate_decode_memory(full, shape, 8, torch.bfloat16) > 2 * small
+    assert estimate_decode_memory(full, shape, 2, torch.bfloat16, tile=(16, 16)) < small
+    budget = estimate_decode_memory(full, shape, 6, torch.bfloat16)
+    assert choose_decode_chunk(full, shape, torch.bfloat16, budget) == 6
+    assert choose_decode_chunk(full, shape, torch.bfloat16, 1) == 2  # never below the smallest exact chunk
