@@ -337,6 +337,20 @@ def _transformer_target(dtype: torch.dtype | None, keep_fp32_modules: bool, fp32
     return target
 
 
+def inspect_transformer(path: str | Path) -> CheckpointInfo:
+    """Variant, config and stored block dtype of a transformer checkpoint, without reading its tensors."""
+    from .config import detect_transformer_config
+
+    reader = CheckpointReader(path)
+    shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
+    if not is_transformer_keys(shapes):
+        raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like "
+                         f"{describe_keys(shapes, path, reader.metadata())}. {DOWNLOAD_HINT}")
+    block = next(k for k in shapes if k.startswith("block_chunks.") and k.endswith("q_proj.weight"))
+    return CheckpointInfo(detect_variant(path, reader.metadata()), detect_transformer_config(shapes),
+                          reader.entries[block].dtype, reader.path)
+
+
 def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",
                      keep_fp32_modules: bool = True):
     """Load the InfinityStar transformer from an official file or sharded folder.

@@ -84,7 +84,7 @@ def sample_frames(frames: np.ndarray, fps: float, count: int, seconds: float) ->
     available = len(frames) / max(fps, 1e-6)
     if available + 1e-6 < seconds:
         raise ValueError(f"the input video is {available:.2f} s long; at least {seconds:g} s are needed")
-    last = min(len(frames) - 1, int(round(seconds * fps)) - 1)
+    last = min(len(frames) - 1, int(round(seconds * fps)))  # official: timestamps 0 .. seconds inclusive
     index = np.linspace(0, last, count).round().astype(np.int64)
     return frames[index]
 

@@ -54,6 +54,8 @@ def test_read_errors(tmp_path):
 def test_sample_frames_spans_requested_seconds():
     frames = np.arange(200)[:, None, None, None] * np.ones((1, 2, 2, 3), dtype=np.int64)
     picked = sample_frames(frames, fps=16.0, count=81, seconds=5)
-    assert len(picked) == 81 and picked[0, 0, 0, 0] == 0 and picked[-1, 0, 0, 0] == 79
+    assert len(picked) == 81 and picked[0, 0, 0, 0] == 0 and picked[-1, 0, 0, 0] == 80
+    own = sample_frames(frames[:81], fps=16.0, count=81, seconds=5)  # an 81-frame 16 fps clip is kept as is
+    assert np.array_equal(own[:, 0, 0, 0], np.arange(81))
     with pytest.raises(ValueError, match="at least 5"):
         sample_frames(frames[:40], fps=16.0, count=81, seconds=5)

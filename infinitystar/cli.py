@@ -1,0 +1,298 @@
+"""Command line: ``python -m infinitystar generate|extend|download|tiny|demo``.
+
+``demo`` (or ``generate --tiny``) writes the tiny random-weight set to a cache folder and runs the same pipeline
+offline, so the whole path can be checked on any machine; its output is noise by design.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import pipeline as P
+from .download import COMPONENTS, REPO_ID, TRANSFORMER_DIRS, download_models, find_models
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
+          "fp8_e5m2": torch.float8_e5m2}
+RESOLUTION_CHOICES = ("720p", "480p", "0.06M", "0.25M", "0.40M", "0.90M")
+DEMO_PROMPT = "a red fox running through snow"
+
+
+def _tiny_root(seed: int = 0) -> Path:
+    base = os.environ.get("INFINITYSTAR_CACHE") or os.path.join(tempfile.gettempdir(), "infinitystar")
+    return Path(base) / f"tiny-seed{seed}"
+
+
+def _ensure_tiny(seed: int = 0) -> Path:
+    from .tiny import write_tiny_models
+
+    root = _tiny_root(seed)
+    done = root / ".complete"
+    if not done.is_file():
+        print(f"writing the tiny random-weight model set to {root} …", file=sys.stderr)
+        write_tiny_models(root, seed=seed)
+        done.write_text("ok\n")
+    return root
+
+
+def _variant(args) -> str:
+    if args.resolution is None:  # tiny weights: the smallest schedule keeps CPU runs short
+        args.resolution = "0.06M" if getattr(args, "tiny", False) else "720p"
+    if args.variant:
+        return args.variant
+    return "480p" if args.resolution in ("480p", "0.40M") else "720p"
+
+
+class _Progress:
+    """tqdm bar over AR steps, fed by the sampler's callback."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="step")
+
+    def __call__(self, index, total, *_):
+        self.bar.n = index + 1
+        self.bar.refresh()
+
+    def close(self):
+        self.bar.close()
+
+
+class Session:
+    """Loads components lazily from a hub-layout folder and frees the text encoder once used."""
+
+    def __init__(self, args):
+        self.args = args
+        self.tiny = getattr(args, "tiny", False)
+        self.root = _ensure_tiny(args.tiny_seed) if self.tiny else Path(args.models)
+        self.variant = _variant(args)
+        self.paths = find_models(self.root, self.variant)
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._transformer = self._tokenizer = None
+        self.info = None
+
+    def text(self, prompt: str, negative: str, duration_s: int | None):
+        from .text import TextEncoder
+
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        encoder = TextEncoder.from_folder(self.paths["text_encoder"], dtype=dtype, device=self.device)
+        try:
+            return encoder.encode(prompt, negative_prompt=negative, duration_s=duration_s,
+                                  decorate=not self.args.no_decorate)
+        finally:
+            del encoder
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def transformer(self):
+        from .checkpoint import load_transformer
+
+        if self._transformer is None:
+            default = "bf16" if self.device.type == "cuda" else "fp32"
+            dtype = DTYPES[self.args.dtype or default]
+            self._transformer, self.info = load_transformer(self.paths["transformer"], dtype=dtype,
+                                                            device=self.device)
+            print(f"transformer: {self.paths['transformer']} ({self.info.variant}, blocks {self.info.dtype})",
+                  file=sys.stderr)
+        return self._transformer
+
+    def model_info(self):
+        if self.info is None:
+            from .checkpoint import inspect_transformer
+
+            self.info = inspect_transformer(self.paths["transformer"])
+        return self.info
+
+    def tokenizer(self):
+        from .checkpoint import load_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.paths["vae"], device=self.device)
+        return self._tokenizer
+
+    def sample_kwargs(self):
+        from .guidance import GuidanceConfig
+
+        a = self.args
+        return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video)
+
+    def write(self, tokens: P.Tokens, out: str) -> Path:
+        from .video_io import write_mp4, write_png
+
+        if self.args.save_tokens:
+            tokens.save(self.args.save_tokens)
+            print(f"tokens: {self.args.save_tokens}", file=sys.stderr)
+        bar = None
+
+        def progress(i, n):
+            nonlocal bar
+            if bar is None:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n, desc="decode", unit="chunk")
+            bar.n = i  # the tokenizer reports chunks done, 1-based
+            bar.refresh()
+
+        frames = P.decode(self.tokenizer(), tokens, callback=progress)
+        if bar is not None:
+            bar.close()
+        out = Path(out)
+        if tokens.is_video:
+            return write_mp4(out.with_suffix(".mp4") if out.suffix.lower() != ".mp4" else out, frames, fps=P.FPS)
+        return write_png(out.with_suffix(".png") if out.suffix.lower() not in (".png",) else out, frames)
+
+
+def _run_generate(args) -> Path:
+    s = Session(args)
+    if args.steps_preview:
+        return _preview(s, args)
+    schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=s.model_info())
+    text = s.text(args.prompt, args.negative_prompt, args.duration)
+    condition = None
+    if args.image:
+        condition = P.encode_image(s.tokenizer(), args.image, schedule, seed=args.seed)
+    elif args.video:
+        condition = _encode_video_file(s, args.video, schedule, args.seed)
+    transformer = s.transformer()
+    bar = _Progress(schedule.num_steps, "sampling")
+    try:
+        tokens = P.generate(transformer, text, schedule, seed=args.seed, condition=condition, callback=bar,
+                            **s.sample_kwargs())
+    finally:
+        bar.close()
+    return s.write(tokens, args.out)
+
+
+def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | None = None) -> P.Tokens:
+    from .video_io import read_video, sample_frames
+
+    frames, fps = read_video(path)
+    seconds = len(frames) / fps
+    if clips is None:  # as many whole 5 s clips as the video holds, leaving one of the schedule to generate
+        clips = min(int(seconds // 5), schedule.num_clips - 2)
+    elif clips < 0:  # every whole 5 s clip of the video
+        clips = int(seconds // 5)
+    if clips < 1:
+        raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs ≥ 5 s of input and a duration at "
+                         "least 5 s longer than the input clips (e.g. --duration 10)")
+    picked = sample_frames(frames, fps, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips)
+    return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
+
+
+def _preview(s: Session, args) -> Path | None:
+    schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=s.model_info())
+    print(f"{schedule.pn} h/w {schedule.h_div_w}: {schedule.height}x{schedule.width}, {schedule.frames} frames, "
+          f"{schedule.num_clips - 1} video clip(s), {schedule.num_steps} steps + 1 text step")
+    for st in schedule.steps:
+        print(f"  step {st.index:3d} clip {st.clip} scale {st.si:2d} rep {st.rep} t,h,w={st.t},{st.h},{st.w} "
+              f"bits {st.d} tokens {st.num_tokens}")
+    return None
+
+
+def _run_extend(args) -> Path:
+    s = Session(args)
+    if args.tokens:
+        tokens = P.Tokens.load(args.tokens)
+    elif args.video:
+        base = P.resolve_schedule(args.resolution, args.aspect, frames=1)
+        tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1)
+    else:
+        raise ValueError("extend needs --tokens FILE (from generate --save-tokens) or --video MP4")
+    duration = (tokens.frames - 1 + P.PIXEL_FRAMES_PER_CLIP * args.clips) // P.FPS
+    text = s.text(args.prompt, args.negative_prompt, duration)
+    transformer = s.transformer()
+    total = P.build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + P.PIXEL_FRAMES_PER_CLIP * args.clips)
+    bar = _Progress(total.num_steps, "extending")
+    try:
+        longer = P.extend(transformer, text, tokens, args.clips, seed=args.seed, callback=bar, **s.sample_kwargs())
+    finally:
+        bar.close()
+    return s.write(longer, args.out)
+
+
+def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None = None) -> None:
+    p.add_argument("--models", default=os.environ.get("INFINITYSTAR_MODELS", "models"),
+                   help="folder laid out like the hub repo (default $INFINITYSTAR_MODELS or ./models)")
+    p.add_argument("--variant", choices=list(TRANSFORMER_DIRS), help="weights to use (default: from --resolution)")
+    p.add_argument("--tiny", action="store_true", help="use tiny random weights written to a cache folder (offline)")
+    p.add_argument("--tiny-seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--resolution", choices=RESOLUTION_CHOICES, default=resolution_default,
+                   help="720p (0.90M), 480p (0.40M) or a pixel class (default 720p; 0.06M with --tiny)")
+    p.add_argument("--aspect", default="16:9", help="W:H such as 16:9, 1:1, 9:16, or an h/w ratio")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--negative-prompt", default="", help="empty: the model's learned null text (official default)")
+    p.add_argument("--no-decorate", action="store_true", help="skip the official duration tag and closing phrase")
+    p.add_argument("--seed", type=int, default=41)
+    p.add_argument("--cfg", type=float, default=34.0, help="APG guidance scale (official 34)")
+    p.add_argument("--tau-image", type=float, default=1.0)
+    p.add_argument("--tau-video", type=float, default=0.4)
+    p.add_argument("--dtype", choices=list(DTYPES), help="transformer block storage (default bf16 on CUDA, else fp32)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
+    p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m infinitystar", description="InfinityStar video generation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text-to-video / image (--duration 0) / image-to-video / video continuation")
+    _add_model_args(g)
+    g.add_argument("--duration", type=int, default=5, help="seconds: 0 (image), 5, 10 (480p)")
+    g.add_argument("--image", help="conditioning image (I2V)")
+    g.add_argument("--video", help="video to continue (V2V; needs --duration ≥ input + 5 s)")
+    g.add_argument("--steps-preview", action="store_true", help="print the AR step schedule and exit")
+
+    d = sub.add_parser("demo", help="generate with tiny random weights, offline (checks the install)")
+    _add_model_args(d, resolution_default="0.06M")
+    d.add_argument("--duration", type=int, default=5)
+    d.set_defaults(tiny=True, image=None, video=None, steps_preview=False, out="demo.mp4")
+
+    e = sub.add_parser("extend", help="append 5 s clips to saved tokens or to a video")
+    _add_model_args(e)
+    e.add_argument("--tokens", help="tokens file from generate --save-tokens")
+    e.add_argument("--video", help="video to encode and extend (whole 5 s clips are used)")
+    e.add_argument("--clips", type=int, default=1, help="clips of 5 s to add")
+
+    dl = sub.add_parser("download", help=f"fetch one variant from huggingface.co/{REPO_ID}")
+    dl.add_argument("--variant", choices=list(TRANSFORMER_DIRS), default="720p")
+    dl.add_argument("--dest", default=os.environ.get("INFINITYSTAR_MODELS", "models"))
+    dl.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS))
+    dl.add_argument("--local-source", help="copy from a local folder laid out like the hub repo")
+
+    t = sub.add_parser("tiny", help="write the tiny random-weight model set")
+    t.add_argument("outdir")
+    t.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if args.command in ("generate", "demo"):
+            out = _run_generate(args)
+        elif args.command == "extend":
+            out = _run_extend(args)
+        elif args.command == "download":
+            paths = download_models(args.dest, args.variant, args.components, local_source=args.local_source)
+            for name, path in paths.items():
+                print(f"{name:13s} {path}")
+            return 0
+        else:
+            from .tiny import main as tiny_main
+
+            return tiny_main([args.outdir, "--seed", str(args.seed)])
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(out)
+    return 0

@@ -1,0 +1,81 @@
+"""The CLI end to end on the tiny model set; outputs are read back with PyAV / Pillow."""
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from infinitystar.cli import main
+from infinitystar.pipeline import resolve_schedule
+from infinitystar.video_io import write_png
+
+
+def _probe(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        frames = sum(1 for _ in c.decode(s))
+        return frames, s.codec_context.height, s.codec_context.width, float(s.average_rate)
+
+
+@pytest.fixture(scope="module")
+def t2v(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "5",
+               "--prompt", "a red fox running through snow", "--seed", "3", "--out", str(out / "t2v.mp4"),
+               "--save-tokens", str(out / "t2v.safetensors")])
+    assert rc == 0
+    return out
+
+
+def test_t2v_writes_a_playable_mp4(t2v):
+    assert _probe(t2v / "t2v.mp4") == (81, 192, 336, 16.0)
+
+
+def test_extend_adds_one_clip(t2v, tiny_models):
+    rc = main(["extend", "--models", str(tiny_models["root"]), "--tokens", str(t2v / "t2v.safetensors"),
+               "--clips", "1", "--seed", "4", "--out", str(t2v / "longer.mp4")])
+    assert rc == 0
+    assert _probe(t2v / "longer.mp4") == (161, 192, 336, 16.0)
+
+
+def test_t2i_writes_a_png(tiny_models, tmp_path):
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--aspect", "1:1",
+               "--duration", "0", "--prompt", "a tulip", "--out", str(tmp_path / "img.mp4")])
+    assert rc == 0
+    schedule = resolve_schedule("0.06M", "1:1", 0)
+    with Image.open(tmp_path / "img.png") as img:
+        assert img.size == (schedule.width, schedule.height) and img.mode == "RGB"
+    assert schedule.width == schedule.height
+
+
+def test_i2v_from_a_png(tiny_models, tmp_path):
+    image = (np.random.default_rng(0).random((150, 250, 3)) * 255).astype(np.uint8)
+    write_png(tmp_path / "in.png", image)
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "5",
+               "--image", str(tmp_path / "in.png"), "--seed", "1", "--out", str(tmp_path / "i2v.mp4")])
+    assert rc == 0
+    assert _probe(tmp_path / "i2v.mp4") == (81, 192, 336, 16.0)
+
+
+def test_duration_rules_and_preview(tiny_models, capsys):
+    assert main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "7"]) == 2
+    assert "multiple of 5" in capsys.readouterr().err
+    assert main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "5",
+                 "--steps-preview"]) == 0
+    out = capsys.readouterr().out
+    assert "61 steps" in out and out.count("  step ") == 61
+
+
+def test_download_from_local_source(tiny_models, tmp_path, capsys):
+    rc = main(["download", "--variant", "480p", "--dest", str(tmp_path), "--local-source", str(tiny_models["root"])])
+    assert rc == 0 and "transformer" in capsys.readouterr().out
+    assert (tmp_path / "infinitystar_8b_480p_weights").is_dir()
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "infinitystar", "generate", "--models", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "python -m infinitystar download --variant 720p" in proc.stderr
