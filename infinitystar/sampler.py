@@ -99,6 +99,7 @@ class _Runner:
         _, self.h_final, self.w_final = schedule.scales[-1]
 
     def ctx(self, rope, store_key=None, ref_keys=()):
+        rope = tuple(t.to(self.device) for t in rope)  # once per step, not once per layer
         return StepContext(rope, self.cache, store_key, tuple(ref_keys), self.attn_backend, self.round_qkv_bf16)
 
     def text_step(self):
@@ -162,8 +163,11 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
     prefix_bits: bits of whole leading clips (video extension): those clips are not sampled and
       no random numbers are drawn for them; only each clip's last step is replayed to rebuild the
       reference K/V chain.
-    callback(step_index, total_steps, accumulators) runs after each step; an exception raised in it
-      propagates (the K/V cache is freed either way).
+    callback(step_index, total_steps, accumulators) runs after each step (the list is live: read,
+      don't modify); an exception raised in it propagates (the K/V cache is freed either way).
+    step_hook(StepRecord) sees each step's raw logits, guided logits and bits (parity tests, previews).
+    compute_dtype: the blocks' dtype (default bf16 on CUDA, fp32 elsewhere); embeddings, heads,
+      guidance and accumulators always run in fp32.
     """
     runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16)
     generator = torch.Generator(generator_device).manual_seed(int(seed))
