@@ -116,7 +116,7 @@ def make_patcher(module: torch.nn.Module, kind: str):
 
 def sampling_memory(config, schedule, compute_dtype: torch.dtype) -> int:
     """Bytes of activations + K/V cache for one generation (batch 2: conditional and unconditional)."""
-    from infinitystar.memory import estimate_sampling_memory
+    from ..infinitystar.memory import estimate_sampling_memory
 
     return int(estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype))
 

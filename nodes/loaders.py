@@ -31,7 +31,7 @@ def _missing(name: str, choices: list[str], what: str) -> bool | str:
 
 
 def _pick_attention(choice: str, load_device) -> str:
-    from infinitystar.attention import _PIP_NAMES, available_backends
+    from ..infinitystar.attention import _PIP_NAMES, available_backends
 
     found = available_backends()
     if choice == "auto":  # flash matches the official numerics on CUDA; sage changes them, so never automatic
@@ -76,7 +76,7 @@ class InfinityStarModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str) -> io.NodeOutput:
-        from infinitystar.checkpoint import load_transformer
+        from ..infinitystar.checkpoint import load_transformer
 
         path = paths.resolve_transformer(model_name)
         load_device, offload_device = host.devices("transformer")
@@ -118,7 +118,7 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
-        from infinitystar.text import TextEncoder
+        from ..infinitystar.text import TextEncoder
 
         path = paths.resolve_text_encoder(encoder_name)
         _, offload_device = host.devices("text_encoder")
@@ -152,7 +152,7 @@ class InfinityStarVAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
-        from infinitystar.checkpoint import load_tokenizer
+        from ..infinitystar.checkpoint import load_tokenizer
 
         path = paths.resolve_vae(vae_name)
         load_device, offload_device = host.devices("vae")
@@ -178,20 +178,37 @@ class InfinityStarDownloadModels(io.ComfyNode):
                 io.Combo.Input("components", options=["all", "transformer", "vae", "text_encoder"], default="all",
                                tooltip="What to fetch. all = transformer + video tokenizer + flan-t5-xl "
                                        "(~45 GB in total)."),
+                io.String.Input("local_source", default="", optional=True,
+                                tooltip="Optional folder laid out like the hub repo (a mirror, a USB disk) to "
+                                        "copy from instead of downloading. Empty = download."),
             ],
             outputs=[io.String.Output(display_name="folder")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, variant: str, components: str) -> io.NodeOutput:
+    def execute(cls, variant: str, components: str, local_source: str = "") -> io.NodeOutput:
         try:
-            from infinitystar.download import download_models
+            from ..infinitystar.download import download_models
         except ImportError as exc:
             raise RuntimeError(f"the downloader is not available in this install ({exc})") from exc
         wanted = ("transformer", "vae", "text_encoder") if components == "all" else (components,)
         dest = paths.default_dir()
         dest.mkdir(parents=True, exist_ok=True)
-        got = download_models(dest, variant=variant, components=wanted, progress=True)
+        bar = host.ChunkProgress()
+        got = {}
+        for i, component in enumerate(wanted):
+            bar(i, len(wanted))
+            try:
+                got.update(download_models(dest, variant=variant, components=(component,), progress=True,
+                                           local_source=local_source.strip() or None))
+            except Exception as exc:  # hub errors differ across huggingface_hub versions
+                if isinstance(exc, FileNotFoundError) and local_source.strip():
+                    raise
+                raise RuntimeError(
+                    f"could not fetch the InfinityStar {component} ({variant}) into {dest}: {exc}. Without "
+                    "internet access, copy the files there by hand (hub layout: infinitystar_8b_720p_weights/, "
+                    "infinitystar_videovae.pth, text_encoder/flan-t5-xl-official/) or set local_source.") from exc
+        bar(len(wanted), len(wanted))
         summary = "\n".join(f"{k}: {v}" for k, v in got.items())
         return io.NodeOutput(str(dest), ui=ui.PreviewText(f"downloaded into {dest}\n{summary}"))

@@ -92,7 +92,8 @@ def _list(folders: tuple[str, ...], kinds: tuple[str, ...]) -> list[str]:
 
 
 def transformer_choices() -> list[str]:
-    return _list(TRANSFORMER_FOLDERS, ("sharded", "file"))
+    # the tokenizer shares models/infinitystar; keep it out of this list by its name (headers are not read here)
+    return [n for n in _list(TRANSFORMER_FOLDERS, ("sharded", "file")) if "vae" not in n.rsplit("/", 1)[-1].lower()]
 
 
 def text_encoder_choices() -> list[str]:

@@ -33,7 +33,7 @@ def guidance_inputs(prefix_tooltip: str = "") -> list:
 
 
 def guidance_config(guidance_scale: float, apg_threshold: float, use_plain_cfg: bool):
-    from infinitystar.guidance import GuidanceConfig
+    from ..infinitystar.guidance import GuidanceConfig
 
     return GuidanceConfig(scale=float(guidance_scale), threshold=float(apg_threshold), use_apg=not use_plain_cfg)
 
@@ -46,7 +46,7 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
 def pick_resolution(resolution: str, info) -> str:
     if resolution != "auto":
         return resolution
-    from infinitystar.config import TRANSFORMER_PRESETS
+    from ..infinitystar.config import TRANSFORMER_PRESETS
 
     if info.config == TRANSFORMER_PRESETS["8b"]:
         return VARIANT_RESOLUTION.get(info.variant, "720p")
@@ -111,7 +111,7 @@ class InfinityStarSampler(io.ComfyNode):
                 duration: str, seed: int, guidance_scale: float, apg_threshold: float, use_plain_cfg: bool,
                 tau_video: float, tau_image: float, start_image: torch.Tensor | None = None,
                 vae: T.LoadedVAE | None = None) -> io.NodeOutput:
-        from infinitystar import pipeline
+        from ..infinitystar import pipeline
 
         seconds = DURATIONS[duration]
         # raises before anything loads when the weights were not trained for this duration
@@ -138,6 +138,6 @@ class InfinityStarSampler(io.ComfyNode):
 
 
 def _aspects() -> list[str]:
-    from infinitystar.schedule import supported_aspects
+    from ..infinitystar.schedule import supported_aspects
 
     return supported_aspects()

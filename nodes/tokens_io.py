@@ -62,6 +62,6 @@ class InfinityStarLoadTokens(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokens_file: str) -> io.NodeOutput:
-        from infinitystar.pipeline import Tokens
+        from ..infinitystar.pipeline import Tokens
 
         return io.NodeOutput(Tokens.load(paths.resolve_input(tokens_file)))

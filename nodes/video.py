@@ -38,8 +38,8 @@ class InfinityStarDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae: T.LoadedVAE, tokens, tiled: bool) -> io.NodeOutput:
-        from infinitystar import pipeline
-        from infinitystar.vae import estimate_decode_memory
+        from ..infinitystar import pipeline
+        from ..infinitystar.vae import estimate_decode_memory
 
         tokenizer = vae.module
         need = estimate_decode_memory(tokenizer.config, tuple(tokens.summed_codes.shape), None,
@@ -79,8 +79,8 @@ class InfinityStarEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
                 seed: int) -> io.NodeOutput:
-        from infinitystar import pipeline
-        from infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
+        from ..infinitystar import pipeline
+        from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
 
         aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
         frames = image_to_uint8(images)
@@ -122,8 +122,8 @@ class InfinityStarExtend(io.ComfyNode):
     @classmethod
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, clips: int, seed: int,
                 guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float) -> io.NodeOutput:
-        from infinitystar import pipeline
-        from infinitystar.schedule import PIXEL_FRAMES_PER_CLIP, build_schedule
+        from ..infinitystar import pipeline
+        from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP, build_schedule
 
         frames = tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips)
         seconds = (frames - 1) // int(FPS)

@@ -88,3 +88,10 @@ def comfy_dirs(comfy, tiny_models, tmp_path_factory):
     folder_paths.set_input_directory(str(inp))
     folder_paths.add_model_folder_path("infinitystar", str(tiny_models["root"]), is_default=True)
     return {"output": out, "input": inp, "models": Path(tiny_models["root"])}
+
+
+@pytest.fixture(scope="session")
+def core(pack):
+    """``core("pipeline")`` -> the core module as the pack sees it (``<pack>.infinitystar.pipeline``): class
+    identity matters for isinstance checks, and the top-level ``infinitystar`` is a separate copy."""
+    return lambda name: importlib.import_module(f"{PACK_MODULE}.infinitystar.{name}")

@@ -3,6 +3,7 @@ loading, interrupts. Needs COMFYUI_PATH (see conftest.py)."""
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,7 @@ def loaded(pack, comfy_dirs):
     return {"model": model, "te": te, "vae": vae, "cond": cond}
 
 
-def _kv_caches_alive():
-    from infinitystar.kv_cache import ScaleKVCache
-
+def _kv_caches_alive(ScaleKVCache):
     return [c for c in gc.get_objects() if isinstance(c, ScaleKVCache) and len(c)]
 
 
@@ -121,9 +120,9 @@ def test_foreign_file_says_what_it_looks_like(pack, comfy_dirs):
         run(pack.loaders.InfinityStarVAELoader, vae_name="foreign/wan_like.safetensors", dtype="auto")
 
 
-def test_unsupported_duration_fails_before_loading(pack, comfy_dirs):
-    from infinitystar.checkpoint import CheckpointInfo
-    from infinitystar.config import TRANSFORMER_PRESETS
+def test_unsupported_duration_fails_before_loading(pack, comfy_dirs, core):
+    CheckpointInfo = core("checkpoint").CheckpointInfo
+    TRANSFORMER_PRESETS = core("config").TRANSFORMER_PRESETS
 
     sampler = pack.sampling.InfinityStarSampler
     assert isinstance(sampler.validate_inputs(resolution="720p", duration="10 s"), str)
@@ -146,6 +145,26 @@ def test_start_image_without_vae_is_refused(pack, loaded):
 
 
 # ---------------------------------------------------------------------------------------------- execution
+
+def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path):
+    import folder_paths
+
+    registered = folder_paths.folder_names_and_paths["infinitystar"][0]
+    folder_paths.add_model_folder_path("infinitystar", str(tmp_path), is_default=True)
+    try:
+        folder = run(pack.loaders.InfinityStarDownloadModels, variant="480p", components="vae",
+                     local_source=str(comfy_dirs["models"]))[0]
+        assert folder == str(tmp_path) and (tmp_path / "infinitystar_videovae.pth").is_file()
+        with pytest.raises(RuntimeError, match="copy the files there by hand"):
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                run(pack.loaders.InfinityStarDownloadModels, variant="480p", components="transformer",
+                    local_source="")
+            finally:
+                del os.environ["HF_HUB_OFFLINE"]
+    finally:
+        registered.remove(str(tmp_path))
+
 
 def test_text_to_image_chains_into_core_nodes(pack, loaded, comfy):
     from comfy_extras.nodes_video import CreateVideo
@@ -184,8 +203,9 @@ def test_image_to_video_encode_extend_save_load(pack, loaded, comfy_dirs):
     assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(i2v.bits[:n_image], image_tokens.bits))
 
     saved = comfy_dirs["input"] / "tok.safetensors"
-    out = run(pack.tokens_io.InfinityStarSaveTokens, tokens=image_tokens, filename_prefix="infinitystar/t")
-    assert out == ()
+    out = pack.tokens_io.InfinityStarSaveTokens.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(
+        tokens=image_tokens, filename_prefix="infinitystar/t")
+    assert "saved infinitystar/t_" in out.ui.as_dict()["text"][0]
     written = sorted((comfy_dirs["output"] / "infinitystar").glob("t_*.safetensors"))
     assert written
     saved.write_bytes(written[-1].read_bytes())
@@ -199,7 +219,7 @@ def test_image_to_video_encode_extend_save_load(pack, loaded, comfy_dirs):
     assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(longer.bits[:n_image], back.bits))
 
 
-def test_partial_load_matches_full_load(pack, comfy, loaded, tiny_models):
+def test_partial_load_matches_full_load(pack, comfy, loaded, core):
     """A third of the transformer on the load device, the rest cast in per layer: same tokens as a full load.
 
     On a CPU-only ComfyUI, load and offload device are both the CPU and ``load_models_gpu`` always loads fully
@@ -207,9 +227,8 @@ def test_partial_load_matches_full_load(pack, comfy, loaded, tiny_models):
     ``load_models_gpu`` would pass; what is exercised is ComfyUI's lowvram bookkeeping and the comfy.ops
     cast-on-the-fly path of every offloaded layer, not a transfer between two devices.
     """
-    from infinitystar import pipeline
+    pipeline = core("pipeline")
 
-    host = pack.host
     schedule = pipeline.resolve_schedule("0.06M", "16:9", 0)
     text = loaded["cond"].select(0)
 
@@ -236,10 +255,9 @@ def test_partial_load_matches_full_load(pack, comfy, loaded, tiny_models):
     assert part_lowvram and part_share <= 0.34
     assert all(torch.equal(a, b) for a, b in zip(full.bits, part.bits))
     assert torch.equal(full.summed_codes, part.summed_codes)
-    _ = host
 
 
-def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded):
+def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):
     import comfy.utils as comfy_utils
 
     host = pack.host
@@ -263,7 +281,7 @@ def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded):
     assert not host.is_loaded(model.patcher)
     assert not any(getattr(lm.model, "model", None) is model.module for lm in comfy.current_loaded_models)
     gc.collect()
-    assert _kv_caches_alive() == []
+    assert _kv_caches_alive(core("kv_cache").ScaleKVCache) == []
     assert _stray_tensors(model.module) == []
     # the model is usable again afterwards
     again = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="image", seed=0,

@@ -1,0 +1,215 @@
+"""End to end: the real ComfyUI server (``main.py --cpu`` on 127.0.0.1, a free port) loads this repository as a
+custom-node pack through an extra-model-paths file, runs an API prompt on the tiny checkpoints and writes an mp4;
+progress arrives over the websocket and ``POST /interrupt`` stops a run. Needs COMFYUI_PATH (see conftest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACK_FOLDER = "ComfyUI-InfinityStar"
+START_TIMEOUT = 240  # first start compiles bytecode and creates the database
+RUN_TIMEOUT = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, base: Path, log: Path):
+        self.url, self.proc, self.base, self.log = url, proc, base, log
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload: dict | None = None):
+        data = json.dumps(payload or {}).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else {})
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tiny_models, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_server")
+    (base / "custom_nodes").mkdir()  # --base-directory expects it
+    packs = base / "packs"
+    packs.mkdir()
+    (packs / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"infinitystar_tests:\n  base_path: {base}\n  custom_nodes: {packs}\n"
+                      f"  infinitystar: {tiny_models['root']}\n")
+    port = _free_port()
+    log = base / "server.log"
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--extra-model-paths-config", str(config),
+           "--database-url", "sqlite:///:memory:", "--disable-all-custom-nodes",
+           "--whitelist-custom-nodes", PACK_FOLDER]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=os.environ["COMFYUI_PATH"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", proc, base, log)
+    try:
+        deadline = time.time() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                srv.get("/system_stats")
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not start in {START_TIMEOUT} s:\n{srv.log_tail()}")
+                time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _prompt(duration: str, seed: int = 1) -> dict:
+    """API-format graph: loaders -> encode -> sample -> decode -> CreateVideo -> SaveVideo."""
+    return {
+        "1": {"class_type": "InfinityStarModelLoader",
+              "inputs": {"model_name": "infinitystar_8b_480p_weights", "weight_dtype": "default",
+                         "compute_dtype": "auto", "attention": "auto"}},
+        "2": {"class_type": "InfinityStarTextEncoderLoader",
+              "inputs": {"encoder_name": "text_encoder/flan-t5-xl-official", "dtype": "auto"}},
+        "3": {"class_type": "InfinityStarVAELoader", "inputs": {"vae_name": "infinitystar_videovae.pth", "dtype": "auto"}},
+        "4": {"class_type": "InfinityStarTextEncode",
+              "inputs": {"text_encoder": ["2", 0], "prompt": "a dog running on a beach at sunset",
+                         "negative_prompt": "", "duration_tag": "auto"}},
+        "5": {"class_type": "InfinityStarSampler",
+              "inputs": {"model": ["1", 0], "positive": ["4", 0], "resolution": "0.06M", "aspect_ratio": "16:9",
+                         "duration": duration, "seed": seed, "guidance_scale": 34.0, "apg_threshold": 0.05,
+                         "use_plain_cfg": False, "tau_video": 0.4, "tau_image": 1.0}},
+        "6": {"class_type": "InfinityStarDecode", "inputs": {"vae": ["3", 0], "tokens": ["5", 0], "tiled": False}},
+        "7": {"class_type": "CreateVideo", "inputs": {"images": ["6", 0], "fps": ["6", 1]}},
+        "8": {"class_type": "SaveVideo",
+              "inputs": {"video": ["7", 0], "filename_prefix": "video/infinitystar", "format": "auto",
+                         "codec": "auto"}},
+    }
+
+
+def _connect(server: Server):
+    websocket = pytest.importorskip("websocket", reason="websocket-client is not installed")
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(server.url.replace("http", "ws") + f"/ws?clientId={client_id}", timeout=RUN_TIMEOUT)
+    return ws, client_id
+
+
+def _messages(ws, prompt_id: str, until: set[str]):
+    """Yield websocket JSON messages of ``prompt_id`` until one whose type is in ``until``."""
+    while True:
+        raw = ws.recv()
+        if isinstance(raw, bytes):
+            continue  # binary preview frames
+        msg = json.loads(raw)
+        data = msg.get("data", {})
+        if data.get("prompt_id") not in (None, prompt_id):
+            continue
+        yield msg
+        if msg["type"] in until:
+            return
+
+
+def _history(server: Server, prompt_id: str) -> dict:
+    for _ in range(50):
+        hist = server.get(f"/history/{prompt_id}")
+        if prompt_id in hist:
+            return hist[prompt_id]
+        time.sleep(0.2)
+    raise AssertionError(f"no history for {prompt_id}")
+
+
+def test_pack_registers_its_nodes(server):
+    info = server.get("/object_info")
+    ours = {k: v for k, v in info.items() if k.startswith("InfinityStar")}
+    assert len(ours) == 11, sorted(ours)
+    assert all(v["category"].startswith("InfinityStar/") and v["python_module"].endswith(PACK_FOLDER)
+               for v in ours.values())
+    spec = info["InfinityStarModelLoader"]["input"]["required"]["model_name"]
+    options = spec[1]["options"] if isinstance(spec[1], dict) and "options" in spec[1] else spec[0]
+    assert "infinitystar_8b_480p_weights" in options and "infinitystar_videovae.pth" not in options
+
+
+def test_validation_errors_come_back_before_running(server):
+    prompt = _prompt("10 s")
+    prompt["5"]["inputs"]["resolution"] = "720p"
+    status, body = server.post("/prompt", {"prompt": prompt})
+    assert status == 400
+    errors = body["node_errors"]["5"]["errors"]
+    assert any("5 s clips only" in e["details"] for e in errors)
+    bad_type = _prompt("image")
+    bad_type["6"]["inputs"]["tokens"] = ["1", 0]  # a model where tokens belong
+    status, body = server.post("/prompt", {"prompt": bad_type})
+    assert status == 400 and body["node_errors"]["6"]["errors"][0]["type"] == "return_type_mismatch"
+
+
+def test_text_to_video_round_trip_writes_mp4(server):
+    import av
+
+    ws, client_id = _connect(server)
+    try:
+        status, body = server.post("/prompt", {"prompt": _prompt("5 s"), "client_id": client_id})
+        assert status == 200, body
+        prompt_id = body["prompt_id"]
+        progress = [m["data"] for m in _messages(ws, prompt_id, {"execution_success", "execution_error"})
+                    if m["type"] == "progress"]
+    finally:
+        ws.close()
+    entry = _history(server, prompt_id)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-2000:]
+    sampler = [p for p in progress if p["node"] == "5"]
+    assert sampler and sampler[-1]["value"] == sampler[-1]["max"] > 20  # one update per AR step
+    saved = entry["outputs"]["8"]["images"][0]
+    path = server.base / "output" / saved["subfolder"] / saved["filename"]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        assert float(stream.average_rate) == 16.0
+    assert frames == 81
+
+
+def test_interrupt_stops_a_run(server):
+    ws, client_id = _connect(server)
+    try:
+        status, body = server.post("/prompt", {"prompt": _prompt("5 s", seed=7), "client_id": client_id})
+        assert status == 200, body
+        prompt_id = body["prompt_id"]
+        kinds = []
+        for msg in _messages(ws, prompt_id, {"execution_interrupted", "execution_success", "execution_error"}):
+            kinds.append(msg["type"])
+            if msg["type"] == "progress" and msg["data"]["node"] == "5" and msg["data"]["value"] >= 2:
+                server.post("/interrupt")
+    finally:
+        ws.close()
+    assert kinds[-1] == "execution_interrupted", kinds[-5:]
+    entry = _history(server, prompt_id)
+    assert entry["status"]["status_str"] == "error"
+    assert "8" not in entry.get("outputs", {})
