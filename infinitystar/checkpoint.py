@@ -18,7 +18,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -85,18 +84,18 @@ def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def _read_safetensor(entry: TensorEntry, handle) -> torch.Tensor:
+def _read_safetensor(entry: TensorEntry, handle, scratch: torch.Tensor) -> torch.Tensor:
+    """Read one tensor's bytes into ``scratch`` (uint8) and return a view of it in the stored dtype/shape."""
     numel = math.prod(entry.shape)
-    item = torch.empty((), dtype=entry.dtype).element_size()
-    if (entry.end - entry.start) != numel * item:
+    nbytes = numel * torch.empty((), dtype=entry.dtype).element_size()
+    if (entry.end - entry.start) != nbytes:
         raise ValueError(f"{entry.file}: byte range does not match shape {entry.shape} {entry.dtype}")
-    out = torch.empty(entry.shape, dtype=entry.dtype)
+    raw = scratch[:nbytes]
     handle.seek(entry.start)
-    view = out.view(-1).view(torch.uint8).numpy() if numel else np.empty(0, np.uint8)
-    got = handle.readinto(memoryview(view))
-    if got != len(view):
-        raise ValueError(f"{entry.file}: truncated while reading (got {got} of {len(view)} bytes)")
-    return out
+    got = handle.readinto(memoryview(raw.numpy())) if nbytes else 0
+    if got != nbytes:
+        raise ValueError(f"{entry.file}: truncated while reading (got {got} of {nbytes} bytes)")
+    return raw.view(entry.dtype).view(entry.shape)
 
 
 def _torch_load(file: Path) -> dict:
@@ -171,20 +170,29 @@ class CheckpointReader:
         index = self.path / INDEX_FILE
         return json.loads(index.read_text()).get("metadata", {}) if index.is_file() else {}
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (key, tensor) file by file in stored dtype; one tensor is materialised at a time."""
+    def tensors(self, target=None, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) file by file; each tensor is a fresh copy in ``target(key, stored)`` dtype.
+
+        Safetensors bytes are read into one reused scratch buffer and cast from there, so the only allocations
+        that stay are the results: no fp32 copy of a bf16 model ever piles up (or fragments the heap).
+        """
         by_file: dict[Path, list[str]] = {}
         for key, entry in self.entries.items():
             by_file.setdefault(entry.file, []).append(key)
         for file, keys in by_file.items():
             if file.suffix != ".safetensors":
                 for key in keys:
-                    yield key, self._loaded[key]
+                    t = self._loaded[key]
+                    yield key, t.to(device=device, dtype=target(key, t) if target else t.dtype, copy=True)
                 continue
             keys.sort(key=lambda k: self.entries[k].start)
+            size = max(self.entries[k].end - self.entries[k].start for k in keys)
+            scratch = torch.empty(size, dtype=torch.uint8)
             with open(file, "rb", buffering=0) as handle:
                 for key in keys:
-                    yield key, _read_safetensor(self.entries[key], handle)
+                    view = _read_safetensor(self.entries[key], handle, scratch)
+                    yield key, view.to(device=device, dtype=target(key, view) if target else view.dtype, copy=True)
+            del scratch
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors())
@@ -311,14 +319,12 @@ def _left_on_meta(model: torch.nn.Module) -> list[str]:
 
 
 def _stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device, rename=None) -> None:
-    """Read each tensor, cast it to ``target(key, tensor)`` dtype on ``device`` and assign it."""
-    for key, tensor in reader.tensors():
+    """Read each tensor as ``target(key, stored)`` dtype on ``device`` and assign it into the meta-built model."""
+    for key, tensor in reader.tensors(target, device):
         key = rename(key) if rename else key
         if key is None:
             continue
-        if key == "cfg_uncond":
-            tensor = adapt_cfg_uncond(tensor)
-        _assign(model, key, tensor.to(device=device, dtype=target(key, tensor)))
+        _assign(model, key, adapt_cfg_uncond(tensor) if key == "cfg_uncond" else tensor)
         del tensor
     left = _left_on_meta(model)
     if left:
