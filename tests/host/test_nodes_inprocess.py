@@ -33,7 +33,7 @@ def loaded(pack, comfy_dirs):
 
 
 def _kv_caches_alive(ScaleKVCache):
-    return [c for c in gc.get_objects() if isinstance(c, ScaleKVCache) and len(c)]
+    return [c for c in gc.get_objects() if type(c) is ScaleKVCache and c.keys()]  # type(): isinstance trips lazy modules
 
 
 def _stray_tensors(module: torch.nn.Module) -> list[str]:
@@ -262,11 +262,13 @@ def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):
 
     host = pack.host
     model = loaded["model"]
-    calls = []
+    calls, alive_mid_run = [], []
+    cache_cls = core("kv_cache").ScaleKVCache
 
     def hook(value, total, preview, node_id=None):
         calls.append(value)
         if len(calls) == 3:
+            alive_mid_run.extend(_kv_caches_alive(cache_cls))  # proves the check below can see a live cache
             comfy.interrupt_current_processing(True)
 
     comfy_utils.set_progress_bar_global_hook(hook)
@@ -278,10 +280,12 @@ def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):
         comfy_utils.set_progress_bar_global_hook(None)
         comfy.interrupt_current_processing(False)
     assert len(calls) == 3  # stopped at the next step after the flag was raised
+    assert alive_mid_run
+    alive_mid_run.clear()
     assert not host.is_loaded(model.patcher)
     assert not any(getattr(lm.model, "model", None) is model.module for lm in comfy.current_loaded_models)
     gc.collect()
-    assert _kv_caches_alive(core("kv_cache").ScaleKVCache) == []
+    assert _kv_caches_alive(cache_cls) == []
     assert _stray_tensors(model.module) == []
     # the model is usable again afterwards
     again = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="image", seed=0,
