@@ -124,7 +124,7 @@ class InfinityStarSampler(io.ComfyNode):
                                  "Loader to 'vae'.")
             if seconds == 0:
                 raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
-            with host.loaded(vae.patcher) as tokenizer:
+            with host.loaded(vae.patcher, force_full_load=True) as tokenizer:
                 condition = pipeline.encode_image(tokenizer, image_to_uint8(start_image)[0], schedule, seed=seed)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
 

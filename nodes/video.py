@@ -44,7 +44,7 @@ class InfinityStarDecode(io.ComfyNode):
         tokenizer = vae.module
         need = estimate_decode_memory(tokenizer.config, tuple(tokens.summed_codes.shape), None,
                                       tokenizer.compute_dtype or torch.float32)
-        with host.loaded(vae.patcher, need) as tokenizer:
+        with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             budget = int(host.free_memory_for(vae.patcher) * DECODE_BUDGET_SHARE)
             frames = pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
                                      callback=host.ChunkProgress())
@@ -85,7 +85,7 @@ class InfinityStarEncode(io.ComfyNode):
         aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
         frames = image_to_uint8(images)
         clips = (len(frames) - 1) // PIXEL_FRAMES_PER_CLIP
-        with host.loaded(vae.patcher) as tokenizer:
+        with host.loaded(vae.patcher, force_full_load=True) as tokenizer:
             if clips == 0:
                 schedule = pipeline.resolve_schedule(resolution, aspect, 0)
                 tokens = pipeline.encode_image(tokenizer, frames[0], schedule, seed=seed)
