@@ -29,10 +29,12 @@ def t2v(tiny_models, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_t2v_writes_a_playable_mp4(t2v):
     assert _probe(t2v / "t2v.mp4") == (81, 192, 336, 16.0)
 
 
+@pytest.mark.slow
 def test_extend_adds_one_clip(t2v, tiny_models):
     rc = main(["extend", "--models", str(tiny_models["root"]), "--tokens", str(t2v / "t2v.safetensors"),
                "--clips", "1", "--seed", "4", "--out", str(t2v / "longer.mp4")])
@@ -50,6 +52,7 @@ def test_t2i_writes_a_png(tiny_models, tmp_path):
     assert schedule.width == schedule.height
 
 
+@pytest.mark.slow
 def test_i2v_from_a_png(tiny_models, tmp_path):
     image = (np.random.default_rng(0).random((150, 250, 3)) * 255).astype(np.uint8)
     write_png(tmp_path / "in.png", image)
@@ -79,3 +82,41 @@ def test_missing_weights_say_how_to_get_them(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "python -m infinitystar download --variant 720p" in proc.stderr
+
+
+def test_demo_runs_offline_from_the_cache(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_models["root"], cache / "tiny-seed0")
+    (cache / "tiny-seed0" / ".complete").write_text("ok\n")
+    monkeypatch.setenv("INFINITYSTAR_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["demo", "--duration", "0", "--out", str(tmp_path / "demo.png")]) == 0
+    with Image.open(tmp_path / "demo.png") as img:
+        assert img.size == (336, 192)
+
+
+def test_video_input_uses_whole_5s_clips(tmp_path, monkeypatch):
+    from infinitystar import cli
+    from infinitystar.video_io import write_mp4
+
+    class Session:
+        def tokenizer(self):
+            return "tokenizer"
+
+    seen = {}
+
+    def fake_encode_video(tokenizer, frames, schedule, *, seed, clips):
+        seen.update(frames=len(frames), clips=clips, seed=seed, first=int(frames[0, 0, 0, 0]))
+        return "tokens"
+
+    frames = np.zeros((100, 32, 48, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(100)[:, None, None] * 2
+    write_mp4(tmp_path / "in.mp4", frames, fps=16)
+    monkeypatch.setattr(cli.P, "encode_video", fake_encode_video)
+    assert cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 10), 5) \
+        == "tokens"
+    assert seen["frames"] == 81 and seen["clips"] == 1 and seen["seed"] == 5 and seen["first"] < 8
+    with pytest.raises(ValueError, match="5 s"):
+        cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 5), 5)

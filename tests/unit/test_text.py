@@ -1,4 +1,4 @@
-"""Prompt decoration, tokenization and T5 compaction on a tiny T5 folder written by infinitystar.tiny."""
+"""Prompt decoration, tokenization and T5 compaction on the tiny T5 folder of the tiny model set."""
 import pytest
 import torch
 
@@ -6,11 +6,8 @@ from infinitystar.text import CLOSING_PHRASE, TextEncoder, decorate_prompt, dura
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    from infinitystar.tiny import write_tiny_text_encoder
-
-    folder = write_tiny_text_encoder(tmp_path_factory.mktemp("t5") / "flan-t5-tiny", d_model=32, seed=0)
-    return TextEncoder.from_folder(folder, dtype=torch.float32)
+def encoder(tiny_models):
+    return TextEncoder.from_folder(tiny_models["text_encoder"], dtype=torch.float32)
 
 
 def test_decoration_matches_official_scripts():
@@ -41,7 +38,7 @@ def test_compaction_equals_unpadded_run(encoder):
     ids, mask = encoder.tokenize(decorate_prompt("a dog on a street", 5))
     feats = encoder.encode_tokens(ids, mask)
     n = int(mask.sum())
-    assert feats.shape == (n, 32) and feats.dtype == torch.float32
+    assert feats.shape == (n, encoder.channels) and feats.dtype == torch.float32
     with torch.no_grad():
         full = encoder.module(input_ids=ids, attention_mask=mask).last_hidden_state[0, :n]
     torch.testing.assert_close(feats, full)
@@ -61,7 +58,7 @@ def test_encode_returns_text_condition(encoder):
     text = encoder.encode("a red fox running through snow", duration_s=5)
     assert text.uncond is None
     ids, mask = encoder.tokenize(decorate_prompt("a red fox running through snow", 5))
-    assert text.cond.shape == (int(mask.sum()), 32)
+    assert text.cond.shape == (int(mask.sum()), encoder.channels)
     neg = encoder.encode("a red fox running through snow", negative_prompt="blurry", duration_s=5)
     assert neg.uncond is not None and neg.uncond.shape[0] < neg.cond.shape[0]
     torch.testing.assert_close(neg.uncond, encoder.encode_text("blurry"))
