@@ -189,6 +189,12 @@ def _preview(s: Session, args) -> Path | None:
     schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=s.model_info())
     print(f"{schedule.pn} h/w {schedule.h_div_w}: {schedule.height}x{schedule.width}, {schedule.frames} frames, "
           f"{schedule.num_clips - 1} video clip(s), {schedule.num_steps} steps + 1 text step")
+    from .memory import estimate_sampling_memory
+
+    info = s.model_info()
+    extra = estimate_sampling_memory(info.config, schedule)
+    print(f"weights: {info.variant}, {info.config.depth} blocks of width {info.config.width}; "
+          f"sampling needs ≈{extra / 2**30:.2f} GiB beyond the weights (bf16, CFG batch 2)")
     for st in schedule.steps:
         print(f"  step {st.index:3d} clip {st.clip} scale {st.si:2d} rep {st.rep} t,h,w={st.t},{st.h},{st.w} "
               f"bits {st.d} tokens {st.num_tokens}")

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from golden_cases import cases
 from safetensors.torch import save_file
 
 from infinitystar.checkpoint import (
@@ -76,6 +77,17 @@ def test_merged_bf16_file_and_pth_variants(sd, tmp_path):
         model, info = load_transformer(pth, dtype=torch.bfloat16)
         assert info.variant == "720p"
         assert torch.equal(model.cfg_uncond, sd["cfg_uncond"])
+
+
+def test_fp8_file_loads_as_stored_or_upcast(sd, tmp_path):
+    fp8 = {k: (v.to(torch.float8_e5m2) if k.startswith("block_chunks.") and v.ndim == 2 else v) for k, v in sd.items()}
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    kept, info = load_transformer(tmp_path / "fp8.safetensors")
+    assert info.dtype == torch.float8_e5m2
+    assert kept.block_chunks[0].module[0].mlp.up_proj.weight.dtype == torch.float8_e5m2
+    up, info = load_transformer(tmp_path / "fp8.safetensors", dtype=torch.bfloat16)
+    key = "block_chunks.0.module.0.mlp.up_proj.weight"
+    assert info.dtype == torch.bfloat16 and torch.equal(up.state_dict()[key], fp8[key].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows", [300, 600])
@@ -182,3 +194,23 @@ def test_full_size_key_manifests_are_recognised():
         assert describe_keys(shapes, f"/m/infinitystar_8b_{variant}_weights") == f"InfinityStar 8B transformer ({variant})"
     vae = json.loads((folder / "vae_full.json").read_text())["keys"]
     assert describe_keys({k: tuple(v["shape"]) for k, v in vae.items()}) == "InfinityStar video tokenizer (VAE)"
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("case_dir", cases("t2v", "t2i", "i2v", "v2v"))
+def test_golden_transformer_files_load(case_dir):
+    from golden_cases import load_manifest
+
+    path = case_dir / "transformer.safetensors"
+    spec = load_manifest(case_dir)["transformer"]
+    model, info = load_transformer(path)
+    cfg = info.config
+    assert (cfg.depth, cfg.block_chunks, cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.text_channels) == (
+        spec["depth"], spec["block_chunks"], spec["width"], spec["num_heads"], spec["num_kv_heads"],
+        spec["text_channels"])
+    assert "transformer" in identify_file(path)
+    from safetensors.torch import load_file
+
+    ref = load_file(str(path))
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.items() if k in got)
