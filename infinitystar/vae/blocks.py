@@ -38,7 +38,27 @@ class CausalConv3d(nn.Module):
             x = torch.cat([prev.to(x.dtype), x], dim=2)
             if cache is not None:
                 cache[self] = x[:, :, -(k - 1):].clone()
-        return self.conv(x)
+        return _run_conv(self.conv, x)
+
+
+def _run_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call the conv. Host-provided ops (casting, patches, offload) always run their own forward.
+
+    A plain torch Conv3d casts its weights to the input's device/dtype (like the norms), and on CPU
+    float32 goes straight to oneDNN: PyTorch routes small batch-1 3D convs to its unvectorised
+    ``slow_conv3d``, 2-7x slower here.
+    """
+    if type(conv) is not nn.Conv3d:
+        return conv(x)
+    weight, bias = conv.weight, conv.bias
+    if weight.dtype != x.dtype or weight.device != x.device:  # plain torch weights follow the input
+        weight = weight.to(device=x.device, dtype=x.dtype)
+        bias = None if bias is None else bias.to(device=x.device, dtype=x.dtype)
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and not torch.is_grad_enabled()):
+        return torch.mkldnn_convolution(x.contiguous(), weight, bias, conv.padding, conv.stride,
+                                        conv.dilation, conv.groups)
+    return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class RMSNorm(nn.Module):
@@ -51,7 +71,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gamma = self.gamma.to(device=x.device, dtype=x.dtype)  # follows the input (offloading, casting)
-        return F.normalize(x, dim=1) * self.scale * gamma
+        return F.normalize(x, dim=1).mul_(self.scale).mul_(gamma)  # parity: (x / |x|) * sqrt(C) * gamma
 
 
 def resize_condition(zq: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -74,8 +94,44 @@ class SpatialNorm3D(nn.Module):
         self.conv_b = CausalConv3d(zq_channels, channels, 1, ops=ops, device=device, dtype=dtype)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = resize_condition(zq, tuple(f.shape[-3:]))
-        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        out = self.norm_layer(f)
+        segments = _repeat_segments(tuple(f.shape[-3:]), tuple(zq.shape[-3:]))
+        if segments is None:  # non-integer ratios: resize first, as the official code does
+            zq = resize_condition(zq, tuple(f.shape[-3:]))
+            return out.mul_(self.conv_y(zq)).add_(self.conv_b(zq))
+        # The 1x1x1 convs commute with nearest repetition: run them at the latent's resolution and
+        # broadcast the result over each repeated block (same values, far less work and memory).
+        y, b = self.conv_y(zq), self.conv_b(zq)
+        for (fs, fe), (zs, ze), reps in segments:
+            shape = _blocked_shape(out.shape, fe - fs, ze - zs, reps)
+            part = out[:, :, fs:fe].view(shape)
+            part.mul_(_broadcastable(y[:, :, zs:ze], shape)).add_(_broadcastable(b[:, :, zs:ze], shape))
+        return out
+
+
+def _repeat_segments(f_size, z_size):
+    """Frame ranges of f and zq that the official nearest resize maps by whole repetitions, or None."""
+    (tf, hf, wf), (tz, hz, wz) = f_size, z_size
+    if hf % hz or wf % wz:
+        return None
+    pairs = [((0, 1), (0, 1)), ((1, tf), (1, tz))] if (tf > 1 and tf % 2 == 1) else [((0, tf), (0, tz))]
+    out = []
+    for (fs, fe), (zs, ze) in pairs:
+        if (fe - fs) % (ze - zs):
+            return None
+        out.append(((fs, fe), (zs, ze), ((fe - fs) // (ze - zs), hf // hz, wf // wz)))
+    return out
+
+
+def _blocked_shape(shape, tf, tz, reps):
+    b, c, _, hf, wf = shape
+    kt, kh, kw = reps
+    return (b, c, tz, kt, hf // kh, kh, wf // kw, kw)
+
+
+def _broadcastable(v: torch.Tensor, shape) -> torch.Tensor:
+    b, c, tz, _, h, _, w, _ = shape
+    return v.reshape(b, c, tz, 1, h, 1, w, 1)
 
 
 class ResnetBlock3D(nn.Module):
@@ -100,9 +156,9 @@ class ResnetBlock3D(nn.Module):
         return norm(x) if zq is None else norm(x, zq)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, cache: ConvCache | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self._norm(self.norm1, x, zq)), cache)
-        h = self.conv2(F.silu(self._norm(self.norm2, h, zq)), cache)
-        return h + x
+        h = self.conv1(F.silu(self._norm(self.norm1, x, zq), inplace=True), cache)
+        h = self.conv2(F.silu(self._norm(self.norm2, h, zq), inplace=True), cache)
+        return h.add_(x)
 
 
 def space_to_depth(x: torch.Tensor, pt: int) -> torch.Tensor:
@@ -149,7 +205,7 @@ class DCDownBlock3d(nn.Module):
         return torch.cat([first, space_to_depth(x[:, :, 1:], self.pt)], dim=2)
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
-        main = self._fold(self.conv(F.silu(self.norm(x)), cache))
+        main = self._fold(self.conv(F.silu(self.norm(x), inplace=True), cache))
         short = self._fold(x)
         b, c4, t, h, w = short.shape
         short = short.reshape(b, c4 // self.out_channels, self.out_channels, t, h, w).mean(dim=1)
@@ -178,7 +234,7 @@ class DCUpBlock3d(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None, split_first: bool = False) -> torch.Tensor:
         compress_first = self.pt > 1 and (x.shape[2] % 2 == 1 or split_first)
-        main = depth_to_space(self.conv(F.silu(self.norm(x)), cache), self.pt)
+        main = depth_to_space(self.conv(F.silu(self.norm(x), inplace=True), cache), self.pt)
         short = depth_to_space(x.repeat(1, self.repeats, 1, 1, 1), self.pt)  # whole-tensor tiling
         if compress_first:
             main = self._merge_first(main)

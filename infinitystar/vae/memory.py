@@ -16,7 +16,7 @@ import torch
 from .chunking import plan_decode_chunks, plan_encode_chunks
 from .config import VaeConfig
 
-DECODE_LIVE_FACTOR = 6.0
+DECODE_LIVE_FACTOR = 4.5
 ENCODE_LIVE_FACTOR = 7.0
 
 

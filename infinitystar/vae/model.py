@@ -104,7 +104,7 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, None, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
 
 
 class Decoder3D(nn.Module):
@@ -136,7 +136,7 @@ class Decoder3D(nn.Module):
         x = self.mid_block(x, z, cache)
         for block in self.up_blocks:
             x = block(x, z, cache, split_first)
-        return self.conv_out(F.silu(self.norm_out(x, z)), cache)
+        return self.conv_out(F.silu(self.norm_out(x, z), inplace=True), cache)
 
 
 class _BSQCodebook(nn.Module):

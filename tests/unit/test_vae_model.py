@@ -178,3 +178,12 @@ def test_bf16_weights_decode(tok):
     out = model.decode(_codes(3))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert (out.float() - tok.decode(_codes(3))).abs().max() < 0.2
+
+
+def test_compute_dtype_with_fp32_weights(tok):
+    model = VideoTokenizer(CFG).eval()
+    model.load_state_dict(tok.state_dict())
+    model.compute_dtype = torch.bfloat16
+    out = model.decode(_codes(3))
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - tok.decode(_codes(3))).abs().max() < 0.2
