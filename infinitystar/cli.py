@@ -78,7 +78,11 @@ class Session:
         self.info = None
 
     def text(self, prompt: str, negative: str, duration_s: int | None):
+        from transformers.utils import logging as hf_logging
+
         from .text import TextEncoder
+
+        hf_logging.disable_progress_bar()  # the CLI shows its own bars
 
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         encoder = TextEncoder.from_folder(self.paths["text_encoder"], dtype=dtype, device=self.device)
