@@ -1,0 +1,56 @@
+"""Registry / ComfyUI-Manager packaging: pyproject.toml and requirements.txt agree and leave torch to ComfyUI."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+
+REPO = Path(__file__).resolve().parents[2]
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "torchsde"}  # ComfyUI-Manager never installs these
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def _requirements(path: Path) -> list[str]:
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_dependencies_equal_requirements_txt(pyproject):
+    assert sorted(pyproject["project"]["dependencies"]) == sorted(_requirements(REPO / "requirements.txt"))
+
+
+def test_no_torch_and_only_lower_bounds(pyproject):
+    for req in pyproject["project"]["dependencies"] + _requirements(REPO / "requirements-test.txt"):
+        assert _name(req) not in TORCH_FAMILY, req
+        assert not re.search(r"==|<|~=|!=", req), f"{req}: use >= bounds (ComfyUI-Manager installs line by line)"
+
+
+def test_registry_metadata(pyproject):
+    project, comfy = pyproject["project"], pyproject["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,99}", project["name"]) and "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["description"] and project["license"] and (REPO / project["license"]["file"]).is_file()
+    assert project["urls"]["Repository"].startswith("https://github.com/")
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "InfinityStar"
+    assert "Icon" in comfy
+    for path in comfy.get("includes", []):
+        assert (REPO / path).exists(), path
+    accelerators = [c for c in project["classifiers"] if c.startswith("Environment :: GPU")]
+    assert accelerators == ["Environment :: GPU :: NVIDIA CUDA"]
+
+
+def test_pack_entry_point_is_v3_only():
+    """ComfyUI imports the root __init__.py; it exposes comfy_entrypoint and no V1 mappings."""
+    source = (REPO / "__init__.py").read_text()
+    assert "comfy_entrypoint" in source and "NODE_CLASS_MAPPINGS" not in source
