@@ -47,7 +47,7 @@ models/infinitystar/
   {TEXT_ENCODER}/   config, weights, spiece.model
 ```
 
-No files yet? Queue the **InfinityStar Download Models** node once (then press **R** to refresh the lists), or run `python -m infinitystar download --variant 720p --dest ComfyUI/models/infinitystar` from the pack folder. The transformer may also sit in `models/diffusion_models`, the tokenizer in `models/vae`, the text encoder folder in `models/text_encoders`.
+No files yet? Queue the **InfinityStar Download Models** node once (then press **R** to refresh the lists), or, in a terminal inside the pack folder (custom_nodes/ComfyUI-InfinityStar), run `python -m infinitystar download --variant 720p --dest ../../models/infinitystar`. The transformer may also sit in `models/diffusion_models`, the tokenizer in `models/vae`, the text encoder folder in `models/text_encoders`.
 
 Short on VRAM? Set **weight_dtype** to fp8 on the model loader and **tiled** on the decoder."""
 
