@@ -54,3 +54,14 @@ def test_pack_entry_point_is_v3_only():
     """ComfyUI imports the root __init__.py; it exposes comfy_entrypoint and no V1 mappings."""
     source = (REPO / "__init__.py").read_text()
     assert "comfy_entrypoint" in source and "NODE_CLASS_MAPPINGS" not in source
+
+
+def test_readme_test_command_is_the_ci_command():
+    """.ci/run must run exactly the test command the README documents (and the README must tell to run .ci/run)."""
+    ci = (REPO / ".ci" / "run").read_text()
+    runs = [line.split("2>&1")[0].strip() for line in ci.splitlines() if "-m pytest" in line]
+    assert len(runs) == 1, runs
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = {line.strip() for block in blocks for line in block.splitlines()}
+    assert runs[0] in commands and "bash .ci/run" in commands
