@@ -1,7 +1,8 @@
 """The one attention dispatch of the model (spec §2.1 steps 5-6, §2.4): unmasked, non-causal, GQA.
 
-``sdpa`` (torch) is the default; ``flash`` (flash-attn 2/3) and ``sage`` (sageattention) are
-opt-in and only used when installed. The official model rounds q, k, v to bf16 right before its
+``sdpa`` (torch: cuDNN / flash / memory-efficient kernels on CUDA) is the default; ``flash``
+(flash-attn 3, else 2) and ``sage`` (sageattention) are opt-in and only used when installed;
+``auto`` takes flash-attn for half-precision CUDA tensors when it is installed, else SDPA. The official model rounds q, k, v to bf16 right before its
 flash-attn call; ``round_qkv_bf16`` reproduces that rounding for fp32 runs.
 """
 from __future__ import annotations
@@ -14,8 +15,18 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "flash", "sage")
+BACKENDS = ("auto", "sdpa", "flash", "sage")
 _PIP_NAMES = {"flash": "flash-attn (or flash_attn_interface from flash-attention 3)", "sage": "sageattention"}
+
+
+def _available() -> list[str]:
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = available_backends()
+    return _AVAILABLE
+
+
+_AVAILABLE: list[str] | None = None
 
 
 def available_backends() -> list[str]:
@@ -61,10 +72,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     q's dtype. With ``round_qkv_bf16`` fp32 inputs are rounded to bf16 and attended in fp32
     (parity with the official fp32 runs); bf16 inputs are unchanged by it.
     """
+    if backend == "auto":  # flash-attn 3/2 for half-precision CUDA tensors when installed, else SDPA
+        backend = "flash" if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+                              and "flash" in _available()) else "sdpa"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS} "
                          f"(installed: {available_backends()})")
-    if backend != "sdpa" and backend not in available_backends():
+    if backend != "sdpa" and backend not in _available():
         raise ImportError(f"attention backend {backend!r} needs the pip package {_PIP_NAMES[backend]}; "
                           f"installed backends: {available_backends()}")
     dtype = q.dtype
@@ -79,5 +93,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     if backend != "sdpa":
         # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
         logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
-    out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
-    return out.to(dtype)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).to(dtype)
+    # GQA without copying K/V per query head: the g query heads of one KV head become g blocks of
+    # queries of that head (unmasked attention treats every query row alone, so this is exact)
+    B, N, L, D = q.shape
+    folded = q.reshape(B, N // groups, groups * L, D)
+    out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+    return out.view(B, N, L, D).to(dtype)

@@ -2,10 +2,17 @@
 
 Counts the K/V cache at its fullest (text prefix + the reference scales alive at once; only scales
 a later step reads are stored, see :mod:`infinitystar.sampler`) plus the transient tensors of the
-largest step: residual stream, q/k/v with the GQA-expanded context, the SwiGLU intermediate, the
-fp32 logits and bit probabilities, and the fp32 clip accumulators.
+largest step: residual stream, q/k/v and the (unexpanded, GQA-folded) context K/V, the SwiGLU
+intermediates, the fp32 logits and bit probabilities, and the fp32 clip accumulators.
+
+The memory plan: steps longer than ``chunk_tokens`` run queries, MLP and heads in token blocks
+(exact), which removes the (B, L, 16384) SwiGLU tensors and the fp32 copies of the hidden states
+of the largest scales; see ``auto_chunk_tokens`` and :func:`measure_peak_bytes` (tests compare
+the estimate with a measured run).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -37,29 +44,95 @@ def _tokens(schedule: Schedule, si: int) -> int:
     return t * h * w
 
 
+def auto_chunk_tokens(config: TransformerConfig, batch: int = 2, dtype: torch.dtype = torch.bfloat16,
+                      budget: int | None = None) -> int:
+    """Token block size whose SwiGLU intermediates (gate, up, product) fit ``budget`` bytes.
+
+    Rounded down to a multiple of 1024 (at least 1024) so the matmuls stay large. For the 8B model
+    in bf16 with the default 1 GiB budget this is 5120 tokens; tiny configs never chunk.
+    """
+    per_token = 3 * batch * config.mlp_hidden * _nbytes(dtype)
+    n = (CHUNK_BUDGET if budget is None else budget) // per_token
+    return max(1024, n // 1024 * 1024)
+
+
+CHUNK_BUDGET = 1 << 30  # bytes for one token block's MLP intermediates ("auto" chunking)
+
+
 def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, d: int, batch: int,
-                          dtype: torch.dtype) -> int:
-    """Transient bytes of one step of ``tokens`` tokens attending to ``context`` keys (one block live)."""
-    b = _nbytes(dtype)
-    C, D = config.width, config.head_dim
-    stream = 3 * batch * tokens * C * b  # residual, normed input, block output
-    qkv = batch * tokens * (config.num_heads + 2 * config.num_kv_heads) * D * b
-    expanded = 2 * batch * config.num_heads * context * D * b  # k, v repeated to the query heads
-    attn_out = batch * tokens * C * b
-    mlp = 3 * batch * tokens * config.mlp_hidden * b  # gate, up, their product
-    logits = (batch + 1) * tokens * 2 * d * 4 + tokens * d * 2 * 4 + tokens * d * 8  # fp32 + probs + idx
-    return stream + max(qkv + expanded + attn_out, mlp) + logits
+                          dtype: torch.dtype, chunk_tokens: int | None = None,
+                          round_qkv_bf16: bool | None = None) -> int:
+    """Transient bytes of one step of ``tokens`` tokens attending to ``context`` keys (one block live).
+
+    Mirrors :class:`infinitystar.transformer.Block`: the block input and its output (or the normed
+    input, unchunked) are whole, the reference+text+own K/V are whole, and the query/MLP/head
+    intermediates are (batch, n, ·) for token blocks of n = ``chunk_tokens`` (n = tokens unchunked).
+    ``round_qkv_bf16`` (default: fp32 compute) adds the bf16-rounded fp32 copies of q, k, v.
+    """
+    b, f = _nbytes(dtype), 4
+    C, H = config.width, config.mlp_hidden
+    qw, kvw = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    L = tokens
+    n = min(chunk_tokens, L) if chunk_tokens else L
+    if round_qkv_bf16 is None:
+        round_qkv_bf16 = dtype == torch.float32
+    stream = 2 * batch * L * C * b  # block input + (normed input | block output)
+    own_kv = 2 * batch * L * kvw * b
+    ctx_kv = 2 * batch * context * kvw * b
+    norm = batch * n * C * (b + 2 * f)  # RMSNorm output and its two fp32 temporaries
+    q = 3 * batch * n * qw * b  # projection, normed/rotated, GQA-folded copy
+    out = 3 * batch * n * C * b  # attention output, its (B, n, C) copy, o_proj output
+    rounding = (batch * n * qw + (ctx_kv // b if n == L else 0)) * f * 3 // 2 if round_qkv_bf16 else 0
+    attn = stream + ctx_kv + (own_kv if n == L else 0) + (norm if n < L else 0) + q + out + rounding
+    mlp = stream + norm + batch * n * (3 * H + 2 * C) * b  # gate/silu, up, product; down and the sum
+    project_kv = batch * L * C * b + 2 * own_kv + ctx_kv  # chunked: K/V pieces, their concatenation
+    hidden = batch * L * C * b
+    logits = 2 * batch * L * 2 * d * f  # head output and its 1/tau copy
+    guidance = 5 * L * 2 * d * 8 + L * d * (2 * f + 8)  # APG float64 temporaries, probabilities, drawn indices
+    head = hidden + max(batch * n * C * 2 * f, logits + guidance)
+    return max(attn, mlp, project_kv, head)
 
 
 def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batch: int = 2,
-                             dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS) -> int:
-    """Peak bytes of a run (weights excluded) for the schedule, CFG batch and block compute dtype."""
+                             dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS,
+                             chunk_tokens: int | str | None = "auto") -> int:
+    """Peak bytes of a run (weights excluded) for the schedule, CFG batch and block compute dtype.
+
+    ``chunk_tokens`` as in :func:`infinitystar.sampler.sample` ("auto", a token count, None = off).
+    """
+    if chunk_tokens == "auto":
+        chunk_tokens = auto_chunk_tokens(config, batch, dtype)
     kv = 2 * config.depth * batch * config.num_kv_heads * config.head_dim * _nbytes(dtype)
     kv *= kv_peak_tokens(schedule, text_tokens)
     act = 0
     for step in schedule.steps:
         context = step.num_tokens + text_tokens + sum(_tokens(schedule, si) for si in step.ref_sids)
-        act = max(act, step_activation_bytes(config, step.num_tokens, context, step.d, batch, dtype))
+        act = max(act, step_activation_bytes(config, step.num_tokens, context, step.d, batch, dtype, chunk_tokens))
     accumulators = sum(4 * config.codebook_dim * t * h * w for t, h, w in
                        (schedule.clip_size(c) for c in range(schedule.num_clips)))
     return kv + act + accumulators
+
+
+def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int]:
+    """Run ``fn`` and return (its result, the peak bytes of tensors allocated during it).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated before. CPU: the running
+    sum of torch.profiler's per-operator allocation/free records (live tensor bytes, not RSS).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    cur = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return out, peak

@@ -67,6 +67,34 @@ def draw_bits(guided: torch.Tensor, shape: Sequence[int], generator: torch.Gener
     return idx.view(*shape).to(device=guided.device, dtype=torch.uint8)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> CUDA copies through pinned memory, asynchronously (no sync in the step loop)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Move a list of small tensors to the CPU with one copy (one sync instead of one per step)."""
+    if not tensors or all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(tensors[0].device) for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dtype) -> int | None:
+    """``"auto"`` -> :func:`infinitystar.memory.auto_chunk_tokens`; ``None``/0 -> no chunking."""
+    if chunk_tokens == "auto":
+        from .memory import auto_chunk_tokens
+
+        return auto_chunk_tokens(config, dtype=dtype)
+    if isinstance(chunk_tokens, str):
+        raise ValueError(f"chunk_tokens must be 'auto', a token count or None, got {chunk_tokens!r}")
+    return int(chunk_tokens) if chunk_tokens else None
+
+
 def default_compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 blocks on CUDA (the official layout), fp32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -87,11 +115,14 @@ def _as_step_bits(bits: torch.Tensor, step: ScaleStep, device) -> torch.Tensor:
 class _Runner:
     """State of one generation: KV cache, accumulators, schedule bookkeeping."""
 
-    def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16):
+    def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16,
+                 chunk_tokens=None, compile=False):
         self.model, self.schedule = model, schedule
         self.device = _model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
+        self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
+        self.compile = compile
         self.cache = ScaleKVCache(model.config.depth)
         self.last_use = schedule.ref_last_use()
         self.accumulators: list[torch.Tensor] = []
@@ -99,8 +130,9 @@ class _Runner:
         _, self.h_final, self.w_final = schedule.scales[-1]
 
     def ctx(self, rope, store_key=None, ref_keys=()):
-        rope = tuple(t.to(self.device) for t in rope)  # once per step, not once per layer
-        return StepContext(rope, self.cache, store_key, tuple(ref_keys), self.attn_backend, self.round_qkv_bf16)
+        rope = tuple(_to_device(t, self.device) for t in rope)  # once per step, not once per layer
+        return StepContext(rope, self.cache, store_key, tuple(ref_keys), self.attn_backend, self.round_qkv_bf16,
+                           self.chunk_tokens, self.compile)
 
     def text_step(self):
         prefix = self.model.text_prefix(self.text.cond.to(self.device),
@@ -155,7 +187,8 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
            callback: Callable[[int, int, list[torch.Tensor]], None] | None = None,
            step_hook: Callable[[StepRecord], None] | None = None, generator_device: str = "cpu",
            compute_dtype: torch.dtype | None = None, attn_backend: str = "sdpa",
-           round_qkv_bf16: bool = True) -> SampleResult:
+           round_qkv_bf16: bool = True, chunk_tokens: int | str | None = "auto",
+           compile: bool = False) -> SampleResult:
     """Generate the bits of every step of ``schedule``.
 
     teacher_bits: bits (t, h, w, d) or (1, t, h, w, d) of the first N steps; they replace the drawn
@@ -168,8 +201,14 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
     step_hook(StepRecord) sees each step's raw logits, guided logits and bits (parity tests, previews).
     compute_dtype: the blocks' dtype (default bf16 on CUDA, fp32 elsewhere); embeddings, heads,
       guidance and accumulators always run in fp32.
+    chunk_tokens: steps with more tokens run their attention queries, MLP and heads in blocks of
+      this many tokens (exact; bounds the activations, see infinitystar.memory); "auto" sizes the
+      block from ``memory.CHUNK_BUDGET``, None or 0 disables it.
+    compile: run each block's feed-forward through torch.compile (off by default).
+    generator_device: where the bits are drawn; "cuda" with a CUDA model keeps the loop free of
+      host-device syncs (the official sampler uses a CUDA generator); "cpu" matches the CPU goldens.
     """
-    runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16)
+    runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16, chunk_tokens, compile)
     generator = torch.Generator(generator_device).manual_seed(int(seed))
     teacher = list(teacher_bits or [])
     bits_out: list[torch.Tensor] = []
@@ -183,7 +222,8 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
             for step in schedule.steps[start:]:
                 acc = runner.accumulator(step.clip)
                 hidden = runner.forward(step, acc)
-                logits = model.head_logits(hidden, step.is_semantic)  # [2, thw, 2d] fp32
+                logits = model.head_logits(hidden, step.is_semantic, runner.chunk_tokens)  # [2, thw, 2d] fp32
+                del hidden
                 tau = tau_image if step.clip == 0 else tau_video
                 scaled = logits * (1 / tau)  # parity: multiply by the Python reciprocal, spec §5.3 step 4
                 guided = guide(scaled[:1], scaled[1:], guidance)
@@ -193,10 +233,11 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                     step_hook(StepRecord(step, logits, guided, drawn, bits))
                 runner.accumulators[step.clip] = accumulate(acc, bits)
                 runner.release_after(step.index)
-                bits_out.append(bits.cpu())
+                bits_out.append(bits)  # moved to the CPU after the loop: no sync per step
                 if callback is not None:
                     callback(step.index, schedule.num_steps, runner.accumulators)
         accs = runner.accumulators
+        bits_out = _to_cpu(bits_out)
         return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes)
     finally:
         runner.cache.clear()

@@ -34,6 +34,10 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def _round_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
 class RMSNorm(nn.Module):
     """Weight-only RMS norm computed in fp32, cast back to the input dtype (official FastRMSNorm).
 
@@ -61,6 +65,8 @@ class StepContext:
     ref_keys: Sequence[Hashable] = ()  # cached entries to attend to, in order
     attn_backend: str = "sdpa"
     round_qkv_bf16: bool = True
+    chunk_tokens: int | None = None  # > 0: run steps longer than this in query/token blocks (exact)
+    compile: bool = False  # run the feed-forward through torch.compile
 
 
 class Attention(nn.Module):
@@ -75,22 +81,44 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.norm_eps, device=device, dtype=dtype)
         self.k_norm = RMSNorm(D, cfg.norm_eps, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
-        B, L, C = x.shape
-        shape = (B, L, -1, self.head_dim)
-        q = self.q_norm(_linear(self.q_proj, x).view(shape)).transpose(1, 2)  # [B, N, L, D]
-        k = self.k_norm(_linear(self.k_proj, x).view(shape)).transpose(1, 2)  # [B, Nkv, L, D]
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Normed, rotated queries (B, N, L, D) of normed tokens x (B, L, C)."""
+        q = self.q_norm(_linear(self.q_proj, x).view(*x.shape[:2], -1, self.head_dim)).transpose(1, 2)
+        return apply_rope(q, cos, sin)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed, rotated keys and values (B, Nkv, L, D) of normed tokens x (B, L, C)."""
+        shape = (*x.shape[:2], -1, self.head_dim)
+        k = self.k_norm(_linear(self.k_proj, x).view(shape)).transpose(1, 2)
         v = _linear(self.v_proj, x).view(shape).transpose(1, 2)
-        cos, sin = ctx.rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(k, cos, sin), v
+
+    @staticmethod
+    def with_context(k: torch.Tensor, v: torch.Tensor, ctx: StepContext, layer: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's K/V if asked and prepend the cached references (and text)."""
         if ctx.cache is not None:
             if ctx.store_key is not None:
                 ctx.cache.store(ctx.store_key, layer, k, v)
             if ctx.ref_keys:
                 ks, vs = ctx.cache.gather(layer, ctx.ref_keys)
                 k, v = torch.cat([*ks, k], dim=2), torch.cat([*vs, v], dim=2)
-        o = attend(q, k, v, backend=ctx.attn_backend, round_qkv_bf16=ctx.round_qkv_bf16)
-        return _linear(self.o_proj, o.transpose(1, 2).reshape(B, L, C).to(x.dtype))
+        return k, v
+
+    def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
+               dtype: torch.dtype, round_qkv_bf16: bool | None = None) -> torch.Tensor:
+        """Attend q (B, N, l, D) over k, v and project back: (B, l, C)."""
+        rnd = ctx.round_qkv_bf16 if round_qkv_bf16 is None else round_qkv_bf16
+        o = attend(q, k, v, backend=ctx.attn_backend, round_qkv_bf16=rnd)
+        B, _, L, _ = o.shape
+        return _linear(self.o_proj, o.transpose(1, 2).reshape(B, L, -1).to(dtype))
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        cos, sin = ctx.rope
+        q = self.project_q(x, cos, sin)
+        k, v = self.with_context(*self.project_kv(x, cos, sin), ctx, layer)
+        return self.output(q, k, v, ctx, x.dtype)
 
 
 class MLP(nn.Module):
@@ -115,10 +143,55 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, ops, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        n = ctx.chunk_tokens
+        if n and x.shape[1] > n:
+            return self._forward_chunked(x, ctx, layer, n)
         # 1. self-attention over [references, text, own tokens]
         h = x + self.attn(self.input_layernorm(x), ctx, layer)
         # 2. feed-forward
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return (_compiled_feed_forward if ctx.compile else feed_forward)(self, h)
+
+    def _forward_chunked(self, x: torch.Tensor, ctx: StepContext, layer: int, n: int) -> torch.Tensor:
+        """The same block over token blocks of n: whole K/V, queries and MLP one block at a time.
+
+        Every token's result depends on all K/V but only on its own query/MLP row, so this equals
+        the unchunked forward; only (B, n, ·) intermediates are alive instead of (B, L, ·) ones.
+        """
+        spans = [(s, min(s + n, x.shape[1])) for s in range(0, x.shape[1], n)]
+        cos, sin = ctx.rope
+        ks, vs = zip(*(self.attn.project_kv(self.input_layernorm(x[:, s:e]), cos[s:e], sin[s:e]) for s, e in spans))
+        k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        del ks, vs
+        k, v = self.attn.with_context(k, v, ctx, layer)
+        rounding = ctx.round_qkv_bf16 and x.dtype == torch.float32
+        if rounding:  # round the context once, not once per query block (attend would copy it each time)
+            k, v = _round_bf16(k), _round_bf16(v)
+        h = torch.empty_like(x)
+        for s, e in spans:
+            q = self.attn.project_q(self.input_layernorm(x[:, s:e]), cos[s:e], sin[s:e])
+            q = _round_bf16(q) if rounding else q
+            torch.add(x[:, s:e], self.attn.output(q, k, v, ctx, x.dtype, round_qkv_bf16=False), out=h[:, s:e])
+        del k, v
+        ffn = _compiled_feed_forward if ctx.compile else feed_forward
+        for s, e in spans:
+            h[:, s:e] = ffn(self, h[:, s:e])
+        return h
+
+
+def feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
+    """Second half of a block: h + MLP(RMSNorm(h))."""
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+def _compiled_feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
+    """``feed_forward`` through torch.compile (built on first use; dynamic token counts)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(feed_forward, dynamic=True)
+    return _COMPILED(block, h)
+
+
+_COMPILED = None
 
 
 class BlockChunk(nn.Module):
@@ -208,10 +281,17 @@ class InfinityStarTransformer(nn.Module):
             x = block(x, ctx, i)
         return x
 
-    def head_logits(self, hidden: torch.Tensor, semantic: bool) -> torch.Tensor:
-        """Final norm then the semantic (2*16) or detail (2*64) head, in fp32: (B, L, 2d)."""
-        x = self.norm_hidden_sates(hidden).float()
-        return _linear(self.semantic_head2 if semantic else self.head, x)
+    def head_logits(self, hidden: torch.Tensor, semantic: bool, chunk_tokens: int | None = None) -> torch.Tensor:
+        """Final norm then the semantic (2*16) or detail (2*64) head, in fp32: (B, L, 2d).
+
+        ``chunk_tokens``: run over token blocks so the fp32 copy of the hidden states is never whole.
+        """
+        head = self.semantic_head2 if semantic else self.head
+        L = hidden.shape[1]
+        if not chunk_tokens or L <= chunk_tokens:
+            return _linear(head, self.norm_hidden_sates(hidden).float())
+        return torch.cat([_linear(head, self.norm_hidden_sates(hidden[:, s:s + chunk_tokens]).float())
+                          for s in range(0, L, chunk_tokens)], dim=1)
 
 
 def load_transformer_state_dict(model: InfinityStarTransformer, state_dict: Mapping[str, torch.Tensor],
