@@ -1,0 +1,309 @@
+"""Generation speed and peak memory of our sampler, optionally next to the official code, same settings.
+
+Random weights cost the same as the released ones, so no checkpoint is needed. ``--config full``
+(the 8.77B model) runs on a GPU only; ``--config mid`` (4 blocks, width 512, heads 8/2) runs anywhere
+and gives ours/official ratios on a CPU. Prints a markdown table per run.
+
+    python benchmarks/bench_generate.py --device cuda --config full --cases 720p5,480p5,480p10 --weights fp8
+    python benchmarks/bench_generate.py --device cpu --config mid --official /path/to/InfinityStar
+
+Columns: total s (text step + every AR step, no decode), s/step of the steps of the three largest
+scales, visual tokens per second (one CFG branch, repetitions counted), peak memory (CUDA:
+``max_memory_allocated`` with the weights; CPU: peak live tensor bytes of the run, weights excluded,
+measured in a second, profiled run), and ours/official ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from infinitystar.config import FP32_MODULES, TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
+from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
+from infinitystar.ops import cast  # noqa: E402
+from infinitystar.sampler import TextCondition, sample  # noqa: E402
+from infinitystar.schedule import build_schedule  # noqa: E402
+from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
+
+MID = TransformerConfig(depth=4, block_chunks=2, width=512, num_heads=8, num_kv_heads=2, mlp_hidden=2048,
+                        text_channels=2048)
+CONFIGS = {"full": TRANSFORMER_PRESETS["8b"], "mid": MID}
+NAMED_CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81)}
+DEFAULT_CASES = {"full": "720p5,480p5,480p10", "mid": "mid5"}
+WEIGHT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
+                 "fp32": torch.float32}
+TEXT_TOKENS = 64
+COLUMNS = ["case", "impl", "steps", "total s", "s/step (3 largest scales)", "tokens/s", "peak GB",
+           "est. GB", "ours/official time", "same codes"]
+
+
+@dataclass
+class Result:
+    case: str
+    impl: str
+    steps: int
+    total: float
+    tail_step: float
+    tokens_per_s: float
+    peak: int | None
+    estimate: int | None = None
+    codes: torch.Tensor | None = field(default=None, repr=False)
+    extra: dict = field(default_factory=dict)
+
+
+def parse_cases(text: str) -> list[tuple[str, str, int]]:
+    """'720p5,480p10' or 'PN:FRAMES' items -> (name, pn, frames)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if item in NAMED_CASES:
+            out.append((item, *NAMED_CASES[item]))
+        elif ":" in item:
+            pn, frames = item.split(":")
+            out.append((item, pn, int(frames)))
+        else:
+            raise SystemExit(f"unknown case {item!r}; use {', '.join(NAMED_CASES)} or PN:FRAMES (e.g. 0.25M:81)")
+    return out
+
+
+def build_model(config: TransformerConfig, device: torch.device, weights: torch.dtype, seed: int):
+    """Random model in the official precision layout, each tensor made directly in its stored dtype."""
+    with torch.device("meta"):
+        model = InfinityStarTransformer(config, ops=cast)
+    gen = torch.Generator(device).manual_seed(seed)
+    for mname, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            top = (f"{mname}.{pname}" if mname else pname).split(".")[0]
+            dtype = torch.float32 if top in FP32_MODULES else weights
+            if dtype.itemsize == 1 and p.dim() < 2:
+                dtype = torch.bfloat16  # fp8 storage is for matmul weights; norms stay bf16
+            work = torch.float32 if dtype == torch.float32 or device.type == "cpu" else torch.bfloat16
+            t = torch.empty(p.shape, device=device, dtype=work)
+            if pname == "weight" and p.dim() == 1:
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+            module._parameters[pname] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
+    return model.eval()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """Marks the end of every AR step (the head call) with CUDA events or host timestamps."""
+
+    def __init__(self, device):
+        self.device, self.marks = device, []
+
+    def mark(self):
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        if self.device.type == "cuda":
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _wrap_head(obj, attr, clock):
+    inner = getattr(obj, attr)
+
+    def wrapped(*a, **k):
+        out = inner(*a, **k)
+        clock.mark()
+        return out
+
+    setattr(obj, attr, wrapped)
+    return lambda: setattr(obj, attr, inner)
+
+
+def _tail_indices(schedule) -> list[int]:
+    """Indices of the steps of the three largest scales of the last clip (step durations list)."""
+    last = {s.si for s in schedule.steps[-1:]}
+    largest = set(range(max(last) - 2, max(last) + 1))
+    return [i for i, s in enumerate(schedule.steps) if s.si in largest]
+
+
+def timed(name, impl, run, schedule, device, clock, memory_run) -> Result:
+    clock.marks.clear()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    clock.mark()  # after the text step the first head call closes step 0; this mark opens the run
+    codes = run()
+    _sync(device)
+    total = time.perf_counter() - start
+    d = clock.durations()
+    steps = d[1:] if len(d) == schedule.num_steps + 1 else d  # first interval holds the text step too
+    tail = [steps[i] for i in _tail_indices(schedule) if i < len(steps)]
+    tokens = sum(s.num_tokens for s in schedule.steps)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if peak is None and memory_run:
+        _, peak = measure_peak_bytes(run, device)
+    return Result(name, impl, schedule.num_steps, total, sum(tail) / max(len(tail), 1), tokens / total, peak,
+                  codes=codes.float().cpu())
+
+
+def run_case(args, config, device, name, pn, frames, official_mod) -> list[Result]:
+    sched = build_schedule(pn, "16:9", frames, num_scales=args.num_scales)
+    weights = WEIGHT_DTYPES[args.weights]
+    torch.manual_seed(args.seed)
+    cond = torch.randn(TEXT_TOKENS, config.text_channels) * 0.5
+    model = build_model(config, device, weights, args.seed)
+    chunk = None if args.chunk in ("0", "none") else ("auto" if args.chunk == "auto" else int(args.chunk))
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clock = StepClock(device)
+    restore = _wrap_head(model, "head_logits", clock)
+    sync_warnings: list = []
+
+    def ours():
+        with warnings.catch_warnings(record=True) as caught:
+            if args.check_syncs and device.type == "cuda":
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = sample(model, TextCondition(cond), sched, seed=args.seed, generator_device=device.type,
+                             compute_dtype=compute, attn_backend=args.attention, chunk_tokens=chunk,
+                             compile=args.compile)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+        sync_warnings[:] = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        return out.summed_codes
+
+    if args.warmup:
+        ours()
+    results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory)]
+    restore()
+    results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS,
+                                                   chunk_tokens=chunk)
+    if args.check_syncs and device.type == "cuda":
+        results[0].extra["syncs"] = len(sync_warnings)
+    if official_mod is not None:
+        import official
+
+        state = {k: v for k, v in model.state_dict().items()}
+        if weights.itemsize == 1:  # the official code cannot store fp8: give it the same values in bf16
+            state = {k: v.to(torch.bfloat16) if v.dtype.itemsize == 1 else v for k, v in state.items()}
+        del model
+        oargs = official.official_args(official_mod, pn, frames, device.type == "cuda", sched.image_repetition,
+                                       sched.video_repetition, sched.semantic_scales, sched.detail_scale_min_tokens)
+        runner = official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)
+        del state
+        clock = StepClock(device)
+        restore = _wrap_head(runner.model, "get_logits_during_infer", clock)
+        if args.warmup:
+            runner.run(cond, args.seed)
+        results.append(timed(name, "official", lambda: runner.run(cond, args.seed), sched, device, clock,
+                             not args.no_memory))
+        restore()
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    by_case = {}
+    for r in results:
+        by_case.setdefault(r.case, {})[r.impl] = r
+    for r in results:
+        other = by_case[r.case].get("official")
+        ratio = same = ""
+        if r.impl == "ours" and other is not None:
+            ratio = f"{r.total / other.total:.2f}"
+            diff = (r.codes - other.codes).abs().max().item() if r.codes.shape == other.codes.shape else float("inf")
+            same = "yes" if diff == 0 else f"no (max diff {diff:.3g})"
+        peak = "-" if r.peak is None else f"{r.peak / 1e9:.3f}"
+        est = "-" if r.estimate is None else f"{r.estimate / 1e9:.3f}"
+        rows.append(f"| {r.case} | {r.impl} | {r.steps} | {r.total:.2f} | {r.tail_step:.3f} | {r.tokens_per_s:,.0f} | "
+                    f"{peak} | {est} | {ratio} | {same} |")
+    return "\n".join(rows)
+
+
+def machine_line(device: torch.device) -> str:
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    return (f"{datetime.date.today()} · {what} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
+            f"{platform.system()}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--config", default="mid", choices=sorted(CONFIGS))
+    p.add_argument("--cases", default=None, help="comma list: 720p5,480p5,480p10,mid5 or PN:FRAMES")
+    p.add_argument("--weights", default=None, choices=sorted(WEIGHT_DTYPES),
+                   help="block weight storage (default fp8 on CUDA, fp32 on CPU)")
+    p.add_argument("--official", default=None, help="path to an official InfinityStar checkout to time as well")
+    p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"])
+    p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
+    p.add_argument("--num-scales", type=int, default=None, help="truncate each clip's pyramid (smoke runs)")
+    p.add_argument("--seed", type=int, default=41)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--warmup", action="store_true", help="run each implementation once before timing")
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the profiled memory run")
+    p.add_argument("--check-syncs", action="store_true", help="CUDA: count host-device syncs in our step loop")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible; use --device cpu --config mid")
+    if args.config == "full" and device.type != "cuda":
+        raise SystemExit("the full 8.77B configuration needs a GPU (35 GB in fp32, 8.8 GB in fp8); "
+                         "on a CPU use --config mid")
+    if args.official and args.num_scales:
+        raise SystemExit("--num-scales cannot be applied to the official code; drop it with --official")
+    args.weights = args.weights or ("fp8" if device.type == "cuda" else "fp32")
+    if args.attention == "auto":  # resolve before the official code may register a flash_attn stand-in
+        from infinitystar.attention import available_backends
+
+        args.attention = "flash" if device.type == "cuda" and "flash" in available_backends() else "sdpa"
+    config = CONFIGS[args.config]
+    official_mod = None
+    if args.official:
+        import official
+
+        official_mod = official.import_official(args.official)
+    results = []
+    for name, pn, frames in parse_cases(args.cases or DEFAULT_CASES[args.config]):
+        results.extend(run_case(args, config, device, name, pn, frames, official_mod))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    table = format_table(results)
+    notes = [f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
+             f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
+             f"compile {args.compile}; {machine_line(device)}"]
+    syncs = [f"{r.case}: {r.extra['syncs']}" for r in results if "syncs" in r.extra]
+    if syncs:
+        notes.append("host-device syncs in our step loop: " + ", ".join(syncs))
+    text = table + "\n\n" + "\n".join(notes)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

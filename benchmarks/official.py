@@ -1,0 +1,192 @@
+"""Drive the official FoundationVision/InfinityStar sampler from a checkout, for side-by-side timings.
+
+Nothing of the official code is copied here: this imports its ``Infinity`` class from the given
+checkout, builds it with the same architecture, copies OUR random weights into it (the key names
+are identical), and calls its ``ar_infer_infinity_elegant`` with the official script settings.
+It needs the checkout's import-time dependencies (timm, torchvision, typed-argument-parser, pytz,
+opencv, einops, imageio, requests). When ``flash_attn`` is not installed, a stand-in computing the
+same unmasked attention with torch SDPA is registered (spec §9.1), after transformers' T5 import.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import importlib.util
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MISSING_HINT = ("the official code needs: pip install timm==0.9.6 torchvision typed-argument-parser pytz "
+                "opencv-python-headless einops imageio requests (use a separate virtual environment)")
+PN_CODES = {"720p": "0.90M", "480p": "0.40M"}
+
+
+def _flash_attn_stub() -> types.ModuleType:
+    """A ``flash_attn`` module whose ``flash_attn_func`` is SDPA: (B, L, H, D) in and out."""
+    mod = types.ModuleType("flash_attn")
+    mod.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+        work = q.dtype if q.is_cuda else torch.float32  # bf16 SDPA on CPU is slow; flash-attn accumulates in fp32
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2).to(work) for t in (q, k, v)),
+                                             scale=softmax_scale, is_causal=causal).transpose(1, 2)
+        # the real kernel returns bf16; without autocast the caller's o_proj wants its own dtype (fp32)
+        cuda_autocast = q.is_cuda and torch.is_autocast_enabled("cuda")
+        return out.to(q.dtype if cuda_autocast else torch.float32)
+
+    def flash_attn_qkvpacked_func(*_, **__):  # imported next to flash_attn_func, never called at inference
+        raise NotImplementedError("flash_attn stand-in: packed attention is not provided")
+
+    mod.flash_attn_func = flash_attn_func
+    mod.flash_attn_qkvpacked_func = flash_attn_qkvpacked_func
+    return mod
+
+
+def import_official(path: str | Path) -> types.SimpleNamespace:
+    """Import the official modules from a checkout; raise ImportError with what to install."""
+    root = Path(path).resolve()
+    if not (root / "infinity" / "models" / "infinity.py").is_file():
+        raise FileNotFoundError(f"{root} is not an InfinityStar checkout (no infinity/models/infinity.py)")
+    import transformers.models.t5  # noqa: F401  (must precede the flash_attn stand-in, spec §9.1)
+
+    if importlib.util.find_spec("flash_attn") is None and "flash_attn" not in sys.modules:
+        sys.modules["flash_attn"] = _flash_attn_stub()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from infinity.models import infinity as model_module
+        from infinity.models.videovae.models import load_vae_bsq_wan_absorb_patchify as vae_loader
+        from infinity.schedules import dynamic_resolution, infinity_elegant
+        from infinity.utils import arg_util, dist
+    except ImportError as e:
+        raise ImportError(f"cannot import the official code from {root}: {e}; {MISSING_HINT}") from e
+    return types.SimpleNamespace(
+        Infinity=model_module.Infinity, Args=arg_util.Args, dist=dist, vae_loader=vae_loader,
+        get_dynamic_resolution_meta=dynamic_resolution.get_dynamic_resolution_meta,
+        get_first_full_spatial_size_scale_index=dynamic_resolution.get_first_full_spatial_size_scale_index,
+        get_scale_pack_info=infinity_elegant.get_scale_pack_info,
+        get_visual_rope_embeds=infinity_elegant.get_visual_rope_embeds)
+
+
+def official_args(mod, pn: str, frames: int, bf16: bool, image_rep, video_rep, semantic_scales: int,
+                  detail_min_tokens: int):
+    """The official scripts' settings (tools/infer_video_*.py) for one case."""
+    args = mod.Args()
+    args.pn = PN_CODES.get(pn, pn)
+    args.video_frames = frames
+    args.model_type = "infinity_qwen8b"
+    args.dynamic_scale_schedule = "infinity_elegant_clip20frames_v2"
+    args.bf16 = int(bf16)
+    args.use_apg, args.use_cfg, args.cfg, args.apg_norm_threshold = 1, 0, 34, 0.05
+    args.tau_image, args.tau_video = 1, 0.4
+    args.image_scale_repetition = json.dumps(list(image_rep))
+    args.video_scale_repetition = json.dumps(list(video_rep))
+    args.use_two_stage_lfq = 1
+    args.detail_scale_min_tokens = detail_min_tokens
+    args.semantic_scales = semantic_scales
+    args.max_repeat_times = 10000
+    args.videovae = 10
+    return args
+
+
+@contextlib.contextmanager
+def _no_checkpoint_file():
+    """video_vae_model always torch.loads its checkpoint; hand it an empty state dict instead."""
+    real = torch.load
+    torch.load = lambda *a, **k: {"vae": {}}
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+class OfficialRunner:
+    """The official transformer (+ the tokenizer's quantizer, which its sampler calls) on a device."""
+
+    def __init__(self, mod, config, args, device: torch.device, state_dict, text_channels: int):
+        self.mod, self.args, self.device = mod, args, torch.device(device)
+        if self.device.type == "cuda":
+            mod.dist.set_gpu_id(self.device.index or 0)
+        with _no_checkpoint_file():
+            vae = mod.vae_loader.video_vae_model("<random>", "dynamic", args.vae_type, global_args=args, test_mode=True)
+        vae.quantizer.to(self.device)  # the sampler only uses the quantizer; the rest stays on the CPU
+        self.vae = vae
+        infinity_module = sys.modules[mod.Infinity.__module__]
+        rope_fn = infinity_module.precompute_rope4d_freqs_grid
+
+        def rope_on_cpu(*a, **k):  # the model is built on the meta device, its RoPE tables are data
+            with torch.device("cpu"):
+                return rope_fn(*a, **k)
+
+        infinity_module.precompute_rope4d_freqs_grid = rope_on_cpu
+        try:
+            with torch.device("meta"):  # weights are copied in below; the 8B model never exists in fp32
+                model = mod.Infinity(
+                    vae, arch="qwen", depth=config.depth, block_chunks=config.block_chunks, embed_dim=config.width,
+                    num_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                    mlp_ratio=config.mlp_hidden / config.width, drop_path_rate=0, text_channels=text_channels,
+                    text_maxlen=512, raw_scale_schedule=None, checkpointing="full-block", pad_to_multiplier=128,
+                    use_flex_attn=False, add_lvl_embeding_on_first_block=0, num_of_label_value=2,
+                    rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, pn=args.pn, apply_spatial_patchify=0,
+                    inference_mode=True, train_h_div_w_list=[0.571, 1.0], video_frames=args.video_frames,
+                    other_args=args)
+        finally:
+            infinity_module.precompute_rope4d_freqs_grid = rope_fn
+        if round(config.width * (config.mlp_hidden / config.width) / 256) * 256 != config.mlp_hidden:
+            raise ValueError("the official MLP width is round(C*ratio/256)*256; pick mlp_hidden accordingly")
+        model.to_empty(device=self.device)
+        model.load_state_dict({k: v for k, v in state_dict.items()}, strict=False)
+        if args.bf16:
+            for block in model.unregistered_blocks:
+                block.bfloat16()
+        model.eval().requires_grad_(False)
+        model.rng = torch.Generator(device=self.device)
+        self.model = model
+
+    def run(self, cond: torch.Tensor, seed: int):
+        """One T2V generation from compacted text features cond (L, C_text); returns summed codes."""
+        mod, args = self.mod, self.args
+        meta, templates = mod.get_dynamic_resolution_meta(args.dynamic_scale_schedule, args.video_frames)
+        h_div_w = templates[abs(templates - 0.571).argmin()]
+        schedule = meta[h_div_w][args.pn]["pt2scale_schedule"][(args.video_frames - 1) // 4 + 1]
+        first_full = mod.get_first_full_spatial_size_scale_index(schedule)
+        args.first_full_spatial_size_scale_index, args.tower_split_index = first_full, first_full + 1
+        context_info = mod.get_scale_pack_info(schedule, first_full, args)
+        tau = [args.tau_image] * (first_full + 1) + [args.tau_video] * (len(schedule) - first_full - 1)
+        L = cond.shape[0]
+        text = (cond.to(self.device), [L], torch.tensor([0, L], device=self.device, dtype=torch.int32), L)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and args.bf16
+                    else contextlib.nullcontext())
+        with autocast, torch.no_grad(), _quiet_tqdm():
+            return self.model.ar_infer_infinity_elegant(
+                vae=self.vae, scale_schedule=schedule, label_B_or_BLT=text, B=1, g_seed=seed,
+                cfg_list=[args.cfg] * len(schedule), tau_list=tau, args=args,
+                get_visual_rope_embeds=mod.get_visual_rope_embeds, context_info=context_info,
+                return_summed_code_only=True, low_vram_mode=False)
+
+
+@contextlib.contextmanager
+def _quiet_tqdm():
+    import tqdm
+
+    real = tqdm.tqdm
+
+    class Quiet(real):
+        def __init__(self, *a, **k):
+            k["disable"] = True
+            super().__init__(*a, **k)
+
+    tqdm.tqdm = Quiet
+    try:
+        yield
+    finally:
+        tqdm.tqdm = real
+
+
+def isclose_ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isclose(b, 0.0) else float("nan")
