@@ -93,8 +93,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     if backend != "sdpa":
         # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
         logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
-    if groups == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).to(dtype)
+    if groups == 1 or q.shape[2] == 1:  # one query row: CPU SDPA takes another kernel; keep the official layout
+        return F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale).to(dtype)
     # GQA without copying K/V per query head: the g query heads of one KV head become g blocks of
     # queries of that head (unmasked attention treats every query row alone, so this is exact)
     B, N, L, D = q.shape

@@ -118,3 +118,14 @@ def test_plan_fits_the_targets_on_the_estimate():
     assert weights + estimate_sampling_memory(big, s720, chunk_tokens=None) > 24e9
     s480 = build_schedule("480p", "16:9", 161)
     assert estimate_sampling_memory(big, s480) < estimate_sampling_memory(big, s480, chunk_tokens=None)
+
+
+@pytest.mark.parametrize("lq", [1, 7])
+def test_gqa_attention_without_kv_expansion_equals_expanded(lq):
+    from infinitystar.attention import attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, lq, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), scale=16 ** -0.5)
+    assert (attend(q, k, v, round_qkv_bf16=False) - want).abs().max() <= 1e-6
