@@ -9,7 +9,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +23,9 @@ DEMO_PROMPT = "a red fox running through snow"
 
 
 def _tiny_root(seed: int = 0) -> Path:
-    base = os.environ.get("INFINITYSTAR_CACHE") or os.path.join(tempfile.gettempdir(), "infinitystar")
+    # not <tmp>/infinitystar: a folder named like the package shadows it when run from <tmp>
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("INFINITYSTAR_CACHE") or os.path.join(xdg, "infinitystar-models")
     return Path(base) / f"tiny-seed{seed}"
 
 

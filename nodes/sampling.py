@@ -79,7 +79,7 @@ class InfinityStarSampler(io.ComfyNode):
                                        "832x480-class). 0.25M / 0.06M are small pyramids for quick drafts; "
                                        "quality drops away from the trained size."),
                 io.Combo.Input("aspect_ratio", options=_aspects(), default="16:9",
-                               tooltip="W:H, snapped to the nearest of the model's 15 aspect templates."),
+                               tooltip="W:H, snapped to the nearest of the model's aspect templates (the 15 official h/w ratios)."),
                 io.Combo.Input("duration", options=list(DURATIONS), default="5 s",
                                tooltip="image = one frame. 5 s = 81 frames at 16 fps. 10 s = 161 frames, only "
                                        "for the 480p weights (longer: InfinityStar Extend). Cost grows with "
