@@ -93,11 +93,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     if backend != "sdpa":
         # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
         logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
-    if groups == 1 or q.shape[2] == 1:  # one query row: CPU SDPA takes another kernel; keep the official layout
-        return F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale).to(dtype)
-    # GQA without copying K/V per query head: the g query heads of one KV head become g blocks of
-    # queries of that head (unmasked attention treats every query row alone, so this is exact)
-    B, N, L, D = q.shape
-    folded = q.reshape(B, N // groups, groups * L, D)
-    out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
-    return out.view(B, N, L, D).to(dtype)
+    out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
+    return out.to(dtype)
+
+
+def prepare_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V as :func:`attend` will use them, for attending many query blocks to the same K/V.
+
+    SDPA needs K/V repeated to the query heads; doing it once instead of once per query block
+    saves the copies (flash-attn takes GQA K/V as they are). Exact: ``attend`` does the same.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if backend == "auto":
+        backend = "flash" if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+                              and "flash" in _available()) else "sdpa"
+    if groups == 1 or (backend == "flash" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)):
+        return k, v
+    return _expand_kv(k, groups), _expand_kv(v, groups)

@@ -2,7 +2,7 @@
 
 Counts the K/V cache at its fullest (text prefix + the reference scales alive at once; only scales
 a later step reads are stored, see :mod:`infinitystar.sampler`) plus the transient tensors of the
-largest step: residual stream, q/k/v and the (unexpanded, GQA-folded) context K/V, the SwiGLU
+largest step: residual stream, q/k/v and the context K/V (also repeated to the query heads), the SwiGLU
 intermediates, the fp32 logits and bit probabilities, and the fp32 clip accumulators.
 
 The memory plan: steps longer than ``chunk_tokens`` run queries, MLP and heads in token blocks
@@ -80,10 +80,11 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     own_kv = 2 * batch * L * kvw * b
     ctx_kv = 2 * batch * context * kvw * b
     norm = batch * n * C * (b + 2 * f)  # RMSNorm output and its two fp32 temporaries
-    q = 3 * batch * n * qw * b  # projection, normed/rotated, GQA-folded copy
+    q = 2 * batch * n * qw * b  # projection, normed/rotated
+    expanded = ctx_kv * config.kv_groups if config.kv_groups > 1 else 0  # K/V repeated to the query heads
     out = 3 * batch * n * C * b  # attention output, its (B, n, C) copy, o_proj output
     rounding = (batch * n * qw + (ctx_kv // b if n == L else 0)) * f * 3 // 2 if round_qkv_bf16 else 0
-    attn = stream + ctx_kv + (own_kv if n == L else 0) + (norm if n < L else 0) + q + out + rounding
+    attn = stream + ctx_kv + expanded + (own_kv if n == L else 0) + (norm if n < L else 0) + q + out + rounding
     mlp = stream + norm + batch * n * (3 * H + 2 * C) * b  # gate/silu, up, product; down and the sum
     project_kv = batch * L * C * b + 2 * own_kv + ctx_kv  # chunked: K/V pieces, their concatenation
     hidden = batch * L * C * b

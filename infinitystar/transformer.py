@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attend
+from .attention import attend, prepare_kv
 from .config import FP32_MODULES, TransformerConfig
 from .kv_cache import ScaleKVCache
 from .rope import apply_rope
@@ -167,8 +167,10 @@ class Block(nn.Module):
         if rounding:  # round the context once, not once per query block (attend would copy it each time)
             k, v = _round_bf16(k), _round_bf16(v)
         h = torch.empty_like(x)
-        for s, e in spans:
+        for i, (s, e) in enumerate(spans):
             q = self.attn.project_q(self.input_layernorm(x[:, s:e]), cos[s:e], sin[s:e])
+            if i == 0:  # GQA K/V repeated to the query heads once per layer, not once per block
+                k, v = prepare_kv(q, k, v, ctx.attn_backend)
             q = _round_bf16(q) if rounding else q
             torch.add(x[:, s:e], self.attn.output(q, k, v, ctx, x.dtype, round_qkv_bf16=False), out=h[:, s:e])
         del k, v

@@ -120,12 +120,11 @@ def test_plan_fits_the_targets_on_the_estimate():
     assert estimate_sampling_memory(big, s480) < estimate_sampling_memory(big, s480, chunk_tokens=None)
 
 
-@pytest.mark.parametrize("lq", [1, 7])
-def test_gqa_attention_without_kv_expansion_equals_expanded(lq):
-    from infinitystar.attention import attend
+def test_prepare_kv_repeats_kv_heads_like_attend():
+    from infinitystar.attention import attend, prepare_kv
 
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 8, lq, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), scale=16 ** -0.5)
-    assert (attend(q, k, v, round_qkv_bf16=False) - want).abs().max() <= 1e-6
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    kk, vv = prepare_kv(q, k, v)
+    assert kk.shape == (2, 8, 11, 16) and torch.equal(kk[:, 5], k[:, 1])  # query head h uses KV head h // 4
+    assert torch.equal(attend(q, kk, vv), attend(q, k, v))
