@@ -20,11 +20,14 @@ def bits_to_codes(bits: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     """Bits (B, t, h, w, d) in {0,1} -> codes (B, d, t, h, w) = (2*bit - 1) / sqrt(d).
 
     Exact in floating point: d is 16 or 64, so the l2 norm of a +-1 vector is a power of two.
+    Returned as a permuted view of (B, t, h, w, d) memory, as the official ``indices_to_codes``
+    does: for t > 1 that layout makes :func:`resample` hit the channels-last trilinear kernel,
+    whose rounding differs from the contiguous one (bit parity of the video accumulators).
     """
     d = bits.shape[-1]
     codes = bits.to(dtype) * 2 - 1
     codes = codes * (1.0 / math.sqrt(d))
-    return codes.permute(0, 4, 1, 2, 3).contiguous()  # [B, d, t, h, w]
+    return codes.permute(0, 4, 1, 2, 3)  # [B, d, t, h, w] view, d innermost in memory
 
 
 def codes_to_bits(codes: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,20 @@ def test_bits_codes_roundtrip():
         assert torch.equal(bsq.codes_to_bits(codes), bits)
 
 
+def test_video_accumulate_uses_the_official_code_layout():
+    """Codes keep d innermost in memory (as the official indices_to_codes returns them); for t > 1
+    that picks the channels-last trilinear kernel, whose rounding differs from a contiguous input's."""
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 2, (1, 20, 2, 3, 16), generator=g, dtype=torch.uint8)
+    codes = bsq.bits_to_codes(bits)
+    assert codes.stride(1) == 1
+    acc = torch.randn(1, 64, 20, 12, 21, generator=g) * 0.1
+    signs = bits.float() * 2 - 1
+    official = torch.nn.functional.normalize(signs, dim=-1).permute(0, 4, 1, 2, 3)  # [B, d, t, h, w] view
+    up = torch.nn.functional.interpolate(official.permute(0, 2, 1, 3, 4), size=(64, 12, 21), mode="trilinear")
+    assert torch.equal(bsq.accumulate(acc, bits), acc + up.permute(0, 2, 1, 3, 4))
+
+
 def test_channel_upsample_is_linear_interpolation_not_repeat():
     codes = torch.arange(16, dtype=torch.float32).view(1, 16, 1, 1, 1)
     up = bsq.upsample_codes(codes, (1, 1, 1)).flatten()
