@@ -11,6 +11,12 @@ to 1e-4). Elementwise rtol 1e-4 / atol 1e-5 therefore holds only bit-for-bit; he
 for nearly all elements, and the per-step median error must stay at the fp32 noise floor.
 Skipping the bf16 rounding, by contrast, moves the median by ~1e-4 and most elements past the
 tolerance, so these checks fail on it. Set INFINITYSTAR_STRICT_LOGITS=1 to require every element.
+
+Why not strict by default: run teacher-forced on these cases here, the official code and ours give
+bit-identical logits at every step (torch 2.13 and 2.14.1), yet both differ from the golden files
+from step 0 on by 1e-7..3e-6 (the CPU that made them rounds the matmuls differently). Strict passes
+for t2i/t2v cond and uncond, but not for the I2V cases (the same bf16 flips as the official code,
+e.g. 0.9% of step 24 of i2v_gqa_vaech) nor for guided logits (APG with cfg 34 scales the noise up).
 """
 import os
 
