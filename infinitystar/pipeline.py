@@ -29,6 +29,7 @@ TOKENS_FORMAT = "infinitystar-tokens"
 TOKENS_VERSION = "1"
 TRAINED_DURATIONS = {"720p": (0, 5), "480p": (0, 5, 10)}  # seconds the released models were trained for
 RESOLUTIONS = {"720p": "0.90M", "480p": "0.40M"}
+GENERATOR_CHOICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -201,6 +202,23 @@ def encode_video(tokenizer, frames, schedule: Schedule, *, seed: int = 0, clips:
 
 # ---------------------------------------------------------------------------------------------- generate
 
+def resolve_generator_device(choice: str, transformer) -> str:
+    """Device type of the generator the bits are drawn from.
+
+    "auto" follows the transformer: a CUDA generator on a CUDA model, as the official sampler does (no
+    device->host copy per step, same bits as the official code on the same GPU), else "cpu". "cpu" gives the same
+    bits for the same logits on any device.
+    """
+    choice = str(choice).lower()
+    if choice not in GENERATOR_CHOICES:
+        raise ValueError(f"generator must be one of {list(GENERATOR_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return "cuda" if transformer.word_embed.weight.device.type == "cuda" else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("generator 'cuda' was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return choice
+
+
 def _check_condition(condition: Tokens, schedule: Schedule) -> None:
     if condition.pn != schedule.pn or abs(condition.h_div_w - schedule.h_div_w) > 1e-9:
         raise ValueError(f"conditioning tokens are for {condition.pn} h/w {condition.h_div_w}, the generation is "
@@ -213,9 +231,13 @@ def _check_condition(condition: Tokens, schedule: Schedule) -> None:
 
 def generate(transformer, text, schedule: Schedule, *, seed: int, guidance: GuidanceConfig = GuidanceConfig(),
              tau_image: float = 1.0, tau_video: float = 0.4, condition: Tokens | None = None,
-             callback: Callable | None = None, compute_dtype: torch.dtype | None = None, **sample_kwargs) -> Tokens:
+             callback: Callable | None = None, compute_dtype: torch.dtype | None = None, generator: str = "auto",
+             **sample_kwargs) -> Tokens:
     """Sample every step of ``schedule`` (T2V, T2I; I2V/V2V when ``condition`` holds the leading steps' bits,
-    which are teacher-forced while every step still draws, as the official sampler does)."""
+    which are teacher-forced while every step still draws, as the official sampler does).
+
+    ``generator``: "auto", "cpu" or "cuda", see :func:`resolve_generator_device`.
+    """
     from .sampler import sample
 
     teacher = None
@@ -223,19 +245,21 @@ def generate(transformer, text, schedule: Schedule, *, seed: int, guidance: Guid
         _check_condition(condition, schedule)
         teacher = condition.bits
     result = sample(transformer, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
-                    tau_video=tau_video, teacher_bits=teacher, callback=callback,
-                    compute_dtype=compute_dtype, **sample_kwargs)
+                    tau_video=tau_video, teacher_bits=teacher, callback=callback, compute_dtype=compute_dtype,
+                    generator_device=resolve_generator_device(generator, transformer), **sample_kwargs)
     return Tokens(result.bits, result.summed_codes.float().cpu(), schedule.pn, schedule.h_div_w, schedule.frames,
                   seed)
 
 
 def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
            guidance: GuidanceConfig = GuidanceConfig(), tau_image: float = 1.0, tau_video: float = 0.4,
-           callback: Callable | None = None, compute_dtype: torch.dtype | None = None, **sample_kwargs) -> Tokens:
+           callback: Callable | None = None, compute_dtype: torch.dtype | None = None, generator: str = "auto",
+           **sample_kwargs) -> Tokens:
     """Append ``clips`` video clips (80 frames each) to complete ``tokens`` (a video or an image).
 
     Earlier clips are kept bit for bit; only their last steps are replayed to rebuild the reference chain, so
     the cost is one forward per previous clip plus the new clips' steps. The models were trained up to 10 s.
+    ``generator``: "auto", "cpu" or "cuda", see :func:`resolve_generator_device`.
     """
     from .sampler import sample
 
@@ -247,8 +271,8 @@ def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
                          "can be extended")
     schedule = build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips))
     result = sample(transformer, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
-                    tau_video=tau_video, prefix_bits=tokens.bits, callback=callback,
-                    compute_dtype=compute_dtype, **sample_kwargs)
+                    tau_video=tau_video, prefix_bits=tokens.bits, callback=callback, compute_dtype=compute_dtype,
+                    generator_device=resolve_generator_device(generator, transformer), **sample_kwargs)
     return Tokens(result.bits, result.summed_codes.float().cpu(), schedule.pn, schedule.h_div_w, schedule.frames,
                   seed)
 

@@ -48,6 +48,33 @@ def test_duration_rules_follow_the_released_models():
     assert P.resolve_schedule("0.06M", "16:9", 15, model_info=_info("unknown")).frames == 241
 
 
+def test_generator_device_follows_the_model(models, monkeypatch):
+    transformer = models[0]
+    assert P.resolve_generator_device("auto", transformer) == "cpu"
+    assert P.resolve_generator_device("cpu", transformer) == "cpu"
+    with pytest.raises(ValueError, match="one of"):
+        P.resolve_generator_device("gpu", transformer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        P.resolve_generator_device("cuda", transformer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert P.resolve_generator_device("cuda", transformer) == "cuda"
+
+
+def test_generator_choice_reaches_the_sampler(models, monkeypatch):
+    import infinitystar.sampler as S
+
+    transformer, _, _, te = models
+    seen = []
+    original = S.sample
+    monkeypatch.setattr(S, "sample", lambda *a, **k: seen.append(k["generator_device"]) or original(*a, **k))
+    tokens = P.generate(transformer, te.encode("x", duration_s=0), P.resolve_schedule("0.06M", "1:1", 0), seed=1,
+                        generator="cpu")
+    with pytest.raises(ValueError, match="generator must be one of"):
+        P.extend(transformer, te.encode("x"), tokens, seed=0, generator="tpu")
+    assert seen == ["cpu"]
+
+
 def test_tokens_roundtrip_and_errors(t2v, tmp_path):
     path = t2v.save(tmp_path / "t.safetensors")
     back = P.Tokens.load(path)
