@@ -125,7 +125,8 @@ class Session:
         from .guidance import GuidanceConfig
 
         a = self.args
-        return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video)
+        return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video,
+                    generator=a.generator)
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         from .video_io import write_mp4, write_png
@@ -245,6 +246,9 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--tau-video", type=float, default=0.4)
     p.add_argument("--dtype", choices=list(DTYPES), help="transformer block storage (default bf16 on CUDA, else fp32)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--generator", choices=list(P.GENERATOR_CHOICES), default="auto",
+                   help="where the bits are drawn: auto = a CUDA generator on GPU, like the official code; "
+                        "cpu = the same bits on any device for the same logits")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
 

@@ -120,3 +120,14 @@ def test_video_input_uses_whole_5s_clips(tmp_path, monkeypatch):
     assert seen["frames"] == 81 and seen["clips"] == 1 and seen["seed"] == 5 and seen["first"] < 8
     with pytest.raises(ValueError, match="5 s"):
         cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 5), 5)
+
+
+def test_generator_option_on_every_sampling_command():
+    from infinitystar.cli import build_parser
+
+    parser = build_parser()
+    for command in ("generate", "demo", "extend"):
+        assert parser.parse_args([command]).generator == "auto"
+        assert parser.parse_args([command, "--generator", "cpu"]).generator == "cpu"
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--generator", "tpu"])
