@@ -32,6 +32,17 @@ def guidance_inputs(prefix_tooltip: str = "") -> list:
     ]
 
 
+GENERATORS = ("auto", "cpu")
+
+
+def generator_input() -> io.Combo.Input:
+    """Where the bits are drawn; optional and last, so saved workflows' widget values keep their places."""
+    return io.Combo.Input("generator", options=list(GENERATORS), default="auto", optional=True,
+                          tooltip="auto = draw the bits on the GPU like the official code (fast; the same bits "
+                                  "as the official code on the same GPU). cpu = device-independent draws: the "
+                                  "same seed and logits give the same bits on any device.")
+
+
 def guidance_config(guidance_scale: float, apg_threshold: float, use_plain_cfg: bool):
     from ..infinitystar.guidance import GuidanceConfig
 
@@ -85,8 +96,7 @@ class InfinityStarSampler(io.ComfyNode):
                                        "for the 480p weights (longer: InfinityStar Extend). Cost grows with "
                                        "every clip."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seeds the one CPU generator all steps draw from, so a seed gives the same "
-                                     "tokens on any device."),
+                             tooltip="Seeds the one generator all steps draw from (where it draws: 'generator')."),
                 *guidance_inputs(),
                 io.Float.Input("tau_image", default=1.0, min=0.01, max=5.0, step=0.01,
                                tooltip="Sampling temperature of the first (image) clip; 1.0 is official."),
@@ -94,6 +104,7 @@ class InfinityStarSampler(io.ComfyNode):
                                tooltip="Optional first frame for image-to-video: it is encoded and its tokens "
                                        "are teacher-forced (resized to cover, center-cropped). Needs 'vae'."),
                 T.VAE.Input("vae", optional=True, tooltip="Video tokenizer, needed only with start_image."),
+                generator_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -110,7 +121,7 @@ class InfinityStarSampler(io.ComfyNode):
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, resolution: str, aspect_ratio: str,
                 duration: str, seed: int, guidance_scale: float, apg_threshold: float, use_plain_cfg: bool,
                 tau_video: float, tau_image: float, start_image: torch.Tensor | None = None,
-                vae: T.LoadedVAE | None = None) -> io.NodeOutput:
+                vae: T.LoadedVAE | None = None, generator: str = "auto") -> io.NodeOutput:
         from ..infinitystar import pipeline
 
         seconds = DURATIONS[duration]
@@ -132,7 +143,7 @@ class InfinityStarSampler(io.ComfyNode):
             return pipeline.generate(module, positive.select(seconds), schedule, seed=seed, guidance=guidance,
                                      tau_image=tau_image, tau_video=tau_video, condition=condition,
                                      callback=progress, compute_dtype=model.compute_dtype,
-                                     attn_backend=model.attention)
+                                     attn_backend=model.attention, generator=generator)
 
         return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None)))
 

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from . import host
 from . import types as T
-from .sampling import guidance_config, guidance_inputs, image_to_uint8, run_transformer
+from .sampling import generator_input, guidance_config, guidance_inputs, image_to_uint8, run_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class InfinityStarExtend(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds the new clips' draws (earlier clips draw nothing)."),
                 *guidance_inputs(),
+                generator_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -121,7 +122,8 @@ class InfinityStarExtend(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, clips: int, seed: int,
-                guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float) -> io.NodeOutput:
+                guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float,
+                generator: str = "auto") -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP, build_schedule
 
@@ -136,6 +138,7 @@ class InfinityStarExtend(io.ComfyNode):
         def extend(module, progress):
             return pipeline.extend(module, positive.select(min(seconds, TRAINED_SECONDS)), tokens, clips,
                                    seed=seed, guidance=guidance, tau_video=tau_video, callback=progress,
-                                   compute_dtype=model.compute_dtype, attn_backend=model.attention)
+                                   compute_dtype=model.compute_dtype, attn_backend=model.attention,
+                                   generator=generator)
 
         return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None)))

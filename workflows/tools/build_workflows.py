@@ -63,8 +63,8 @@ PROMPT_EXTEND = "The camera keeps moving forward as the scene continues naturall
 
 SIZES = {
     "InfinityStarModelLoader": [340, 130], "InfinityStarTextEncoderLoader": [340, 82],
-    "InfinityStarVAELoader": [340, 82], "InfinityStarTextEncode": [420, 260], "InfinityStarSampler": [340, 334],
-    "InfinityStarDecode": [250, 78], "InfinityStarEncode": [300, 150], "InfinityStarExtend": [320, 230],
+    "InfinityStarVAELoader": [340, 82], "InfinityStarTextEncode": [420, 260], "InfinityStarSampler": [340, 358],
+    "InfinityStarDecode": [250, 78], "InfinityStarEncode": [300, 150], "InfinityStarExtend": [320, 254],
     "CreateVideo": [220, 78], "SaveVideo": [420, 420], "SaveImage": [420, 420], "LoadImage": [300, 330],
     "LoadVideo": [300, 340], "GetVideoComponents": [220, 66], "ImageScaleBy": [280, 82],
     "UpscaleModelLoader": [300, 58], "ImageUpscaleWithModel": [240, 46], "MarkdownNote": [420, 420],
