@@ -4,92 +4,19 @@ progress arrives over the websocket and ``POST /interrupt`` stops a run. Needs C
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
+from comfy_server import PACK_FOLDER, Server, running_server
 
-REPO = Path(__file__).resolve().parents[2]
-PACK_FOLDER = "ComfyUI-InfinityStar"
-START_TIMEOUT = 240  # first start compiles bytecode and creates the database
 RUN_TIMEOUT = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, base: Path, log: Path):
-        self.url, self.proc, self.base, self.log = url, proc, base, log
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, payload: dict | None = None):
-        data = json.dumps(payload or {}).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else {})
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
 
 
 @pytest.fixture(scope="module")
 def server(comfy, tiny_models, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_server")
-    (base / "custom_nodes").mkdir()  # --base-directory expects it
-    packs = base / "packs"
-    packs.mkdir()
-    (packs / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
-    config = base / "extra_model_paths.yaml"
-    config.write_text(f"infinitystar_tests:\n  base_path: {base}\n  custom_nodes: {packs}\n"
-                      f"  infinitystar: {tiny_models['root']}\n")
-    port = _free_port()
-    log = base / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--extra-model-paths-config", str(config),
-           "--database-url", "sqlite:///:memory:", "--disable-all-custom-nodes",
-           "--whitelist-custom-nodes", PACK_FOLDER]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=os.environ["COMFYUI_PATH"], stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", proc, base, log)
-    try:
-        deadline = time.time() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{srv.log_tail()}")
-            try:
-                srv.get("/system_stats")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not start in {START_TIMEOUT} s:\n{srv.log_tail()}")
-                time.sleep(1)
+    with running_server(tmp_path_factory.mktemp("comfy_server"), tiny_models["root"], http_timeout=30) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _prompt(duration: str, seed: int = 1) -> dict:

@@ -1,0 +1,93 @@
+"""A real ComfyUI server for the host tests: ``main.py --cpu`` on 127.0.0.1 (a free port), loading this
+repository as its only custom-node pack through an extra-model-paths file. Needs COMFYUI_PATH."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_FOLDER = "ComfyUI-InfinityStar"
+START_TIMEOUT = 240  # first start compiles bytecode and creates the database
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, base: Path, log: Path, http_timeout: float):
+        self.url, self.proc, self.base, self.log = url, proc, base, log
+        self.http_timeout = http_timeout
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=self.http_timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload: dict | None = None):
+        data = json.dumps(payload or {}).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.http_timeout) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else {})
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+@contextlib.contextmanager
+def running_server(base: Path, models_root: Path, http_timeout: float = 60) -> Iterator[Server]:
+    """Start ComfyUI with ``base`` as its base directory and ``models_root`` as the infinitystar model folder;
+    wait until it answers, yield it, and stop it."""
+    (base / "custom_nodes").mkdir(exist_ok=True)  # --base-directory expects it
+    packs = base / "packs"
+    packs.mkdir(exist_ok=True)
+    (packs / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"infinitystar_tests:\n  base_path: {base}\n  custom_nodes: {packs}\n"
+                      f"  infinitystar: {models_root}\n")
+    port = free_port()
+    log = base / "server.log"
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--extra-model-paths-config", str(config),
+           "--database-url", "sqlite:///:memory:", "--disable-all-custom-nodes",
+           "--whitelist-custom-nodes", PACK_FOLDER]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=os.environ["COMFYUI_PATH"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", proc, base, log, http_timeout)
+    try:
+        deadline = time.time() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                srv.get("/system_stats")
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not start in {START_TIMEOUT} s:\n{srv.log_tail()}")
+                time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
