@@ -9,19 +9,13 @@ spatial size. Used to calibrate infinitystar/vae/memory.py.
 from __future__ import annotations
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from infinitystar.memory import measure_peak_bytes
 from infinitystar.vae import VaeConfig, VideoTokenizer, estimate_decode_memory, estimate_encode_memory
 
 
 def peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+    return measure_peak_bytes(fn)[1]
 
 
 def main() -> None:

@@ -9,3 +9,14 @@ def tiny_models(tmp_path_factory):
     from infinitystar.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: on a small shared CPU, thread synchronisation costs more than the convolutions."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,8 +5,8 @@ memory records (profile_memory=True), ordered by op start time.
 """
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from infinitystar.memory import measure_peak_bytes
 from infinitystar.vae import VaeConfig, VideoTokenizer, estimate_decode_memory, estimate_encode_memory
 from infinitystar.vae.memory import choose_decode_chunk
 
@@ -14,22 +14,13 @@ CFG = VaeConfig(block_out_channels=(8, 8, 16, 16, 16))
 
 
 def peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+    return measure_peak_bytes(fn)[1]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def tok(single_thread):
     torch.manual_seed(0)
-    yield VideoTokenizer(CFG).eval()
-    torch.set_num_threads(n)
+    return VideoTokenizer(CFG).eval()
 
 
 def _codes(t):

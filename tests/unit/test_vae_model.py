@@ -8,13 +8,7 @@ from infinitystar.vae.chunking import plan_decode_chunks, plan_encode_chunks
 CFG = VaeConfig(block_out_channels=(8, 8, 16, 16, 16))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny tensors: on a small shared CPU, thread synchronisation costs more than the convs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,9 @@ CFG = VaeConfig(block_out_channels=(8, 8, 16, 16, 16))
 
 
 @pytest.fixture(scope="module")
-def tok():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def tok(single_thread):
     torch.manual_seed(0)
-    yield VideoTokenizer(CFG).eval()
-    torch.set_num_threads(n)
+    return VideoTokenizer(CFG).eval()
 
 
 def test_single_tile_equals_full_decode(tok):
