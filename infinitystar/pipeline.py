@@ -213,7 +213,9 @@ def resolve_generator_device(choice: str, transformer) -> str:
     if choice not in GENERATOR_CHOICES:
         raise ValueError(f"generator must be one of {list(GENERATOR_CHOICES)}, got {choice!r}")
     if choice == "auto":
-        return "cuda" if transformer.word_embed.weight.device.type == "cuda" else "cpu"
+        from .sampler import model_device
+
+        return "cuda" if model_device(transformer).type == "cuda" else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("generator 'cuda' was asked for but CUDA is not available; use 'auto' or 'cpu'")
     return choice

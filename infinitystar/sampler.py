@@ -100,7 +100,8 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _model_device(model: InfinityStarTransformer) -> torch.device:
+def model_device(model: InfinityStarTransformer) -> torch.device:
+    """Where the transformer runs: the device of its (fp32) input embedding."""
     return model.word_embed.weight.device
 
 
@@ -118,7 +119,7 @@ class _Runner:
     def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16,
                  chunk_tokens=None, compile=False):
         self.model, self.schedule = model, schedule
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
         self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
