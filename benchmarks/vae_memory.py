@@ -8,10 +8,15 @@ spatial size. Used to calibrate infinitystar/vae/memory.py.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
-from infinitystar.memory import measure_peak_bytes
-from infinitystar.vae import VaeConfig, VideoTokenizer, estimate_decode_memory, estimate_encode_memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from infinitystar.memory import measure_peak_bytes  # noqa: E402
+from infinitystar.vae import VaeConfig, VideoTokenizer, estimate_decode_memory, estimate_encode_memory  # noqa: E402
 
 
 def peak_bytes(fn) -> int:
