@@ -6,6 +6,11 @@ and gives ours/official ratios on a CPU. Prints a markdown table per run.
 
     python benchmarks/bench_generate.py --device cuda --config full --cases 720p5,480p5,480p10 --weights fp8
     python benchmarks/bench_generate.py --device cpu --config mid --official /path/to/InfinityStar
+    python benchmarks/bench_generate.py --device cuda --config full --cases 480p5 --official PATH --parity
+
+``--parity`` (with ``--official``) runs the official sampler free, then ours teacher-forced with the
+bits it drew, and checks every step's logits against its (relative L2 error, benchmarks/parity.py);
+it exits with status 1 when a step exceeds ``--parity-tol``.
 
 Columns: total s (text step + every AR step, no decode), s/step of the steps of the three largest
 scales, visual tokens per second (one CFG branch, repetitions counted), peak memory (CUDA:
@@ -38,9 +43,9 @@ from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 
 MID = TransformerConfig(depth=4, block_chunks=2, width=512, num_heads=8, num_kv_heads=2, mlp_hidden=2048,
                         text_channels=2048)
-CONFIGS = {"full": TRANSFORMER_PRESETS["8b"], "mid": MID}
+CONFIGS = {"full": TRANSFORMER_PRESETS["8b"], "mid": MID, "tiny": TRANSFORMER_PRESETS["tiny"]}
 NAMED_CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81)}
-DEFAULT_CASES = {"full": "720p5,480p5,480p10", "mid": "mid5"}
+DEFAULT_CASES = {"full": "720p5,480p5,480p10", "mid": "mid5", "tiny": "mid5"}
 WEIGHT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
                  "fp32": torch.float32}
 TEXT_TOKENS = 64
@@ -164,14 +169,34 @@ def timed(name, impl, run, schedule, device, clock, memory_run) -> Result:
                   codes=codes.float().cpu())
 
 
+def _chunk(args):
+    return None if args.chunk in ("0", "none") else ("auto" if args.chunk == "auto" else int(args.chunk))
+
+
+def _text_features(config, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(TEXT_TOKENS, config.text_channels) * 0.5
+
+
+def official_runner(official_mod, config, device, model, pn, frames, sched):
+    """The official model on ``device`` with our model's weights (fp8 storage handed over as bf16)."""
+    import official
+
+    state = model.state_dict()
+    if any(v.dtype.itemsize == 1 for v in state.values()):  # the official code cannot store fp8
+        state = {k: v.to(torch.bfloat16) if v.dtype.itemsize == 1 else v for k, v in state.items()}
+    oargs = official.official_args(official_mod, pn, frames, device.type == "cuda", sched.image_repetition,
+                                   sched.video_repetition, sched.semantic_scales, sched.detail_scale_min_tokens)
+    return official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)
+
+
 def run_case(args, config, device, name, pn, frames, official_mod) -> list[Result]:
     sched = build_schedule(pn, "16:9", frames, num_scales=args.num_scales)
     weights = WEIGHT_DTYPES[args.weights]
-    torch.manual_seed(args.seed)
-    cond = torch.randn(TEXT_TOKENS, config.text_channels) * 0.5
+    cond = _text_features(config, args.seed)
     model = build_model(config, device, weights, args.seed)
-    chunk = None if args.chunk in ("0", "none") else ("auto" if args.chunk == "auto" else int(args.chunk))
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    chunk = _chunk(args)
+    compute = _compute_dtype(device)
     clock = StepClock(device)
     restore = _wrap_head(model, "head_logits", clock)
     sync_warnings: list = []
@@ -200,16 +225,8 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     if args.check_syncs and device.type == "cuda":
         results[0].extra["syncs"] = len(sync_warnings)
     if official_mod is not None:
-        import official
-
-        state = {k: v for k, v in model.state_dict().items()}
-        if weights.itemsize == 1:  # the official code cannot store fp8: give it the same values in bf16
-            state = {k: v.to(torch.bfloat16) if v.dtype.itemsize == 1 else v for k, v in state.items()}
+        runner = official_runner(official_mod, config, device, model, pn, frames, sched)
         del model
-        oargs = official.official_args(official_mod, pn, frames, device.type == "cuda", sched.image_repetition,
-                                       sched.video_repetition, sched.semantic_scales, sched.detail_scale_min_tokens)
-        runner = official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)
-        del state
         clock = StepClock(device)
         restore = _wrap_head(runner.model, "get_logits_during_infer", clock)
         if args.warmup:
@@ -218,6 +235,48 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
                              not args.no_memory))
         restore()
     return results
+
+
+def parity_case(args, config, device, name, pn, frames, official_mod):
+    """Official free run, then ours teacher-forced with its bits; returns a parity.ParityReport."""
+    import parity
+
+    sched = build_schedule(pn, "16:9", frames)
+    cond = _text_features(config, args.seed)
+    model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed)
+    runner = official_runner(official_mod, config, device, model, pn, frames, sched)
+    model.to("cpu")  # room for the official run (a no-op on a CPU)
+    _empty_cache(device)
+    start = time.perf_counter()
+    logits, bits = parity.run_official(runner, cond, args.seed, sched)
+    t_official = time.perf_counter() - start
+    del runner
+    _empty_cache(device)
+    model.to(device)
+    report = parity.ParityReport(name, args.parity_tol)
+
+    def progress(e):
+        print(f"  {name} step {e.index:3d} (clip {e.clip}, scale {e.si:2d}, rep {e.rep}, {e.tokens:6d} tokens): "
+              f"rel L2 cond {e.cond:.3e} uncond {e.uncond:.3e}, draws agree {100 * e.draws_agree:.3f} %",
+              file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    parity.compare_ours(model, cond, sched, args.seed, logits, bits, report, progress=progress,
+                        generator_device=device.type, compute_dtype=_compute_dtype(device),
+                        attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
+    t_ours = time.perf_counter() - start
+    report.notes.append(f"official free run {t_official:.1f} s (with capture), ours teacher-forced "
+                        f"{t_ours:.1f} s (with comparison); {sched.num_steps} steps, pn {pn}, {frames} frames")
+    return report
+
+
+def _compute_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _empty_cache(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def format_table(results: list[Result]) -> str:
@@ -262,10 +321,16 @@ def parse_args(argv=None):
     p.add_argument("--warmup", action="store_true", help="run each implementation once before timing")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the profiled memory run")
     p.add_argument("--check-syncs", action="store_true", help="CUDA: count host-device syncs in our step loop")
+    p.add_argument("--parity", action="store_true",
+                   help="instead of timing: compare our teacher-forced per-step logits with the official ones "
+                        "(needs --official; exits 1 when a step is above --parity-tol)")
+    p.add_argument("--parity-tol", type=float, default=None,
+                   help="largest relative L2 error of a step's logits (default 2e-2)")
+    p.add_argument("--parity-csv", default=None, help="write every step's errors to this CSV file")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> str:
+def _setup(argv):
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -277,26 +342,60 @@ def main(argv=None) -> str:
                          "on a CPU use --config mid")
     if args.official and args.num_scales:
         raise SystemExit("--num-scales cannot be applied to the official code; drop it with --official")
+    if args.parity and not args.official:
+        raise SystemExit("--parity compares with the official code: give --official PATH")
     args.weights = args.weights or ("fp8" if device.type == "cuda" else "fp32")
     if args.attention == "auto":  # resolve before the official code may register a flash_attn stand-in
         from infinitystar.attention import available_backends
 
         args.attention = "flash" if device.type == "cuda" and "flash" in available_backends() else "sdpa"
-    config = CONFIGS[args.config]
     official_mod = None
     if args.official:
         import official
 
         official_mod = official.import_official(args.official)
+    return args, device, CONFIGS[args.config], official_mod
+
+
+def _settings_line(args, config, device) -> str:
+    return (f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
+            f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
+            f"compile {args.compile}; {machine_line(device)}")
+
+
+def run_parity(argv=None):
+    """``--parity`` runs: returns (printed text, list of parity.ParityReport)."""
+    return _parity_runs(*_setup(argv))
+
+
+def _parity_runs(args, device, config, official_mod):
+    import parity
+
+    args.parity_tol = parity.DEFAULT_TOL if args.parity_tol is None else args.parity_tol
+    reports = []
+    for name, pn, frames in parse_cases(args.cases or DEFAULT_CASES[args.config]):
+        reports.append(parity_case(args, config, device, name, pn, frames, official_mod))
+        _empty_cache(device)
+    if args.parity_csv:
+        parity.write_csv(reports, args.parity_csv)
+    text = "\n\n".join(parity.format_report(r) for r in reports) + "\n\n" + _settings_line(args, config, device)
+    print(text, flush=True)
+    return text, reports
+
+
+def main(argv=None) -> str:
+    args, device, config, official_mod = _setup(argv)
+    if args.parity:
+        text, reports = _parity_runs(args, device, config, official_mod)
+        if not all(r.passed for r in reports):
+            raise SystemExit(1)
+        return text
     results = []
     for name, pn, frames in parse_cases(args.cases or DEFAULT_CASES[args.config]):
         results.extend(run_case(args, config, device, name, pn, frames, official_mod))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _empty_cache(device)
     table = format_table(results)
-    notes = [f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
-             f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
-             f"compile {args.compile}; {machine_line(device)}"]
+    notes = [_settings_line(args, config, device)]
     syncs = [f"{r.case}: {r.extra['syncs']}" for r in results if "syncs" in r.extra]
     if syncs:
         notes.append("host-device syncs in our step loop: " + ", ".join(syncs))

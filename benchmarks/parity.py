@@ -1,0 +1,194 @@
+"""Teacher-forced per-step logits of our sampler against the official one (issue 7's parity check).
+
+The official sampler runs free once. Every step's raw head output (``get_logits_during_infer``,
+before 1/tau: (2, L, 2d) fp32, [cond, uncond]) is kept on the CPU, and so are the bits its one
+``torch.multinomial`` call per step drew (spec §5.3: ``probs.view(-1, 2)`` of the whole step, so
+the draw is the step's (1, t, h, w, d) bits in row-major order). Our sampler then runs with those
+bits as teacher bits, so both implementations see the same inputs at every step, and each step's
+logits are compared as they come out: relative L2 error ||ours - official|| / ||official||, per
+guidance branch. Our own draws are compared too: with equal logits and the same seeded generator
+they equal the official draws, which checks that the capture above is in the right order.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from infinitystar.sampler import TextCondition, sample
+from infinitystar.schedule import Schedule
+
+DEFAULT_TOL = 2e-2  # issue 7: relative L2 error of the per-step logits, bf16 on a GPU
+
+
+@dataclass
+class StepError:
+    index: int
+    clip: int
+    si: int
+    rep: int
+    tokens: int
+    cond: float  # relative L2 error of the conditional branch's logits
+    uncond: float  # same for the unconditional branch
+    draws_agree: float  # fraction of our drawn bits equal to the official draw of this step
+
+    @property
+    def worst(self) -> float:
+        return max(self.cond, self.uncond)
+
+
+@dataclass
+class ParityReport:
+    case: str
+    tol: float
+    steps: list[StepError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def worst(self) -> StepError:
+        return max(self.steps, key=lambda s: (s.worst if math.isfinite(s.worst) else math.inf))
+
+    @property
+    def failing(self) -> list[StepError]:
+        return [s for s in self.steps if not s.worst <= self.tol]  # NaN counts as failing
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.steps) and not self.failing
+
+
+def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """||ours - ref|| / ||ref|| in float64; 0 when both are zero, inf when only ref is."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"shapes differ: ours {tuple(ours.shape)}, official {tuple(ref.shape)}")
+    ref64 = ref.detach().to("cpu", torch.float64)
+    diff = torch.linalg.vector_norm(ours.detach().to("cpu", torch.float64) - ref64).item()
+    den = torch.linalg.vector_norm(ref64).item()
+    if den == 0:
+        return 0.0 if diff == 0 else math.inf
+    return diff / den
+
+
+@contextlib.contextmanager
+def capture_multinomial(store: list):
+    """Record every ``torch.multinomial`` output (as uint8 on the CPU) while the block runs."""
+    real = torch.multinomial
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        store.append(out.detach().to(torch.uint8).cpu())
+        return out
+
+    torch.multinomial = spy
+    try:
+        yield store
+    finally:
+        torch.multinomial = real
+
+
+@contextlib.contextmanager
+def capture_calls(obj, attr: str, store: list):
+    """Record a CPU fp32 copy of every output of ``obj.attr(...)`` while the block runs."""
+    inner = getattr(obj, attr)
+
+    def spy(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        store.append(out.detach().to("cpu", torch.float32, copy=True))
+        return out
+
+    setattr(obj, attr, spy)
+    try:
+        yield store
+    finally:
+        setattr(obj, attr, inner)
+
+
+def bits_per_step(draws: Sequence[torch.Tensor], schedule: Schedule) -> list[torch.Tensor]:
+    """One multinomial output per step -> that step's (1, t, h, w, d) uint8 bits."""
+    if len(draws) != schedule.num_steps:
+        raise ValueError(f"captured {len(draws)} multinomial calls, the schedule has {schedule.num_steps} steps")
+    out = []
+    for draw, step in zip(draws, schedule.steps):
+        shape = (1, step.t, step.h, step.w, step.d)
+        if draw.numel() != math.prod(shape):
+            raise ValueError(f"step {step.index}: draw of {draw.numel()} bits, expected {shape}")
+        out.append(draw.reshape(shape))
+    return out
+
+
+def run_official(runner, cond: torch.Tensor, seed: int, schedule: Schedule):
+    """Free-running official generation -> (per-step logits on CPU, per-step bits on CPU)."""
+    logits: list[torch.Tensor] = []
+    draws: list[torch.Tensor] = []
+    with capture_calls(runner.model, "get_logits_during_infer", logits), capture_multinomial(draws):
+        runner.run(cond, seed)
+    if len(logits) != schedule.num_steps:
+        raise ValueError(f"official code ran {len(logits)} head calls, the schedule has {schedule.num_steps} steps")
+    return logits, bits_per_step(draws, schedule)
+
+
+def compare_ours(model, cond: torch.Tensor, schedule: Schedule, seed: int, official_logits: list,
+                 official_bits: list[torch.Tensor], report: ParityReport,
+                 progress: Callable[[StepError], None] | None = None, **sample_kwargs) -> ParityReport:
+    """Our sampler teacher-forced with the official bits; compares each step's logits on the fly.
+
+    ``official_logits`` entries are dropped (set to None) once compared, so the CPU copy of a large
+    run shrinks while ours runs.
+    """
+
+    def hook(rec):
+        i = rec.step.index
+        ref, official_logits[i] = official_logits[i], None
+        ours = rec.logits.detach().to("cpu", torch.float32)
+        agree = (rec.drawn.detach().cpu() == official_bits[i]).float().mean().item()
+        err = StepError(i, rec.step.clip, rec.step.si, rec.step.rep, rec.step.num_tokens,
+                        rel_l2(ours[0], ref[0]), rel_l2(ours[1], ref[1]), agree)
+        report.steps.append(err)
+        if progress is not None:
+            progress(err)
+
+    sample(model, TextCondition(cond), schedule, seed=seed, teacher_bits=official_bits, step_hook=hook,
+           **sample_kwargs)
+    return report
+
+
+TABLE = ["step", "clip", "scale", "rep", "tokens", "rel L2 cond", "rel L2 uncond", "draws agree"]
+
+
+def _row(s: StepError) -> str:
+    return (f"| {s.index} | {s.clip} | {s.si} | {s.rep} | {s.tokens:,} | {s.cond:.3e} | {s.uncond:.3e} | "
+            f"{100 * s.draws_agree:.3f} % |")
+
+
+def format_report(report: ParityReport, worst: int = 8) -> str:
+    """Summary line (PASS/FAIL), then the ``worst`` steps by error."""
+    if not report.steps:
+        return f"parity {report.case}: no steps compared: FAIL"
+    w = report.worst
+    same = sum(s.draws_agree == 1.0 for s in report.steps)
+    mean_agree = sum(s.draws_agree for s in report.steps) / len(report.steps)
+    lines = [
+        f"parity {report.case}: max rel L2 {w.worst:.3e} at step {w.index} (clip {w.clip}, scale {w.si}, "
+        f"rep {w.rep}, {w.tokens:,} tokens); {len(report.failing)}/{len(report.steps)} steps above "
+        f"{report.tol:g}; our draws equal the official ones at {same}/{len(report.steps)} steps "
+        f"(per-step mean {100 * mean_agree:.3f} % of bits): {'PASS' if report.passed else 'FAIL'}",
+        *report.notes, "",
+        "| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE),
+    ]
+    ranked = sorted(report.steps, key=lambda s: -s.worst if math.isfinite(s.worst) else -math.inf)
+    lines += [_row(s) for s in ranked[:worst]]
+    return "\n".join(lines)
+
+
+def write_csv(reports: Sequence[ParityReport], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["case", "step", "clip", "scale", "rep", "tokens", "rel_l2_cond", "rel_l2_uncond",
+                      "draws_agree"])
+        for report, s in ((r, s) for r in reports for s in r.steps):
+            out.writerow([report.case, s.index, s.clip, s.si, s.rep, s.tokens, f"{s.cond:.6e}", f"{s.uncond:.6e}",
+                          f"{s.draws_agree:.6f}"])

@@ -1,0 +1,144 @@
+"""benchmarks/parity.py (teacher-forced per-step logits vs the official sampler, issue 7).
+
+The helpers are checked on synthetic tensors and against our own sampler; the end-to-end smoke run
+needs an official checkout and its dependencies (INFINITYSTAR_OFFICIAL_PATH) and is skipped otherwise.
+"""
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def parity():
+    return _load("parity")
+
+
+def test_rel_l2(parity):
+    ref = torch.tensor([3.0, 4.0])
+    assert parity.rel_l2(ref + torch.tensor([0.3, 0.4]), ref) == pytest.approx(0.1, rel=1e-6)
+    assert parity.rel_l2(ref.clone(), ref) == 0.0
+    assert parity.rel_l2(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert parity.rel_l2(torch.ones(2), torch.zeros(2)) == math.inf
+    with pytest.raises(ValueError, match="shapes differ"):
+        parity.rel_l2(torch.zeros(3), torch.zeros(2))
+
+
+def test_captured_draws_reshape_like_the_sampler(parity):
+    """One multinomial per step, captured and reshaped by the schedule, equals what draw_bits returned."""
+    from infinitystar.sampler import draw_bits
+    from infinitystar.schedule import build_schedule
+
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=4)
+    gen = torch.Generator().manual_seed(3)
+    captured, returned = [], []
+    with parity.capture_multinomial(captured):
+        for step in sched.steps:
+            guided = torch.randn(1, step.num_tokens, 2 * step.d, generator=gen) * 3
+            returned.append(draw_bits(guided, (1, step.t, step.h, step.w, step.d), gen))
+    assert torch.multinomial is not None and torch.multinomial.__name__ == "multinomial"  # restored
+    bits = parity.bits_per_step(captured, sched)
+    assert len(bits) == sched.num_steps
+    for b, r in zip(bits, returned):
+        assert b.dtype == torch.uint8 and torch.equal(b, r)
+    with pytest.raises(ValueError, match="schedule has"):
+        parity.bits_per_step(captured[:-1], sched)
+    with pytest.raises(ValueError, match="expected"):
+        parity.bits_per_step([captured[-1]] + captured[1:], sched)
+
+
+def test_report_pass_fail_and_csv(parity, tmp_path):
+    rep = parity.ParityReport("x", tol=2e-2)
+    for i, err in enumerate([1e-3, 3e-2, float("nan"), 0.0]):
+        rep.steps.append(parity.StepError(i, 0, i, 0, 10, err, 0.0, 1.0))
+    assert [s.index for s in rep.failing] == [1, 2] and not rep.passed
+    text = parity.format_report(rep)
+    assert "FAIL" in text and "2/4 steps above" in text
+    ok = parity.ParityReport("y", tol=2e-2, steps=rep.steps[:1])
+    assert ok.passed and "PASS" in parity.format_report(ok)
+    assert not parity.ParityReport("z", tol=1.0).passed  # nothing compared
+    parity.write_csv([rep, ok], str(tmp_path / "p.csv"))
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(lines) == 1 + 5 and lines[2].startswith("x,1,") and lines[-1].startswith("y,0,")
+
+
+def test_compare_ours_against_its_own_free_run(parity, single_thread):
+    """Our free run stands in for the official one: zero error; a perturbed step is the only failure."""
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.sampler import TextCondition, sample
+    from infinitystar.schedule import build_schedule
+    from infinitystar.transformer import InfinityStarTransformer
+
+    torch.manual_seed(0)
+    config = TRANSFORMER_PRESETS["tiny"]
+    model = InfinityStarTransformer(config).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=3)
+    cond = torch.randn(7, config.text_channels)
+    logits, draws = [], []
+    with parity.capture_multinomial(draws):
+        sample(model, TextCondition(cond), sched, seed=5, step_hook=lambda r: logits.append(r.logits.clone()))
+    bits = parity.bits_per_step(draws, sched)
+    k = sched.num_steps - 2
+    logits[k] = logits[k].clone()  # an inference tensor until cloned outside inference mode
+    noise = torch.randn_like(logits[k][1])
+    want = noise.norm().item() / (logits[k][1] + noise).norm().item()
+    logits[k][1] += noise
+
+    rep = parity.compare_ours(model, cond, sched, 5, logits, bits, parity.ParityReport("self", tol=1e-3))
+    assert [s.index for s in rep.steps] == list(range(sched.num_steps))
+    assert all(x is None for x in logits)  # released as compared
+    assert [s.index for s in rep.failing] == [k] and not rep.passed
+    assert rep.steps[k].uncond == pytest.approx(want, rel=1e-6) and rep.steps[k].cond == 0.0
+    assert all(s.worst == 0.0 and s.draws_agree == 1.0 for s in rep.steps if s.index != k)
+
+
+@pytest.fixture
+def official_path():
+    path = os.environ.get("INFINITYSTAR_OFFICIAL_PATH")
+    if not path:
+        pytest.skip("set INFINITYSTAR_OFFICIAL_PATH to an official InfinityStar checkout to run the parity smoke test")
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    try:
+        official = _load("official")
+        official.import_official(path)
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"official code not importable here: {e}")
+    yield path
+    # the official import registers a flash_attn stand-in and its own packages: drop them again
+    sys.path[:] = saved_path
+    for name in set(sys.modules) - saved_modules:
+        if name.split(".")[0] in ("flash_attn", "infinity"):
+            del sys.modules[name]
+
+
+def test_parity_with_official_tiny_cpu(official_path, single_thread):
+    bench = _load("bench_generate")
+    _, reports = bench.run_parity(["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81",
+                                   "--official", official_path, "--parity", "--threads", "1"])
+    (rep,) = reports
+    assert len(rep.steps) == 61  # image clip + one video clip of the 0.06M schedule
+    assert rep.worst.worst < 1e-4, parity_summary(rep)
+    # a wrong capture order would leave about half of the bits equal
+    assert sum(s.draws_agree for s in rep.steps) / len(rep.steps) > 0.99
+
+
+def parity_summary(rep):
+    return f"worst step {rep.worst.index}: cond {rep.worst.cond:.3e}, uncond {rep.worst.uncond:.3e}"
