@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import platform
 import sys
 import time
@@ -229,10 +230,13 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
         del model
         clock = StepClock(device)
         restore = _wrap_head(runner.model, "get_logits_during_infer", clock)
-        if args.warmup:
-            runner.run(cond, args.seed)
-        results.append(timed(name, "official", lambda: runner.run(cond, args.seed), sched, device, clock,
-                             not args.no_memory))
+        try:
+            if args.warmup:
+                runner.run(cond, args.seed)
+            results.append(timed(name, "official", lambda: runner.run(cond, args.seed), sched, device, clock,
+                                 not args.no_memory))
+        except torch.OutOfMemoryError as e:  # keep our row (the official code needs ~65 GB at 720p)
+            results[0].extra["official"] = f"official code out of memory ({str(e).splitlines()[0]})"
         restore()
     return results
 
@@ -251,6 +255,7 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     logits, bits = parity.run_official(runner, cond, args.seed, sched)
     t_official = time.perf_counter() - start
     del runner
+    gc.collect()  # the official model holds its K/V caches; free them before ours runs
     _empty_cache(device)
     model.to(device)
     report = parity.ParityReport(name, args.parity_tol)
@@ -277,6 +282,15 @@ def _compute_dtype(device):
 def _empty_cache(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _init_cuda(device):
+    """Create the CUDA context and the cuBLAS/SDPA handles before anything is timed."""
+    if device.type != "cuda":
+        return
+    x = torch.randn(2, 4, 256, 64, device=device, dtype=torch.bfloat16)
+    torch.nn.functional.scaled_dot_product_attention(x, x, x)
+    (x[0, 0] @ x[0, 0].T).float().sum().item()
 
 
 def format_table(results: list[Result]) -> str:
@@ -354,6 +368,7 @@ def _setup(argv):
         import official
 
         official_mod = official.import_official(args.official)
+    _init_cuda(device)
     return args, device, CONFIGS[args.config], official_mod
 
 
@@ -390,12 +405,19 @@ def main(argv=None) -> str:
         if not all(r.passed for r in reports):
             raise SystemExit(1)
         return text
-    results = []
+    results, notes = [], [_settings_line(args, config, device)]
     for name, pn, frames in parse_cases(args.cases or DEFAULT_CASES[args.config]):
-        results.extend(run_case(args, config, device, name, pn, frames, official_mod))
+        try:
+            results.extend(run_case(args, config, device, name, pn, frames, official_mod))
+        except torch.OutOfMemoryError as e:  # keep the other cases' rows (the official code at 720p, say)
+            notes.append(f"{name}: out of memory ({str(e).splitlines()[0]})")
+            print(notes[-1], file=sys.stderr, flush=True)
+        gc.collect()
         _empty_cache(device)
+        if results:  # partial table in the log, in case a later case is killed
+            print(format_table(results), file=sys.stderr, flush=True)
     table = format_table(results)
-    notes = [_settings_line(args, config, device)]
+    notes += [f"{r.case}: {r.extra['official']}" for r in results if "official" in r.extra]
     syncs = [f"{r.case}: {r.extra['syncs']}" for r in results if "syncs" in r.extra]
     if syncs:
         notes.append("host-device syncs in our step loop: " + ", ".join(syncs))
