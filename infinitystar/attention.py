@@ -7,7 +7,9 @@ flash-attn call; ``round_qkv_bf16`` reproduces that rounding for fp32 runs.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 
 import torch
@@ -64,6 +66,40 @@ def _sage(q, k, v, scale):
     return sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
 
 
+def _resolve(backend: str, q: torch.Tensor) -> str:
+    if backend == "auto":  # flash-attn 3/2 for half-precision CUDA tensors when installed, else SDPA
+        return "flash" if _half_cuda(q) and "flash" in _available() else "sdpa"
+    return backend
+
+
+def _half_cuda(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _sdpa_gqa_device(index: int) -> bool:
+    # torch >= 2.5 takes GQA K/V in SDPA (enable_gqa); its flash kernel needs sm80+
+    return ("enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+            and torch.cuda.get_device_capability(index) >= (8, 0))
+
+
+def native_gqa(q: torch.Tensor, backend: str = "sdpa") -> bool:
+    """Whether :func:`attend` hands GQA K/V to the kernel as they are, without a copy per query head.
+
+    flash-attn always does; CUDA SDPA does for fp16/bf16 with head_dim ≤ 256 on sm80+ when its flash
+    kernel is enabled (``enable_gqa``; other SDPA kernels either take it too or are skipped, so the
+    call never falls back to the quadratic-memory math kernel). CPU keeps the repeat: it is the
+    official code's arithmetic, bit for bit.
+    """
+    backend = _resolve(backend, q)
+    if not _half_cuda(q) or backend == "sage":
+        return False
+    if backend == "flash":
+        return True
+    return (q.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled()
+            and _sdpa_gqa_device(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
            round_qkv_bf16: bool = True) -> torch.Tensor:
     """Full (unmasked) attention.
@@ -72,9 +108,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     q's dtype. With ``round_qkv_bf16`` fp32 inputs are rounded to bf16 and attended in fp32
     (parity with the official fp32 runs); bf16 inputs are unchanged by it.
     """
-    if backend == "auto":  # flash-attn 3/2 for half-precision CUDA tensors when installed, else SDPA
-        backend = "flash" if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-                              and "flash" in _available()) else "sdpa"
+    backend = _resolve(backend, q)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS} "
                          f"(installed: {available_backends()})")
@@ -93,6 +127,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     if backend != "sdpa":
         # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
         logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
+    if groups > 1 and native_gqa(q, "sdpa"):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).to(dtype)
     out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
     return out.to(dtype)
 
@@ -101,13 +137,10 @@ def prepare_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str =
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V as :func:`attend` will use them, for attending many query blocks to the same K/V.
 
-    SDPA needs K/V repeated to the query heads; doing it once instead of once per query block
-    saves the copies (flash-attn takes GQA K/V as they are). Exact: ``attend`` does the same.
+    Where the kernel cannot take GQA K/V (see :func:`native_gqa`) they must be repeated to the query
+    heads; doing it once instead of once per query block saves the copies. Exact: ``attend`` does the same.
     """
     groups = q.shape[1] // k.shape[1]
-    if backend == "auto":
-        backend = "flash" if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-                              and "flash" in _available()) else "sdpa"
-    if groups == 1 or (backend == "flash" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)):
+    if groups == 1 or native_gqa(q, backend):
         return k, v
     return _expand_kv(k, groups), _expand_kv(v, groups)

@@ -3,6 +3,12 @@
 The official model caches the post-RoPE K and V (KV heads, before GQA expansion) of every scale
 at its last repetition; a visual step attends to [reference scales] + [text 't0'] + itself. Here
 only entries that a later step will read are stored, and each is released after its last reader.
+
+Offload (``offload=True``): reference-scale entries live in host memory (pinned when they come from
+CUDA) and are copied back into each step's context, layer by layer. For 10 s videos the last scale
+of clip 1 is read by every clip-2 step and is the largest single tensor of a run (≈ 10 GB at 480p);
+host memory holds it for the price of one host-to-device copy per layer and step. The text entry is
+small and read by every step, so it stays on the device. Exact: only copies.
 """
 from __future__ import annotations
 
@@ -16,31 +22,46 @@ TEXT_KEY = "t0"
 class ScaleKVCache:
     """K/V tensors (B, Nkv, L, D) keyed by step key ('t0' or a scale index), one dict per layer."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, offload: bool = False):
         self._k: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
         self._v: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
-        self.peak_nbytes = 0  # largest nbytes() seen after a store
+        self.offload = offload
+        self.peak_nbytes = 0  # largest device-resident nbytes() seen after a store
+        self.peak_offloaded_nbytes = 0  # largest host-resident (offloaded) bytes seen after a store
         self._nbytes = 0
+        self._offloaded = 0
 
     def store(self, key: Hashable, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if key in self._k[layer]:
-            self._nbytes -= _size(self._k[layer][key]) + _size(self._v[layer][key])
+            self._forget(layer, key)
+        if self.offload and key != TEXT_KEY:
+            k, v = _to_host(k), _to_host(v)
+            self._offloaded += _size(k) + _size(v)
+        else:
+            self._nbytes += _size(k) + _size(v)
         self._k[layer][key] = k
         self._v[layer][key] = v
-        self._nbytes += _size(k) + _size(v)
         self.peak_nbytes = max(self.peak_nbytes, self._nbytes)
+        self.peak_offloaded_nbytes = max(self.peak_offloaded_nbytes, self._offloaded)
 
     def gather(self, layer: int, keys: Sequence[Hashable]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Cached K and V of ``keys`` (in that order) for one layer."""
+        """Cached K and V of ``keys`` (in that order) for one layer, where they are stored (host if offloaded)."""
         missing = [key for key in keys if key not in self._k[layer]]
         if missing:
             raise KeyError(f"KV cache has no entry for {missing} at layer {layer}; stored: {self.keys()}")
         return [self._k[layer][key] for key in keys], [self._v[layer][key] for key in keys]
 
     def release(self, key: Hashable) -> None:
-        for d in (*self._k, *self._v):
-            t = d.pop(key, None)
-            if t is not None:
+        for layer in range(len(self._k)):
+            if key in self._k[layer]:
+                self._forget(layer, key)
+
+    def _forget(self, layer: int, key: Hashable) -> None:
+        for d in (self._k[layer], self._v[layer]):
+            t = d.pop(key)
+            if self.offload and key != TEXT_KEY:
+                self._offloaded -= _size(t)
+            else:
                 self._nbytes -= _size(t)
 
     def keys(self) -> list[Hashable]:
@@ -49,13 +70,40 @@ class ScaleKVCache:
     def clear(self) -> None:
         for d in (*self._k, *self._v):
             d.clear()
-        self._nbytes = 0
+        self._nbytes = self._offloaded = 0
 
     def nbytes(self) -> int:
+        """Bytes resident where the model runs (offloaded entries excluded)."""
         return self._nbytes
+
+    def offloaded_nbytes(self) -> int:
+        return self._offloaded
 
     def __contains__(self, key: Hashable) -> bool:
         return bool(self._k) and key in self._k[0]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of t; from CUDA into pinned memory without a sync (same-stream ordering keeps it safe)."""
+    cuda = t.device.type == "cuda"
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
+    return host.copy_(t, non_blocking=cuda)
+
+
+def concat_to(parts: Sequence[torch.Tensor], device: torch.device, dim: int = 2) -> torch.Tensor:
+    """``torch.cat`` on ``device`` of parts that may live on the host (offloaded K/V): one allocation,
+    each part copied into its slice (asynchronously from pinned memory)."""
+    if all(p.device == device for p in parts):
+        return torch.cat(list(parts), dim=dim)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    out = torch.empty(shape, dtype=parts[0].dtype, device=device)
+    start = 0
+    for p in parts:
+        n = p.shape[dim]
+        out.narrow(dim, start, n).copy_(p, non_blocking=p.is_pinned())
+        start += n
+    return out
 
 
 def _size(t: torch.Tensor) -> int:

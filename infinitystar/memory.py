@@ -61,13 +61,14 @@ CHUNK_BUDGET = 1 << 30  # bytes for one token block's MLP intermediates ("auto" 
 
 def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, d: int, batch: int,
                           dtype: torch.dtype, chunk_tokens: int | None = None,
-                          round_qkv_bf16: bool | None = None) -> int:
+                          round_qkv_bf16: bool | None = None, native_gqa: bool = False) -> int:
     """Transient bytes of one step of ``tokens`` tokens attending to ``context`` keys (one block live).
 
     Mirrors :class:`infinitystar.transformer.Block`: the block input and its output (or the normed
     input, unchunked) are whole, the reference+text+own K/V are whole, and the query/MLP/head
     intermediates are (batch, n, ·) for token blocks of n = ``chunk_tokens`` (n = tokens unchunked).
     ``round_qkv_bf16`` (default: fp32 compute) adds the bf16-rounded fp32 copies of q, k, v.
+    ``native_gqa``: the attention kernel reads the KV heads as they are (no copy repeated to the query heads).
     """
     b, f = _nbytes(dtype), 4
     C, H = config.width, config.mlp_hidden
@@ -81,7 +82,7 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     ctx_kv = 2 * batch * context * kvw * b
     norm = batch * n * C * (b + 2 * f)  # RMSNorm output and its two fp32 temporaries
     q = 2 * batch * n * qw * b  # projection, normed/rotated
-    expanded = ctx_kv * config.kv_groups if config.kv_groups > 1 else 0  # K/V repeated to the query heads
+    expanded = ctx_kv * config.kv_groups if config.kv_groups > 1 and not native_gqa else 0  # K/V per query head
     out = 3 * batch * n * C * b  # attention output, its (B, n, C) copy, o_proj output
     rounding = (batch * n * qw + (ctx_kv // b if n == L else 0)) * f * 3 // 2 if round_qkv_bf16 else 0
     attn = stream + ctx_kv + expanded + (own_kv if n == L else 0) + (norm if n < L else 0) + q + out + rounding
@@ -96,22 +97,41 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
 
 def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batch: int = 2,
                              dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS,
-                             chunk_tokens: int | str | None = "auto") -> int:
+                             chunk_tokens: int | str | None = "auto", offload_kv: bool = False,
+                             native_gqa: bool | None = None) -> int:
     """Peak bytes of a run (weights excluded) for the schedule, CFG batch and block compute dtype.
 
     ``chunk_tokens`` as in :func:`infinitystar.sampler.sample` ("auto", a token count, None = off).
+    ``offload_kv``: reference-scale K/V kept in host memory (only the text K/V stays; each step still
+    holds its whole context while it runs). ``native_gqa``: the attention reads GQA K/V without repeating
+    it (default: half-precision compute, i.e. CUDA SDPA/flash-attn; see :func:`attention.native_gqa`).
     """
     if chunk_tokens == "auto":
         chunk_tokens = auto_chunk_tokens(config, batch, dtype)
+    if native_gqa is None:
+        native_gqa = dtype in (torch.float16, torch.bfloat16)
     kv = 2 * config.depth * batch * config.num_kv_heads * config.head_dim * _nbytes(dtype)
-    kv *= kv_peak_tokens(schedule, text_tokens)
+    kv *= text_tokens if offload_kv else kv_peak_tokens(schedule, text_tokens)
     act = 0
     for step in schedule.steps:
         context = step.num_tokens + text_tokens + sum(_tokens(schedule, si) for si in step.ref_sids)
-        act = max(act, step_activation_bytes(config, step.num_tokens, context, step.d, batch, dtype, chunk_tokens))
+        act = max(act, step_activation_bytes(config, step.num_tokens, context, step.d, batch, dtype, chunk_tokens,
+                                             native_gqa=native_gqa))
     accumulators = sum(4 * config.codebook_dim * t * h * w for t, h, w in
                        (schedule.clip_size(c) for c in range(schedule.num_clips)))
     return kv + act + accumulators
+
+
+def choose_kv_offload(config: TransformerConfig, schedule: Schedule, available: int, batch: int = 2,
+                      dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS,
+                      chunk_tokens: int | str | None = "auto", native_gqa: bool | None = None) -> bool:
+    """Whether to keep the reference K/V in host memory: only when the run does not fit ``available``
+    bytes (free device memory after the weights) with it resident, and offloading lowers the peak."""
+    kw = dict(batch=batch, dtype=dtype, text_tokens=text_tokens, chunk_tokens=chunk_tokens, native_gqa=native_gqa)
+    resident = estimate_sampling_memory(config, schedule, **kw)
+    if resident <= available:
+        return False
+    return estimate_sampling_memory(config, schedule, offload_kv=True, **kw) < resident
 
 
 def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int]:

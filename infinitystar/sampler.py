@@ -41,7 +41,8 @@ class SampleResult:
     bits: list[torch.Tensor]  # per step, uint8 (1, t, h, w, d) on CPU
     accumulators: list[torch.Tensor]  # per clip, fp32 (1, 64, T_clip, H, W)
     summed_codes: torch.Tensor  # accumulators concatenated along T: (1, 64, T_total, H, W)
-    kv_peak_bytes: int = 0  # largest K/V cache size during the run
+    kv_peak_bytes: int = 0  # largest device-resident K/V cache size during the run
+    kv_offloaded_bytes: int = 0  # largest K/V kept in host memory (offload_kv)
 
 
 @dataclass
@@ -95,6 +96,29 @@ def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dt
     return int(chunk_tokens) if chunk_tokens else None
 
 
+def resolve_offload_kv(offload_kv: bool | str, model: InfinityStarTransformer, schedule: Schedule,
+                       text: TextCondition, dtype: torch.dtype, chunk_tokens: int | None) -> bool:
+    """``"auto"``: keep reference K/V in host memory only on CUDA and only when the run would not fit the
+    device's free memory otherwise (:func:`infinitystar.memory.choose_kv_offload`)."""
+    if offload_kv != "auto":
+        if not isinstance(offload_kv, bool):
+            raise ValueError(f"offload_kv must be True, False or 'auto', got {offload_kv!r}")
+        return offload_kv
+    device = model_device(model)
+    if device.type != "cuda":
+        return False
+    from .memory import choose_kv_offload
+
+    free, _ = torch.cuda.mem_get_info(device)
+    available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    offload = choose_kv_offload(model.config, schedule, available, dtype=dtype, text_tokens=text.cond.shape[0],
+                                chunk_tokens=chunk_tokens)
+    if offload:
+        logger.info("reference K/V kept in host memory: the run would not fit the %.1f GB free on %s otherwise",
+                    available / 1e9, device)
+    return offload
+
+
 def default_compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 blocks on CUDA (the official layout), fp32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -117,14 +141,15 @@ class _Runner:
     """State of one generation: KV cache, accumulators, schedule bookkeeping."""
 
     def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16,
-                 chunk_tokens=None, compile=False):
+                 chunk_tokens=None, compile=False, offload_kv: bool | str = False):
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
         self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
         self.compile = compile
-        self.cache = ScaleKVCache(model.config.depth)
+        offload = resolve_offload_kv(offload_kv, model, schedule, text, self.dtype, self.chunk_tokens)
+        self.cache = ScaleKVCache(model.config.depth, offload=offload)
         self.last_use = schedule.ref_last_use()
         self.accumulators: list[torch.Tensor] = []
         self.text = text
@@ -189,7 +214,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
            step_hook: Callable[[StepRecord], None] | None = None, generator_device: str = "cpu",
            compute_dtype: torch.dtype | None = None, attn_backend: str = "sdpa",
            round_qkv_bf16: bool = True, chunk_tokens: int | str | None = "auto",
-           compile: bool = False) -> SampleResult:
+           compile: bool = False, offload_kv: bool | str = "auto") -> SampleResult:
     """Generate the bits of every step of ``schedule``.
 
     teacher_bits: bits (t, h, w, d) or (1, t, h, w, d) of the first N steps; they replace the drawn
@@ -206,10 +231,13 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
       this many tokens (exact; bounds the activations, see infinitystar.memory); "auto" sizes the
       block from ``memory.CHUNK_BUDGET``, None or 0 disables it.
     compile: run each block's feed-forward through torch.compile (off by default).
+    offload_kv: keep the reference scales' K/V in host memory (exact; costs one host-to-device copy of
+      the references per layer and step); "auto" does it on CUDA only when the run would not fit otherwise.
     generator_device: where the bits are drawn; "cuda" with a CUDA model keeps the loop free of
       host-device syncs (the official sampler uses a CUDA generator); "cpu" matches the CPU goldens.
     """
-    runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16, chunk_tokens, compile)
+    runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16, chunk_tokens, compile,
+                     offload_kv)
     generator = torch.Generator(generator_device).manual_seed(int(seed))
     teacher = list(teacher_bits or [])
     bits_out: list[torch.Tensor] = []
@@ -239,6 +267,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                     callback(step.index, schedule.num_steps, runner.accumulators)
         accs = runner.accumulators
         bits_out = _to_cpu(bits_out)
-        return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes)
+        return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes,
+                            runner.cache.peak_offloaded_nbytes)
     finally:
         runner.cache.clear()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .attention import attend, prepare_kv
 from .config import FP32_MODULES, TransformerConfig
-from .kv_cache import ScaleKVCache
+from .kv_cache import ScaleKVCache, concat_to
 from .rope import apply_rope
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class Attention(nn.Module):
             if ctx.store_key is not None:
                 ctx.cache.store(ctx.store_key, layer, k, v)
             if ctx.ref_keys:
-                ks, vs = ctx.cache.gather(layer, ctx.ref_keys)
-                k, v = torch.cat([*ks, k], dim=2), torch.cat([*vs, v], dim=2)
+                ks, vs = ctx.cache.gather(layer, ctx.ref_keys)  # offloaded entries come from the host
+                k, v = concat_to([*ks, k], k.device), concat_to([*vs, v], v.device)
         return k, v
 
     def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,

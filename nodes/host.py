@@ -114,11 +114,25 @@ def make_patcher(module: torch.nn.Module, kind: str):
     return patcher
 
 
-def sampling_memory(config, schedule, compute_dtype: torch.dtype) -> int:
-    """Bytes of activations + K/V cache for one generation (batch 2: conditional and unconditional)."""
-    from ..infinitystar.memory import estimate_sampling_memory
+def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype) -> tuple[int, bool]:
+    """(bytes to ask ComfyUI for, keep the reference K/V in host memory?) for one generation (CFG batch 2).
 
-    return int(estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype))
+    The reference K/V goes to host memory only when weights + activations + K/V would not fit the device
+    even with every other model evicted: one copy of the clip-1 reference per clip-2 step costs less than
+    streaming the blocks through partial loading on every step. What is left over still goes to ComfyUI's
+    partial loading.
+    """
+    from ..infinitystar.memory import choose_kv_offload, estimate_sampling_memory
+
+    device = torch.device(patcher.load_device)
+    offload = False
+    if device.type not in ("cpu", "mps"):  # host memory is the device's memory there
+        room = mm.get_total_memory(device) - mm.minimum_inference_memory() - patcher.model_size()
+        offload = choose_kv_offload(config, schedule, room, dtype=compute_dtype)
+        if offload:
+            logger.info("InfinityStar: the reference K/V of this %d-clip run is kept in host memory to fit %s",
+                        schedule.num_clips, device)
+    return int(estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype, offload_kv=offload)), offload
 
 
 def free_memory_for(patcher) -> int:

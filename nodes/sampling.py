@@ -65,11 +65,11 @@ def pick_resolution(resolution: str, info) -> str:
 
 
 def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None):
-    """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, callback)``."""
-    memory = host.sampling_memory(model.info.config, schedule, model.compute_dtype)
+    """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, callback, offload_kv)``."""
+    memory, offload_kv = host.sampling_plan(model.patcher, model.info.config, schedule, model.compute_dtype)
     progress = host.StepProgress(schedule.num_steps, node_id=node_id)
     with host.loaded(model.patcher, memory) as module:
-        return fn(module, progress)
+        return fn(module, progress, offload_kv)
 
 
 class InfinityStarSampler(io.ComfyNode):
@@ -139,11 +139,11 @@ class InfinityStarSampler(io.ComfyNode):
                 condition = pipeline.encode_image(tokenizer, image_to_uint8(start_image)[0], schedule, seed=seed)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
 
-        def sample(module, progress):
+        def sample(module, progress, offload_kv):
             return pipeline.generate(module, positive.select(seconds), schedule, seed=seed, guidance=guidance,
                                      tau_image=tau_image, tau_video=tau_video, condition=condition,
                                      callback=progress, compute_dtype=model.compute_dtype,
-                                     attn_backend=model.attention, generator=generator)
+                                     attn_backend=model.attention, generator=generator, offload_kv=offload_kv)
 
         return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None)))
 

@@ -135,10 +135,10 @@ class InfinityStarExtend(io.ComfyNode):
         schedule = build_schedule(tokens.pn, tokens.h_div_w, frames)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
 
-        def extend(module, progress):
+        def extend(module, progress, offload_kv):
             return pipeline.extend(module, positive.select(min(seconds, TRAINED_SECONDS)), tokens, clips,
                                    seed=seed, guidance=guidance, tau_video=tau_video, callback=progress,
                                    compute_dtype=model.compute_dtype, attn_backend=model.attention,
-                                   generator=generator)
+                                   generator=generator, offload_kv=offload_kv)
 
         return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None)))

@@ -257,6 +257,35 @@ def test_partial_load_matches_full_load(pack, comfy, loaded, core):
     assert torch.equal(full.summed_codes, part.summed_codes)
 
 
+def test_sampling_plan_offloads_reference_kv_only_when_the_device_is_too_small(pack, comfy, core, monkeypatch):
+    """The plan the sampler node hands ComfyUI for the 8B model at 480p 10 s on a CUDA device of a given size
+    (ComfyUI's memory queries patched: there is no GPU here); on the CPU it never offloads."""
+    host = pack.host
+    config = core("config").TRANSFORMER_PRESETS["8b"]
+    memory = core("memory")
+    schedule = core("schedule").build_schedule("480p", "16:9", 161)
+    fp8_weights = 8_768_382_112
+
+    class Patcher:
+        load_device = torch.device("cuda", 0)
+
+        def model_size(self):
+            return fp8_weights
+
+    monkeypatch.setattr(comfy, "minimum_inference_memory", lambda: 2**30)
+    plans = {}
+    for gb in (16, 24, 80):
+        monkeypatch.setattr(comfy, "get_total_memory", lambda dev=None, torch_total_too=False, gb=gb: gb * 2**30)
+        plans[gb] = host.sampling_plan(Patcher(), config, schedule, torch.bfloat16)
+    resident = memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16)
+    offloaded = memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16, offload_kv=True)
+    assert plans[80] == (resident, False) and plans[24] == (resident, False)
+    assert plans[16] == (offloaded, True) and fp8_weights + offloaded <= 16e9
+    Patcher.load_device = torch.device("cpu")
+    assert host.sampling_plan(Patcher(), config, schedule, torch.bfloat16) == (
+        memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16), False)
+
+
 def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):
     import comfy.utils as comfy_utils
 

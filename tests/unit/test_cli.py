@@ -5,6 +5,7 @@ import sys
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from infinitystar.cli import main
@@ -131,3 +132,27 @@ def test_generator_option_on_every_sampling_command():
         assert parser.parse_args([command, "--generator", "cpu"]).generator == "cpu"
         with pytest.raises(SystemExit):
             parser.parse_args([command, "--generator", "tpu"])
+
+
+@pytest.mark.slow
+def test_offload_kv_gives_the_same_tokens(t2v, tiny_models):
+    from infinitystar.pipeline import Tokens
+
+    out = t2v / "offload.safetensors"
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "5",
+               "--prompt", "a red fox running through snow", "--seed", "3", "--out", str(t2v / "offload.mp4"),
+               "--save-tokens", str(out), "--offload-kv", "on"])
+    assert rc == 0
+    a, b = Tokens.load(t2v / "t2v.safetensors"), Tokens.load(out)
+    assert len(a.bits) == len(b.bits) and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+
+
+def test_offload_kv_option():
+    from infinitystar.cli import build_parser
+
+    parser = build_parser()
+    for command in ("generate", "demo", "extend"):
+        assert parser.parse_args([command]).offload_kv == "auto"
+        assert parser.parse_args([command, "--offload-kv", "on"]).offload_kv == "on"
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--offload-kv", "maybe"])

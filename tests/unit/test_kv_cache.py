@@ -21,3 +21,29 @@ def test_store_gather_release_and_peak():
         cache.gather(0, [10])
     cache.clear()
     assert cache.keys() == [] and cache.nbytes() == 0
+
+
+def test_offload_keeps_scales_on_the_host_and_text_resident():
+    cache = ScaleKVCache(num_layers=2, offload=True)
+    k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    per_layer = 2 * k.numel() * 4
+    for layer in range(2):
+        cache.store(TEXT_KEY, layer, k, v)
+        cache.store(7, layer, k, v)
+    assert cache.nbytes() == 2 * per_layer  # text only
+    assert cache.offloaded_nbytes() == 2 * per_layer and cache.peak_offloaded_nbytes == 2 * per_layer
+    ks, vs = cache.gather(0, [7, TEXT_KEY])
+    assert ks[1] is k and ks[0] is not k and torch.equal(ks[0], k) and torch.equal(vs[0], v)  # a host copy
+    k.add_(1)  # the copy does not alias the step's tensor, which the caller goes on using
+    assert not torch.equal(cache.gather(0, [7])[0][0], k)
+    cache.store(7, 0, k, v)  # overwrite: accounted once
+    assert cache.offloaded_nbytes() == 2 * per_layer
+    cache.release(7)
+    assert 7 not in cache and cache.offloaded_nbytes() == 0 and cache.nbytes() == 2 * per_layer
+
+
+def test_concat_to_equals_cat():
+    from infinitystar.kv_cache import concat_to
+
+    parts = [torch.randn(2, 1, n, 4) for n in (3, 1, 5)]
+    assert torch.equal(concat_to(parts, torch.device("cpu")), torch.cat(parts, dim=2))

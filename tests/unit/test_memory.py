@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from infinitystar.config import TRANSFORMER_PRESETS
@@ -29,3 +30,38 @@ def test_kv_part_matches_a_measured_run():
     per_token = 2 * TINY.depth * 2 * TINY.num_kv_heads * TINY.head_dim * 4  # k+v, layers, CFG batch, fp32
     assert out.kv_peak_bytes == per_token * kv_peak_tokens(sched, text_tokens=L)
     assert estimate_sampling_memory(TINY, sched, dtype=torch.float32, text_tokens=L) > out.kv_peak_bytes
+
+
+def test_offloaded_kv_run_is_identical_and_keeps_only_text_on_the_device():
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(TINY).eval()
+    sched = build_schedule("0.06M", "1:1", 161, image_repetition=(1,) * 6, video_repetition=(1,) * 6, num_scales=6)
+    L = 9
+    text = TextCondition(torch.randn(L, TINY.text_channels))
+    runs = {}
+    for offload in (False, True):
+        logits = []
+        out = sample(model, text, sched, seed=4, offload_kv=offload, step_hook=lambda r, out=logits: out.append(r.logits.clone()))
+        runs[offload] = (out, logits)
+    (a, la), (b, lb) = runs[False], runs[True]
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert all(torch.equal(x, y) for x, y in zip(la, lb))
+    per_token = 2 * TINY.depth * 2 * TINY.num_kv_heads * TINY.head_dim * 4
+    assert a.kv_offloaded_bytes == 0 and b.kv_peak_bytes == per_token * L
+    assert b.kv_peak_bytes + b.kv_offloaded_bytes >= a.kv_peak_bytes > b.kv_peak_bytes
+    assert sample(model, text, sched, seed=4, offload_kv="auto").kv_offloaded_bytes == 0  # CPU: never
+
+
+def test_offload_estimate_and_choice():
+    from infinitystar.memory import choose_kv_offload
+
+    s10 = build_schedule("480p", "16:9", 161)
+    full = estimate_sampling_memory(BIG, s10)
+    off = estimate_sampling_memory(BIG, s10, offload_kv=True)
+    ref = 2 * BIG.depth * 2 * BIG.num_kv_heads * BIG.head_dim * 2 * 31_800  # clip 1's last scale, bf16
+    assert full - off >= ref  # at least the clip-1 reference is gone from the device
+    assert not choose_kv_offload(BIG, s10, available=full + 1)
+    assert choose_kv_offload(BIG, s10, available=full - 1)
+    with pytest.raises(ValueError, match="offload_kv"):
+        sample(InfinityStarTransformer(TINY).eval(), TextCondition(torch.randn(3, TINY.text_channels)),
+               build_schedule("0.06M", "1:1", 1), seed=0, offload_kv="yes")

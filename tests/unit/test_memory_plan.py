@@ -118,6 +118,12 @@ def test_plan_fits_the_targets_on_the_estimate():
     assert weights + estimate_sampling_memory(big, s720, chunk_tokens=None) > 24e9
     s480 = build_schedule("480p", "16:9", 161)
     assert estimate_sampling_memory(big, s480) < estimate_sampling_memory(big, s480, chunk_tokens=None)
+    # 480p 10 s <= 16 GB with fp8 weights: with the clip-1 reference K/V in host memory, not without
+    assert weights + estimate_sampling_memory(big, s480, offload_kv=True) <= 16e9
+    assert weights + estimate_sampling_memory(big, s480) > 16e9
+    # and without relying on GQA-native attention kernels
+    assert weights + estimate_sampling_memory(big, s480, offload_kv=True, native_gqa=False) <= 16e9
+    assert weights + estimate_sampling_memory(big, s720, native_gqa=False) <= 24e9
 
 
 def test_prepare_kv_repeats_kv_heads_like_attend():
@@ -128,3 +134,26 @@ def test_prepare_kv_repeats_kv_heads_like_attend():
     kk, vv = prepare_kv(q, k, v)
     assert kk.shape == (2, 8, 11, 16) and torch.equal(kk[:, 5], k[:, 1])  # query head h uses KV head h // 4
     assert torch.equal(attend(q, kk, vv), attend(q, k, v))
+
+
+def test_native_gqa_only_where_the_kernel_takes_gqa():
+    from infinitystar.attention import native_gqa
+
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.zeros(1, 8, 2, 16, dtype=dtype)
+        assert not any(native_gqa(q, b) for b in ("auto", "sdpa", "flash", "sage"))  # CPU: official arithmetic
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_native_gqa_sdpa_matches_repeated_kv_on_cuda():
+    from infinitystar.attention import attend, native_gqa
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(2, 32, 300, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    assert native_gqa(q)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1))
+    got = attend(q, k, v).float()
+    assert (got - want).norm() / want.norm() < 1e-2

@@ -57,8 +57,8 @@ def test_callback_and_cleanup(model, text, monkeypatch):
     caches = []
 
     class Recorded(sampler_mod.ScaleKVCache):
-        def __init__(self, n):
-            super().__init__(n)
+        def __init__(self, n, **kw):
+            super().__init__(n, **kw)
             caches.append(self)
 
     monkeypatch.setattr(sampler_mod, "ScaleKVCache", Recorded)
