@@ -157,3 +157,23 @@ def test_native_gqa_sdpa_matches_repeated_kv_on_cuda():
         q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1))
     got = attend(q, k, v).float()
     assert (got - want).norm() / want.norm() < 1e-2
+
+
+def test_offload_estimate_matches_measured_device_share():
+    """Two clips: the measured peak minus what the cache holds in host memory (the clip-1 reference, alive
+    through every clip-2 step) against the offload estimate, same stated factor [0.7, 1.4]; and the
+    reference that leaves the device is what the resident estimate charges for it."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    cfg = TransformerConfig(depth=2, block_chunks=1, width=256, num_heads=4, num_kv_heads=2, mlp_hidden=1024,
+                            text_channels=32)
+    model = _model(cfg)
+    sched = build_schedule("0.06M", "16:9", 161, num_scales=8, image_repetition=(1,) * 8,
+                           video_repetition=(1,) * 8)
+    L = 7
+    text = TextCondition(torch.randn(L, cfg.text_channels))
+    out, peak = measure_peak_bytes(lambda: sample(model, text, sched, seed=0, chunk_tokens=256, offload_kv=True))
+    device_peak = peak - out.kv_offloaded_bytes
+    est = estimate_sampling_memory(cfg, sched, dtype=torch.float32, text_tokens=L, chunk_tokens=256, offload_kv=True)
+    assert 0.7 <= est / device_peak <= 1.4, (est, device_peak)
+    resident = estimate_sampling_memory(cfg, sched, dtype=torch.float32, text_tokens=L, chunk_tokens=256)
+    assert resident - est == pytest.approx(out.kv_offloaded_bytes, rel=0.05)
