@@ -199,8 +199,10 @@ def _preview(s: Session, args) -> Path | None:
 
     info = s.model_info()
     extra = estimate_sampling_memory(info.config, schedule)
+    offloaded = estimate_sampling_memory(info.config, schedule, offload_kv=True)
     print(f"weights: {info.variant}, {info.config.depth} blocks of width {info.config.width}; "
-          f"sampling needs ≈{extra / 2**30:.2f} GiB beyond the weights (bf16, CFG batch 2)")
+          f"sampling needs ≈{extra / 2**30:.2f} GiB beyond the weights (bf16, CFG batch 2), "
+          f"≈{offloaded / 2**30:.2f} GiB with --offload-kv on")
     for st in schedule.steps:
         print(f"  step {st.index:3d} clip {st.clip} scale {st.si:2d} rep {st.rep} t,h,w={st.t},{st.h},{st.w} "
               f"bits {st.d} tokens {st.num_tokens}")
