@@ -65,3 +65,16 @@ def test_offload_estimate_and_choice():
     with pytest.raises(ValueError, match="offload_kv"):
         sample(InfinityStarTransformer(TINY).eval(), TextCondition(torch.randn(3, TINY.text_channels)),
                build_schedule("0.06M", "1:1", 1), seed=0, offload_kv="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offloaded_kv_on_cuda_is_identical_and_pinned():
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(TINY).eval().cuda()
+    sched = build_schedule("0.06M", "1:1", 161, image_repetition=(1,) * 6, video_repetition=(1,) * 6, num_scales=6)
+    text = TextCondition(torch.randn(9, TINY.text_channels))
+    a = sample(model, text, sched, seed=4, offload_kv=False, compute_dtype=torch.bfloat16, generator_device="cuda")
+    b = sample(model, text, sched, seed=4, offload_kv=True, compute_dtype=torch.bfloat16, generator_device="cuda")
+    assert b.kv_offloaded_bytes > 0 and b.kv_peak_bytes < a.kv_peak_bytes
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
