@@ -12,9 +12,12 @@ small and read by every step, so it stays on the device. Exact: only copies.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 TEXT_KEY = "t0"
 
@@ -87,11 +90,24 @@ class ScaleKVCache:
         return bool(self._k) and key in self._k[0]
 
 
+_PIN_WARNED = False
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of t; from CUDA into pinned memory without a sync (same-stream ordering keeps it safe)."""
-    cuda = t.device.type == "cuda"
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
-    return host.copy_(t, non_blocking=cuda)
+    """A host copy of t; from CUDA into pinned memory without a sync (same-stream ordering keeps it safe).
+
+    When the system refuses to pin more memory, pageable memory and a blocking copy are used instead."""
+    if t.device.type == "cuda":
+        try:
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        except RuntimeError as e:
+            global _PIN_WARNED
+            if not _PIN_WARNED:
+                _PIN_WARNED = True
+                logger.warning("cannot pin host memory for offloaded K/V (%s); using pageable memory (slower)", e)
+        else:
+            return host.copy_(t, non_blocking=True)
+    return t.to("cpu", copy=True)
 
 
 def _empty_host_cache() -> None:
