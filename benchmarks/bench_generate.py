@@ -45,8 +45,10 @@ from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 MID = TransformerConfig(depth=4, block_chunks=2, width=512, num_heads=8, num_kv_heads=2, mlp_hidden=2048,
                         text_channels=2048)
 CONFIGS = {"full": TRANSFORMER_PRESETS["8b"], "mid": MID, "tiny": TRANSFORMER_PRESETS["tiny"]}
-NAMED_CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81)}
+NAMED_CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81),
+               "mid10": ("0.06M", 161)}
 DEFAULT_CASES = {"full": "720p5,480p5,480p10", "mid": "mid5", "tiny": "mid5"}
+OFFLOAD_KV = {"auto": "auto", "on": True, "off": False}
 WEIGHT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
                  "fp32": torch.float32}
 TEXT_TOKENS = 64
@@ -201,6 +203,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     clock = StepClock(device)
     restore = _wrap_head(model, "head_logits", clock)
     sync_warnings: list = []
+    offloaded = [0]
 
     def ours():
         with warnings.catch_warnings(record=True) as caught:
@@ -210,11 +213,12 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
             try:
                 out = sample(model, TextCondition(cond), sched, seed=args.seed, generator_device=device.type,
                              compute_dtype=compute, attn_backend=args.attention, chunk_tokens=chunk,
-                             compile=args.compile)
+                             compile=args.compile, offload_kv=OFFLOAD_KV[args.offload_kv])
             finally:
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
         sync_warnings[:] = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        offloaded[:] = [out.kv_offloaded_bytes]
         return out.summed_codes
 
     if args.warmup:
@@ -222,7 +226,11 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory)]
     restore()
     results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS,
-                                                   chunk_tokens=chunk)
+                                                   chunk_tokens=chunk, offload_kv=offloaded[0] > 0)
+    if device.type == "cuda":  # CUDA peaks count the resident weights too
+        results[0].estimate += sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if offloaded[0]:
+        results[0].extra["kv offload"] = f"{offloaded[0] / 1e9:.2f} GB of reference K/V kept in host memory"
     if args.check_syncs and device.type == "cuda":
         results[0].extra["syncs"] = len(sync_warnings)
     if official_mod is not None:
@@ -322,13 +330,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--config", default="mid", choices=sorted(CONFIGS))
-    p.add_argument("--cases", default=None, help="comma list: 720p5,480p5,480p10,mid5 or PN:FRAMES")
+    p.add_argument("--cases", default=None, help="comma list: 720p5,480p5,480p10,mid5,mid10 or PN:FRAMES")
     p.add_argument("--weights", default=None, choices=sorted(WEIGHT_DTYPES),
                    help="block weight storage (default fp8 on CUDA, fp32 on CPU)")
     p.add_argument("--official", default=None, help="path to an official InfinityStar checkout to time as well")
     p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"])
     p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
+    p.add_argument("--offload-kv", default="auto", choices=sorted(OFFLOAD_KV),
+                   help="keep reference K/V in host memory: auto = only when the run would not fit otherwise")
+    p.add_argument("--memory-cap-gb", type=float, default=None,
+                   help="CUDA: cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); a "
+                        "case that needs more fails with out of memory, which the table notes")
     p.add_argument("--num-scales", type=int, default=None, help="truncate each clip's pyramid (smoke runs)")
     p.add_argument("--seed", type=int, default=41)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -369,13 +382,19 @@ def _setup(argv):
 
         official_mod = official.import_official(args.official)
     _init_cuda(device)
+    if args.memory_cap_gb:
+        if device.type != "cuda":
+            raise SystemExit("--memory-cap-gb needs --device cuda (CPU peaks are measured, not capped)")
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 1e9 / total), device)
     return args, device, CONFIGS[args.config], official_mod
 
 
 def _settings_line(args, config, device) -> str:
+    cap = f", memory cap {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""
     return (f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
             f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
-            f"compile {args.compile}; {machine_line(device)}")
+            f"compile {args.compile}, offload_kv {args.offload_kv}{cap}; {machine_line(device)}")
 
 
 def run_parity(argv=None):
@@ -417,7 +436,7 @@ def main(argv=None) -> str:
         if results:  # partial table in the log, in case a later case is killed
             print(format_table(results), file=sys.stderr, flush=True)
     table = format_table(results)
-    notes += [f"{r.case}: {r.extra['official']}" for r in results if "official" in r.extra]
+    notes += [f"{r.case}: {r.extra[k]}" for r in results for k in ("official", "kv offload") if k in r.extra]
     syncs = [f"{r.case}: {r.extra['syncs']}" for r in results if "syncs" in r.extra]
     if syncs:
         notes.append("host-device syncs in our step loop: " + ", ".join(syncs))

@@ -109,8 +109,12 @@ def resolve_offload_kv(offload_kv: bool | str, model: InfinityStarTransformer, s
         return False
     from .memory import choose_kv_offload
 
-    free, _ = torch.cuda.mem_get_info(device)
-    available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # a cap set by the host or a benchmark
+    if fraction is not None:
+        available = min(available, int(fraction(device) * total) - allocated)
     offload = choose_kv_offload(model.config, schedule, available, dtype=dtype, text_tokens=text.cond.shape[0],
                                 chunk_tokens=chunk_tokens)
     if offload:
