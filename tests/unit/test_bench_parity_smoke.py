@@ -3,31 +3,18 @@
 The helpers are checked on synthetic tensors and against our own sampler; the end-to-end smoke run
 needs an official checkout and its dependencies (INFINITYSTAR_OFFICIAL_PATH) and is skipped otherwise.
 """
-import importlib.util
 import math
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def parity():
-    return _load("parity")
+    return load_benchmark("parity")
 
 
 def test_rel_l2(parity):
@@ -117,7 +104,7 @@ def official_path():
         pytest.skip("set INFINITYSTAR_OFFICIAL_PATH to an official InfinityStar checkout to run the parity smoke test")
     saved_path, saved_modules = list(sys.path), set(sys.modules)
     try:
-        official = _load("official")
+        official = load_benchmark("official")
         official.import_official(path)
     except (ImportError, FileNotFoundError) as e:
         pytest.skip(f"official code not importable here: {e}")
@@ -130,7 +117,7 @@ def official_path():
 
 
 def test_parity_with_official_tiny_cpu(official_path, single_thread):
-    bench = _load("bench_generate")
+    bench = load_benchmark("bench_generate")
     _, reports = bench.run_parity(["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81",
                                    "--official", official_path, "--parity", "--threads", "1"])
     (rep,) = reports

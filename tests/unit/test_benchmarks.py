@@ -1,20 +1,6 @@
 """Smoke runs of the benchmark scripts' main() in CPU mode with tiny settings (no timing assertions)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+from bench_loader import load_benchmark
 
 
 def _table(text):
@@ -25,7 +11,7 @@ def _table(text):
 
 
 def test_bench_generate_cpu_mid_smoke():
-    bench = _load("bench_generate")
+    bench = load_benchmark("bench_generate")
     text = bench.main(["--device", "cpu", "--config", "mid", "--cases", "480p5,mid5", "--num-scales", "2",
                        "--threads", "1"])
     header, rows = _table(text)
@@ -36,13 +22,13 @@ def test_bench_generate_cpu_mid_smoke():
 
 
 def test_bench_generate_refuses_full_on_cpu():
-    bench = _load("bench_generate")
+    bench = load_benchmark("bench_generate")
     with pytest.raises(SystemExit, match="needs a GPU"):
         bench.main(["--device", "cpu", "--config", "full"])
 
 
 def test_bench_decode_cpu_smoke():
-    bench = _load("bench_decode")
+    bench = load_benchmark("bench_decode")
     text = bench.main(["--device", "cpu", "--config", "mid", "--cells", "1x2", "--latents", "3",
                        "--chunks", "official,all", "--threads", "1"])
     header, rows = _table(text)

@@ -87,19 +87,23 @@ def test_cast_linear_matches_linear():
     assert lin(x).dtype == torch.bfloat16 and torch.equal(lin(x), want)
 
 
+def _measured_setup(frames: int):
+    """A mid-size GQA model, an 8-scale pyramid of ``frames`` frames and 7 text tokens, for profiled runs."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    cfg = TransformerConfig(depth=2, block_chunks=1, width=256, num_heads=4, num_kv_heads=2, mlp_hidden=1024,
+                            text_channels=32)
+    sched = build_schedule("0.06M", "16:9", frames, num_scales=8, image_repetition=(1,) * 8,
+                           video_repetition=(1,) * 8)
+    L = 7
+    return cfg, _model(cfg), sched, TextCondition(torch.randn(L, cfg.text_channels)), L
+
+
 def test_estimate_matches_measured_peak_and_plan_saves_memory():
     """Measured peak live tensor bytes (torch.profiler) of a mid-size CPU run vs the estimate.
 
     Stated factor: the estimate lies within [0.7, 1.4] x the measurement, with and without the plan.
     """
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    cfg = TransformerConfig(depth=2, block_chunks=1, width=256, num_heads=4, num_kv_heads=2, mlp_hidden=1024,
-                            text_channels=32)
-    model = _model(cfg)
-    sched = build_schedule("0.06M", "16:9", 81, num_scales=8, image_repetition=(1,) * 8,
-                           video_repetition=(1,) * 8)
-    L = 7
-    text = TextCondition(torch.randn(L, cfg.text_channels))
+    cfg, model, sched, text, L = _measured_setup(frames=81)
     measured = {}
     for chunk in (None, 256):
         _, peak = measure_peak_bytes(lambda c=chunk: sample(model, text, sched, seed=0, chunk_tokens=c))
@@ -163,14 +167,7 @@ def test_offload_estimate_matches_measured_device_share():
     """Two clips: the measured peak minus what the cache holds in host memory (the clip-1 reference, alive
     through every clip-2 step) against the offload estimate, same stated factor [0.7, 1.4]; and the
     reference that leaves the device is what the resident estimate charges for it."""
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    cfg = TransformerConfig(depth=2, block_chunks=1, width=256, num_heads=4, num_kv_heads=2, mlp_hidden=1024,
-                            text_channels=32)
-    model = _model(cfg)
-    sched = build_schedule("0.06M", "16:9", 161, num_scales=8, image_repetition=(1,) * 8,
-                           video_repetition=(1,) * 8)
-    L = 7
-    text = TextCondition(torch.randn(L, cfg.text_channels))
+    cfg, model, sched, text, L = _measured_setup(frames=161)
     out, peak = measure_peak_bytes(lambda: sample(model, text, sched, seed=0, chunk_tokens=256, offload_kv=True))
     device_peak = peak - out.kv_offloaded_bytes
     est = estimate_sampling_memory(cfg, sched, dtype=torch.float32, text_tokens=L, chunk_tokens=256, offload_kv=True)
