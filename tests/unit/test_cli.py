@@ -123,15 +123,18 @@ def test_video_input_uses_whole_5s_clips(tmp_path, monkeypatch):
         cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 5), 5)
 
 
-def test_generator_option_on_every_sampling_command():
+@pytest.mark.parametrize("option, value, bad", [("generator", "cpu", "tpu"), ("offload_kv", "on", "maybe")])
+def test_sampling_options_on_every_sampling_command(option, value, bad):
     from infinitystar.cli import build_parser
 
     parser = build_parser()
+    flag = "--" + option.replace("_", "-")
     for command in ("generate", "demo", "extend"):
-        assert parser.parse_args([command]).generator == "auto"
-        assert parser.parse_args([command, "--generator", "cpu"]).generator == "cpu"
+        assert getattr(parser.parse_args([command]), option) == "auto"
+        assert getattr(parser.parse_args([command, flag, value]), option) == value
         with pytest.raises(SystemExit):
-            parser.parse_args([command, "--generator", "tpu"])
+            parser.parse_args([command, flag, bad])
+
 
 
 @pytest.mark.slow
@@ -145,14 +148,3 @@ def test_offload_kv_gives_the_same_tokens(t2v, tiny_models):
     assert rc == 0
     a, b = Tokens.load(t2v / "t2v.safetensors"), Tokens.load(out)
     assert len(a.bits) == len(b.bits) and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
-
-
-def test_offload_kv_option():
-    from infinitystar.cli import build_parser
-
-    parser = build_parser()
-    for command in ("generate", "demo", "extend"):
-        assert parser.parse_args([command]).offload_kv == "auto"
-        assert parser.parse_args([command, "--offload-kv", "on"]).offload_kv == "on"
-        with pytest.raises(SystemExit):
-            parser.parse_args([command, "--offload-kv", "maybe"])
