@@ -1,10 +1,15 @@
 """A real ComfyUI server for the host tests: ``main.py --cpu`` on 127.0.0.1 (a free port), loading this
-repository as its only custom-node pack through an extra-model-paths file. Needs COMFYUI_PATH."""
+repository as its only custom-node pack through an extra-model-paths file. Needs COMFYUI_PATH.
+
+``frontend_page`` opens the server's own web frontend in a headless Chromium driven by Playwright (the system
+browser: INFINITYSTAR_CHROMIUM, else chromium / chromium-browser / google-chrome on PATH; Playwright's own
+browser download is not needed)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,3 +96,63 @@ def running_server(base: Path, models_root: Path, http_timeout: float = 60) -> I
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+CHROMIUM_ENV = "INFINITYSTAR_CHROMIUM"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+# Headless in a container as root, offline: no sandbox, GPU, QUIC or background traffic.
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update")
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True}  # no first-run template dialog over the canvas
+READY_TIMEOUT_MS = 60_000
+
+
+def find_chromium() -> str | None:
+    """The Chromium binary to drive: INFINITYSTAR_CHROMIUM if set (None when it is not a file), else the
+    first of CHROMIUM_NAMES on PATH."""
+    value = os.environ.get(CHROMIUM_ENV)
+    if value:
+        path = Path(value).expanduser()
+        return str(path) if path.is_file() else None
+    return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+
+
+class Frontend:
+    """A loaded ComfyUI page and what it reported: ``events`` holds (kind, text) with kind one of console
+    message types (error, warning, ...), "pageerror" (an uncaught exception) or "http" (a response >= 400)."""
+
+    def __init__(self, page, server: Server):
+        self.page, self.server = page, server
+        self.events: list[tuple[str, str]] = []
+
+    def load(self, workflow: dict) -> None:
+        """Load a UI-format workflow as the frontend does when a file is dropped on it."""
+        self.page.evaluate("async wf => { await window.app.loadGraphData(wf) }", workflow)
+
+    def command(self, command_id: str) -> None:
+        self.page.evaluate("id => window.app.extensionManager.command.execute(id)", command_id)
+
+
+@contextlib.contextmanager
+def frontend_page(server: Server, chromium: str, viewport: tuple[int, int] = (1600, 1000),
+                  settings: dict | None = None) -> Iterator[Frontend]:
+    """Open ``server``'s frontend in headless Chromium with ``settings`` saved first; yield it once ``app.graph``
+    exists, and close the browser (and Playwright's driver) on exit, also after a failure."""
+    from playwright.sync_api import sync_playwright
+
+    status, body = server.post("/settings", {**FRONTEND_SETTINGS, **(settings or {})})
+    assert status == 200, body
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=list(CHROMIUM_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+            front = Frontend(page, server)
+            page.on("console", lambda msg: front.events.append((msg.type, msg.text)))
+            page.on("pageerror", lambda exc: front.events.append(("pageerror", f"{exc}\n{exc.stack or ''}")))
+            page.on("response", lambda r: r.status >= 400 and front.events.append(("http", f"{r.status} {r.url}")))
+            page.goto(server.url + "/")
+            page.wait_for_function("window.app && window.app.graph && window.app.extensionManager",
+                                   timeout=READY_TIMEOUT_MS)
+            yield front
+        finally:
+            browser.close()
