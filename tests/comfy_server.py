@@ -98,6 +98,24 @@ def running_server(base: Path, models_root: Path, http_timeout: float = 60) -> I
             proc.wait()
 
 
+def write_workflow_inputs(base: Path) -> None:
+    """The files the workflows name (a start image, a clip to continue, an upscale model) under those names:
+    enough for the previews and the server's validation, which only checks that the files exist."""
+    import numpy as np
+    from PIL import Image
+
+    from infinitystar.video_io import write_mp4
+
+    (base / "input").mkdir(exist_ok=True)
+    y, x = np.mgrid[0:96, 0:160]
+    image = np.stack([x * 255 // 160, y * 255 // 96, np.full_like(x, 128)], -1).astype(np.uint8)
+    Image.fromarray(image).save(base / "input" / "infinitystar_start.png")
+    write_mp4(base / "input" / "infinitystar_clip.mp4", np.stack([np.roll(image, 2 * t, 1) for t in range(9)]),
+              fps=16)
+    (base / "models" / "upscale_models").mkdir(parents=True, exist_ok=True)
+    (base / "models" / "upscale_models" / "RealESRGAN_x2plus.pth").write_bytes(b"")  # validated, never loaded
+
+
 CHROMIUM_ENV = "INFINITYSTAR_CHROMIUM"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 # Headless in a container as root, offline: no sandbox, GPU, QUIC or background traffic.

@@ -9,7 +9,8 @@ to the server, whose validation must find nothing (the run itself is interrupted
 is tests/host/test_workflows_run.py's job). Seeds: the frontend applies control_after_generate after queueing,
 so graphToPrompt() carries the saved seed and the comparison is exact.
 
-The template browser must list the pack with every workflow (and its thumbnail) and load one on click.
+The template browser must list the pack with every workflow and its thumbnail (<name>.jpg, written by
+workflows/tools/thumbnails.py) and load one on click.
 
 Needs COMFYUI_PATH, Playwright (``pip install playwright``; its browser download is not needed) and a Chromium
 (INFINITYSTAR_CHROMIUM, or chromium / chromium-browser / google-chrome on PATH, e.g. Debian's ``chromium``).
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 from comfy_server import (
@@ -30,6 +30,7 @@ from comfy_server import (
     find_chromium,
     frontend_page,
     running_server,
+    write_workflow_inputs,
 )
 from workflow_graph import VIRTUAL_NODES, WORKFLOWS_DIR, load_object_info, to_api, widget_slots, workflow_files
 
@@ -75,28 +76,10 @@ PAGE_STATE = """async () => {
 }"""
 
 
-def _write_inputs(base: Path) -> None:
-    """The files the workflows name (a start image, a clip to continue, an upscale model) under those names:
-    enough for the previews and the server's validation, which only checks that the files exist."""
-    import numpy as np
-    from PIL import Image
-
-    from infinitystar.video_io import write_mp4
-
-    (base / "input").mkdir(exist_ok=True)
-    y, x = np.mgrid[0:96, 0:160]
-    image = np.stack([x * 255 // 160, y * 255 // 96, np.full_like(x, 128)], -1).astype(np.uint8)
-    Image.fromarray(image).save(base / "input" / "infinitystar_start.png")
-    write_mp4(base / "input" / "infinitystar_clip.mp4", np.stack([np.roll(image, 2 * t, 1) for t in range(9)]),
-              fps=16)
-    (base / "models" / "upscale_models").mkdir(parents=True, exist_ok=True)
-    (base / "models" / "upscale_models" / "RealESRGAN_x2plus.pth").write_bytes(b"")  # validated, never loaded
-
-
 @pytest.fixture(scope="module")
 def server(comfy, tiny_models, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_browser")
-    _write_inputs(base)
+    write_workflow_inputs(base)
     with running_server(base, tiny_models["root"], http_timeout=60) as srv:
         yield srv
 
@@ -226,6 +209,18 @@ def test_a_missing_node_type_is_caught(frontend, info):
     assert any("InfinityStarNoSuchNode is not registered" in p for p in problems), problems
 
 
+def test_a_stale_widget_layout_is_caught(frontend, info):
+    """A workflow saved before the sampler gained a widget: its values no longer line up with the widgets."""
+    path = next(p for p in WORKFLOWS if '"InfinityStarSampler"' in p.read_text())
+    workflow = json.loads(path.read_text())
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "InfinityStarSampler")
+    del sampler["widgets_values"][1]
+    problems = check_workflow(frontend, workflow, info)
+    where = f"node {sampler['id']} (InfinityStarSampler)"
+    assert any(p.startswith(f"{where}: widgets ") for p in problems), problems
+    assert any(p.startswith(f"{where}: saves widgets_values") for p in problems), problems
+
+
 def test_a_value_the_server_refuses_is_caught(frontend, info):
     """A value that the offline model accepts (file combos take any name) but the server does not."""
     path = next(p for p in WORKFLOWS if '"InfinityStarModelLoader"' in p.read_text())
@@ -239,19 +234,25 @@ def test_a_value_the_server_refuses_is_caught(frontend, info):
 def test_template_browser_lists_and_opens_the_workflows(frontend, server):
     names = sorted(p.stem for p in WORKFLOWS)
     assert sorted(server.get("/workflow_templates").get(PACK_FOLDER, [])) == names
+    missing = [n for n in names if not (WORKFLOWS_DIR / f"{n}.jpg").is_file()]
+    assert not missing, f"no thumbnail for {missing}: run workflows/tools/thumbnails.py"
     page = frontend.page
     _close_dialogs(frontend)
+    mark = len(frontend.events)
     frontend.command("Comfy.BrowseTemplates")
     page.get_by_text(PACK_FOLDER, exact=True).first.click()
-    cards = {name: page.get_by_test_id(f"template-workflow-{name}") for name in names}
-    for name, card in cards.items():
-        card.wait_for(timeout=15_000)
-        if (WORKFLOWS_DIR / f"{name}.jpg").is_file():  # a shipped thumbnail is served and decodes
-            card.locator("img").first.wait_for(timeout=15_000)
-            page.wait_for_function("card => [...card.querySelectorAll('img')].some(i => i.complete && "
-                                   "i.naturalWidth > 0)", arg=card.element_handle(), timeout=15_000)
+    cards_shown = """names => names.filter(name => {
+        const card = document.querySelector(`[data-testid="template-workflow-${name}"]`);
+        return !card || ![...card.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0);
+    })"""
+    deadline = time.time() + 15
+    while (pending := page.evaluate(cards_shown, names)) and time.time() < deadline:
+        page.wait_for_timeout(200)
+    assert not pending, f"no card or no decoded thumbnail for {pending}"
+    failed = [text for kind, text in frontend.events[mark:] if kind == "http" and PACK_FOLDER in text]
+    assert not failed, failed
     pick = names[0]
-    cards[pick].click()
+    page.get_by_test_id(f"template-workflow-{pick}").click()
     page.wait_for_function("() => !document.querySelector('[role=dialog]')", timeout=15_000)
     loaded = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
     expected = [n["type"] for n in json.loads((WORKFLOWS_DIR / f"{pick}.json").read_text())["nodes"]]
