@@ -230,7 +230,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     if device.type == "cuda":  # CUDA peaks count the resident weights too
         results[0].estimate += sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if offloaded[0]:
-        results[0].extra["kv offload"] = f"{offloaded[0] / 1e9:.2f} GB of reference K/V kept in host memory"
+        results[0].extra["kv offload"] = f"{offloaded[0] / 1e9:.3g} GB of reference K/V kept in host memory"
     if args.check_syncs and device.type == "cuda":
         results[0].extra["syncs"] = len(sync_warnings)
     if official_mod is not None:
