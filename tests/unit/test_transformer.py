@@ -94,3 +94,32 @@ def test_text_prefix_null_and_negative():
     assert torch.all(prefix[1, 4:] == 0)  # zero-padded after projection, not the bias
     with pytest.raises(ValueError, match="negative prompt has 7 tokens"):
         model.text_prefix(cond, torch.randn(7, TINY.text_channels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_matches_the_official_arithmetic(dtype):
+    """The CUDA path (F.rms_norm in the input dtype) against the fp32 composite, to the input dtype's rounding."""
+    from infinitystar.transformer import fused_rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+    x = (torch.randn(3, 50, 64, generator=g) * 4).to(dtype)
+    want = norm(x).float()  # CPU: the composite
+    got = fused_rms_norm(x, norm.weight, norm.eps)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7  # one bf16 ulp of values around 1..4
+    assert ((got.float() - want).abs() / want.abs().clamp_min(1)).max() <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rmsnorm_on_cuda_matches_cpu():
+    norm = RMSNorm(4096).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3000, 4096).to(torch.bfloat16)
+    want = norm(x).float()
+    got = norm.cuda()(x.cuda()).float().cpu()
+    assert ((got - want).abs() / want.abs().clamp_min(1)).max() <= 2 ** -7
