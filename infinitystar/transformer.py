@@ -143,7 +143,8 @@ class MLP(nn.Module):
         self.down_proj = ops.Linear(cfg.mlp_hidden, cfg.width, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.down_proj, F.silu(_linear(self.gate_proj, x)) * _linear(self.up_proj, x))
+        gate = F.silu(_linear(self.gate_proj, x), inplace=True)  # in place: two (L, hidden) tensors, not three
+        return _linear(self.down_proj, gate.mul_(_linear(self.up_proj, x)))
 
 
 class Block(nn.Module):
