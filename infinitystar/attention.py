@@ -78,9 +78,10 @@ def _half_cuda(q: torch.Tensor) -> bool:
 
 @functools.cache
 def _sdpa_gqa_device(index: int) -> bool:
-    # torch >= 2.5 takes GQA K/V in SDPA (enable_gqa); its flash kernel needs sm80+
+    # torch >= 2.5 takes GQA K/V in SDPA (enable_gqa); its flash kernel needs sm80+ (NVIDIA; ROCm builds keep
+    # the repeat rather than risk a fall-back to the math kernel)
     return ("enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
-            and torch.cuda.get_device_capability(index) >= (8, 0))
+            and torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0))
 
 
 def native_gqa(q: torch.Tensor, backend: str = "sdpa") -> bool:
