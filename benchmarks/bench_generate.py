@@ -181,15 +181,15 @@ def _text_features(config, seed: int) -> torch.Tensor:
     return torch.randn(TEXT_TOKENS, config.text_channels) * 0.5
 
 
-def official_runner(official_mod, config, device, model, pn, frames, sched):
+def official_runner(official_mod, config, device, model, pn, frames, sched, bf16: bool):
     """The official model on ``device`` with our model's weights (fp8 storage handed over as bf16)."""
     import official
 
     state = model.state_dict()
     if any(v.dtype.itemsize == 1 for v in state.values()):  # the official code cannot store fp8
         state = {k: v.to(torch.bfloat16) if v.dtype.itemsize == 1 else v for k, v in state.items()}
-    oargs = official.official_args(official_mod, pn, frames, device.type == "cuda", sched.image_repetition,
-                                   sched.video_repetition, sched.semantic_scales, sched.detail_scale_min_tokens)
+    oargs = official.official_args(official_mod, pn, frames, bf16, sched.image_repetition, sched.video_repetition,
+                                   sched.semantic_scales, sched.detail_scale_min_tokens)
     return official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)
 
 
@@ -199,7 +199,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     cond = _text_features(config, args.seed)
     model = build_model(config, device, weights, args.seed)
     chunk = _chunk(args)
-    compute = _compute_dtype(device)
+    compute = _compute_dtype(device, args)
     clock = StepClock(device)
     restore = _wrap_head(model, "head_logits", clock)
     sync_warnings: list = []
@@ -234,7 +234,8 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     if args.check_syncs and device.type == "cuda":
         results[0].extra["syncs"] = len(sync_warnings)
     if official_mod is not None:
-        runner = official_runner(official_mod, config, device, model, pn, frames, sched)
+        runner = official_runner(official_mod, config, device, model, pn, frames, sched,
+                            _compute_dtype(device, args) == torch.bfloat16)
         del model
         clock = StepClock(device)
         restore = _wrap_head(runner.model, "get_logits_during_infer", clock)
@@ -256,7 +257,8 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     sched = build_schedule(pn, "16:9", frames)
     cond = _text_features(config, args.seed)
     model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed)
-    runner = official_runner(official_mod, config, device, model, pn, frames, sched)
+    runner = official_runner(official_mod, config, device, model, pn, frames, sched,
+                            _compute_dtype(device, args) == torch.bfloat16)
     model.to("cpu")  # room for the official run (a no-op on a CPU)
     _empty_cache(device)
     start = time.perf_counter()
@@ -275,7 +277,7 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
 
     start = time.perf_counter()
     parity.compare_ours(model, cond, sched, args.seed, logits, bits, report, progress=progress,
-                        generator_device=device.type, compute_dtype=_compute_dtype(device),
+                        generator_device=device.type, compute_dtype=_compute_dtype(device, args),
                         attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
     t_ours = time.perf_counter() - start
     report.notes.append(f"official free run {t_official:.1f} s (with capture), ours teacher-forced "
@@ -283,8 +285,9 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     return report
 
 
-def _compute_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def _compute_dtype(device, args):
+    """bf16 blocks on CUDA (the official layout), and on a CPU with --cpu-bf16; fp32 otherwise."""
+    return torch.bfloat16 if device.type == "cuda" or args.cpu_bf16 else torch.float32
 
 
 def _empty_cache(device):
@@ -354,6 +357,9 @@ def parse_args(argv=None):
     p.add_argument("--parity-tol", type=float, default=None,
                    help="largest relative L2 error of a step's logits (default 2e-2)")
     p.add_argument("--parity-csv", default=None, help="write every step's errors to this CSV file")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="CPU: bf16 blocks for ours and bf16 weights + CPU autocast for the official code, as on a GPU "
+                        "(for --parity: the size of bf16 noise between the two without a GPU)")
     return p.parse_args(argv)
 
 
@@ -371,7 +377,9 @@ def _setup(argv):
         raise SystemExit("--num-scales cannot be applied to the official code; drop it with --official")
     if args.parity and not args.official:
         raise SystemExit("--parity compares with the official code: give --official PATH")
-    args.weights = args.weights or ("fp8" if device.type == "cuda" else "fp32")
+    if args.cpu_bf16 and device.type != "cpu":
+        raise SystemExit("--cpu-bf16 is for --device cpu (CUDA runs are bf16 already)")
+    args.weights = args.weights or ("fp8" if device.type == "cuda" else "bf16" if args.cpu_bf16 else "fp32")
     if args.attention == "auto":  # resolve before the official code may register a flash_attn stand-in
         from infinitystar.attention import available_backends
 

@@ -160,7 +160,8 @@ class OfficialRunner:
         tau = [args.tau_image] * (first_full + 1) + [args.tau_video] * (len(schedule) - first_full - 1)
         L = cond.shape[0]
         text = (cond.to(self.device), [L], torch.tensor([0, L], device=self.device, dtype=torch.int32), L)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and args.bf16
+        # bf16: the official scripts' CUDA autocast; on a CPU (--cpu-bf16) the CPU autocast stands in for it
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16
                     else contextlib.nullcontext())
         with autocast, torch.no_grad(), _quiet_tqdm():
             return self.model.ar_infer_infinity_elegant(

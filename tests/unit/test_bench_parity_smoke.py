@@ -129,3 +129,13 @@ def test_parity_with_official_tiny_cpu(official_path, single_thread):
 
 def parity_summary(rep):
     return f"worst step {rep.worst.index}: cond {rep.worst.cond:.3e}, uncond {rep.worst.uncond:.3e}"
+
+
+def test_parity_with_official_tiny_cpu_bf16(official_path, single_thread):
+    """--cpu-bf16: both in bf16 (the official code under CPU autocast). Not equal any more, but within the GPU
+    criterion, and far from what a wrong computation gives (relative errors of order 1)."""
+    bench = load_benchmark("bench_generate")
+    _, reports = bench.run_parity(["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81", "--cpu-bf16",
+                                   "--official", official_path, "--parity", "--threads", "1"])
+    (rep,) = reports
+    assert 1e-5 < rep.worst.worst < 2e-2, parity_summary(rep)  # bf16 really ran, and stayed close
