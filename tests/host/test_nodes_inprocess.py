@@ -286,6 +286,38 @@ def test_sampling_plan_offloads_reference_kv_only_when_the_device_is_too_small(p
         memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16), False)
 
 
+def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, monkeypatch):
+    """When the plan says "offload" (a small GPU; forced here, the CPU never needs it) the Sampler and Extend
+    nodes run with the reference K/V in host memory: a cache built with offload=True, and the same tokens."""
+    host = pack.host
+    kv_cache = core("kv_cache")
+    made = []
+
+    class Recorded(kv_cache.ScaleKVCache):
+        def __init__(self, n, offload=False):
+            super().__init__(n, offload=offload)
+            made.append(self)
+
+    monkeypatch.setattr(core("sampler"), "ScaleKVCache", Recorded)
+    real_plan = host.sampling_plan
+
+    def sample(offload: bool, **inputs):
+        monkeypatch.setattr(host, "sampling_plan", lambda *a: (real_plan(*a)[0], offload))
+        made.clear()
+        out = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+                  seed=9, **SMALL)[0]
+        longer = run(pack.video.InfinityStarExtend, model=loaded["model"], positive=loaded["cond"], tokens=out,
+                     clips=1, seed=2, guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)[0]
+        return out, longer, [c.offload for c in made], max(c.peak_offloaded_nbytes for c in made)
+
+    plain, plain_longer, flags, offloaded = sample(False)
+    assert flags == [False, False] and offloaded == 0
+    off, off_longer, flags, offloaded = sample(True)
+    assert flags == [True, True] and offloaded > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain.bits, off.bits))
+    assert all(torch.equal(a, b) for a, b in zip(plain_longer.bits, off_longer.bits))
+
+
 def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):
     import comfy.utils as comfy_utils
 
