@@ -100,6 +100,28 @@ def test_workflow_says_where_the_model_files_go(path):
     assert notes and any("models/infinitystar" in t and "infinitystar_videovae.pth" in t for t in notes)
 
 
+TITLE_BAR = 30  # px the frontend draws above a node's body (its size excludes the title)
+
+
+def overlapping_nodes(wf: dict) -> list[tuple]:
+    """Pairs of nodes whose boxes (title bar included) overlap on the canvas."""
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in wf["nodes"]]
+    return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_nodes_do_not_overlap(path):
+    assert overlapping_nodes(_load(path)) == []
+
+
+def test_overlap_check_sees_an_overlap():
+    moved = copy.deepcopy(_load(WORKFLOWS[0]))
+    moved["nodes"][1]["pos"] = [moved["nodes"][0]["pos"][0] + 10, moved["nodes"][0]["pos"][1] + 10]
+    assert overlapping_nodes(moved)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_sampler_settings_respect_the_weights(path, info):
     """The 720p weights make 5 s only (the sampler node refuses 10 s at 720p); 10 s needs the 480p weights."""
