@@ -226,7 +226,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory)]
     restore()
     results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS,
-                                                   chunk_tokens=chunk, offload_kv=offloaded[0] > 0)
+                                                   chunk_tokens=chunk, offload_kv=offloaded[0] > 0, weight_dtype=weights)
     if device.type == "cuda":  # CUDA peaks count the resident weights too
         results[0].estimate += sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if offloaded[0]:

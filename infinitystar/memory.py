@@ -61,7 +61,8 @@ CHUNK_BUDGET = 640 << 20  # bytes for one token block's MLP intermediates ("auto
 
 def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, d: int, batch: int,
                           dtype: torch.dtype, chunk_tokens: int | None = None,
-                          round_qkv_bf16: bool | None = None, native_gqa: bool = False) -> int:
+                          round_qkv_bf16: bool | None = None, native_gqa: bool = False,
+                          weight_dtype: torch.dtype | None = None) -> int:
     """Transient bytes of one step of ``tokens`` tokens attending to ``context`` keys (one block live).
 
     Mirrors :class:`infinitystar.transformer.Block`: the block input and its output (or the normed
@@ -69,6 +70,8 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     intermediates are (batch, n, ·) for token blocks of n = ``chunk_tokens`` (n = tokens unchunked).
     ``round_qkv_bf16`` (default: fp32 compute) adds the bf16-rounded fp32 copies of q, k, v.
     ``native_gqa``: the attention kernel reads the KV heads as they are (no copy repeated to the query heads).
+    ``weight_dtype`` narrower than ``dtype`` (fp8 storage): each Linear upcasts its weight for the call, so
+    one (mlp_hidden, width) weight copy is alive on top.
     """
     b, f = _nbytes(dtype), 4
     C, H = config.width, config.mlp_hidden
@@ -92,19 +95,21 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     logits = 2 * batch * L * 2 * d * f  # head output and its 1/tau copy
     guidance = 5 * L * 2 * d * 8 + L * d * (2 * f + 8)  # APG float64 temporaries, probabilities, drawn indices
     head = hidden + max(batch * n * C * 2 * f, logits + guidance)
-    return max(attn, mlp, project_kv, head)
+    cast = H * C * b if weight_dtype is not None and _nbytes(weight_dtype) < b else 0
+    return max(attn, mlp, project_kv, head) + cast
 
 
 def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batch: int = 2,
                              dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS,
                              chunk_tokens: int | str | None = "auto", offload_kv: bool = False,
-                             native_gqa: bool | None = None) -> int:
+                             native_gqa: bool | None = None, weight_dtype: torch.dtype | None = None) -> int:
     """Peak bytes of a run (weights excluded) for the schedule, CFG batch and block compute dtype.
 
     ``chunk_tokens`` as in :func:`infinitystar.sampler.sample` ("auto", a token count, None = off).
     ``offload_kv``: reference-scale K/V kept in host memory (only the text K/V stays; each step still
     holds its whole context while it runs). ``native_gqa``: the attention reads GQA K/V without repeating
     it (default: half-precision compute, i.e. CUDA SDPA/flash-attn; see :func:`attention.native_gqa`).
+    ``weight_dtype``: how the blocks are stored (fp8 adds the per-call upcast copy of a weight).
     """
     if chunk_tokens == "auto":
         chunk_tokens = auto_chunk_tokens(config, batch, dtype)
@@ -116,7 +121,7 @@ def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batc
     for step in schedule.steps:
         context = step.num_tokens + text_tokens + sum(_tokens(schedule, si) for si in step.ref_sids)
         act = max(act, step_activation_bytes(config, step.num_tokens, context, step.d, batch, dtype, chunk_tokens,
-                                             native_gqa=native_gqa))
+                                             native_gqa=native_gqa, weight_dtype=weight_dtype))
     accumulators = sum(4 * config.codebook_dim * t * h * w for t, h, w in
                        (schedule.clip_size(c) for c in range(schedule.num_clips)))
     return kv + act + accumulators
@@ -124,10 +129,12 @@ def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batc
 
 def choose_kv_offload(config: TransformerConfig, schedule: Schedule, available: int, batch: int = 2,
                       dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS,
-                      chunk_tokens: int | str | None = "auto", native_gqa: bool | None = None) -> bool:
+                      chunk_tokens: int | str | None = "auto", native_gqa: bool | None = None,
+                      weight_dtype: torch.dtype | None = None) -> bool:
     """Whether to keep the reference K/V in host memory: only when the run does not fit ``available``
     bytes (free device memory after the weights) with it resident, and offloading lowers the peak."""
-    kw = dict(batch=batch, dtype=dtype, text_tokens=text_tokens, chunk_tokens=chunk_tokens, native_gqa=native_gqa)
+    kw = dict(batch=batch, dtype=dtype, text_tokens=text_tokens, chunk_tokens=chunk_tokens, native_gqa=native_gqa,
+              weight_dtype=weight_dtype)
     resident = estimate_sampling_memory(config, schedule, **kw)
     if resident <= available:
         return False

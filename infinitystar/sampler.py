@@ -116,7 +116,7 @@ def resolve_offload_kv(offload_kv: bool | str, model: InfinityStarTransformer, s
     if fraction is not None:
         available = min(available, int(fraction(device) * total) - allocated)
     offload = choose_kv_offload(model.config, schedule, available, dtype=dtype, text_tokens=text.cond.shape[0],
-                                chunk_tokens=chunk_tokens)
+                                chunk_tokens=chunk_tokens, weight_dtype=model.block_dtype())
     if offload:
         logger.info("reference K/V kept in host memory: the run would not fit the %.1f GB free on %s otherwise",
                     available / 1e9, device)

@@ -125,14 +125,24 @@ def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype) -> tupl
     from ..infinitystar.memory import choose_kv_offload, estimate_sampling_memory
 
     device = torch.device(patcher.load_device)
+    weights = _block_dtype(patcher)
     offload = False
     if device.type not in ("cpu", "mps"):  # host memory is the device's memory there
         room = mm.get_total_memory(device) - mm.minimum_inference_memory() - patcher.model_size()
-        offload = choose_kv_offload(config, schedule, room, dtype=compute_dtype)
+        offload = choose_kv_offload(config, schedule, room, dtype=compute_dtype, weight_dtype=weights)
         if offload:
             logger.info("InfinityStar: the reference K/V of this %d-clip run is kept in host memory to fit %s",
                         schedule.num_clips, device)
-    return int(estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype, offload_kv=offload)), offload
+    need = estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype, offload_kv=offload, weight_dtype=weights)
+    return int(need), offload
+
+
+def _block_dtype(patcher) -> torch.dtype | None:
+    """How the transformer's blocks are stored (fp8 storage costs an upcast weight copy per call)."""
+    module = getattr(patcher, "model", None)
+    module = getattr(module, "inner", module)
+    fn = getattr(module, "block_dtype", None)
+    return fn() if callable(fn) else None
 
 
 def free_memory_for(patcher) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,7 @@ def test_sampling_plan_offloads_reference_kv_only_when_the_device_is_too_small(p
 
     class Patcher:
         load_device = torch.device("cuda", 0)
+        model = types.SimpleNamespace(block_dtype=lambda: torch.float8_e4m3fn)  # fp8 blocks
 
         def model_size(self):
             return fp8_weights
@@ -277,13 +279,14 @@ def test_sampling_plan_offloads_reference_kv_only_when_the_device_is_too_small(p
     for gb in (16, 24, 80):
         monkeypatch.setattr(comfy, "get_total_memory", lambda dev=None, torch_total_too=False, gb=gb: gb * 2**30)
         plans[gb] = host.sampling_plan(Patcher(), config, schedule, torch.bfloat16)
-    resident = memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16)
-    offloaded = memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16, offload_kv=True)
+    fp8 = dict(dtype=torch.bfloat16, weight_dtype=torch.float8_e4m3fn)
+    resident = memory.estimate_sampling_memory(config, schedule, **fp8)
+    offloaded = memory.estimate_sampling_memory(config, schedule, offload_kv=True, **fp8)
     assert plans[80] == (resident, False) and plans[24] == (resident, False)
     assert plans[16] == (offloaded, True) and fp8_weights + offloaded <= 16e9
+    assert resident > memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16)  # the fp8 upcast copy
     Patcher.load_device = torch.device("cpu")
-    assert host.sampling_plan(Patcher(), config, schedule, torch.bfloat16) == (
-        memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16), False)
+    assert host.sampling_plan(Patcher(), config, schedule, torch.bfloat16) == (resident, False)
 
 
 def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, monkeypatch):

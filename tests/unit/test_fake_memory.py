@@ -1,0 +1,75 @@
+"""benchmarks/fake_memory.py: peak device memory of a generation measured on fake tensors (issue 7 without a GPU).
+
+The live-bytes tracker is checked against torch.profiler's allocation records on a real CPU run, then the
+CUDA code path on fake tensors against the estimate."""
+import pytest
+import torch
+from bench_loader import load_benchmark
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from infinitystar.config import TransformerConfig
+from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes
+from infinitystar.sampler import TextCondition, sample
+from infinitystar.schedule import build_schedule
+from infinitystar.transformer import InfinityStarTransformer
+
+CFG = TransformerConfig(depth=2, block_chunks=1, width=256, num_heads=4, num_kv_heads=2, mlp_hidden=1024,
+                        text_channels=32)
+L = 7
+
+
+@pytest.fixture(scope="module")
+def fm():
+    return load_benchmark("fake_memory")
+
+
+def _schedule(frames=81):
+    return build_schedule("0.06M", "16:9", frames, num_scales=8, image_repetition=(1,) * 8, video_repetition=(1,) * 8)
+
+
+def test_tracker_counts_live_storages(fm):
+    with FakeTensorMode(), fm.LiveDeviceBytes("cpu") as tracker:
+        a = torch.empty(1000, dtype=torch.float32)
+        b = a.view(10, 100)  # a view: no new storage, and it keeps a's storage alive
+        c = torch.empty(500, dtype=torch.bfloat16)
+        assert tracker.current == 5000
+        del a, c
+        assert tracker.current == 4000
+        d = torch.empty(250, dtype=torch.float64)
+        assert tracker.current == 6000 and tracker.peak == 6000
+        del b
+        assert tracker.current == 2000 and d.numel() == 250
+        torch.empty(10, device="meta")  # another device: not counted
+        assert tracker.current == 2000
+
+
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_fake_run_matches_the_profiler_on_a_real_run(fm, chunk, single_thread):
+    """Same op sequence (CPU path, fp32), real tensors under torch.profiler vs fake tensors under the tracker."""
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(CFG).eval()
+    text = TextCondition(torch.randn(L, CFG.text_channels))
+    _, real = measure_peak_bytes(lambda: sample(model, text, _schedule(), seed=0, chunk_tokens=chunk))
+    mode = FakeTensorMode()
+    fake_model = fm.fake_model(CFG, mode, torch.float32)  # all fp32, like the real run
+    with mode:
+        fake_text = TextCondition(torch.empty(L, CFG.text_channels))
+        with fm.LiveDeviceBytes("cpu") as tracker:
+            sample(fake_model, fake_text, _schedule(), seed=0, chunk_tokens=chunk)
+    assert tracker.peak == pytest.approx(real, rel=0.02)
+
+
+def test_cuda_path_on_fake_tensors_against_the_estimate(fm, single_thread):
+    """The CUDA code path (bf16, GQA-native attention, fused norm), two clips, with and without the K/V offload."""
+    sched = _schedule(161)
+    peaks = {}
+    for offload in (False, True):
+        peak, weight_bytes = fm.measure(CFG, sched, torch.bfloat16, text_tokens=L, chunk_tokens=256,
+                                        offload_kv=offload)
+        est = estimate_sampling_memory(CFG, sched, dtype=torch.bfloat16, text_tokens=L, chunk_tokens=256,
+                                       offload_kv=offload, native_gqa=True, weight_dtype=torch.bfloat16)
+        assert 0.7 <= est / peak <= 1.4, (offload, est, peak)
+        peaks[offload] = peak
+    layout = InfinityStarTransformer(CFG, device="meta").apply_precision_layout(torch.bfloat16)
+    assert weight_bytes == sum(p.numel() * p.element_size() for p in layout.parameters())
+    assert peaks[True] < peaks[False]  # the clip-1 reference left the device
