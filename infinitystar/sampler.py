@@ -180,7 +180,9 @@ class _Runner:
         """Run the blocks for one step from the accumulator before it; returns (2, thw, C) hidden."""
         cfg = self.model.config
         x = self.model.embed_codes(downsample_accumulator(acc, (step.t, step.h, step.w)))
-        x = x.expand(2, -1, -1)  # both guidance branches get identical visual tokens
+        # both guidance branches get identical visual tokens; cast before expanding, so the fp32 embedding
+        # (1.2 GB at 720p) is not held through the blocks (forward_blocks' own cast is then a no-op)
+        x = x.to(self.dtype).expand(2, -1, -1)
         rope = visual_rope(cfg.text_maxlen + step.real_sid, step.frame_ss, step.frame_ee, step.h, step.w,
                            self.h_final, self.w_final, cfg.head_dim, cfg.rope_base)
         store = step.si if step.is_last_rep and step.si in self.last_use else None
