@@ -132,6 +132,45 @@ def measure(config: TransformerConfig, schedule, weights: torch.dtype = torch.fl
     return tracker.peak, weight_bytes
 
 
+DECODE_GRIDS = {"720p5": (45, 80, 21), "480p5": (30, 53, 21), "480p10": (30, 53, 41)}  # latent h, w, T at 16:9
+
+
+def measure_decode(latent_shape, dtype: torch.dtype = torch.bfloat16, **decode_kwargs) -> int:
+    """Peak bytes of a full-size tokenizer decode of summed codes ``latent_shape`` (B, 64, T, h, w), weights aside."""
+    from infinitystar.vae import VaeConfig, VideoTokenizer
+
+    mode = FakeTensorMode()
+    tokenizer = VideoTokenizer(VaeConfig(), device="meta").eval().requires_grad_(False)
+    with mode:
+        for module in tokenizer.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype)
+        codes = torch.empty(*latent_shape)
+        # oneDNN's fp32 CPU convolutions need real data pointers; the generic kernels have the same outputs
+        with torch.backends.mkldnn.flags(enabled=False), LiveDeviceBytes("cpu") as tracker:
+            tokenizer.decode(codes, **decode_kwargs)
+    return tracker.peak
+
+
+def decode_table(cases) -> str:
+    from infinitystar.vae import VaeConfig, estimate_decode_memory
+
+    rows = ["| case | latent grid | decode | measured GB | estimate GB | est./measured |", "|---|---|---|---|---|---|"]
+    for case in cases:
+        h, w, t = DECODE_GRIDS[case]
+        shape = (1, 64, t, h, w)
+        for label, kwargs, est_kwargs in (("official chunks", {}, dict(chunk_latents=None)),
+                                          ("tiled 32, overlap 8", dict(tiled=True), dict(chunk_latents=None, tile=(32, 32)))):
+            peak = measure_decode(shape, **kwargs)
+            est = estimate_decode_memory(VaeConfig(), shape, dtype=torch.bfloat16, **est_kwargs)
+            rows.append(f"| {case} | {t}x{h}x{w} | {label} | {peak / 1e9:.2f} | {est / 1e9:.2f} | {est / peak:.2f} |")
+    return "\n".join(rows) + "\n\nvideo tokenizer at the released widths, bf16, fake tensors (decoded video included)"
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="full", choices=["full", "tiny"])
@@ -139,7 +178,12 @@ def main(argv=None) -> str:
     p.add_argument("--weights", default="fp8", choices=sorted(WEIGHTS))
     p.add_argument("--plans", default="on,off", help="comma list of: on (token blocks 'auto'), off (no chunking)")
     p.add_argument("--offload-kv", default="both", choices=["on", "off", "both"])
+    p.add_argument("--decode", action="store_true", help="measure the tokenizer decode instead of sampling")
     args = p.parse_args(argv)
+    if args.decode:
+        text = decode_table(args.cases.split(","))
+        print(text)
+        return text
     config = TRANSFORMER_PRESETS["8b" if args.config == "full" else "tiny"]
     offloads = {"on": [True], "off": [False], "both": [False, True]}[args.offload_kv]
     rows = ["| case | token blocks | K/V offload | measured GB | estimate GB | est./measured | + weights GB | s |",

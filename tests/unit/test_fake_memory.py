@@ -73,3 +73,14 @@ def test_cuda_path_on_fake_tensors_against_the_estimate(fm, single_thread):
     layout = InfinityStarTransformer(CFG, device="meta").apply_precision_layout(torch.bfloat16)
     assert weight_bytes == sum(p.numel() * p.element_size() for p in layout.parameters())
     assert peaks[True] < peaks[False]  # the clip-1 reference left the device
+
+
+def test_fake_decode_matches_the_profiler_on_a_real_decode(fm, single_thread):
+    from infinitystar.vae import VaeConfig, VideoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = VideoTokenizer(VaeConfig()).eval()
+    codes = torch.randn(1, 64, 5, 2, 3) * 0.3
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):  # as the fake run does
+        _, real = measure_peak_bytes(lambda: tokenizer.decode(codes))
+    assert fm.measure_decode(codes.shape, torch.float32) == pytest.approx(real, rel=0.05)
