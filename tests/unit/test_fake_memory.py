@@ -84,3 +84,19 @@ def test_fake_decode_matches_the_profiler_on_a_real_decode(fm, single_thread):
     with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):  # as the fake run does
         _, real = measure_peak_bytes(lambda: tokenizer.decode(codes))
     assert fm.measure_decode(codes.shape, torch.float32) == pytest.approx(real, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pn, frames, offload, target", [("720p", 81, False, 24e9), ("480p", 161, True, 16e9)],
+                         ids=["720p5-fp8", "480p10-fp8-offload"])
+def test_full_size_meets_the_targets_on_fake_tensors(fm, pn, frames, offload, target):
+    """Issue 7's targets, measured on the full 8.77B model (fake tensors, about a minute each): peak device memory
+    with fp8 blocks within the target, and the estimate the nodes ask ComfyUI for is not below the measurement."""
+    from infinitystar.config import TRANSFORMER_PRESETS
+
+    big = TRANSFORMER_PRESETS["8b"]
+    schedule = build_schedule(pn, "16:9", frames)
+    peak, weights = fm.measure(big, schedule, torch.float8_e4m3fn, offload_kv=offload)
+    assert weights + peak <= target, (weights, peak)
+    est = estimate_sampling_memory(big, schedule, offload_kv=offload, weight_dtype=torch.float8_e4m3fn)
+    assert peak <= est <= 1.3 * peak, (est, peak)
