@@ -85,8 +85,9 @@ def cuda_code_path():
     def concat_to(parts, device, dim=2):
         return torch.cat([to_device(p, device) for p in parts], dim=dim)
 
-    def draw_bits(guided, shape, generator):
-        return torch.zeros(shape, dtype=torch.uint8, device=guided.device)
+    def draw_bits(guided, shape, generator):  # the probabilities as the real draw makes them; no random numbers
+        probs = guided.reshape(1, -1, 2).softmax(dim=-1).view(-1, 2)
+        return torch.zeros(shape, dtype=torch.uint8, device=probs.device)
 
     patches = [(sampler, "_to_device", to_device), (sampler, "_to_cpu", lambda ts: ts),
                (sampler, "draw_bits", draw_bits), (kv_cache, "_to_host", to_host),
