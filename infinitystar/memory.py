@@ -66,8 +66,8 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     """Transient bytes of one step of ``tokens`` tokens attending to ``context`` keys (one block live).
 
     Mirrors :class:`infinitystar.transformer.Block`: the block input and its output (or the normed
-    input, unchunked) are whole, so is the step's input embedding (one branch; the sampler holds it
-    through the blocks), the reference+text+own K/V are whole, and the query/MLP/head
+    input, unchunked) are whole (the step's embedding is freed after the first block), the
+    reference+text+own K/V are whole, and the query/MLP/head
     intermediates are (batch, n, ·) for token blocks of n = ``chunk_tokens`` (n = tokens unchunked).
     ``round_qkv_bf16`` (default: fp32 compute) adds the bf16-rounded fp32 copies of q, k, v.
     ``native_gqa``: the attention kernel reads the KV heads as they are (no copy repeated to the query heads).
@@ -81,7 +81,7 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     n = min(chunk_tokens, L) if chunk_tokens else L
     if round_qkv_bf16 is None:
         round_qkv_bf16 = dtype == torch.float32
-    stream = (2 * batch + 1) * L * C * b  # block input + (normed input | block output) + the sampler's embedding
+    stream = 2 * batch * L * C * b  # block input + (normed input | block output)
     own_kv = 2 * batch * L * kvw * b
     ctx_kv = 2 * batch * context * kvw * b
     norm = batch * n * C * (b + 2 * f)  # RMSNorm output and its two fp32 temporaries

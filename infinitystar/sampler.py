@@ -180,13 +180,15 @@ class _Runner:
         """Run the blocks for one step from the accumulator before it; returns (2, thw, C) hidden."""
         cfg = self.model.config
         x = self.model.embed_codes(downsample_accumulator(acc, (step.t, step.h, step.w)))
-        # both guidance branches get identical visual tokens; cast before expanding, so the fp32 embedding
-        # (1.2 GB at 720p) is not held through the blocks (forward_blocks' own cast is then a no-op)
+        # both guidance branches get identical visual tokens; cast before expanding, so no fp32 copy is kept
+        # (forward_blocks' own cast is then a no-op)
         x = x.to(self.dtype).expand(2, -1, -1)
         rope = visual_rope(cfg.text_maxlen + step.real_sid, step.frame_ss, step.frame_ee, step.h, step.w,
                            self.h_final, self.w_final, cfg.head_dim, cfg.rope_base)
         store = step.si if step.is_last_rep and step.si in self.last_use else None
-        return self.model.forward_blocks(x, self.ctx(rope, store, (*step.ref_sids, TEXT_KEY)), self.dtype)
+        handed = [x]  # forward_blocks takes the only reference: the embedding is freed after the first block
+        del x
+        return self.model.forward_blocks(handed, self.ctx(rope, store, (*step.ref_sids, TEXT_KEY)), self.dtype)
 
     def release_after(self, index: int):
         for key, last in self.last_use.items():
