@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from infinitystar.config import FP32_MODULES, TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
 from infinitystar.ops import cast  # noqa: E402
+from infinitystar.pipeline import OFFLOAD_KV_CHOICES  # noqa: E402
 from infinitystar.sampler import TextCondition, sample  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
@@ -48,7 +49,6 @@ CONFIGS = {"full": TRANSFORMER_PRESETS["8b"], "mid": MID, "tiny": TRANSFORMER_PR
 NAMED_CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81),
                "mid10": ("0.06M", 161)}
 DEFAULT_CASES = {"full": "720p5,480p5,480p10", "mid": "mid5", "tiny": "mid5"}
-OFFLOAD_KV = {"auto": "auto", "on": True, "off": False}
 WEIGHT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
                  "fp32": torch.float32}
 TEXT_TOKENS = 64
@@ -213,7 +213,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
             try:
                 out = sample(model, TextCondition(cond), sched, seed=args.seed, generator_device=device.type,
                              compute_dtype=compute, attn_backend=args.attention, chunk_tokens=chunk,
-                             compile=args.compile, offload_kv=OFFLOAD_KV[args.offload_kv])
+                             compile=args.compile, offload_kv=OFFLOAD_KV_CHOICES[args.offload_kv])
             finally:
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
@@ -340,7 +340,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"])
     p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
-    p.add_argument("--offload-kv", default="auto", choices=sorted(OFFLOAD_KV),
+    p.add_argument("--offload-kv", default="auto", choices=list(OFFLOAD_KV_CHOICES),
                    help="keep reference K/V in host memory: auto = only when the run would not fit otherwise")
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="CUDA: cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); a "

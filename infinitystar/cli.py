@@ -126,7 +126,7 @@ class Session:
 
         a = self.args
         return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video,
-                    generator=a.generator, offload_kv=OFFLOAD_CHOICES[a.offload_kv])
+                    generator=a.generator, offload_kv=P.OFFLOAD_KV_CHOICES[a.offload_kv])
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         from .video_io import write_mp4, write_png
@@ -251,14 +251,11 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--generator", choices=list(P.GENERATOR_CHOICES), default="auto",
                    help="where the bits are drawn: auto = a CUDA generator on GPU, like the official code; "
                         "cpu = the same bits on any device for the same logits")
-    p.add_argument("--offload-kv", choices=list(OFFLOAD_CHOICES), default="auto",
+    p.add_argument("--offload-kv", choices=list(P.OFFLOAD_KV_CHOICES), default="auto",
                    help="keep the reference scales' K/V in host memory (10 s videos on small GPUs; exact, slower); "
                         "auto = only when the run would not fit the GPU otherwise")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
-
-
-OFFLOAD_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
 def build_parser() -> argparse.ArgumentParser:

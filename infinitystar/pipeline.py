@@ -30,6 +30,7 @@ TOKENS_VERSION = "1"
 TRAINED_DURATIONS = {"720p": (0, 5), "480p": (0, 5, 10)}  # seconds the released models were trained for
 RESOLUTIONS = {"720p": "0.90M", "480p": "0.40M"}
 GENERATOR_CHOICES = ("auto", "cpu", "cuda")
+OFFLOAD_KV_CHOICES = {"auto": "auto", "on": True, "off": False}  # option word -> sampler's offload_kv
 
 
 @dataclass
