@@ -84,6 +84,12 @@ class _Holder(torch.nn.Module):
         self.inner = inner
 
 
+def _module(patcher):
+    """The module a patcher manages, unwrapped from its ``_Holder``."""
+    module = patcher.model
+    return module.inner if isinstance(module, _Holder) else module
+
+
 def _place_small_tensors(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
     """ON_LOAD callback for partial loads of the transformer.
 
@@ -139,9 +145,7 @@ def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype) -> tupl
 
 def _block_dtype(patcher) -> torch.dtype | None:
     """How the transformer's blocks are stored (fp8 storage costs an upcast weight copy per call)."""
-    module = getattr(patcher, "model", None)
-    module = getattr(module, "inner", module)
-    fn = getattr(module, "block_dtype", None)
+    fn = getattr(_module(patcher), "block_dtype", None)
     return fn() if callable(fn) else None
 
 
@@ -173,10 +177,9 @@ def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False,
     on success it stays resident for the next prompt unless ``release_after``.
     """
     mm.load_models_gpu([patcher], memory_required=int(memory_required), force_full_load=force_full_load)
-    module = patcher.model
     ok = False
     try:
-        yield module.inner if isinstance(module, _Holder) else module
+        yield _module(patcher)
         ok = True
     finally:
         if not ok or release_after:
