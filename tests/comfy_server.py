@@ -98,9 +98,13 @@ def running_server(base: Path, models_root: Path, http_timeout: float = 60) -> I
             proc.wait()
 
 
-def write_workflow_inputs(base: Path) -> None:
-    """The files the workflows name (a start image, a clip to continue, an upscale model) under those names:
-    enough for the previews and the server's validation, which only checks that the files exist."""
+def write_workflow_inputs(base: Path, runnable: bool = False) -> None:
+    """The files the workflows name (a start image, a clip to continue, an upscale model) under those names.
+
+    Default: enough for the previews and the server's validation, which only checks that the files exist.
+    ``runnable``: what running the workflows needs: a noisy 16 fps clip of 81 frames (one whole 5 s clip) and a
+    tiny Real-ESRGAN-compact 2x model.
+    """
     import numpy as np
     from PIL import Image
 
@@ -110,10 +114,21 @@ def write_workflow_inputs(base: Path) -> None:
     y, x = np.mgrid[0:96, 0:160]
     image = np.stack([x * 255 // 160, y * 255 // 96, np.full_like(x, 128)], -1).astype(np.uint8)
     Image.fromarray(image).save(base / "input" / "infinitystar_start.png")
-    write_mp4(base / "input" / "infinitystar_clip.mp4", np.stack([np.roll(image, 2 * t, 1) for t in range(9)]),
-              fps=16)
+    frames = np.stack([np.roll(image, 2 * t, axis=1) for t in range(81 if runnable else 9)])
+    if runnable:
+        rng = np.random.default_rng(0)
+        frames = np.clip(frames.astype(int) + rng.integers(-8, 8, frames.shape), 0, 255).astype(np.uint8)
+    write_mp4(base / "input" / "infinitystar_clip.mp4", frames, fps=16)
     (base / "models" / "upscale_models").mkdir(parents=True, exist_ok=True)
-    (base / "models" / "upscale_models" / "RealESRGAN_x2plus.pth").write_bytes(b"")  # validated, never loaded
+    model = base / "models" / "upscale_models" / "RealESRGAN_x2plus.pth"
+    if not runnable:
+        model.write_bytes(b"")  # validated, never loaded
+        return
+    import torch
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    torch.save(Compact(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=2).state_dict(), model)
 
 
 CHROMIUM_ENV = "INFINITYSTAR_CHROMIUM"

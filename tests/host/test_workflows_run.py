@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_server import PACK_FOLDER, Server, running_server
+from comfy_server import PACK_FOLDER, Server, running_server, write_workflow_inputs
 from workflow_graph import OBJECT_INFO, load_object_info, normalize_object_info, to_api, workflow_files
 
 RUN_TIMEOUT = 900
@@ -26,35 +26,10 @@ WORKFLOWS = workflow_files()
 pytestmark = pytest.mark.slow
 
 
-def _write_inputs(base: Path) -> None:
-    """Start image, a 16 fps clip of 81 frames and a tiny Real-ESRGAN-compact 2x model, named as in the workflows."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from infinitystar.video_io import write_mp4
-
-    rng = np.random.default_rng(0)
-    (base / "input").mkdir(exist_ok=True)
-    y, x = np.mgrid[0:96, 0:160]
-    image = np.stack([x * 255 // 160, y * 255 // 96, np.full_like(x, 128)], -1).astype(np.uint8)
-    Image.fromarray(image).save(base / "input" / "infinitystar_start.png")
-    frames = np.stack([np.roll(image, 2 * t, axis=1) for t in range(81)])
-    frames = np.clip(frames.astype(int) + rng.integers(-8, 8, frames.shape), 0, 255).astype(np.uint8)
-    write_mp4(base / "input" / "infinitystar_clip.mp4", frames, fps=16)
-
-    from spandrel.architectures.Compact import Compact
-
-    torch.manual_seed(0)
-    upscaler = Compact(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=2)
-    (base / "models" / "upscale_models").mkdir(parents=True, exist_ok=True)
-    torch.save(upscaler.state_dict(), base / "models" / "upscale_models" / "RealESRGAN_x2plus.pth")
-
-
 @pytest.fixture(scope="module")
 def server(comfy, tiny_models, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_workflows")
-    _write_inputs(base)
+    write_workflow_inputs(base, runnable=True)
     with running_server(base, tiny_models["root"], http_timeout=60) as srv:
         yield srv
 
