@@ -181,10 +181,20 @@ def _sampler(wf: Workflow, model: dict, cond: dict, pos=(860, 0), **widgets) -> 
     return sampler
 
 
-def _save_video(wf: Workflow, vae: dict, tokens: dict, prefix: str, x: int = 1240, upscale=None) -> None:
+def _decode(wf: Workflow, vae: dict, tokens: dict, x: int = 1240) -> dict:
     decode = wf.node("InfinityStarDecode", (x, 0), tiled=False)
     wf.link(vae, 0, decode, "vae")
     wf.link(tokens, 0, decode, "tokens")
+    return decode
+
+
+def _note(wf: Workflow, this_workflow: str) -> None:
+    """The model-files note every workflow carries, plus what this one does."""
+    wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + "\n\n**This workflow:** " + this_workflow)
+
+
+def _save_video(wf: Workflow, vae: dict, tokens: dict, prefix: str, x: int = 1240, upscale=None) -> None:
+    decode = _decode(wf, vae, tokens, x)
     frames, fx = (decode, 0), x + 290
     if upscale is not None:
         frames, fx = upscale(decode, fx)
@@ -201,11 +211,10 @@ def t2v(info: dict, variant: str, duration: str) -> dict:
     cond = _prompt(wf, text_encoder, PROMPT_FOX if variant == "720p" else PROMPT_LIGHTHOUSE)
     sampler = _sampler(wf, model, cond, duration=duration)
     _save_video(wf, vae, sampler, f"video/infinitystar_t2v_{variant}")
-    wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + (
-        "\n\n**This workflow:** text-to-video, 5 s (81 frames, 16 fps) at 720p with the 720p weights. "
-        "resolution=auto follows the weights; the 720p model makes 5 s only." if variant == "720p" else
-        "\n\n**This workflow:** text-to-video, 10 s (161 frames, 16 fps) at 480p; only the 480p weights make "
-        "10 s. Set duration to 5 s for a quicker clip."))
+    _note(wf, "text-to-video, 5 s (81 frames, 16 fps) at 720p with the 720p weights. resolution=auto follows the "
+              "weights; the 720p model makes 5 s only." if variant == "720p" else
+              "text-to-video, 10 s (161 frames, 16 fps) at 480p; only the 480p weights make 10 s. Set duration to "
+              "5 s for a quicker clip.")
     return wf.to_json()
 
 
@@ -218,8 +227,8 @@ def i2v(info: dict) -> dict:
     wf.link(image, 0, sampler, "start_image")
     wf.link(vae, 0, sampler, "vae")
     _save_video(wf, vae, sampler, "video/infinitystar_i2v_720p")
-    wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + (
-        "\n\n**This workflow:** image-to-video at 720p, 5 s. Load your start frame in *Load Image*; it is "
+    _note(wf, (
+        "image-to-video at 720p, 5 s. Load your start frame in *Load Image*; it is "
         "resized to cover the chosen aspect ratio and center-cropped, encoded by the video tokenizer and used "
         "as the first frame."))
     return wf.to_json()
@@ -230,13 +239,11 @@ def t2i(info: dict) -> dict:
     model, text_encoder, vae = _loaders(wf, MODEL_720P)
     cond = _prompt(wf, text_encoder, PROMPT_IMAGE)
     sampler = _sampler(wf, model, cond, duration="image", aspect_ratio="4:3")
-    decode = wf.node("InfinityStarDecode", (1240, 0), tiled=False)
-    wf.link(vae, 0, decode, "vae")
-    wf.link(sampler, 0, decode, "tokens")
+    decode = _decode(wf, vae, sampler)
     save = wf.node("SaveImage", (1530, 0), filename_prefix="infinitystar_t2i")
     wf.link(decode, 0, save, "images")
-    wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + (
-        "\n\n**This workflow:** one image (duration = image). The maintainers note that InfinityStar was "
+    _note(wf, (
+        "one image (duration = image). The maintainers note that InfinityStar was "
         "trained on video after its image initialisation, so still images are weaker than a dedicated "
         "text-to-image model."))
     return wf.to_json()
@@ -257,8 +264,8 @@ def extend(info: dict) -> dict:
     wf.link(cond, 0, ext, "positive")
     wf.link(encode, 0, ext, "tokens")
     _save_video(wf, vae, ext, "video/infinitystar_extended", x=1240)
-    wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + (
-        "\n\n**This workflow:** continues a clip by 5 s (one more clip of 80 frames) with the 480p weights, as "
+    _note(wf, (
+        "continues a clip by 5 s (one more clip of 80 frames) with the 480p weights, as "
         "the official 480p script does for video continuation (5 s in, 10 s out). Load a 16 fps clip of at "
         "least 81 frames (e.g. a 5 s InfinityStar video); whole 5 s clips of it are encoded (1 + 80k frames), "
         "the rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones."))
@@ -282,8 +289,8 @@ def upscale(info: dict) -> dict:
         return (scale, 0), x + 560
 
     _save_video(wf, vae, sampler, "video/infinitystar_t2v_480p_upscaled", upscale=chain)
-    wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + (
-        "\n\n**This workflow:** 480p text-to-video, then every frame goes through a 2x upscale model "
+    _note(wf, (
+        "480p text-to-video, then every frame goes through a 2x upscale model "
         "(put e.g. `RealESRGAN_x2plus.pth` from github.com/xinntao/Real-ESRGAN/releases in `models/upscale_models`) and *Upscale Image By* 0.75, giving "
         "1248x720. Without an upscale model, delete the two model nodes and set *Upscale Image By* to 1.5."))
     return wf.to_json()
