@@ -104,18 +104,30 @@ def cuda_code_path():
             setattr(mod, name, fn)
 
 
+def fake_tensors(model: torch.nn.Module, mode: FakeTensorMode, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Replace every parameter and buffer of a meta-device ``model`` by a fake CPU tensor of the same shape, in
+    its own dtype or, for floating-point ones, ``dtype`` when given."""
+    def like(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+                           device="cpu")
+
+    with mode:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(like(p), requires_grad=False)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = like(b)
+    return model
+
+
 def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.dtype) -> InfinityStarTransformer:
     """The model in the official precision layout (blocks in ``weights``), every parameter a fake tensor."""
     model = InfinityStarTransformer(config, device="meta").eval().requires_grad_(False)
     model.apply_precision_layout(torch.bfloat16)
     model.block_chunks.to(weights)
-    with mode:
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(
-                        torch.empty(p.shape, dtype=p.dtype, device="cpu"), requires_grad=False)
-    return model
+    return fake_tensors(model, mode)
 
 
 def measure(config: TransformerConfig, schedule, weights: torch.dtype = torch.float8_e4m3fn,
@@ -141,15 +153,8 @@ def measure_decode(latent_shape, dtype: torch.dtype = torch.bfloat16, **decode_k
     from infinitystar.vae import VaeConfig, VideoTokenizer
 
     mode = FakeTensorMode()
-    tokenizer = VideoTokenizer(VaeConfig(), device="meta").eval().requires_grad_(False)
+    tokenizer = fake_tensors(VideoTokenizer(VaeConfig(), device="meta").eval().requires_grad_(False), mode, dtype)
     with mode:
-        for module in tokenizer.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False)
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    module._buffers[name] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype)
         codes = torch.empty(*latent_shape)
         # oneDNN's fp32 CPU convolutions need real data pointers; the generic kernels have the same outputs
         with torch.backends.mkldnn.flags(enabled=False), LiveDeviceBytes("cpu") as tracker:
