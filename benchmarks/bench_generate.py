@@ -203,7 +203,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     clock = StepClock(device)
     restore = _wrap_head(model, "head_logits", clock)
     sync_warnings: list = []
-    offloaded = [0]
+    offloaded = [0, 0]  # bytes, layers
 
     def ours():
         with warnings.catch_warnings(record=True) as caught:
@@ -218,7 +218,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
         sync_warnings[:] = [w for w in caught if "synchroniz" in str(w.message).lower()]
-        offloaded[:] = [out.kv_offloaded_bytes]
+        offloaded[:] = [out.kv_offloaded_bytes, out.kv_offloaded_layers]
         return out.summed_codes
 
     if args.warmup:
@@ -226,11 +226,12 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory)]
     restore()
     results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS,
-                                                   chunk_tokens=chunk, offload_kv=offloaded[0] > 0, weight_dtype=weights)
+                                                   chunk_tokens=chunk, offload_kv=offloaded[1], weight_dtype=weights)
     if device.type == "cuda":  # CUDA peaks count the resident weights too
         results[0].estimate += sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if offloaded[0]:
-        results[0].extra["kv offload"] = f"{offloaded[0] / 1e9:.3g} GB of reference K/V kept in host memory"
+        results[0].extra["kv offload"] = (f"{offloaded[0] / 1e9:.3g} GB of reference K/V ({offloaded[1]} of "
+                                          f"{config.depth} layers) kept in host memory")
     if args.check_syncs and device.type == "cuda":
         results[0].extra["syncs"] = len(sync_warnings)
     if official_mod is not None:

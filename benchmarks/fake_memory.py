@@ -13,6 +13,7 @@ the random draw of the bits, become allocations of the same size (fake tensors h
 
     python benchmarks/fake_memory.py                       # 720p 5 s, 480p 5 s, 480p 10 s; plan on/off
     python benchmarks/fake_memory.py --cases 480p10 --offload-kv on
+    python benchmarks/fake_memory.py --cases 480p10 --offload-kv auto --cap-gb 16   # the layers "auto" picks
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinitystar import attention, kv_cache, sampler, transformer  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
-from infinitystar.memory import estimate_sampling_memory  # noqa: E402
+from infinitystar.memory import choose_kv_offload, estimate_sampling_memory  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 
@@ -145,6 +146,16 @@ def measure(config: TransformerConfig, schedule, weights: torch.dtype = torch.fl
     return tracker.peak, weight_bytes
 
 
+def auto_offload_layers(config: TransformerConfig, schedule, weights: torch.dtype, device_bytes: float,
+                        chunk_tokens="auto") -> int:
+    """The layers ``sample(offload_kv="auto")`` would offload on a GPU with ``device_bytes`` for this run
+    (weights included), as the sampler decides it: the estimate against what is left less its headroom."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in
+                       InfinityStarTransformer(config, device="meta").apply_precision_layout(weights).parameters())
+    return choose_kv_offload(config, schedule, int(device_bytes) - weight_bytes - sampler.AUTO_HEADROOM,
+                             chunk_tokens=chunk_tokens, weight_dtype=weights)
+
+
 DECODE_GRIDS = {"720p5": (45, 80, 21), "480p5": (30, 53, 21), "480p10": (30, 53, 41)}  # latent h, w, T at 16:9
 
 
@@ -183,7 +194,9 @@ def main(argv=None) -> str:
     p.add_argument("--cases", default="720p5,480p5,480p10")
     p.add_argument("--weights", default="fp8", choices=sorted(WEIGHTS))
     p.add_argument("--plans", default="on,off", help="comma list of: on (token blocks 'auto'), off (no chunking)")
-    p.add_argument("--offload-kv", default="both", choices=["on", "off", "both"])
+    p.add_argument("--offload-kv", default="both", choices=["on", "off", "both", "auto"],
+                   help="auto: the layers sampler's offload_kv='auto' would offload on a GPU of --cap-gb")
+    p.add_argument("--cap-gb", type=float, default=16.0, help="device memory for --offload-kv auto (GB)")
     p.add_argument("--decode", action="store_true", help="measure the tokenizer decode instead of sampling")
     args = p.parse_args(argv)
     if args.decode:
@@ -191,7 +204,7 @@ def main(argv=None) -> str:
         print(text)
         return text
     config = TRANSFORMER_PRESETS["8b" if args.config == "full" else "tiny"]
-    offloads = {"on": [True], "off": [False], "both": [False, True]}[args.offload_kv]
+    offloads = {"on": [True], "off": [False], "both": [False, True], "auto": ["auto"]}[args.offload_kv]
     rows = ["| case | token blocks | K/V offload | measured GB | estimate GB | est./measured | + weights GB | s |",
             "|---|---|---|---|---|---|---|---|"]
     for case in args.cases.split(","):
@@ -200,11 +213,14 @@ def main(argv=None) -> str:
         for plan in args.plans.split(","):
             chunk = "auto" if plan == "on" else None
             for offload in offloads:
+                if offload == "auto":
+                    offload = auto_offload_layers(config, schedule, WEIGHTS[args.weights], args.cap_gb * 1e9, chunk)
                 start = time.perf_counter()
                 peak, weights = measure(config, schedule, WEIGHTS[args.weights], chunk_tokens=chunk, offload_kv=offload)
                 est = estimate_sampling_memory(config, schedule, dtype=torch.bfloat16, chunk_tokens=chunk,
                                                offload_kv=offload, native_gqa=True, weight_dtype=WEIGHTS[args.weights])
-                rows.append(f"| {case} | {plan} | {'on' if offload else 'off'} | {peak / 1e9:.2f} | {est / 1e9:.2f} | "
+                layers = kv_cache.offloaded_layers(offload, config.depth)
+                rows.append(f"| {case} | {plan} | {layers}/{config.depth} layers | {peak / 1e9:.2f} | {est / 1e9:.2f} | "
                             f"{est / peak:.2f} | {(peak + weights) / 1e9:.2f} | {time.perf_counter() - start:.0f} |")
                 print(rows[-1], file=sys.stderr, flush=True)
     text = "\n".join(rows) + (f"\n\nconfig {args.config}, {args.weights} blocks, bf16 compute, CFG batch 2, "

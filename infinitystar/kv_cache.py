@@ -4,10 +4,12 @@ The official model caches the post-RoPE K and V (KV heads, before GQA expansion)
 at its last repetition; a visual step attends to [reference scales] + [text 't0'] + itself. Here
 only entries that a later step will read are stored, and each is released after its last reader.
 
-Offload (``offload=True``): reference-scale entries live in host memory (pinned when they come from
-CUDA) and are copied back into each step's context, layer by layer. For 10 s videos the last scale
-of clip 1 is read by every clip-2 step and is the largest single tensor of a run (≈ 10 GB at 480p);
-host memory holds it for the price of one host-to-device copy per layer and step. The text entry is
+Offload (``offload=True``, or a number n of layers): reference-scale entries of all (or the first n)
+layers live in host memory (pinned when they come from CUDA) and are copied back into each step's
+context, layer by layer. For 10 s videos the last scale of clip 1 is read by every clip-2 step and is
+the largest single tensor of a run (≈ 10 GB at 480p); host memory holds it for the price of one
+host-to-device copy per layer and step, so offloading only as many layers as the device needs
+(:func:`infinitystar.memory.choose_kv_offload`) keeps the rest of those copies away. The text entry is
 small and read by every step, so it stays on the device. Exact: only copies.
 """
 from __future__ import annotations
@@ -25,10 +27,10 @@ TEXT_KEY = "t0"
 class ScaleKVCache:
     """K/V tensors (B, Nkv, L, D) keyed by step key ('t0' or a scale index), one dict per layer."""
 
-    def __init__(self, num_layers: int, offload: bool = False):
+    def __init__(self, num_layers: int, offload: bool | int = False):
         self._k: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
         self._v: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
-        self.offload = offload
+        self.offload_layers = offloaded_layers(offload, num_layers)  # layers [0, n) keep references on the host
         self.peak_nbytes = 0  # largest device-resident nbytes() seen after a store
         self.peak_offloaded_nbytes = 0  # largest host-resident (offloaded) bytes seen after a store
         self._nbytes = 0
@@ -37,7 +39,7 @@ class ScaleKVCache:
     def store(self, key: Hashable, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if key in self._k[layer]:
             self._forget(layer, key)
-        if self.offload and key != TEXT_KEY:
+        if self._on_host(layer, key):
             k, v = _to_host(k), _to_host(v)
             self._offloaded += _size(k) + _size(v)
         else:
@@ -62,10 +64,17 @@ class ScaleKVCache:
     def _forget(self, layer: int, key: Hashable) -> None:
         for d in (self._k[layer], self._v[layer]):
             t = d.pop(key)
-            if self.offload and key != TEXT_KEY:
+            if self._on_host(layer, key):
                 self._offloaded -= _size(t)
             else:
                 self._nbytes -= _size(t)
+
+    def _on_host(self, layer: int, key: Hashable) -> bool:
+        return layer < self.offload_layers and key != TEXT_KEY
+
+    @property
+    def offload(self) -> bool:
+        return self.offload_layers > 0
 
     def keys(self) -> list[Hashable]:
         return list(self._k[0]) if self._k else []
@@ -88,6 +97,15 @@ class ScaleKVCache:
 
     def __contains__(self, key: Hashable) -> bool:
         return bool(self._k) and key in self._k[0]
+
+
+def offloaded_layers(offload: bool | int, num_layers: int) -> int:
+    """How many layers keep their reference K/V on the host: True = all, False = none, or a count."""
+    if isinstance(offload, bool):
+        return num_layers if offload else 0
+    if isinstance(offload, int) and 0 <= offload <= num_layers:
+        return offload
+    raise ValueError(f"offload_kv must be True, False, 'auto' or a layer count in [0, {num_layers}], got {offload!r}")
 
 
 _PIN_WARNED = False

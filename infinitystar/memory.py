@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from .config import TransformerConfig
+from .kv_cache import offloaded_layers
 from .schedule import Schedule
 
 TEXT_TOKENS = 512  # upper bound of the prompt length L
@@ -102,13 +103,13 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
 
 def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batch: int = 2,
                              dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS,
-                             chunk_tokens: int | str | None = "auto", offload_kv: bool = False,
+                             chunk_tokens: int | str | None = "auto", offload_kv: bool | int = False,
                              native_gqa: bool | None = None, weight_dtype: torch.dtype | None = None) -> int:
     """Peak bytes of a run (weights excluded) for the schedule, CFG batch and block compute dtype.
 
     ``chunk_tokens`` as in :func:`infinitystar.sampler.sample` ("auto", a token count, None = off).
-    ``offload_kv``: reference-scale K/V kept in host memory (only the text K/V stays; each step still
-    holds its whole context while it runs). ``native_gqa``: the attention reads GQA K/V without repeating
+    ``offload_kv``: reference-scale K/V of all layers (True) or of that many layers kept in host memory
+    (the text K/V stays; each step still holds its whole context while it runs). ``native_gqa``: the attention reads GQA K/V without repeating
     it (default: half-precision compute, i.e. CUDA SDPA/flash-attn; see :func:`attention.native_gqa`).
     ``weight_dtype``: how the blocks are stored (fp8 adds the per-call upcast copy of a weight).
     """
@@ -116,8 +117,9 @@ def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batc
         chunk_tokens = auto_chunk_tokens(config, batch, dtype)
     if native_gqa is None:
         native_gqa = dtype in (torch.float16, torch.bfloat16)
-    kv = 2 * config.depth * batch * config.num_kv_heads * config.head_dim * _nbytes(dtype)
-    kv *= text_tokens if offload_kv else kv_peak_tokens(schedule, text_tokens)
+    per_token = 2 * batch * config.num_kv_heads * config.head_dim * _nbytes(dtype)  # one layer's K and V
+    resident_layers = config.depth - offloaded_layers(offload_kv, config.depth)
+    kv = per_token * (config.depth * text_tokens + resident_layers * (kv_peak_tokens(schedule, text_tokens) - text_tokens))
     act = 0
     for step in schedule.steps:
         context = step.num_tokens + text_tokens + sum(_tokens(schedule, si) for si in step.ref_sids)
@@ -131,15 +133,18 @@ def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batc
 def choose_kv_offload(config: TransformerConfig, schedule: Schedule, available: int, batch: int = 2,
                       dtype: torch.dtype = torch.bfloat16, text_tokens: int = TEXT_TOKENS,
                       chunk_tokens: int | str | None = "auto", native_gqa: bool | None = None,
-                      weight_dtype: torch.dtype | None = None) -> bool:
-    """Whether to keep the reference K/V in host memory: only when the run does not fit ``available``
-    bytes (free device memory after the weights) with it resident, and offloading lowers the peak."""
+                      weight_dtype: torch.dtype | None = None) -> int:
+    """How many layers keep their reference K/V in host memory: 0 when the run fits ``available`` bytes
+    (free device memory after the weights) with it resident, else the fewest layers that make it fit
+    (every layer when even that is not enough). Each offloaded layer costs one host-to-device copy of
+    its reference K/V per step that reads it, so offloading only what is needed is the fastest fit."""
     kw = dict(batch=batch, dtype=dtype, text_tokens=text_tokens, chunk_tokens=chunk_tokens, native_gqa=native_gqa,
               weight_dtype=weight_dtype)
     resident = estimate_sampling_memory(config, schedule, **kw)
-    if resident <= available:
-        return False
-    return estimate_sampling_memory(config, schedule, offload_kv=True, **kw) < resident
+    per_layer = (resident - estimate_sampling_memory(config, schedule, offload_kv=True, **kw)) // config.depth
+    if resident <= available or per_layer <= 0:
+        return 0
+    return min(config.depth, -(-(resident - available) // per_layer))
 
 
 def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int]:

@@ -16,7 +16,7 @@ import torch
 
 from .bsq import LATENT_CHANNELS, accumulate, downsample_accumulator
 from .guidance import GuidanceConfig, guide
-from .kv_cache import TEXT_KEY, ScaleKVCache
+from .kv_cache import TEXT_KEY, ScaleKVCache, offloaded_layers
 from .rope import text_rope, visual_rope
 from .schedule import ScaleStep, Schedule
 from .transformer import InfinityStarTransformer, StepContext
@@ -43,6 +43,7 @@ class SampleResult:
     summed_codes: torch.Tensor  # accumulators concatenated along T: (1, 64, T_total, H, W)
     kv_peak_bytes: int = 0  # largest device-resident K/V cache size during the run
     kv_offloaded_bytes: int = 0  # largest K/V kept in host memory (offload_kv)
+    kv_offloaded_layers: int = 0  # layers whose reference K/V was kept in host memory
 
 
 @dataclass
@@ -96,17 +97,17 @@ def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dt
     return int(chunk_tokens) if chunk_tokens else None
 
 
-def resolve_offload_kv(offload_kv: bool | str, model: InfinityStarTransformer, schedule: Schedule,
-                       text: TextCondition, dtype: torch.dtype, chunk_tokens: int | None) -> bool:
-    """``"auto"``: keep reference K/V in host memory only on CUDA and only when the run would not fit the
-    device's free memory otherwise (:func:`infinitystar.memory.choose_kv_offload`)."""
+def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransformer, schedule: Schedule,
+                       text: TextCondition, dtype: torch.dtype, chunk_tokens: int | None) -> int:
+    """How many layers keep their reference K/V in host memory. ``"auto"``: none off CUDA; on CUDA the
+    fewest that let the run fit the device's free memory less ``AUTO_HEADROOM``
+    (:func:`infinitystar.memory.choose_kv_offload`)."""
+    depth = model.config.depth
     if offload_kv != "auto":
-        if not isinstance(offload_kv, bool):
-            raise ValueError(f"offload_kv must be True, False or 'auto', got {offload_kv!r}")
-        return offload_kv
+        return offloaded_layers(offload_kv, depth)
     device = model_device(model)
     if device.type != "cuda":
-        return False
+        return 0
     from .memory import choose_kv_offload
 
     free, total = torch.cuda.mem_get_info(device)
@@ -115,12 +116,16 @@ def resolve_offload_kv(offload_kv: bool | str, model: InfinityStarTransformer, s
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # a cap set by the host or a benchmark
     if fraction is not None:
         available = min(available, int(fraction(device) * total) - allocated)
-    offload = choose_kv_offload(model.config, schedule, available, dtype=dtype, text_tokens=text.cond.shape[0],
-                                chunk_tokens=chunk_tokens, weight_dtype=model.block_dtype())
-    if offload:
-        logger.info("reference K/V kept in host memory: the run would not fit the %.1f GB free on %s otherwise",
-                    available / 1e9, device)
-    return offload
+    layers = choose_kv_offload(model.config, schedule, available - AUTO_HEADROOM, dtype=dtype,
+                               text_tokens=text.cond.shape[0], chunk_tokens=chunk_tokens,
+                               weight_dtype=model.block_dtype())
+    if layers:
+        logger.info("reference K/V of %d of %d layers kept in host memory: the run would not fit the %.1f GB free "
+                    "on %s otherwise", layers, depth, available / 1e9, device)
+    return layers
+
+
+AUTO_HEADROOM = 1 << 30  # bytes "auto" leaves free for allocator fragmentation and the estimate's error
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
@@ -145,7 +150,7 @@ class _Runner:
     """State of one generation: KV cache, accumulators, schedule bookkeeping."""
 
     def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16,
-                 chunk_tokens=None, compile=False, offload_kv: bool | str = False):
+                 chunk_tokens=None, compile=False, offload_kv: bool | int | str = False):
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
@@ -222,7 +227,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
            step_hook: Callable[[StepRecord], None] | None = None, generator_device: str = "cpu",
            compute_dtype: torch.dtype | None = None, attn_backend: str = "sdpa",
            round_qkv_bf16: bool = True, chunk_tokens: int | str | None = "auto",
-           compile: bool = False, offload_kv: bool | str = "auto") -> SampleResult:
+           compile: bool = False, offload_kv: bool | int | str = "auto") -> SampleResult:
     """Generate the bits of every step of ``schedule``.
 
     teacher_bits: bits (t, h, w, d) or (1, t, h, w, d) of the first N steps; they replace the drawn
@@ -239,8 +244,9 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
       this many tokens (exact; bounds the activations, see infinitystar.memory); "auto" sizes the
       block from ``memory.CHUNK_BUDGET``, None or 0 disables it.
     compile: run each block's feed-forward through torch.compile (off by default).
-    offload_kv: keep the reference scales' K/V in host memory (exact; costs one host-to-device copy of
-      the references per layer and step); "auto" does it on CUDA only when the run would not fit otherwise.
+    offload_kv: keep the reference scales' K/V of every layer (True) or of the first n layers (n) in host
+      memory (exact; costs one host-to-device copy of the references per offloaded layer and step); "auto"
+      offloads on CUDA only as many layers as the run needs to fit the free memory.
     generator_device: where the bits are drawn; "cuda" with a CUDA model keeps the loop free of
       host-device syncs (the official sampler uses a CUDA generator); "cpu" matches the CPU goldens.
     """
@@ -276,6 +282,6 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
         accs = runner.accumulators
         bits_out = _to_cpu(bits_out)
         return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes,
-                            runner.cache.peak_offloaded_nbytes)
+                            runner.cache.peak_offloaded_nbytes, runner.cache.offload_layers)
     finally:
         runner.cache.clear()

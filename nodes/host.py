@@ -120,27 +120,29 @@ def make_patcher(module: torch.nn.Module, kind: str):
     return patcher
 
 
-def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype) -> tuple[int, bool]:
-    """(bytes to ask ComfyUI for, keep the reference K/V in host memory?) for one generation (CFG batch 2).
+def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes to ask ComfyUI for, layers whose reference K/V is kept in host memory) for one generation
+    (CFG batch 2).
 
-    The reference K/V goes to host memory only when weights + activations + K/V would not fit the device
-    even with every other model evicted: one copy of the clip-1 reference per clip-2 step costs less than
-    streaming the blocks through partial loading on every step. What is left over still goes to ComfyUI's
-    partial loading.
+    Reference K/V goes to host memory only when weights + activations + K/V would not fit the device even
+    with every other model evicted, and then only for the fewest layers that make it fit: one copy of a
+    layer's clip-1 reference per clip-2 step costs less than streaming the blocks through partial loading
+    on every step. What is left over still goes to ComfyUI's partial loading.
     """
     from ..infinitystar.memory import choose_kv_offload, estimate_sampling_memory
 
     device = torch.device(patcher.load_device)
     weights = _block_dtype(patcher)
-    offload = False
+    layers = 0
     if device.type not in ("cpu", "mps"):  # host memory is the device's memory there
         room = mm.get_total_memory(device) - mm.minimum_inference_memory() - patcher.model_size()
-        offload = choose_kv_offload(config, schedule, room, dtype=compute_dtype, weight_dtype=weights)
-        if offload:
-            logger.info("InfinityStar: the reference K/V of this %d-clip run is kept in host memory to fit %s",
-                        schedule.num_clips, device)
-    need = estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype, offload_kv=offload, weight_dtype=weights)
-    return int(need), offload
+        layers = choose_kv_offload(config, schedule, room, dtype=compute_dtype, weight_dtype=weights)
+        if layers:
+            logger.info("InfinityStar: the reference K/V of %d of %d layers is kept in host memory to fit this "
+                        "%d-clip run on %s", layers, config.depth, schedule.num_clips, device)
+    need = estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype, offload_kv=layers,
+                                    weight_dtype=weights)
+    return int(need), layers
 
 
 def _block_dtype(patcher) -> torch.dtype | None:

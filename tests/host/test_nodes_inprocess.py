@@ -258,9 +258,10 @@ def test_partial_load_matches_full_load(pack, comfy, loaded, core):
     assert torch.equal(full.summed_codes, part.summed_codes)
 
 
-def test_sampling_plan_offloads_reference_kv_only_when_the_device_is_too_small(pack, comfy, core, monkeypatch):
+def test_sampling_plan_offloads_only_the_reference_kv_the_device_lacks(pack, comfy, core, monkeypatch):
     """The plan the sampler node hands ComfyUI for the 8B model at 480p 10 s on a CUDA device of a given size
-    (ComfyUI's memory queries patched: there is no GPU here); on the CPU it never offloads."""
+    (ComfyUI's memory queries patched: there is no GPU here): no offload on 24 and 80 GB, the fewest layers that
+    fit on 16 GB; on the CPU it never offloads."""
     host = pack.host
     config = core("config").TRANSFORMER_PRESETS["8b"]
     memory = core("memory")
@@ -281,17 +282,20 @@ def test_sampling_plan_offloads_reference_kv_only_when_the_device_is_too_small(p
         plans[gb] = host.sampling_plan(Patcher(), config, schedule, torch.bfloat16)
     fp8 = dict(dtype=torch.bfloat16, weight_dtype=torch.float8_e4m3fn)
     resident = memory.estimate_sampling_memory(config, schedule, **fp8)
-    offloaded = memory.estimate_sampling_memory(config, schedule, offload_kv=True, **fp8)
-    assert plans[80] == (resident, False) and plans[24] == (resident, False)
-    assert plans[16] == (offloaded, True) and fp8_weights + offloaded <= 16e9
+    assert plans[80] == (resident, 0) and plans[24] == (resident, 0)
+    need, layers = plans[16]
+    room = 15 * 2**30 - fp8_weights  # 16 GiB less ComfyUI's minimum inference memory and the weights
+    assert 0 < layers < config.depth  # part of the layers: the fewest that fit
+    assert need == memory.estimate_sampling_memory(config, schedule, offload_kv=layers, **fp8) <= room
+    assert memory.estimate_sampling_memory(config, schedule, offload_kv=layers - 1, **fp8) > room
     assert resident > memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16)  # the fp8 upcast copy
     Patcher.load_device = torch.device("cpu")
-    assert host.sampling_plan(Patcher(), config, schedule, torch.bfloat16) == (resident, False)
+    assert host.sampling_plan(Patcher(), config, schedule, torch.bfloat16) == (resident, 0)
 
 
 def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, monkeypatch):
     """When the plan says "offload" (a small GPU; forced here, the CPU never needs it) the Sampler and Extend
-    nodes run with the reference K/V in host memory: a cache built with offload=True, and the same tokens."""
+    nodes run with the reference K/V of that many layers in host memory, and give the same tokens."""
     host = pack.host
     kv_cache = core("kv_cache")
     made = []
@@ -304,21 +308,23 @@ def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, mon
     monkeypatch.setattr(core("sampler"), "ScaleKVCache", Recorded)
     real_plan = host.sampling_plan
 
-    def sample(offload: bool, **inputs):
+    def sample(offload: bool | int, **inputs):
         monkeypatch.setattr(host, "sampling_plan", lambda *a: (real_plan(*a)[0], offload))
         made.clear()
         out = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
                   seed=9, **SMALL)[0]
         longer = run(pack.video.InfinityStarExtend, model=loaded["model"], positive=loaded["cond"], tokens=out,
                      clips=1, seed=2, guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)[0]
-        return out, longer, [c.offload for c in made], max(c.peak_offloaded_nbytes for c in made)
+        return out, longer, [c.offload_layers for c in made], max(c.peak_offloaded_nbytes for c in made)
 
-    plain, plain_longer, flags, offloaded = sample(False)
-    assert flags == [False, False] and offloaded == 0
-    off, off_longer, flags, offloaded = sample(True)
-    assert flags == [True, True] and offloaded > 0
-    assert all(torch.equal(a, b) for a, b in zip(plain.bits, off.bits))
-    assert all(torch.equal(a, b) for a, b in zip(plain_longer.bits, off_longer.bits))
+    plain, plain_longer, flags, offloaded = sample(0)
+    assert flags == [0, 0] and offloaded == 0
+    depth = loaded["model"].info.config.depth
+    for layers, want in ((1, 1), (True, depth)):  # the first layer, every layer
+        off, off_longer, flags, offloaded = sample(layers)
+        assert flags == [want, want] and offloaded > 0, (layers, flags)
+        assert all(torch.equal(a, b) for a, b in zip(plain.bits, off.bits))
+        assert all(torch.equal(a, b) for a, b in zip(plain_longer.bits, off_longer.bits))
 
 
 def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):

@@ -60,10 +60,11 @@ def test_fake_run_matches_the_profiler_on_a_real_run(fm, chunk, single_thread):
 
 
 def test_cuda_path_on_fake_tensors_against_the_estimate(fm, single_thread):
-    """The CUDA code path (bf16, GQA-native attention, fused norm), two clips, with and without the K/V offload."""
+    """The CUDA code path (bf16, GQA-native attention, fused norm), two clips, without the K/V offload, with it
+    for one layer of two, and for both."""
     sched = _schedule(161)
     peaks = {}
-    for offload in (False, True):
+    for offload in (0, 1, 2):  # layers of two
         peak, weight_bytes = fm.measure(CFG, sched, torch.bfloat16, text_tokens=L, chunk_tokens=256,
                                         offload_kv=offload)
         est = estimate_sampling_memory(CFG, sched, dtype=torch.bfloat16, text_tokens=L, chunk_tokens=256,
@@ -72,7 +73,7 @@ def test_cuda_path_on_fake_tensors_against_the_estimate(fm, single_thread):
         peaks[offload] = peak
     layout = InfinityStarTransformer(CFG, device="meta").apply_precision_layout(torch.bfloat16)
     assert weight_bytes == sum(p.numel() * p.element_size() for p in layout.parameters())
-    assert peaks[True] < peaks[False]  # the clip-1 reference left the device
+    assert peaks[2] < peaks[1] < peaks[0]  # the clip-1 reference left the device, half or whole
 
 
 def test_fake_decode_matches_the_profiler_on_a_real_decode(fm, single_thread):
@@ -87,15 +88,18 @@ def test_fake_decode_matches_the_profiler_on_a_real_decode(fm, single_thread):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pn, frames, offload, target", [("720p", 81, False, 24e9), ("480p", 161, True, 16e9)],
-                         ids=["720p5-fp8", "480p10-fp8-offload"])
-def test_full_size_meets_the_targets_on_fake_tensors(fm, pn, frames, offload, target):
-    """Issue 7's targets, measured on the full 8.77B model (fake tensors, about a minute each): peak device memory
-    with fp8 blocks within the target, and the estimate the nodes ask ComfyUI for is not below the measurement."""
+@pytest.mark.parametrize("pn, frames, target, partial", [("720p", 81, 24e9, False), ("480p", 161, 16e9, True)],
+                         ids=["720p5-fp8", "480p10-fp8"])
+def test_full_size_meets_the_targets_on_fake_tensors(fm, pn, frames, target, partial):
+    """Issue 7's targets, measured on the full 8.77B model (fake tensors, about a minute each): with fp8 blocks and
+    the K/V offload "auto" would choose under the target (720p 5 s: none; 480p 10 s: part of the layers), peak
+    device memory within the target, and the estimate the nodes ask ComfyUI for is not below the measurement."""
     from infinitystar.config import TRANSFORMER_PRESETS
 
     big = TRANSFORMER_PRESETS["8b"]
     schedule = build_schedule(pn, "16:9", frames)
+    offload = fm.auto_offload_layers(big, schedule, torch.float8_e4m3fn, target)
+    assert (0 < offload < big.depth) if partial else offload == 0, offload  # 720p 5 s fits; 480p 10 s needs some
     peak, weights = fm.measure(big, schedule, torch.float8_e4m3fn, offload_kv=offload)
     assert weights + peak <= target, (weights, peak)
     est = estimate_sampling_memory(big, schedule, offload_kv=offload, weight_dtype=torch.float8_e4m3fn)

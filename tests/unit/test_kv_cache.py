@@ -42,6 +42,28 @@ def test_offload_keeps_scales_on_the_host_and_text_resident():
     assert 7 not in cache and cache.offloaded_nbytes() == 0 and cache.nbytes() == 2 * per_layer
 
 
+def test_partial_offload_keeps_the_first_layers_on_the_host():
+    cache = ScaleKVCache(num_layers=3, offload=2)
+    k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    per_layer = 2 * k.numel() * 4
+    for layer in range(3):
+        cache.store(TEXT_KEY, layer, k, v)
+        cache.store(5, layer, k, v)
+    assert cache.offload and cache.offload_layers == 2
+    assert cache.offloaded_nbytes() == 2 * per_layer  # scale 5 of layers 0 and 1
+    assert cache.nbytes() == 3 * per_layer + per_layer  # text of every layer, scale 5 of layer 2
+    assert cache.gather(0, [5])[0][0] is not k and cache.gather(2, [5])[0][0] is k
+    cache.release(5)
+    assert cache.offloaded_nbytes() == 0 and cache.nbytes() == 3 * per_layer
+    assert not ScaleKVCache(3, offload=0).offload and ScaleKVCache(3, offload=True).offload_layers == 3
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 1.5, "some"])
+def test_offload_count_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match=r"offload_kv must be .* layer count in \[0, 3\]"):
+        ScaleKVCache(num_layers=3, offload=bad)
+
+
 def test_concat_to_equals_cat():
     from infinitystar.kv_cache import concat_to
 

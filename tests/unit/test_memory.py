@@ -38,17 +38,21 @@ def test_offloaded_kv_run_is_identical_and_keeps_only_text_on_the_device():
     sched = build_schedule("0.06M", "1:1", 161, image_repetition=(1,) * 6, video_repetition=(1,) * 6, num_scales=6)
     L = 9
     text = TextCondition(torch.randn(L, TINY.text_channels))
-    runs = {}
-    for offload in (False, True):
+    runs = []
+    for offload in (False, 1, True):  # none, the first of the two layers, both
         logits = []
         out = sample(model, text, sched, seed=4, offload_kv=offload, step_hook=lambda r, out=logits: out.append(r.logits.clone()))
-        runs[offload] = (out, logits)
-    (a, la), (b, lb) = runs[False], runs[True]
-    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
-    assert all(torch.equal(x, y) for x, y in zip(la, lb))
+        runs.append((out, logits))
+    (a, la), (h, lh), (b, lb) = runs
+    for other, lother in ((h, lh), (b, lb)):
+        assert all(torch.equal(x, y) for x, y in zip(a.bits, other.bits))
+        assert all(torch.equal(x, y) for x, y in zip(la, lother))
     per_token = 2 * TINY.depth * 2 * TINY.num_kv_heads * TINY.head_dim * 4
     assert a.kv_offloaded_bytes == 0 and b.kv_peak_bytes == per_token * L
     assert b.kv_peak_bytes + b.kv_offloaded_bytes >= a.kv_peak_bytes > b.kv_peak_bytes
+    assert (a.kv_offloaded_layers, h.kv_offloaded_layers, b.kv_offloaded_layers) == (0, 1, TINY.depth)
+    assert h.kv_offloaded_bytes * 2 == b.kv_offloaded_bytes  # one layer of two
+    assert b.kv_peak_bytes < h.kv_peak_bytes < a.kv_peak_bytes
     assert sample(model, text, sched, seed=4, offload_kv="auto").kv_offloaded_bytes == 0  # CPU: never
 
 
@@ -60,8 +64,17 @@ def test_offload_estimate_and_choice():
     off = estimate_sampling_memory(BIG, s10, offload_kv=True)
     ref = 2 * BIG.depth * 2 * BIG.num_kv_heads * BIG.head_dim * 2 * 31_800  # clip 1's last scale, bf16
     assert full - off >= ref  # at least the clip-1 reference is gone from the device
-    assert not choose_kv_offload(BIG, s10, available=full + 1)
-    assert choose_kv_offload(BIG, s10, available=full - 1)
+    assert choose_kv_offload(BIG, s10, available=full) == 0
+    assert choose_kv_offload(BIG, s10, available=full - 1) == 1
+    assert choose_kv_offload(BIG, s10, available=off) == BIG.depth
+    assert choose_kv_offload(BIG, s10, available=off // 2) == BIG.depth  # best effort when nothing fits
+    for available in (int(off + 0.3 * (full - off)), int(off + 0.7 * (full - off))):
+        n = choose_kv_offload(BIG, s10, available=available)  # the fewest layers that fit
+        assert 0 < n < BIG.depth
+        assert estimate_sampling_memory(BIG, s10, offload_kv=n) <= available
+        assert estimate_sampling_memory(BIG, s10, offload_kv=n - 1) > available
+    halves = [estimate_sampling_memory(BIG, s10, offload_kv=n) for n in (0, BIG.depth // 2, BIG.depth)]
+    assert halves[0] - halves[1] == halves[1] - halves[2] > 0  # each layer's reference weighs the same
     with pytest.raises(ValueError, match="offload_kv"):
         sample(InfinityStarTransformer(TINY).eval(), TextCondition(torch.randn(3, TINY.text_channels)),
                build_schedule("0.06M", "1:1", 1), seed=0, offload_kv="yes")
@@ -75,6 +88,41 @@ def test_offloaded_kv_on_cuda_is_identical_and_pinned():
     sched = build_schedule("0.06M", "1:1", 161, image_repetition=(1,) * 6, video_repetition=(1,) * 6, num_scales=6)
     text = TextCondition(torch.randn(9, TINY.text_channels))
     a = sample(model, text, sched, seed=4, offload_kv=False, compute_dtype=torch.bfloat16, generator_device="cuda")
-    b = sample(model, text, sched, seed=4, offload_kv=True, compute_dtype=torch.bfloat16, generator_device="cuda")
-    assert b.kv_offloaded_bytes > 0 and b.kv_peak_bytes < a.kv_peak_bytes
-    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    for offload in (1, True):  # one layer of two, both
+        b = sample(model, text, sched, seed=4, offload_kv=offload, compute_dtype=torch.bfloat16, generator_device="cuda")
+        assert b.kv_offloaded_bytes > 0 and b.kv_peak_bytes < a.kv_peak_bytes
+        assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+
+
+def test_auto_offload_on_cuda_takes_the_fewest_layers_that_fit_the_free_memory(monkeypatch):
+    """``offload_kv="auto"`` on a CUDA device (its memory queries patched: no GPU here) for the 8B model at
+    480p 10 s with fp8 blocks: nothing on a free 80 GB card, part of the layers under a 16 GB per-process cap
+    (the fraction a host or benchmark sets), all of them when even that does not fit."""
+    import types
+
+    from infinitystar import sampler as sampler_mod
+    from infinitystar.memory import choose_kv_offload
+
+    s10 = build_schedule("480p", "16:9", 161)
+    model = types.SimpleNamespace(config=BIG, block_dtype=lambda: torch.float8_e4m3fn)
+    text = TextCondition(torch.empty(512, 1))
+    weights = 8_768_382_112
+    total, fraction = 80e9, [1.0]
+    monkeypatch.setattr(sampler_mod, "model_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (int(total - weights), int(total)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: weights)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: weights)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: fraction[0])
+
+    def auto(cap_gb):
+        fraction[0] = cap_gb * 1e9 / total
+        return sampler_mod.resolve_offload_kv("auto", model, s10, text, torch.bfloat16, 5120)
+
+    assert auto(80) == 0
+    layers = auto(16)
+    room = int(16e9) - weights - sampler_mod.AUTO_HEADROOM
+    fp8 = dict(chunk_tokens=5120, weight_dtype=torch.float8_e4m3fn)
+    assert layers == choose_kv_offload(BIG, s10, room, **fp8) and 0 < layers < BIG.depth
+    assert estimate_sampling_memory(BIG, s10, offload_kv=layers, **fp8) <= room
+    assert auto(11) == BIG.depth
+    assert sampler_mod.resolve_offload_kv(3, model, s10, text, torch.bfloat16, 5120) == 3  # a count passes through
