@@ -109,6 +109,10 @@ class OfficialRunner:
     """The official transformer (+ the tokenizer's quantizer, which its sampler calls) on a device."""
 
     def __init__(self, mod, config, args, device: torch.device, state_dict, text_channels: int):
+        with contextlib.redirect_stdout(sys.stderr):  # the official code prints its settings; stdout is for tables
+            self._build(mod, config, args, device, state_dict, text_channels)
+
+    def _build(self, mod, config, args, device: torch.device, state_dict, text_channels: int):
         self.mod, self.args, self.device = mod, args, torch.device(device)
         if self.device.type == "cuda":
             mod.dist.set_gpu_id(self.device.index or 0)
@@ -163,7 +167,7 @@ class OfficialRunner:
         # bf16: the official scripts' CUDA autocast; on a CPU (--cpu-bf16) the CPU autocast stands in for it
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16
                     else contextlib.nullcontext())
-        with autocast, torch.no_grad(), _quiet_tqdm():
+        with autocast, torch.no_grad(), _quiet_tqdm(), contextlib.redirect_stdout(sys.stderr):
             return self.model.ar_infer_infinity_elegant(
                 vae=self.vae, scale_schedule=schedule, label_B_or_BLT=text, B=1, g_seed=seed,
                 cfg_list=[args.cfg] * len(schedule), tau_list=tau, args=args,

@@ -1,0 +1,82 @@
+"""benchmarks/gpu: the one-call GPU kit, rehearsed on the CPU so that device time is not spent on its plumbing.
+
+``REHEARSE=1`` runs run_all.sh's steps with the tiny model and small cases. Our steps run everywhere; the
+official ones need an official checkout and its dependencies (INFINITYSTAR_OFFICIAL_PATH) and are skipped
+otherwise.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_ALL = ROOT / "benchmarks" / "gpu" / "run_all.sh"
+OURS = ["gpu_tests", "ours_fp8", "ours_480p10_16gb"]
+OFFICIAL = ["parity_480p5", "official_720p5", "official_480p5"]
+
+
+def _rehearse(tmp_path, steps, **env):
+    out = tmp_path / "out"
+    env = {**os.environ, "REHEARSE": "1", "OUT": str(out), "SITE": str(tmp_path / "site"), "PYTHON": sys.executable,
+           "STEPS": " ".join(steps), "BUDGET": "600", **env}
+    proc = subprocess.run(["bash", str(RUN_ALL)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    summary = (out / "summary.txt").read_text()
+    return proc, out, summary
+
+
+def _table_rows(text: str, impl: str) -> list[list[str]]:
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    return [r for r in rows if len(r) > 1 and r[1] == impl]
+
+
+def test_run_all_rehearsal_runs_our_steps(tmp_path):
+    proc, out, summary = _rehearse(tmp_path, OURS)
+    assert proc.returncode == 0, (summary, proc.stdout[-3000:], (out / "run_all.log").read_text()[-3000:])
+    for step in OURS[1:]:
+        assert f"{step}: rc=0 (ok)" in summary, summary
+    assert "gpu_tests: rc=0" in summary
+    assert not any(name in summary for name in OFFICIAL)  # STEPS left them out, not skipped for time
+    fp8 = (out / "ours_fp8.md").read_text()
+    assert [r[0] for r in _table_rows(fp8, "ours")] == ["mid5", "mid5", "mid10"]  # the stand-ins of the 3 cases
+    assert "config tiny" in fp8 and "weights fp8" in fp8
+    assert [r[0] for r in _table_rows((out / "ours_480p10_16gb.md").read_text(), "ours")] == ["mid10"]
+    assert "----- ours_fp8.md" in proc.stdout  # the tables come back in the call's output too
+
+
+def test_run_all_marks_a_failing_step(tmp_path):
+    """A step that fails makes the call fail and says so in the summary (here: no official checkout)."""
+    proc, _, summary = _rehearse(tmp_path, ["official_480p5"], OFFICIAL=str(tmp_path / "missing"))
+    assert proc.returncode == 1
+    assert "official_480p5: rc=1 (failed)" in summary or "official_480p5: rc=2 (failed)" in summary, summary
+
+
+def _official_path() -> str:
+    path = os.environ.get("INFINITYSTAR_OFFICIAL_PATH")
+    if not path:
+        pytest.skip("set INFINITYSTAR_OFFICIAL_PATH to an official InfinityStar checkout to rehearse the official steps")
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import official; official.import_official(sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", probe, str(ROOT / "benchmarks"), path], capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode:
+        pytest.skip(f"official code not importable here: {proc.stderr.strip().splitlines()[-1:]}")
+    return path
+
+
+def test_run_all_rehearsal_runs_the_official_steps(tmp_path):
+    proc, out, summary = _rehearse(tmp_path, OFFICIAL, OFFICIAL=_official_path())
+    assert proc.returncode == 0, (summary, (out / "run_all.log").read_text()[-3000:])
+    for step in OFFICIAL:
+        assert f"{step}: rc=0 (ok)" in summary, summary
+    assert (out / "parity_480p5.csv").stat().st_size > 0
+    for name in ("official_720p5", "official_480p5"):
+        text = (out / f"{name}.md").read_text()
+        assert _table_rows(text, "ours") and _table_rows(text, "official"), text
+
+
+def test_prepare_refuses_without_an_official_checkout(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "INFINITYSTAR_OFFICIAL_PATH"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "prepare.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage" in proc.stderr
