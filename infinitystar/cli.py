@@ -75,6 +75,11 @@ class Session:
         self.variant = _variant(args)
         self.paths = find_models(self.root, self.variant)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .transformer import compile_unavailable
+
+        why = compile_unavailable(self.device) if getattr(args, "compile", False) else None
+        if why:
+            raise ValueError(f"--compile: {why}; or leave --compile out")
         self._transformer = self._tokenizer = None
         self.info = None
 
@@ -126,7 +131,7 @@ class Session:
 
         a = self.args
         return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video,
-                    generator=a.generator, offload_kv=P.OFFLOAD_KV_CHOICES[a.offload_kv])
+                    generator=a.generator, offload_kv=P.OFFLOAD_KV_CHOICES[a.offload_kv], compile=a.compile)
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         from .video_io import write_mp4, write_png
@@ -254,6 +259,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--offload-kv", choices=list(P.OFFLOAD_KV_CHOICES), default="auto",
                    help="keep the reference scales' K/V in host memory (10 s videos on small GPUs; exact, slower); "
                         "auto = only when the run would not fit the GPU otherwise")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks' feed-forward (needs Triton on a GPU; the first run compiles)")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
 

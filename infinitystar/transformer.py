@@ -8,7 +8,9 @@ embedding. Parameter names equal the official checkpoint's; the model runs one A
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -207,6 +209,17 @@ def _compiled_feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
 
 
 _COMPILED = None
+
+
+def compile_unavailable(device: torch.device | str) -> str | None:
+    """Why torch.compile cannot build the feed-forward for ``device`` here, or None when it can: Inductor
+    generates Triton kernels on a GPU and C++ on the CPU, and fails at the first call without them."""
+    device = torch.device(device)
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on a GPU needs Triton (pip install triton; on Windows pip install triton-windows)"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+        return "torch.compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on PATH"
+    return None
 
 
 class BlockChunk(nn.Module):

@@ -66,6 +66,10 @@ class InfinityStarModelLoader(io.ComfyNode):
                 io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto",
                                tooltip="Attention kernel. auto = flash-attn if installed on CUDA (the official "
                                        "kernel), else PyTorch SDPA. sage is faster but changes the numerics."),
+                io.Boolean.Input("compile", default=False, optional=True,
+                                 tooltip="torch.compile the blocks' feed-forward (norm, SwiGLU, residual fused). "
+                                         "Needs Triton on a GPU. The first run compiles (about a minute); later "
+                                         "runs reuse it. Off = the plain PyTorch path."),
             ],
             outputs=[T.Model.Output(display_name="model")],
         )
@@ -75,20 +79,25 @@ class InfinityStarModelLoader(io.ComfyNode):
         return _missing(model_name, paths.transformer_choices(), "transformer")
 
     @classmethod
-    def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str) -> io.NodeOutput:
+    def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str,
+                compile: bool = False) -> io.NodeOutput:
         from ..infinitystar.checkpoint import load_transformer
+        from ..infinitystar.transformer import compile_unavailable
 
         path = paths.resolve_transformer(model_name)
         load_device, offload_device = host.devices("transformer")
         backend = _pick_attention(attention, load_device)
+        why = compile_unavailable(load_device) if compile else None
+        if why:
+            raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
         ops = host.pick_ops(wdtype, compute, load_device)
         model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)
         patcher = host.make_patcher(model, "transformer")
-        logger.info("InfinityStar transformer %s: variant %s, blocks %s, compute %s, attention %s",
-                    path.name, info.variant, info.dtype, compute, backend)
-        return io.NodeOutput(T.LoadedTransformer(patcher, info, compute, backend))
+        logger.info("InfinityStar transformer %s: variant %s, blocks %s, compute %s, attention %s, compile %s",
+                    path.name, info.variant, info.dtype, compute, backend, compile)
+        return io.NodeOutput(T.LoadedTransformer(patcher, info, compute, backend, compile))
 
 
 class InfinityStarTextEncoderLoader(io.ComfyNode):

@@ -143,7 +143,8 @@ class InfinityStarSampler(io.ComfyNode):
             return pipeline.generate(module, positive.select(seconds), schedule, seed=seed, guidance=guidance,
                                      tau_image=tau_image, tau_video=tau_video, condition=condition,
                                      callback=progress, compute_dtype=model.compute_dtype,
-                                     attn_backend=model.attention, generator=generator, offload_kv=offload_kv)
+                                     attn_backend=model.attention, generator=generator, offload_kv=offload_kv,
+                                     compile=model.compile)
 
         return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None)))
 

@@ -27,6 +27,7 @@ class LoadedTransformer:
     info: Any
     compute_dtype: torch.dtype | None  # None: bf16 on CUDA, fp32 elsewhere (sampler default)
     attention: str  # "sdpa" | "flash" | "sage"
+    compile: bool = False  # torch.compile the blocks' feed-forward
 
     @property
     def module(self):

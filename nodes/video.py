@@ -139,6 +139,6 @@ class InfinityStarExtend(io.ComfyNode):
             return pipeline.extend(module, positive.select(min(seconds, TRAINED_SECONDS)), tokens, clips,
                                    seed=seed, guidance=guidance, tau_video=tau_video, callback=progress,
                                    compute_dtype=model.compute_dtype, attn_backend=model.attention,
-                                   generator=generator, offload_kv=offload_kv)
+                                   generator=generator, offload_kv=offload_kv, compile=model.compile)
 
         return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None)))

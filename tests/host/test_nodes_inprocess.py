@@ -381,3 +381,33 @@ def test_step_progress_sends_previews(pack, comfy, loaded):
     assert [v for v, _, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t, _ in seen)
     previews = [p for _, _, p in seen if p is not None]
     assert previews and previews[0][0] == "JPEG" and previews[-1][1].size[0] > 0
+
+
+def test_compile_option_runs_the_compiled_feed_forward(pack, loaded, core, monkeypatch):
+    """compile=True on the loader: the Sampler runs every block's feed-forward through torch.compile (a real
+    Inductor build on the CPU) and gives the eager run's tokens up to rare bit flips from rounding; without a
+    compiler the loader refuses with what to install."""
+    import shutil
+
+    transformer = core("transformer")
+    if transformer.compile_unavailable("cpu"):
+        pytest.skip("no C++ compiler for torch.compile")
+    loader = pack.loaders.InfinityStarModelLoader
+    inputs = dict(model_name="infinitystar_8b_720p_weights", weight_dtype="default", compute_dtype="auto",
+                  attention="auto")
+    compiled = run(loader, **inputs, compile=True)[0]
+    assert compiled.compile and not loaded["model"].compile
+    calls = []
+    real = transformer._compiled_feed_forward
+    monkeypatch.setattr(transformer, "_compiled_feed_forward", lambda *a: calls.append(1) or real(*a))
+    tokens = {}
+    for name, model in (("eager", loaded["model"]), ("compiled", compiled)):
+        calls.clear()
+        tokens[name] = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s",
+                           seed=9, **SMALL)[0]
+        assert bool(calls) == (name == "compiled")
+    a, b = (torch.cat([x.flatten() for x in tokens[k].bits]) for k in ("eager", "compiled"))
+    assert a.shape == b.shape and (a == b).float().mean() > 0.99
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="compile is on, but .*C\\+\\+ compiler"):
+        run(loader, **inputs, compile=True)

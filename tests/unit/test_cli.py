@@ -148,3 +148,18 @@ def test_offload_kv_gives_the_same_tokens(t2v, tiny_models):
     assert rc == 0
     a, b = Tokens.load(t2v / "t2v.safetensors"), Tokens.load(out)
     assert len(a.bits) == len(b.bits) and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+
+
+def test_compile_without_a_compiler_is_a_clear_error(tiny_models, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from infinitystar.cli import build_parser
+
+    assert build_parser().parse_args(["generate", "--compile"]).compile is True
+    assert build_parser().parse_args(["generate"]).compile is False
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler on PATH
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
+               "--device", "cpu", "--compile", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--compile" in err and "C++ compiler" in err
+    assert not (tmp_path / "x.png").exists()

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
 import infinitystar.sampler as sampler_mod
+import infinitystar.transformer as transformer_mod
 from infinitystar.config import TRANSFORMER_PRESETS
 from infinitystar.sampler import TextCondition, draw_bits, sample
 from infinitystar.schedule import build_schedule
@@ -112,3 +115,36 @@ def test_extension_replays_the_reference_chain(model, text):
     torch.testing.assert_close(ext.summed_codes, full.summed_codes)
     with pytest.raises(ValueError, match="clip boundary"):
         sample(model, text, sched, seed=5, prefix_bits=full.bits[:start - 1])
+
+
+@pytest.mark.skipif(transformer_mod.compile_unavailable("cpu") is not None, reason="no C++ compiler for torch.compile")
+def test_compiled_feed_forward_gives_the_same_logits(text):
+    """compile=True runs every block's feed-forward through torch.compile (Inductor, C++ on the CPU): one compiled
+    function serves all blocks and token counts, and the logits match the eager path's with the same bits."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(dataclasses.replace(TINY, depth=4, block_chunks=2)).eval()
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=5)
+    logs = ([], [])
+    eager = sample(model, text, sched, seed=2, step_hook=lambda r: logs[0].append(r.logits.clone()))
+    torch._dynamo.reset()
+    transformer_mod._COMPILED = None
+    torch._dynamo.utils.counters.clear()
+    sample(model, text, sched, seed=2, teacher_bits=eager.bits, compile=True, chunk_tokens=128,
+           step_hook=lambda r: logs[1].append(r.logits.clone()))
+    assert transformer_mod._COMPILED is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # not one per block or per scale
+    assert len(logs[0]) == len(logs[1]) == sched.num_steps
+    worst = max(((a - b).norm() / a.norm()).item() for a, b in zip(*logs))
+    assert worst < 1e-3, worst
+
+
+def test_compile_unavailable_says_what_to_install(monkeypatch):
+    import importlib.util
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "C++ compiler" in transformer_mod.compile_unavailable("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert "pip install triton" in transformer_mod.compile_unavailable("cuda")

@@ -62,7 +62,7 @@ PROMPT_IMAGE = ("A cozy reading nook by a rainy window, a cat asleep on a knitte
 PROMPT_EXTEND = "The camera keeps moving forward as the scene continues naturally, same style and lighting"
 
 SIZES = {
-    "InfinityStarModelLoader": [340, 130], "InfinityStarTextEncoderLoader": [340, 82],
+    "InfinityStarModelLoader": [340, 154], "InfinityStarTextEncoderLoader": [340, 82],
     "InfinityStarVAELoader": [340, 82], "InfinityStarTextEncode": [420, 260], "InfinityStarSampler": [340, 358],
     "InfinityStarDecode": [250, 78], "InfinityStarEncode": [300, 150], "InfinityStarExtend": [320, 254],
     "CreateVideo": [220, 78], "SaveVideo": [420, 420], "SaveImage": [420, 420], "LoadImage": [300, 330],
@@ -162,7 +162,7 @@ class Workflow:
 
 def _loaders(wf: Workflow, model_name: str, x: int = 0, y: int = 0):
     model = wf.node("InfinityStarModelLoader", (x, y), model_name=model_name)
-    text_encoder = wf.node("InfinityStarTextEncoderLoader", (x, y + 180), encoder_name=TEXT_ENCODER)
+    text_encoder = wf.node("InfinityStarTextEncoderLoader", (x, y + 190), encoder_name=TEXT_ENCODER)
     vae = wf.node("InfinityStarVAELoader", (x, y + 310), vae_name=VAE)
     wf.group("Models", (x - 20, y - 50, 380, 460))
     return model, text_encoder, vae
