@@ -12,6 +12,7 @@
 #   parity_480p5.md/.csv   teacher-forced per-step logits vs the official code, bf16 (issue 7: < 2e-2)
 #   official_720p5.md      ours vs official, bf16 weights for both, 720p 5 s
 #   official_480p5.md      the same at 480p 5 s (only when time is left)
+#   ours_compile_720p5.md  extra, only with STEPS="ours_compile_720p5": ours at 720p 5 s with torch.compile
 #   run_all.log            everything else: per-step parity lines, partial tables, warnings, errors
 #
 # Estimated device time (H100, from FLOP counts: one generation is about 17 PFLOP at 720p 5 s,
@@ -67,6 +68,9 @@ step() {
     if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
         return  # STEPS="a b" runs only those steps (a second call for what the first left out)
     fi
+    if [[ " $EXTRA " == *" $name "* ]] && [[ " ${STEPS:-} " != *" $name "* ]]; then
+        return  # extra steps run only when STEPS names them
+    fi
     local left=$((BUDGET - SECONDS - 5))
     if ((left < min)); then
         echo "$name: skipped (${left} s left, needs ${min})" | tee -a "$SUMMARY"
@@ -84,6 +88,7 @@ step() {
     echo "$name: rc=$rc ($what) in $((SECONDS - start)) s (timeout ${t} s)" | tee -a "$SUMMARY"
 }
 STATUS=0
+EXTRA="ours_compile_720p5"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -108,6 +113,8 @@ step parity_480p5 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --offic
     --parity --parity-csv "$OUT/parity_480p5.csv"
 step official_720p5 200 100 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL"
 step official_480p5 110 100 "$PY" "${BENCH[@]}" --cases $C480 --weights bf16 --official "$OFFICIAL"
+# extra (only when STEPS names it): torch.compile's speed-up at 720p 5 s, compile time excluded by the warm-up
+step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --compile --warmup
 
 echo "total ${SECONDS} s" >>"$SUMMARY"
 shopt -s nullglob

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from infinitystar.transformer import compile_unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ALL = ROOT / "benchmarks" / "gpu" / "run_all.sh"
 OURS = ["gpu_tests", "ours_fp8", "ours_480p10_16gb"]
@@ -50,6 +52,23 @@ def test_run_all_marks_a_failing_step(tmp_path):
     proc, _, summary = _rehearse(tmp_path, ["official_480p5"], OFFICIAL=str(tmp_path / "missing"))
     assert proc.returncode == 1
     assert "official_480p5: rc=1 (failed)" in summary or "official_480p5: rc=2 (failed)" in summary, summary
+
+
+def test_run_all_skips_what_has_no_time_left_and_extras_unless_named(tmp_path):
+    """Out of budget, every regular step is reported as skipped (and the call fails); the extra torch.compile
+    step is not part of a plain call at all."""
+    proc, _, summary = _rehearse(tmp_path, [], BUDGET="1")
+    assert proc.returncode == 1
+    for step in OURS[1:] + OFFICIAL:
+        assert f"{step}: skipped" in summary, summary
+    assert "ours_compile_720p5" not in summary
+
+
+@pytest.mark.skipif(compile_unavailable("cpu") is not None, reason="no C++ compiler for torch.compile")
+def test_run_all_runs_a_named_extra_step(tmp_path):
+    proc, out, summary = _rehearse(tmp_path, ["ours_compile_720p5"])
+    assert proc.returncode == 0 and "ours_compile_720p5: rc=0 (ok)" in summary, summary
+    assert "compile True" in (out / "ours_compile_720p5.md").read_text()
 
 
 def _official_path() -> str:
