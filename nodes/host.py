@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 
 import comfy.model_management as mm
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PREVIEW_EVERY = 4  # AR steps between previews; a preview costs a 64x64 eigendecomposition
+PREVIEW_EVERY = 4  # AR steps between previews; a preview costs a 64x64 eigendecomposition (without a tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------- devices, ops
@@ -200,34 +201,53 @@ def previews_enabled() -> bool:
     return args.preview_method != LatentPreviewMethod.NoPreviews
 
 
-def accumulator_preview(accumulator: torch.Tensor, max_size: int | None = None):
-    """PIL image of the last latent frame of a (1, 64, T, H, W) code accumulator.
-
-    A cheap approximation, not a decode: the 64 code channels are projected onto their 3 principal components
-    (per frame) and stretched to 0..255, so the preview shows layout and motion, not true colours.
-    """
+def accumulator_preview(accumulator: torch.Tensor, max_size: int | None = None, projection=None):
+    """PIL image of the last latent frame of a (1, 64, T, H, W) code accumulator, scaled up to about
+    ``max_size``: colours from ``projection`` (see :func:`preview_projection`), else layout only
+    (:func:`infinitystar.preview.preview_rgb`)."""
     from PIL import Image
 
-    frame = accumulator[0, :, -1].float().cpu()  # [64, H, W]
-    c, h, w = frame.shape
-    x = frame.reshape(c, -1).T  # [HW, 64]
-    x = x - x.mean(0, keepdim=True)
-    _, vecs = torch.linalg.eigh(x.T @ x + 1e-6 * torch.eye(c))
-    rgb = x @ vecs[:, -3:].flip(1)  # [HW, 3], strongest component -> red
-    lo, hi = rgb.quantile(0.02, dim=0), rgb.quantile(0.98, dim=0)
-    rgb = ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-    img = Image.fromarray((rgb.reshape(h, w, 3) * 255).to(torch.uint8).numpy())
+    from ..infinitystar.preview import preview_rgb
+
+    rgb = preview_rgb(accumulator, projection)
+    h, w, _ = rgb.shape
+    img = Image.fromarray(rgb.numpy())
     scale = max(1, min(16, (max_size or args.preview_size) // max(h, w)))
     return img.resize((w * scale, h * scale), Image.NEAREST)
+
+
+_PROJECTIONS = weakref.WeakKeyDictionary()  # tokenizer patcher -> its fitted preview colours
+
+
+def preview_projection(vae):
+    """The code -> colour map of the tokenizer in ``vae`` (a ``LoadedVAE``) for previews, fitted once per loaded
+    tokenizer (one small decode through ComfyUI's manager). None when previews are off or no tokenizer is
+    connected; also when the fit fails (previews then show layout only, sampling goes on)."""
+    if vae is None or not previews_enabled():
+        return None
+    projection = _PROJECTIONS.get(vae.patcher)
+    if projection is None:
+        from ..infinitystar.preview import fit_rgb_projection
+
+        try:
+            with loaded(vae.patcher, force_full_load=True) as tokenizer:
+                projection = fit_rgb_projection(tokenizer)
+        except (RuntimeError, ValueError) as e:  # out of memory included; an interrupt still propagates
+            logger.warning("InfinityStar: colour previews unavailable (%s); previews show layout only", e)
+            return None
+        _PROJECTIONS[vae.patcher] = projection
+    return projection
 
 
 class StepProgress:
     """``sampler`` callback: ComfyUI progress per AR step, interrupt check, preview every few steps."""
 
-    def __init__(self, total_steps: int, preview_every: int = PREVIEW_EVERY, node_id: str | None = None):
+    def __init__(self, total_steps: int, preview_every: int = PREVIEW_EVERY, node_id: str | None = None,
+                 projection=None):
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.preview_every = max(1, int(preview_every))
         self.previews = previews_enabled()
+        self.projection = projection  # preview colours (preview_projection); None = layout only
         self.last_preview = None
 
     def __call__(self, step_index: int, total_steps: int, accumulators) -> None:
@@ -235,7 +255,7 @@ class StepProgress:
         preview = None
         done = step_index + 1
         if self.previews and accumulators and (done % self.preview_every == 0 or done == total_steps):
-            self.last_preview = accumulator_preview(accumulators[-1])
+            self.last_preview = accumulator_preview(accumulators[-1], projection=self.projection)
             preview = ("JPEG", self.last_preview, args.preview_size)
         self.bar.update_absolute(done, total_steps, preview)
 

@@ -64,10 +64,12 @@ def pick_resolution(resolution: str, info) -> str:
     return SMALL_MODEL_RESOLUTION
 
 
-def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None):
-    """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, callback, offload_kv)``."""
+def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None, vae: T.LoadedVAE | None = None):
+    """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, callback, offload_kv)``;
+    previews show colours when the tokenizer ``vae`` is given."""
+    projection = host.preview_projection(vae)
     memory, offload_kv = host.sampling_plan(model.patcher, model.info.config, schedule, model.compute_dtype)
-    progress = host.StepProgress(schedule.num_steps, node_id=node_id)
+    progress = host.StepProgress(schedule.num_steps, node_id=node_id, projection=projection)
     with host.loaded(model.patcher, memory) as module:
         return fn(module, progress, offload_kv)
 
@@ -103,7 +105,8 @@ class InfinityStarSampler(io.ComfyNode):
                 io.Image.Input("start_image", optional=True,
                                tooltip="Optional first frame for image-to-video: it is encoded and its tokens "
                                        "are teacher-forced (resized to cover, center-cropped). Needs 'vae'."),
-                T.VAE.Input("vae", optional=True, tooltip="Video tokenizer, needed only with start_image."),
+                T.VAE.Input("vae", optional=True, tooltip="Video tokenizer: needed with start_image; when connected, "
+                                                          "the live previews show colours (else layout only)."),
                 generator_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
@@ -146,7 +149,7 @@ class InfinityStarSampler(io.ComfyNode):
                                      attn_backend=model.attention, generator=generator, offload_kv=offload_kv,
                                      compile=model.compile)
 
-        return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None)))
+        return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None), vae))
 
 
 def _aspects() -> list[str]:

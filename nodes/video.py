@@ -115,6 +115,8 @@ class InfinityStarExtend(io.ComfyNode):
                              tooltip="Seeds the new clips' draws (earlier clips draw nothing)."),
                 *guidance_inputs(),
                 generator_input(),
+                T.VAE.Input("vae", optional=True, tooltip="Video tokenizer, only for colour previews while "
+                                                          "sampling (else they show layout only)."),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -123,7 +125,7 @@ class InfinityStarExtend(io.ComfyNode):
     @classmethod
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, clips: int, seed: int,
                 guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float,
-                generator: str = "auto") -> io.NodeOutput:
+                generator: str = "auto", vae: T.LoadedVAE | None = None) -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP, build_schedule
 
@@ -141,4 +143,4 @@ class InfinityStarExtend(io.ComfyNode):
                                    compute_dtype=model.compute_dtype, attn_backend=model.attention,
                                    generator=generator, offload_kv=offload_kv, compile=model.compile)
 
-        return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None)))
+        return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None), vae))

@@ -383,6 +383,45 @@ def test_step_progress_sends_previews(pack, comfy, loaded):
     assert previews and previews[0][0] == "JPEG" and previews[-1][1].size[0] > 0
 
 
+def test_previews_show_colours_when_the_tokenizer_is_connected(pack, comfy, loaded, core, monkeypatch):
+    """With 'vae' connected, the Sampler's previews use the colour map fitted to that tokenizer (fitted once per
+    loaded tokenizer, not per run): the last preview is the final codes through that map, not the layout-only
+    projection. A failing fit leaves previews layout-only and sampling unharmed."""
+    import comfy.utils as comfy_utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    host, preview = pack.host, core("preview")
+    fits = []
+    real_fit = preview.fit_rgb_projection
+    monkeypatch.setattr(preview, "fit_rgb_projection", lambda tok, **kw: fits.append(1) or real_fit(tok, **kw))
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    host._PROJECTIONS.clear()
+    seen = []
+    comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append(p))
+    try:
+        for _ in range(2):
+            seen.clear()
+            tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                         duration="image", seed=0, vae=loaded["vae"], **SMALL)[0]
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+    assert fits == [1]
+    projection = host._PROJECTIONS[loaded["vae"].patcher]
+    last = [p for p in seen if p is not None][-1][1]
+    assert last.tobytes() == host.accumulator_preview(tokens.summed_codes, projection=projection).tobytes()
+    assert last.tobytes() != host.accumulator_preview(tokens.summed_codes).tobytes()
+
+    host._PROJECTIONS.clear()
+    def failing_fit(tokenizer, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(preview, "fit_rgb_projection", failing_fit)
+    again = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                duration="image", seed=0, vae=loaded["vae"], **SMALL)[0]
+    assert all(torch.equal(a, b) for a, b in zip(tokens.bits, again.bits))
+    assert loaded["vae"].patcher not in host._PROJECTIONS
+
+
 def test_compile_option_runs_the_compiled_feed_forward(pack, loaded, core, monkeypatch):
     """compile=True on the loader: the Sampler runs every block's feed-forward through torch.compile (a real
     Inductor build on the CPU) and gives the eager run's tokens up to rare bit flips from rounding; without a

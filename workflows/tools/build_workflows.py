@@ -174,10 +174,12 @@ def _prompt(wf: Workflow, text_encoder: dict, prompt: str, pos=(400, 0)) -> dict
     return enc
 
 
-def _sampler(wf: Workflow, model: dict, cond: dict, pos=(860, 0), **widgets) -> dict:
+def _sampler(wf: Workflow, model: dict, cond: dict, vae: dict, pos=(860, 0), **widgets) -> dict:
+    """The sampler, with the tokenizer connected: colour previews (and the start image's encode in I2V)."""
     sampler = wf.node("InfinityStarSampler", pos, **{"seed": 41, **widgets})
     wf.link(model, 0, sampler, "model")
     wf.link(cond, 0, sampler, "positive")
+    wf.link(vae, 0, sampler, "vae")
     return sampler
 
 
@@ -209,7 +211,7 @@ def t2v(info: dict, variant: str, duration: str) -> dict:
     wf = Workflow(info, f"t2v-{variant}-{duration}")
     model, text_encoder, vae = _loaders(wf, MODEL_720P if variant == "720p" else MODEL_480P)
     cond = _prompt(wf, text_encoder, PROMPT_FOX if variant == "720p" else PROMPT_LIGHTHOUSE)
-    sampler = _sampler(wf, model, cond, duration=duration)
+    sampler = _sampler(wf, model, cond, vae, duration=duration)
     _save_video(wf, vae, sampler, f"video/infinitystar_t2v_{variant}")
     _note(wf, "text-to-video, 5 s (81 frames, 16 fps) at 720p with the 720p weights. resolution=auto follows the "
               "weights; the 720p model makes 5 s only." if variant == "720p" else
@@ -223,9 +225,8 @@ def i2v(info: dict) -> dict:
     model, text_encoder, vae = _loaders(wf, MODEL_720P)
     cond = _prompt(wf, text_encoder, PROMPT_I2V)
     image = wf.node("LoadImage", (440, 320), image="infinitystar_start.png")
-    sampler = _sampler(wf, model, cond, duration="5 s")
+    sampler = _sampler(wf, model, cond, vae, duration="5 s")
     wf.link(image, 0, sampler, "start_image")
-    wf.link(vae, 0, sampler, "vae")
     _save_video(wf, vae, sampler, "video/infinitystar_i2v_720p")
     _note(wf, (
         "image-to-video at 720p, 5 s. Load your start frame in *Load Image*; it is "
@@ -238,7 +239,7 @@ def t2i(info: dict) -> dict:
     wf = Workflow(info, "t2i-720p")
     model, text_encoder, vae = _loaders(wf, MODEL_720P)
     cond = _prompt(wf, text_encoder, PROMPT_IMAGE)
-    sampler = _sampler(wf, model, cond, duration="image", aspect_ratio="4:3")
+    sampler = _sampler(wf, model, cond, vae, duration="image", aspect_ratio="4:3")
     decode = _decode(wf, vae, sampler)
     save = wf.node("SaveImage", (1530, 0), filename_prefix="infinitystar_t2i")
     wf.link(decode, 0, save, "images")
@@ -263,6 +264,7 @@ def extend(info: dict) -> dict:
     wf.link(model, 0, ext, "model")
     wf.link(cond, 0, ext, "positive")
     wf.link(encode, 0, ext, "tokens")
+    wf.link(vae, 0, ext, "vae")  # colour previews
     _save_video(wf, vae, ext, "video/infinitystar_extended", x=1240)
     _note(wf, (
         "continues a clip by 5 s (one more clip of 80 frames) with the 480p weights, as "
@@ -276,7 +278,7 @@ def upscale(info: dict) -> dict:
     wf = Workflow(info, "t2v-480p-upscale")
     model, text_encoder, vae = _loaders(wf, MODEL_480P)
     cond = _prompt(wf, text_encoder, PROMPT_FOX)
-    sampler = _sampler(wf, model, cond, duration="5 s")
+    sampler = _sampler(wf, model, cond, vae, duration="5 s")
 
     def chain(decode, x):
         loader = wf.node("UpscaleModelLoader", (x, 200), model_name="RealESRGAN_x2plus.pth")
