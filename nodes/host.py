@@ -51,6 +51,13 @@ def resolve_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
 
 
+def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.device) -> None:
+    """Refuse storage dtypes the device cannot hold, before minutes of loading: Apple's MPS has no fp8."""
+    if torch.device(load_device).type == "mps" and weight_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError("fp8 weights are not supported on Apple MPS devices; set weight_dtype to default or fp16 "
+                         "(ComfyUI streams the blocks from system memory when they do not fit).")
+
+
 def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_device: torch.device):
     """``comfy.ops`` family for storing in ``weight_dtype`` and computing in ``compute_dtype``.
 

@@ -92,6 +92,7 @@ class InfinityStarModelLoader(io.ComfyNode):
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
+        host.check_weight_dtype(wdtype, load_device)
         ops = host.pick_ops(wdtype, compute, load_device)
         model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)
         patcher = host.make_patcher(model, "transformer")

@@ -450,3 +450,15 @@ def test_compile_option_runs_the_compiled_feed_forward(pack, loaded, core, monke
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match="compile is on, but .*C\\+\\+ compiler"):
         run(loader, **inputs, compile=True)
+
+
+def test_fp8_on_apple_mps_is_refused_before_loading(pack, comfy_dirs, monkeypatch):
+    import torch as _torch
+
+    host = pack.host
+    monkeypatch.setattr(host, "devices", lambda kind: (_torch.device("mps"), _torch.device("cpu")))
+    monkeypatch.setattr(pack.loaders, "_pick_attention", lambda choice, device: "sdpa")
+    monkeypatch.setattr(host, "resolve_compute_dtype", lambda choice, device: _torch.float16)
+    with pytest.raises(ValueError, match="fp8 weights are not supported on Apple MPS"):
+        run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+            weight_dtype="fp8_e4m3fn", compute_dtype="auto", attention="auto")
