@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from infinitystar.config import FP32_MODULES, TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
-from infinitystar.ops import cast  # noqa: E402
+from infinitystar.ops import cast, dequantized, quantize_scaled, scaled_cast  # noqa: E402
 from infinitystar.pipeline import OFFLOAD_KV_CHOICES  # noqa: E402
 from infinitystar.sampler import TextCondition, sample  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
@@ -86,12 +86,15 @@ def parse_cases(text: str) -> list[tuple[str, str, int]]:
 
 def build_model(config: TransformerConfig, device: torch.device, weights: torch.dtype, seed: int):
     """Random model in the official precision layout, each tensor made directly in its stored dtype."""
-    with torch.device("meta"):
-        model = InfinityStarTransformer(config, ops=cast)
+    with torch.device("meta"):  # e4m3fn blocks are stored scaled, as the loaders store them
+        model = InfinityStarTransformer(config, ops=scaled_cast if weights == torch.float8_e4m3fn else cast)
     gen = torch.Generator(device).manual_seed(seed)
     for mname, module in model.named_modules():
         for pname, p in list(module._parameters.items()):
-            if p is None:
+            if p is None or (pname == "scale_weight" and not module._parameters[pname].is_meta):
+                continue  # (a scale is set with its weight, below)
+            if pname == "scale_weight":  # Linears left unscaled (fp32 modules)
+                module._parameters[pname] = torch.nn.Parameter(torch.ones((), device=device), requires_grad=False)
                 continue
             top = (f"{mname}.{pname}" if mname else pname).split(".")[0]
             dtype = torch.float32 if top in FP32_MODULES else weights
@@ -103,6 +106,9 @@ def build_model(config: TransformerConfig, device: torch.device, weights: torch.
                 t.fill_(1.0)
             else:
                 t.normal_(0.0, 0.02, generator=gen)
+            if dtype == torch.float8_e4m3fn and "scale_weight" in module._parameters:
+                t, scale = quantize_scaled(t, dtype)
+                module._parameters["scale_weight"] = torch.nn.Parameter(scale.to(device), requires_grad=False)
             module._parameters[pname] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
     return model.eval()
 
@@ -185,9 +191,7 @@ def official_runner(official_mod, config, device, model, pn, frames, sched, bf16
     """The official model on ``device`` with our model's weights (fp8 storage handed over as bf16)."""
     import official
 
-    state = model.state_dict()
-    if any(v.dtype.itemsize == 1 for v in state.values()):  # the official code cannot store fp8
-        state = {k: v.to(torch.bfloat16) if v.dtype.itemsize == 1 else v for k, v in state.items()}
+    state = dequantized(model.state_dict(), torch.bfloat16)  # the official code cannot store fp8
     oargs = official.official_args(official_mod, pn, frames, bf16, sched.image_repetition, sched.video_repetition,
                                    sched.semantic_scales, sched.detail_scale_min_tokens)
     return official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)

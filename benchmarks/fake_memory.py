@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infinitystar import attention, kv_cache, sampler, transformer  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import choose_kv_offload, estimate_sampling_memory  # noqa: E402
+from infinitystar.ops import scaled_cast  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 
@@ -124,10 +125,15 @@ def fake_tensors(model: torch.nn.Module, mode: FakeTensorMode, dtype: torch.dtyp
 
 
 def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.dtype) -> InfinityStarTransformer:
-    """The model in the official precision layout (blocks in ``weights``), every parameter a fake tensor."""
-    model = InfinityStarTransformer(config, device="meta").eval().requires_grad_(False)
+    """The model in the official precision layout (blocks in ``weights``; e4m3fn with the loaders' scaled
+    layers), every parameter a fake tensor."""
+    ops = scaled_cast if weights == torch.float8_e4m3fn else torch.nn
+    model = InfinityStarTransformer(config, device="meta", ops=ops).eval().requires_grad_(False)
     model.apply_precision_layout(torch.bfloat16)
     model.block_chunks.to(weights)
+    for module in model.modules():  # the scales stay fp32 scalars
+        if "scale_weight" in module._parameters:
+            module.scale_weight.data = module.scale_weight.data.float()
     return fake_tensors(model, mode)
 
 

@@ -318,17 +318,32 @@ def _left_on_meta(model: torch.nn.Module) -> list[str]:
     return names + [n for n, b in model.named_buffers() if b.is_meta]
 
 
-def _stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device, rename=None) -> None:
-    """Read each tensor as ``target(key, stored)`` dtype on ``device`` and assign it into the meta-built model."""
+def _stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device, rename=None,
+                 transform=None) -> None:
+    """Read each tensor as ``target(key, stored)`` dtype on ``device`` and assign it into the meta-built model
+    (``transform(key, tensor)`` may turn one file tensor into several (key, tensor) pairs)."""
     for key, tensor in reader.tensors(target, device):
         key = rename(key) if rename else key
         if key is None:
             continue
-        _assign(model, key, adapt_cfg_uncond(tensor) if key == "cfg_uncond" else tensor)
+        for k, t in transform(key, tensor) if transform else ((key, tensor),):
+            _assign(model, k, adapt_cfg_uncond(t) if k == "cfg_uncond" else t)
         del tensor
     left = _left_on_meta(model)
     if left:
         raise ValueError(f"{reader.path}: these model tensors were not filled by the file: {_few(left)}")
+
+
+SCALED_FP8 = torch.float8_e4m3fn  # stored with a per-tensor scale (ops.ScaledCastLinear); e5m2 needs none
+SCALE_KEYS = ("scale_weight", "scale_input")  # scaled-fp8 parameters: computed at load, not in official files
+
+
+def _fill_scales(model: torch.nn.Module, device) -> None:
+    for module in model.modules():
+        for name in SCALE_KEYS:
+            p = module._parameters.get(name)
+            if p is not None and p.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.ones((), device=device), requires_grad=False)
 
 
 def _transformer_target(dtype: torch.dtype | None, keep_fp32_modules: bool, fp32_modules: tuple[str, ...]):
@@ -370,6 +385,8 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
 
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"unsupported transformer dtype {dtype}; choose one of {FLOAT_DTYPES}")
+    if ops is torch.nn and dtype == SCALED_FP8:
+        from .ops import scaled_cast as ops
     reader = CheckpointReader(path)
     shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
     description = describe_keys(shapes, path, reader.metadata())
@@ -379,12 +396,34 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     config = detect_transformer_config(shapes)
     with torch.device("meta"):
         model = InfinityStarTransformer(config, ops=ops)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.rpartition(".")[2] not in SCALE_KEYS}
     if "cfg_uncond" in shapes:
         shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
     check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
     target = _transformer_target(dtype, keep_fp32_modules, tuple(model.fp32_modules))
-    _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k)
+    scaled = {name for name, m in model.named_modules() if isinstance(getattr(m, "scale_weight", None), torch.nn.Parameter)}
+    transform = None
+    if scaled and dtype == SCALED_FP8:
+        plain_target = target
+
+        def quantized(key, tensor) -> bool:  # the blocks' matmul weights, where plain storage would be fp8
+            return key.rpartition(".")[0] in scaled and plain_target(key, tensor) == SCALED_FP8
+
+        def target(key, tensor):  # noqa: F811  (those are read as stored and quantized below)
+            return tensor.dtype if quantized(key, tensor) else plain_target(key, tensor)
+
+        def transform(key, tensor):
+            module = key.rpartition(".")[0]
+            if quantized(key, tensor) and key.endswith(".weight"):
+                from .ops import quantize_scaled
+
+                weight, scale = quantize_scaled(tensor, SCALED_FP8)
+                return ((key, weight), (f"{module}.scale_weight", scale))
+            return ((key, tensor),)
+
+    _fill_scales(model, device)  # 1.0 wherever the file leaves a scale unset (other dtypes, scale_input)
+    _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
+                 transform=transform)
     model.eval().requires_grad_(False)
     info = CheckpointInfo(detect_variant(path, reader.metadata()), config, model.block_dtype(), reader.path)
     logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.dtype)

@@ -19,7 +19,7 @@ import comfy.ops
 import comfy.patcher_extension
 import comfy.utils
 import torch
-from comfy.cli_args import LatentPreviewMethod, args
+from comfy.cli_args import LatentPreviewMethod, PerformanceFeature, args
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +62,16 @@ def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_
     """``comfy.ops`` family for storing in ``weight_dtype`` and computing in ``compute_dtype``.
 
     The file dtype ("default") is unknown before loading, so it gets ``manual_cast``, which casts per layer only
-    when the dtypes differ. Every family carries ``comfy_cast_weights``, which is what lets a partial load leave
+    when the dtypes differ. fp8_e4m3fn gets ComfyUI's scaled-fp8 ops: the loader stores each block weight divided
+    by its own scale (``infinitystar.ops.quantize_scaled``); with ``--fast fp8_matrix_mult`` they use fp8 matmuls. Every family carries ``comfy_cast_weights``, which is what lets a partial load leave
     layers on the offload device and stream them in.
     """
     if weight_dtype is None:
         return comfy.ops.manual_cast
+    if weight_dtype == torch.float8_e4m3fn:  # per-tensor scaled, as ComfyUI's fp8_scaled checkpoints (see ops.py)
+        fast = PerformanceFeature.Fp8MatrixMultiplication in (args.fast or ())
+        return comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device, fp8_optimizations=fast,
+                                         scaled_fp8=torch.float8_e4m3fn)
     return comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device)
 
 

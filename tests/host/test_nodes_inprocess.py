@@ -462,3 +462,29 @@ def test_fp8_on_apple_mps_is_refused_before_loading(pack, comfy_dirs, monkeypatc
     with pytest.raises(ValueError, match="fp8 weights are not supported on Apple MPS"):
         run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
             weight_dtype="fp8_e4m3fn", compute_dtype="auto", attention="auto")
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_fp8_weights_load_and_sample_through_comfy_ops(pack, loaded, weight_dtype):
+    """fp8 storage through ComfyUI's ops: e4m3fn as ComfyUI's scaled fp8 (each block weight divided by its own
+    scale at load, the scale applied in the layer), e5m2 as a plain cast; both sample."""
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype=weight_dtype, compute_dtype="auto", attention="auto")[0]
+    full = dict(loaded["model"].module.named_modules())
+    layers = [(name, m) for name, m in model.module.named_modules()
+              if name.startswith("block_chunks.") and isinstance(m, torch.nn.Linear)]
+    assert layers
+    for name, layer in layers:
+        want = full[name].weight.float()
+        assert layer.weight.dtype == getattr(torch, "float8_" + weight_dtype.split("_")[1])
+        scale = getattr(layer, "scale_weight", None)
+        if weight_dtype == "fp8_e4m3fn":
+            assert scale is not None and 224 < want.abs().max().item() / scale.item() <= 448
+            got = layer.weight.float() * scale
+        else:
+            assert scale is None
+            got = layer.weight.float()
+        assert ((got - want).norm() / want.norm()).item() < 0.06, name
+    tokens = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="image",
+                 seed=0, **SMALL)[0]
+    assert len(tokens.bits) == tokens.schedule().num_steps

@@ -1,5 +1,6 @@
 """Loading official-layout checkpoints: sharded/merged/.pth, dtype casting, detection and error messages."""
 import json
+import math
 
 import pytest
 import torch
@@ -61,7 +62,18 @@ def test_load_casts_blocks_and_keeps_fp32_modules(sd, sharded, dtype):
         else:
             want = dtype
         assert got[k].dtype == want, k
+        if want == torch.float8_e4m3fn:  # stored with a power-of-two scale: the largest |w| in the top binade
+            scale = got[k[: -len("weight")] + "scale_weight"]
+            assert 224 < v.abs().max().item() / scale.item() <= 448 and math.log2(scale.item()).is_integer(), k
+            assert torch.equal(got[k].view(torch.uint8), (v / scale).to(want).view(torch.uint8)), k
+            continue
         assert torch.equal(got[k].view(torch.uint8), v.to(want).view(torch.uint8)), k
+    scales = {k for k in got if k.endswith("scale_weight")}
+    if dtype == torch.float8_e4m3fn:  # every Linear of the blocks; 1.0 on the fp32 modules' Linears
+        assert {k[: -len("scale_weight")] + "weight" for k in scales if got[k] != 1} == {
+            k for k, v in sd.items() if _is_block(k) and v.ndim == 2}
+    else:
+        assert not scales
 
 
 def test_merged_bf16_file_and_pth_variants(sd, tmp_path):

@@ -1,0 +1,81 @@
+"""infinitystar.ops: layers that upcast stored (fp8) weights at call time; per-tensor scaled e4m3fn storage."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infinitystar.checkpoint import load_transformer
+from infinitystar.ops import ScaledCastLinear, cast, quantize_scaled
+from infinitystar.sampler import TextCondition, sample
+from infinitystar.schedule import build_schedule
+from infinitystar.tiny import tiny_transformer_state_dict, write_sharded_safetensors
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 500])  # fewer input elements than weight elements, and more
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_linear_computes_with_the_dequantized_weight(rows, dtype):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 32, generator=g) * 0.02, torch.randn(64, generator=g) * 0.1
+    q, s = quantize_scaled(w, E4M3)
+    assert q.dtype == E4M3 and 224 < w.abs().max().item() / s.item() <= 448  # the top binade of e4m3fn
+    assert math.log2(s.item()).is_integer()  # a power of two: scaling is exact in any format
+    layer = ScaledCastLinear(32, 64)
+    layer.weight = torch.nn.Parameter(q, requires_grad=False)
+    layer.bias = torch.nn.Parameter(b, requires_grad=False)
+    layer.scale_weight.data.fill_(s.item())
+    stored = q.view(torch.uint8).clone()
+    x = torch.randn(rows, 32, generator=g).to(dtype)
+    want = F.linear(x.float(), q.float() * s, b)
+    got = layer(x)
+    assert got.dtype == dtype and _rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # a power-of-two scale makes scaling the input or the weight exact: the same as the dequantized weight
+    assert torch.equal(got, F.linear(x, (q.to(dtype) * s.to(dtype)), b.to(dtype)))
+    assert torch.equal(layer.weight.view(torch.uint8), stored)  # the scale went into a copy, not the weight
+
+
+def test_scaled_linear_leaves_an_uncast_weight_alone():
+    layer = ScaledCastLinear(8, 8)
+    layer.scale_weight.data.fill_(2.0)
+    before = layer.weight.detach().clone()
+    x = torch.randn(100, 8)  # more input than weight elements: the weight branch, same dtype (no copy made)
+    assert torch.allclose(layer(x), F.linear(x, before * 2, layer.bias), atol=1e-6)
+    assert torch.equal(layer.weight, before)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.01])
+def test_scaled_e4m3fn_keeps_more_of_small_weights_than_a_plain_cast(std):
+    """Weights near N(0, 0.02) (the official init) sit around e4m3fn's smallest normal (2^-6): a plain cast loses
+    mantissa bits there, a per-tensor scale does not."""
+    w = torch.randn(2048, 1024, generator=torch.Generator().manual_seed(1)) * std
+    q, s = quantize_scaled(w, E4M3)
+    scaled, plain = _rel(q.float() * s, w), _rel(w.to(E4M3), w)
+    assert scaled < 0.03 and scaled < 0.85 * plain, (scaled, plain)
+
+
+def test_fp8_blocks_loaded_scaled_give_logits_closer_to_full_precision(tmp_path):
+    """The tiny model's blocks stored in e4m3fn, scaled (the default) and plainly cast (ops=cast): per-step
+    logits, teacher-forced with the fp32 run's bits, are closer to fp32 with the scale."""
+    folder = write_sharded_safetensors(tmp_path / "infinitystar_8b_720p_weights", tiny_transformer_state_dict(seed=2))
+    models = {"fp32": load_transformer(folder)[0], "scaled": load_transformer(folder, dtype=E4M3)[0],
+              "plain": load_transformer(folder, dtype=E4M3, ops=cast)[0]}
+    assert isinstance(models["scaled"].block_chunks[0].module[0].attn.q_proj, ScaledCastLinear)
+    assert not any("scale_weight" in k for k in models["plain"].state_dict())
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=5)
+    text = TextCondition(torch.randn(6, models["fp32"].config.text_channels, generator=torch.Generator().manual_seed(4)))
+    logits = {}
+    ref = None
+    for name, model in models.items():
+        steps = []
+        out = sample(model, text, sched, seed=1, teacher_bits=None if ref is None else ref.bits,
+                     compute_dtype=torch.float32, step_hook=lambda r, steps=steps: steps.append(r.logits.clone()))
+        ref = ref or out
+        logits[name] = torch.cat([x.flatten() for x in steps])
+    scaled, plain = _rel(logits["scaled"], logits["fp32"]), _rel(logits["plain"], logits["fp32"])
+    assert 0 < scaled < 0.9 * plain, (scaled, plain)
