@@ -100,12 +100,32 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def transformer(self):
+    def auto_dtype(self, schedule) -> torch.dtype:
+        """Block storage when --dtype is not given: fp32 on the CPU; on a GPU bf16 (the official layout) when the
+        weights and the run fit its free memory, else fp8 (e4m3fn, scaled), with a note saying so."""
+        if self.device.type != "cuda":
+            return torch.float32
+        if schedule is None:
+            return torch.bfloat16
+        from .memory import choose_block_dtype, weight_bytes
+        from .sampler import AUTO_HEADROOM
+
+        config = self.model_info().config
+        free, _ = torch.cuda.mem_get_info(self.device)
+        room = free - AUTO_HEADROOM
+        dtype = choose_block_dtype(config, schedule, room)
+        if dtype != torch.bfloat16:
+            need = weight_bytes(config, torch.bfloat16) / 1e9
+            print(f"note: bf16 weights ({need:.1f} GB) and this run do not fit the {free / 1e9:.1f} GB free on "
+                  f"{self.device}; storing the blocks in fp8 (e4m3fn, scaled). --dtype bf16 forces bf16.",
+                  file=sys.stderr)
+        return dtype
+
+    def transformer(self, schedule=None):
         from .checkpoint import load_transformer
 
         if self._transformer is None:
-            default = "bf16" if self.device.type == "cuda" else "fp32"
-            dtype = DTYPES[self.args.dtype or default]
+            dtype = DTYPES[self.args.dtype] if self.args.dtype else self.auto_dtype(schedule)
             self._transformer, self.info = load_transformer(self.paths["transformer"], dtype=dtype,
                                                             device=self.device)
             print(f"transformer: {self.paths['transformer']} ({self.info.variant}, blocks {self.info.dtype})",
@@ -170,7 +190,7 @@ def _run_generate(args) -> Path:
         condition = P.encode_image(s.tokenizer(), args.image, schedule, seed=args.seed)
     elif args.video:
         condition = _encode_video_file(s, args.video, schedule, args.seed)
-    transformer = s.transformer()
+    transformer = s.transformer(schedule)
     bar = _Progress(schedule.num_steps, "sampling")
     try:
         tokens = P.generate(transformer, text, schedule, seed=args.seed, condition=condition, callback=bar,
@@ -225,8 +245,8 @@ def _run_extend(args) -> Path:
         raise ValueError("extend needs --tokens FILE (from generate --save-tokens) or --video MP4")
     duration = (tokens.frames - 1 + P.PIXEL_FRAMES_PER_CLIP * args.clips) // P.FPS
     text = s.text(args.prompt, args.negative_prompt, duration)
-    transformer = s.transformer()
     total = P.build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + P.PIXEL_FRAMES_PER_CLIP * args.clips)
+    transformer = s.transformer(total)
     bar = _Progress(total.num_steps, "extending")
     try:
         longer = P.extend(transformer, text, tokens, args.clips, seed=args.seed, callback=bar, **s.sample_kwargs())
@@ -251,7 +271,9 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--cfg", type=float, default=34.0, help="APG guidance scale (official 34)")
     p.add_argument("--tau-image", type=float, default=1.0)
     p.add_argument("--tau-video", type=float, default=0.4)
-    p.add_argument("--dtype", choices=list(DTYPES), help="transformer block storage (default bf16 on CUDA, else fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="transformer block storage (default: fp32 on the CPU; on a GPU bf16, or fp8 when bf16 "
+                        "weights and the run do not fit its free memory)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--generator", choices=list(P.GENERATOR_CHOICES), default="auto",
                    help="where the bits are drawn: auto = a CUDA generator on GPU, like the official code; "

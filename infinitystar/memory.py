@@ -149,6 +149,37 @@ def choose_kv_offload(config: TransformerConfig, schedule: Schedule, available: 
     return min(config.depth, -(-(resident - available) // per_layer))
 
 
+def weight_bytes(config: TransformerConfig, block_dtype: torch.dtype) -> int:
+    """Bytes of the transformer's weights in the official layout with blocks stored in ``block_dtype`` (fp8:
+    matmul weights only, norms bf16; embeddings and heads fp32), from a meta-device model."""
+    from .config import FP32_MODULES
+    from .transformer import InfinityStarTransformer
+
+    total = 0
+    for name, p in InfinityStarTransformer(config, device="meta").named_parameters():
+        if name.split(".")[0] in FP32_MODULES:
+            size = 4
+        elif _nbytes(block_dtype) == 1 and p.dim() < 2:
+            size = 2
+        else:
+            size = _nbytes(block_dtype)
+        total += p.numel() * size
+    return total
+
+
+def choose_block_dtype(config: TransformerConfig, schedule: Schedule, device_bytes: int,
+                       candidates: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float8_e4m3fn),
+                       dtype: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The first of ``candidates`` (widest first) whose weights plus the sampling estimate (with the reference
+    K/V in host memory if need be) fit ``device_bytes``; the last one when none does."""
+    for block_dtype in candidates:
+        weights = weight_bytes(config, block_dtype)
+        need = estimate_sampling_memory(config, schedule, dtype=dtype, offload_kv=True, weight_dtype=block_dtype)
+        if weights + need <= device_bytes:
+            return block_dtype
+    return candidates[-1]
+
+
 def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int]:
     """Run ``fn`` and return (its result, the peak bytes of tensors allocated during it).
 

@@ -163,3 +163,27 @@ def test_compile_without_a_compiler_is_a_clear_error(tiny_models, tmp_path, monk
     err = capsys.readouterr().err
     assert rc != 0 and "--compile" in err and "C++ compiler" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, capsys):
+    """Without --dtype: fp32 on the CPU; on a GPU (its memory query patched: none here) bf16 for the 8B model at
+    720p when 80 GB are free, fp8 with a note on 24 GB of which 20 are free."""
+    import types
+
+    from infinitystar.cli import Session, build_parser
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.schedule import build_schedule
+
+    def session(device):
+        s = Session(build_parser().parse_args(["generate", "--models", str(tiny_models["root"]), "--device", device]))
+        monkeypatch.setattr(s, "model_info", lambda: types.SimpleNamespace(config=TRANSFORMER_PRESETS["8b"]))
+        return s
+
+    schedule = build_schedule("720p", "16:9", 81)
+    assert session("cpu").auto_dtype(schedule) == torch.float32
+    gpu = session("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
+    assert gpu.auto_dtype(schedule) == torch.bfloat16 and "fp8" not in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 10**9, 24 * 10**9))
+    assert gpu.auto_dtype(schedule) == torch.float8_e4m3fn
+    assert "storing the blocks in fp8" in capsys.readouterr().err

@@ -126,3 +126,16 @@ def test_auto_offload_on_cuda_takes_the_fewest_layers_that_fit_the_free_memory(m
     assert estimate_sampling_memory(BIG, s10, offload_kv=layers, **fp8) <= room
     assert auto(11) == BIG.depth
     assert sampler_mod.resolve_offload_kv(3, model, s10, text, torch.bfloat16, 5120) == 3  # a count passes through
+
+
+def test_block_dtype_choice_by_device_memory():
+    from infinitystar.memory import choose_block_dtype, weight_bytes
+
+    assert weight_bytes(BIG, torch.bfloat16) == pytest.approx(17.56e9, rel=0.01)  # the official layout's size
+    assert weight_bytes(BIG, torch.float8_e4m3fn) == pytest.approx(8.80e9, rel=0.01)
+    s720 = build_schedule("720p", "16:9", 81)
+    bf16_need = weight_bytes(BIG, torch.bfloat16) + estimate_sampling_memory(BIG, s720, offload_kv=True)
+    assert choose_block_dtype(BIG, s720, 80 * 2**30) == torch.bfloat16
+    assert choose_block_dtype(BIG, s720, bf16_need) == torch.bfloat16
+    assert choose_block_dtype(BIG, s720, bf16_need - 1) == torch.float8_e4m3fn
+    assert choose_block_dtype(BIG, s720, 4 * 2**30) == torch.float8_e4m3fn  # nothing fits: the narrowest
