@@ -52,10 +52,10 @@ def random_code_sums(samples: int, frames: int, grid: Sequence[int], generator: 
 
 @torch.no_grad()
 def fit_rgb_projection(tokenizer, grid: Sequence[int] = (8, 8), samples: int = 16, seed: int = 0,
-                       batch: int = 4) -> RGBProjection:
+                       batch: int = 2) -> RGBProjection:
     """Fit the code -> colour maps of ``tokenizer`` (a :class:`infinitystar.vae.VideoTokenizer`) from decodes
     of ``samples`` two-latent-frame clips on ``grid`` latent cells, ``batch`` at a time (the real tokenizer:
-    5 frames of 128 x 128 each; a fraction of a second on a GPU)."""
+    5 frames of 128 x 128 each, a small fraction of a 720p decode)."""
     codes = random_code_sums(samples, 2, grid, torch.Generator().manual_seed(seed))
     device = next(tokenizer.parameters()).device
     pixels = torch.cat([tokenizer.decode(part.to(device)).float().cpu() for part in codes.split(batch)])
