@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from infinitystar.config import FP32_MODULES, TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
-from infinitystar.ops import cast, dequantized, quantize_scaled, scaled_cast  # noqa: E402
+from infinitystar.ops import cast, dequantized, quantize_scaled, scaled_cast, scaled_fp8_matmul  # noqa: E402
 from infinitystar.pipeline import OFFLOAD_KV_CHOICES  # noqa: E402
 from infinitystar.sampler import TextCondition, sample  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
@@ -84,10 +84,14 @@ def parse_cases(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def build_model(config: TransformerConfig, device: torch.device, weights: torch.dtype, seed: int):
+def build_model(config: TransformerConfig, device: torch.device, weights: torch.dtype, seed: int,
+                fp8_matmul: bool = False):
     """Random model in the official precision layout, each tensor made directly in its stored dtype."""
-    with torch.device("meta"):  # e4m3fn blocks are stored scaled, as the loaders store them
-        model = InfinityStarTransformer(config, ops=scaled_cast if weights == torch.float8_e4m3fn else cast)
+    ops = cast
+    if weights == torch.float8_e4m3fn:  # e4m3fn blocks are stored scaled, as the loaders store them
+        ops = scaled_fp8_matmul if fp8_matmul else scaled_cast
+    with torch.device("meta"):
+        model = InfinityStarTransformer(config, ops=ops)
     gen = torch.Generator(device).manual_seed(seed)
     for mname, module in model.named_modules():
         for pname, p in list(module._parameters.items()):
@@ -201,7 +205,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     sched = build_schedule(pn, "16:9", frames, num_scales=args.num_scales)
     weights = WEIGHT_DTYPES[args.weights]
     cond = _text_features(config, args.seed)
-    model = build_model(config, device, weights, args.seed)
+    model = build_model(config, device, weights, args.seed, args.fp8_matmul)
     chunk = _chunk(args)
     compute = _compute_dtype(device, args)
     clock = StepClock(device)
@@ -261,7 +265,7 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
 
     sched = build_schedule(pn, "16:9", frames)
     cond = _text_features(config, args.seed)
-    model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed)
+    model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed, args.fp8_matmul)
     runner = official_runner(official_mod, config, device, model, pn, frames, sched,
                             _compute_dtype(device, args) == torch.bfloat16)
     model.to("cpu")  # room for the official run (a no-op on a CPU)
@@ -345,6 +349,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"])
     p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
+    p.add_argument("--fp8-matmul", action="store_true",
+                   help="multiply the fp8 (e4m3fn) blocks in fp8 (torch._scaled_mm; not the official numerics)")
     p.add_argument("--offload-kv", default="auto", choices=list(OFFLOAD_KV_CHOICES),
                    help="keep reference K/V in host memory: auto = only when the run would not fit otherwise")
     p.add_argument("--memory-cap-gb", type=float, default=None,
@@ -385,6 +391,8 @@ def _setup(argv):
     if args.cpu_bf16 and device.type != "cpu":
         raise SystemExit("--cpu-bf16 is for --device cpu (CUDA runs are bf16 already)")
     args.weights = args.weights or ("fp8" if device.type == "cuda" else "bf16" if args.cpu_bf16 else "fp32")
+    if args.fp8_matmul and args.weights != "fp8":
+        raise SystemExit("--fp8-matmul multiplies fp8 e4m3fn blocks: add --weights fp8")
     if args.attention == "auto":  # resolve before the official code may register a flash_attn stand-in
         from infinitystar.attention import available_backends
 
@@ -407,7 +415,8 @@ def _settings_line(args, config, device) -> str:
     cap = f", memory cap {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""
     return (f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
             f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
-            f"compile {args.compile}, offload_kv {args.offload_kv}{cap}; {machine_line(device)}")
+            f"compile {args.compile}, fp8 matmul {args.fp8_matmul}, offload_kv {args.offload_kv}{cap}; "
+            f"{machine_line(device)}")
 
 
 def run_parity(argv=None):

@@ -373,20 +373,25 @@ def inspect_transformer(path: str | Path) -> CheckpointInfo:
 
 
 def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",
-                     keep_fp32_modules: bool = True):
+                     keep_fp32_modules: bool = True, fp8_matmul: bool = False):
     """Load the InfinityStar transformer from an official file or sharded folder.
 
     ``dtype`` None keeps the file's dtype everywhere; otherwise the blocks are stored in ``dtype`` (fp8 only for
     matmul weights, norms then bf16) and the embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the
-    official precision layout. Returns ``(model, CheckpointInfo)``.
+    official precision layout. ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
+    (:class:`infinitystar.ops.Fp8MatmulLinear`). Returns ``(model, CheckpointInfo)``.
     """
     from .config import detect_transformer_config
     from .transformer import InfinityStarTransformer
 
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"unsupported transformer dtype {dtype}; choose one of {FLOAT_DTYPES}")
+    if fp8_matmul and (dtype != SCALED_FP8 or ops is not torch.nn):
+        raise ValueError("fp8 matmuls need the blocks stored in fp8 e4m3fn (--dtype fp8) and the default ops")
     if ops is torch.nn and dtype == SCALED_FP8:
-        from .ops import scaled_cast as ops
+        from .ops import scaled_cast, scaled_fp8_matmul
+
+        ops = scaled_fp8_matmul if fp8_matmul else scaled_cast
     reader = CheckpointReader(path)
     shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
     description = describe_keys(shapes, path, reader.metadata())

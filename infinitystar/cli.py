@@ -80,6 +80,12 @@ class Session:
         why = compile_unavailable(self.device) if getattr(args, "compile", False) else None
         if why:
             raise ValueError(f"--compile: {why}; or leave --compile out")
+        if getattr(args, "fp8_matmul", False):
+            from .ops import fp8_matmul_unavailable
+
+            why = fp8_matmul_unavailable(self.device)
+            if why:
+                raise ValueError(f"--fp8-matmul: {why}; leave it out (fp8 storage alone still halves the weights)")
         self._transformer = self._tokenizer = None
         self.info = None
 
@@ -125,9 +131,14 @@ class Session:
         from .checkpoint import load_transformer
 
         if self._transformer is None:
-            dtype = DTYPES[self.args.dtype] if self.args.dtype else self.auto_dtype(schedule)
+            fp8_matmul = getattr(self.args, "fp8_matmul", False)
+            if fp8_matmul and self.args.dtype not in (None, "fp8"):
+                raise ValueError(f"--fp8-matmul multiplies fp8 e4m3fn weights; drop --dtype {self.args.dtype} "
+                                 "(or use --dtype fp8)")
+            dtype = DTYPES[self.args.dtype] if self.args.dtype else (
+                torch.float8_e4m3fn if fp8_matmul else self.auto_dtype(schedule))
             self._transformer, self.info = load_transformer(self.paths["transformer"], dtype=dtype,
-                                                            device=self.device)
+                                                            device=self.device, fp8_matmul=fp8_matmul)
             print(f"transformer: {self.paths['transformer']} ({self.info.variant}, blocks {self.info.dtype})",
                   file=sys.stderr)
         return self._transformer
@@ -281,6 +292,9 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--offload-kv", choices=list(P.OFFLOAD_KV_CHOICES), default="auto",
                    help="keep the reference scales' K/V in host memory (10 s videos on small GPUs; exact, slower); "
                         "auto = only when the run would not fit the GPU otherwise")
+    p.add_argument("--fp8-matmul", action="store_true",
+                   help="fp8 e4m3fn weights multiplied in fp8 (RTX 40xx / H100 and newer): faster matmuls, "
+                        "activations rounded to fp8 (not the official numerics)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks' feed-forward (needs Triton on a GPU; the first run compiles)")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")

@@ -50,6 +50,42 @@ class ScaledCastLinear(CastLinear):
         return F.linear(x, w, _cast(self.bias, x))
 
 
+class Fp8MatmulLinear(ScaledCastLinear):
+    """A scaled e4m3fn Linear multiplied in fp8 (``torch._scaled_mm``), the input quantized per call with its own
+    per-tensor scale. Opt-in: GPUs with fp8 units (sm89+) multiply about twice as fast as in bf16, but rounding
+    the activations to e4m3fn (≈3 %) moves the numerics away from the official bf16. Weights that are not e4m3fn
+    (the fp32 embeddings and heads), or not on the input's device, take the scaled cast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype != torch.float8_e4m3fn or w.device != x.device or not x.is_floating_point():
+            return super().forward(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        rows = x2.shape[0]
+        pad = -rows % 16 if x.is_cuda else 0  # cuBLASLt's fp8 GEMM wants multiples of 16
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        fmax = torch.finfo(torch.float8_e4m3fn).max
+        scale = (x2.abs().amax().float() / fmax).clamp_min(torch.finfo(torch.float32).tiny)
+        x8 = (x2 * (1 / scale).to(x2.dtype)).clamp_(-fmax, fmax).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(x8, w.t(), scale_a=scale, scale_b=self.scale_weight.float(), out_dtype=x.dtype)
+        out = out[:rows].reshape(*shape[:-1], out.shape[-1])
+        return out if self.bias is None else out + _cast(self.bias, out)
+
+
+def fp8_matmul_unavailable(device: torch.device | str) -> str | None:
+    """Why ``Fp8MatmulLinear`` cannot run on ``device``, or None when it can."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return "fp8 matmuls need an NVIDIA GPU with fp8 units (RTX 40xx / Ada, H100 / Hopper or newer)"
+        return None
+    if device.type != "cpu":
+        return f"fp8 matmuls are not available on {device.type}"
+    return None
+
+
 def quantize_scaled(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight / scale in ``dtype``, scale): the largest |weight| lands in the format's top binade.
 
@@ -76,6 +112,11 @@ class cast:  # noqa: N801  (a namespace, used like ``torch.nn`` / ``comfy.ops.ma
 
 class scaled_cast:  # noqa: N801  (for e4m3fn storage; ComfyUI's equivalent is comfy.ops.scaled_fp8_ops)
     Linear = ScaledCastLinear
+    Conv3d = CastConv3d
+
+
+class scaled_fp8_matmul:  # noqa: N801  (opt-in fp8 compute; ComfyUI's is --fast fp8_matrix_mult)
+    Linear = Fp8MatmulLinear
     Conv3d = CastConv3d
 
 

@@ -59,6 +59,8 @@ class InfinityStarModelLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the blocks. default keeps the file's (bf16, ~17 GB); "
                                        "fp8 halves that (~9 GB) at a small quality cost (e5m2 for RTX 30xx). "
+                                       "fp8_e4m3fn is stored with a per-tensor scale; ComfyUI started with "
+                                       "--fast fp8_matrix_mult also multiplies it in fp8 (RTX 40xx and newer). "
                                        "Embeddings and heads stay fp32 as in the official layout."),
                 io.Combo.Input("compute_dtype", options=list(host.COMPUTE_DTYPES), default="auto",
                                tooltip="Dtype the blocks run in. auto = bf16 where supported (official), fp16 "

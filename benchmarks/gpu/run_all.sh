@@ -13,6 +13,7 @@
 #   official_720p5.md      ours vs official, bf16 weights for both, 720p 5 s
 #   official_480p5.md      the same at 480p 5 s (only when time is left)
 #   ours_compile_720p5.md  extra, only with STEPS="ours_compile_720p5": ours at 720p 5 s with torch.compile
+#   ours_fp8mm_720p5.md    extra, only with STEPS="ours_fp8mm_720p5": ours at 720p 5 s with fp8 matmuls
 #   run_all.log            everything else: per-step parity lines, partial tables, warnings, errors
 #
 # Estimated device time (H100, from FLOP counts: one generation is about 17 PFLOP at 720p 5 s,
@@ -88,7 +89,7 @@ step() {
     echo "$name: rc=$rc ($what) in $((SECONDS - start)) s (timeout ${t} s)" | tee -a "$SUMMARY"
 }
 STATUS=0
-EXTRA="ours_compile_720p5"
+EXTRA="ours_compile_720p5 ours_fp8mm_720p5"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -115,6 +116,8 @@ step official_720p5 200 100 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --o
 step official_480p5 110 100 "$PY" "${BENCH[@]}" --cases $C480 --weights bf16 --official "$OFFICIAL"
 # extra (only when STEPS names it): torch.compile's speed-up at 720p 5 s, compile time excluded by the warm-up
 step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --compile --warmup
+# extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
+step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul
 
 echo "total ${SECONDS} s" >>"$SUMMARY"
 shopt -s nullglob

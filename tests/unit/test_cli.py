@@ -187,3 +187,15 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 10**9, 24 * 10**9))
     assert gpu.auto_dtype(schedule) == torch.float8_e4m3fn
     assert "storing the blocks in fp8" in capsys.readouterr().err
+
+
+def test_fp8_matmul_needs_fp8_weights(tiny_models, tmp_path, capsys):
+    from infinitystar.cli import build_parser
+
+    assert build_parser().parse_args(["generate", "--fp8-matmul"]).fp8_matmul is True
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
+               "--device", "cpu", "--dtype", "bf16", "--fp8-matmul", "--out", str(tmp_path / "x.png")])
+    assert rc != 0 and "--fp8-matmul multiplies fp8 e4m3fn weights" in capsys.readouterr().err
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
+               "--device", "cpu", "--fp8-matmul", "--seed", "2", "--out", str(tmp_path / "y.png")])
+    assert rc == 0 and (tmp_path / "y.png").exists()

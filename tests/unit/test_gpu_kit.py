@@ -61,14 +61,17 @@ def test_run_all_skips_what_has_no_time_left_and_extras_unless_named(tmp_path):
     assert proc.returncode == 1
     for step in OURS[1:] + OFFICIAL:
         assert f"{step}: skipped" in summary, summary
-    assert "ours_compile_720p5" not in summary
+    assert "ours_compile_720p5" not in summary and "ours_fp8mm_720p5" not in summary
 
 
-@pytest.mark.skipif(compile_unavailable("cpu") is not None, reason="no C++ compiler for torch.compile")
-def test_run_all_runs_a_named_extra_step(tmp_path):
-    proc, out, summary = _rehearse(tmp_path, ["ours_compile_720p5"])
-    assert proc.returncode == 0 and "ours_compile_720p5: rc=0 (ok)" in summary, summary
-    assert "compile True" in (out / "ours_compile_720p5.md").read_text()
+@pytest.mark.parametrize("step, setting", [("ours_compile_720p5", "compile True"),
+                                           ("ours_fp8mm_720p5", "fp8 matmul True")])
+def test_run_all_runs_a_named_extra_step(tmp_path, step, setting):
+    if step == "ours_compile_720p5" and compile_unavailable("cpu") is not None:
+        pytest.skip("no C++ compiler for torch.compile")
+    proc, out, summary = _rehearse(tmp_path, [step])
+    assert proc.returncode == 0 and f"{step}: rc=0 (ok)" in summary, summary
+    assert setting in (out / f"{step}.md").read_text()
 
 
 def _official_path() -> str:

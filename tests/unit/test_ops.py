@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from infinitystar.checkpoint import load_transformer
-from infinitystar.ops import ScaledCastLinear, cast, quantize_scaled
+from infinitystar.ops import Fp8MatmulLinear, ScaledCastLinear, cast, fp8_matmul_unavailable, quantize_scaled
 from infinitystar.sampler import TextCondition, sample
 from infinitystar.schedule import build_schedule
 from infinitystar.tiny import tiny_transformer_state_dict, write_sharded_safetensors
@@ -79,3 +79,69 @@ def test_fp8_blocks_loaded_scaled_give_logits_closer_to_full_precision(tmp_path)
         logits[name] = torch.cat([x.flatten() for x in steps])
     scaled, plain = _rel(logits["scaled"], logits["fp32"]), _rel(logits["plain"], logits["fp32"])
     assert 0 < scaled < 0.9 * plain, (scaled, plain)
+
+
+def _fp8_layer(cls, w, b):
+    q, s = quantize_scaled(w, E4M3)
+    layer = cls(w.shape[1], w.shape[0])
+    layer.weight = torch.nn.Parameter(q, requires_grad=False)
+    layer.bias = torch.nn.Parameter(b, requires_grad=False)
+    layer.scale_weight.data.fill_(s.item())
+    return layer, q.float() * s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_matmul_linear_rounds_only_the_activations(dtype):
+    """torch._scaled_mm (CPU here): the weight is used as stored, the input is quantized to e4m3fn with its own
+    scale, so the result is a few percent from the dequantized-weight product, shaped and biased like it."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 32, generator=g) * 0.02, torch.randn(64, generator=g) * 0.1
+    layer, dequantized = _fp8_layer(Fp8MatmulLinear, w, b)
+    x = torch.randn(2, 7, 32, generator=g).to(dtype)
+    want = F.linear(x.float(), dequantized, b)
+    got = layer(x)
+    assert got.shape == (2, 7, 64) and got.dtype == dtype
+    assert 1e-3 < _rel(got, want) < 0.05  # activation rounding, nothing worse
+    x8 = (x.float() / (x.float().abs().max() / 448)).to(E4M3).float() * (x.float().abs().max() / 448)
+    assert _rel(got, F.linear(x8, dequantized, b)) < 1e-2  # = the product with the rounded input
+
+
+def test_fp8_matmul_linear_falls_back_for_other_weights():
+    layer = Fp8MatmulLinear(8, 4)  # fp32 weight (an embedding or head in the official layout)
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_fp8_matmul_availability(monkeypatch):
+    assert fp8_matmul_unavailable("cpu") is None
+    assert "not available on mps" in fp8_matmul_unavailable("mps")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # RTX 30xx
+    assert "RTX 40xx" in fp8_matmul_unavailable("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_matmul_unavailable("cuda") is None
+
+
+def test_load_with_fp8_matmul(tmp_path):
+    folder = write_sharded_safetensors(tmp_path / "infinitystar_8b_720p_weights", tiny_transformer_state_dict(seed=2))
+    model, _ = load_transformer(folder, dtype=E4M3, fp8_matmul=True)
+    assert isinstance(model.block_chunks[0].module[0].mlp.down_proj, Fp8MatmulLinear)
+    with pytest.raises(ValueError, match="fp8 matmuls need the blocks stored in fp8 e4m3fn"):
+        load_transformer(folder, dtype=torch.bfloat16, fp8_matmul=True)
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=4)
+    text = TextCondition(torch.randn(6, model.config.text_channels, generator=torch.Generator().manual_seed(4)))
+    out = sample(model, text, sched, seed=1, compute_dtype=torch.float32)
+    assert len(out.bits) == sched.num_steps and torch.isfinite(out.summed_codes).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or fp8_matmul_unavailable("cuda") is not None,
+                    reason="needs a CUDA GPU with fp8 units (sm89+)")
+def test_fp8_matmul_linear_on_cuda():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(256, 128, generator=g) * 0.02, torch.randn(256, generator=g) * 0.1
+    layer, dequantized = _fp8_layer(Fp8MatmulLinear, w, b)
+    layer = layer.cuda()
+    for rows in (1, 7, 64):  # row counts that cuBLASLt needs padded, and one it does not
+        x = torch.randn(rows, 128, generator=g).cuda().bfloat16()
+        want = F.linear(x.float(), dequantized.cuda(), b.cuda())
+        assert _rel(layer(x), want) < 0.05, rows
