@@ -346,6 +346,30 @@ def _fill_scales(model: torch.nn.Module, device) -> None:
                 module._parameters[name] = torch.nn.Parameter(torch.ones((), device=device), requires_grad=False)
 
 
+def _scaled_fp8_hooks(model: torch.nn.Module, target):
+    """(target, transform) for :func:`_stream_into` that store e4m3fn block weights scaled, in the layers that have
+    a ``scale_weight`` (``ops.ScaledCastLinear``, ComfyUI's scaled-fp8 ops): those weights are read as stored and
+    quantized with their own scale (:func:`infinitystar.ops.quantize_scaled`); everything else as ``target`` says."""
+    from .ops import quantize_scaled
+
+    scaled = {name for name, m in model.named_modules()
+              if isinstance(getattr(m, "scale_weight", None), torch.nn.Parameter)}
+
+    def quantized(key: str, tensor: torch.Tensor) -> bool:  # matmul weights that plain storage would make fp8
+        return key.endswith(".weight") and key.rpartition(".")[0] in scaled and target(key, tensor) == SCALED_FP8
+
+    def read_as(key: str, tensor: torch.Tensor) -> torch.dtype:
+        return tensor.dtype if quantized(key, tensor) else target(key, tensor)
+
+    def transform(key: str, tensor: torch.Tensor):
+        if not quantized(key, tensor):
+            return ((key, tensor),)
+        weight, scale = quantize_scaled(tensor, SCALED_FP8)
+        return ((key, weight), (key[: -len("weight")] + "scale_weight", scale))
+
+    return read_as, transform
+
+
 def _transformer_target(dtype: torch.dtype | None, keep_fp32_modules: bool, fp32_modules: tuple[str, ...]):
     def target(key: str, tensor: torch.Tensor) -> torch.dtype:
         if dtype is None or not tensor.is_floating_point():
@@ -406,26 +430,9 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
         shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
     check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
     target = _transformer_target(dtype, keep_fp32_modules, tuple(model.fp32_modules))
-    scaled = {name for name, m in model.named_modules() if isinstance(getattr(m, "scale_weight", None), torch.nn.Parameter)}
     transform = None
-    if scaled and dtype == SCALED_FP8:
-        plain_target = target
-
-        def quantized(key, tensor) -> bool:  # the blocks' matmul weights, where plain storage would be fp8
-            return key.rpartition(".")[0] in scaled and plain_target(key, tensor) == SCALED_FP8
-
-        def target(key, tensor):  # noqa: F811  (those are read as stored and quantized below)
-            return tensor.dtype if quantized(key, tensor) else plain_target(key, tensor)
-
-        def transform(key, tensor):
-            module = key.rpartition(".")[0]
-            if quantized(key, tensor) and key.endswith(".weight"):
-                from .ops import quantize_scaled
-
-                weight, scale = quantize_scaled(tensor, SCALED_FP8)
-                return ((key, weight), (f"{module}.scale_weight", scale))
-            return ((key, tensor),)
-
+    if dtype == SCALED_FP8:
+        target, transform = _scaled_fp8_hooks(model, target)
     _fill_scales(model, device)  # 1.0 wherever the file leaves a scale unset (other dtypes, scale_input)
     _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
                  transform=transform)

@@ -111,8 +111,9 @@ def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batc
 
     ``chunk_tokens`` as in :func:`infinitystar.sampler.sample` ("auto", a token count, None = off).
     ``offload_kv``: reference-scale K/V of all layers (True) or of that many layers kept in host memory
-    (the text K/V stays; each step still holds its whole context while it runs). ``native_gqa``: the attention reads GQA K/V without repeating
-    it (default: half-precision compute, i.e. CUDA SDPA/flash-attn; see :func:`attention.native_gqa`).
+    (the text K/V stays; each step still holds its whole context while it runs).
+    ``native_gqa``: the attention reads GQA K/V without repeating it (default: half-precision compute,
+    i.e. CUDA SDPA/flash-attn; see :func:`attention.native_gqa`).
     ``weight_dtype``: how the blocks are stored (fp8 adds the per-call upcast copy of a weight).
     """
     if chunk_tokens == "auto":
@@ -121,7 +122,8 @@ def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batc
         native_gqa = dtype in (torch.float16, torch.bfloat16)
     per_token = 2 * batch * config.num_kv_heads * config.head_dim * _nbytes(dtype)  # one layer's K and V
     resident_layers = config.depth - offloaded_layers(offload_kv, config.depth)
-    kv = per_token * (config.depth * text_tokens + resident_layers * (kv_peak_tokens(schedule, text_tokens) - text_tokens))
+    reference_tokens = kv_peak_tokens(schedule, text_tokens) - text_tokens
+    kv = per_token * (config.depth * text_tokens + resident_layers * reference_tokens)
     act = 0
     for step in schedule.steps:
         context = step.num_tokens + text_tokens + sum(_tokens(schedule, si) for si in step.ref_sids)

@@ -63,8 +63,9 @@ def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_
 
     The file dtype ("default") is unknown before loading, so it gets ``manual_cast``, which casts per layer only
     when the dtypes differ. fp8_e4m3fn gets ComfyUI's scaled-fp8 ops: the loader stores each block weight divided
-    by its own scale (``infinitystar.ops.quantize_scaled``); with ``--fast fp8_matrix_mult`` they use fp8 matmuls. Every family carries ``comfy_cast_weights``, which is what lets a partial load leave
-    layers on the offload device and stream them in.
+    by its own scale (``infinitystar.ops.quantize_scaled``); with ``--fast fp8_matrix_mult`` they use fp8 matmuls.
+    Every family carries ``comfy_cast_weights``, which is what lets a partial load leave layers on the offload
+    device and stream them in.
     """
     if weight_dtype is None:
         return comfy.ops.manual_cast
