@@ -352,7 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--fp8-matmul", action="store_true",
                    help="multiply the fp8 (e4m3fn) blocks in fp8 (torch._scaled_mm; not the official numerics)")
     p.add_argument("--offload-kv", default="auto", choices=list(OFFLOAD_KV_CHOICES),
-                   help="keep reference K/V in host memory: auto = only when the run would not fit otherwise")
+                   help="keep reference K/V in host memory: auto = only for as many layers as the run needs to fit")
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="CUDA: cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); a "
                         "case that needs more fails with out of memory, which the table notes")

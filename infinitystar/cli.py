@@ -291,7 +291,7 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                         "cpu = the same bits on any device for the same logits")
     p.add_argument("--offload-kv", choices=list(P.OFFLOAD_KV_CHOICES), default="auto",
                    help="keep the reference scales' K/V in host memory (10 s videos on small GPUs; exact, slower); "
-                        "auto = only when the run would not fit the GPU otherwise")
+                        "auto = only for as many layers as the run needs to fit the GPU")
     p.add_argument("--fp8-matmul", action="store_true",
                    help="fp8 e4m3fn weights multiplied in fp8 (RTX 40xx / H100 and newer): faster matmuls, "
                         "activations rounded to fp8 (not the official numerics)")
