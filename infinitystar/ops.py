@@ -62,16 +62,23 @@ class Fp8MatmulLinear(ScaledCastLinear):
             return super().forward(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        rows = x2.shape[0]
-        pad = -rows % 16 if x.is_cuda else 0  # cuBLASLt's fp8 GEMM wants multiples of 16
-        if pad:
-            x2 = F.pad(x2, (0, 0, 0, pad))
         fmax = torch.finfo(torch.float8_e4m3fn).max
-        scale = (x2.abs().amax().float() / fmax).clamp_min(torch.finfo(torch.float32).tiny)
-        x8 = (x2 * (1 / scale).to(x2.dtype)).clamp_(-fmax, fmax).to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(x8, w.t(), scale_a=scale, scale_b=self.scale_weight.float(), out_dtype=x.dtype)
-        out = out[:rows].reshape(*shape[:-1], out.shape[-1])
-        return out if self.bias is None else out + _cast(self.bias, out)
+        scale = (torch.linalg.vector_norm(x2, float("inf")).float() / fmax).clamp_min(torch.finfo(torch.float32).tiny)
+        inverse, scale_w = (1 / scale).to(x2.dtype), self.scale_weight.float()
+        out = x2.new_empty(x2.shape[0], w.shape[0])
+        for start in range(0, x2.shape[0], FP8_MATMUL_ROWS):  # quantized copies of a row block only
+            part = x2[start:start + FP8_MATMUL_ROWS]
+            rows = part.shape[0]
+            pad = -rows % 16 if x.is_cuda else 0  # cuBLASLt's fp8 GEMM wants multiples of 16
+            part8 = F.pad(part, (0, 0, 0, pad)) if pad else part
+            part8 = (part8 * inverse).clamp_(-fmax, fmax).to(torch.float8_e4m3fn)
+            done = torch._scaled_mm(part8, w.t(), scale_a=scale, scale_b=scale_w, out_dtype=x.dtype)
+            out[start:start + rows] = done[:rows]
+        out = out.reshape(*shape[:-1], w.shape[0])
+        return out if self.bias is None else out.add_(_cast(self.bias, out))
+
+
+FP8_MATMUL_ROWS = 4096  # rows quantized at a time: bounds the input's scaled and fp8 copies
 
 
 def fp8_matmul_unavailable(device: torch.device | str) -> str | None:

@@ -145,3 +145,16 @@ def test_fp8_matmul_linear_on_cuda():
         x = torch.randn(rows, 128, generator=g).cuda().bfloat16()
         want = F.linear(x.float(), dequantized.cuda(), b.cuda())
         assert _rel(layer(x), want) < 0.05, rows
+
+
+def test_fp8_matmul_row_blocks_give_the_same_rows(monkeypatch):
+    """The input is quantized block by block (bounded copies) with one scale for the whole input: the same result
+    as a single block."""
+    import infinitystar.ops as ops
+
+    g = torch.Generator().manual_seed(3)
+    layer, _ = _fp8_layer(Fp8MatmulLinear, torch.randn(48, 32, generator=g) * 0.02, torch.randn(48, generator=g))
+    x = torch.randn(3, 11, 32, generator=g)
+    whole = layer(x)
+    monkeypatch.setattr(ops, "FP8_MATMUL_ROWS", 4)  # 33 rows in 9 blocks, the last one short
+    assert torch.equal(layer(x), whole)
