@@ -149,7 +149,7 @@ def test_fp8_matmul_linear_on_cuda():
 
 def test_fp8_matmul_row_blocks_give_the_same_rows(monkeypatch):
     """The input is quantized block by block (bounded copies) with one scale for the whole input: the same result
-    as a single block."""
+    as a single block (a per-block scale would move it by the fp8 rounding, ~1e-2)."""
     import infinitystar.ops as ops
 
     g = torch.Generator().manual_seed(3)
@@ -157,4 +157,4 @@ def test_fp8_matmul_row_blocks_give_the_same_rows(monkeypatch):
     x = torch.randn(3, 11, 32, generator=g)
     whole = layer(x)
     monkeypatch.setattr(ops, "FP8_MATMUL_ROWS", 4)  # 33 rows in 9 blocks, the last one short
-    assert torch.equal(layer(x), whole)
+    assert _rel(layer(x), whole) < 1e-6  # equal up to the GEMM's summation order for other row counts
