@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from infinitystar.config import FP32_MODULES, TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
+from infinitystar.checkpoint import transformer_storage  # noqa: E402
+from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
 from infinitystar.ops import cast, dequantized, quantize_scaled, scaled_cast, scaled_fp8_matmul  # noqa: E402
 from infinitystar.pipeline import OFFLOAD_KV_CHOICES  # noqa: E402
@@ -93,6 +94,7 @@ def build_model(config: TransformerConfig, device: torch.device, weights: torch.
     with torch.device("meta"):
         model = InfinityStarTransformer(config, ops=ops)
     gen = torch.Generator(device).manual_seed(seed)
+    stored = transformer_storage(weights)  # fp32 embeddings/heads; fp8 only for matmul weights, norms bf16
     for mname, module in model.named_modules():
         for pname, p in list(module._parameters.items()):
             if p is None or (pname == "scale_weight" and not module._parameters[pname].is_meta):
@@ -100,10 +102,7 @@ def build_model(config: TransformerConfig, device: torch.device, weights: torch.
             if pname == "scale_weight":  # Linears left unscaled (fp32 modules)
                 module._parameters[pname] = torch.nn.Parameter(torch.ones((), device=device), requires_grad=False)
                 continue
-            top = (f"{mname}.{pname}" if mname else pname).split(".")[0]
-            dtype = torch.float32 if top in FP32_MODULES else weights
-            if dtype.itemsize == 1 and p.dim() < 2:
-                dtype = torch.bfloat16  # fp8 storage is for matmul weights; norms stay bf16
+            dtype = stored(f"{mname}.{pname}" if mname else pname, p)
             work = torch.float32 if dtype == torch.float32 or device.type == "cpu" else torch.bfloat16
             t = torch.empty(p.shape, device=device, dtype=work)
             if pname == "weight" and p.dim() == 1:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinitystar import attention, kv_cache, sampler, transformer  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
-from infinitystar.memory import choose_kv_offload, estimate_sampling_memory  # noqa: E402
+from infinitystar.memory import choose_kv_offload, estimate_sampling_memory, weight_bytes  # noqa: E402
 from infinitystar.ops import scaled_cast  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
@@ -156,10 +156,8 @@ def auto_offload_layers(config: TransformerConfig, schedule, weights: torch.dtyp
                         chunk_tokens="auto") -> int:
     """The layers ``sample(offload_kv="auto")`` would offload on a GPU with ``device_bytes`` for this run
     (weights included), as the sampler decides it: the estimate against what is left less its headroom."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in
-                       InfinityStarTransformer(config, device="meta").apply_precision_layout(weights).parameters())
-    return choose_kv_offload(config, schedule, int(device_bytes) - weight_bytes - sampler.AUTO_HEADROOM,
-                             chunk_tokens=chunk_tokens, weight_dtype=weights)
+    room = int(device_bytes) - weight_bytes(config, weights) - sampler.AUTO_HEADROOM
+    return choose_kv_offload(config, schedule, room, chunk_tokens=chunk_tokens, weight_dtype=weights)
 
 
 DECODE_GRIDS = {"720p5": (45, 80, 21), "480p5": (30, 53, 21), "480p10": (30, 53, 41)}  # latent h, w, T at 16:9

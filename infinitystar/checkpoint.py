@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from .config import FP32_MODULES
+from .ops import SCALE_KEYS, quantize_scaled, scaled_cast, scaled_fp8_matmul
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -335,7 +338,6 @@ def _stream_into(model: torch.nn.Module, reader: CheckpointReader, target, devic
 
 
 SCALED_FP8 = torch.float8_e4m3fn  # stored with a per-tensor scale (ops.ScaledCastLinear); e5m2 needs none
-SCALE_KEYS = ("scale_weight", "scale_input")  # scaled-fp8 parameters: computed at load, not in official files
 
 
 def _fill_scales(model: torch.nn.Module, device) -> None:
@@ -350,8 +352,6 @@ def _scaled_fp8_hooks(model: torch.nn.Module, target):
     """(target, transform) for :func:`_stream_into` that store e4m3fn block weights scaled, in the layers that have
     a ``scale_weight`` (``ops.ScaledCastLinear``, ComfyUI's scaled-fp8 ops): those weights are read as stored and
     quantized with their own scale (:func:`infinitystar.ops.quantize_scaled`); everything else as ``target`` says."""
-    from .ops import quantize_scaled
-
     scaled = {name for name, m in model.named_modules()
               if isinstance(getattr(m, "scale_weight", None), torch.nn.Parameter)}
 
@@ -370,7 +370,11 @@ def _scaled_fp8_hooks(model: torch.nn.Module, target):
     return read_as, transform
 
 
-def _transformer_target(dtype: torch.dtype | None, keep_fp32_modules: bool, fp32_modules: tuple[str, ...]):
+def transformer_storage(dtype: torch.dtype | None, keep_fp32_modules: bool = True,
+                        fp32_modules: tuple[str, ...] = FP32_MODULES):
+    """``target(key, tensor) -> dtype``: how the transformer's tensors are stored for block dtype ``dtype`` in the
+    official layout (None keeps each tensor's own dtype); the loader, the memory estimate and the benchmarks' random
+    models all follow it."""
     def target(key: str, tensor: torch.Tensor) -> torch.dtype:
         if dtype is None or not tensor.is_floating_point():
             return tensor.dtype
@@ -413,8 +417,6 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     if fp8_matmul and (dtype != SCALED_FP8 or ops is not torch.nn):
         raise ValueError("fp8 matmuls need the blocks stored in fp8 e4m3fn (--dtype fp8) and the default ops")
     if ops is torch.nn and dtype == SCALED_FP8:
-        from .ops import scaled_cast, scaled_fp8_matmul
-
         ops = scaled_fp8_matmul if fp8_matmul else scaled_cast
     reader = CheckpointReader(path)
     shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
@@ -429,7 +431,7 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     if "cfg_uncond" in shapes:
         shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
     check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
-    target = _transformer_target(dtype, keep_fp32_modules, tuple(model.fp32_modules))
+    target = transformer_storage(dtype, keep_fp32_modules, tuple(model.fp32_modules))
     transform = None
     if dtype == SCALED_FP8:
         target, transform = _scaled_fp8_hooks(model, target)

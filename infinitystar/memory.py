@@ -154,19 +154,12 @@ def choose_kv_offload(config: TransformerConfig, schedule: Schedule, available: 
 def weight_bytes(config: TransformerConfig, block_dtype: torch.dtype) -> int:
     """Bytes of the transformer's weights in the official layout with blocks stored in ``block_dtype`` (fp8:
     matmul weights only, norms bf16; embeddings and heads fp32), from a meta-device model."""
-    from .config import FP32_MODULES
+    from .checkpoint import transformer_storage
     from .transformer import InfinityStarTransformer
 
-    total = 0
-    for name, p in InfinityStarTransformer(config, device="meta").named_parameters():
-        if name.split(".")[0] in FP32_MODULES:
-            size = 4
-        elif _nbytes(block_dtype) == 1 and p.dim() < 2:
-            size = 2
-        else:
-            size = _nbytes(block_dtype)
-        total += p.numel() * size
-    return total
+    stored = transformer_storage(block_dtype)
+    return sum(p.numel() * _nbytes(stored(name, p))
+               for name, p in InfinityStarTransformer(config, device="meta").named_parameters())
 
 
 def choose_block_dtype(config: TransformerConfig, schedule: Schedule, device_bytes: int,

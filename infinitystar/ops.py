@@ -27,6 +27,9 @@ class CastLinear(nn.Linear):
         return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
 
 
+SCALE_KEYS = ("scale_weight", "scale_input")  # scaled-fp8 parameters (ours, ComfyUI's): not in official files
+
+
 class ScaledCastLinear(CastLinear):
     """A Linear whose fp8 weight is stored divided by a per-tensor ``scale_weight`` (ComfyUI's scaled-fp8 layout).
 
@@ -145,7 +148,7 @@ def dequantized(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[s
     out = {}
     for key, value in state.items():
         module, _, name = key.rpartition(".")
-        if name in ("scale_weight", "scale_input"):
+        if name in SCALE_KEYS:
             continue
         if value.is_floating_point() and value.dtype.itemsize == 1:
             scale = state.get(f"{module}.scale_weight")
