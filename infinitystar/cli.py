@@ -114,12 +114,11 @@ class Session:
         if schedule is None:
             return torch.bfloat16
         from .memory import choose_block_dtype, weight_bytes
-        from .sampler import AUTO_HEADROOM
+        from .sampler import AUTO_HEADROOM, cuda_available_bytes
 
         config = self.model_info().config
-        free, _ = torch.cuda.mem_get_info(self.device)
-        room = free - AUTO_HEADROOM
-        dtype = choose_block_dtype(config, schedule, room)
+        free = cuda_available_bytes(self.device)
+        dtype = choose_block_dtype(config, schedule, free - AUTO_HEADROOM)
         if dtype != torch.bfloat16:
             need = weight_bytes(config, torch.bfloat16) / 1e9
             print(f"note: bf16 weights ({need:.1f} GB) and this run do not fit the {free / 1e9:.1f} GB free on "

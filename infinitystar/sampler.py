@@ -110,12 +110,7 @@ def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransfor
         return 0
     from .memory import choose_kv_offload
 
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    available = free + torch.cuda.memory_reserved(device) - allocated
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # a cap set by the host or a benchmark
-    if fraction is not None:
-        available = min(available, int(fraction(device) * total) - allocated)
+    available = cuda_available_bytes(device)
     layers = choose_kv_offload(model.config, schedule, available - AUTO_HEADROOM, dtype=dtype,
                                text_tokens=text.cond.shape[0], chunk_tokens=chunk_tokens,
                                weight_dtype=model.block_dtype())
@@ -125,7 +120,19 @@ def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransfor
     return layers
 
 
-AUTO_HEADROOM = 1 << 30  # bytes "auto" leaves free for allocator fragmentation and the estimate's error
+def cuda_available_bytes(device: torch.device) -> int:
+    """Bytes this process may still allocate on a CUDA device: free memory plus what torch's allocator holds
+    unused, within a per-process memory fraction (a cap set by the host or a benchmark)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        available = min(available, int(fraction(device) * total) - allocated)
+    return available
+
+
+AUTO_HEADROOM = 1 << 30  # bytes "auto" choices leave free for allocator fragmentation and the estimate's error
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
