@@ -363,51 +363,45 @@ def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):
     assert len(again.bits) == again.schedule().num_steps
 
 
-def test_step_progress_sends_previews(pack, comfy, loaded):
+@pytest.fixture
+def progress_updates(comfy, monkeypatch):
+    """Every ComfyUI progress update (value, total, preview) during the test, with previews switched on."""
     import comfy.utils as comfy_utils
     from comfy.cli_args import LatentPreviewMethod, args
 
     seen = []
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
     comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append((v, t, p)))
-    old = args.preview_method
-    args.preview_method = LatentPreviewMethod.Latent2RGB
-    try:
-        tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
-                     duration="image", seed=0, **SMALL)[0]
-    finally:
-        args.preview_method = old
-        comfy_utils.set_progress_bar_global_hook(None)
+    yield seen
+    comfy_utils.set_progress_bar_global_hook(None)
+
+
+def test_step_progress_sends_previews(pack, loaded, progress_updates):
+    seen = progress_updates
+    tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                 duration="image", seed=0, **SMALL)[0]
     total = tokens.schedule().num_steps
     assert [v for v, _, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t, _ in seen)
     previews = [p for _, _, p in seen if p is not None]
     assert previews and previews[0][0] == "JPEG" and previews[-1][1].size[0] > 0
 
 
-def test_previews_show_colours_when_the_tokenizer_is_connected(pack, comfy, loaded, core, monkeypatch):
+def test_previews_show_colours_when_the_tokenizer_is_connected(pack, loaded, core, monkeypatch, progress_updates):
     """With 'vae' connected, the Sampler's previews use the colour map fitted to that tokenizer (fitted once per
     loaded tokenizer, not per run): the last preview is the final codes through that map, not the layout-only
     projection. A failing fit leaves previews layout-only and sampling unharmed."""
-    import comfy.utils as comfy_utils
-    from comfy.cli_args import LatentPreviewMethod, args
-
     host, preview = pack.host, core("preview")
     fits = []
     real_fit = preview.fit_rgb_projection
     monkeypatch.setattr(preview, "fit_rgb_projection", lambda tok, **kw: fits.append(1) or real_fit(tok, **kw))
-    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
     host._PROJECTIONS.clear()
-    seen = []
-    comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append(p))
-    try:
-        for _ in range(2):
-            seen.clear()
-            tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
-                         duration="image", seed=0, vae=loaded["vae"], **SMALL)[0]
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
+    for _ in range(2):
+        progress_updates.clear()
+        tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                     duration="image", seed=0, vae=loaded["vae"], **SMALL)[0]
     assert fits == [1]
     projection = host._PROJECTIONS[loaded["vae"].patcher]
-    last = [p for p in seen if p is not None][-1][1]
+    last = [p for _, _, p in progress_updates if p is not None][-1][1]
     assert last.tobytes() == host.accumulator_preview(tokens.summed_codes, projection=projection).tobytes()
     assert last.tobytes() != host.accumulator_preview(tokens.summed_codes).tobytes()
 
