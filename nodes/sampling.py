@@ -65,13 +65,16 @@ def pick_resolution(resolution: str, info) -> str:
 
 
 def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None, vae: T.LoadedVAE | None = None):
-    """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, callback, offload_kv)``;
-    previews show colours when the tokenizer ``vae`` is given."""
+    """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, run_kwargs)``, where
+    ``run_kwargs`` are the sampler arguments the loader and the memory plan decide (progress callback, compute
+    dtype, attention, compile, K/V offload); previews show colours when the tokenizer ``vae`` is given."""
     projection = host.preview_projection(vae)
     memory, offload_kv = host.sampling_plan(model.patcher, model.info.config, schedule, model.compute_dtype)
     progress = host.StepProgress(schedule.num_steps, node_id=node_id, projection=projection)
+    run_kwargs = dict(callback=progress, compute_dtype=model.compute_dtype, attn_backend=model.attention,
+                      compile=model.compile, offload_kv=offload_kv)
     with host.loaded(model.patcher, memory) as module:
-        return fn(module, progress, offload_kv)
+        return fn(module, run_kwargs)
 
 
 class InfinityStarSampler(io.ComfyNode):
@@ -142,12 +145,10 @@ class InfinityStarSampler(io.ComfyNode):
                 condition = pipeline.encode_image(tokenizer, image_to_uint8(start_image)[0], schedule, seed=seed)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
 
-        def sample(module, progress, offload_kv):
+        def sample(module, run_kwargs):
             return pipeline.generate(module, positive.select(seconds), schedule, seed=seed, guidance=guidance,
                                      tau_image=tau_image, tau_video=tau_video, condition=condition,
-                                     callback=progress, compute_dtype=model.compute_dtype,
-                                     attn_backend=model.attention, generator=generator, offload_kv=offload_kv,
-                                     compile=model.compile)
+                                     generator=generator, **run_kwargs)
 
         return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None), vae))
 

@@ -137,10 +137,9 @@ class InfinityStarExtend(io.ComfyNode):
         schedule = build_schedule(tokens.pn, tokens.h_div_w, frames)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
 
-        def extend(module, progress, offload_kv):
+        def extend(module, run_kwargs):
             return pipeline.extend(module, positive.select(min(seconds, TRAINED_SECONDS)), tokens, clips,
-                                   seed=seed, guidance=guidance, tau_video=tau_video, callback=progress,
-                                   compute_dtype=model.compute_dtype, attn_backend=model.attention,
-                                   generator=generator, offload_kv=offload_kv, compile=model.compile)
+                                   seed=seed, guidance=guidance, tau_video=tau_video, generator=generator,
+                                   **run_kwargs)
 
         return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None), vae))
