@@ -40,7 +40,7 @@ from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: 
 from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
 from infinitystar.ops import cast, dequantized, quantize_scaled, scaled_cast, scaled_fp8_matmul  # noqa: E402
 from infinitystar.pipeline import OFFLOAD_KV_CHOICES  # noqa: E402
-from infinitystar.sampler import TextCondition, sample  # noqa: E402
+from infinitystar.sampler import TextCondition, cuda_index, sample  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 
@@ -405,8 +405,9 @@ def _setup(argv):
     if args.memory_cap_gb:
         if device.type != "cuda":
             raise SystemExit("--memory-cap-gb needs --device cuda (CPU peaks are measured, not capped)")
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 1e9 / total), device)
+        index = cuda_index(device)  # set_per_process_memory_fraction refuses a device without an index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 1e9 / total), index)
     return args, device, CONFIGS[args.config], official_mod
 
 

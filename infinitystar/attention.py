@@ -80,8 +80,14 @@ def _half_cuda(q: torch.Tensor) -> bool:
 def _sdpa_gqa_device(index: int) -> bool:
     # torch >= 2.5 takes GQA K/V in SDPA (enable_gqa); its flash kernel needs sm80+ (NVIDIA; ROCm builds keep
     # the repeat rather than risk a fall-back to the math kernel)
-    return ("enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
-            and torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0))
+    return (_sdpa_takes_gqa() and torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0))
+
+
+def _sdpa_takes_gqa() -> bool:
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # some builds (torch 2.11 CUDA) expose SDPA as a builtin without a signature
+        return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 def native_gqa(q: torch.Tensor, backend: str = "sdpa") -> bool:

@@ -120,9 +120,17 @@ def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransfor
     return layers
 
 
+def cuda_index(device: torch.device | int) -> int:
+    """The CUDA device's index: some torch.cuda memory functions refuse a bare ``torch.device("cuda")``."""
+    if isinstance(device, int):
+        return device
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def cuda_available_bytes(device: torch.device) -> int:
     """Bytes this process may still allocate on a CUDA device: free memory plus what torch's allocator holds
     unused, within a per-process memory fraction (a cap set by the host or a benchmark)."""
+    device = cuda_index(device)
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     available = free + torch.cuda.memory_reserved(device) - allocated

@@ -184,6 +184,7 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     for query in ("memory_allocated", "memory_reserved"):  # nothing allocated yet
         monkeypatch.setattr(torch.cuda, query, lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     gpu = session("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
     assert gpu.auto_dtype(schedule) == torch.bfloat16 and "fp8" not in capsys.readouterr().err

@@ -154,6 +154,31 @@ def test_native_gqa_only_where_the_kernel_takes_gqa():
         assert not any(native_gqa(q, b) for b in ("auto", "sdpa", "flash", "sage"))  # CPU: official arithmetic
 
 
+def test_sdpa_gqa_detection_survives_a_builtin_without_signature(monkeypatch):
+    # torch 2.11's CUDA build exposes SDPA as a builtin that inspect.signature cannot read (seen on an H100)
+    import inspect
+
+    from infinitystar import attention
+
+    want = attention._sdpa_takes_gqa()
+    assert want == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5))
+
+    def no_signature(obj, *a, **k):
+        raise ValueError(f"no signature found for builtin {obj!r}")
+
+    monkeypatch.setattr(inspect, "signature", no_signature)
+    assert attention._sdpa_takes_gqa() == want
+
+
+def test_cuda_index_names_the_device():
+    # torch.cuda.set_per_process_memory_fraction and mem_get_info refuse torch.device("cuda") without an index
+    from infinitystar.sampler import cuda_index
+
+    assert cuda_index(torch.device("cuda", 1)) == 1 and cuda_index(3) == 3
+    if torch.cuda.is_available():
+        assert cuda_index(torch.device("cuda")) == torch.cuda.current_device()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_native_gqa_sdpa_matches_repeated_kv_on_cuda():
