@@ -242,8 +242,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     if args.check_syncs and device.type == "cuda":
         results[0].extra["syncs"] = len(sync_warnings)
     if official_mod is not None:
-        runner = official_runner(official_mod, config, device, model, pn, frames, sched,
-                            _compute_dtype(device, args) == torch.bfloat16)
+        runner = official_runner(official_mod, config, device, model, pn, frames, sched, _official_bf16(device, args))
         del model
         clock = StepClock(device)
         restore = _wrap_head(runner.model, "get_logits_during_infer", clock)
@@ -265,8 +264,7 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     sched = build_schedule(pn, "16:9", frames)
     cond = _text_features(config, args.seed)
     model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed, args.fp8_matmul)
-    runner = official_runner(official_mod, config, device, model, pn, frames, sched,
-                            _compute_dtype(device, args) == torch.bfloat16)
+    runner = official_runner(official_mod, config, device, model, pn, frames, sched, _official_bf16(device, args))
     model.to("cpu")  # room for the official run (a no-op on a CPU)
     _empty_cache(device)
     start = time.perf_counter()
@@ -288,14 +286,28 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
                         generator_device=device.type, compute_dtype=_compute_dtype(device, args),
                         attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
     t_ours = time.perf_counter() - start
+    report.notes.append(f"precision: ours {_dtype_name(_compute_dtype(device, args))}, official "
+                        f"{'bf16' if _official_bf16(device, args) else 'fp32'} (weights {args.weights})")
     report.notes.append(f"official free run {t_official:.1f} s (with capture), ours teacher-forced "
                         f"{t_ours:.1f} s (with comparison); {sched.num_steps} steps, pn {pn}, {frames} frames")
     return report
 
 
 def _compute_dtype(device, args):
-    """bf16 blocks on CUDA (the official layout), and on a CPU with --cpu-bf16; fp32 otherwise."""
+    """bf16 blocks on CUDA (the official layout), and on a CPU with --cpu-bf16; fp32 otherwise (and with
+    --parity-fp32 ours)."""
+    if getattr(args, "parity_fp32", None) == "ours":
+        return torch.float32
     return torch.bfloat16 if device.type == "cuda" or args.cpu_bf16 else torch.float32
+
+
+def _official_bf16(device, args) -> bool:
+    """The official code under bf16 autocast with bf16 blocks (its scripts' setting) unless --parity-fp32 official."""
+    return (device.type == "cuda" or args.cpu_bf16) and getattr(args, "parity_fp32", None) != "official"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 def _empty_cache(device):
@@ -370,6 +382,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu-bf16", action="store_true",
                    help="CPU: bf16 blocks for ours and bf16 weights + CPU autocast for the official code, as on a GPU "
                         "(for --parity: the size of bf16 noise between the two without a GPU)")
+    p.add_argument("--parity-fp32", default=None, choices=["ours", "official"],
+                   help="for --parity: run this side in fp32 instead of bf16 (TF32 off). In fp32 the two agree bit "
+                        "for bit (CPU runs, golden tests), so this measures the other side's own bf16 error")
     return p.parse_args(argv)
 
 
@@ -387,6 +402,10 @@ def _setup(argv):
         raise SystemExit("--num-scales cannot be applied to the official code; drop it with --official")
     if args.parity and not args.official:
         raise SystemExit("--parity compares with the official code: give --official PATH")
+    if args.parity_fp32 and not args.parity:
+        raise SystemExit("--parity-fp32 is for --parity runs")
+    if args.parity_fp32:  # an fp32 reference means fp32 matmuls: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.cpu_bf16 and device.type != "cpu":
         raise SystemExit("--cpu-bf16 is for --device cpu (CUDA runs are bf16 already)")
     args.weights = args.weights or ("fp8" if device.type == "cuda" else "bf16" if args.cpu_bf16 else "fp32")

@@ -89,7 +89,7 @@ step() {
     echo "$name: rc=$rc ($what) in $((SECONDS - start)) s (timeout ${t} s)" | tee -a "$SUMMARY"
 }
 STATUS=0
-EXTRA="ours_compile_720p5 ours_fp8mm_720p5"
+EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 parity_img_ours32"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -102,10 +102,12 @@ fi
 
 if [ -n "${REHEARSE:-}" ]; then
     BENCH=(benchmarks/bench_generate.py --device cpu --config tiny --threads 2)
-    C720=mid5 C480=mid5 C480_10=mid10 CAP24=() CAP16=() SYNCS=()
+    C720=mid5 C480=mid5 C480_10=mid10 CIMG=0.06M:1 CAP24=() CAP16=() SYNCS=()
+    PROBE=(benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5)
 else
     BENCH=(benchmarks/bench_generate.py --device cuda --config full)
-    C720=720p5 C480=480p5 C480_10=480p10 CAP24=(--memory-cap-gb 24) CAP16=(--memory-cap-gb 16) SYNCS=(--check-syncs)
+    PROBE=(benchmarks/gpu/probe_kernels.py --cases 720p5,480p5)
+    C720=720p5 C480=480p5 C480_10=480p10 CIMG=480p:1 CAP24=(--memory-cap-gb 24) CAP16=(--memory-cap-gb 16) SYNCS=(--check-syncs)
 fi
 step ours_fp8 210 60 "$PY" "${BENCH[@]}" --cases $C720,$C480,$C480_10 --weights fp8 "${SYNCS[@]}" \
     "${CAP24[@]}"
@@ -114,6 +116,13 @@ step parity_480p5 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --offic
     --parity --parity-csv "$OUT/parity_480p5.csv"
 step official_720p5 200 100 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL"
 step official_480p5 110 100 "$PY" "${BENCH[@]}" --cases $C480 --weights bf16 --official "$OFFICIAL"
+# extra (only when STEPS names them), the follow-ups of the first run: kernel timings at the largest steps'
+# shapes, then each side's own bf16 error against an fp32 run of the other (480p image: the first clip)
+step probe_kernels 60 20 "$PY" "${PROBE[@]}"
+step parity_img_official32 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
+    --parity-fp32 official
+step parity_img_ours32 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
+    --parity-fp32 ours
 # extra (only when STEPS names it): torch.compile's speed-up at 720p 5 s, compile time excluded by the warm-up
 step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --compile --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row

@@ -1,0 +1,152 @@
+"""Kernel probe at the 8B model's largest-step shapes: SDPA backends and bf16 / fp8 matmuls.
+
+Why: on the first GPU run (H200) our 720p 5 s generation took 0.92x the official code's time. Both call
+PyTorch SDPA, and the few largest steps dominate, so the next speed-up has to come from these kernels. This
+times, at the exact shapes of the largest step of a case (CFG batch 2, 32 query heads on 8 K/V heads, head
+dim 128, our query block of ``auto_chunk_tokens`` tokens against the step's whole context):
+  - attention: each SDPA backend, with GQA K/V as they are (enable_gqa) and repeated per query head;
+  - one MLP projection (width -> mlp_hidden): bf16 weights, our fp8 storage with its upcast
+    (ScaledCastLinear), and fp8 matmuls (Fp8MatmulLinear, torch._scaled_mm).
+It prints milliseconds, TFLOP/s, and the per-step time each variant implies for all blocks (36 layers,
+attention only / the four attention and three MLP projections), to weigh against the measured s/step.
+
+    python benchmarks/gpu/probe_kernels.py --cases 720p5,480p5
+    python benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5   (plumbing check only)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_generate import CONFIGS, NAMED_CASES, TEXT_TOKENS, machine_line  # noqa: E402
+from infinitystar.memory import auto_chunk_tokens  # noqa: E402
+from infinitystar.ops import Fp8MatmulLinear, ScaledCastLinear, quantize_scaled  # noqa: E402
+from infinitystar.schedule import build_schedule  # noqa: E402
+
+
+def largest_step(schedule):
+    """(query tokens, context tokens) of the step with the most attention work."""
+    best = (0, 0)
+    for step in schedule.steps:
+        context = step.num_tokens + TEXT_TOKENS + sum(
+            t * h * w for t, h, w in (schedule.scales[si] for si in step.ref_sids))
+        if step.num_tokens * context > best[0] * best[1]:
+            best = (step.num_tokens, context)
+    return best
+
+
+def timed_ms(fn, repeat: int = 5) -> float:
+    for _ in range(2):
+        out = fn()
+    if not out.is_cuda:
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / repeat
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
+def attention_rows(cfg, tokens, context, chunk, device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device.type).manual_seed(0)
+    q = torch.randn(2, cfg.num_heads, min(tokens, chunk), cfg.head_dim, device=device, dtype=torch.bfloat16,
+                    generator=g)
+    k, v = (torch.randn(2, cfg.num_kv_heads, context, cfg.head_dim, device=device, dtype=torch.bfloat16,
+                        generator=g) for _ in range(2))
+    groups = cfg.num_heads // cfg.num_kv_heads
+    kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    flops = 4 * q.shape[0] * q.shape[1] * q.shape[2] * context * cfg.head_dim
+    blocks = -(-tokens // chunk)
+    rows = []
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for kv_name, args, kw in (("GQA", (k, v), {"enable_gqa": True}), ("repeated", (kr, vr), {})):
+            try:
+                with sdpa_kernel([backend]):
+                    ms = timed_ms(lambda: F.scaled_dot_product_attention(q, *args, **kw))
+            except Exception as e:  # noqa: BLE001  (a backend that refuses these shapes is a result)
+                rows.append((f"SDPA {name}, {kv_name} K/V", None, str(e).splitlines()[0][:70]))
+                continue
+            rows.append((f"SDPA {name}, {kv_name} K/V", ms, f"{flops / ms / 1e9:.0f} TFLOP/s; "
+                         f"{ms * blocks * cfg.depth / 1e3:.2f} s per step (all blocks)"))
+    return rows
+
+
+def matmul_rows(cfg, tokens, chunk, device):
+    rows_in = 2 * min(tokens, chunk)
+    x = torch.randn(rows_in, cfg.width, device=device, dtype=torch.bfloat16)
+    w = torch.randn(cfg.mlp_hidden, cfg.width, device=device) * 0.02
+    flops = 2 * rows_in * cfg.width * cfg.mlp_hidden
+    # per step: q, k, v, o (width x width, k/v narrower) + gate, up, down (width x mlp_hidden), per block
+    proj = (2 * cfg.width * cfg.width + 2 * cfg.width * cfg.num_kv_heads * cfg.head_dim
+            + 3 * cfg.width * cfg.mlp_hidden) / (cfg.width * cfg.mlp_hidden)
+    blocks = -(-tokens // chunk)
+    bf16 = torch.nn.Linear(cfg.width, cfg.mlp_hidden, bias=False, device=device, dtype=torch.bfloat16)
+    stored, scale = quantize_scaled(w, torch.float8_e4m3fn)
+    variants = [("bf16 weights", bf16)]
+    for name, cls in (("fp8 storage, bf16 matmul", ScaledCastLinear), ("fp8 matmul (_scaled_mm)", Fp8MatmulLinear)):
+        layer = cls(cfg.width, cfg.mlp_hidden, bias=False, device=device)
+        layer.weight = torch.nn.Parameter(stored, requires_grad=False)
+        layer.scale_weight.data.copy_(scale)
+        variants.append((name, layer))
+    with torch.no_grad():
+        bf16.weight.copy_(w)
+        want = bf16(x).float()
+        rows = []
+        for name, layer in variants:
+            try:
+                ms = timed_ms(lambda: layer(x))
+                err = ((layer(x).float() - want).norm() / want.norm()).item()
+            except Exception as e:  # noqa: BLE001
+                rows.append((f"MLP projection, {name}", None, str(e).splitlines()[0][:70]))
+                continue
+            rows.append((f"MLP projection, {name}", ms, f"{flops / ms / 1e9:.0f} TFLOP/s; rel err {err:.1e}; "
+                         f"{ms * proj * blocks * cfg.depth / 1e3:.2f} s per step (all projections)"))
+    return rows
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="720p5,480p5")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--config", default="full", choices=sorted(CONFIGS))
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("probe_kernels.py times CUDA kernels: no CUDA device is visible (--device cpu only checks it runs)")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    cfg = CONFIGS[args.config]
+    chunk = auto_chunk_tokens(cfg)
+    out = []
+    for case in args.cases.split(","):
+        pn, frames = NAMED_CASES[case]
+        tokens, context = largest_step(build_schedule(pn, "16:9", frames))
+        out += [f"### {case}: largest step {tokens} query tokens, {context} context tokens, query blocks of {chunk}",
+                "", "| kernel | ms per call | notes |", "|---|---|---|"]
+        for name, ms, note in attention_rows(cfg, tokens, context, chunk, device) + matmul_rows(
+                cfg, tokens, chunk, device):
+            out.append(f"| {name} | {'-' if ms is None else f'{ms:.2f}'} | {note} |")
+        out.append("")
+        print("\n".join(out[-12:]), file=sys.stderr, flush=True)
+    out.append(machine_line(device))
+    text = "\n".join(out)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
