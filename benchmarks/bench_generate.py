@@ -225,6 +225,8 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
         sync_warnings[:] = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        for w in sync_warnings:  # where each one comes from, for the log
+            print(f"host-device sync at {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}", file=sys.stderr)
         offloaded[:] = [out.kv_offloaded_bytes, out.kv_offloaded_layers]
         return out.summed_codes
 
@@ -296,14 +298,14 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
 def _compute_dtype(device, args):
     """bf16 blocks on CUDA (the official layout), and on a CPU with --cpu-bf16; fp32 otherwise (and with
     --parity-fp32 ours)."""
-    if getattr(args, "parity_fp32", None) == "ours":
+    if getattr(args, "parity_fp32", None) in ("ours", "both"):
         return torch.float32
     return torch.bfloat16 if device.type == "cuda" or args.cpu_bf16 else torch.float32
 
 
 def _official_bf16(device, args) -> bool:
     """The official code under bf16 autocast with bf16 blocks (its scripts' setting) unless --parity-fp32 official."""
-    return (device.type == "cuda" or args.cpu_bf16) and getattr(args, "parity_fp32", None) != "official"
+    return (device.type == "cuda" or args.cpu_bf16) and getattr(args, "parity_fp32", None) not in ("official", "both")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -358,7 +360,8 @@ def parse_args(argv=None):
                    help="block weight storage (default fp8 on CUDA, fp32 on CPU)")
     p.add_argument("--official", default=None, help="path to an official InfinityStar checkout to time as well")
     p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"])
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "flash", "sage"],
+                   help="auto = flash-attn when installed, else SDPA; cudnn = SDPA with cuDNN's kernel first")
     p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
     p.add_argument("--fp8-matmul", action="store_true",
                    help="multiply the fp8 (e4m3fn) blocks in fp8 (torch._scaled_mm; not the official numerics)")
@@ -382,9 +385,10 @@ def parse_args(argv=None):
     p.add_argument("--cpu-bf16", action="store_true",
                    help="CPU: bf16 blocks for ours and bf16 weights + CPU autocast for the official code, as on a GPU "
                         "(for --parity: the size of bf16 noise between the two without a GPU)")
-    p.add_argument("--parity-fp32", default=None, choices=["ours", "official"],
+    p.add_argument("--parity-fp32", default=None, choices=["ours", "official", "both"],
                    help="for --parity: run this side in fp32 instead of bf16 (TF32 off). In fp32 the two agree bit "
-                        "for bit (CPU runs, golden tests), so this measures the other side's own bf16 error")
+                        "for bit (CPU runs, golden tests), so this measures the other side's own bf16 error; "
+                        "both = the method check at full size")
     return p.parse_args(argv)
 
 

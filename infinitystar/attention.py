@@ -7,6 +7,7 @@ flash-attn call; ``round_qkv_bf16`` reproduces that rounding for fp32 runs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "flash", "sage")
+BACKENDS = ("auto", "sdpa", "cudnn", "flash", "sage")
+SDPA_BACKENDS = ("sdpa", "cudnn")  # PyTorch's own kernels: always available
 _PIP_NAMES = {"flash": "flash-attn (or flash_attn_interface from flash-attention 3)", "sage": "sageattention"}
 
 
@@ -32,7 +34,7 @@ _AVAILABLE: list[str] | None = None
 
 
 def available_backends() -> list[str]:
-    found = ["sdpa"]
+    found = list(SDPA_BACKENDS)
     if importlib.util.find_spec("flash_attn_interface") or importlib.util.find_spec("flash_attn"):
         found.append("flash")
     if importlib.util.find_spec("sageattention"):
@@ -119,7 +121,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS} "
                          f"(installed: {available_backends()})")
-    if backend != "sdpa" and backend not in _available():
+    if backend not in SDPA_BACKENDS and backend not in _available():
         raise ImportError(f"attention backend {backend!r} needs the pip package {_PIP_NAMES[backend]}; "
                           f"installed backends: {available_backends()}")
     dtype = q.dtype
@@ -127,17 +129,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
         q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
     groups = q.shape[1] // k.shape[1]
-    if backend != "sdpa" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+    if backend not in SDPA_BACKENDS and _half_cuda(q):
         fn = _flash if backend == "flash" else _sage
         kk, vv = (k, v) if backend == "flash" else (_expand_kv(k, groups), _expand_kv(v, groups))
         return fn(q, kk, vv, scale).to(dtype)
-    if backend != "sdpa":
+    if backend not in SDPA_BACKENDS:
         # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
         logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
-    if groups > 1 and native_gqa(q, "sdpa"):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).to(dtype)
-    out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
+    with _cudnn_first() if backend == "cudnn" and _half_cuda(q) else contextlib.nullcontext():
+        if groups > 1 and native_gqa(q, "sdpa"):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).to(dtype)
+        out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
     return out.to(dtype)
+
+
+def _cudnn_first():
+    """SDPA with cuDNN's fused attention tried first, then flash / memory-efficient / math as PyTorch would.
+
+    Why: on an H200 at the 8B model's largest-step shapes cuDNN ran at 585 TFLOP/s against flash's 359
+    (benchmarks/gpu/probe_kernels.py), and attention is most of those steps' work. Opt-in: PyTorch does not
+    pick cuDNN by default on every version, and its numerics are bf16-close to flash's, not equal.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch < 2.6 has no priority order: allow all, cuDNN among them
+        return sdpa_kernel(order)
 
 
 def prepare_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"

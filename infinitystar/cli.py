@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import pipeline as P
+from .attention import _PIP_NAMES, BACKENDS, available_backends
 from .download import COMPONENTS, REPO_ID, TRANSFORMER_DIRS, download_models, find_models
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
@@ -86,6 +87,10 @@ class Session:
             why = fp8_matmul_unavailable(self.device)
             if why:
                 raise ValueError(f"--fp8-matmul: {why}; leave it out (fp8 storage alone still halves the weights)")
+        attention = getattr(args, "attention", "auto")
+        if attention != "auto" and attention not in available_backends():
+            raise ValueError(f"--attention {attention}: needs the pip package {_PIP_NAMES[attention]}; installed: "
+                             f"{', '.join(available_backends())} (auto picks among them)")
         self._transformer = self._tokenizer = None
         self.info = None
 
@@ -161,7 +166,8 @@ class Session:
 
         a = self.args
         return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video,
-                    generator=a.generator, offload_kv=P.OFFLOAD_KV_CHOICES[a.offload_kv], compile=a.compile)
+                    generator=a.generator, offload_kv=P.OFFLOAD_KV_CHOICES[a.offload_kv], compile=a.compile,
+                    attn_backend=a.attention)
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         from .video_io import write_mp4, write_png
@@ -296,6 +302,9 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                         "activations rounded to fp8 (not the official numerics)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks' feed-forward (needs Triton on a GPU; the first run compiles)")
+    p.add_argument("--attention", choices=list(BACKENDS), default="auto",
+                   help="attention kernel: auto = flash-attn when installed on CUDA, else PyTorch SDPA; cudnn = SDPA "
+                        "with cuDNN's kernel first (faster on Hopper); sage = SageAttention (changes the numerics)")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
 

@@ -90,6 +90,7 @@ step() {
 }
 STATUS=0
 EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 parity_img_ours32"
+EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -123,6 +124,16 @@ step parity_img_official32 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8
     --parity-fp32 official
 step parity_img_ours32 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
     --parity-fp32 ours
+# extra, for the next GPU session (the first found cuDNN's attention 1.6x flash's): ours with cuDNN attention vs
+# the official code at 720p 5 s; both sides in fp32 (the method check at full size); cuDNN's own bf16 error;
+# the fastest settings (cuDNN attention + fp8 matmuls)
+step official_720p5_cudnn 200 100 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL" \
+    --attention cudnn
+step parity_img_fp32 120 50 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
+    --parity-fp32 both --parity-tol 1e-3
+step parity_img_cudnn 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
+    --parity-fp32 official --attention cudnn
+step ours_cudnn_fp8mm_720p5 100 60 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul --attention cudnn
 # extra (only when STEPS names it): torch.compile's speed-up at 720p 5 s, compile time excluded by the warm-up
 step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --compile --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row

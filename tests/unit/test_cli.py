@@ -203,3 +203,16 @@ def test_fp8_matmul_needs_fp8_weights(tiny_models, tmp_path, capsys):
     rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
                "--device", "cpu", "--fp8-matmul", "--seed", "2", "--out", str(tmp_path / "y.png")])
     assert rc == 0 and (tmp_path / "y.png").exists()
+
+
+def test_attention_backend_option(tiny_models, tmp_path, capsys):
+    from infinitystar.attention import available_backends
+
+    args = ["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
+            "--device", "cpu", "--seed", "3"]
+    assert main(args + ["--attention", "cudnn", "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").exists()
+    if "sage" not in available_backends():  # a backend that is not installed is refused before anything loads
+        assert main(args + ["--attention", "sage", "--out", str(tmp_path / "s.png")]) != 0
+        err = capsys.readouterr().err
+        assert "--attention sage" in err and "sageattention" in err and not (tmp_path / "s.png").exists()

@@ -65,7 +65,9 @@ def test_run_all_skips_what_has_no_time_left_and_extras_unless_named(tmp_path):
 
 
 @pytest.mark.parametrize("step, setting", [("ours_compile_720p5", "compile True"),
-                                           ("ours_fp8mm_720p5", "fp8 matmul True")])
+                                           ("ours_fp8mm_720p5", "fp8 matmul True"),
+                                           ("ours_cudnn_fp8mm_720p5", "attention cudnn"),
+                                           ("probe_kernels", "MLP projection, fp8 matmul")])
 def test_run_all_runs_a_named_extra_step(tmp_path, step, setting):
     if step == "ours_compile_720p5" and compile_unavailable("cpu") is not None:
         pytest.skip("no C++ compiler for torch.compile")
@@ -95,6 +97,19 @@ def test_run_all_rehearsal_runs_the_official_steps(tmp_path):
     for name in ("official_720p5", "official_480p5"):
         text = (out / f"{name}.md").read_text()
         assert _table_rows(text, "ours") and _table_rows(text, "official"), text
+
+
+FOLLOW_UPS = ["parity_img_official32", "parity_img_ours32", "official_720p5_cudnn", "parity_img_fp32",
+              "parity_img_cudnn"]
+
+
+def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
+    proc, out, summary = _rehearse(tmp_path, FOLLOW_UPS, OFFICIAL=_official_path())
+    assert proc.returncode == 0, (summary, (out / "run_all.log").read_text()[-3000:])
+    for step in FOLLOW_UPS:
+        assert f"{step}: rc=0 (ok)" in summary, summary
+    assert "precision: ours fp32, official fp32" in (out / "parity_img_fp32.md").read_text()
+    assert "attention cudnn" in (out / "official_720p5_cudnn.md").read_text()
 
 
 def test_prepare_refuses_without_an_official_checkout(tmp_path):
