@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_generate import CONFIGS, NAMED_CASES, TEXT_TOKENS, machine_line  # noqa: E402
+
 from infinitystar.memory import auto_chunk_tokens  # noqa: E402
 from infinitystar.ops import Fp8MatmulLinear, ScaledCastLinear, quantize_scaled  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
@@ -78,7 +79,7 @@ def attention_rows(cfg, tokens, context, chunk, device):
         for kv_name, args, kw in (("GQA", (k, v), {"enable_gqa": True}), ("repeated", (kr, vr), {})):
             try:
                 with sdpa_kernel([backend]):
-                    ms = timed_ms(lambda: F.scaled_dot_product_attention(q, *args, **kw))
+                    ms = timed_ms(lambda a=args, kw=kw: F.scaled_dot_product_attention(q, *a, **kw))
             except Exception as e:  # noqa: BLE001  (a backend that refuses these shapes is a result)
                 rows.append((f"SDPA {name}, {kv_name} K/V", None, str(e).splitlines()[0][:70]))
                 continue
@@ -110,7 +111,7 @@ def matmul_rows(cfg, tokens, chunk, device):
         rows = []
         for name, layer in variants:
             try:
-                ms = timed_ms(lambda: layer(x))
+                ms = timed_ms(lambda layer=layer: layer(x))
                 err = ((layer(x).float() - want).norm() / want.norm()).item()
             except Exception as e:  # noqa: BLE001
                 rows.append((f"MLP projection, {name}", None, str(e).splitlines()[0][:70]))
