@@ -482,3 +482,22 @@ def test_fp8_weights_load_and_sample_through_comfy_ops(pack, loaded, weight_dtyp
     tokens = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="image",
                  seed=0, **SMALL)[0]
     assert len(tokens.bits) == tokens.schedule().num_steps
+
+
+def test_cudnn_attention_choice_reaches_the_sampler(pack, loaded, core, monkeypatch):
+    """attention=cudnn on the loader: every attention call of the Sampler gets backend "cudnn" (on a CPU that is
+    plain SDPA, so the tokens equal the default loader's bit for bit)."""
+    transformer = core("transformer")
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype="default", compute_dtype="auto", attention="cudnn")[0]
+    assert model.attention == "cudnn"
+    seen = set()
+    real = transformer.attend
+    monkeypatch.setattr(transformer, "attend", lambda *a, **k: seen.add(k.get("backend")) or real(*a, **k))
+    out = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s", seed=9,
+              **SMALL)[0]
+    assert seen == {"cudnn"}
+    monkeypatch.setattr(transformer, "attend", real)
+    want = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+               seed=9, **SMALL)[0]
+    assert all(torch.equal(a, b) for a, b in zip(out.bits, want.bits))
