@@ -8,7 +8,9 @@ dim 128, our query block of ``auto_chunk_tokens`` tokens against the step's whol
   - one MLP projection (width -> mlp_hidden): bf16 weights, our fp8 storage with its upcast
     (ScaledCastLinear), and fp8 matmuls (Fp8MatmulLinear, torch._scaled_mm).
 It prints milliseconds, TFLOP/s, and the per-step time each variant implies for all blocks (36 layers,
-attention only / the four attention and three MLP projections), to weigh against the measured s/step.
+attention only / the four attention and three MLP projections), to weigh against the measured s/step. With
+``--sweep`` (default 720p5) it also times every step shape of the case with flash and cuDNN: a generation's
+attention time per backend, split by step size.
 
     python benchmarks/gpu/probe_kernels.py --cases 720p5,480p5
     python benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5   (plumbing check only)
@@ -33,15 +35,15 @@ from infinitystar.ops import Fp8MatmulLinear, ScaledCastLinear, quantize_scaled 
 from infinitystar.schedule import build_schedule  # noqa: E402
 
 
+def step_shapes(schedule) -> list[tuple[int, int]]:
+    """(query tokens, context tokens) of every step: its own tokens + text + its reference scales (spec 2.4)."""
+    return [(step.num_tokens, step.num_tokens + TEXT_TOKENS + sum(
+        t * h * w for t, h, w in (schedule.scales[si] for si in step.ref_sids))) for step in schedule.steps]
+
+
 def largest_step(schedule):
     """(query tokens, context tokens) of the step with the most attention work."""
-    best = (0, 0)
-    for step in schedule.steps:
-        context = step.num_tokens + TEXT_TOKENS + sum(
-            t * h * w for t, h, w in (schedule.scales[si] for si in step.ref_sids))
-        if step.num_tokens * context > best[0] * best[1]:
-            best = (step.num_tokens, context)
-    return best
+    return max(step_shapes(schedule), key=lambda s: s[0] * s[1])
 
 
 def timed_ms(fn, repeat: int = 5) -> float:
@@ -88,6 +90,36 @@ def attention_rows(cfg, tokens, context, chunk, device):
     return rows
 
 
+def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
+    """Attention time of a whole generation per SDPA backend (every step's shape, all 36 layers, no MLP), by
+    step size: whether cuDNN's kernel pays at the small steps too, or only at the large ones."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    buckets = [(0, 100), (100, 1000), (1000, 10000), (10000, 1 << 62)]
+    counts: dict[tuple[int, int], int] = {}
+    for shape in step_shapes(schedule):
+        counts[shape] = counts.get(shape, 0) + 1
+    rows = []
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        per_bucket = [0.0] * len(buckets)
+        try:
+            for (tokens, context), n in counts.items():
+                q = torch.randn(2, cfg.num_heads, min(tokens, chunk), cfg.head_dim, device=device,
+                                dtype=torch.bfloat16)
+                k = torch.randn(2, cfg.num_kv_heads, context, cfg.head_dim, device=device, dtype=torch.bfloat16)
+                with sdpa_kernel([backend]):
+                    ms = timed_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), repeat)
+                i = next(j for j, (lo, hi) in enumerate(buckets) if lo <= tokens < hi)
+                per_bucket[i] += ms * -(-tokens // chunk) * cfg.depth * n
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"attention of a whole generation (ms), SDPA {name}", None, str(e).splitlines()[0][:70]))
+            continue
+        parts = ", ".join(f"{lo}–{hi if hi < 1 << 62 else '∞'} tokens {t / 1e3:.2f} s"
+                          for (lo, hi), t in zip(buckets, per_bucket))
+        rows.append((f"attention of a whole generation (ms), SDPA {name}", sum(per_bucket), parts))
+    return rows
+
+
 def matmul_rows(cfg, tokens, chunk, device):
     rows_in = 2 * min(tokens, chunk)
     x = torch.randn(rows_in, cfg.width, device=device, dtype=torch.bfloat16)
@@ -126,6 +158,7 @@ def main(argv=None) -> str:
     p.add_argument("--cases", default="720p5,480p5")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--config", default="full", choices=sorted(CONFIGS))
+    p.add_argument("--sweep", default="720p5", help="cases whose every step shape is timed (flash vs cuDNN); '' = none")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("probe_kernels.py times CUDA kernels: no CUDA device is visible (--device cpu only checks it runs)")
@@ -135,14 +168,17 @@ def main(argv=None) -> str:
     out = []
     for case in args.cases.split(","):
         pn, frames = NAMED_CASES[case]
-        tokens, context = largest_step(build_schedule(pn, "16:9", frames))
+        schedule = build_schedule(pn, "16:9", frames)
+        tokens, context = largest_step(schedule)
         out += [f"### {case}: largest step {tokens} query tokens, {context} context tokens, query blocks of {chunk}",
                 "", "| kernel | ms per call | notes |", "|---|---|---|"]
-        for name, ms, note in attention_rows(cfg, tokens, context, chunk, device) + matmul_rows(
-                cfg, tokens, chunk, device):
+        rows = attention_rows(cfg, tokens, context, chunk, device) + matmul_rows(cfg, tokens, chunk, device)
+        if case in args.sweep.split(","):
+            rows += sweep_rows(cfg, schedule, chunk, device)
+        for name, ms, note in rows:
             out.append(f"| {name} | {'-' if ms is None else f'{ms:.2f}'} | {note} |")
         out.append("")
-        print("\n".join(out[-12:]), file=sys.stderr, flush=True)
+        print("\n".join(out[-14:]), file=sys.stderr, flush=True)
     out.append(machine_line(device))
     text = "\n".join(out)
     print(text)

@@ -104,7 +104,7 @@ fi
 if [ -n "${REHEARSE:-}" ]; then
     BENCH=(benchmarks/bench_generate.py --device cpu --config tiny --threads 2)
     C720=mid5 C480=mid5 C480_10=mid10 CIMG=0.06M:1 CAP24=() CAP16=() SYNCS=()
-    PROBE=(benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5)
+    PROBE=(benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5 --sweep mid5)
 else
     BENCH=(benchmarks/bench_generate.py --device cuda --config full)
     PROBE=(benchmarks/gpu/probe_kernels.py --cases 720p5,480p5)
