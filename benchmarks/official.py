@@ -167,12 +167,39 @@ class OfficialRunner:
         # bf16: the official scripts' CUDA autocast; on a CPU (--cpu-bf16) the CPU autocast stands in for it
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16
                     else contextlib.nullcontext())
-        with autocast, torch.no_grad(), _quiet_tqdm(), contextlib.redirect_stdout(sys.stderr):
+        cpu_guards = _cpu_autocast_guards() if args.bf16 and self.device.type == "cpu" else contextlib.nullcontext()
+        with autocast, cpu_guards, torch.no_grad(), _quiet_tqdm(), contextlib.redirect_stdout(sys.stderr):
             return self.model.ar_infer_infinity_elegant(
                 vae=self.vae, scale_schedule=schedule, label_B_or_BLT=text, B=1, g_seed=seed,
                 cfg_list=[args.cfg] * len(schedule), tau_list=tau, args=args,
                 get_visual_rope_embeds=mod.get_visual_rope_embeds, context_info=context_info,
                 return_summed_code_only=True, low_vram_mode=False)
+
+
+@contextlib.contextmanager
+def _cpu_autocast_guards():
+    """On a CPU stand-in for the GPU run: make the official ``torch.amp.autocast('cuda', enabled=False)`` regions
+    (heads, BSQ) leave the CPU autocast too, so they run in fp32 as on a GPU (spec §9.1), and keep
+    ``F.interpolate`` out of CPU autocast (it would return fp32 from bf16 accumulators; CUDA autocast leaves it
+    alone)."""
+    import torch.nn.functional as F
+
+    real_autocast, real_interpolate = torch.amp.autocast, F.interpolate
+
+    def autocast(device_type, *a, **k):
+        if device_type == "cuda" and k.get("enabled", a[1] if len(a) > 1 else True) is False:
+            return torch.autocast("cpu", enabled=False)
+        return real_autocast(device_type, *a, **k)
+
+    def interpolate(*a, **k):
+        with torch.autocast("cpu", enabled=False):
+            return real_interpolate(*a, **k)
+
+    torch.amp.autocast, F.interpolate = autocast, interpolate
+    try:
+        yield
+    finally:
+        torch.amp.autocast, F.interpolate = real_autocast, real_interpolate
 
 
 @contextlib.contextmanager

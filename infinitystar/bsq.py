@@ -64,14 +64,31 @@ def upsample_codes(codes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def downsample_accumulator(acc: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Accumulator (B, 64, T, H, W) -> (B, 64, T, h, w) by area: the next step's input codes."""
-    return resample(acc, acc.shape[1], size, "area")
+    """Accumulator (B, 64, T, H, W) -> (B, 64, T, h, w) by area: the next step's input codes.
+
+    The official loop calls ``F.interpolate(summed, size=(t, h, w), mode="area")`` on the 5D accumulator
+    itself (not its ``interpolate`` helper); the same call here keeps a bf16 accumulator's rounding equal
+    to it (the pooling kernels of other layouts sum in another order).
+    """
+    size = tuple(int(s) for s in size)
+    if len(size) == 2:
+        size = (acc.shape[2], *size)
+    if size[0] != acc.shape[2]:
+        raise ValueError(f"downsampling keeps T: got T={acc.shape[2]}, asked for t={size[0]}")
+    if tuple(acc.shape[2:]) == size:
+        return acc
+    return F.interpolate(acc, size=size, mode="area")
 
 
 def accumulate(acc: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Add the codes of one step's bits (B, t, h, w, d) to a clip accumulator (B, 64, T, H, W)."""
-    codes = bits_to_codes(bits, dtype=acc.dtype)
-    return acc + upsample_codes(codes, acc.shape[2:])
+    """Add the codes of one step's bits (B, t, h, w, d) to a clip accumulator (B, 64, T, H, W).
+
+    The codes are made and resampled in fp32 (the official ``indices_to_codes``) whatever the accumulator
+    holds; a bf16 accumulator (the official GPU run's, spec §5.3 step 9) gets the sum rounded once, as its
+    in-place ``+=`` does.
+    """
+    codes = bits_to_codes(bits, dtype=torch.float32)
+    return torch.add(acc, upsample_codes(codes, acc.shape[2:])).to(acc.dtype)
 
 
 def quantize_residual(residual: torch.Tensor, d: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

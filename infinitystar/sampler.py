@@ -19,7 +19,7 @@ from .guidance import GuidanceConfig, guide
 from .kv_cache import TEXT_KEY, ScaleKVCache, offloaded_layers
 from .rope import text_rope, visual_rope
 from .schedule import ScaleStep, Schedule
-from .transformer import InfinityStarTransformer, StepContext
+from .transformer import HALF_DTYPES, InfinityStarTransformer, StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ class _Runner:
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
+        # the official GPU run keeps its code accumulators in the prefix tokens' dtype (bf16 under autocast)
+        self.acc_dtype = self.dtype if self.dtype in HALF_DTYPES else torch.float32
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
         self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
         self.compile = compile
@@ -186,20 +188,22 @@ class _Runner:
 
     def text_step(self):
         prefix = self.model.text_prefix(self.text.cond.to(self.device),
-                                        None if self.text.uncond is None else self.text.uncond.to(self.device))
+                                        None if self.text.uncond is None else self.text.uncond.to(self.device),
+                                        dtype=self.dtype)
         rope = text_rope(prefix.shape[1], self.model.config.head_dim, self.model.config.rope_base)
         self.model.forward_blocks(prefix, self.ctx(rope, store_key=TEXT_KEY), self.dtype)
 
     def accumulator(self, clip: int) -> torch.Tensor:
         while len(self.accumulators) <= clip:
             t, H, W = self.schedule.clip_size(len(self.accumulators))
-            self.accumulators.append(torch.zeros(1, LATENT_CHANNELS, t, H, W, device=self.device))
+            self.accumulators.append(torch.zeros(1, LATENT_CHANNELS, t, H, W, device=self.device,
+                                                 dtype=self.acc_dtype))
         return self.accumulators[clip]
 
     def forward(self, step: ScaleStep, acc: torch.Tensor) -> torch.Tensor:
         """Run the blocks for one step from the accumulator before it; returns (2, thw, C) hidden."""
         cfg = self.model.config
-        x = self.model.embed_codes(downsample_accumulator(acc, (step.t, step.h, step.w)))
+        x = self.model.embed_codes(downsample_accumulator(acc, (step.t, step.h, step.w)), dtype=self.dtype)
         # both guidance branches get identical visual tokens; cast before expanding, so no fp32 copy is kept
         # (forward_blocks' own cast is then a no-op)
         x = x.to(self.dtype).expand(2, -1, -1)
@@ -294,7 +298,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                 bits_out.append(bits)  # moved to the CPU after the loop: no sync per step
                 if callback is not None:
                     callback(step.index, schedule.num_steps, runner.accumulators)
-        accs = runner.accumulators
+        accs = [a.float() for a in runner.accumulators]
         bits_out = _to_cpu(bits_out)
         return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes,
                             runner.cache.peak_offloaded_nbytes, runner.cache.offload_layers)

@@ -36,6 +36,24 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _autocast_linear(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A Linear with fp32 weights (text_proj, word_embed) as the official GPU run computes it.
+
+    Its scripts run the model under CUDA autocast, which multiplies these fp32 layers in bf16: input, weight and
+    bias rounded to bf16, a bf16 result. Computing them in fp32 and rounding only the result, as an fp32 run
+    would, leaves each token a bf16 rounding away from the official one, which the 36 blocks amplify.
+    """
+    if dtype not in HALF_DTYPES:
+        return _linear(layer, x)
+    if getattr(layer, "comfy_cast_weights", False) or type(layer) is not nn.Linear:
+        return layer(x.to(dtype))  # cast-on-the-fly layers compute in the input's dtype already
+    b = layer.bias.to(dtype) if layer.bias is not None else None
+    return F.linear(x.to(dtype), layer.weight.to(dtype), b)
+
+
 def _round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
@@ -52,7 +70,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and _FUSED_RMS_NORM:
+        if x.is_cuda and _FUSED_RMS_NORM and self.weight.dtype == x.dtype:
             return fused_rms_norm(x, self.weight, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -274,11 +292,13 @@ class InfinityStarTransformer(nn.Module):
         return self
 
     # ---- embeddings ----
-    def text_prefix(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> torch.Tensor:
-        """Prefix tokens (2, L, C) fp32: [conditional, unconditional].
+    def text_prefix(self, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Prefix tokens (2, L, C): [conditional, unconditional], fp32, or ``dtype`` when that is half precision.
 
         cond: (L, C_text) compacted T5 features. uncond: (L_neg, C_text) negative-prompt features
         with L_neg <= L, projected then zero-padded to L (spec §4); None -> ``cfg_uncond[:L]``.
+        ``dtype`` bf16/fp16: the projection runs as under the official scripts' autocast (see :func:`_autocast_linear`).
         """
         L = cond.shape[0]
         dev = self.text_proj.weight.device if self.text_proj.weight.device.type != "meta" else cond.device
@@ -289,16 +309,17 @@ class InfinityStarTransformer(nn.Module):
             raise ValueError(f"negative prompt has {uncond.shape[0]} tokens, more than the prompt's {L}; "
                              "the official model pads the negative prompt to the prompt length and cannot truncate")
         uncond = uncond.to(dev, torch.float32)
-        proj = _linear(self.text_proj, torch.cat([cond, uncond], dim=0))
+        proj = _autocast_linear(self.text_proj, torch.cat([cond, uncond], dim=0), dtype)
         prefix = proj.new_zeros(2, L, proj.shape[-1])
         prefix[0] = proj[:L]
         prefix[1, : uncond.shape[0]] = proj[L:]
         return prefix
 
-    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, 64, t, h, w) -> tokens (B, t*h*w, C) fp32, row-major over (t, h, w)."""
+    def embed_codes(self, codes: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Codes (B, 64, t, h, w) -> tokens (B, t*h*w, C), row-major over (t, h, w); fp32, or ``dtype`` when
+        that is half precision (as under autocast, see :func:`_autocast_linear`)."""
         x = codes.flatten(2).transpose(1, 2).to(torch.float32)  # [B, thw, 64]
-        return _linear(self.word_embed, x)
+        return _autocast_linear(self.word_embed, x, dtype)
 
     # ---- one step ----
     def forward_blocks(self, x: torch.Tensor | list[torch.Tensor], ctx: StepContext,

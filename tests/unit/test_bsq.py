@@ -46,3 +46,17 @@ def test_area_down_averages_channel_groups():
 def test_resample_rejects_time_change():
     with pytest.raises(ValueError, match="keeps T"):
         bsq.resample(torch.zeros(1, 64, 2, 4, 4), 64, (3, 2, 2), "area")
+
+
+def test_bf16_accumulator_adds_fp32_codes_in_place_like_the_official_gpu_run():
+    g = torch.Generator().manual_seed(0)
+    acc = (torch.randn(1, 64, 1, 8, 12, generator=g) * 0.3).bfloat16()
+    bits = torch.randint(0, 2, (1, 1, 4, 6, 16), generator=g)
+    want = acc.clone()
+    want += bsq.upsample_codes(bsq.bits_to_codes(bits, torch.float32), (1, 8, 12))  # official: summed += codes
+    got = bsq.accumulate(acc, bits)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    small = bsq.downsample_accumulator(got, (1, 2, 3))
+    assert small.dtype == torch.bfloat16 and small.shape == (1, 64, 1, 2, 3)
+    torch.testing.assert_close(small.float(), torch.nn.functional.adaptive_avg_pool3d(got.float(), (1, 2, 3)),
+                               rtol=1e-2, atol=1e-2)

@@ -123,3 +123,21 @@ def test_rmsnorm_on_cuda_matches_cpu():
     want = norm(x).float()
     got = norm.cuda()(x.cuda()).float().cpu()
     assert ((got - want).abs() / want.abs().clamp_min(1)).max() <= 2 ** -7
+
+
+def test_half_precision_embeddings_compute_as_under_autocast():
+    """In bf16 the official scripts run text_proj and word_embed (fp32 weights) under autocast: a bf16 product of
+    bf16-rounded inputs and weights. Ours must give exactly that, not a rounded fp32 product."""
+    model = tiny_model(3)
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(7, TINY.text_channels, generator=g)
+    codes = torch.randn(1, TINY.codebook_dim, 2, 3, 4, generator=g) * 0.3
+    with torch.no_grad():
+        ours_text, ours_codes = model.text_prefix(cond, dtype=torch.bfloat16), model.embed_codes(codes, torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto_text, auto_codes = model.text_prefix(cond), model.embed_codes(codes)
+        fp32_text = model.text_prefix(cond)
+    assert ours_text.dtype == ours_codes.dtype == torch.bfloat16
+    assert torch.equal(ours_text, auto_text) and torch.equal(ours_codes, auto_codes)
+    assert not torch.equal(ours_text, fp32_text.bfloat16())  # the difference the autocast semantics make
+    assert fp32_text.dtype == torch.float32 and model.embed_codes(codes).dtype == torch.float32
