@@ -120,6 +120,30 @@ def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
     return rows
 
 
+def rounding_rows(cfg, device):
+    """Where our GPU bf16 path can still round differently from the official one: PyTorch's fused RMSNorm
+    against the official composite (fp32 statistics, one rounding), and SDPA with GQA K/V against repeated K/V."""
+    from infinitystar.attention import attend
+    from infinitystar.transformer import fused_rms_norm
+
+    g = torch.Generator(device.type).manual_seed(1)
+    x = (torch.randn(2, 4096, cfg.width, device=device, generator=g) * 3).bfloat16()
+    w = (1 + 0.1 * torch.randn(cfg.width, device=device, generator=g)).bfloat16()
+    xf = x.float()
+    composite = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w.float()).bfloat16()
+    fused = fused_rms_norm(x, w, cfg.norm_eps)
+    q = torch.randn(2, cfg.num_heads, 2048, cfg.head_dim, device=device, generator=g).bfloat16()
+    k, v = (torch.randn(2, cfg.num_kv_heads, 3000, cfg.head_dim, device=device, generator=g).bfloat16()
+            for _ in range(2))
+    groups = cfg.num_heads // cfg.num_kv_heads
+    gqa = attend(q, k, v)
+    repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
+    return [("RMSNorm fused vs official composite", None,
+             f"{(fused != composite).float().mean().item():.2e} of bf16 elements differ"),
+            ("attention, ours (GQA K/V) vs official layout (repeated K/V)", None,
+             f"{(gqa != repeated).float().mean().item():.2e} of bf16 elements differ")]
+
+
 def matmul_rows(cfg, tokens, chunk, device):
     rows_in = 2 * min(tokens, chunk)
     x = torch.randn(rows_in, cfg.width, device=device, dtype=torch.bfloat16)
@@ -174,7 +198,7 @@ def main(argv=None) -> str:
                 "", "| kernel | ms per call | notes |", "|---|---|---|"]
         rows = attention_rows(cfg, tokens, context, chunk, device) + matmul_rows(cfg, tokens, chunk, device)
         if case in args.sweep.split(","):
-            rows += sweep_rows(cfg, schedule, chunk, device)
+            rows += sweep_rows(cfg, schedule, chunk, device) + rounding_rows(cfg, device)
         for name, ms, note in rows:
             out.append(f"| {name} | {'-' if ms is None else f'{ms:.2f}'} | {note} |")
         out.append("")
