@@ -48,10 +48,12 @@ def _autocast_linear(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | Non
     """
     if dtype not in HALF_DTYPES:
         return _linear(layer, x)
-    if getattr(layer, "comfy_cast_weights", False) or type(layer) is not nn.Linear:
-        return layer(x.to(dtype))  # cast-on-the-fly layers compute in the input's dtype already
+    x = x.to(dtype)
+    if getattr(layer, "comfy_cast_weights", False):
+        return layer(x)  # ComfyUI casts (and moves) the weights to the input's dtype itself
+    # plain, ours and ComfyUI's non-casting Linears alike (the latter would multiply fp32 weights with x as they are)
     b = layer.bias.to(dtype) if layer.bias is not None else None
-    return F.linear(x.to(dtype), layer.weight.to(dtype), b)
+    return F.linear(x, layer.weight.to(dtype), b)
 
 
 def _round_bf16(t: torch.Tensor) -> torch.Tensor:

@@ -501,3 +501,34 @@ def test_cudnn_attention_choice_reaches_the_sampler(pack, loaded, core, monkeypa
     want = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
                seed=9, **SMALL)[0]
     assert all(torch.equal(a, b) for a, b in zip(out.bits, want.bits))
+
+
+def test_bf16_compute_through_comfy_ops_equals_the_plain_core(pack, loaded, core, tiny_models):
+    """What GPU users run: bf16 blocks computing in bf16 through ComfyUI's cast ops. The fp32 text and code
+    embeddings must be computed as the official autocast does (a bf16 product), exactly as the core's plain
+    torch.nn path does, with bf16 code accumulators: same tokens, bit for bit (on a CPU)."""
+    checkpoint, pipeline = core("checkpoint"), core("pipeline")
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype="bf16", compute_dtype="bf16", attention="sdpa")[0]
+    assert model.compute_dtype == torch.bfloat16
+    tokens = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s", seed=9,
+                 **SMALL)[0]
+    plain, _ = checkpoint.load_transformer(tiny_models["transformer_720p"], dtype=torch.bfloat16)
+    want = pipeline.generate(plain.eval(), loaded["cond"].select(5), pipeline.resolve_schedule("0.06M", "16:9", 5),
+                             seed=9, compute_dtype=torch.bfloat16)
+    assert len(tokens.bits) == len(want.bits)
+    assert all(torch.equal(a, b) for a, b in zip(tokens.bits, want.bits))
+    assert torch.equal(tokens.summed_codes, want.summed_codes)
+    patcher = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights", weight_dtype="bf16",
+                  compute_dtype="bf16", attention="sdpa")[0].patcher  # partly loaded: offloaded layers cast on the fly
+    patcher.partially_load(patcher.load_device, patcher.model_size() // 3)
+    try:
+        assert patcher.model.model_lowvram
+        part = pipeline.generate(patcher.model, loaded["cond"].select(5), pipeline.resolve_schedule("0.06M", "16:9", 5),
+                                 seed=9, compute_dtype=torch.bfloat16)
+    finally:
+        patcher.detach()
+    assert torch.equal(part.summed_codes, want.summed_codes)
+    fp32 = pipeline.generate(plain.float().eval(), loaded["cond"].select(5),
+                             pipeline.resolve_schedule("0.06M", "16:9", 5), seed=9, compute_dtype=torch.float32)
+    assert not torch.equal(fp32.summed_codes, want.summed_codes)  # bf16 really ran
