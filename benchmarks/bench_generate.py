@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from infinitystar.attention import BACKENDS  # noqa: E402
 from infinitystar.checkpoint import transformer_storage  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
@@ -360,7 +361,7 @@ def parse_args(argv=None):
                    help="block weight storage (default fp8 on CUDA, fp32 on CPU)")
     p.add_argument("--official", default=None, help="path to an official InfinityStar checkout to time as well")
     p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "flash", "sage"],
+    p.add_argument("--attention", default="auto", choices=list(BACKENDS),
                    help="auto = flash-attn when installed, else SDPA; cudnn = SDPA with cuDNN's kernel first")
     p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
     p.add_argument("--fp8-matmul", action="store_true",

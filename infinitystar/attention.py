@@ -42,6 +42,14 @@ def available_backends() -> list[str]:
     return found
 
 
+def backend_unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run here (what to install), or None when it can ("auto" always can)."""
+    if backend == "auto" or backend in available_backends():
+        return None
+    return (f"attention backend {backend!r} needs the pip package {_PIP_NAMES[backend]}; "
+            f"installed: {', '.join(available_backends())}")
+
+
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     # KV head j serves query heads j*g .. j*g+g-1 (repeat_interleave, not tiling), spec §2.1
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -122,8 +130,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS} "
                          f"(installed: {available_backends()})")
     if backend not in SDPA_BACKENDS and backend not in _available():
-        raise ImportError(f"attention backend {backend!r} needs the pip package {_PIP_NAMES[backend]}; "
-                          f"installed backends: {available_backends()}")
+        raise ImportError(backend_unavailable(backend))
     dtype = q.dtype
     if round_qkv_bf16 and dtype == torch.float32:
         q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))

@@ -35,6 +35,14 @@ def codes_to_bits(codes: torch.Tensor) -> torch.Tensor:
     return (codes > 0).permute(0, 2, 3, 4, 1).to(torch.uint8).contiguous()
 
 
+def _same_time(x: torch.Tensor, size: Sequence[int]) -> tuple[int, int, int]:
+    """``size`` (t, h, w) or (h, w) as (T, h, w) of x (B, C, T, H, W): resampling never changes T."""
+    size = tuple(int(s) for s in size)
+    if len(size) == 3 and size[0] != x.shape[2]:
+        raise ValueError(f"resample keeps T: got T={x.shape[2]}, asked for t={size[0]}")
+    return (x.shape[2], *size[-2:])
+
+
 def resample(x: torch.Tensor, channels: int, size: Sequence[int], mode: str) -> torch.Tensor:
     """Resample (B, C, T, H, W) to (B, channels, T, h, w) as the official ``interpolate``.
 
@@ -42,10 +50,7 @@ def resample(x: torch.Tensor, channels: int, size: Sequence[int], mode: str) -> 
     it treats T as the batch of channels of a 3D interpolation over (C, H, W)).
     mode 'area' (adaptive average pooling; down-sizing) or 'trilinear' (align_corners=False).
     """
-    size = tuple(int(s) for s in size)
-    h, w = size[-2:]
-    if len(size) == 3 and size[0] != x.shape[2]:
-        raise ValueError(f"resample keeps T: got T={x.shape[2]}, asked for t={size[0]}")
+    _, h, w = _same_time(x, size)
     if x.shape[1] == channels and tuple(x.shape[-2:]) == (h, w):
         return x
     y = x.permute(0, 2, 1, 3, 4)  # [B, T, C, H, W]
@@ -70,11 +75,7 @@ def downsample_accumulator(acc: torch.Tensor, size: Sequence[int]) -> torch.Tens
     itself (not its ``interpolate`` helper); the same call here keeps a bf16 accumulator's rounding equal
     to it (the pooling kernels of other layouts sum in another order).
     """
-    size = tuple(int(s) for s in size)
-    if len(size) == 2:
-        size = (acc.shape[2], *size)
-    if size[0] != acc.shape[2]:
-        raise ValueError(f"downsampling keeps T: got T={acc.shape[2]}, asked for t={size[0]}")
+    size = _same_time(acc, size)
     if tuple(acc.shape[2:]) == size:
         return acc
     return F.interpolate(acc, size=size, mode="area")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import pipeline as P
-from .attention import _PIP_NAMES, BACKENDS, available_backends
+from .attention import BACKENDS, backend_unavailable
 from .download import COMPONENTS, REPO_ID, TRANSFORMER_DIRS, download_models, find_models
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
@@ -88,9 +88,9 @@ class Session:
             if why:
                 raise ValueError(f"--fp8-matmul: {why}; leave it out (fp8 storage alone still halves the weights)")
         attention = getattr(args, "attention", "auto")
-        if attention != "auto" and attention not in available_backends():
-            raise ValueError(f"--attention {attention}: needs the pip package {_PIP_NAMES[attention]}; installed: "
-                             f"{', '.join(available_backends())} (auto picks among them)")
+        why = backend_unavailable(attention)
+        if why:
+            raise ValueError(f"--attention {attention}: {why} (auto picks among them)")
         self._transformer = self._tokenizer = None
         self.info = None
 

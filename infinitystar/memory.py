@@ -45,6 +45,11 @@ def _tokens(schedule: Schedule, si: int) -> int:
     return t * h * w
 
 
+def step_context_tokens(schedule: Schedule, step, text_tokens: int = TEXT_TOKENS) -> int:
+    """Keys a step's queries attend to: its own tokens, the text and its reference scales (spec §2.4)."""
+    return step.num_tokens + text_tokens + sum(_tokens(schedule, si) for si in step.ref_sids)
+
+
 def auto_chunk_tokens(config: TransformerConfig, batch: int = 2, dtype: torch.dtype = torch.bfloat16,
                       budget: int | None = None) -> int:
     """Token block size whose SwiGLU intermediates (gate, multiplied in place by up) fit ``budget`` bytes.
@@ -126,7 +131,7 @@ def estimate_sampling_memory(config: TransformerConfig, schedule: Schedule, batc
     kv = per_token * (config.depth * text_tokens + resident_layers * reference_tokens)
     act = 0
     for step in schedule.steps:
-        context = step.num_tokens + text_tokens + sum(_tokens(schedule, si) for si in step.ref_sids)
+        context = step_context_tokens(schedule, step, text_tokens)
         act = max(act, step_activation_bytes(config, step.num_tokens, context, step.d, batch, dtype, chunk_tokens,
                                              native_gqa=native_gqa, weight_dtype=weight_dtype))
     accumulators = sum(4 * config.codebook_dim * t * h * w for t, h, w in

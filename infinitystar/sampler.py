@@ -19,7 +19,7 @@ from .guidance import GuidanceConfig, guide
 from .kv_cache import TEXT_KEY, ScaleKVCache, offloaded_layers
 from .rope import text_rope, visual_rope
 from .schedule import ScaleStep, Schedule
-from .transformer import HALF_DTYPES, InfinityStarTransformer, StepContext
+from .transformer import InfinityStarTransformer, StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +169,6 @@ class _Runner:
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
-        # the official GPU run keeps its code accumulators in the prefix tokens' dtype (bf16 under autocast)
-        self.acc_dtype = self.dtype if self.dtype in HALF_DTYPES else torch.float32
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
         self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
         self.compile = compile
@@ -196,17 +194,16 @@ class _Runner:
     def accumulator(self, clip: int) -> torch.Tensor:
         while len(self.accumulators) <= clip:
             t, H, W = self.schedule.clip_size(len(self.accumulators))
-            self.accumulators.append(torch.zeros(1, LATENT_CHANNELS, t, H, W, device=self.device,
-                                                 dtype=self.acc_dtype))
+            # in the compute dtype, as the official GPU run keeps them in its prefix tokens' (bf16 under autocast)
+            self.accumulators.append(torch.zeros(1, LATENT_CHANNELS, t, H, W, device=self.device, dtype=self.dtype))
         return self.accumulators[clip]
 
     def forward(self, step: ScaleStep, acc: torch.Tensor) -> torch.Tensor:
         """Run the blocks for one step from the accumulator before it; returns (2, thw, C) hidden."""
         cfg = self.model.config
+        # in the compute dtype already (no fp32 copy is kept); both guidance branches get identical visual tokens
         x = self.model.embed_codes(downsample_accumulator(acc, (step.t, step.h, step.w)), dtype=self.dtype)
-        # both guidance branches get identical visual tokens; cast before expanding, so no fp32 copy is kept
-        # (forward_blocks' own cast is then a no-op)
-        x = x.to(self.dtype).expand(2, -1, -1)
+        x = x.expand(2, -1, -1)
         rope = visual_rope(cfg.text_maxlen + step.real_sid, step.frame_ss, step.frame_ee, step.h, step.w,
                            self.h_final, self.w_final, cfg.head_dim, cfg.rope_base)
         store = step.si if step.is_last_rep and step.si in self.last_use else None

@@ -31,14 +31,13 @@ def _missing(name: str, choices: list[str], what: str) -> bool | str:
 
 
 def _pick_attention(choice: str, load_device) -> str:
-    from ..infinitystar.attention import _PIP_NAMES, available_backends
+    from ..infinitystar.attention import available_backends, backend_unavailable
 
-    found = available_backends()
     if choice == "auto":  # flash matches the official numerics on CUDA; sage changes them, so never automatic
-        return "flash" if "flash" in found and load_device.type == "cuda" else "sdpa"
-    if choice not in found:
-        raise ValueError(f"attention backend {choice!r} is not installed (pip install {_PIP_NAMES[choice]}); "
-                         f"available here: {', '.join(found)}. 'auto' falls back to sdpa.")
+        return "flash" if "flash" in available_backends() and load_device.type == "cuda" else "sdpa"
+    why = backend_unavailable(choice)
+    if why:
+        raise ValueError(f"{why}. 'auto' falls back to sdpa.")
     return choice
 
 

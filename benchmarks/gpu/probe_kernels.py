@@ -30,15 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_generate import CONFIGS, NAMED_CASES, TEXT_TOKENS, machine_line  # noqa: E402
 
-from infinitystar.memory import auto_chunk_tokens  # noqa: E402
+from infinitystar.memory import auto_chunk_tokens, step_context_tokens  # noqa: E402
 from infinitystar.ops import Fp8MatmulLinear, ScaledCastLinear, quantize_scaled  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
 
 
 def step_shapes(schedule) -> list[tuple[int, int]]:
-    """(query tokens, context tokens) of every step: its own tokens + text + its reference scales (spec 2.4)."""
-    return [(step.num_tokens, step.num_tokens + TEXT_TOKENS + sum(
-        t * h * w for t, h, w in (schedule.scales[si] for si in step.ref_sids))) for step in schedule.steps]
+    """(query tokens, context tokens) of every step."""
+    return [(step.num_tokens, step_context_tokens(schedule, step, TEXT_TOKENS)) for step in schedule.steps]
 
 
 def largest_step(schedule):
