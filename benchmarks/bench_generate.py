@@ -267,7 +267,8 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     sched = build_schedule(pn, "16:9", frames)
     cond = _text_features(config, args.seed)
     model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed, args.fp8_matmul)
-    runner = official_runner(official_mod, config, device, model, pn, frames, sched, _official_bf16(device, args))
+    ours_dtype, official_bf16 = _compute_dtype(device, args), _official_bf16(device, args)
+    runner = official_runner(official_mod, config, device, model, pn, frames, sched, official_bf16)
     model.to("cpu")  # room for the official run (a no-op on a CPU)
     _empty_cache(device)
     start = time.perf_counter()
@@ -286,11 +287,12 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
 
     start = time.perf_counter()
     parity.compare_ours(model, cond, sched, args.seed, logits, bits, report, progress=progress,
-                        generator_device=device.type, compute_dtype=_compute_dtype(device, args),
+                        generator_device=device.type, compute_dtype=ours_dtype,
                         attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
     t_ours = time.perf_counter() - start
-    report.notes.append(f"precision: ours {_dtype_name(_compute_dtype(device, args))}, official "
-                        f"{'bf16' if _official_bf16(device, args) else 'fp32'} (weights {args.weights})")
+    names = {dtype: name for name, dtype in WEIGHT_DTYPES.items()}
+    report.notes.append(f"precision: ours {names[ours_dtype]}, official {'bf16' if official_bf16 else 'fp32'} "
+                        f"(weights {args.weights})")
     report.notes.append(f"official free run {t_official:.1f} s (with capture), ours teacher-forced "
                         f"{t_ours:.1f} s (with comparison); {sched.num_steps} steps, pn {pn}, {frames} frames")
     return report
@@ -299,18 +301,14 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
 def _compute_dtype(device, args):
     """bf16 blocks on CUDA (the official layout), and on a CPU with --cpu-bf16; fp32 otherwise (and with
     --parity-fp32 ours)."""
-    if getattr(args, "parity_fp32", None) in ("ours", "both"):
+    if args.parity_fp32 in ("ours", "both"):
         return torch.float32
     return torch.bfloat16 if device.type == "cuda" or args.cpu_bf16 else torch.float32
 
 
 def _official_bf16(device, args) -> bool:
     """The official code under bf16 autocast with bf16 blocks (its scripts' setting) unless --parity-fp32 official."""
-    return (device.type == "cuda" or args.cpu_bf16) and getattr(args, "parity_fp32", None) not in ("official", "both")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    return (device.type == "cuda" or args.cpu_bf16) and args.parity_fp32 not in ("official", "both")
 
 
 def _empty_cache(device):
@@ -385,7 +383,7 @@ def parse_args(argv=None):
     p.add_argument("--parity-csv", default=None, help="write every step's errors to this CSV file")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="CPU: bf16 blocks for ours and bf16 weights + CPU autocast for the official code, as on a GPU "
-                        "(for --parity: the size of bf16 noise between the two without a GPU)")
+                        "(its GPU-only autocast guards honoured: for --parity, the GPU's bf16 rounding without a GPU)")
     p.add_argument("--parity-fp32", default=None, choices=["ours", "official", "both"],
                    help="for --parity: run this side in fp32 instead of bf16 (TF32 off). In fp32 the two agree bit "
                         "for bit (CPU runs, golden tests), so this measures the other side's own bf16 error; "
