@@ -20,6 +20,7 @@ measured in a second, profiled run), and ours/official ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import platform
@@ -260,9 +261,15 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     return results
 
 
+def _traced(args, tracer, *a):
+    """``tracer(*a, steps)`` (trace.py) when --parity-trace asks for it, else a context yielding None."""
+    return tracer(*a[:1], args.parity_trace, *a[1:]) if args.parity_trace else contextlib.nullcontext()
+
+
 def parity_case(args, config, device, name, pn, frames, official_mod):
     """Official free run, then ours teacher-forced with its bits; returns a parity.ParityReport."""
     import parity
+    import parity_trace
 
     sched = build_schedule(pn, "16:9", frames)
     cond = _text_features(config, args.seed)
@@ -272,7 +279,8 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     model.to("cpu")  # room for the official run (a no-op on a CPU)
     _empty_cache(device)
     start = time.perf_counter()
-    logits, bits = parity.run_official(runner, cond, args.seed, sched)
+    with _traced(args, parity_trace.trace_official, runner.model) as ref_rec:
+        logits, bits = parity.run_official(runner, cond, args.seed, sched)
     t_official = time.perf_counter() - start
     del runner
     gc.collect()  # the official model holds its K/V caches; free them before ours runs
@@ -286,10 +294,13 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
               file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    parity.compare_ours(model, cond, sched, args.seed, logits, bits, report, progress=progress,
-                        generator_device=device.type, compute_dtype=ours_dtype,
-                        attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
+    with _traced(args, parity_trace.trace_ours, model, ref_rec.units if ref_rec else 0) as our_rec:
+        parity.compare_ours(model, cond, sched, args.seed, logits, bits, report, progress=progress,
+                            generator_device=device.type, compute_dtype=ours_dtype,
+                            attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
     t_ours = time.perf_counter() - start
+    if ref_rec is not None:
+        report.notes += parity_trace.compare(our_rec, ref_rec)
     names = {dtype: name for name, dtype in WEIGHT_DTYPES.items()}
     report.notes.append(f"precision: ours {names[ours_dtype]}, official {'bf16' if official_bf16 else 'fp32'} "
                         f"(weights {args.weights})")
@@ -381,6 +392,9 @@ def parse_args(argv=None):
     p.add_argument("--parity-tol", type=float, default=None,
                    help="largest relative L2 error of a step's logits (default 2e-2)")
     p.add_argument("--parity-csv", default=None, help="write every step's errors to this CSV file")
+    p.add_argument("--parity-trace", type=int, default=0, metavar="N",
+                   help="for --parity: also compare the first N steps' inputs (code accumulation, word_embed) and "
+                        "block-chunk outputs, and report the first tensor where the two runs part (parity_trace.py)")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="CPU: bf16 blocks for ours and bf16 weights + CPU autocast for the official code, as on a GPU "
                         "(its GPU-only autocast guards honoured: for --parity, the GPU's bf16 rounding without a GPU)")
@@ -405,6 +419,8 @@ def _setup(argv):
         raise SystemExit("--num-scales cannot be applied to the official code; drop it with --official")
     if args.parity and not args.official:
         raise SystemExit("--parity compares with the official code: give --official PATH")
+    if args.parity_trace and not args.parity:
+        raise SystemExit("--parity-trace is for --parity runs")
     if args.parity_fp32 and not args.parity:
         raise SystemExit("--parity-fp32 is for --parity runs")
     if args.parity_fp32:  # an fp32 reference means fp32 matmuls: no TF32

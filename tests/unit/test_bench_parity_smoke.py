@@ -97,6 +97,48 @@ def test_compare_ours_against_its_own_free_run(parity, single_thread):
     assert all(s.worst == 0.0 and s.draws_agree == 1.0 for s in rep.steps if s.index != k)
 
 
+def test_trace_points_at_the_first_differing_tensor(single_thread):
+    """parity_trace on two runs of our own sampler: equal everywhere; a block's output nudged by one ulp at one
+    step is reported at that step and block group, with the inputs before it still equal."""
+    trace = load_benchmark("parity_trace")
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.sampler import TextCondition, sample
+    from infinitystar.schedule import build_schedule
+    from infinitystar.transformer import InfinityStarTransformer
+
+    torch.manual_seed(0)
+    config = TRANSFORMER_PRESETS["tiny"]
+    model = InfinityStarTransformer(config).eval()
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=3)
+    cond = torch.randn(7, config.text_channels)
+
+    def run(nudge_call=None):
+        calls = []
+
+        def nudge(module, args, out):
+            calls.append(1)
+            if len(calls) == nudge_call:
+                return torch.nextafter(out, out + 1)
+            return out
+
+        handle = model.blocks[0].register_forward_hook(nudge)
+        try:
+            with trace.trace_ours(model, 6, units=2) as rec:
+                sample(model, TextCondition(cond), sched, seed=5)
+        finally:
+            handle.remove()
+        return rec
+
+    ref = run()
+    assert len(ref.inputs) == 6 and len(ref.outputs) == 7 * 2
+    assert trace.first_difference(run(), ref) == "none in the recorded steps"
+    nudged = run(nudge_call=1 + 4)  # the text prefix is call 1: step 3's block 0
+    text = trace.first_difference(nudged, ref)
+    assert text.startswith("step 3, block group 0 ("), text
+    lines = trace.compare(nudged, ref)
+    assert lines[0].endswith(text) and "| 3 | " in lines[4 + 3] and "equal | equal |" in lines[4 + 3]
+
+
 @pytest.fixture
 def official_path():
     path = os.environ.get("INFINITYSTAR_OFFICIAL_PATH")
@@ -138,8 +180,9 @@ def test_parity_with_official_tiny_cpu_bf16(official_path, single_thread):
     bench = load_benchmark("bench_generate")
     args = ["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81", "--cpu-bf16", "--official", official_path,
             "--parity", "--threads", "1"]
-    _, (rep,) = bench.run_parity(args)
+    _, (rep,) = bench.run_parity(args + ["--parity-trace", "6"])
     assert rep.worst.worst == 0.0, parity_summary(rep)
+    assert "trace (ours vs official, first steps): none in the recorded steps" in rep.notes
     assert all(s.draws_agree == 1.0 for s in rep.steps)
     _, (mixed,) = bench.run_parity(args + ["--parity-fp32", "ours"])  # ours fp32 against the official bf16
     assert mixed.worst.worst > 1e-4, parity_summary(mixed)
