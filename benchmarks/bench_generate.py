@@ -206,7 +206,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     sched = build_schedule(pn, "16:9", frames, num_scales=args.num_scales)
     weights = WEIGHT_DTYPES[args.weights]
     cond = _text_features(config, args.seed)
-    model = build_model(config, device, weights, args.seed, args.fp8_matmul)
+    model = build_model(config, device, weights, args.seed, args.fp8_matmul).use_fused_norms(args.norms == "fused")
     chunk = _chunk(args)
     compute = _compute_dtype(device, args)
     clock = StepClock(device)
@@ -273,7 +273,8 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
 
     sched = build_schedule(pn, "16:9", frames)
     cond = _text_features(config, args.seed)
-    model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed, args.fp8_matmul)
+    model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed, args.fp8_matmul).use_fused_norms(
+        args.norms == "fused")
     ours_dtype, official_bf16 = _compute_dtype(device, args), _official_bf16(device, args)
     runner = official_runner(official_mod, config, device, model, pn, frames, sched, official_bf16)
     model.to("cpu")  # room for the official run (a no-op on a CPU)
@@ -371,7 +372,11 @@ def parse_args(argv=None):
     p.add_argument("--official", default=None, help="path to an official InfinityStar checkout to time as well")
     p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
     p.add_argument("--attention", default="auto", choices=list(BACKENDS),
-                   help="auto = flash-attn when installed, else SDPA; cudnn = SDPA with cuDNN's kernel first")
+                   help="auto = flash-attn when installed, else SDPA; cudnn = cuDNN's fused attention alone (SDPA's "
+                        "default kernels for a shape it refuses)")
+    p.add_argument("--norms", default="fused", choices=["fused", "composite"],
+                   help="CUDA half-precision RMSNorm: PyTorch's fused kernel, or the official composite (fp32 "
+                        "statistics, as the official code computes it without flash-attn)")
     p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
     p.add_argument("--fp8-matmul", action="store_true",
                    help="multiply the fp8 (e4m3fn) blocks in fp8 (torch._scaled_mm; not the official numerics)")
@@ -453,7 +458,7 @@ def _settings_line(args, config, device) -> str:
     cap = f", memory cap {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""
     return (f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
             f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
-            f"compile {args.compile}, fp8 matmul {args.fp8_matmul}, offload_kv {args.offload_kv}{cap}; "
+            f"compile {args.compile}, fp8 matmul {args.fp8_matmul}, offload_kv {args.offload_kv}, norms {args.norms}{cap}; "
             f"{machine_line(device)}")
 
 

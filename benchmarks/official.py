@@ -179,9 +179,11 @@ class OfficialRunner:
 @contextlib.contextmanager
 def _cpu_autocast_guards():
     """On a CPU stand-in for the GPU run: make the official ``torch.amp.autocast('cuda', enabled=False)`` regions
-    (heads, BSQ) leave the CPU autocast too, so they run in fp32 as on a GPU (spec §9.1), and keep
-    ``F.interpolate`` out of CPU autocast (it would return fp32 from bf16 accumulators; CUDA autocast leaves it
-    alone)."""
+    (heads, BSQ) leave the CPU autocast too, so they run in fp32 as on a GPU (spec §9.1), and give
+    ``F.interpolate`` CUDA autocast's dtypes instead of the CPU's: the upsampling modes run in fp32 (CUDA's
+    fp32 list has ``upsample_trilinear3d`` and the other ``upsample_*`` ops: the official bf16 accumulator
+    becomes fp32 at its first re-sizing), area pooling in its input's dtype (CUDA autocast leaves
+    ``adaptive_avg_pool3d`` alone; CPU autocast would upcast it)."""
     import torch.nn.functional as F
 
     real_autocast, real_interpolate = torch.amp.autocast, F.interpolate
@@ -191,9 +193,12 @@ def _cpu_autocast_guards():
             return torch.autocast("cpu", enabled=False)
         return real_autocast(device_type, *a, **k)
 
-    def interpolate(*a, **k):
+    def interpolate(x, *a, **k):
+        mode = k.get("mode", a[2] if len(a) > 2 else "nearest")
+        if torch.is_autocast_enabled("cpu") and mode != "area" and x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
         with torch.autocast("cpu", enabled=False):
-            return real_interpolate(*a, **k)
+            return real_interpolate(x, *a, **k)
 
     torch.amp.autocast, F.interpolate = autocast, interpolate
     try:

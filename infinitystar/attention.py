@@ -7,7 +7,6 @@ flash-attn call; ``round_qkv_bf16`` reproduces that rounding for fp32 runs.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import inspect
@@ -143,27 +142,46 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     if backend not in SDPA_BACKENDS:
         # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
         logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
-    with _cudnn_first() if backend == "cudnn" and _half_cuda(q) else contextlib.nullcontext():
-        if groups > 1 and native_gqa(q, "sdpa"):
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).to(dtype)
-        out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
+    if backend == "cudnn" and _half_cuda(q):
+        out = _cudnn(q, k, v, scale, groups)
+        if out is not None:
+            return out.to(dtype)
+    if groups > 1 and native_gqa(q, "sdpa"):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).to(dtype)
+    out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
     return out.to(dtype)
 
 
-def _cudnn_first():
-    """SDPA with cuDNN's fused attention tried first, then flash / memory-efficient / math as PyTorch would.
+_CUDNN_REFUSED: dict[tuple, str] = {}  # shapes cuDNN refused -> why (logged once per shape)
+
+
+def _cudnn(q, k, v, scale, groups):
+    """cuDNN's fused attention alone, on contiguous (B, N, L, D) tensors; None where it refuses the call.
 
     Why: on an H200 at the 8B model's largest-step shapes cuDNN ran at 585 TFLOP/s against flash's 359
-    (benchmarks/gpu/probe_kernels.py), and attention is most of those steps' work. Opt-in: PyTorch does not
-    pick cuDNN by default on every version, and its numerics are bf16-close to flash's, not equal.
+    (benchmarks/gpu/probe_kernels.py), and attention is most of those steps' work. Only cuDNN is enabled, on
+    the contiguous layout of that probe: with cuDNN merely first in SDPA's priority order (this backend's first
+    version) a whole 720p run on an H100 was no faster than with flash, and SDPA does not say which kernel it
+    chose. Here a refusal is logged with PyTorch's reason and that shape goes to the default SDPA kernels.
+    Opt-in: its numerics are bf16-close to flash's (the official kernel), not equal.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    key = (q.shape, k.shape, q.dtype)
+    if key in _CUDNN_REFUSED:
+        return None
+    gqa = groups > 1 and _sdpa_takes_gqa()
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    if groups > 1 and not gqa:
+        k, v = _expand_kv(k, groups), _expand_kv(v, groups)
     try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:  # torch < 2.6 has no priority order: allow all, cuDNN among them
-        return sdpa_kernel(order)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **({"enable_gqa": True} if gqa else {}))
+    except RuntimeError as e:
+        _CUDNN_REFUSED[key] = str(e).splitlines()[0]
+        logger.warning("cuDNN attention refused q %s, k %s (%s); using the default SDPA kernels for this shape",
+                       tuple(q.shape), tuple(k.shape), _CUDNN_REFUSED[key])
+        return None
 
 
 def prepare_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"

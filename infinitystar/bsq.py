@@ -72,8 +72,8 @@ def downsample_accumulator(acc: torch.Tensor, size: Sequence[int]) -> torch.Tens
     """Accumulator (B, 64, T, H, W) -> (B, 64, T, h, w) by area: the next step's input codes.
 
     The official loop calls ``F.interpolate(summed, size=(t, h, w), mode="area")`` on the 5D accumulator
-    itself (not its ``interpolate`` helper); the same call here keeps a bf16 accumulator's rounding equal
-    to it (the pooling kernels of other layouts sum in another order).
+    itself (not its ``interpolate`` helper); the same call here keeps the rounding equal to it (the pooling
+    kernels of other layouts sum in another order).
     """
     size = _same_time(acc, size)
     if tuple(acc.shape[2:]) == size:
@@ -85,8 +85,8 @@ def accumulate(acc: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Add the codes of one step's bits (B, t, h, w, d) to a clip accumulator (B, 64, T, H, W).
 
     The codes are made and resampled in fp32 (the official ``indices_to_codes``) whatever the accumulator
-    holds; a bf16 accumulator (the official GPU run's, spec §5.3 step 9) gets the sum rounded once, as its
-    in-place ``+=`` does.
+    holds (fp32 in the sampler, also in bf16 runs; see ``sampler._Runner.accumulator``); a half-precision one
+    gets the sum rounded once, as an in-place ``+=`` does.
     """
     codes = bits_to_codes(bits, dtype=torch.float32)
     return torch.add(acc, upsample_codes(codes, acc.shape[2:])).to(acc.dtype)

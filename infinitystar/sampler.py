@@ -194,8 +194,10 @@ class _Runner:
     def accumulator(self, clip: int) -> torch.Tensor:
         while len(self.accumulators) <= clip:
             t, H, W = self.schedule.clip_size(len(self.accumulators))
-            # in the compute dtype, as the official GPU run keeps them in its prefix tokens' (bf16 under autocast)
-            self.accumulators.append(torch.zeros(1, LATENT_CHANNELS, t, H, W, device=self.device, dtype=self.dtype))
+            # fp32 in every precision: the official GPU run starts them in its prefix tokens' dtype (bf16 under
+            # autocast), but its first trilinear re-sizing of the accumulator runs in fp32 under CUDA autocast
+            # (upsample_trilinear3d is on autocast's fp32 list), so from then on it sums in fp32
+            self.accumulators.append(torch.zeros(1, LATENT_CHANNELS, t, H, W, device=self.device))
         return self.accumulators[clip]
 
     def forward(self, step: ScaleStep, acc: torch.Tensor) -> torch.Tensor:

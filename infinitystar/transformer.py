@@ -66,13 +66,15 @@ class RMSNorm(nn.Module):
     The weight is moved to the input's device at call time, so offloaded weights work.
     """
 
+    fused = True  # see InfinityStarTransformer.use_fused_norms
+
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and _FUSED_RMS_NORM and self.weight.dtype == x.dtype:
+        if self.fused and x.is_cuda and _FUSED_RMS_NORM and self.weight.dtype == x.dtype:
             return fused_rms_norm(x, self.weight, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -278,6 +280,16 @@ class InfinityStarTransformer(nn.Module):
     @property
     def blocks(self) -> list[Block]:
         return [b for chunk in self.block_chunks for b in chunk.module]
+
+    def use_fused_norms(self, fused: bool = True) -> InfinityStarTransformer:
+        """On CUDA, half-precision norms run PyTorch's fused ``F.rms_norm`` (default: one kernel, no fp32 copy of
+        the tokens) or, with ``fused=False``, the official composite (fp32 statistics, x * rsqrt(mean) * w), which
+        the official code runs without flash-attn's fused norm. The two differ in the last bf16 bit of a few
+        elements in a million; the CPU always runs the composite."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fused = fused
+        return self
 
     def block_dtype(self) -> torch.dtype:
         return self.block_chunks[0].module[0].attn.q_proj.weight.dtype

@@ -100,23 +100,87 @@ def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
         counts[shape] = counts.get(shape, 0) + 1
     rows = []
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        per_bucket = [0.0] * len(buckets)
+        per_bucket, setup = [0.0] * len(buckets), 0.0
         try:
             for (tokens, context), n in counts.items():
                 q = torch.randn(2, cfg.num_heads, min(tokens, chunk), cfg.head_dim, device=device,
                                 dtype=torch.bfloat16)
                 k = torch.randn(2, cfg.num_kv_heads, context, cfg.head_dim, device=device, dtype=torch.bfloat16)
                 with sdpa_kernel([backend]):
+                    first = first_call_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
                     ms = timed_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), repeat)
                 i = next(j for j, (lo, hi) in enumerate(buckets) if lo <= tokens < hi)
                 per_bucket[i] += ms * -(-tokens // chunk) * cfg.depth * n
+                setup += max(first - ms, 0.0)
         except Exception as e:  # noqa: BLE001
             rows.append((f"attention of a whole generation (ms), SDPA {name}", None, str(e).splitlines()[0][:70]))
             continue
         parts = ", ".join(f"{lo}–{hi if hi < 1 << 62 else '∞'} tokens {t / 1e3:.2f} s"
                           for (lo, hi), t in zip(buckets, per_bucket))
-        rows.append((f"attention of a whole generation (ms), SDPA {name}", sum(per_bucket), parts))
+        rows.append((f"attention of a whole generation (ms), SDPA {name}", sum(per_bucket),
+                     f"{parts}; first call of each of the {len(counts)} shapes: {setup / 1e3:.2f} s more "
+                     "(plan building, paid once per shape and process)"))
     return rows
+
+
+def first_call_ms(fn) -> float:
+    """Wall time of a call on a shape not seen before (cuDNN builds an execution plan per shape)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def dispatch_rows(cfg, tokens, context, chunk, device):
+    """Which kernels ``attend`` runs for each backend on the model's own layouts (queries a transposed view of
+    (B, L, N, D), K/V contiguous with 8 heads): SDPA picks among its kernels without saying which."""
+    from infinitystar.attention import _CUDNN_REFUSED, attend
+
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.randn(2, min(tokens, chunk), cfg.num_heads, cfg.head_dim, device=device,
+                    dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(2, cfg.num_kv_heads, context, cfg.head_dim, device=device, dtype=torch.bfloat16)
+            for _ in range(2))
+    rows = []
+    for backend in ("sdpa", "cudnn"):
+        attend(q, k, v, backend=backend)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            attend(q, k, v, backend=backend)
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) * 1e3
+        top = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:2]
+        names = "; ".join(e.key[:60] for e in top)
+        rows.append((f"attend(backend={backend!r}) on the model's layout", ms,
+                     f"kernels: {names}" + (f"; refused: {list(_CUDNN_REFUSED.values())[:1]}"
+                                            if backend == "cudnn" and _CUDNN_REFUSED else "")))
+    return rows
+
+
+def chunking_rows(cfg, device, g, tokens: int = 72000, chunk: int = 5120):
+    """Whether our query blocks change results at the largest 720p step: a (2, L, C) x (C, C) projection and the
+    official composite RMSNorm, whole (the official code) against in blocks of ``chunk`` tokens (ours). cuBLAS
+    may pick another kernel (tile, split-K) for the smaller row count of a block, or of the last, short one."""
+    x = (torch.randn(2, tokens, cfg.width, device=device, generator=g)).bfloat16()
+    w = (0.02 * torch.randn(cfg.width, cfg.width, device=device, generator=g)).bfloat16()
+    whole = F.linear(x, w)
+    blocks = torch.cat([F.linear(x[:, s:s + chunk], w) for s in range(0, tokens, chunk)], dim=1)
+
+    def norm(t):
+        tf = t.float()
+        return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).bfloat16()
+
+    norm_blocks = torch.cat([norm(x[:, s:s + chunk]) for s in range(0, tokens, chunk)], dim=1)
+    return [(f"projection, whole {tokens} tokens vs blocks of {chunk}", None,
+             f"{(whole != blocks).float().mean().item():.2e} of bf16 elements differ"),
+            ("composite RMSNorm, whole vs blocks", None,
+             f"{(norm(x) != norm_blocks).float().mean().item():.2e} of bf16 elements differ")]
 
 
 def rounding_rows(cfg, device):
@@ -137,7 +201,8 @@ def rounding_rows(cfg, device):
     groups = cfg.num_heads // cfg.num_kv_heads
     gqa = attend(q, k, v)
     repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
-    return [("RMSNorm fused vs official composite", None,
+    rows = chunking_rows(cfg, device, g)
+    return rows + [("RMSNorm fused vs official composite", None,
              f"{(fused != composite).float().mean().item():.2e} of bf16 elements differ"),
             ("attention, ours (GQA K/V) vs official layout (repeated K/V)", None,
              f"{(gqa != repeated).float().mean().item():.2e} of bf16 elements differ")]
@@ -195,7 +260,8 @@ def main(argv=None) -> str:
         tokens, context = largest_step(schedule)
         out += [f"### {case}: largest step {tokens} query tokens, {context} context tokens, query blocks of {chunk}",
                 "", "| kernel | ms per call | notes |", "|---|---|---|"]
-        rows = attention_rows(cfg, tokens, context, chunk, device) + matmul_rows(cfg, tokens, chunk, device)
+        rows = (attention_rows(cfg, tokens, context, chunk, device) + dispatch_rows(cfg, tokens, context, chunk, device)
+                + matmul_rows(cfg, tokens, chunk, device))
         if case in args.sweep.split(","):
             rows += sweep_rows(cfg, schedule, chunk, device) + rounding_rows(cfg, device)
         for name, ms, note in rows:

@@ -90,7 +90,7 @@ step() {
 }
 STATUS=0
 EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 parity_img_ours32"
-EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5"
+EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5 parity_img_fast"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -114,7 +114,7 @@ step ours_fp8 210 60 "$PY" "${BENCH[@]}" --cases $C720,$C480,$C480_10 --weights 
     "${CAP24[@]}"
 step ours_480p10_16gb 100 60 "$PY" "${BENCH[@]}" --cases $C480_10 --weights fp8 "${CAP16[@]}"
 step parity_480p5 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
-    --parity --parity-csv "$OUT/parity_480p5.csv"
+    --parity --parity-csv "$OUT/parity_480p5.csv" --parity-trace 12 --norms composite
 step official_720p5 200 100 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL"
 step official_480p5 110 100 "$PY" "${BENCH[@]}" --cases $C480 --weights bf16 --official "$OFFICIAL"
 # extra (only when STEPS names them), the follow-ups of the first run: kernel timings at the largest steps'
@@ -135,6 +135,8 @@ step parity_img_cudnn 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --of
     --parity-fp32 official --attention cudnn
 step ours_cudnn_fp8mm_720p5 100 60 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul --attention cudnn
 # extra (only when STEPS names it): torch.compile's speed-up at 720p 5 s, compile time excluded by the warm-up
+step parity_img_fast 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
+    --attention cudnn --parity-trace 12
 step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --compile --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
 step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul

@@ -60,3 +60,27 @@ def test_cudnn_backend_is_sdpa_off_cuda():
         assert torch.equal(attend(q, k, v, backend="cudnn"), attend(q, k, v, backend="sdpa"))
     assert "cudnn" in available_backends()
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cudnn_backend_runs_cudnn_kernels_on_the_model_layout():
+    """backend="cudnn" really runs cuDNN (not flash) for the model's strided queries and GQA K/V, and agrees
+    with the fp32 reference; SDPA would otherwise pick a kernel silently."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from infinitystar import attention
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(2, 700, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1))
+    attention.attend(q, k, v, backend="cudnn")  # plan built outside the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = attention.attend(q, k, v, backend="cudnn")
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert not attention._CUDNN_REFUSED, attention._CUDNN_REFUSED
+    assert not [n for n in names if "flash" in n.lower()], names
+    assert (got.float() - want).norm() / want.norm() < 1e-2

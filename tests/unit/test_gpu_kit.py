@@ -94,13 +94,15 @@ def test_run_all_rehearsal_runs_the_official_steps(tmp_path):
     for step in OFFICIAL:
         assert f"{step}: rc=0 (ok)" in summary, summary
     assert (out / "parity_480p5.csv").stat().st_size > 0
+    parity_md = (out / "parity_480p5.md").read_text()
+    assert "norms composite" in parity_md and "none in the recorded steps" in parity_md, parity_md
     for name in ("official_720p5", "official_480p5"):
         text = (out / f"{name}.md").read_text()
         assert _table_rows(text, "ours") and _table_rows(text, "official"), text
 
 
 FOLLOW_UPS = ["parity_img_official32", "parity_img_ours32", "official_720p5_cudnn", "parity_img_fp32",
-              "parity_img_cudnn"]
+              "parity_img_cudnn", "parity_img_fast"]
 
 
 def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
@@ -110,6 +112,7 @@ def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
         assert f"{step}: rc=0 (ok)" in summary, summary
     assert "precision: ours fp32, official fp32" in (out / "parity_img_fp32.md").read_text()
     assert "attention cudnn" in (out / "official_720p5_cudnn.md").read_text()
+    assert "trace (ours vs official, first steps)" in (out / "parity_img_fast.md").read_text()
 
 
 def test_prepare_refuses_without_an_official_checkout(tmp_path):

@@ -125,6 +125,21 @@ def test_rmsnorm_on_cuda_matches_cpu():
     assert ((got - want).abs() / want.abs().clamp_min(1)).max() <= 2 ** -7
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_composite_norms_on_cuda_compute_the_official_formula():
+    """use_fused_norms(False): the official composite on CUDA, bit for bit (the same kernels in the same order)."""
+    model = tiny_model(3).to("cuda", torch.bfloat16).use_fused_norms(False)
+    norm = model.blocks[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3000, norm.weight.shape[0], device="cuda").to(torch.bfloat16)
+    xf = x.float()
+    want = ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(norm.eps))) * norm.weight).to(torch.bfloat16)
+    assert torch.equal(norm(x), want)
+    assert all(not m.fused for m in model.modules() if isinstance(m, RMSNorm))
+
+
 def test_half_precision_embeddings_compute_as_under_autocast():
     """In bf16 the official scripts run text_proj and word_embed (fp32 weights) under autocast: a bf16 product of
     bf16-rounded inputs and weights. Ours must give exactly that, not a rounded fp32 product."""
