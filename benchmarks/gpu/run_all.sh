@@ -91,6 +91,7 @@ step() {
 STATUS=0
 EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 parity_img_ours32"
 EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5 parity_img_fast"
+EXTRA+=" parity_480p5_whole"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -137,6 +138,8 @@ step ours_cudnn_fp8mm_720p5 100 60 "$PY" "${BENCH[@]}" --cases $C720 --weights f
 # extra (only when STEPS names it): torch.compile's speed-up at 720p 5 s, compile time excluded by the warm-up
 step parity_img_fast 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
     --attention cudnn --parity-trace 12
+step parity_480p5_whole 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
+    --parity --parity-trace 12 --norms composite --chunk none
 step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --compile --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
 step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul
