@@ -372,8 +372,12 @@ def parse_args(argv=None):
     p.add_argument("--official", default=None, help="path to an official InfinityStar checkout to time as well")
     p.add_argument("--chunk", default="auto", help="chunk_tokens of our sampler: auto, 0/none, or a token count")
     p.add_argument("--attention", default="auto", choices=list(BACKENDS),
-                   help="auto = flash-attn when installed, else SDPA; cudnn = cuDNN's fused attention alone (SDPA's "
-                        "default kernels for a shape it refuses)")
+                   help="auto = flash-attn when installed, else SDPA (its own pick); cudnn / sdpa_flash = cuDNN's / "
+                        "PyTorch's FlashAttention-2 kernel alone (SDPA's default kernels for a shape it refuses)")
+    p.add_argument("--official-attention", default="flash", choices=["flash", "sdpa"],
+                   help="the official code's attention on CUDA (a flash_attn stand-in when flash-attn is not "
+                        "installed): flash = PyTorch's FlashAttention-2, the kernel family of the flash-attn 2 the "
+                        "official code calls; sdpa = SDPA's own pick (cuDNN on Hopper with torch 2.11)")
     p.add_argument("--norms", default="fused", choices=["fused", "composite"],
                    help="CUDA half-precision RMSNorm: PyTorch's fused kernel, or the official composite (fp32 "
                         "statistics, as the official code computes it without flash-attn)")
@@ -444,6 +448,7 @@ def _setup(argv):
         import official
 
         official_mod = official.import_official(args.official)
+        official.STANDIN_KERNEL = args.official_attention
     _init_cuda(device)
     if args.memory_cap_gb:
         if device.type != "cuda":
@@ -456,6 +461,7 @@ def _setup(argv):
 
 def _settings_line(args, config, device) -> str:
     cap = f", memory cap {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""
+    cap += f", official attention {args.official_attention}" if args.official else ""
     return (f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
             f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
             f"compile {args.compile}, fp8 matmul {args.fp8_matmul}, offload_kv {args.offload_kv}, norms {args.norms}{cap}; "

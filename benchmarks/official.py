@@ -26,6 +26,13 @@ MISSING_HINT = ("the official code needs: pip install timm==0.9.6 torchvision ty
 PN_CODES = {"720p": "0.90M", "480p": "0.40M"}
 
 
+# The stand-in's CUDA kernel: "flash" = PyTorch's FlashAttention-2, the kernel family of the flash-attn 2 package
+# the official code calls (its speed and its rounding); "sdpa" = whatever SDPA picks, which is cuDNN on an H200 with
+# torch 2.11 (the official code never runs that kernel: it pins torch 2.5.1 and calls flash-attn).
+STANDIN_KERNELS = ("flash", "sdpa")
+STANDIN_KERNEL = "flash"
+
+
 def _flash_attn_stub() -> types.ModuleType:
     """A ``flash_attn`` module whose ``flash_attn_func`` is SDPA: (B, L, H, D) in and out."""
     mod = types.ModuleType("flash_attn")
@@ -33,8 +40,14 @@ def _flash_attn_stub() -> types.ModuleType:
 
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
         work = q.dtype if q.is_cuda else torch.float32  # bf16 SDPA on CPU is slow; flash-attn accumulates in fp32
-        out = F.scaled_dot_product_attention(*(t.transpose(1, 2).to(work) for t in (q, k, v)),
-                                             scale=softmax_scale, is_causal=causal).transpose(1, 2)
+        args = [t.transpose(1, 2).to(work) for t in (q, k, v)]
+        kernel = contextlib.nullcontext()
+        if q.is_cuda and STANDIN_KERNEL == "flash":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        with kernel:
+            out = F.scaled_dot_product_attention(*args, scale=softmax_scale, is_causal=causal).transpose(1, 2)
         # the real kernel returns bf16; without autocast the caller's o_proj wants its own dtype (fp32)
         cuda_autocast = q.is_cuda and torch.is_autocast_enabled("cuda")
         return out.to(q.dtype if cuda_autocast else torch.float32)

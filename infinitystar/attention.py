@@ -1,7 +1,9 @@
 """The one attention dispatch of the model (spec §2.1 steps 5-6, §2.4): unmasked, non-causal, GQA.
 
-``sdpa`` (torch: cuDNN / flash / memory-efficient kernels on CUDA) is the default; ``flash``
-(flash-attn 3, else 2) and ``sage`` (sageattention) are opt-in and only used when installed;
+``sdpa`` (torch: cuDNN / flash / memory-efficient kernels on CUDA, as PyTorch picks) is the default;
+``cudnn`` and ``sdpa_flash`` ask SDPA for one kernel (cuDNN's, the fastest on Hopper; FlashAttention-2's, the
+official code's); ``flash`` (flash-attn 3, else 2) and ``sage`` (sageattention) are opt-in and only used when
+installed;
 ``auto`` takes flash-attn for half-precision CUDA tensors when it is installed, else SDPA. The official model rounds q, k, v to bf16 right before its
 flash-attn call; ``round_qkv_bf16`` reproduces that rounding for fp32 runs.
 """
@@ -17,8 +19,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "cudnn", "flash", "sage")
-SDPA_BACKENDS = ("sdpa", "cudnn")  # PyTorch's own kernels: always available
+BACKENDS = ("auto", "sdpa", "cudnn", "sdpa_flash", "flash", "sage")
+SDPA_BACKENDS = ("sdpa", "cudnn", "sdpa_flash")  # PyTorch's own kernels: always available
 _PIP_NAMES = {"flash": "flash-attn (or flash_attn_interface from flash-attention 3)", "sage": "sageattention"}
 
 
@@ -142,8 +144,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     if backend not in SDPA_BACKENDS:
         # flash/sage kernels need half precision on CUDA; say why SDPA runs instead
         logger.debug("attention backend %s needs fp16/bf16 CUDA tensors; using sdpa", backend)
-    if backend == "cudnn" and _half_cuda(q):
-        out = _cudnn(q, k, v, scale, groups)
+    if backend in _ONLY and _half_cuda(q):
+        out = _sdpa_only(backend, q, k, v, scale, groups)
         if out is not None:
             return out.to(dtype)
     if groups > 1 and native_gqa(q, "sdpa"):
@@ -152,35 +154,40 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     return out.to(dtype)
 
 
-_CUDNN_REFUSED: dict[tuple, str] = {}  # shapes cuDNN refused -> why (logged once per shape)
+_REFUSED: dict[tuple, str] = {}  # (backend, shapes) a kernel refused -> why (logged once per shape)
+_ONLY = {"cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
 
 
-def _cudnn(q, k, v, scale, groups):
-    """cuDNN's fused attention alone, on contiguous (B, N, L, D) tensors; None where it refuses the call.
+def _sdpa_only(backend, q, k, v, scale, groups):
+    """One of SDPA's kernels alone (``cudnn`` or ``sdpa_flash``); None where it refuses the call.
 
-    Why: on an H200 at the 8B model's largest-step shapes cuDNN ran at 585 TFLOP/s against flash's 359
-    (benchmarks/gpu/probe_kernels.py), and attention is most of those steps' work. Only cuDNN is enabled, on
-    the contiguous layout of that probe: with cuDNN merely first in SDPA's priority order (this backend's first
-    version) a whole 720p run on an H100 was no faster than with flash, and SDPA does not say which kernel it
-    chose. Here a refusal is logged with PyTorch's reason and that shape goes to the default SDPA kernels.
-    Opt-in: its numerics are bf16-close to flash's (the official kernel), not equal.
+    ``cudnn``: cuDNN's fused attention.
+    Why: on an H200 at the 8B model's largest-step shapes cuDNN ran at 561-606 TFLOP/s against the
+    FlashAttention-2 kernel's 353-359 (benchmarks/gpu/probe_kernels.py), and attention is about half of a
+    720p generation. Recent PyTorch (2.11 with CUDA 13) already picks cuDNN by default on sm90 and sm100; older
+    versions and other GPUs default to flash, so this backend asks for cuDNN explicitly, and a refusal is logged
+    with PyTorch's reason (that shape then goes to SDPA's default kernels). Its numerics are bf16-close to
+    FlashAttention's (the official code's kernel), not equal.
+
+    ``sdpa_flash``: PyTorch's built-in FlashAttention-2, the kernel family of the flash-attn 2 package the
+    official code calls; for bf16 runs that round like the official GPU run where flash-attn is not installed
+    (recent PyTorch would otherwise pick cuDNN).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    key = (q.shape, k.shape, q.dtype)
-    if key in _CUDNN_REFUSED:
+    key = (backend, q.shape, k.shape, q.dtype)
+    if key in _REFUSED:
         return None
     gqa = groups > 1 and _sdpa_takes_gqa()
-    q, k, v = (t.contiguous() for t in (q, k, v))
     if groups > 1 and not gqa:
         k, v = _expand_kv(k, groups), _expand_kv(v, groups)
     try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel([getattr(SDPBackend, _ONLY[backend])]):
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **({"enable_gqa": True} if gqa else {}))
     except RuntimeError as e:
-        _CUDNN_REFUSED[key] = str(e).splitlines()[0]
-        logger.warning("cuDNN attention refused q %s, k %s (%s); using the default SDPA kernels for this shape",
-                       tuple(q.shape), tuple(k.shape), _CUDNN_REFUSED[key])
+        _REFUSED[key] = str(e).splitlines()[0]
+        logger.warning("attention backend %s refused q %s, k %s (%s); using the default SDPA kernels for this "
+                       "shape", backend, tuple(q.shape), tuple(k.shape), _REFUSED[key])
         return None
 
 

@@ -303,8 +303,10 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks' feed-forward (needs Triton on a GPU; the first run compiles)")
     p.add_argument("--attention", choices=list(BACKENDS), default="auto",
-                   help="attention kernel: auto = flash-attn when installed on CUDA, else PyTorch SDPA; cudnn = SDPA "
-                        "with cuDNN's kernel first (faster on Hopper); sage = SageAttention (changes the numerics)")
+                   help="attention kernel: auto = flash-attn when installed on CUDA, else PyTorch SDPA (its own "
+                        "pick: cuDNN on Hopper with recent PyTorch); cudnn = cuDNN's kernel (fastest on Hopper); "
+                        "sdpa_flash = PyTorch's FlashAttention-2 (the official kernel family: bf16 runs equal to "
+                        "the official GPU run); sage = SageAttention (changes the numerics)")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
 

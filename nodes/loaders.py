@@ -14,7 +14,7 @@ from . import types as T
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flash", "sage")
+ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "sdpa_flash", "flash", "sage")
 VAE_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TEXT_DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
@@ -66,8 +66,10 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "on older GPUs, fp32 on CPU. Weights are cast per layer when it differs."),
                 io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto",
                                tooltip="Attention kernel. auto = flash-attn if installed on CUDA (the official "
-                                       "kernel), else PyTorch SDPA. cudnn = SDPA with cuDNN's kernel first (1.6x flash's "
-                                       "attention speed on an H200). sage is faster but changes the numerics."),
+                                       "kernel), else PyTorch SDPA (which picks cuDNN on Hopper with recent "
+                                       "PyTorch). cudnn = cuDNN's kernel (1.6x FlashAttention-2's speed on an "
+                                       "H200). sdpa_flash = PyTorch's FlashAttention-2, the official kernel family "
+                                       "(bit-equal bf16 runs). sage is faster but changes the numerics."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the blocks' feed-forward (norm, SwiGLU, residual fused). "
                                          "Needs Triton on a GPU. The first run compiles (about a minute); later "

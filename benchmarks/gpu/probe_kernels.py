@@ -137,7 +137,7 @@ def first_call_ms(fn) -> float:
 def dispatch_rows(cfg, tokens, context, chunk, device):
     """Which kernels ``attend`` runs for each backend on the model's own layouts (queries a transposed view of
     (B, L, N, D), K/V contiguous with 8 heads): SDPA picks among its kernels without saying which."""
-    from infinitystar.attention import _CUDNN_REFUSED, attend
+    from infinitystar.attention import _REFUSED, attend
 
     if device.type != "cuda":
         return []
@@ -148,7 +148,7 @@ def dispatch_rows(cfg, tokens, context, chunk, device):
     k, v = (torch.randn(2, cfg.num_kv_heads, context, cfg.head_dim, device=device, dtype=torch.bfloat16)
             for _ in range(2))
     rows = []
-    for backend in ("sdpa", "cudnn"):
+    for backend in ("sdpa", "cudnn", "sdpa_flash"):
         attend(q, k, v, backend=backend)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
@@ -158,8 +158,7 @@ def dispatch_rows(cfg, tokens, context, chunk, device):
         top = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:2]
         names = "; ".join(e.key[:60] for e in top)
         rows.append((f"attend(backend={backend!r}) on the model's layout", ms,
-                     f"kernels: {names}" + (f"; refused: {list(_CUDNN_REFUSED.values())[:1]}"
-                                            if backend == "cudnn" and _CUDNN_REFUSED else "")))
+                     f"kernels: {names}" + (f"; refused: {list(_REFUSED.values())[:1]}" if _REFUSED else "")))
     return rows
 
 
