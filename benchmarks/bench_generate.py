@@ -179,8 +179,58 @@ def timed(name, impl, run, schedule, device, clock, memory_run) -> Result:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if peak is None and memory_run:
         _, peak = measure_peak_bytes(run, device)
-    return Result(name, impl, schedule.num_steps, total, sum(tail) / max(len(tail), 1), tokens / total, peak,
-                  codes=codes.float().cpu())
+    result = Result(name, impl, schedule.num_steps, total, sum(tail) / max(len(tail), 1), tokens / total, peak,
+                    codes=codes.float().cpu())
+    if len(steps) == schedule.num_steps:
+        result.extra["by step size"] = step_time_buckets(steps, schedule)
+    return result
+
+
+KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "scaled_mm")),
+    ("copy / cat / cast", ("copy", "memcpy", "memset", "cat", "catarraybatched")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_profile(run, device, top: int = 8) -> str:
+    """One more (untimed) run under torch.profiler: GPU time by kernel kind and the top kernels, to see where the
+    time goes that is neither attention nor matmuls."""
+    if device.type != "cuda":
+        return "profile: CUDA only"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+    total = sum(kinds.values())
+    by_kind = ", ".join(f"{k} {t:.2f} s" for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    tops = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    lines = "; ".join(f"{e.key[:48]} {e.self_device_time_total / 1e6:.2f} s ×{e.count}" for e in tops)
+    return f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}"
+
+
+STEP_BUCKETS = ((0, 1000), (1000, 10000), (10000, 1 << 62))
+
+
+def step_time_buckets(durations: list[float], schedule) -> str:
+    """Where a generation's time goes by step size: many small steps cost launches and host time, the few large
+    ones cost FLOPs; the first interval also holds the text step."""
+    parts = []
+    for lo, hi in STEP_BUCKETS:
+        picked = [d for d, s in zip(durations, schedule.steps) if lo <= s.num_tokens < hi]
+        if picked:
+            parts.append(f"{len(picked)} steps of {lo:,}–{'∞' if hi == 1 << 62 else f'{hi:,}'} tokens "
+                         f"{sum(picked):.2f} s")
+    return ", ".join(parts)
 
 
 def _chunk(args):
@@ -236,6 +286,8 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
         ours()
     results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory)]
     restore()
+    if args.profile:
+        results[0].extra["profile"] = kernel_profile(ours, device)
     results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS,
                                                    chunk_tokens=chunk, offload_kv=offloaded[1], weight_dtype=weights)
     if device.type == "cuda":  # CUDA peaks count the resident weights too
@@ -374,6 +426,9 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto", choices=list(BACKENDS),
                    help="auto = flash-attn when installed, else SDPA (its own pick); cudnn / sdpa_flash = cuDNN's / "
                         "PyTorch's FlashAttention-2 kernel alone (SDPA's default kernels for a shape it refuses)")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: one more run of ours under torch.profiler; prints GPU time by kernel kind and the "
+                        "top kernels")
     p.add_argument("--official-attention", default="flash", choices=["flash", "sdpa"],
                    help="the official code's attention on CUDA (a flash_attn stand-in when flash-attn is not "
                         "installed): flash = PyTorch's FlashAttention-2, the kernel family of the flash-attn 2 the "
@@ -507,7 +562,10 @@ def main(argv=None) -> str:
         if results:  # partial table in the log, in case a later case is killed
             print(format_table(results), file=sys.stderr, flush=True)
     table = format_table(results)
-    notes += [f"{r.case}: {r.extra[k]}" for r in results for k in ("official", "kv offload") if k in r.extra]
+    notes += [f"{r.case}: {r.extra[k]}" for r in results for k in ("official", "kv offload", "profile")
+              if k in r.extra]
+    notes += [f"{r.case} {r.impl}, time by step size: {r.extra['by step size']}" for r in results
+              if "by step size" in r.extra]
     syncs = [f"{r.case}: {r.extra['syncs']}" for r in results if "syncs" in r.extra]
     if syncs:
         notes.append("host-device syncs in our step loop: " + ", ".join(syncs))

@@ -86,6 +86,18 @@ def attention_rows(cfg, tokens, context, chunk, device):
                 continue
             rows.append((f"SDPA {name}, {kv_name} K/V", ms, f"{flops / ms / 1e9:.0f} TFLOP/s; "
                          f"{ms * blocks * cfg.depth / 1e3:.2f} s per step (all blocks)"))
+    if blocks > 1:  # the same step's queries in one call: what query blocks cost the attention kernel
+        whole = torch.randn(2, cfg.num_heads, tokens, cfg.head_dim, device=device, dtype=torch.bfloat16, generator=g)
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    ms = timed_ms(lambda: F.scaled_dot_product_attention(whole, k, v, enable_gqa=True), repeat=2)
+            except Exception as e:  # noqa: BLE001
+                rows.append((f"SDPA {name}, GQA K/V, all {tokens} queries in one call", None,
+                             str(e).splitlines()[0][:70]))
+                continue
+            rows.append((f"SDPA {name}, GQA K/V, all {tokens} queries in one call", ms,
+                         f"{flops * tokens / q.shape[2] / ms / 1e9:.0f} TFLOP/s; {ms * cfg.depth / 1e3:.2f} s per step"))
     return rows
 
 

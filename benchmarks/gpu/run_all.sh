@@ -20,7 +20,7 @@
 # 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 cannot run the official
 # 720p: 76.5 GB), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
 # (issue 7's open speed item, on an H200):
-#   STEPS="gpu_tests parity_480p5 official_720p5 ours_cudnn_fp8mm_720p5 probe_kernels" BUDGET=300
+#   STEPS="gpu_tests parity_480p5 official_720p5 probe_kernels ours_cudnn_fp8mm_720p5 profile_720p5" BUDGET=420
 #
 # REHEARSE=1 checks the plumbing on a CPU before device time is spent on it: the same steps, files and
 # summary with the tiny model, small cases (mid5, mid10), no memory caps and no sync check
@@ -85,7 +85,7 @@ step() {
 STATUS=0
 EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 parity_img_ours32"
 EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5 parity_img_fast"
-EXTRA+=" parity_480p5_whole"
+EXTRA+=" parity_480p5_whole profile_720p5"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -134,6 +134,7 @@ step parity_img_fast 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --off
     --attention cudnn --parity-trace 12
 step parity_480p5_whole 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
     --parity --parity-trace 12 --norms composite --attention sdpa_flash --chunk none
+step profile_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --profile --no-memory
 step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --compile --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
 step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul
