@@ -143,6 +143,7 @@ class Session:
                 torch.float8_e4m3fn if fp8_matmul else self.auto_dtype(schedule))
             self._transformer, self.info = load_transformer(self.paths["transformer"], dtype=dtype,
                                                             device=self.device, fp8_matmul=fp8_matmul)
+            self._transformer.use_fused_norms(getattr(self.args, "norms", "fused") == "fused")
             print(f"transformer: {self.paths['transformer']} ({self.info.variant}, blocks {self.info.dtype})",
                   file=sys.stderr)
         return self._transformer
@@ -307,6 +308,9 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                         "pick: cuDNN on Hopper with recent PyTorch); cudnn = cuDNN's kernel (fastest on Hopper); "
                         "sdpa_flash = PyTorch's FlashAttention-2 (the official kernel family: bf16 runs equal to "
                         "the official GPU run); sage = SageAttention (changes the numerics)")
+    p.add_argument("--norms", choices=["fused", "composite"], default="fused",
+                   help="CUDA, bf16/fp16: RMSNorm as PyTorch's fused kernel, or as the official code computes it "
+                        "(fp32 statistics; with --attention sdpa_flash, bf16 runs equal to the official GPU run)")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
 

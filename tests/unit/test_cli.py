@@ -205,13 +205,25 @@ def test_fp8_matmul_needs_fp8_weights(tiny_models, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "y.png").exists()
 
 
+def test_norms_option_reaches_the_model(tiny_models):
+    from infinitystar.cli import Session, build_parser
+    from infinitystar.transformer import RMSNorm
+
+    base = ["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--device", "cpu"]
+    for flag, fused in ((["--norms", "composite"], False), ([], True)):
+        model = Session(build_parser().parse_args(base + flag)).transformer()
+        norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+        assert norms and all(m.fused is fused for m in norms)
+
+
 def test_attention_backend_option(tiny_models, tmp_path, capsys):
     from infinitystar.attention import available_backends
 
     args = ["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
             "--device", "cpu", "--seed", "3"]
-    assert main(args + ["--attention", "cudnn", "--out", str(tmp_path / "c.png")]) == 0
-    assert (tmp_path / "c.png").exists()
+    for backend in ("cudnn", "sdpa_flash"):  # one SDPA kernel each on CUDA; plain SDPA on the CPU
+        assert main(args + ["--attention", backend, "--out", str(tmp_path / f"{backend}.png")]) == 0
+        assert (tmp_path / f"{backend}.png").exists()
     if "sage" not in available_backends():  # a backend that is not installed is refused before anything loads
         assert main(args + ["--attention", "sage", "--out", str(tmp_path / "s.png")]) != 0
         err = capsys.readouterr().err
