@@ -506,7 +506,7 @@ def test_cudnn_attention_choice_reaches_the_sampler(pack, loaded, core, monkeypa
 def test_bf16_compute_through_comfy_ops_equals_the_plain_core(pack, loaded, core, tiny_models):
     """What GPU users run: bf16 blocks computing in bf16 through ComfyUI's cast ops. The fp32 text and code
     embeddings must be computed as the official autocast does (a bf16 product), exactly as the core's plain
-    torch.nn path does, with bf16 code accumulators: same tokens, bit for bit (on a CPU)."""
+    torch.nn path does, with fp32 code accumulators: same tokens, bit for bit (on a CPU)."""
     checkpoint, pipeline = core("checkpoint"), core("pipeline")
     model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
                 weight_dtype="bf16", compute_dtype="bf16", attention="sdpa")[0]

@@ -175,8 +175,9 @@ def parity_summary(rep):
 
 def test_parity_with_official_tiny_cpu_bf16(official_path, single_thread):
     """--cpu-bf16: both in bf16, the official code under CPU autocast with its GPU-only guards honoured. Our
-    bf16 path rounds where the official GPU run rounds (autocast text/code embeddings, bf16 accumulators), so
-    the logits are equal, not merely close; and the fp32 comparison below shows bf16 really ran."""
+    bf16 path rounds where the official GPU run rounds (autocast text/code embeddings, fp32 accumulators as after
+    CUDA autocast's fp32 trilinear), so the logits are equal, not merely close; and the fp32 comparison below shows
+    bf16 really ran."""
     bench = load_benchmark("bench_generate")
     args = ["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81", "--cpu-bf16", "--official", official_path,
             "--parity", "--threads", "1"]
