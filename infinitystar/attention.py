@@ -178,6 +178,11 @@ def _sdpa_only(backend, q, k, v, scale, groups):
     key = (backend, q.shape, k.shape, q.dtype)
     if key in _REFUSED:
         return None
+    if backend == "cudnn" and not cudnn_safe(q.shape[2], torch.backends.cudnn.version()):
+        _REFUSED[key] = f"cuDNN {torch.backends.cudnn.version()} with {q.shape[2]} queries (not a multiple of 128)"
+        logger.info("attention backend cudnn: %s; PyTorch keeps such calls off cuDNN before 9.15.1, so does this "
+                    "one (default SDPA kernels for this shape)", _REFUSED[key])
+        return None
     gqa = groups > 1 and _sdpa_takes_gqa()
     if groups > 1 and not gqa:
         k, v = _expand_kv(k, groups), _expand_kv(v, groups)
@@ -189,6 +194,12 @@ def _sdpa_only(backend, q, k, v, scale, groups):
         logger.warning("attention backend %s refused q %s, k %s (%s); using the default SDPA kernels for this "
                        "shape", backend, tuple(q.shape), tuple(k.shape), _REFUSED[key])
         return None
+
+
+def cudnn_safe(queries: int, cudnn_version: int | None) -> bool:
+    """Whether cuDNN's attention may take ``queries`` query tokens: cuDNN before 9.15.1 has a memory bug for query
+    lengths that are not multiples of 128 (pytorch/pytorch#169849), so PyTorch stopped picking it there."""
+    return cudnn_version is not None and (cudnn_version >= 91501 or queries % 128 == 0)
 
 
 def prepare_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"

@@ -77,7 +77,7 @@ def test_single_kernel_backends_run_that_kernel_on_the_model_layout(backend, ker
     from infinitystar import attention
 
     g = torch.Generator("cuda").manual_seed(0)
-    q = torch.randn(2, 700, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    q = torch.randn(2, 768, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
     k, v = (torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     want = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1))
@@ -90,3 +90,10 @@ def test_single_kernel_backends_run_that_kernel_on_the_model_layout(backend, ker
     assert [n for n in names if kernel in n], names
     assert not [n for n in names if not_kernel in n], names
     assert (got.float() - want).norm() / want.norm() < 1e-2
+
+
+def test_cudnn_is_kept_off_query_lengths_old_cudnn_mishandles():
+    from infinitystar.attention import cudnn_safe
+
+    assert cudnn_safe(5120, 91000) and cudnn_safe(300, 91501) and cudnn_safe(300, 92000)
+    assert not cudnn_safe(300, 91500) and not cudnn_safe(5121, 90100) and not cudnn_safe(5120, None)
