@@ -106,6 +106,30 @@ def test_fp8_matmul_linear_rounds_only_the_activations(dtype):
     assert _rel(got, F.linear(x8, dequantized, b)) < 1e-2  # = the product with the rounded input
 
 
+def test_fp8_matmul_linear_row_blocks_and_extremes(monkeypatch):
+    """Row blocks give the one-GEMM result (the same quantized rows; only the GEMM's summation order may differ),
+    and the largest |x| never turns into NaN without a clamp (the per-tensor scale maps it to 448 at most)."""
+    import infinitystar.ops as ops
+
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(48, 32, generator=g) * 0.02, torch.randn(48, generator=g) * 0.1
+    layer, _ = _fp8_layer(Fp8MatmulLinear, w, b)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 50, 32, generator=g) * torch.logspace(-3, 3, 32)).to(dtype)
+        x[1, 7, 5] = -x.abs().max() * 1.0001  # a lone extreme value of either sign sets the scale
+        whole = layer(x)
+        assert torch.isfinite(whole).all()
+        monkeypatch.setattr(ops, "FP8_MATMUL_ROWS", 16)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(layer(x), whole, rtol=tol, atol=tol * whole.abs().max().item())
+        monkeypatch.setattr(ops, "FP8_MATMUL_ROWS", 10240)
+    for value in (448.0, 1e-30, 3.4e38):  # the quantized extreme is the format's maximum, whatever the scale
+        t = torch.full((4, 32), value)
+        t[0, 0] = -value
+        scale = t.abs().max() / 448
+        assert torch.isfinite((t * (1 / scale)).to(torch.float8_e4m3fn).float()).all()
+
+
 def test_fp8_matmul_linear_falls_back_for_other_weights():
     layer = Fp8MatmulLinear(8, 4)  # fp32 weight (an embedding or head in the official layout)
     x = torch.randn(3, 8)
