@@ -178,8 +178,9 @@ def _sdpa_only(backend, q, k, v, scale, groups):
     key = (backend, q.shape, k.shape, q.dtype)
     if key in _REFUSED:
         return None
-    if backend == "cudnn" and not cudnn_safe(q.shape[2], torch.backends.cudnn.version()):
-        _REFUSED[key] = f"cuDNN {torch.backends.cudnn.version()} with {q.shape[2]} queries (not a multiple of 128)"
+    version = torch.backends.cudnn.version() if backend == "cudnn" else None
+    if backend == "cudnn" and not cudnn_safe(q.shape[2], version):
+        _REFUSED[key] = f"cuDNN {version} with {q.shape[2]} queries (not a multiple of 128)"
         logger.info("attention backend cudnn: %s; PyTorch keeps such calls off cuDNN before 9.15.1, so does this "
                     "one (default SDPA kernels for this shape)", _REFUSED[key])
         return None

@@ -26,7 +26,7 @@ class LoadedTransformer:
     patcher: Any
     info: Any
     compute_dtype: torch.dtype | None  # None: bf16 on CUDA, fp32 elsewhere (sampler default)
-    attention: str  # "sdpa" | "cudnn" | "flash" | "sage"
+    attention: str  # one of infinitystar.attention.BACKENDS except "auto" (the loader resolves it)
     compile: bool = False  # torch.compile the blocks' feed-forward
 
     @property
