@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from official import STANDIN_KERNELS  # noqa: E402  (the official code itself is imported only with --official)
+
 from infinitystar.attention import BACKENDS  # noqa: E402
 from infinitystar.checkpoint import transformer_storage  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
@@ -313,11 +315,6 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     return results
 
 
-def _traced(args, tracer, *a):
-    """``tracer(*a, steps)`` (trace.py) when --parity-trace asks for it, else a context yielding None."""
-    return tracer(*a[:1], args.parity_trace, *a[1:]) if args.parity_trace else contextlib.nullcontext()
-
-
 def parity_case(args, config, device, name, pn, frames, official_mod):
     """Official free run, then ours teacher-forced with its bits; returns a parity.ParityReport."""
     import parity
@@ -332,7 +329,8 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     model.to("cpu")  # room for the official run (a no-op on a CPU)
     _empty_cache(device)
     start = time.perf_counter()
-    with _traced(args, parity_trace.trace_official, runner.model) as ref_rec:
+    steps = args.parity_trace  # --parity-trace: record the first steps of both runs (parity_trace.py)
+    with parity_trace.trace_official(runner.model, steps) if steps else contextlib.nullcontext() as ref_rec:
         logits, bits = parity.run_official(runner, cond, args.seed, sched)
     t_official = time.perf_counter() - start
     del runner
@@ -347,7 +345,7 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
               file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    with _traced(args, parity_trace.trace_ours, model, ref_rec.units if ref_rec else 0) as our_rec:
+    with parity_trace.trace_ours(model, steps, ref_rec.units) if steps else contextlib.nullcontext() as our_rec:
         parity.compare_ours(model, cond, sched, args.seed, logits, bits, report, progress=progress,
                             generator_device=device.type, compute_dtype=ours_dtype,
                             attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
@@ -429,7 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="CUDA: one more run of ours under torch.profiler; prints GPU time by kernel kind and the "
                         "top kernels")
-    p.add_argument("--official-attention", default="flash", choices=["flash", "sdpa"],
+    p.add_argument("--official-attention", default="flash", choices=list(STANDIN_KERNELS),
                    help="the official code's attention on CUDA (a flash_attn stand-in when flash-attn is not "
                         "installed): flash = PyTorch's FlashAttention-2, the kernel family of the flash-attn 2 the "
                         "official code calls; sdpa = SDPA's own pick (cuDNN on Hopper with torch 2.11)")

@@ -189,6 +189,11 @@ class OfficialRunner:
                 return_summed_code_only=True, low_vram_mode=False)
 
 
+def interpolate_mode(args: tuple, kwargs: dict) -> str:
+    """``mode`` of an ``F.interpolate(input, *args, **kwargs)`` call (its fourth parameter, default "nearest")."""
+    return kwargs.get("mode", args[2] if len(args) > 2 else "nearest")
+
+
 @contextlib.contextmanager
 def _cpu_autocast_guards():
     """On a CPU stand-in for the GPU run: make the official ``torch.amp.autocast('cuda', enabled=False)`` regions
@@ -207,8 +212,8 @@ def _cpu_autocast_guards():
         return real_autocast(device_type, *a, **k)
 
     def interpolate(x, *a, **k):
-        mode = k.get("mode", a[2] if len(a) > 2 else "nearest")
-        if torch.is_autocast_enabled("cpu") and mode != "area" and x.dtype in (torch.bfloat16, torch.float16):
+        if (torch.is_autocast_enabled("cpu") and interpolate_mode(a, k) != "area"
+                and x.dtype in (torch.bfloat16, torch.float16)):
             x = x.float()
         with torch.autocast("cpu", enabled=False):
             return real_interpolate(x, *a, **k)

@@ -20,6 +20,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from official import interpolate_mode
 
 FIELDS = ("codes", "acc", "area", "embed_in", "embed_out")
 
@@ -63,7 +64,7 @@ def recording_interpolate(rec: Recorder):
 
     def spy(x, *a, **k):
         out = real(x, *a, **k)
-        rec.interpolate(k.get("mode", a[2] if len(a) > 2 else "nearest"), x, out)
+        rec.interpolate(interpolate_mode(a, k), x, out)
         return out
 
     F.interpolate = spy
