@@ -43,3 +43,27 @@ def test_apply_rope_is_interleaved_complex_rotation():
     ref = torch.view_as_real(xc * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))).reshape(x.shape)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+
+
+def test_apply_rope_rounds_each_step_like_the_official_in_place_code():
+    """Half precision: every partial result is stored in x's dtype, the cross products stay fp32 (spec §2.3
+    "Numerics": q0' = bf16(bf16(q0*cos) - q1*sin)); written out here step by step, bit for bit, on the model's
+    transposed (B, N, L, D) view of (B, L, N, D) memory."""
+    g = torch.Generator().manual_seed(1)
+    cos, sin = visual_rope(530, 0, 2, 3, 5, 6, 10, head_dim=32)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = (torch.randn(2, 30, 4, 32, generator=g) * 4).to(dtype).transpose(1, 2)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        t1, t2 = x1 * sin, x0 * sin  # fp32 tables: fp32 products
+        y0 = ((x0 * cos).to(dtype) - t1).to(dtype)
+        y1 = ((x1 * cos).to(dtype) + t2).to(dtype)
+        want = torch.stack([y0, y1], dim=-1).reshape(x.shape)
+        got = apply_rope(x, cos, sin)
+        assert got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got, want), dtype
+        with_grad = apply_rope(x.detach().requires_grad_(dtype == torch.float32), cos, sin)
+        assert torch.equal(with_grad, want) and with_grad.requires_grad == (dtype == torch.float32)
+        # double rounding matters: rounding once (fp32 throughout) differs somewhere in half precision
+        if dtype != torch.float32:
+            once = torch.stack([x0.float() * cos - t1, x1.float() * cos + t2], dim=-1).reshape(x.shape).to(dtype)
+            assert not torch.equal(got, once)
