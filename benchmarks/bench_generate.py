@@ -434,7 +434,7 @@ def parse_args(argv=None):
     p.add_argument("--norms", default="fused", choices=["fused", "composite"],
                    help="CUDA half-precision RMSNorm: PyTorch's fused kernel, or the official composite (fp32 "
                         "statistics, as the official code computes it without flash-attn)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our feed-forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile our blocks' parts around attention")
     p.add_argument("--fp8-matmul", action="store_true",
                    help="multiply the fp8 (e4m3fn) blocks in fp8 (torch._scaled_mm; not the official numerics)")
     p.add_argument("--offload-kv", default="auto", choices=list(OFFLOAD_KV_CHOICES),

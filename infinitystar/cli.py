@@ -302,7 +302,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                    help="fp8 e4m3fn weights multiplied in fp8 (RTX 40xx / H100 and newer): faster matmuls, "
                         "activations rounded to fp8 (not the official numerics)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the blocks' feed-forward (needs Triton on a GPU; the first run compiles)")
+                   help="torch.compile the blocks' parts around attention: norms, projections, RoPE, SwiGLU "
+                        "(needs Triton on a GPU; the first run compiles)")
     p.add_argument("--attention", choices=list(BACKENDS), default="auto",
                    help="attention kernel: auto = flash-attn when installed on CUDA, else PyTorch SDPA (its own "
                         "pick: cuDNN on Hopper with recent PyTorch); cudnn = cuDNN's kernel (fastest on Hopper); "

@@ -75,7 +75,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.to(x.device), sin.to(x.device)
-    if torch.is_grad_enabled() and x.requires_grad:  # out= is not differentiable: the same steps, composed
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        # the same steps composed: out= is not differentiable, and torch.compile fuses them itself (its tracer
+        # refuses out= into the strided halves)
         y0 = ((x0 * cos).to(dtype) - x1 * sin).to(dtype)
         y1 = ((x1 * cos).to(dtype) + x0 * sin).to(dtype)
         return torch.stack([y0, y1], dim=-1).reshape(x.shape)

@@ -261,7 +261,8 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
     chunk_tokens: steps with more tokens run their attention queries, MLP and heads in blocks of
       this many tokens (exact; bounds the activations, see infinitystar.memory); "auto" sizes the
       block from ``memory.CHUNK_BUDGET``, None or 0 disables it.
-    compile: run each block's feed-forward through torch.compile (off by default).
+    compile: run the parts of each block around attention (norms, projections, RoPE, feed-forward) through
+      torch.compile (off by default).
     offload_kv: keep the reference scales' K/V of every layer (True) or of the first n layers (n) in host
       memory (exact; costs one host-to-device copy of the references per offloaded layer and step); "auto"
       offloads on CUDA only as many layers as the run needs to fit the free memory.

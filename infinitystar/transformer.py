@@ -102,7 +102,7 @@ class StepContext:
     attn_backend: str = "sdpa"
     round_qkv_bf16: bool = True
     chunk_tokens: int | None = None  # > 0: run steps longer than this in query/token blocks (exact)
-    compile: bool = False  # run the feed-forward through torch.compile
+    compile: bool = False  # run the block parts around attention through torch.compile
 
 
 class Attention(nn.Module):
@@ -150,12 +150,6 @@ class Attention(nn.Module):
         B, _, L, _ = o.shape
         return _linear(self.o_proj, o.transpose(1, 2).reshape(B, L, -1).to(dtype))
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
-        cos, sin = ctx.rope
-        q = self.project_q(x, cos, sin)
-        k, v = self.with_context(*self.project_kv(x, cos, sin), ctx, layer)
-        return self.output(q, k, v, ctx, x.dtype)
-
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
@@ -183,10 +177,13 @@ class Block(nn.Module):
         n = ctx.chunk_tokens
         if n and x.shape[1] > n:
             return self._forward_chunked(x, ctx, layer, n)
+        run = compiled if ctx.compile else _eager
         # 1. self-attention over [references, text, own tokens]
-        h = x + self.attn(self.input_layernorm(x), ctx, layer)
+        q, k, v = run(attention_inputs)(self, x, *ctx.rope)
+        k, v = self.attn.with_context(k, v, ctx, layer)
+        h = x + self.attn.output(q, k, v, ctx, x.dtype)
         # 2. feed-forward
-        return (_compiled_feed_forward if ctx.compile else feed_forward)(self, h)
+        return run(feed_forward)(self, h)
 
     def _forward_chunked(self, x: torch.Tensor, ctx: StepContext, layer: int, n: int) -> torch.Tensor:
         """The same block over token blocks of n: whole K/V, queries and MLP one block at a time.
@@ -196,7 +193,8 @@ class Block(nn.Module):
         """
         spans = [(s, min(s + n, x.shape[1])) for s in range(0, x.shape[1], n)]
         cos, sin = ctx.rope
-        ks, vs = zip(*(self.attn.project_kv(self.input_layernorm(x[:, s:e]), cos[s:e], sin[s:e]) for s, e in spans))
+        run = compiled if ctx.compile else _eager
+        ks, vs = zip(*(run(attention_keys)(self, x[:, s:e], cos[s:e], sin[s:e]) for s, e in spans))
         k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
         del ks, vs
         k, v = self.attn.with_context(k, v, ctx, layer)
@@ -205,16 +203,35 @@ class Block(nn.Module):
             k, v = _round_bf16(k), _round_bf16(v)
         h = torch.empty_like(x)
         for i, (s, e) in enumerate(spans):
-            q = self.attn.project_q(self.input_layernorm(x[:, s:e]), cos[s:e], sin[s:e])
+            q = run(attention_queries)(self, x[:, s:e], cos[s:e], sin[s:e])
             if i == 0:  # GQA K/V repeated to the query heads once per layer, not once per block
                 k, v = prepare_kv(q, k, v, ctx.attn_backend)
             q = _round_bf16(q) if rounding else q
             torch.add(x[:, s:e], self.attn.output(q, k, v, ctx, x.dtype, round_qkv_bf16=False), out=h[:, s:e])
         del k, v
-        ffn = _compiled_feed_forward if ctx.compile else feed_forward
         for s, e in spans:
-            h[:, s:e] = ffn(self, h[:, s:e])
+            h[:, s:e] = run(feed_forward)(self, h[:, s:e])
         return h
+
+
+# The parts of a block around its attention call and K/V cache: plain functions of (block, tokens, ...), so that
+# ``compile=True`` runs each through one torch.compile'd function for every block and token count (Inductor fuses
+# the norms, RoPE and SwiGLU around the matmuls: fewer passes over the tokens and fewer kernel launches).
+
+def attention_inputs(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotated queries and keys and the values (B, N, L, D) of tokens x (B, L, C), input norm applied once."""
+    normed = block.input_layernorm(x)
+    return (block.attn.project_q(normed, cos, sin), *block.attn.project_kv(normed, cos, sin))
+
+
+def attention_queries(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return block.attn.project_q(block.input_layernorm(x), cos, sin)
+
+
+def attention_keys(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return block.attn.project_kv(block.input_layernorm(x), cos, sin)
 
 
 def feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
@@ -222,19 +239,22 @@ def feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
     return h + block.mlp(block.post_attention_layernorm(h))
 
 
-def _compiled_feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
-    """``feed_forward`` through torch.compile (built on first use; dynamic token counts)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(feed_forward, dynamic=True)
-    return _COMPILED(block, h)
+def _eager(fn):
+    return fn
 
 
-_COMPILED = None
+def compiled(fn):
+    """``fn`` through torch.compile, built on first use, one per function (dynamic token counts)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+_COMPILED: dict = {}
 
 
 def compile_unavailable(device: torch.device | str) -> str | None:
-    """Why torch.compile cannot build the feed-forward for ``device`` here, or None when it can: Inductor
+    """Why torch.compile cannot build the block parts for ``device`` here, or None when it can: Inductor
     generates Triton kernels on a GPU and C++ on the CPU, and fails at the first call without them."""
     device = torch.device(device)
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
@@ -346,6 +366,8 @@ class InfinityStarTransformer(nn.Module):
         if isinstance(x, list):
             x = x.pop()
         x = x.to(compute_dtype or self.block_dtype())
+        if ctx.compile:  # the compiled block parts are built for dense tokens (a step's CFG pair comes expanded)
+            x = x.contiguous()
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, i)
         return x

@@ -71,7 +71,7 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "H200). sdpa_flash = PyTorch's FlashAttention-2, the official kernel family "
                                        "(bit-equal bf16 runs). sage is faster but changes the numerics."),
                 io.Boolean.Input("compile", default=False, optional=True,
-                                 tooltip="torch.compile the blocks' feed-forward (norm, SwiGLU, residual fused). "
+                                 tooltip="torch.compile the blocks' parts around attention (norms, RoPE, SwiGLU fused). "
                                          "Needs Triton on a GPU. The first run compiles (about a minute); later "
                                          "runs reuse it. Off = the plain PyTorch path."),
             ],

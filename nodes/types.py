@@ -27,7 +27,7 @@ class LoadedTransformer:
     info: Any
     compute_dtype: torch.dtype | None  # None: bf16 on CUDA, fp32 elsewhere (sampler default)
     attention: str  # one of infinitystar.attention.BACKENDS except "auto" (the loader resolves it)
-    compile: bool = False  # torch.compile the blocks' feed-forward
+    compile: bool = False  # torch.compile the blocks' parts around attention
 
     @property
     def module(self):

@@ -416,8 +416,8 @@ def test_previews_show_colours_when_the_tokenizer_is_connected(pack, loaded, cor
     assert loaded["vae"].patcher not in host._PROJECTIONS
 
 
-def test_compile_option_runs_the_compiled_feed_forward(pack, loaded, core, monkeypatch):
-    """compile=True on the loader: the Sampler runs every block's feed-forward through torch.compile (a real
+def test_compile_option_runs_the_compiled_block_parts(pack, loaded, core, monkeypatch):
+    """compile=True on the loader: the Sampler runs every block's parts around attention through torch.compile (a real
     Inductor build on the CPU) and gives the eager run's tokens up to rare bit flips from rounding; without a
     compiler the loader refuses with what to install."""
     import shutil
@@ -431,14 +431,15 @@ def test_compile_option_runs_the_compiled_feed_forward(pack, loaded, core, monke
     compiled = run(loader, **inputs, compile=True)[0]
     assert compiled.compile and not loaded["model"].compile
     calls = []
-    real = transformer._compiled_feed_forward
-    monkeypatch.setattr(transformer, "_compiled_feed_forward", lambda *a: calls.append(1) or real(*a))
+    real = transformer.compiled
+    monkeypatch.setattr(transformer, "compiled", lambda fn: calls.append(fn) or real(fn))
     tokens = {}
     for name, model in (("eager", loaded["model"]), ("compiled", compiled)):
         calls.clear()
         tokens[name] = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s",
                            seed=9, **SMALL)[0]
         assert bool(calls) == (name == "compiled")
+        assert not calls or {transformer.feed_forward} < set(calls)  # the feed-forward and the attention inputs
     a, b = (torch.cat([x.flatten() for x in tokens[k].bits]) for k in ("eager", "compiled"))
     assert a.shape == b.shape and (a == b).float().mean() > 0.99
     monkeypatch.setattr(shutil, "which", lambda name: None)
