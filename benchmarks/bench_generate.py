@@ -164,6 +164,17 @@ def _tail_indices(schedule) -> list[int]:
     return [i for i, s in enumerate(schedule.steps) if s.si in largest]
 
 
+def first_run_s(run, device) -> float:
+    """Wall time of the warm-up run (--warmup): the first generation in a process pays one-off costs (cuDNN's
+    execution plans, cuBLAS set-up, the allocator growing); the table times the second, as a ComfyUI session does
+    its later videos, and the notes keep both."""
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def timed(name, impl, run, schedule, device, clock, memory_run) -> Result:
     clock.marks.clear()
     _sync(device)
@@ -284,9 +295,10 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
         offloaded[:] = [out.kv_offloaded_bytes, out.kv_offloaded_layers]
         return out.summed_codes
 
-    if args.warmup:
-        ours()
+    first = first_run_s(ours, device) if args.warmup else None
     results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory)]
+    if first is not None:
+        results[0].extra["first run"] = first
     restore()
     if args.profile:
         results[0].extra["profile"] = kernel_profile(ours, device)
@@ -305,10 +317,11 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
         clock = StepClock(device)
         restore = _wrap_head(runner.model, "get_logits_during_infer", clock)
         try:
-            if args.warmup:
-                runner.run(cond, args.seed)
+            first = first_run_s(lambda: runner.run(cond, args.seed), device) if args.warmup else None
             results.append(timed(name, "official", lambda: runner.run(cond, args.seed), sched, device, clock,
                                  not args.no_memory))
+            if first is not None:
+                results[-1].extra["first run"] = first
         except torch.OutOfMemoryError as e:  # keep our row (the official code needs ~65 GB at 720p)
             results[0].extra["official"] = f"official code out of memory ({str(e).splitlines()[0]})"
         restore()
@@ -445,7 +458,7 @@ def parse_args(argv=None):
     p.add_argument("--num-scales", type=int, default=None, help="truncate each clip's pyramid (smoke runs)")
     p.add_argument("--seed", type=int, default=41)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--warmup", action="store_true", help="run each implementation once before timing")
+    p.add_argument("--warmup", action="store_true", help="run each implementation once before timing (the notes give that first run's time too)")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the profiled memory run")
     p.add_argument("--check-syncs", action="store_true", help="CUDA: count host-device syncs in our step loop")
     p.add_argument("--parity", action="store_true",
@@ -564,6 +577,8 @@ def main(argv=None) -> str:
               if k in r.extra]
     notes += [f"{r.case} {r.impl}, time by step size: {r.extra['by step size']}" for r in results
               if "by step size" in r.extra]
+    notes += [f"{r.case} {r.impl}: first run {r.extra['first run']:.2f} s, the table's (second) run {r.total:.2f} s"
+              for r in results if "first run" in r.extra]
     syncs = [f"{r.case}: {r.extra['syncs']}" for r in results if "syncs" in r.extra]
     if syncs:
         notes.append("host-device syncs in our step loop: " + ", ".join(syncs))

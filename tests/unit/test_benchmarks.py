@@ -21,6 +21,20 @@ def test_bench_generate_cpu_mid_smoke():
         assert int(r[2]) > 0 and float(r[3]) > 0 and float(r[6]) > 0 and float(r[7]) > 0
 
 
+def test_bench_generate_warmup_reports_the_first_run_too():
+    """--warmup times the second run in the table and keeps the first (cold) run's time in the notes."""
+    import re
+
+    bench = load_benchmark("bench_generate")
+    text = bench.main(["--device", "cpu", "--config", "tiny", "--cases", "mid5", "--num-scales", "2",
+                       "--threads", "1", "--warmup", "--no-memory"])
+    _, rows = _table(text)
+    found = re.findall(r"mid5 ours: first run ([0-9.]+) s, the table's \(second\) run ([0-9.]+) s", text)
+    assert len(found) == 1, text
+    first, second = map(float, found[0])
+    assert first > 0 and second == float(rows[0][3])
+
+
 def test_bench_generate_refuses_full_on_cpu():
     bench = load_benchmark("bench_generate")
     with pytest.raises(SystemExit, match="needs a GPU"):

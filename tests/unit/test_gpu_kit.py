@@ -103,7 +103,7 @@ def test_run_all_rehearsal_runs_the_official_steps(tmp_path):
 
 
 FOLLOW_UPS = ["parity_img_official32", "parity_img_ours32", "official_720p5_cudnn", "parity_img_fp32",
-              "parity_img_cudnn", "parity_img_fast"]
+              "parity_img_cudnn", "parity_img_fast", "official_720p5_warm"]
 
 
 def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
@@ -114,6 +114,8 @@ def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
     assert "precision: ours fp32, official fp32" in (out / "parity_img_fp32.md").read_text()
     assert "attention cudnn" in (out / "official_720p5_cudnn.md").read_text()
     assert "trace (ours vs official, first steps)" in (out / "parity_img_fast.md").read_text()
+    warm = (out / "official_720p5_warm.md").read_text()
+    assert "mid5 ours: first run" in warm and "mid5 official: first run" in warm, warm
 
 
 def test_prepare_refuses_without_an_official_checkout(tmp_path):
