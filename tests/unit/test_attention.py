@@ -97,3 +97,18 @@ def test_cudnn_is_kept_off_query_lengths_old_cudnn_mishandles():
 
     assert cudnn_safe(5120, 91000) and cudnn_safe(300, 91501) and cudnn_safe(300, 92000)
     assert not cudnn_safe(300, 91500) and not cudnn_safe(5121, 90100) and not cudnn_safe(5120, None)
+
+
+def test_loader_node_offers_exactly_the_core_backends():
+    """The loader node lists its attention choices itself (nodes import the core lazily); its snapshot in
+    tests/data/object_info.json (checked against the real node by the host tests) must offer every core backend,
+    in the core's order, and nothing else."""
+    import json
+    from pathlib import Path
+
+    from infinitystar.attention import BACKENDS
+
+    info = json.loads((Path(__file__).resolve().parents[1] / "data" / "object_info.json").read_text())
+    inputs = info["InfinityStarModelLoader"]["input"]
+    spec = inputs["required"].get("attention") or inputs.get("optional", {})["attention"]
+    assert spec[0] == "COMBO" and tuple(spec[1]["options"]) == BACKENDS and spec[1]["default"] == "auto"
