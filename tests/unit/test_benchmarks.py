@@ -1,4 +1,6 @@
 """Smoke runs of the benchmark scripts' main() in CPU mode with tiny settings (no timing assertions)."""
+import os
+
 import pytest
 from bench_loader import load_benchmark
 
@@ -49,3 +51,32 @@ def test_bench_decode_cpu_smoke():
     assert header == bench.COLUMNS
     assert [r[3] for r in rows] == ["official", "all"] and all(r[1] == "9" for r in rows)
     assert all(float(r[5]) > 0 for r in rows)
+
+
+def test_official_cuda_runs_get_expandable_segments_before_cuda_starts(monkeypatch):
+    """--official on CUDA: PyTorch's allocator is set to expandable segments before the official code is imported
+    or CUDA starts (the official 720p run ran out of memory on an H100 with 12.5 GiB reserved but unused); a
+    setting the user made is kept; the settings line names it."""
+    import torch
+
+    bench = load_benchmark("bench_generate")
+    import official
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "_init_cuda", lambda device: seen.append(("cuda", os.environ.get(ALLOC))))
+    monkeypatch.setattr(official, "import_official", lambda path: seen.append(("import", os.environ.get(ALLOC))))
+    monkeypatch.setattr(bench, "machine_line", lambda device: "a GPU")
+    monkeypatch.delenv(ALLOC, raising=False)
+    args, device, config, _ = bench._setup(["--device", "cuda", "--config", "tiny", "--official", "somewhere"])
+    assert seen == [("import", "expandable_segments:True"), ("cuda", "expandable_segments:True")]
+    assert f"{ALLOC}=expandable_segments:True" in bench._settings_line(args, config, device)
+    monkeypatch.setenv(ALLOC, "max_split_size_mb:512")
+    bench._setup(["--device", "cuda", "--config", "tiny", "--official", "somewhere"])
+    assert seen[-1] == ("cuda", "max_split_size_mb:512")
+    monkeypatch.delenv(ALLOC)
+    bench._setup(["--device", "cuda", "--config", "tiny"])  # ours alone: the allocator is left as it is
+    assert seen[-1] == ("cuda", None)
+
+
+ALLOC = "PYTORCH_CUDA_ALLOC_CONF"
