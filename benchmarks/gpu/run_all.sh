@@ -18,8 +18,8 @@
 #   run_all.log            everything else: per-step parity lines, partial tables, warnings, errors
 #
 # Measured device time (H200 / H100, 2026-11-26; the machine's start comes on top): tests 15 s, ours_fp8
-# 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 cannot run the official
-# 720p: 76.5 GB), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
+# 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 ran out of memory in the
+# official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
 # (issue 7's open speed item, on an H200; kind="nvidia-h200", timeout_s=570):
 #   STEPS="gpu_tests parity_480p5 official_720p5_warm probe_kernels profile_720p5 ours_compile_720p5" BUDGET=540
 #
