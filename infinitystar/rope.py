@@ -75,7 +75,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.to(x.device), sin.to(x.device)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+    if _is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
         # the same steps composed: out= is not differentiable, and torch.compile fuses them itself (its tracer
         # refuses out= into the strided halves)
         y0 = ((x0 * cos).to(dtype) - x1 * sin).to(dtype)
@@ -89,3 +89,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     torch.mul(x1, cos, out=first)
     torch.add(first, torch.mul(x0, sin, out=cross), out=rotated[..., 1])
     return out
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)  # torch < 2.3
