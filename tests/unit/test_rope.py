@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from infinitystar.rope import apply_rope, inv_freq, normalized_positions, text_rope, visual_rope
@@ -45,14 +46,16 @@ def test_apply_rope_is_interleaved_complex_rotation():
     assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
 
 
-def test_apply_rope_rounds_each_step_like_the_official_in_place_code():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_apply_rope_rounds_each_step_like_the_official_in_place_code(device):
     """Half precision: every partial result is stored in x's dtype, the cross products stay fp32 (spec §2.3
     "Numerics": q0' = bf16(bf16(q0*cos) - q1*sin)); written out here step by step, bit for bit, on the model's
-    transposed (B, N, L, D) view of (B, L, N, D) memory."""
+    transposed (B, N, L, D) view of (B, L, N, D) memory, on the CPU and on CUDA."""
     g = torch.Generator().manual_seed(1)
-    cos, sin = visual_rope(530, 0, 2, 3, 5, 6, 10, head_dim=32)
+    cos, sin = (t.to(device) for t in visual_rope(530, 0, 2, 3, 5, 6, 10, head_dim=32))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        x = (torch.randn(2, 30, 4, 32, generator=g) * 4).to(dtype).transpose(1, 2)
+        x = (torch.randn(2, 30, 4, 32, generator=g) * 4).to(device, dtype).transpose(1, 2)
         x0, x1 = x[..., 0::2], x[..., 1::2]
         t1, t2 = x1 * sin, x0 * sin  # fp32 tables: fp32 products
         y0 = ((x0 * cos).to(dtype) - t1).to(dtype)
