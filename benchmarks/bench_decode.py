@@ -6,6 +6,10 @@ CUDA: the real 720p/480p latent grid. Prints a markdown table with the estimate 
 
     python benchmarks/bench_decode.py --device cpu --config full --cells 2x3 --latents 5,9
     python benchmarks/bench_decode.py --device cuda --config full --cells 45x80 --latents 21 --chunks official,2,4,8,all
+
+With ``--official PATH`` (an official checkout) the official tokenizer decodes the same latents with the same
+weights (``vae.decode(codes, slice=True)``, in bf16 under autocast on CUDA as its scripts run it): one more row,
+and a note with the time ratio and the largest difference from ours (fp32 on a CPU: equal up to float rounding).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from infinitystar.memory import measure_peak_bytes  # noqa: E402
+from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.vae import VaeConfig, VideoTokenizer, estimate_decode_memory  # noqa: E402
 
 CONFIGS = {"full": VaeConfig(), "mid": VaeConfig(block_out_channels=(32, 64, 128, 128, 128))}
@@ -38,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--chunks", default="official,4,all", help="comma list: official (3,2,2..), N, all")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="decode dtype (default bf16 on CUDA)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--official", default=None, metavar="PATH",
+                   help="official InfinityStar checkout: decode the same latents with its tokenizer too")
+    p.add_argument("--warmup", action="store_true",
+                   help="one small untimed decode per implementation first (CUDA context, cuDNN handles)")
     return p.parse_args(argv)
 
 
@@ -56,23 +65,78 @@ def main(argv=None) -> str:
     cfg = CONFIGS[args.config]
     torch.manual_seed(0)
     tok = VideoTokenizer(cfg, device=device).eval().to(dtype)
+    theirs = _official_tokenizer(args, tok, device, dtype) if args.official else None
+    if args.warmup:
+        small = torch.zeros(1, 64, 1, min(h, 2), min(w, 2), device=device)
+        tok.decode(small)
+        if theirs is not None:
+            theirs.decode(small)
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    notes = []
     for latents in (int(t) for t in args.latents.split(",")):
         codes = torch.randn(1, 64, latents, h, w, device=device) * 0.3
+        ours_official_plan = None
         for text in args.chunks.split(","):
             chunk = _chunk(text.strip(), latents)
-            start = time.perf_counter()
-            out, peak = measure_peak_bytes(lambda c=chunk, z=codes: tok.decode(z, chunk_latents=c), device)
-            took = time.perf_counter() - start
+            out, took, peak = _timed_decode(lambda c=chunk, z=codes: tok.decode(z, chunk_latents=c), device)
             est = estimate_decode_memory(cfg, codes.shape, chunk, dtype)
             rows.append(f"| {latents} | {out.shape[2]} | {h}x{w} | {text} | {took:.2f} | {peak / 1e9:.4f} | "
                         f"{est / 1e9:.4f} | {est / max(peak, 1):.2f} |")
+            if chunk is None:
+                ours_official_plan = (out, took)
             del out
-    text = "\n".join(rows) + (f"\n\nconfig {args.config} {cfg.block_out_channels}, {dtype}, {device}"
-                              f" (CPU peak: live tensor bytes; CUDA: max_memory_allocated above the weights)")
+        if theirs is not None:
+            ref, took, peak = _timed_decode(lambda z=codes: theirs.decode(z), device)
+            rows.append(f"| {latents} | {ref.shape[2]} | {h}x{w} | official code | {took:.2f} | {peak / 1e9:.4f} "
+                        "| - | - |")
+            if ours_official_plan is None:  # compare with ours on the same (official) latent plan
+                ours_official_plan = _timed_decode(lambda z=codes: tok.decode(z), device)[:2]
+            out, ours_took = ours_official_plan
+            diff = (out.float() - ref.float()).abs().max().item()
+            notes.append(f"{latents} latents: the official code {took:.2f} s, ours (official plan) {ours_took:.2f} s: "
+                         f"{took / ours_took:.2f}x; largest |ours - official| {diff:.2e} (raw RGB, about -1..1)")
+            del ref, out
+        ours_official_plan = None
+    where = ("CPU peak: live tensor bytes, times include the profiler; CUDA: max_memory_allocated above the "
+             "weights")
+    text = "\n".join(rows) + (f"\n\nconfig {args.config} {cfg.block_out_channels}, {dtype}, {device} ({where})")
+    if notes:
+        text += "\n" + "\n".join(notes)
     print(text)
     return text
 
+
+class _OfficialDecoder:
+    """The official tokenizer with our weights, decoding as the official scripts do."""
+
+    def __init__(self, vae, bf16: bool):
+        self.vae, self.bf16 = vae, bf16
+
+    def decode(self, codes):
+        import official
+
+        return official.official_decode(self.vae, codes, self.bf16)
+
+
+def _official_tokenizer(args, tok, device, dtype) -> _OfficialDecoder:
+    import official
+
+    if args.config != "full":
+        raise SystemExit("--official needs --config full: the official tokenizer's channel widths are fixed")
+    mod = official.import_official(args.official)
+    sched = build_schedule("0.90M", "16:9", 81)  # only the tokenizer settings of these arguments matter
+    bf16 = dtype == torch.bfloat16
+    oargs = official.official_args(mod, "0.90M", 81, bf16, sched.image_repetition, sched.video_repetition,
+                                   sched.semantic_scales, sched.detail_scale_min_tokens)
+    state = {k: v.float().cpu() for k, v in tok.state_dict().items()}  # fp32 weights: autocast runs them in bf16
+    return _OfficialDecoder(official.official_tokenizer(mod, oargs, state).to(device), bf16)
+
+
+def _timed_decode(fn, device):
+    """(output, seconds, peak bytes) of one decode."""
+    start = time.perf_counter()
+    out, peak = measure_peak_bytes(fn, device)
+    return out, time.perf_counter() - start, peak
 
 if __name__ == "__main__":
     main()

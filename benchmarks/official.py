@@ -108,14 +108,40 @@ def official_args(mod, pn: str, frames: int, bf16: bool, image_rep, video_rep, s
 
 
 @contextlib.contextmanager
-def _no_checkpoint_file():
-    """video_vae_model always torch.loads its checkpoint; hand it an empty state dict instead."""
+def _checkpoint_file(state_dict: dict | None = None):
+    """video_vae_model always torch.loads its checkpoint; hand it ``state_dict`` (or nothing) instead."""
     real = torch.load
-    torch.load = lambda *a, **k: {"vae": {}}
+    torch.load = lambda *a, **k: {"vae": dict(state_dict or {})}
     try:
         yield
     finally:
         torch.load = real
+
+
+def official_tokenizer(mod, args, state_dict: dict) -> torch.nn.Module:
+    """The official video tokenizer (``AutoencoderKLCogVideoX``) on the CPU holding ``state_dict``, our tokenizer's
+    weights under their official key names (it loads non-strictly: raise on anything left unloaded)."""
+    with _checkpoint_file(state_dict), contextlib.redirect_stdout(sys.stderr):
+        vae = mod.vae_loader.video_vae_model("<ours>", "dynamic", args.vae_type, global_args=args, test_mode=True)
+    theirs = vae.state_dict()
+    missing = sorted(k for k in theirs if k not in state_dict)
+    unused = sorted(k for k in state_dict if k not in theirs)
+    shapes = sorted(k for k in theirs if k in state_dict and tuple(theirs[k].shape) != tuple(state_dict[k].shape))
+    if missing or unused or shapes:
+        raise ValueError(f"our tokenizer's keys do not fill the official one: missing {missing[:5]}, unused "
+                         f"{unused[:5]}, mis-shaped {shapes[:5]}")
+    return vae
+
+
+def official_decode(vae, summed_codes: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The official decode of summed codes (B, 64, T, h, w): ``vae.decode(codes, slice=True)`` (its 3+2+2...
+    latent chunks with conv caches), under the scripts' bf16 autocast; raw RGB (B, 3, frames, H, W)."""
+    device = summed_codes.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    cpu_guards = _cpu_autocast_guards() if bf16 and device.type == "cpu" else contextlib.nullcontext()
+    with autocast, cpu_guards, torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        out = vae.decode(summed_codes, slice=True)
+    return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
 
 
 class OfficialRunner:
@@ -129,7 +155,7 @@ class OfficialRunner:
         self.mod, self.args, self.device = mod, args, torch.device(device)
         if self.device.type == "cuda":
             mod.dist.set_gpu_id(self.device.index or 0)
-        with _no_checkpoint_file():
+        with _checkpoint_file():
             vae = mod.vae_loader.video_vae_model("<random>", "dynamic", args.vae_type, global_args=args, test_mode=True)
         vae.quantizer.to(self.device)  # the sampler only uses the quantizer; the rest stays on the CPU
         self.vae = vae

@@ -15,6 +15,7 @@
 #   official_720p5_warm.md extra: official_720p5 after one warm-up generation per side (first runs in the notes)
 #   ours_compile_720p5.md  extra, only with STEPS="ours_compile_720p5": ours at 720p 5 s with torch.compile, bf16
 #   ours_fp8mm_720p5.md    extra, only with STEPS="ours_fp8mm_720p5": ours at 720p 5 s with fp8 matmuls
+#   decode_720p5.md        extra: the 720p 5 s tokenizer decode, ours vs the official tokenizer (same weights)
 #   run_all.log            everything else: per-step parity lines, partial tables, warnings, errors
 #
 # Measured device time (H200 / H100, 2026-11-26; the machine's start comes on top): tests 15 s, ours_fp8
@@ -86,7 +87,7 @@ step() {
 STATUS=0
 EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 parity_img_ours32"
 EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5 parity_img_fast"
-EXTRA+=" parity_480p5_whole profile_720p5 official_720p5_warm"
+EXTRA+=" parity_480p5_whole profile_720p5 official_720p5_warm decode_720p5"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -101,9 +102,11 @@ if [ -n "${REHEARSE:-}" ]; then
     BENCH=(benchmarks/bench_generate.py --device cpu --config tiny --threads 2)
     C720=mid5 C480=mid5 C480_10=mid10 CIMG=0.06M:1 CAP24=() CAP16=() SYNCS=()
     PROBE=(benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5 --sweep mid5)
+    DECODE=(benchmarks/bench_decode.py --device cpu --config full --threads 2 --cells 1x2 --latents 3)
 else
     BENCH=(benchmarks/bench_generate.py --device cuda --config full)
     PROBE=(benchmarks/gpu/probe_kernels.py --cases 720p5,480p5)
+    DECODE=(benchmarks/bench_decode.py --device cuda --config full --cells 45x80 --latents 21)
     C720=720p5 C480=480p5 C480_10=480p10 CIMG=480p:1 CAP24=(--memory-cap-gb 24) CAP16=(--memory-cap-gb 16) SYNCS=(--check-syncs)
 fi
 step ours_fp8 210 60 "$PY" "${BENCH[@]}" --cases $C720,$C480,$C480_10 --weights fp8 "${SYNCS[@]}" \
@@ -139,6 +142,9 @@ step parity_480p5_whole 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 -
 step profile_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --profile --no-memory
 # extra: torch.compile's speed-up at 720p 5 s, bf16 like official_720p5_warm's rows (compile time in the first run)
 step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --compile --warmup
+# extra: the tokenizer decode of a 720p 5 s video (21 latents), ours (official latent plan) against the official
+# tokenizer with the same weights, in bf16 as its scripts run it: time, peak memory, largest difference
+step decode_720p5 150 60 "$PY" "${DECODE[@]}" --chunks official --official "$OFFICIAL" --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
 step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul
 

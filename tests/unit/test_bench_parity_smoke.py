@@ -187,3 +187,23 @@ def test_parity_with_official_tiny_cpu_bf16(official_path, single_thread):
     assert all(s.draws_agree == 1.0 for s in rep.steps)
     _, (mixed,) = bench.run_parity(args + ["--parity-fp32", "ours"])  # ours fp32 against the official bf16
     assert mixed.worst.worst > 1e-4, parity_summary(mixed)
+
+
+def test_decode_against_the_official_tokenizer_cpu(official_path, single_thread):
+    """bench_decode --official: the official tokenizer holds our tokenizer's weights (every key used, none missing)
+    and decodes the same latents (4 latents: one first chunk with split_first); fp32 on a CPU, so the largest
+    difference is float rounding; an extra official row and a ratio note."""
+    import re
+
+    bench = load_benchmark("bench_decode")
+    text = bench.main(["--device", "cpu", "--config", "full", "--cells", "1x2", "--latents", "4", "--chunks",
+                       "official", "--official", official_path, "--threads", "1"])
+    header, rows = _rows(text)
+    assert [r[3] for r in rows] == ["official", "official code"] and rows[0][1] == rows[1][1] == "13"
+    (diff,) = re.findall(r"largest \|ours - official\| ([0-9.e+-]+)", text)
+    assert float(diff) < 1e-4, text
+
+
+def _rows(text):
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    return lines[0], [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]

@@ -103,7 +103,7 @@ def test_run_all_rehearsal_runs_the_official_steps(tmp_path):
 
 
 FOLLOW_UPS = ["parity_img_official32", "parity_img_ours32", "official_720p5_cudnn", "parity_img_fp32",
-              "parity_img_cudnn", "parity_img_fast", "official_720p5_warm"]
+              "parity_img_cudnn", "parity_img_fast", "official_720p5_warm", "decode_720p5"]
 
 
 def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
@@ -116,6 +116,8 @@ def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
     assert "trace (ours vs official, first steps)" in (out / "parity_img_fast.md").read_text()
     warm = (out / "official_720p5_warm.md").read_text()
     assert "mid5 ours: first run" in warm and "mid5 official: first run" in warm, warm
+    decode = (out / "decode_720p5.md").read_text()
+    assert "| official code |" in decode and "largest |ours - official|" in decode, decode
 
 
 def test_prepare_refuses_without_an_official_checkout(tmp_path):
