@@ -22,7 +22,8 @@
 # 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 ran out of memory in the
 # official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
 # (issue 7's open speed item, on an H200; kind="nvidia-h200", timeout_s=570):
-#   STEPS="gpu_tests parity_480p5 official_720p5_warm probe_kernels profile_720p5 ours_compile_720p5" BUDGET=540
+#   STEPS="gpu_tests parity_480p5 official_720p5_warm probe_kernels profile_720p5 decode_720p5 ours_compile_720p5"
+#   BUDGET=560
 #
 # REHEARSE=1 checks the plumbing on a CPU before device time is spent on it: the same steps, files and
 # summary with the tiny model, small cases (mid5, mid10), no memory caps and no sync check
@@ -140,11 +141,11 @@ step parity_img_fast 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --off
 step parity_480p5_whole 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
     --parity --parity-trace 12 --norms composite --attention sdpa_flash --chunk none
 step profile_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --profile --no-memory
-# extra: torch.compile's speed-up at 720p 5 s, bf16 like official_720p5_warm's rows (compile time in the first run)
-step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --compile --warmup
 # extra: the tokenizer decode of a 720p 5 s video (21 latents), ours (official latent plan) against the official
 # tokenizer with the same weights, in bf16 as its scripts run it: time, peak memory, largest difference
 step decode_720p5 150 60 "$PY" "${DECODE[@]}" --chunks official --official "$OFFICIAL" --warmup
+# extra: torch.compile's speed-up at 720p 5 s, bf16 like official_720p5_warm's rows (compile time in the first run)
+step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --compile --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
 step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul
 
