@@ -14,6 +14,7 @@ and a note with the time ratio and the largest difference from ours (fp32 on a C
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -65,12 +66,12 @@ def main(argv=None) -> str:
     cfg = CONFIGS[args.config]
     torch.manual_seed(0)
     tok = VideoTokenizer(cfg, device=device).eval().to(dtype)
-    theirs = _official_tokenizer(args, tok, device, dtype) if args.official else None
+    theirs = _official_decoder(args, tok, device, dtype) if args.official else None
     if args.warmup:
         small = torch.zeros(1, 64, 1, min(h, 2), min(w, 2), device=device)
         tok.decode(small)
         if theirs is not None:
-            theirs.decode(small)
+            theirs(small)
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     notes = []
     for latents in (int(t) for t in args.latents.split(",")):
@@ -82,11 +83,11 @@ def main(argv=None) -> str:
             est = estimate_decode_memory(cfg, codes.shape, chunk, dtype)
             rows.append(f"| {latents} | {out.shape[2]} | {h}x{w} | {text} | {took:.2f} | {peak / 1e9:.4f} | "
                         f"{est / 1e9:.4f} | {est / max(peak, 1):.2f} |")
-            if chunk is None:
+            if chunk is None and theirs is not None:  # kept for the comparison below
                 ours_official_plan = (out, took)
             del out
         if theirs is not None:
-            ref, took, peak = _timed_decode(lambda z=codes: theirs.decode(z), device)
+            ref, took, peak = _timed_decode(lambda z=codes: theirs(z), device)
             rows.append(f"| {latents} | {ref.shape[2]} | {h}x{w} | official code | {took:.2f} | {peak / 1e9:.4f} "
                         "| - | - |")
             if ours_official_plan is None:  # compare with ours on the same (official) latent plan
@@ -96,7 +97,6 @@ def main(argv=None) -> str:
             notes.append(f"{latents} latents: the official code {took:.2f} s, ours (official plan) {ours_took:.2f} s: "
                          f"{took / ours_took:.2f}x; largest |ours - official| {diff:.2e} (raw RGB, about -1..1)")
             del ref, out
-        ours_official_plan = None
     where = ("CPU peak: live tensor bytes, times include the profiler; CUDA: max_memory_allocated above the "
              "weights")
     text = "\n".join(rows) + (f"\n\nconfig {args.config} {cfg.block_out_channels}, {dtype}, {device} ({where})")
@@ -106,30 +106,18 @@ def main(argv=None) -> str:
     return text
 
 
-class _OfficialDecoder:
-    """The official tokenizer with our weights, decoding as the official scripts do."""
-
-    def __init__(self, vae, bf16: bool):
-        self.vae, self.bf16 = vae, bf16
-
-    def decode(self, codes):
-        import official
-
-        return official.official_decode(self.vae, codes, self.bf16)
-
-
-def _official_tokenizer(args, tok, device, dtype) -> _OfficialDecoder:
+def _official_decoder(args, tok, device, dtype):
+    """codes -> raw RGB by the official tokenizer holding ``tok``'s weights, decoding as the official scripts do."""
     import official
 
     if args.config != "full":
         raise SystemExit("--official needs --config full: the official tokenizer's channel widths are fixed")
     mod = official.import_official(args.official)
-    sched = build_schedule("0.90M", "16:9", 81)  # only the tokenizer settings of these arguments matter
-    bf16 = dtype == torch.bfloat16
-    oargs = official.official_args(mod, "0.90M", 81, bf16, sched.image_repetition, sched.video_repetition,
-                                   sched.semantic_scales, sched.detail_scale_min_tokens)
+    bf16 = dtype == torch.bfloat16  # only the tokenizer settings of these arguments matter
+    oargs = official.official_args(mod, "0.90M", 81, bf16, build_schedule("0.90M", "16:9", 81))
     state = {k: v.float().cpu() for k, v in tok.state_dict().items()}  # fp32 weights: autocast runs them in bf16
-    return _OfficialDecoder(official.official_tokenizer(mod, oargs, state).to(device), bf16)
+    return functools.partial(official.official_decode, official.official_tokenizer(mod, oargs, state).to(device),
+                             bf16=bf16)
 
 
 def _timed_decode(fn, device):
@@ -137,6 +125,7 @@ def _timed_decode(fn, device):
     start = time.perf_counter()
     out, peak = measure_peak_bytes(fn, device)
     return out, time.perf_counter() - start, peak
+
 
 if __name__ == "__main__":
     main()

@@ -178,7 +178,9 @@ def first_run_s(run, device) -> float:
     return took
 
 
-def timed(name, impl, run, schedule, device, clock, memory_run) -> Result:
+def timed(name, impl, run, schedule, device, clock, memory_run, warmup: bool = False) -> Result:
+    """One timed run; ``warmup``: an untimed one first (its time in ``extra["first run"]``)."""
+    first = first_run_s(run, device) if warmup else None
     clock.marks.clear()
     _sync(device)
     if device.type == "cuda":
@@ -199,6 +201,8 @@ def timed(name, impl, run, schedule, device, clock, memory_run) -> Result:
                     codes=codes.float().cpu())
     if len(steps) == schedule.num_steps:
         result.extra["by step size"] = step_time_buckets(steps, schedule)
+    if first is not None:
+        result.extra["first run"] = first
     return result
 
 
@@ -263,8 +267,7 @@ def official_runner(official_mod, config, device, model, pn, frames, sched, bf16
     import official
 
     state = dequantized(model.state_dict(), torch.bfloat16)  # the official code cannot store fp8
-    oargs = official.official_args(official_mod, pn, frames, bf16, sched.image_repetition, sched.video_repetition,
-                                   sched.semantic_scales, sched.detail_scale_min_tokens)
+    oargs = official.official_args(official_mod, pn, frames, bf16, sched)
     return official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)
 
 
@@ -298,10 +301,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
         offloaded[:] = [out.kv_offloaded_bytes, out.kv_offloaded_layers]
         return out.summed_codes
 
-    first = first_run_s(ours, device) if args.warmup else None
-    results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory)]
-    if first is not None:
-        results[0].extra["first run"] = first
+    results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory, args.warmup)]
     restore()
     if args.profile:
         results[0].extra["profile"] = kernel_profile(ours, device)
@@ -320,11 +320,8 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
         clock = StepClock(device)
         restore = _wrap_head(runner.model, "get_logits_during_infer", clock)
         try:
-            first = first_run_s(lambda: runner.run(cond, args.seed), device) if args.warmup else None
             results.append(timed(name, "official", lambda: runner.run(cond, args.seed), sched, device, clock,
-                                 not args.no_memory))
-            if first is not None:
-                results[-1].extra["first run"] = first
+                                 not args.no_memory, args.warmup))
         except torch.OutOfMemoryError as e:  # keep our row (the official code needs ~65 GB at 720p)
             results[0].extra["official"] = f"official code out of memory ({str(e).splitlines()[0]})"
         restore()

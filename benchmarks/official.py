@@ -86,9 +86,9 @@ def import_official(path: str | Path) -> types.SimpleNamespace:
         get_visual_rope_embeds=infinity_elegant.get_visual_rope_embeds)
 
 
-def official_args(mod, pn: str, frames: int, bf16: bool, image_rep, video_rep, semantic_scales: int,
-                  detail_min_tokens: int):
-    """The official scripts' settings (tools/infer_video_*.py) for one case."""
+def official_args(mod, pn: str, frames: int, bf16: bool, schedule):
+    """The official scripts' settings (tools/infer_video_*.py) for one case; ``schedule`` (ours, for pn and frames)
+    gives the repetitions and head split."""
     args = mod.Args()
     args.pn = PN_CODES.get(pn, pn)
     args.video_frames = frames
@@ -97,11 +97,11 @@ def official_args(mod, pn: str, frames: int, bf16: bool, image_rep, video_rep, s
     args.bf16 = int(bf16)
     args.use_apg, args.use_cfg, args.cfg, args.apg_norm_threshold = 1, 0, 34, 0.05
     args.tau_image, args.tau_video = 1, 0.4
-    args.image_scale_repetition = json.dumps(list(image_rep))
-    args.video_scale_repetition = json.dumps(list(video_rep))
+    args.image_scale_repetition = json.dumps(list(schedule.image_repetition))
+    args.video_scale_repetition = json.dumps(list(schedule.video_repetition))
     args.use_two_stage_lfq = 1
-    args.detail_scale_min_tokens = detail_min_tokens
-    args.semantic_scales = semantic_scales
+    args.detail_scale_min_tokens = schedule.detail_scale_min_tokens
+    args.semantic_scales = schedule.semantic_scales
     args.max_repeat_times = 10000
     args.videovae = 10
     return args
@@ -140,8 +140,7 @@ def official_decode(vae, summed_codes: torch.Tensor, bf16: bool) -> torch.Tensor
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     cpu_guards = _cpu_autocast_guards() if bf16 and device.type == "cpu" else contextlib.nullcontext()
     with autocast, cpu_guards, torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        out = vae.decode(summed_codes, slice=True)
-    return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+        return vae.decode(summed_codes, slice=True)
 
 
 class OfficialRunner:
