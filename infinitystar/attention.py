@@ -1,6 +1,7 @@
 """The one attention dispatch of the model (spec §2.1 steps 5-6, §2.4): unmasked, non-causal, GQA.
 
-``sdpa`` (torch: cuDNN / flash / memory-efficient kernels on CUDA, as PyTorch picks) is the default;
+``sdpa`` (torch: cuDNN / flash / memory-efficient kernels on CUDA, as PyTorch picks, except that calls smaller
+than ``SMALL_CALL_WORK`` go to FlashAttention-2, see :func:`small_call`) is the default;
 ``cudnn`` and ``sdpa_flash`` ask SDPA for one kernel (cuDNN's, the fastest on Hopper; FlashAttention-2's, the
 official code's); ``flash`` (flash-attn 3, else 2) and ``sage`` (sageattention) are opt-in and only used when
 installed;
@@ -91,7 +92,7 @@ def _half_cuda(q: torch.Tensor) -> bool:
 def _sdpa_gqa_device(index: int) -> bool:
     # torch >= 2.5 takes GQA K/V in SDPA (enable_gqa); its flash kernel needs sm80+ (NVIDIA; ROCm builds keep
     # the repeat rather than risk a fall-back to the math kernel)
-    return (_sdpa_takes_gqa() and torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0))
+    return _sdpa_takes_gqa() and torch.version.hip is None and _capability(index) >= (8, 0)
 
 
 def _sdpa_takes_gqa() -> bool:
@@ -148,10 +149,46 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
         out = _sdpa_only(backend, q, k, v, scale, groups)
         if out is not None:
             return out.to(dtype)
+    if backend == "sdpa" and small_call(q.shape[2], k.shape[2]) and _flash_device(q):
+        out = _sdpa_only("sdpa_flash", q, k, v, scale, groups)
+        if out is not None:
+            return out.to(dtype)
     if groups > 1 and native_gqa(q, "sdpa"):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).to(dtype)
     out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
     return out.to(dtype)
+
+
+# Below this many query x key tokens per call, backend "sdpa" runs FlashAttention-2 rather than leaving the pick to
+# PyTorch (which takes cuDNN on Hopper/Blackwell since torch 2.11). 0 turns the routing off.
+SMALL_CALL_WORK = 4096 * 4096
+
+
+def small_call(queries: int, keys: int, work: int | None = None) -> bool:
+    """Whether an attention call of ``queries`` x ``keys`` tokens is too small for cuDNN to pay.
+
+    Why: cuDNN builds an execution plan for every new shape (reported elsewhere at 55-70 ms each, about a second
+    where a new kernel variant is compiled; PyTorch caches plans per process) and spends about twice
+    FlashAttention-2's host time per call, while its kernel is about 1.6x faster (H200,
+    benchmarks/gpu/probe_kernels.py). A 720p 5 s generation has 34 attention shapes, most of them small: by this
+    estimate cuDNN pays only at the largest ones, which are called hundreds of times. At 4096 x 4096 tokens
+    (batch 2, 32 heads) one call's kernel saves about 0.6 ms, so a shape called about 100 times (36 layers,
+    3 repetitions) earns back a plan of about 60 ms. ``probe_kernels.py --sweep`` measures both sides per bucket.
+    """
+    work = SMALL_CALL_WORK if work is None else work
+    return queries * keys < work
+
+
+def _flash_device(q: torch.Tensor) -> bool:
+    """PyTorch's FlashAttention-2 can take these half-precision CUDA queries (sm80+ NVIDIA, head dim <= 256)."""
+    return (_half_cuda(q) and q.shape[-1] <= 256 and torch.version.hip is None
+            and torch.backends.cuda.flash_sdp_enabled()
+            and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= (8, 0))
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 _REFUSED: dict[tuple, str] = {}  # (backend, shapes) a kernel refused -> why (logged once per shape)

@@ -306,7 +306,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                         "(needs Triton on a GPU; the first run compiles)")
     p.add_argument("--attention", choices=list(BACKENDS), default="auto",
                    help="attention kernel: auto = flash-attn when installed on CUDA, else PyTorch SDPA (its own "
-                        "pick: cuDNN on Hopper with recent PyTorch); cudnn = cuDNN's kernel (fastest on Hopper); "
+                        "pick for large calls: cuDNN on Hopper with recent PyTorch; FlashAttention-2 for small ones); "
+                        "cudnn = cuDNN's kernel for every call; "
                         "sdpa_flash = PyTorch's FlashAttention-2 (the official kernel family: bf16 runs equal to "
                         "the official GPU run); sage = SageAttention (changes the numerics)")
     p.add_argument("--norms", choices=["fused", "composite"], default="fused",

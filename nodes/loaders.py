@@ -66,9 +66,10 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "on older GPUs, fp32 on CPU. Weights are cast per layer when it differs."),
                 io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto",
                                tooltip="Attention kernel. auto = flash-attn if installed on CUDA (the official "
-                                       "kernel), else PyTorch SDPA (which picks cuDNN on Hopper with recent "
-                                       "PyTorch). cudnn = cuDNN's kernel (1.6x FlashAttention-2's speed on an "
-                                       "H200). sdpa_flash = PyTorch's FlashAttention-2, the official kernel family "
+                                       "kernel), else PyTorch SDPA: FlashAttention-2 for small calls, its own pick "
+                                       "(cuDNN on Hopper with recent PyTorch) for the large ones. cudnn = cuDNN's "
+                                       "kernel for every call (1.6x FlashAttention-2's speed on an H200 at the "
+                                       "large steps; a plan per new shape at the small ones). sdpa_flash = PyTorch's FlashAttention-2, the official kernel family "
                                        "(bit-equal bf16 runs). sage is faster but changes the numerics."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the blocks' parts around attention (norms, RoPE, SwiGLU fused). "

@@ -103,16 +103,18 @@ def attention_rows(cfg, tokens, context, chunk, device):
 
 def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
     """Attention time of a whole generation per SDPA backend (every step's shape, all 36 layers, no MLP), by
-    step size: whether cuDNN's kernel pays at the small steps too, or only at the large ones."""
+    step size: whether cuDNN's kernel pays at the small steps too, or only at the large ones. A last row routes
+    each shape as backend "sdpa" does (``attention.small_call``: FlashAttention-2 below the threshold)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from infinitystar.attention import small_call
 
     buckets = [(0, 100), (100, 1000), (1000, 10000), (10000, 1 << 62)]
     counts: dict[tuple[int, int], int] = {}
     for shape in step_shapes(schedule):
         counts[shape] = counts.get(shape, 0) + 1
-    rows = []
+    rows, per_shape = [], {}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        per_bucket, setup = [0.0] * len(buckets), [0.0] * len(buckets)
         try:
             for (tokens, context), n in counts.items():
                 q = torch.randn(2, cfg.num_heads, min(tokens, chunk), cfg.head_dim, device=device,
@@ -121,19 +123,30 @@ def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
                 with sdpa_kernel([backend]):
                     first = first_call_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
                     ms = timed_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), repeat)
-                i = next(j for j, (lo, hi) in enumerate(buckets) if lo <= tokens < hi)
-                per_bucket[i] += ms * -(-tokens // chunk) * cfg.depth * n
-                setup[i] += max(first - ms, 0.0)
+                per_shape[name, tokens, context] = (ms * -(-tokens // chunk) * cfg.depth * n, max(first - ms, 0.0))
         except Exception as e:  # noqa: BLE001
             rows.append((f"attention of a whole generation (ms), SDPA {name}", None, str(e).splitlines()[0][:70]))
             continue
-        parts = ", ".join(f"{lo}–{hi if hi < 1 << 62 else '∞'} tokens {t / 1e3:.2f} s (+{first / 1e3:.2f} s)"
-                          for (lo, hi), t, first in zip(buckets, per_bucket, setup))
-        rows.append((f"attention of a whole generation (ms), SDPA {name}", sum(per_bucket),
-                     f"{parts}; (+ first calls: {sum(setup) / 1e3:.2f} s more over the {len(counts)} shapes, plan "
-                     "building paid once per shape and process; where cuDNN's plans cost more than its speed "
-                     "saves, FlashAttention-2 is the faster first run)"))
+        rows.append(_sweep_row(f"SDPA {name}", buckets, {s: per_shape[(name, *s)] for s in counts}))
+    if all(("flash", *s) in per_shape and ("cudnn", *s) in per_shape for s in counts):
+        routed = {s: per_shape[("flash" if small_call(min(s[0], chunk), s[1]) else "cudnn", *s)] for s in counts}
+        rows.append(_sweep_row('attend(backend="sdpa") routing', buckets, routed))
     return rows
+
+
+def _sweep_row(what, buckets, times):
+    """One sweep row: kernel time per step-size bucket and the first calls' extra time (plans) on top."""
+    per_bucket, setup = [0.0] * len(buckets), [0.0] * len(buckets)
+    for (tokens, _), (total, first) in times.items():
+        i = next(j for j, (lo, hi) in enumerate(buckets) if lo <= tokens < hi)
+        per_bucket[i] += total
+        setup[i] += first
+    parts = ", ".join(f"{lo}–{hi if hi < 1 << 62 else '∞'} tokens {t / 1e3:.2f} s (+{first / 1e3:.2f} s)"
+                      for (lo, hi), t, first in zip(buckets, per_bucket, setup))
+    return (f"attention of a whole generation (ms), {what}", sum(per_bucket),
+            f"{parts}; (+ first calls: {sum(setup) / 1e3:.2f} s more over the {len(times)} shapes, plan "
+            "building paid once per shape and process; where cuDNN's plans cost more than its speed "
+            "saves, FlashAttention-2 is the faster first run)")
 
 
 def first_call_ms(fn) -> float:

@@ -92,6 +92,74 @@ def test_single_kernel_backends_run_that_kernel_on_the_model_layout(backend, ker
     assert (got.float() - want).norm() / want.norm() < 1e-2
 
 
+def test_small_calls_are_those_under_the_work_threshold():
+    from infinitystar.attention import SMALL_CALL_WORK, small_call
+
+    assert small_call(1, 513) and small_call(3600, 4112) and small_call(4095, 4096)
+    assert not small_call(4096, 4096) and not small_call(5120, 76112) and not small_call(320, 76112)
+    assert SMALL_CALL_WORK == 4096 * 4096
+    assert not small_call(1, 1, work=0) and small_call(10, 10, work=101) and not small_call(10, 10, work=100)
+
+
+def test_sdpa_routes_only_small_calls_to_flash(monkeypatch):
+    """backend "sdpa" asks for FlashAttention-2 alone exactly for calls under the threshold, where the kernel can
+    (faked here: the CPU has no such kernel); other backends, and large calls, are left to their own path."""
+    from infinitystar import attention
+
+    asked = []
+
+    def only(backend, q, k, v, scale, groups):
+        asked.append((backend, q.shape[2], k.shape[2]))
+        return None  # as if refused: attend falls through to the default path, whose result is still right
+
+    monkeypatch.setattr(attention, "_sdpa_only", only)
+    monkeypatch.setattr(attention, "_flash_device", lambda q: True)
+    monkeypatch.setattr(attention, "SMALL_CALL_WORK", 100)
+    g = torch.Generator().manual_seed(3)
+    small = [torch.randn(1, n, 9, 8, generator=g) for n in (4, 2, 2)]  # 9 x 9 = 81 < 100
+    large = [torch.randn(1, n, 11, 8, generator=g) for n in (4, 2, 2)]  # 121
+    for q, k, v in (small, large):
+        torch.testing.assert_close(attend(q, k, v, round_qkv_bf16=False), reference(q, k, v), rtol=1e-5, atol=1e-6)
+    assert asked == [("sdpa_flash", 9, 9)]
+    for backend in ("cudnn", "sdpa_flash"):  # a single-kernel backend keeps its own kernel (CPU: plain SDPA)
+        attend(*small, backend=backend)
+    assert len(asked) == 1
+    monkeypatch.setattr(attention, "_flash_device", lambda q: False)
+    n = len(asked)
+    attend(*small)
+    assert len(asked) == n  # no FlashAttention-2 on this device: nothing is asked of it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sdpa_runs_small_calls_on_flash_and_leaves_large_ones_to_pytorch():
+    """On the model's layout: a small call gives FlashAttention-2's result bit for bit (its kernel ran, no cuDNN);
+    a large one gives exactly what SDPA's own pick gives."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from infinitystar import attention
+
+    g = torch.Generator("cuda").manual_seed(0)
+
+    def layout(queries, keys):
+        q = torch.randn(2, queries, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        k, v = (torch.randn(2, 8, keys, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        return q, k, v
+
+    small, large = layout(600, 700), layout(4224, 4300)
+    assert attention.small_call(600, 700) and not attention.small_call(4224, 4300)
+    attention.attend(*small)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = attention.attend(*small)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert [n for n in names if "flash_fwd" in n] and not [n for n in names if "cudnn" in n], names
+    assert torch.equal(got, attention.attend(*small, backend="sdpa_flash"))
+    q, k, v = large
+    pick = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=128 ** -0.5, enable_gqa=True)
+    assert torch.equal(attention.attend(q, k, v), pick)
+
+
 def test_cudnn_is_kept_off_query_lengths_old_cudnn_mishandles():
     from infinitystar.attention import cudnn_safe
 
