@@ -21,9 +21,9 @@
 # Measured device time (H200 / H100, 2026-11-26; the machine's start comes on top): tests 15 s, ours_fp8
 # 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 ran out of memory in the
 # official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
-# (issue 7's open speed item, on an H200; kind="nvidia-h200", timeout_s=570):
-#   STEPS="gpu_tests parity_480p5 official_720p5_warm probe_kernels profile_720p5 decode_720p5 ours_compile_720p5"
-#   BUDGET=560
+# (issue 7's open speed item, on an H200; kind="nvidia-h200", timeout_s=590; the steps run in this file's order):
+#   STEPS="gpu_tests parity_480p5 official_720p5_warm probe_kernels ours_compile_720p5 decode_720p5 profile_720p5"
+#   BUDGET=575
 #
 # REHEARSE=1 checks the plumbing on a CPU before device time is spent on it: the same steps, files and
 # summary with the tiny model, small cases (mid5, mid10), no memory caps and no sync check
@@ -119,9 +119,15 @@ step official_720p5 200 100 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --o
 # extra: the same with one warm-up generation per side first (the table times the second, the notes keep both)
 step official_720p5_warm 330 230 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL" --warmup
 step official_480p5 110 100 "$PY" "${BENCH[@]}" --cases $C480 --weights bf16 --official "$OFFICIAL"
-# extra (only when STEPS names them), the follow-ups of the first run: kernel timings at the largest steps'
-# shapes, then each side's own bf16 error against an fp32 run of the other (480p image: the first clip)
+# extras next: what issue 7's ratio needs besides official_720p5_warm (steps run in this file's order, not STEPS'):
+# kernel timings at the largest steps' shapes and the attention routing's sweep, torch.compile, the decode
 step probe_kernels 60 20 "$PY" "${PROBE[@]}"
+# extra: torch.compile's speed-up at 720p 5 s, bf16 like official_720p5_warm's rows (compile time in the first run)
+step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --compile --warmup
+# extra: the tokenizer decode of a 720p 5 s video (21 latents), ours (official latent plan) against the official
+# tokenizer with the same weights, in bf16 as its scripts run it: time, peak memory, largest difference
+step decode_720p5 150 60 "$PY" "${DECODE[@]}" --chunks official --official "$OFFICIAL" --warmup
+# extra (only when STEPS names them), the follow-ups of the first run: each side's own bf16 error against an fp32 run of the other (480p image: the first clip)
 step parity_img_official32 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
     --parity-fp32 official
 step parity_img_ours32 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --official "$OFFICIAL" --parity \
@@ -141,11 +147,6 @@ step parity_img_fast 90 40 "$PY" "${BENCH[@]}" --cases $CIMG --weights fp8 --off
 step parity_480p5_whole 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
     --parity --parity-trace 12 --norms composite --attention sdpa_flash --chunk none
 step profile_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --profile --no-memory
-# extra: the tokenizer decode of a 720p 5 s video (21 latents), ours (official latent plan) against the official
-# tokenizer with the same weights, in bf16 as its scripts run it: time, peak memory, largest difference
-step decode_720p5 150 60 "$PY" "${DECODE[@]}" --chunks official --official "$OFFICIAL" --warmup
-# extra: torch.compile's speed-up at 720p 5 s, bf16 like official_720p5_warm's rows (compile time in the first run)
-step ours_compile_720p5 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --compile --warmup
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
 step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul
 
