@@ -181,9 +181,19 @@ def small_call(queries: int, keys: int, work: int | None = None) -> bool:
 
 def _flash_device(q: torch.Tensor) -> bool:
     """PyTorch's FlashAttention-2 can take these half-precision CUDA queries (sm80+ NVIDIA, head dim <= 256)."""
-    return (_half_cuda(q) and q.shape[-1] <= 256 and torch.version.hip is None
+    return (_half_cuda(q) and q.shape[-1] <= 256 and torch.version.hip is None and _has_sdpa_kernel()
             and torch.backends.cuda.flash_sdp_enabled()
             and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= (8, 0))
+
+
+@functools.cache
+def _has_sdpa_kernel() -> bool:
+    """torch >= 2.3 can ask SDPA for one kernel (torch.nn.attention.sdpa_kernel); older versions keep their pick."""
+    try:
+        from torch.nn.attention import sdpa_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.cache

@@ -130,6 +130,29 @@ def test_sdpa_routes_only_small_calls_to_flash(monkeypatch):
     assert len(asked) == n  # no FlashAttention-2 on this device: nothing is asked of it
 
 
+def test_small_calls_stay_with_pytorch_where_flash_cannot_be_asked_for(monkeypatch):
+    """The routing needs sm80+ NVIDIA, head dim <= 256, SDPA's flash kernel enabled and torch >= 2.3's sdpa_kernel
+    (faked CUDA checks on the CPU): without any of them a call keeps SDPA's own pick instead of failing."""
+    from infinitystar import attention
+
+    monkeypatch.setattr(attention, "_half_cuda", lambda q: True)
+    monkeypatch.setattr(attention, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(attention, "_has_sdpa_kernel", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q = torch.zeros(1, 2, 3, 128)
+    assert attention._flash_device(q)
+    assert not attention._flash_device(torch.zeros(1, 2, 3, 320))
+    monkeypatch.setattr(attention, "_capability", lambda index: (7, 5))
+    assert not attention._flash_device(q)
+    monkeypatch.setattr(attention, "_capability", lambda index: (8, 0))
+    monkeypatch.setattr(attention, "_has_sdpa_kernel", lambda: False)
+    assert not attention._flash_device(q)
+    monkeypatch.setattr(attention, "_has_sdpa_kernel", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: False)
+    assert not attention._flash_device(q)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sdpa_runs_small_calls_on_flash_and_leaves_large_ones_to_pytorch():
