@@ -150,7 +150,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
         if out is not None:
             return out.to(dtype)
     if backend == "sdpa" and small_call(q.shape[2], k.shape[2]) and _flash_device(q):
-        out = _sdpa_only("sdpa_flash", q, k, v, scale, groups)
+        out = _sdpa_only("sdpa_flash", q, k, v, scale, groups, asked=False)
         if out is not None:
             return out.to(dtype)
     if groups > 1 and native_gqa(q, "sdpa"):
@@ -205,7 +205,7 @@ _REFUSED: dict[tuple, str] = {}  # (backend, shapes) a kernel refused -> why (lo
 _ONLY = {"cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
 
 
-def _sdpa_only(backend, q, k, v, scale, groups):
+def _sdpa_only(backend, q, k, v, scale, groups, asked: bool = True):
     """One of SDPA's kernels alone (``cudnn`` or ``sdpa_flash``); None where it refuses the call.
 
     ``cudnn``: cuDNN's fused attention.
@@ -219,6 +219,9 @@ def _sdpa_only(backend, q, k, v, scale, groups):
     ``sdpa_flash``: PyTorch's built-in FlashAttention-2, the kernel family of the flash-attn 2 package the
     official code calls; for bf16 runs that round like the official GPU run where flash-attn is not installed
     (recent PyTorch would otherwise pick cuDNN).
+
+    ``asked=False``: the size routing of backend "sdpa" chose the kernel, not the user; a refusal is only logged
+    at debug level (that shape keeps SDPA's own pick).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -239,8 +242,9 @@ def _sdpa_only(backend, q, k, v, scale, groups):
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **({"enable_gqa": True} if gqa else {}))
     except RuntimeError as e:
         _REFUSED[key] = str(e).splitlines()[0]
-        logger.warning("attention backend %s refused q %s, k %s (%s); using the default SDPA kernels for this "
-                       "shape", backend, tuple(q.shape), tuple(k.shape), _REFUSED[key])
+        log = logger.warning if asked else logger.debug
+        log("attention backend %s refused q %s, k %s (%s); using the default SDPA kernels for this shape", backend,
+            tuple(q.shape), tuple(k.shape), _REFUSED[key])
         return None
 
 

@@ -106,10 +106,10 @@ def test_sdpa_routes_only_small_calls_to_flash(monkeypatch):
     (faked here: the CPU has no such kernel); other backends, and large calls, are left to their own path."""
     from infinitystar import attention
 
-    asked = []
+    calls = []
 
-    def only(backend, q, k, v, scale, groups):
-        asked.append((backend, q.shape[2], k.shape[2]))
+    def only(backend, q, k, v, scale, groups, asked=True):
+        calls.append((backend, q.shape[2], k.shape[2], asked))
         return None  # as if refused: attend falls through to the default path, whose result is still right
 
     monkeypatch.setattr(attention, "_sdpa_only", only)
@@ -120,14 +120,14 @@ def test_sdpa_routes_only_small_calls_to_flash(monkeypatch):
     large = [torch.randn(1, n, 11, 8, generator=g) for n in (4, 2, 2)]  # 121
     for q, k, v in (small, large):
         torch.testing.assert_close(attend(q, k, v, round_qkv_bf16=False), reference(q, k, v), rtol=1e-5, atol=1e-6)
-    assert asked == [("sdpa_flash", 9, 9)]
+    assert calls == [("sdpa_flash", 9, 9, False)]  # not the user's choice: a refusal is not warned about
     for backend in ("cudnn", "sdpa_flash"):  # a single-kernel backend keeps its own kernel (CPU: plain SDPA)
         attend(*small, backend=backend)
-    assert len(asked) == 1
+    assert len(calls) == 1
     monkeypatch.setattr(attention, "_flash_device", lambda q: False)
-    n = len(asked)
+    n = len(calls)
     attend(*small)
-    assert len(asked) == n  # no FlashAttention-2 on this device: nothing is asked of it
+    assert len(calls) == n  # no FlashAttention-2 on this device: nothing is asked of it
 
 
 def test_small_calls_stay_with_pytorch_where_flash_cannot_be_asked_for(monkeypatch):
