@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import math
 import os
 import platform
 import sys
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from official import STANDIN_KERNELS  # noqa: E402  (the official code itself is imported only with --official)
 
+from infinitystar import attention  # noqa: E402
 from infinitystar.attention import BACKENDS  # noqa: E402
 from infinitystar.checkpoint import transformer_storage  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
@@ -533,6 +535,9 @@ def _setup(argv):
 def _settings_line(args, config, device) -> str:
     cap = f", memory cap {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""
     cap += f", official attention {args.official_attention}" if args.official else ""
+    if device.type == "cuda" and args.attention in ("auto", "sdpa") and attention.SMALL_CALL_WORK:
+        side = math.isqrt(attention.SMALL_CALL_WORK)
+        cap += f", sdpa: FlashAttention-2 under {side}x{side}-token calls"
     alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     cap += f", PYTORCH_CUDA_ALLOC_CONF={alloc}" if alloc and device.type == "cuda" else ""
     return (f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
