@@ -535,7 +535,7 @@ def _setup(argv):
 def _settings_line(args, config, device) -> str:
     cap = f", memory cap {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""
     cap += f", official attention {args.official_attention}" if args.official else ""
-    if device.type == "cuda" and args.attention in ("auto", "sdpa") and attention.SMALL_CALL_WORK:
+    if device.type == "cuda" and args.attention == "sdpa" and attention.SMALL_CALL_WORK:  # "auto" is resolved
         side = math.isqrt(attention.SMALL_CALL_WORK)
         cap += f", sdpa: FlashAttention-2 under {side}x{side}-token calls"
     alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")

@@ -88,14 +88,22 @@ def _half_cuda(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
 
 
+def _flash_sdpa(q: torch.Tensor) -> bool:
+    """PyTorch's FlashAttention-2 can take these queries: fp16/bf16 on sm80+ NVIDIA (ROCm builds are left to SDPA's
+    own pick rather than risk a fall-back to the math kernel), head dim <= 256, the kernel enabled."""
+    return (_half_cuda(q) and q.shape[-1] <= 256 and torch.version.hip is None
+            and torch.backends.cuda.flash_sdp_enabled()
+            and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= (8, 0))
+
+
 @functools.cache
-def _sdpa_gqa_device(index: int) -> bool:
-    # torch >= 2.5 takes GQA K/V in SDPA (enable_gqa); its flash kernel needs sm80+ (NVIDIA; ROCm builds keep
-    # the repeat rather than risk a fall-back to the math kernel)
-    return _sdpa_takes_gqa() and torch.version.hip is None and _capability(index) >= (8, 0)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
 def _sdpa_takes_gqa() -> bool:
+    """torch >= 2.5 takes GQA K/V in SDPA (``enable_gqa``); read once, attention asks per call."""
     try:
         return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
     except (TypeError, ValueError):  # some builds (torch 2.11 CUDA) expose SDPA as a builtin without a signature
@@ -115,8 +123,7 @@ def native_gqa(q: torch.Tensor, backend: str = "sdpa") -> bool:
         return False
     if backend == "flash":
         return True
-    return (q.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled()
-            and _sdpa_gqa_device(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+    return _flash_sdpa(q) and _sdpa_takes_gqa()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
@@ -180,10 +187,8 @@ def small_call(queries: int, keys: int, work: int | None = None) -> bool:
 
 
 def _flash_device(q: torch.Tensor) -> bool:
-    """PyTorch's FlashAttention-2 can take these half-precision CUDA queries (sm80+ NVIDIA, head dim <= 256)."""
-    return (_half_cuda(q) and q.shape[-1] <= 256 and torch.version.hip is None and _has_sdpa_kernel()
-            and torch.backends.cuda.flash_sdp_enabled()
-            and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= (8, 0))
+    """The size routing can ask for PyTorch's FlashAttention-2 here: the kernel takes q, and torch can be asked."""
+    return _flash_sdpa(q) and _has_sdpa_kernel()
 
 
 @functools.cache
@@ -194,11 +199,6 @@ def _has_sdpa_kernel() -> bool:
     except ImportError:
         return False
     return True
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 _REFUSED: dict[tuple, str] = {}  # (backend, shapes) a kernel refused -> why (logged once per shape)

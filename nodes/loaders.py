@@ -69,8 +69,9 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "kernel), else PyTorch SDPA: FlashAttention-2 for small calls, its own pick "
                                        "(cuDNN on Hopper with recent PyTorch) for the large ones. cudnn = cuDNN's "
                                        "kernel for every call (1.6x FlashAttention-2's speed on an H200 at the "
-                                       "large steps; a plan per new shape at the small ones). sdpa_flash = PyTorch's FlashAttention-2, the official kernel family "
-                                       "(bit-equal bf16 runs). sage is faster but changes the numerics."),
+                                       "large steps; a plan per new shape at the small ones). sdpa_flash = "
+                                       "PyTorch's FlashAttention-2, the official kernel family (bit-equal bf16 "
+                                       "runs). sage is faster but changes the numerics."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the blocks' parts around attention (norms, RoPE, SwiGLU fused). "
                                          "Needs Triton on a GPU. The first run compiles (about a minute); later "

@@ -113,8 +113,9 @@ def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
     counts: dict[tuple[int, int], int] = {}
     for shape in step_shapes(schedule):
         counts[shape] = counts.get(shape, 0) + 1
-    rows, per_shape = [], {}
+    rows, times = [], {}  # backend -> {shape: (kernel ms of the generation, first call's extra ms)}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        per_shape = {}
         try:
             for (tokens, context), n in counts.items():
                 q = torch.randn(2, cfg.num_heads, min(tokens, chunk), cfg.head_dim, device=device,
@@ -123,13 +124,14 @@ def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
                 with sdpa_kernel([backend]):
                     first = first_call_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
                     ms = timed_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), repeat)
-                per_shape[name, tokens, context] = (ms * -(-tokens // chunk) * cfg.depth * n, max(first - ms, 0.0))
+                per_shape[tokens, context] = (ms * -(-tokens // chunk) * cfg.depth * n, max(first - ms, 0.0))
         except Exception as e:  # noqa: BLE001
             rows.append((f"attention of a whole generation (ms), SDPA {name}", None, str(e).splitlines()[0][:70]))
             continue
-        rows.append(_sweep_row(f"SDPA {name}", buckets, {s: per_shape[(name, *s)] for s in counts}))
-    if all(("flash", *s) in per_shape and ("cudnn", *s) in per_shape for s in counts):
-        routed = {s: per_shape[("flash" if small_call(min(s[0], chunk), s[1]) else "cudnn", *s)] for s in counts}
+        times[name] = per_shape
+        rows.append(_sweep_row(f"SDPA {name}", buckets, per_shape))
+    if len(times) == 2:
+        routed = {s: times["flash" if small_call(min(s[0], chunk), s[1]) else "cudnn"][s] for s in counts}
         rows.append(_sweep_row('attend(backend="sdpa") routing', buckets, routed))
     return rows
 
