@@ -8,7 +8,7 @@ from infinitystar.memory import auto_chunk_tokens, estimate_sampling_memory, mea
 from infinitystar.ops import CastLinear, cast, store_weights
 from infinitystar.sampler import TextCondition, sample
 from infinitystar.schedule import build_schedule
-from infinitystar.transformer import InfinityStarTransformer
+from infinitystar.transformer import InfinityStarTransformer, token_spans
 
 GQA = TransformerConfig(depth=2, block_chunks=1, width=128, num_heads=4, num_kv_heads=2, mlp_hidden=256,
                         text_channels=32)
@@ -35,7 +35,7 @@ def test_chunked_steps_equal_unchunked(round_qkv):
     sched = build_schedule("0.06M", "16:9", 81, num_scales=6)  # video steps attend to a cached reference
     text = TextCondition(torch.randn(7, GQA.text_channels))
     ref, ref_logits = _run(model, sched, text, chunk_tokens=None, round_qkv_bf16=round_qkv)
-    out, logits = _run(model, sched, text, chunk_tokens=7, round_qkv_bf16=round_qkv)  # ragged last block
+    out, logits = _run(model, sched, text, chunk_tokens=7, round_qkv_bf16=round_qkv)  # uneven blocks
     assert max(s.num_tokens for s in sched.steps) > 7
     diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, logits))
     assert diff <= 1e-6
@@ -49,6 +49,29 @@ def test_chunked_head_logits_equal():
     for semantic in (True, False):
         whole = model.head_logits(hidden, semantic)
         assert (whole - model.head_logits(hidden, semantic, chunk_tokens=16)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("tokens,n", [(20640, 5120), (72000, 5120), (31800, 5120), (5121, 5120), (100000, 1024),
+                                      (1025, 1024), (130, 64), (10, 3), (7, 1), (5, 5), (4, 9)])
+def test_token_spans_are_few_balanced_blocks(tokens, n):
+    spans = token_spans(tokens, n)
+    sizes = [e - s for s, e in spans]
+    assert spans[0][0] == 0 and spans[-1][1] == tokens and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert len(spans) == -(-tokens // n) and max(sizes) <= n
+    if tokens > n:  # no short last block (a call shape the unchunked forward never makes)
+        assert min(sizes) >= n // 2
+
+
+def test_token_spans_of_the_full_model_steps():
+    """Every step of the full-size cases splits into blocks of at least half the auto block (the 480p step of
+    20,640 tokens was 4 x 5,120 + 160 before), 128-aligned except the last."""
+    n = auto_chunk_tokens(TRANSFORMER_PRESETS["8b"])
+    for pn, frames in (("480p", 81), ("720p", 81), ("480p", 161)):
+        for step in build_schedule(pn, "16:9", frames).steps:
+            sizes = [e - s for s, e in token_spans(step.num_tokens, n)]
+            assert max(sizes) <= n and (len(sizes) == 1 or min(sizes) >= n // 2), (pn, step.num_tokens, sizes)
+            assert all(size % 128 == 0 for size in sizes[:-1]), (pn, step.num_tokens, sizes)
+    assert [e - s for s, e in token_spans(20640, n)][-1] > 160
 
 
 def test_auto_chunk_tokens():
