@@ -182,8 +182,8 @@ class Block(nn.Module):
         q, k, v = run(attention_inputs)(self, x, *ctx.rope)
         k, v = self.attn.with_context(k, v, ctx, layer)
         h = x + self.attn.output(q, k, v, ctx, x.dtype)
-        # 2. feed-forward
-        return run(feed_forward)(self, h)
+        # 2. feed-forward, added in place (h is this block's own tensor)
+        return h.add_(run(feed_forward)(self, h))
 
     def _forward_chunked(self, x: torch.Tensor, ctx: StepContext, layer: int, n: int) -> torch.Tensor:
         """The same block over token blocks of n: whole K/V, queries and MLP one block at a time.
@@ -209,8 +209,9 @@ class Block(nn.Module):
             q = _round_bf16(q) if rounding else q
             torch.add(x[:, s:e], self.attn.output(q, k, v, ctx, x.dtype, round_qkv_bf16=False), out=h[:, s:e])
         del k, v
-        for s, e in spans:
-            h[:, s:e] = run(feed_forward)(self, h[:, s:e])
+        for s, e in spans:  # in place: no copy of each block's result into h
+            part = h[:, s:e]
+            part.add_(run(feed_forward)(self, part))
         return h
 
 
@@ -256,8 +257,9 @@ def attention_keys(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.
 
 
 def feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
-    """Second half of a block: h + MLP(RMSNorm(h))."""
-    return h + block.mlp(block.post_attention_layernorm(h))
+    """Second half of a block without its residual: MLP(RMSNorm(h)). The caller adds it to h in place (the same
+    single rounding as h + ..., without a copy of the sum into the token block's rows of h)."""
+    return block.mlp(block.post_attention_layernorm(h))
 
 
 def _eager(fn):
