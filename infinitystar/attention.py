@@ -180,7 +180,9 @@ def small_call(queries: int, keys: int, work: int | None = None) -> bool:
     benchmarks/gpu/probe_kernels.py). A 720p 5 s generation has 34 attention shapes, most of them small: by this
     estimate cuDNN pays only at the largest ones, which are called hundreds of times. At 4096 x 4096 tokens
     (batch 2, 32 heads) one call's kernel saves about 0.6 ms, so a shape called about 100 times (36 layers,
-    3 repetitions) earns back a plan of about 60 ms. ``probe_kernels.py --sweep`` measures both sides per bucket.
+    3 repetitions) earns back a plan of about 60 ms. Measured (H200, 720p 5 s, ``probe_kernels.py --sweep``): the
+    routing's first generation spends 0.20 s on plans against cuDNN-everywhere's 1.54 s; warm, its kernels take
+    0.23 s longer (19.02 against 18.79 s).
     """
     work = SMALL_CALL_WORK if work is None else work
     return queries * keys < work

@@ -21,9 +21,9 @@
 # Measured device time (H200 / H100, 2026-11-26; the machine's start comes on top): tests 15 s, ours_fp8
 # 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 ran out of memory in the
 # official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
-# (issue 7's open speed item, on an H200; kind="nvidia-h200", timeout_s=590; the steps run in this file's order):
-#   STEPS="gpu_tests parity_480p5 official_720p5_warm probe_kernels ours_compile_720p5 decode_720p5 profile_720p5"
-#   BUDGET=575
+# (issue 7's open speed item, on an H200: the official 720p run peaks at 58.9 GB; kind="nvidia-h200"; the steps
+# run in this file's order; 2026-11-27: official_720p5_warm 180 s, ours_compile_720p5 108 s, profile_720p5 107 s):
+#   STEPS="official_720p5_warm ours_compile_720p5 profile_720p5"   BUDGET=420, timeout_s=430
 #
 # REHEARSE=1 checks the plumbing on a CPU before device time is spent on it: the same steps, files and
 # summary with the tiny model, small cases (mid5, mid10), no memory caps and no sync check
