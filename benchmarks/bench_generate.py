@@ -237,7 +237,38 @@ def kernel_profile(run, device, top: int = 8) -> str:
     by_kind = ", ".join(f"{k} {t:.2f} s" for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]))
     tops = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
     lines = "; ".join(f"{e.key[:48]} {e.self_device_time_total / 1e6:.2f} s ×{e.count}" for e in tops)
-    return f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}"
+    return f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}. {_idle_line(prof)}"
+
+
+def _idle_line(prof) -> str:
+    """How long the GPU waited between kernels during the profiled run: host time (Python, launches, syncs) the
+    kernels did not hide. Small steps that are host-bound show up here, not in the kernel times."""
+    try:
+        from torch.autograd import DeviceType
+
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    except Exception as e:  # noqa: BLE001  (a profiler without these fields: the rest of the profile stands)
+        return f"GPU idle time: not available ({type(e).__name__})"
+    busy, span = busy_and_span(spans)
+    return (f"GPU busy {busy / 1e6:.2f} s of the {span / 1e6:.2f} s from first to last kernel "
+            f"(idle {(span - busy) / 1e6:.2f} s)")
+
+
+def busy_and_span(intervals) -> tuple[float, float]:
+    """(time covered by the union of ``intervals``, time from the first start to the last end); overlapping
+    kernels (other streams) count once."""
+    busy, span, end = 0.0, 0.0, None
+    ordered = sorted(intervals)
+    for start, stop in ordered:
+        if end is None or start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    if ordered:
+        span = max(stop for _, stop in ordered) - ordered[0][0]
+    return busy, span
 
 
 STEP_BUCKETS = ((0, 1000), (1000, 10000), (10000, 1 << 62))

@@ -37,6 +37,14 @@ def test_bench_generate_warmup_reports_the_first_run_too():
     assert first > 0 and second == float(rows[0][3])
 
 
+def test_profile_busy_and_span_merges_overlaps():
+    """The profile's GPU idle time: kernels on other streams overlap and count once; gaps are idle."""
+    bench = load_benchmark("bench_generate")
+    assert bench.busy_and_span([]) == (0.0, 0.0)
+    assert bench.busy_and_span([(10, 20), (0, 5)]) == (15, 20)
+    assert bench.busy_and_span([(0, 10), (2, 4), (8, 15), (20, 21)]) == (16, 21)
+
+
 def test_bench_generate_refuses_full_on_cpu():
     bench = load_benchmark("bench_generate")
     with pytest.raises(SystemExit, match="needs a GPU"):
