@@ -217,16 +217,32 @@ KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
 )
 
 
-def kernel_profile(run, device, top: int = 8) -> str:
+class KernelMarker:
+    """Ends every step of the profiled run with a one-cycle spin kernel (``torch.cuda._sleep``), so that the
+    profile's kernel list splits into steps on the GPU's own timeline."""
+
+    name = "spin_kernel"
+
+    def mark(self):
+        torch.cuda._sleep(1)
+
+
+def kernel_profile(run, device, top: int = 8, model=None, schedule=None) -> str:
     """One more (untimed) run under torch.profiler: GPU time by kernel kind and the top kernels, to see where the
-    time goes that is neither attention nor matmuls."""
+    time goes that is neither attention nor matmuls; with ``model`` and ``schedule``, GPU busy time against wall
+    time by step size."""
     if device.type != "cuda":
         return "profile: CUDA only"
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
+    restore = _wrap_head(model, "head_logits", KernelMarker()) if model is not None and schedule is not None else None
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+    finally:
+        if restore is not None:
+            restore()
     kinds: dict[str, float] = {}
     events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     for e in events:
@@ -237,7 +253,52 @@ def kernel_profile(run, device, top: int = 8) -> str:
     by_kind = ", ".join(f"{k} {t:.2f} s" for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]))
     tops = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
     lines = "; ".join(f"{e.key[:48]} {e.self_device_time_total / 1e6:.2f} s ×{e.count}" for e in tops)
-    return f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}. {_idle_line(prof)}"
+    steps = f" {_step_busy_line(prof, schedule)}" if restore is not None else ""
+    return f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}. {_idle_line(prof)}.{steps}"
+
+
+def _gpu_kernels(prof) -> list[tuple[float, float, str]]:
+    """(start, end, name) of every GPU-side event of a profile (kernels, copies, memsets), in µs."""
+    from torch.autograd import DeviceType
+
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+
+def _step_busy_line(prof, schedule) -> str:
+    """GPU busy time against the steps' wall time on the GPU, by step size: a bucket whose kernels fill far less
+    than its time waits on the host (Python, launches), which CUDA graphs or fewer ops would cut."""
+    try:
+        windows = split_at_markers(_gpu_kernels(prof), lambda name: KernelMarker.name in name)
+    except Exception as e:  # noqa: BLE001
+        return f"GPU busy by step size: not available ({type(e).__name__})"
+    if len(windows) != schedule.num_steps:
+        return f"GPU busy by step size: not available ({len(windows)} step markers for {schedule.num_steps} steps)"
+    parts = []
+    for lo, hi in STEP_BUCKETS:
+        picked = [w for w, s in zip(windows, schedule.steps) if lo <= s.num_tokens < hi]
+        if picked:
+            busy, span = (sum(w[i] for w in picked) / 1e6 for i in (0, 1))
+            parts.append(f"{len(picked)} steps of {lo:,}–{'∞' if hi == 1 << 62 else f'{hi:,}'} tokens {busy:.2f} s "
+                         f"of {span:.2f} s")
+    return "GPU busy by step size (first step with the text step, each to the end of its head): " + ", ".join(parts)
+
+
+def split_at_markers(kernels, is_marker) -> list[tuple[float, float]]:
+    """(busy, span) of the windows between marker kernels: ``kernels`` are (start, end, name); a window runs from
+    the first kernel (then from the previous marker's end) to the next marker's start; what follows the last
+    marker is left out."""
+    windows, current, begin = [], [], None
+    for start, end, name in sorted(kernels):
+        if is_marker(name):
+            if begin is None:
+                begin = start
+            windows.append((busy_and_span(current)[0], start - begin))
+            current, begin = [], end
+            continue
+        if begin is None:
+            begin = start
+        current.append((start, end))
+    return windows
 
 
 def _idle_line(prof) -> str:
@@ -337,7 +398,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     results = [timed(name, "ours", ours, sched, device, clock, not args.no_memory, args.warmup)]
     restore()
     if args.profile:
-        results[0].extra["profile"] = kernel_profile(ours, device)
+        results[0].extra["profile"] = kernel_profile(ours, device, model=model, schedule=sched)
     results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS,
                                                    chunk_tokens=chunk, offload_kv=offloaded[1], weight_dtype=weights)
     if device.type == "cuda":  # CUDA peaks count the resident weights too

@@ -45,6 +45,20 @@ def test_profile_busy_and_span_merges_overlaps():
     assert bench.busy_and_span([(0, 10), (2, 4), (8, 15), (20, 21)]) == (16, 21)
 
 
+def test_profile_splits_kernels_into_steps_at_the_markers():
+    """The profile's per-step split: windows end at each marker kernel (the head call's end), the first starts at
+    the first kernel, the next at the previous marker's end; overlaps count once; kernels after the last marker
+    are left out."""
+    bench = load_benchmark("bench_generate")
+    mark = bench.KernelMarker.name
+    kernels = [(0, 4, "gemm"), (2, 6, "gemm"), (10, 11, mark), (11, 12, "attn"), (20, 21, "gemm"),
+               (30, 31, f"void {mark}(long)"), (40, 45, "after")]
+    windows = bench.split_at_markers(kernels, lambda name: mark in name)
+    assert windows == [(6, 10), (2, 19)]
+    assert bench.split_at_markers([(5, 6, mark)], lambda name: mark in name) == [(0, 0)]
+    assert bench.split_at_markers([(0, 1, "gemm")], lambda name: mark in name) == []
+
+
 def test_bench_generate_refuses_full_on_cpu():
     bench = load_benchmark("bench_generate")
     with pytest.raises(SystemExit, match="needs a GPU"):
