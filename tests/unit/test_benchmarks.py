@@ -59,6 +59,20 @@ def test_profile_splits_kernels_into_steps_at_the_markers():
     assert bench.split_at_markers([(0, 1, "gemm")], lambda name: mark in name) == []
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_profile_on_cuda_reports_busy_time_by_step_size():
+    """On a GPU, --profile's kernel list splits at the step markers into one window per step (the kit's
+    profile_720p5 relies on it; this runs in the kit's gpu_tests step first, with the tiny model)."""
+    import re
+
+    bench = load_benchmark("bench_generate")
+    text = bench.main(["--device", "cuda", "--config", "tiny", "--cases", "mid5", "--num-scales", "3", "--profile"])
+    assert "GPU busy by step size (" in text and "not available" not in text, text
+    busy, span = map(float, re.search(r"tokens ([0-9.]+) s of ([0-9.]+) s", text).groups())
+    assert 0 < busy <= span * 1.01, text
+
+
 def test_bench_generate_refuses_full_on_cpu():
     bench = load_benchmark("bench_generate")
     with pytest.raises(SystemExit, match="needs a GPU"):
