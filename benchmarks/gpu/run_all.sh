@@ -23,7 +23,7 @@
 # official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
 # (issue 7's open speed item, on an H200: the official 720p run peaks at 58.9 GB; kind="nvidia-h200"; the steps
 # run in this file's order; 2026-11-27: official_720p5_warm 180 s, ours_compile_720p5 108 s, profile_720p5 107 s):
-#   STEPS="official_720p5_warm ours_compile_720p5 profile_720p5"   BUDGET=420, timeout_s=430
+#   STEPS="gpu_tests official_720p5_warm ours_compile_720p5 profile_720p5"   BUDGET=440, timeout_s=450
 #
 # REHEARSE=1 checks the plumbing on a CPU before device time is spent on it: the same steps, files and
 # summary with the tiny model, small cases (mid5, mid10), no memory caps and no sync check
