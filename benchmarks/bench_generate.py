@@ -253,8 +253,13 @@ def kernel_profile(run, device, top: int = 8, model=None, schedule=None) -> str:
     by_kind = ", ".join(f"{k} {t:.2f} s" for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]))
     tops = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
     lines = "; ".join(f"{e.key[:48]} {e.self_device_time_total / 1e6:.2f} s ×{e.count}" for e in tops)
-    steps = f" {_step_busy_line(prof, schedule)}" if restore is not None else ""
-    return f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}. {_idle_line(prof)}.{steps}"
+    try:
+        kernels = _gpu_kernels(prof)
+    except Exception as e:  # noqa: BLE001  (a profiler without these fields: the rest of the profile stands)
+        return (f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}. GPU idle time: not available "
+                f"({type(e).__name__})")
+    steps = f" {_step_busy_line(kernels, schedule)}" if restore is not None else ""
+    return f"GPU kernel time {total:.2f} s: {by_kind}. Top kernels: {lines}. {_idle_line(kernels)}.{steps}"
 
 
 def _gpu_kernels(prof) -> list[tuple[float, float, str]]:
@@ -264,13 +269,10 @@ def _gpu_kernels(prof) -> list[tuple[float, float, str]]:
     return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
-def _step_busy_line(prof, schedule) -> str:
+def _step_busy_line(kernels, schedule) -> str:
     """GPU busy time against the steps' wall time on the GPU, by step size: a bucket whose kernels fill far less
     than its time waits on the host (Python, launches), which CUDA graphs or fewer ops would cut."""
-    try:
-        windows = split_at_markers(_gpu_kernels(prof), lambda name: KernelMarker.name in name)
-    except Exception as e:  # noqa: BLE001
-        return f"GPU busy by step size: not available ({type(e).__name__})"
+    windows = split_at_markers(kernels, lambda name: KernelMarker.name in name)
     if len(windows) != schedule.num_steps:
         return f"GPU busy by step size: not available ({len(windows)} step markers for {schedule.num_steps} steps)"
     parts = []
@@ -301,16 +303,10 @@ def split_at_markers(kernels, is_marker) -> list[tuple[float, float]]:
     return windows
 
 
-def _idle_line(prof) -> str:
+def _idle_line(kernels) -> str:
     """How long the GPU waited between kernels during the profiled run: host time (Python, launches, syncs) the
     kernels did not hide. Small steps that are host-bound show up here, not in the kernel times."""
-    try:
-        from torch.autograd import DeviceType
-
-        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
-    except Exception as e:  # noqa: BLE001  (a profiler without these fields: the rest of the profile stands)
-        return f"GPU idle time: not available ({type(e).__name__})"
-    busy, span = busy_and_span(spans)
+    busy, span = busy_and_span([(start, end) for start, end, _ in kernels])
     return (f"GPU busy {busy / 1e6:.2f} s of the {span / 1e6:.2f} s from first to last kernel "
             f"(idle {(span - busy) / 1e6:.2f} s)")
 
@@ -318,18 +314,15 @@ def _idle_line(prof) -> str:
 def busy_and_span(intervals) -> tuple[float, float]:
     """(time covered by the union of ``intervals``, time from the first start to the last end); overlapping
     kernels (other streams) count once."""
-    busy, span, end = 0.0, 0.0, None
     ordered = sorted(intervals)
+    if not ordered:
+        return 0.0, 0.0
+    busy, end = 0.0, ordered[0][0]  # end: the latest stop so far
     for start, stop in ordered:
-        if end is None or start > end:
-            busy += stop - start
+        if stop > end:
+            busy += stop - max(start, end)
             end = stop
-        elif stop > end:
-            busy += stop - end
-            end = stop
-    if ordered:
-        span = max(stop for _, stop in ordered) - ordered[0][0]
-    return busy, span
+    return busy, end - ordered[0][0]
 
 
 STEP_BUCKETS = ((0, 1000), (1000, 10000), (10000, 1 << 62))

@@ -124,13 +124,13 @@ def sweep_rows(cfg, schedule, chunk, device, repeat: int = 3):
         per_shape = {}
         try:
             for (tokens, context), n in counts.items():
-                q = torch.randn(2, cfg.num_heads, blocks_of(tokens, chunk)[0], cfg.head_dim, device=device,
-                                dtype=torch.bfloat16)
+                rows_q, blocks = blocks_of(tokens, chunk)
+                q = torch.randn(2, cfg.num_heads, rows_q, cfg.head_dim, device=device, dtype=torch.bfloat16)
                 k = torch.randn(2, cfg.num_kv_heads, context, cfg.head_dim, device=device, dtype=torch.bfloat16)
                 with sdpa_kernel([backend]):
                     first = first_call_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
                     ms = timed_ms(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), repeat)
-                per_shape[tokens, context] = (ms * blocks_of(tokens, chunk)[1] * cfg.depth * n, max(first - ms, 0.0))
+                per_shape[tokens, context] = (ms * blocks * cfg.depth * n, max(first - ms, 0.0))
         except Exception as e:  # noqa: BLE001
             rows.append((f"attention of a whole generation (ms), SDPA {name}", None, str(e).splitlines()[0][:70]))
             continue
