@@ -11,6 +11,9 @@ the largest single tensor of a run (≈ 10 GB at 480p); host memory holds it for
 host-to-device copy per layer and step, so offloading only as many layers as the device needs
 (:func:`infinitystar.memory.choose_kv_offload`) keeps the rest of those copies away. The text entry is
 small and read by every step, so it stays on the device. Exact: only copies.
+
+With CUDA graphs (``homes``, a :class:`infinitystar.cuda_graphs.StepGraphs`), device-resident entries are stored
+into the homes the graphs read, so that a captured step finds every later generation's K/V at its addresses.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ TEXT_KEY = "t0"
 class ScaleKVCache:
     """K/V tensors (B, Nkv, L, D) keyed by step key ('t0' or a scale index), one dict per layer."""
 
-    def __init__(self, num_layers: int, offload: bool | int = False):
+    def __init__(self, num_layers: int, offload: bool | int = False, homes=None):
         self._k: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
         self._v: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
         self.offload_layers = offloaded_layers(offload, num_layers)  # layers [0, n) keep references on the host
@@ -35,6 +38,7 @@ class ScaleKVCache:
         self.peak_offloaded_nbytes = 0  # largest host-resident (offloaded) bytes seen after a store
         self._nbytes = 0
         self._offloaded = 0
+        self.homes = homes  # StepGraphs whose place() says where device entries live, or None
 
     def store(self, key: Hashable, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if key in self._k[layer]:
@@ -43,6 +47,8 @@ class ScaleKVCache:
             k, v = _to_host(k), _to_host(v)
             self._offloaded += _size(k) + _size(v)
         else:
+            if self.homes is not None:
+                k, v = self.homes.place(layer, key, k, v)
             self._nbytes += _size(k) + _size(v)
         self._k[layer][key] = k
         self._v[layer][key] = v
@@ -55,6 +61,11 @@ class ScaleKVCache:
         if missing:
             raise KeyError(f"KV cache has no entry for {missing} at layer {layer}; stored: {self.keys()}")
         return [self._k[layer][key] for key in keys], [self._v[layer][key] for key in keys]
+
+    def holds(self, layer: int, key: Hashable, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether (layer, key) is stored on the device as exactly these tensors (a graph's homes)."""
+        return (self._k[layer].get(key) is k and self._v[layer].get(key) is v
+                and not self._on_host(layer, key))
 
     def release(self, key: Hashable) -> None:
         for layer in range(len(self._k)):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .bsq import LATENT_CHANNELS, accumulate, downsample_accumulator
+from .cuda_graphs import StepGraphs, step_graphs
 from .guidance import GuidanceConfig, guide
 from .kv_cache import TEXT_KEY, ScaleKVCache, offloaded_layers
 from .rope import text_rope, visual_rope
@@ -120,6 +121,18 @@ def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransfor
     return layers
 
 
+def resolve_graphs(cuda_graphs: bool | StepGraphs, model: InfinityStarTransformer) -> StepGraphs | None:
+    """``sample``'s ``cuda_graphs``: the model's own StepGraphs for True (a CUDA model only), None for False."""
+    if isinstance(cuda_graphs, StepGraphs):
+        return cuda_graphs
+    if not cuda_graphs:
+        return None
+    device = model_device(model)
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the model on a CUDA device; it is on {device}. Leave cuda_graphs off")
+    return step_graphs(model)
+
+
 def cuda_index(device: torch.device | int) -> int:
     """The CUDA device's index: some torch.cuda memory functions refuse a bare ``torch.device("cuda")``."""
     if isinstance(device, int):
@@ -165,7 +178,7 @@ class _Runner:
     """State of one generation: KV cache, accumulators, schedule bookkeeping."""
 
     def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16,
-                 chunk_tokens=None, compile=False, offload_kv: bool | int | str = False):
+                 chunk_tokens=None, compile=False, offload_kv: bool | int | str = False, graphs=None):
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
@@ -173,7 +186,10 @@ class _Runner:
         self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
         self.compile = compile
         offload = resolve_offload_kv(offload_kv, model, schedule, text, self.dtype, self.chunk_tokens)
-        self.cache = ScaleKVCache(model.config.depth, offload=offload)
+        self.graphs = graphs
+        if graphs is not None:
+            graphs.begin(model, self.dtype)
+        self.cache = ScaleKVCache(model.config.depth, offload=offload, homes=graphs)
         self.last_use = schedule.ref_last_use()
         self.accumulators: list[torch.Tensor] = []
         self.text = text
@@ -211,7 +227,10 @@ class _Runner:
         store = step.si if step.is_last_rep and step.si in self.last_use else None
         handed = [x]  # forward_blocks takes the only reference: the embedding is freed after the first block
         del x
-        return self.model.forward_blocks(handed, self.ctx(rope, store, (*step.ref_sids, TEXT_KEY)), self.dtype)
+        ctx = self.ctx(rope, store, (*step.ref_sids, TEXT_KEY))
+        if self.graphs is not None:
+            return self.graphs.forward(self.model, handed, ctx, self.dtype)
+        return self.model.forward_blocks(handed, ctx, self.dtype)
 
     def release_after(self, index: int):
         for key, last in self.last_use.items():
@@ -245,7 +264,8 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
            step_hook: Callable[[StepRecord], None] | None = None, generator_device: str = "cpu",
            compute_dtype: torch.dtype | None = None, attn_backend: str = "sdpa",
            round_qkv_bf16: bool = True, chunk_tokens: int | str | None = "auto",
-           compile: bool = False, offload_kv: bool | int | str = "auto") -> SampleResult:
+           compile: bool = False, offload_kv: bool | int | str = "auto",
+           cuda_graphs: bool | StepGraphs = False) -> SampleResult:
     """Generate the bits of every step of ``schedule``.
 
     teacher_bits: bits (t, h, w, d) or (1, t, h, w, d) of the first N steps; they replace the drawn
@@ -266,11 +286,14 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
     offload_kv: keep the reference scales' K/V of every layer (True) or of the first n layers (n) in host
       memory (exact; costs one host-to-device copy of the references per offloaded layer and step); "auto"
       offloads on CUDA only as many layers as the run needs to fit the free memory.
+    cuda_graphs: replay the small steps as CUDA graphs (exact; see infinitystar.cuda_graphs). True keeps the
+      graphs on the model, so that later generations of the same size and prompt length replay them all
+      (``release_step_graphs(model)`` frees them); a StepGraphs object is used as it is.
     generator_device: where the bits are drawn; "cuda" with a CUDA model keeps the loop free of
       host-device syncs (the official sampler uses a CUDA generator); "cpu" matches the CPU goldens.
     """
     runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16, chunk_tokens, compile,
-                     offload_kv)
+                     offload_kv, resolve_graphs(cuda_graphs, model))
     generator = torch.Generator(generator_device).manual_seed(int(seed))
     teacher = list(teacher_bits or [])
     bits_out: list[torch.Tensor] = []
