@@ -57,7 +57,8 @@ class CudaGraphBackend:
         self.stream.wait_stream(current)
         # not torch.cuda.graph(): it synchronizes, collects garbage and empties the allocator's cache at each capture
         with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool)
+            # thread_local: CUDA calls of the host's other threads (ComfyUI's server) cannot invalidate the capture
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 out = fn()
             finally:
@@ -90,24 +91,32 @@ class StepGraphs:
         self.seen: set[Hashable] = set()
         self.homes: dict[tuple[int, Hashable], tuple[torch.Tensor, torch.Tensor]] = {}
         self.signature: tuple | None = None
-        self.disabled: str | None = None  # why capturing stopped (a failed capture), or None
+        self.failed: dict[Hashable, str] = {}  # step shapes whose capture failed -> why (they run eagerly)
+        self.off: str | None = None  # why this generation runs without graphs, or None
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}
 
     # ---- lifetime ----
     def begin(self, model, dtype: torch.dtype) -> None:
         """At the start of a generation: keep the graphs only if the weights and the precision are unchanged
         (a model moved off the device and back has its weights at other addresses)."""
-        signature = (dtype, *(p.data_ptr() for p in model.block_chunks.parameters()),
+        params = list(model.block_chunks.parameters())
+        signature = (dtype, *(p.data_ptr() for p in params),
                      *(getattr(m, "fused", None) for m in model.block_chunks[0].module[0].modules()))
         if signature != self.signature:
             self.release()
             self.signature = signature
         self.counts = dict.fromkeys(self.counts, 0)
+        elsewhere = sum(p.device.type != self.backend.device_type for p in params)
+        # weights streamed from the host (ComfyUI's partial loading) would be host copies inside the graph
+        self.off = f"{elsewhere} block weights are not on the device" if elsewhere else None
+        if self.off:
+            logger.info("CUDA graphs off for this generation: %s", self.off)
 
     def release(self) -> None:
         """Drop every graph and home (their memory goes back to the allocator)."""
         self.graphs.clear()
         self.seen.clear()
+        self.failed.clear()
         self.homes.clear()
         self.backend.pool = None
         self.signature = None
@@ -143,6 +152,8 @@ class StepGraphs:
         replayed. Eager steps get the list as it is (``forward_blocks`` frees the tokens after the first block).
         A replay's result is the graph's output buffer, valid until that graph runs again."""
         key, homes = self._key(model, handed[0], ctx, dtype)
+        if key in self.failed:
+            key = None
         if key is not None and key not in self.graphs and key not in self.seen:
             self.seen.add(key)  # first sight: this eager run warms the shape up
             key = None
@@ -161,7 +172,7 @@ class StepGraphs:
         """(key, homes read) of a step that can be graphed, else (None, None)."""
         L = x.shape[1]
         cache = ctx.cache
-        if (self.disabled or x.device.type != self.backend.device_type or L > self.max_tokens or cache is None
+        if (self.off or x.device.type != self.backend.device_type or L > self.max_tokens or cache is None
                 or ctx.store_key is not None or (ctx.chunk_tokens and L > ctx.chunk_tokens)):
             return None, None
         homes = []
@@ -181,10 +192,10 @@ class StepGraphs:
         static_ctx = dataclasses.replace(ctx, rope=(cos, sin))
         try:
             graph, out = self.backend.capture(lambda: model.forward_blocks([static_x], static_ctx, dtype), x.device)
-        except Exception as e:  # noqa: BLE001 — any capture failure: say why once and run eagerly from now on
-            self.disabled = f"{type(e).__name__}: {e}"
-            self._drop_graphs()
-            logger.warning("CUDA graph capture failed (%s); running every step eagerly", self.disabled)
+        except Exception as e:  # noqa: BLE001 — any capture failure: say why, and run this shape eagerly from now on
+            self.failed[key] = why = f"{type(e).__name__}: {e}"
+            logger.warning("CUDA graph capture of a %d-token step failed (%s); that step shape runs eagerly",
+                           x.shape[1], why)
             return None
         self.graphs[key] = captured = _Graph(graph, static_x, cos, sin, out, homes)
         self.counts["captured"] += 1

@@ -114,7 +114,21 @@ def test_a_failed_capture_falls_back_to_eager_steps(model, caplog):
     with caplog.at_level(logging.WARNING, logger="infinitystar.cuda_graphs"):
         graphed = _run(model, _text(1), sched, 2, cuda_graphs=graphs)
     _assert_same(_run(model, _text(1), sched, 2), graphed)
-    assert graphs.disabled and "not permitted" in caplog.text and graphs.counts["replayed"] == 0
+    assert graphs.failed and "not permitted" in caplog.text and graphs.counts["replayed"] == 0
+    assert graphs.counts["captured"] == 0 and caplog.text.count("failed") == len(graphs.failed)  # once per shape
+
+
+def test_weights_off_the_device_turn_graphs_off_for_the_generation(model):
+    """Block weights streamed from the host (ComfyUI's partial loading) would be host copies inside a graph."""
+
+    class OtherDevice(EmulatedGraphBackend):
+        device_type = "meta"  # the model's weights are "elsewhere"
+
+    graphs = StepGraphs(backend=OtherDevice())
+    sched = build_schedule("0.06M", "1:1", 1, num_scales=4)
+    for seed in (0, 1):
+        _run(model, _text(1), sched, seed, cuda_graphs=graphs)
+    assert "not on the device" in graphs.off and graphs.counts["eager"] == sched.num_steps and not graphs.graphs
 
 
 def test_cuda_graphs_need_a_cuda_model(model):
