@@ -44,6 +44,7 @@ from infinitystar import attention  # noqa: E402
 from infinitystar.attention import BACKENDS  # noqa: E402
 from infinitystar.checkpoint import transformer_storage  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
+from infinitystar.cuda_graphs import GRAPH_MAX_TOKENS, release_step_graphs, step_graphs  # noqa: E402
 from infinitystar.memory import estimate_sampling_memory, measure_peak_bytes  # noqa: E402
 from infinitystar.ops import cast, dequantized, quantize_scaled, scaled_cast, scaled_fp8_matmul  # noqa: E402
 from infinitystar.pipeline import OFFLOAD_KV_CHOICES  # noqa: E402
@@ -378,7 +379,8 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
             try:
                 out = sample(model, TextCondition(cond), sched, seed=args.seed, generator_device=device.type,
                              compute_dtype=compute, attn_backend=args.attention, chunk_tokens=chunk,
-                             compile=args.compile, offload_kv=OFFLOAD_KV_CHOICES[args.offload_kv])
+                             compile=args.compile, offload_kv=OFFLOAD_KV_CHOICES[args.offload_kv],
+                             cuda_graphs=_graphs(model, args))
             finally:
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
@@ -401,6 +403,9 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
                                           f"{config.depth} layers) kept in host memory")
     if args.check_syncs and device.type == "cuda":
         results[0].extra["syncs"] = len(sync_warnings)
+    if args.cuda_graphs:
+        results[0].extra["cuda graphs"] = graphs_line(step_graphs(model, args.cuda_graphs), sched)
+        release_step_graphs(model)
     if official_mod is not None:
         runner = official_runner(official_mod, config, device, model, pn, frames, sched, _official_bf16(device, args))
         del model
@@ -448,7 +453,8 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     with parity_trace.trace_ours(model, steps, ref_rec.units) if steps else contextlib.nullcontext() as our_rec:
         parity.compare_ours(model, cond, sched, args.seed, logits, bits, report, progress=progress,
                             generator_device=device.type, compute_dtype=ours_dtype,
-                            attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile)
+                            attn_backend=args.attention, chunk_tokens=_chunk(args), compile=args.compile,
+                            cuda_graphs=_graphs(model, args))
     t_ours = time.perf_counter() - start
     if ref_rec is not None:
         report.notes += parity_trace.compare(our_rec, ref_rec)
@@ -458,6 +464,25 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     report.notes.append(f"official free run {t_official:.1f} s (with capture), ours teacher-forced "
                         f"{t_ours:.1f} s (with comparison); {sched.num_steps} steps, pn {pn}, {frames} frames")
     return report
+
+
+def _graphs(model, args):
+    """``--cuda-graphs N``: the model's StepGraphs for steps of up to N tokens (kept for the timed run after
+    --warmup), else False."""
+    return step_graphs(model, args.cuda_graphs) if args.cuda_graphs else False
+
+
+def graphs_line(graphs, schedule) -> str:
+    """What the CUDA graphs did in the last generation: steps replayed, captured, eager; memory they hold."""
+    c = graphs.counts
+    failed = f"; {len(graphs.failed)} step shapes failed to capture ({next(iter(graphs.failed.values()))})" \
+        if graphs.failed else ""
+    off = f"; off: {graphs.off}" if graphs.off else ""
+    # the graphs' pool keeps its temporaries reserved (not allocated): the allocated peak of the table misses them
+    reserved = f"; peak reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB" if torch.cuda.is_available() else ""
+    return (f"{c['replayed']} of {schedule.num_steps} steps replayed ({c['captured']} captured in this run), "
+            f"{c['eager']} eager; up to {graphs.max_tokens} tokens; {graphs.nbytes() / 1e9:.2f} GB of K/V homes and "
+            f"static buffers held{reserved}{failed}{off}")
 
 
 def _compute_dtype(device, args):
@@ -535,6 +560,9 @@ def parse_args(argv=None):
                    help="CUDA half-precision RMSNorm: PyTorch's fused kernel, or the official composite (fp32 "
                         "statistics, as the official code computes it without flash-attn)")
     p.add_argument("--compile", action="store_true", help="torch.compile our blocks' parts around attention")
+    p.add_argument("--cuda-graphs", type=int, nargs="?", const=GRAPH_MAX_TOKENS, default=0, metavar="N",
+                   help="CUDA: replay the steps of up to N tokens (default %(const)s) as CUDA graphs, captured at a "
+                        "shape's second sight (with --warmup the timed run replays them all)")
     p.add_argument("--fp8-matmul", action="store_true",
                    help="multiply the fp8 (e4m3fn) blocks in fp8 (torch._scaled_mm; not the official numerics)")
     p.add_argument("--offload-kv", default="auto", choices=list(OFFLOAD_KV_CHOICES),
@@ -587,6 +615,8 @@ def _setup(argv):
         raise SystemExit("--parity-fp32 is for --parity runs")
     if args.parity_fp32:  # an fp32 reference means fp32 matmuls: no TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("--cuda-graphs needs --device cuda")
     if args.cpu_bf16 and device.type != "cpu":
         raise SystemExit("--cpu-bf16 is for --device cpu (CUDA runs are bf16 already)")
     args.weights = args.weights or ("fp8" if device.type == "cuda" else "bf16" if args.cpu_bf16 else "fp32")
@@ -627,7 +657,7 @@ def _settings_line(args, config, device) -> str:
     cap += f", PYTORCH_CUDA_ALLOC_CONF={alloc}" if alloc and device.type == "cuda" else ""
     return (f"config {args.config} ({config.depth} blocks, width {config.width}, heads {config.num_heads}/"
             f"{config.num_kv_heads}), weights {args.weights}, attention {args.attention}, chunk {args.chunk}, "
-            f"compile {args.compile}, fp8 matmul {args.fp8_matmul}, offload_kv {args.offload_kv}, norms {args.norms}{cap}; "
+            f"compile {args.compile}, cuda graphs {args.cuda_graphs or 'off'}, fp8 matmul {args.fp8_matmul}, offload_kv {args.offload_kv}, norms {args.norms}{cap}; "
             f"{machine_line(device)}")
 
 
@@ -670,7 +700,7 @@ def main(argv=None) -> str:
         if results:  # partial table in the log, in case a later case is killed
             print(format_table(results), file=sys.stderr, flush=True)
     table = format_table(results)
-    notes += [f"{r.case}: {r.extra[k]}" for r in results for k in ("official", "kv offload", "profile")
+    notes += [f"{r.case}: {r.extra[k]}" for r in results for k in ("official", "kv offload", "cuda graphs", "profile")
               if k in r.extra]
     notes += [f"{r.case} {r.impl}, time by step size: {r.extra['by step size']}" for r in results
               if "by step size" in r.extra]

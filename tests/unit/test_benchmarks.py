@@ -73,6 +73,45 @@ def test_profile_on_cuda_reports_busy_time_by_step_size():
     assert 0 < busy <= span * 1.01, text
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_on_cuda_replay_every_small_step_of_the_timed_run():
+    """--cuda-graphs with --warmup: the warm-up generation captures, the timed one replays every step that can be
+    graphed (the kit's ours_graphs_720p5 relies on it; this runs in gpu_tests first, with the tiny model)."""
+    import re
+
+    bench = load_benchmark("bench_generate")
+    text = bench.main(["--device", "cuda", "--config", "tiny", "--cases", "mid5", "--num-scales", "5",
+                       "--warmup", "--cuda-graphs"])
+    replayed, steps, captured = map(int, re.search(r"(\d+) of (\d+) steps replayed \((\d+) captured", text).groups())
+    assert captured == 0 and replayed >= steps - 2, text
+
+
+def test_cuda_graphs_flag_and_report():
+    import torch
+    from graph_emulation import EmulatedGraphBackend
+
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.cuda_graphs import GRAPH_MAX_TOKENS, StepGraphs
+    from infinitystar.sampler import TextCondition, sample
+    from infinitystar.schedule import build_schedule
+    from infinitystar.transformer import InfinityStarTransformer
+
+    bench = load_benchmark("bench_generate")
+    assert bench.parse_args(["--cuda-graphs"]).cuda_graphs == GRAPH_MAX_TOKENS
+    assert bench.parse_args(["--cuda-graphs", "512"]).cuda_graphs == 512 and not bench.parse_args([]).cuda_graphs
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        bench.main(["--device", "cpu", "--config", "tiny", "--cuda-graphs"])
+    cfg = TRANSFORMER_PRESETS["tiny"]
+    model = InfinityStarTransformer(cfg).eval()
+    sched = build_schedule("0.06M", "1:1", 1, num_scales=4)
+    graphs = StepGraphs(backend=EmulatedGraphBackend())
+    for seed in (0, 1):
+        sample(model, TextCondition(torch.randn(4, cfg.text_channels)), sched, seed=seed, cuda_graphs=graphs)
+    line = bench.graphs_line(graphs, sched)
+    assert line.startswith(f"{sched.num_steps} of {sched.num_steps} steps replayed (0 captured in this run), 0 eager")
+
+
 def test_bench_generate_refuses_full_on_cpu():
     bench = load_benchmark("bench_generate")
     with pytest.raises(SystemExit, match="needs a GPU"):
