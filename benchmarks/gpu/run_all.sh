@@ -14,6 +14,7 @@
 #   official_480p5.md      the same at 480p 5 s (only when time is left)
 #   official_720p5_warm.md extra: official_720p5 after one warm-up generation per side (first runs in the notes)
 #   ours_compile_720p5.md  extra, only with STEPS="ours_compile_720p5": ours at 720p 5 s with torch.compile, bf16
+#   official_720p5_graphs.md, ours_graphs_compile_720p5.md, parity_480p5_graphs.md/.csv: extras, with CUDA graphs
 #   ours_fp8mm_720p5.md    extra, only with STEPS="ours_fp8mm_720p5": ours at 720p 5 s with fp8 matmuls
 #   decode_720p5.md        extra: the 720p 5 s tokenizer decode, ours vs the official tokenizer (same weights)
 #   run_all.log            everything else: per-step parity lines, partial tables, warnings, errors
@@ -89,6 +90,7 @@ STATUS=0
 EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 parity_img_ours32"
 EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5 parity_img_fast"
 EXTRA+=" parity_480p5_whole profile_720p5 official_720p5_warm decode_720p5"
+EXTRA+=" official_720p5_graphs ours_graphs_compile_720p5 parity_480p5_graphs"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -101,7 +103,7 @@ fi
 
 if [ -n "${REHEARSE:-}" ]; then
     BENCH=(benchmarks/bench_generate.py --device cpu --config tiny --threads 2)
-    C720=mid5 C480=mid5 C480_10=mid10 CIMG=0.06M:1 CAP24=() CAP16=() SYNCS=()
+    C720=mid5 C480=mid5 C480_10=mid10 CIMG=0.06M:1 CAP24=() CAP16=() SYNCS=() GRAPHS=()  # CUDA graphs: CUDA only
     PROBE=(benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5 --sweep mid5)
     DECODE=(benchmarks/bench_decode.py --device cpu --config full --threads 2 --cells 1x2 --latents 3)
 else
@@ -109,6 +111,7 @@ else
     PROBE=(benchmarks/gpu/probe_kernels.py --cases 720p5,480p5)
     DECODE=(benchmarks/bench_decode.py --device cuda --config full --cells 45x80 --latents 21)
     C720=720p5 C480=480p5 C480_10=480p10 CIMG=480p:1 CAP24=(--memory-cap-gb 24) CAP16=(--memory-cap-gb 16) SYNCS=(--check-syncs)
+    GRAPHS=(--cuda-graphs)
 fi
 step ours_fp8 210 60 "$PY" "${BENCH[@]}" --cases $C720,$C480,$C480_10 --weights fp8 "${SYNCS[@]}" \
     "${CAP24[@]}"
@@ -118,6 +121,13 @@ step parity_480p5 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --offic
 step official_720p5 200 100 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL"
 # extra: the same with one warm-up generation per side first (the table times the second, the notes keep both)
 step official_720p5_warm 330 230 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL" --warmup
+# extras: CUDA graphs for the steps of up to 6,144 tokens (infinitystar/cuda_graphs.py), against the official code in
+# one process (warm: the warm-up generation captures, the timed one replays); with torch.compile; parity with them
+step official_720p5_graphs 330 230 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL" --warmup \
+    "${GRAPHS[@]}"
+step ours_graphs_compile_720p5 240 130 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --compile --warmup "${GRAPHS[@]}"
+step parity_480p5_graphs 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
+    --parity --parity-csv "$OUT/parity_480p5_graphs.csv" --norms composite --attention sdpa_flash "${GRAPHS[@]}"
 step official_480p5 110 100 "$PY" "${BENCH[@]}" --cases $C480 --weights bf16 --official "$OFFICIAL"
 # extras next: what issue 7's ratio needs besides official_720p5_warm (steps run in this file's order, not STEPS'):
 # kernel timings at the largest steps' shapes and the attention routing's sweep, torch.compile, the decode

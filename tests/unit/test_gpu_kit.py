@@ -66,11 +66,12 @@ def test_run_all_skips_what_has_no_time_left_and_extras_unless_named(tmp_path):
 
 @pytest.mark.parametrize("step, setting", [("ours_compile_720p5", "compile True"),
                                            ("ours_fp8mm_720p5", "fp8 matmul True"),
+                                           ("ours_graphs_compile_720p5", "compile True"),
                                            ("ours_cudnn_fp8mm_720p5", "attention cudnn"),
                                            ("probe_kernels", "attention of a whole generation (ms), SDPA flash"),
                                            ("profile_720p5", "time by step size: ")])
 def test_run_all_runs_a_named_extra_step(tmp_path, step, setting):
-    if step == "ours_compile_720p5" and compile_unavailable("cpu") is not None:
+    if "compile" in step and compile_unavailable("cpu") is not None:
         pytest.skip("no C++ compiler for torch.compile")
     proc, out, summary = _rehearse(tmp_path, [step])
     assert proc.returncode == 0 and f"{step}: rc=0 (ok)" in summary, summary
@@ -103,7 +104,8 @@ def test_run_all_rehearsal_runs_the_official_steps(tmp_path):
 
 
 FOLLOW_UPS = ["parity_img_official32", "parity_img_ours32", "official_720p5_cudnn", "parity_img_fp32",
-              "parity_img_cudnn", "parity_img_fast", "official_720p5_warm", "decode_720p5"]
+              "parity_img_cudnn", "parity_img_fast", "official_720p5_warm", "decode_720p5", "official_720p5_graphs",
+              "parity_480p5_graphs"]
 
 
 def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
@@ -116,6 +118,8 @@ def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
     assert "trace (ours vs official, first steps)" in (out / "parity_img_fast.md").read_text()
     warm = (out / "official_720p5_warm.md").read_text()
     assert "mid5 ours: first run" in warm and "mid5 official: first run" in warm, warm
+    assert "mid5 official: first run" in (out / "official_720p5_graphs.md").read_text()
+    assert (out / "parity_480p5_graphs.csv").stat().st_size > 0
     decode = (out / "decode_720p5.md").read_text()
     assert "| official code |" in decode and "largest |ours - official|" in decode, decode
 
