@@ -78,7 +78,7 @@ class _Graph:
     cos: torch.Tensor  # (L, D/2) static RoPE tables
     sin: torch.Tensor
     out: torch.Tensor  # (2, L, C) hidden states, rewritten by each replay
-    homes: tuple  # the K/V tensors the graph reads, checked before each replay
+    homes: tuple  # the K/V tensors the graph reads: each replay checks that the cache holds exactly these
 
 
 class StepGraphs:
@@ -157,7 +157,11 @@ class StepGraphs:
         if key is not None and key not in self.graphs and key not in self.seen:
             self.seen.add(key)  # first sight: this eager run warms the shape up
             key = None
-        graph = None if key is None else self.graphs.get(key) or self._capture(model, handed[0], ctx, dtype, key, homes)
+        graph = None if key is None else self.graphs.get(key)
+        if graph is not None and not all(a is b for a, b in zip(graph.homes, homes)):
+            graph = None  # the cache's K/V live elsewhere than where this graph reads them: capture it again
+        if key is not None and graph is None:
+            graph = self._capture(model, handed[0], ctx, dtype, key, homes)
         if graph is None:
             self.counts["eager"] += 1
             return model.forward_blocks(handed, ctx, dtype)

@@ -79,6 +79,18 @@ def test_a_new_prompt_length_or_moved_weights_drop_the_graphs(model):
         p.data = old
 
 
+def test_a_graph_whose_homes_moved_is_captured_again(model):
+    """A graph reads the K/V homes it was captured with; if the cache's entries live elsewhere now (here: a home
+    replaced behind the graphs' back), that graph is captured again instead of replaying stale K/V."""
+    sched = build_schedule("0.06M", "1:1", 1, num_scales=5)
+    graphs = StepGraphs(backend=EmulatedGraphBackend())
+    _run(model, _text(1), sched, 0, cuda_graphs=graphs)
+    k, v = graphs.homes[(1, "t0")]
+    graphs.homes[(1, "t0")] = (k.clone(), v.clone())  # same layout: the next text step writes into the new pair
+    _assert_same(_run(model, _text(2), sched, 1), _run(model, _text(2), sched, 1, cuda_graphs=graphs))
+    assert graphs.counts["captured"] == len(graphs.graphs) > 0
+
+
 def test_chunked_storing_and_offloaded_steps_run_eagerly(model):
     """Token blocks, steps that store K/V and steps whose references live in host memory are not graphed, and the
     whole run still equals the eager one."""
