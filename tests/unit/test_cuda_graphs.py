@@ -107,6 +107,20 @@ def test_chunked_storing_and_offloaded_steps_run_eagerly(model):
         assert graphs.counts["replayed"] == sched.num_steps - len(eager), (kw, graphs.counts)
 
 
+def test_extension_and_teacher_forcing_with_graphs(model):
+    """Video extension: the prefix replay stores the clip references into the homes that the graphed steps of the
+    new clip read; with teacher-forced bits (I2V/V2V) as well."""
+    sched = build_schedule("0.06M", "1:1", 161, num_scales=5)
+    text = _text(4)
+    full, _ = _run(model, text, sched, 5)
+    start = sched.steps_before_clip(2)
+    graphs = StepGraphs(backend=EmulatedGraphBackend())
+    for seed in (6, 7):  # the second extension replays what the first captured
+        kw = dict(prefix_bits=full.bits[:start], teacher_bits=full.bits[:start + 3])
+        _assert_same(_run(model, text, sched, seed, **kw), _run(model, text, sched, seed, cuda_graphs=graphs, **kw))
+    assert graphs.counts["replayed"] > 0 and any(k[3][0][0] != "t0" for k in graphs.graphs)  # graphs read clip refs
+
+
 def test_max_tokens_bounds_the_graphed_steps(model):
     sched = build_schedule("0.06M", "1:1", 1, num_scales=6)
     graphs = StepGraphs(max_tokens=20, backend=EmulatedGraphBackend())
