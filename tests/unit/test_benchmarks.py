@@ -112,6 +112,31 @@ def test_cuda_graphs_flag_and_report():
     assert line.startswith(f"{sched.num_steps} of {sched.num_steps} steps replayed (0 captured in this run), 0 eager")
 
 
+def test_bench_run_case_times_a_replaying_generation_with_cuda_graphs(monkeypatch):
+    """The bench's wiring on the CPU, the CUDA graphs emulated: the warm-up generation captures, the timed one
+    replays every step but the one storing the clip reference, and the notes say so."""
+    import re
+
+    import torch
+    from graph_emulation import EmulatedGraphBackend
+
+    from infinitystar.cuda_graphs import StepGraphs
+
+    bench = load_benchmark("bench_generate")
+    made = {}
+    monkeypatch.setattr(bench, "step_graphs", lambda model, n: made.setdefault(
+        id(model), StepGraphs(n, backend=EmulatedGraphBackend())))
+    args = bench.parse_args(["--device", "cpu", "--config", "tiny", "--num-scales", "4", "--warmup", "--no-memory",
+                             "--cuda-graphs", "4096"])
+    args.weights, args.attention = "fp32", "sdpa"  # what _setup resolves (it refuses --cuda-graphs on a CPU)
+    rows = bench.run_case(args, bench.CONFIGS["tiny"], torch.device("cpu"), "mid5", "0.06M", 81, None)
+    (graphs,) = made.values()
+    replayed, steps, captured, eager = map(int, re.match(
+        r"(\d+) of (\d+) steps replayed \((\d+) captured in this run\), (\d+) eager; up to 4096 tokens",
+        rows[0].extra["cuda graphs"]).groups())
+    assert (replayed, captured, eager) == (steps - 1, 0, 1) and graphs.counts["replayed"] == replayed
+
+
 def test_bench_generate_refuses_full_on_cpu():
     bench = load_benchmark("bench_generate")
     with pytest.raises(SystemExit, match="needs a GPU"):
