@@ -301,8 +301,8 @@ def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, mon
     made = []
 
     class Recorded(kv_cache.ScaleKVCache):
-        def __init__(self, n, offload=False):
-            super().__init__(n, offload=offload)
+        def __init__(self, n, offload=False, **kw):
+            super().__init__(n, offload=offload, **kw)
             made.append(self)
 
     monkeypatch.setattr(core("sampler"), "ScaleKVCache", Recorded)
