@@ -39,7 +39,7 @@ def test_bench_generate_warmup_reports_the_first_run_too():
 
 def test_profile_busy_and_span_merges_overlaps():
     """The profile's GPU idle time: kernels on other streams overlap and count once; gaps are idle."""
-    bench = load_benchmark("bench_generate")
+    bench = load_benchmark("step_timing")
     assert bench.busy_and_span([]) == (0.0, 0.0)
     assert bench.busy_and_span([(10, 20), (0, 5)]) == (15, 20)
     assert bench.busy_and_span([(0, 10), (2, 4), (8, 15), (20, 21)]) == (16, 21)
@@ -49,7 +49,7 @@ def test_profile_splits_kernels_into_steps_at_the_markers():
     """The profile's per-step split: windows end at each marker kernel (the head call's end), the first starts at
     the first kernel, the next at the previous marker's end; overlaps count once; kernels after the last marker
     are left out."""
-    bench = load_benchmark("bench_generate")
+    bench = load_benchmark("step_timing")
     mark = bench.KernelMarker.name
     kernels = [(0, 4, "gemm"), (2, 6, "gemm"), (10, 11, mark), (11, 12, "attn"), (20, 21, "gemm"),
                (30, 31, f"void {mark}(long)"), (40, 45, "after")]
