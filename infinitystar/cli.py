@@ -87,8 +87,6 @@ class Session:
             why = fp8_matmul_unavailable(self.device)
             if why:
                 raise ValueError(f"--fp8-matmul: {why}; leave it out (fp8 storage alone still halves the weights)")
-        if getattr(args, "cuda_graphs", False) and self.device.type != "cuda":
-            raise ValueError(f"--cuda-graphs needs a CUDA device (this run is on {self.device}); leave it out")
         attention = getattr(args, "attention", "auto")
         why = backend_unavailable(attention)
         if why:
@@ -170,7 +168,7 @@ class Session:
         a = self.args
         return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video,
                     generator=a.generator, offload_kv=P.OFFLOAD_KV_CHOICES[a.offload_kv], compile=a.compile,
-                    attn_backend=a.attention, cuda_graphs=a.cuda_graphs)
+                    attn_backend=a.attention)
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         from .video_io import write_mp4, write_png
@@ -306,9 +304,6 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks' parts around attention: norms, projections, RoPE, SwiGLU "
                         "(needs Triton on a GPU; the first run compiles)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the small steps as CUDA graphs (exact; each step size is captured at its second "
-                        "repetition; about 1 GB more GPU memory at 720p)")
     p.add_argument("--attention", choices=list(BACKENDS), default="auto",
                    help="attention kernel: auto = flash-attn when installed on CUDA, else PyTorch SDPA (its own "
                         "pick for large calls: cuDNN on Hopper with recent PyTorch; FlashAttention-2 for small ones); "

@@ -165,16 +165,6 @@ def test_compile_without_a_compiler_is_a_clear_error(tiny_models, tmp_path, monk
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cuda_graphs_on_the_cpu_is_a_clear_error(tiny_models, tmp_path, capsys):
-    from infinitystar.cli import build_parser
-
-    assert build_parser().parse_args(["generate", "--cuda-graphs"]).cuda_graphs is True
-    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
-               "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "x.png")])
-    err = capsys.readouterr().err
-    assert rc != 0 and "--cuda-graphs needs a CUDA device" in err and not (tmp_path / "x.png").exists()
-
-
 def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, capsys):
     """Without --dtype: fp32 on the CPU; on a GPU (its memory query patched: none here) bf16 for the 8B model at
     720p when 80 GB are free, fp8 with a note on 24 GB of which 20 are free."""
