@@ -114,14 +114,13 @@ class StepGraphs:
 
     def release(self) -> None:
         """Drop every graph and home (their memory goes back to the allocator)."""
-        self.graphs.clear()
-        self.seen.clear()
+        self._drop_graphs()
         self.failed.clear()
         self.homes.clear()
-        self.backend.pool = None
         self.signature = None
 
     def _drop_graphs(self) -> None:
+        """Drop the graphs (and the pool they share), keeping the homes: shapes are captured afresh."""
         self.graphs.clear()
         self.seen.clear()
         self.backend.pool = None
