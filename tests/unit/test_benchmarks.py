@@ -77,7 +77,7 @@ def test_profile_on_cuda_reports_busy_time_by_step_size():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_on_cuda_replay_every_small_step_of_the_timed_run():
     """--cuda-graphs with --warmup: the warm-up generation captures, the timed one replays every step that can be
-    graphed (the kit's ours_graphs_720p5 relies on it; this runs in gpu_tests first, with the tiny model)."""
+    graphed (the kit's official_720p5_graphs relies on it; this runs in gpu_tests first, with the tiny model)."""
     import re
 
     bench = load_benchmark("bench_generate")
