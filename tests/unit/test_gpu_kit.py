@@ -124,6 +124,32 @@ def test_run_all_rehearsal_runs_the_official_follow_ups(tmp_path):
     assert "| official code |" in decode and "largest |ours - official|" in decode, decode
 
 
+FAST = ["parity_480p5_fast", "official_720p5_fast", "parity_480p5_routed", "parity_480p5_exact_compiled"]
+
+
+def test_run_all_rehearsal_times_and_checks_the_fast_settings_alike(tmp_path):
+    """Issue 7 asks for the speed and the logits parity at once: the "fast" timing and its parity run the same
+    settings of ours (torch.compile, composite norms, the default attention routing; CUDA graphs on a GPU), and
+    the two diagnostics each change one thing."""
+    if compile_unavailable("cpu") is not None:
+        pytest.skip("no C++ compiler for torch.compile")
+    proc, out, summary = _rehearse(tmp_path, FAST, OFFICIAL=_official_path())
+    assert proc.returncode == 0, (summary, (out / "run_all.log").read_text()[-3000:])
+    for step in FAST:
+        assert f"{step}: rc=0 (ok)" in summary, summary
+    fast = "compile True, cuda graphs off, fp8 matmul False, offload_kv auto, norms composite"  # graphs: CUDA only
+    for step in ("parity_480p5_fast", "official_720p5_fast"):
+        text = (out / f"{step}.md").read_text()
+        assert "attention sdpa, " in text and fast in text, text
+    assert "mid5 official: first run" in (out / "official_720p5_fast.md").read_text()
+    routed = (out / "parity_480p5_routed.md").read_text()
+    assert "attention sdpa, " in routed and "compile False" in routed and "norms composite" in routed, routed
+    exact = (out / "parity_480p5_exact_compiled.md").read_text()
+    assert "attention sdpa_flash, " in exact and fast in exact, exact
+    for step in ("parity_480p5_fast", "parity_480p5_routed", "parity_480p5_exact_compiled"):
+        assert (out / f"{step}.csv").stat().st_size > 0
+
+
 def test_prepare_refuses_without_an_official_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "INFINITYSTAR_OFFICIAL_PATH"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "prepare.sh"), str(tmp_path)], env=env,
