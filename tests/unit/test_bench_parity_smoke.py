@@ -196,8 +196,9 @@ def test_parity_with_official_tiny_cpu_bf16_compiled(official_path, single_threa
     import infinitystar.transformer as transformer_mod
     from infinitystar.transformer import compile_unavailable
 
-    if compile_unavailable("cpu"):
-        pytest.skip(compile_unavailable("cpu"))
+    why = compile_unavailable("cpu")
+    if why:
+        pytest.skip(why)
     bench = load_benchmark("bench_generate")
     _, (rep,) = bench.run_parity(["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81", "--cpu-bf16",
                                   "--official", official_path, "--parity", "--threads", "1", "--compile",

@@ -8,6 +8,7 @@ import infinitystar.transformer as transformer_mod
 from infinitystar.config import TRANSFORMER_PRESETS
 from infinitystar.sampler import TextCondition, draw_bits, sample
 from infinitystar.schedule import build_schedule
+from infinitystar.tiny import _init_like_official
 from infinitystar.transformer import InfinityStarTransformer
 
 TINY = TRANSFORMER_PRESETS["tiny"]
@@ -155,9 +156,7 @@ def test_compiled_bf16_block_parts_keep_the_eager_roundings():
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY, width=128, mlp_hidden=512)
     model = InfinityStarTransformer(cfg).eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.normal_(module.weight, std=0.02)
+    _init_like_official(model)
     model.apply_precision_layout(torch.bfloat16)
     block = model.blocks[0]
     x = torch.randn(2, 300, cfg.width).to(torch.bfloat16)
