@@ -50,6 +50,14 @@ def wrap_head(obj, attr, clock):
     return lambda: setattr(obj, attr, inner)
 
 
+def by_step_size(values, schedule):
+    """(tokens label, the values of that bucket's steps) for each non-empty bucket of STEP_BUCKETS; ``values`` run
+    parallel to ``schedule.steps``."""
+    for lo, hi in STEP_BUCKETS:
+        picked = [v for v, s in zip(values, schedule.steps) if lo <= s.num_tokens < hi]
+        if picked:
+            yield _tokens(lo, hi), picked
+
 
 KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
     ("attention", ("sdpa", "fmha", "flash", "attention")),
@@ -119,11 +127,9 @@ def _step_busy_line(kernels, schedule) -> str:
     if len(windows) != schedule.num_steps:
         return f"GPU busy by step size: not available ({len(windows)} step markers for {schedule.num_steps} steps)"
     parts = []
-    for lo, hi in STEP_BUCKETS:
-        picked = [w for w, s in zip(windows, schedule.steps) if lo <= s.num_tokens < hi]
-        if picked:
-            busy, span = (sum(w[i] for w in picked) / 1e6 for i in (0, 1))
-            parts.append(f"{len(picked)} steps of {_tokens(lo, hi)} tokens {busy:.2f} s of {span:.2f} s")
+    for tokens, picked in by_step_size(windows, schedule):
+        busy, span = (sum(w[i] for w in picked) / 1e6 for i in (0, 1))
+        parts.append(f"{len(picked)} steps of {tokens} tokens {busy:.2f} s of {span:.2f} s")
     return "GPU busy by step size (first step with the text step, each to the end of its head): " + ", ".join(parts)
 
 
@@ -170,9 +176,5 @@ def busy_and_span(intervals) -> tuple[float, float]:
 def step_time_buckets(durations: list[float], schedule) -> str:
     """Where a generation's time goes by step size: many small steps cost launches and host time, the few large
     ones cost FLOPs; the first interval also holds the text step."""
-    parts = []
-    for lo, hi in STEP_BUCKETS:
-        picked = [d for d, s in zip(durations, schedule.steps) if lo <= s.num_tokens < hi]
-        if picked:
-            parts.append(f"{len(picked)} steps of {_tokens(lo, hi)} tokens {sum(picked):.2f} s")
-    return ", ".join(parts)
+    return ", ".join(f"{len(picked)} steps of {tokens} tokens {sum(picked):.2f} s"
+                     for tokens, picked in by_step_size(durations, schedule))
