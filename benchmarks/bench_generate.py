@@ -275,11 +275,12 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     with parity_trace.trace_official(runner.model, steps) if steps else contextlib.nullcontext() as ref_rec:
         logits, bits = parity.run_official(runner, cond, args.seed, sched)
     t_official = time.perf_counter() - start
+    floor = _kernel_floor(args, runner, cond, sched, logits, bits, name) if args.parity_floor else None
     del runner
     gc.collect()  # the official model holds its K/V caches; free them before ours runs
     _empty_cache(device)
     model.to(device)
-    report = parity.ParityReport(name, args.parity_tol)
+    report = parity.ParityReport(name, args.parity_tol, floor=floor)
 
     def progress(e):
         print(f"  {name} step {e.index:3d} (clip {e.clip}, scale {e.si:2d}, rep {e.rep}, {e.tokens:6d} tokens): "
@@ -301,6 +302,23 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     report.notes.append(f"official free run {t_official:.1f} s (with capture), ours teacher-forced "
                         f"{t_ours:.1f} s (with comparison); {sched.num_steps} steps, pn {pn}, {frames} frames")
     return report
+
+
+def _kernel_floor(args, runner, cond, sched, logits, bits, name):
+    """--parity-floor KERNEL: the official run again on KERNEL, replaying the reference draws (parity.kernel_floor)."""
+    import official
+    import parity
+
+    floor = parity.ParityReport(f"{name} official {args.parity_floor} vs official {args.official_attention}",
+                                args.parity_tol)
+    saved, official.STANDIN_KERNEL = official.STANDIN_KERNEL, args.parity_floor
+    start = time.perf_counter()
+    try:
+        parity.kernel_floor(runner, cond, args.seed, sched, logits, bits, floor)
+    finally:
+        official.STANDIN_KERNEL = saved
+    floor.notes.append(f"official teacher-forced run {time.perf_counter() - start:.1f} s")
+    return floor
 
 
 def _graphs(model, args):
@@ -418,6 +436,10 @@ def parse_args(argv=None):
                         "(needs --official; exits 1 when a step is above --parity-tol)")
     p.add_argument("--parity-tol", type=float, default=None,
                    help="largest relative L2 error of a step's logits (default 2e-2)")
+    p.add_argument("--parity-floor", default=None, choices=list(STANDIN_KERNELS), metavar="KERNEL",
+                   help="for --parity: also run the official code a second time on this attention kernel (flash, "
+                        "sdpa), teacher-forced with its own first run's draws, and report how far its logits move "
+                        "from its first run's: the parity check's noise floor (does not change PASS/FAIL)")
     p.add_argument("--parity-csv", default=None, help="write every step's errors to this CSV file")
     p.add_argument("--parity-trace", type=int, default=0, metavar="N",
                    help="for --parity: also compare the first N steps' inputs (code accumulation, word_embed) and "
@@ -448,6 +470,8 @@ def _setup(argv):
         raise SystemExit("--parity compares with the official code: give --official PATH")
     if args.parity_trace and not args.parity:
         raise SystemExit("--parity-trace is for --parity runs")
+    if args.parity_floor and not args.parity:
+        raise SystemExit("--parity-floor is for --parity runs")
     if args.parity_fp32 and not args.parity:
         raise SystemExit("--parity-fp32 is for --parity runs")
     if args.parity_fp32:  # an fp32 reference means fp32 matmuls: no TF32

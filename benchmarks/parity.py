@@ -47,6 +47,7 @@ class ParityReport:
     tol: float
     steps: list[StepError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    floor: ParityReport | None = None  # --parity-floor: the official code against itself on another kernel
 
     @property
     def worst(self) -> StepError:
@@ -91,6 +92,33 @@ def capture_multinomial(store: list):
 
 
 @contextlib.contextmanager
+def replay_multinomial(draws: Sequence[torch.Tensor]):
+    """Make ``torch.multinomial`` return the recorded ``draws``, one per call and in order, while the block runs.
+
+    The real call still runs first, so the generator advances exactly as in a free run; only its result is swapped
+    for the recorded draw of the same size. This teacher-forces the official sampler itself, for the kernel floor
+    below. Raises when a call wants another number of bits than was recorded, or more calls come than were recorded.
+    """
+    real = torch.multinomial
+    calls = iter(draws)
+
+    def replay(*args, **kwargs):
+        out = real(*args, **kwargs)
+        recorded = next(calls, None)
+        if recorded is None:
+            raise ValueError(f"replay: only {len(draws)} draws were recorded")
+        if recorded.numel() != out.numel():
+            raise ValueError(f"replay: the call draws {out.numel()} bits, the recorded draw has {recorded.numel()}")
+        return recorded.reshape(out.shape).to(out.device, out.dtype)
+
+    torch.multinomial = replay
+    try:
+        yield
+    finally:
+        torch.multinomial = real
+
+
+@contextlib.contextmanager
 def capture_calls(obj, attr: str, store: list):
     """Record a CPU fp32 copy of every output of ``obj.attr(...)`` while the block runs."""
     inner = getattr(obj, attr)
@@ -129,6 +157,25 @@ def run_official(runner, cond: torch.Tensor, seed: int, schedule: Schedule):
     if len(logits) != schedule.num_steps:
         raise ValueError(f"official code ran {len(logits)} head calls, the schedule has {schedule.num_steps} steps")
     return logits, bits_per_step(draws, schedule)
+
+
+def kernel_floor(runner, cond: torch.Tensor, seed: int, schedule: Schedule, ref_logits: list,
+                 ref_bits: list[torch.Tensor], report: ParityReport) -> ParityReport:
+    """The official sampler again, teacher-forced with its own reference draws, against its reference logits.
+
+    Run with another attention kernel (``official.STANDIN_KERNEL``), this is the noise floor of the parity check:
+    how far the official code moves from itself when only the kernel's rounding changes. ``draws_agree`` is 1.0 by
+    construction: the draws are replayed.
+    """
+    logits: list[torch.Tensor] = []
+    with capture_calls(runner.model, "get_logits_during_infer", logits), replay_multinomial(ref_bits):
+        runner.run(cond, seed)
+    if len(logits) != schedule.num_steps:
+        raise ValueError(f"official code ran {len(logits)} head calls, the schedule has {schedule.num_steps} steps")
+    for step, ours, ref in zip(schedule.steps, logits, ref_logits):
+        report.steps.append(StepError(step.index, step.clip, step.si, step.rep, step.num_tokens,
+                                      rel_l2(ours[0], ref[0]), rel_l2(ours[1], ref[1]), 1.0))
+    return report
 
 
 def compare_ours(model, cond: torch.Tensor, schedule: Schedule, seed: int, official_logits: list,
@@ -176,7 +223,7 @@ def format_report(report: ParityReport, worst: int = 8) -> str:
         f"rep {w.rep}, {w.tokens:,} tokens); {len(report.failing)}/{len(report.steps)} steps above "
         f"{report.tol:g}; our draws equal the official ones at {same}/{len(report.steps)} steps "
         f"(per-step mean {100 * mean_agree:.3f} % of bits): {'PASS' if report.passed else 'FAIL'}",
-        *report.notes, "",
+        *report.notes, *_floor_lines(report.floor), "",
         "| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE),
     ]
     ranked = sorted(report.steps, key=lambda s: -s.worst if math.isfinite(s.worst) else -math.inf)
@@ -184,11 +231,25 @@ def format_report(report: ParityReport, worst: int = 8) -> str:
     return "\n".join(lines)
 
 
+def _floor_lines(floor: ParityReport | None) -> list[str]:
+    if floor is None:
+        return []
+    if not floor.steps:
+        return [f"floor {floor.case}: no steps compared"]
+    w = floor.worst
+    worst = sorted(floor.steps, key=lambda s: -s.worst if math.isfinite(s.worst) else -math.inf)[:3]
+    return [f"floor {floor.case}: max rel L2 {w.worst:.3e} at step {w.index} ({w.tokens:,} tokens); "
+            f"{len(floor.failing)}/{len(floor.steps)} steps above {floor.tol:g} (the official code against itself, "
+            f"teacher-forced with its own draws; worst steps "
+            + ", ".join(f"{s.index}: {s.worst:.2e}" for s in worst) + ")", *floor.notes]
+
+
 def write_csv(reports: Sequence[ParityReport], path: str) -> None:
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["case", "step", "clip", "scale", "rep", "tokens", "rel_l2_cond", "rel_l2_uncond",
                       "draws_agree"])
-        for report, s in ((r, s) for r in reports for s in r.steps):
+        every = [r for rep in reports for r in (rep, rep.floor) if r is not None]
+        for report, s in ((r, s) for r in every for s in r.steps):
             out.writerow([report.case, s.index, s.clip, s.si, s.rep, s.tokens, f"{s.cond:.6e}", f"{s.uncond:.6e}",
                           f"{s.draws_agree:.6f}"])

@@ -97,6 +97,51 @@ def test_compare_ours_against_its_own_free_run(parity, single_thread):
     assert all(s.worst == 0.0 and s.draws_agree == 1.0 for s in rep.steps if s.index != k)
 
 
+def test_replay_multinomial_teacher_forces_a_run_with_another_seed(parity, single_thread):
+    """Replayed draws make a seed-6 run of our sampler reproduce the seed-5 run's logits exactly (the kernel floor
+    relies on this to teacher-force the official sampler); the generator still advances as in a free run."""
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.sampler import TextCondition, sample
+    from infinitystar.schedule import build_schedule
+    from infinitystar.transformer import InfinityStarTransformer
+
+    torch.manual_seed(0)
+    config = TRANSFORMER_PRESETS["tiny"]
+    model = InfinityStarTransformer(config).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=3)
+    cond = TextCondition(torch.randn(7, config.text_channels))
+
+    def run(seed):
+        logits = []
+        sample(model, cond, sched, seed=seed, step_hook=lambda r: logits.append(r.logits.clone()))
+        return logits
+
+    draws = []
+    with parity.capture_multinomial(draws):
+        ref = run(5)
+    free = run(6)
+    assert any(not torch.equal(a, b) for a, b in zip(free, ref))  # another seed draws other bits
+    with parity.replay_multinomial(draws):
+        replayed = run(6)
+    assert torch.multinomial.__name__ == "multinomial"  # restored
+    assert len(replayed) == len(ref) and all(torch.equal(a, b) for a, b in zip(replayed, ref))
+
+    probs = torch.full((6, 2), 0.5)
+    g_free, g_replay = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    torch.multinomial(probs, 1, generator=g_free)
+    recorded = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.uint8)
+    with parity.replay_multinomial([recorded]):
+        out = torch.multinomial(probs, 1, generator=g_replay)
+        with pytest.raises(ValueError, match="only 1 draws were recorded"):
+            torch.multinomial(probs, 1)
+    assert out.dtype == torch.long and out.shape == (6, 1) and out.flatten().tolist() == recorded.tolist()
+    assert torch.equal(g_free.get_state(), g_replay.get_state())
+    with parity.replay_multinomial([recorded[:4]]), pytest.raises(ValueError, match="draws 6 bits"):
+        torch.multinomial(probs, 1)
+
+
 def test_trace_points_at_the_first_differing_tensor(single_thread):
     """parity_trace on two runs of our own sampler: equal everywhere; a block's output nudged by one ulp at one
     step is reported at that step and block group, with the inputs before it still equal."""
@@ -167,6 +212,36 @@ def test_parity_with_official_tiny_cpu(official_path, single_thread):
     assert rep.worst.worst < 1e-4, parity_summary(rep)
     # a wrong capture order would leave about half of the bits equal
     assert sum(s.draws_agree for s in rep.steps) / len(rep.steps) > 0.99
+
+
+def test_kernel_floor_teacher_forces_the_official_code(official_path, single_thread, tmp_path):
+    """--parity-floor: the official code's second run replays its first run's draws, so even with another seed its
+    logits are the first run's (on a CPU the stand-in's kernel choice does not apply: the floor is exactly 0); the
+    floor is reported beside the parity line and in the CSV, and leaves PASS/FAIL to our side."""
+    import official
+
+    bench = load_benchmark("bench_generate")
+    parity = load_benchmark("parity")
+    config = bench.CONFIGS["tiny"]
+    sched = bench.build_schedule("0.06M", "16:9", 81)
+    model = bench.build_model(config, torch.device("cpu"), torch.float32, 41)
+    runner = bench.official_runner(official.import_official(official_path), config, torch.device("cpu"), model,
+                                   "0.06M", 81, sched, False)
+    cond = bench._text_features(config, 41)
+    logits, bits = parity.run_official(runner, cond, 41, sched)
+    floor = parity.kernel_floor(runner, cond, 42, sched, logits, bits, parity.ParityReport("floor", 2e-2))
+    assert len(floor.steps) == sched.num_steps and all(s.worst == 0.0 for s in floor.steps)
+    free, _ = parity.run_official(runner, cond, 42, sched)  # without the replay, seed 42 draws other bits
+    assert max(parity.rel_l2(a, b) for a, b in zip(free, logits)) > 1e-3
+
+    csv_path = str(tmp_path / "floor.csv")
+    text, (rep,) = bench.run_parity(["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81", "--official",
+                                     official_path, "--parity", "--threads", "1", "--parity-floor", "sdpa",
+                                     "--parity-csv", csv_path])
+    assert rep.floor is not None and len(rep.floor.steps) == 61 and rep.floor.worst.worst == 0.0
+    assert "floor 0.06M:81 official sdpa vs official flash: max rel L2 0.000e+00" in text
+    rows = (tmp_path / "floor.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 61 and rows[-1].startswith("0.06M:81 official sdpa vs official flash,60,")
 
 
 def parity_summary(rep):
