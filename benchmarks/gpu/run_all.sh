@@ -96,7 +96,7 @@ EXTRA="ours_compile_720p5 ours_fp8mm_720p5 probe_kernels parity_img_official32 p
 EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_720p5 parity_img_fast"
 EXTRA+=" parity_480p5_whole profile_720p5 official_720p5_warm decode_720p5"
 EXTRA+=" official_720p5_graphs ours_graphs_compile_720p5 parity_480p5_graphs"
-EXTRA+=" parity_480p5_fast official_720p5_fast parity_480p5_routed parity_480p5_exact_compiled"
+EXTRA+=" parity_480p5_fast official_720p5_fast parity_480p5_routed parity_480p5_exact_compiled profile_720p5_fast"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -151,6 +151,10 @@ step parity_480p5_routed 200 120 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8
     --parity --parity-csv "$OUT/parity_480p5_routed.csv" --norms composite --parity-floor sdpa
 step parity_480p5_exact_compiled 240 120 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
     --parity --parity-csv "$OUT/parity_480p5_exact_compiled.csv" "${FAST[@]}" --attention sdpa_flash
+# extra: where the fast settings' time goes (GPU kernel time by kind and GPU busy time by step size, warm: after
+# a generation that compiles and captures), for the case where official_720p5_fast falls short of 1.5x
+step profile_720p5_fast 240 150 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --warmup --profile --no-memory \
+    "${FAST[@]}"
 step official_480p5 110 100 "$PY" "${BENCH[@]}" --cases $C480 --weights bf16 --official "$OFFICIAL"
 # extras next: what issue 7's ratio needs besides official_720p5_warm (steps run in this file's order, not STEPS'):
 # kernel timings at the largest steps' shapes and the attention routing's sweep, torch.compile, the decode

@@ -69,7 +69,8 @@ def test_run_all_skips_what_has_no_time_left_and_extras_unless_named(tmp_path):
                                            ("ours_graphs_compile_720p5", "compile True"),
                                            ("ours_cudnn_fp8mm_720p5", "attention cudnn"),
                                            ("probe_kernels", "attention of a whole generation (ms), SDPA flash"),
-                                           ("profile_720p5", "time by step size: ")])
+                                           ("profile_720p5", "time by step size: "),
+                                           ("profile_720p5_fast", "compile True, cuda graphs off")])
 def test_run_all_runs_a_named_extra_step(tmp_path, step, setting):
     if "compile" in step and compile_unavailable("cpu") is not None:
         pytest.skip("no C++ compiler for torch.compile")
