@@ -65,10 +65,9 @@ def test_report_pass_fail_and_csv(parity, tmp_path):
     assert len(lines) == 1 + 5 and lines[2].startswith("x,1,") and lines[-1].startswith("y,0,")
 
 
-def test_compare_ours_against_its_own_free_run(parity, single_thread):
-    """Our free run stands in for the official one: zero error; a perturbed step is the only failure."""
+def _tiny_model_and_schedule():
+    """A random tiny model (weights N(0, 0.05)), a 3-scale 0.06M schedule and 7 random text tokens."""
     from infinitystar.config import TRANSFORMER_PRESETS
-    from infinitystar.sampler import TextCondition, sample
     from infinitystar.schedule import build_schedule
     from infinitystar.transformer import InfinityStarTransformer
 
@@ -77,8 +76,14 @@ def test_compare_ours_against_its_own_free_run(parity, single_thread):
     model = InfinityStarTransformer(config).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.05)
-    sched = build_schedule("0.06M", "16:9", 81, num_scales=3)
-    cond = torch.randn(7, config.text_channels)
+    return model, build_schedule("0.06M", "16:9", 81, num_scales=3), torch.randn(7, config.text_channels)
+
+
+def test_compare_ours_against_its_own_free_run(parity, single_thread):
+    """Our free run stands in for the official one: zero error; a perturbed step is the only failure."""
+    from infinitystar.sampler import TextCondition, sample
+
+    model, sched, cond = _tiny_model_and_schedule()
     logits, draws = [], []
     with parity.capture_multinomial(draws):
         sample(model, TextCondition(cond), sched, seed=5, step_hook=lambda r: logits.append(r.logits.clone()))
@@ -100,18 +105,10 @@ def test_compare_ours_against_its_own_free_run(parity, single_thread):
 def test_replay_multinomial_teacher_forces_a_run_with_another_seed(parity, single_thread):
     """Replayed draws make a seed-6 run of our sampler reproduce the seed-5 run's logits exactly (the kernel floor
     relies on this to teacher-force the official sampler); the generator still advances as in a free run."""
-    from infinitystar.config import TRANSFORMER_PRESETS
     from infinitystar.sampler import TextCondition, sample
-    from infinitystar.schedule import build_schedule
-    from infinitystar.transformer import InfinityStarTransformer
 
-    torch.manual_seed(0)
-    config = TRANSFORMER_PRESETS["tiny"]
-    model = InfinityStarTransformer(config).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    sched = build_schedule("0.06M", "16:9", 81, num_scales=3)
-    cond = TextCondition(torch.randn(7, config.text_channels))
+    model, sched, text = _tiny_model_and_schedule()
+    cond = TextCondition(text)
 
     def run(seed):
         logits = []
