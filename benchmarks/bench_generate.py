@@ -438,7 +438,7 @@ def parse_args(argv=None):
                    help="largest relative L2 error of a step's logits (default 2e-2)")
     p.add_argument("--parity-floor", default=None, choices=list(STANDIN_KERNELS), metavar="KERNEL",
                    help="for --parity: also run the official code a second time on this attention kernel (flash, "
-                        "sdpa), teacher-forced with its own first run's draws, and report how far its logits move "
+                        "sdpa, cudnn), teacher-forced with its own first run's draws, and report how far its logits move "
                         "from its first run's: the parity check's noise floor (does not change PASS/FAIL)")
     p.add_argument("--parity-csv", default=None, help="write every step's errors to this CSV file")
     p.add_argument("--parity-trace", type=int, default=0, metavar="N",

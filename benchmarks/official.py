@@ -28,9 +28,12 @@ PN_CODES = {"720p": "0.90M", "480p": "0.40M"}
 
 # The stand-in's CUDA kernel: "flash" = PyTorch's FlashAttention-2, the kernel family of the flash-attn 2 package
 # the official code calls (its speed and its rounding); "sdpa" = whatever SDPA picks, which is cuDNN on an H200 with
-# torch 2.11 (the official code never runs that kernel: it pins torch 2.5.1 and calls flash-attn).
-STANDIN_KERNELS = ("flash", "sdpa")
+# torch 2.11 (the official code never runs that kernel: it pins torch 2.5.1 and calls flash-attn); "cudnn" = cuDNN's
+# kernel only, on contiguous (B, H, L, D) copies, so that it cannot fall back to another kernel unnoticed (an error
+# instead). On a CPU all three compute in fp32.
+STANDIN_KERNELS = ("flash", "sdpa", "cudnn")
 STANDIN_KERNEL = "flash"
+_FORCED = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 
 
 def _flash_attn_stub() -> types.ModuleType:
@@ -42,10 +45,12 @@ def _flash_attn_stub() -> types.ModuleType:
         work = q.dtype if q.is_cuda else torch.float32  # bf16 SDPA on CPU is slow; flash-attn accumulates in fp32
         args = [t.transpose(1, 2).to(work) for t in (q, k, v)]
         kernel = contextlib.nullcontext()
-        if q.is_cuda and STANDIN_KERNEL == "flash":
+        if q.is_cuda and STANDIN_KERNEL in _FORCED:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+            kernel = sdpa_kernel([getattr(SDPBackend, _FORCED[STANDIN_KERNEL])])
+            if STANDIN_KERNEL == "cudnn":
+                args = [t.contiguous() for t in args]
         with kernel:
             out = F.scaled_dot_product_attention(*args, scale=softmax_scale, is_causal=causal).transpose(1, 2)
         # the real kernel returns bf16; without autocast the caller's o_proj wants its own dtype (fp32)

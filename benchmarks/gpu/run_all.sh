@@ -144,11 +144,11 @@ step parity_480p5_fast 240 120 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 -
     --parity --parity-csv "$OUT/parity_480p5_fast.csv" "${FAST[@]}"
 step official_720p5_fast 360 240 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL" --warmup \
     "${FAST[@]}"
-# (the routed step also runs the official code a second time on SDPA's pick, cuDNN on an H200, replaying its own
+# (the routed step also runs the official code a second time on cuDNN's kernel (forced), replaying its own
 # draws: the parity check's noise floor, i.e. whether the official code itself stays under 2e-2 of itself when only
 # its attention kernel changes; about 30 s more)
 step parity_480p5_routed 200 120 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
-    --parity --parity-csv "$OUT/parity_480p5_routed.csv" --norms composite --parity-floor sdpa
+    --parity --parity-csv "$OUT/parity_480p5_routed.csv" --norms composite --parity-floor cudnn
 step parity_480p5_exact_compiled 240 120 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 --official "$OFFICIAL" \
     --parity --parity-csv "$OUT/parity_480p5_exact_compiled.csv" "${FAST[@]}" --attention sdpa_flash
 # extra: where the fast settings' time goes (GPU kernel time by kind and GPU busy time by step size, warm: after

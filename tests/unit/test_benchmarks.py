@@ -180,3 +180,45 @@ def test_official_cuda_runs_get_expandable_segments_before_cuda_starts(monkeypat
 
 
 ALLOC = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def _standin(kernel):
+    official = load_benchmark("official")
+    official.STANDIN_KERNEL = kernel  # the stub reads the kernel from the module that made it
+    return official._flash_attn_stub().flash_attn_func
+
+
+@pytest.mark.parametrize("kernel", ["flash", "sdpa", "cudnn"])
+def test_official_standin_is_unmasked_attention_in_the_flash_attn_layout(kernel):
+    """The flash_attn stand-in takes and returns (B, L, H, D) like flash-attn; on a CPU every kernel choice computes
+    the same fp32 attention."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 16, generator=g) for n in (5, 7, 7))
+    got = _standin(kernel)(q, k, v, softmax_scale=0.3)
+    want = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) * 0.3, -1)
+    assert got.shape == (2, 5, 4, 16) and got.dtype == torch.float32
+    assert torch.allclose(got, torch.einsum("bhlm,bmhd->blhd", want, v), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel, name, not_name", [("flash", "flash_fwd", "cudnn"), ("cudnn", "cudnn", "flash_fwd")])
+def test_official_standin_runs_the_named_kernel_on_cuda(kernel, name, not_name):
+    """--official-attention / --parity-floor: the stand-in runs the kernel it names on the official code's layout
+    (bf16 (B, L, H, D) under autocast), so a kernel floor of 0 cannot come from a silent fall-back."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1500, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    attn = _standin(kernel)
+    with torch.autocast("cuda", torch.bfloat16):
+        attn(q, k, v)  # plan built outside the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = attn(q, k, v)
+            torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert [n for n in names if name in n] and not [n for n in names if not_name in n], names
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape

@@ -145,7 +145,7 @@ def test_run_all_rehearsal_times_and_checks_the_fast_settings_alike(tmp_path):
     assert "mid5 official: first run" in (out / "official_720p5_fast.md").read_text()
     routed = (out / "parity_480p5_routed.md").read_text()
     assert "attention sdpa, " in routed and "compile False" in routed and "norms composite" in routed, routed
-    assert "floor mid5 official sdpa vs official flash: max rel L2 " in routed, routed  # the kernel floor ran
+    assert "floor mid5 official cudnn vs official flash: max rel L2 " in routed, routed  # the kernel floor ran
     exact = (out / "parity_480p5_exact_compiled.md").read_text()
     assert "attention sdpa_flash, " in exact and fast in exact, exact
     for step in ("parity_480p5_fast", "parity_480p5_routed", "parity_480p5_exact_compiled"):
