@@ -315,9 +315,13 @@ def _kernel_floor(args, runner, cond, sched, logits, bits, name):
     start = time.perf_counter()
     try:
         parity.kernel_floor(runner, cond, args.seed, sched, logits, bits, floor)
+        floor.notes.append(f"official teacher-forced run {time.perf_counter() - start:.1f} s")
+    except Exception as e:  # noqa: BLE001 — a diagnostic: its failure (no such kernel here, say) keeps the parity
+        floor.steps.clear()
+        floor.notes.append(f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        print(f"kernel floor failed: {e!r}", file=sys.stderr, flush=True)
     finally:
         official.STANDIN_KERNEL = saved
-    floor.notes.append(f"official teacher-forced run {time.perf_counter() - start:.1f} s")
     return floor
 
 

@@ -235,7 +235,7 @@ def _floor_lines(floor: ParityReport | None) -> list[str]:
     if floor is None:
         return []
     if not floor.steps:
-        return [f"floor {floor.case}: no steps compared"]
+        return [f"floor {floor.case}: no steps compared", *floor.notes]
     w = floor.worst
     worst = sorted(floor.steps, key=lambda s: -s.worst if math.isfinite(s.worst) else -math.inf)[:3]
     return [f"floor {floor.case}: max rel L2 {w.worst:.3e} at step {w.index} ({w.tokens:,} tokens); "

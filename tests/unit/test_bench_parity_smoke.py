@@ -139,6 +139,32 @@ def test_replay_multinomial_teacher_forces_a_run_with_another_seed(parity, singl
         torch.multinomial(probs, 1)
 
 
+def test_a_failing_kernel_floor_keeps_the_parity_report(parity):
+    """The floor is a diagnostic: when its run fails (no such kernel on this GPU, say), the report says why and the
+    parity check itself goes on; the stand-in's kernel is restored either way."""
+    import types
+
+    bench = load_benchmark("bench_generate")
+    import official
+
+    class Model:
+        def get_logits_during_infer(self, *a):
+            raise AssertionError("never reached")
+
+    def run(cond, seed):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    runner = types.SimpleNamespace(model=Model(), run=run)
+    args = types.SimpleNamespace(parity_floor="cudnn", official_attention="flash", parity_tol=2e-2, seed=1)
+    floor = bench._kernel_floor(args, runner, None, None, [], [], "480p5")
+    assert official.STANDIN_KERNEL == "flash" and not floor.steps
+    rep = parity.ParityReport("480p5", 2e-2, steps=[parity.StepError(0, 0, 0, 0, 1, 0.0, 0.0, 1.0)], floor=floor)
+    text = parity.format_report(rep)
+    assert "parity 480p5: max rel L2 0.000e+00" in text and "PASS" in text
+    assert "floor 480p5 official cudnn vs official flash: no steps compared" in text
+    assert "failed: RuntimeError: No available kernel. Aborting execution." in text
+
+
 def test_trace_points_at_the_first_differing_tensor(single_thread):
     """parity_trace on two runs of our own sampler: equal everywhere; a block's output nudged by one ulp at one
     step is reported at that step and block group, with the inputs before it still equal."""
