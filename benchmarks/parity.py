@@ -75,20 +75,28 @@ def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
+def _patched(obj, attr: str, wrap: Callable[[Callable], Callable]):
+    """``obj.attr`` replaced by ``wrap(original)`` while the block runs."""
+    inner = getattr(obj, attr)
+    setattr(obj, attr, wrap(inner))
+    try:
+        yield
+    finally:
+        setattr(obj, attr, inner)
+
+
+@contextlib.contextmanager
 def capture_multinomial(store: list):
     """Record every ``torch.multinomial`` output (as uint8 on the CPU) while the block runs."""
-    real = torch.multinomial
+    def wrap(real):
+        def spy(*args, **kwargs):
+            out = real(*args, **kwargs)
+            store.append(out.detach().to(torch.uint8).cpu())
+            return out
+        return spy
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        store.append(out.detach().to(torch.uint8).cpu())
-        return out
-
-    torch.multinomial = spy
-    try:
+    with _patched(torch, "multinomial", wrap):
         yield store
-    finally:
-        torch.multinomial = real
 
 
 @contextlib.contextmanager
@@ -99,40 +107,36 @@ def replay_multinomial(draws: Sequence[torch.Tensor]):
     for the recorded draw of the same size. This teacher-forces the official sampler itself, for the kernel floor
     below. Raises when a call wants another number of bits than was recorded, or more calls come than were recorded.
     """
-    real = torch.multinomial
     calls = iter(draws)
 
-    def replay(*args, **kwargs):
-        out = real(*args, **kwargs)
-        recorded = next(calls, None)
-        if recorded is None:
-            raise ValueError(f"replay: only {len(draws)} draws were recorded")
-        if recorded.numel() != out.numel():
-            raise ValueError(f"replay: the call draws {out.numel()} bits, the recorded draw has {recorded.numel()}")
-        return recorded.reshape(out.shape).to(out.device, out.dtype)
+    def wrap(real):
+        def replay(*args, **kwargs):
+            out = real(*args, **kwargs)
+            recorded = next(calls, None)
+            if recorded is None:
+                raise ValueError(f"replay: only {len(draws)} draws were recorded")
+            if recorded.numel() != out.numel():
+                raise ValueError(f"replay: the call draws {out.numel()} bits, the recorded draw has "
+                                 f"{recorded.numel()}")
+            return recorded.reshape(out.shape).to(out.device, out.dtype)
+        return replay
 
-    torch.multinomial = replay
-    try:
+    with _patched(torch, "multinomial", wrap):
         yield
-    finally:
-        torch.multinomial = real
 
 
 @contextlib.contextmanager
 def capture_calls(obj, attr: str, store: list):
     """Record a CPU fp32 copy of every output of ``obj.attr(...)`` while the block runs."""
-    inner = getattr(obj, attr)
+    def wrap(inner):
+        def spy(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            store.append(out.detach().to("cpu", torch.float32, copy=True))
+            return out
+        return spy
 
-    def spy(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        store.append(out.detach().to("cpu", torch.float32, copy=True))
-        return out
-
-    setattr(obj, attr, spy)
-    try:
+    with _patched(obj, attr, wrap):
         yield store
-    finally:
-        setattr(obj, attr, inner)
 
 
 def bits_per_step(draws: Sequence[torch.Tensor], schedule: Schedule) -> list[torch.Tensor]:
@@ -159,6 +163,12 @@ def run_official(runner, cond: torch.Tensor, seed: int, schedule: Schedule):
     return logits, bits_per_step(draws, schedule)
 
 
+def _step_error(step, logits: torch.Tensor, ref: torch.Tensor, draws_agree: float) -> StepError:
+    """One step's errors: each guidance branch's logits (row 0 cond, row 1 uncond) against the reference's."""
+    return StepError(step.index, step.clip, step.si, step.rep, step.num_tokens, rel_l2(logits[0], ref[0]),
+                     rel_l2(logits[1], ref[1]), draws_agree)
+
+
 def kernel_floor(runner, cond: torch.Tensor, seed: int, schedule: Schedule, ref_logits: list,
                  ref_bits: list[torch.Tensor], report: ParityReport) -> ParityReport:
     """The official sampler again, teacher-forced with its own reference draws, against its reference logits.
@@ -173,8 +183,7 @@ def kernel_floor(runner, cond: torch.Tensor, seed: int, schedule: Schedule, ref_
     if len(logits) != schedule.num_steps:
         raise ValueError(f"official code ran {len(logits)} head calls, the schedule has {schedule.num_steps} steps")
     for step, ours, ref in zip(schedule.steps, logits, ref_logits):
-        report.steps.append(StepError(step.index, step.clip, step.si, step.rep, step.num_tokens,
-                                      rel_l2(ours[0], ref[0]), rel_l2(ours[1], ref[1]), 1.0))
+        report.steps.append(_step_error(step, ours, ref, 1.0))
     return report
 
 
@@ -192,8 +201,7 @@ def compare_ours(model, cond: torch.Tensor, schedule: Schedule, seed: int, offic
         ref, official_logits[i] = official_logits[i], None
         ours = rec.logits.detach().to("cpu", torch.float32)
         agree = (rec.drawn.detach().cpu() == official_bits[i]).float().mean().item()
-        err = StepError(i, rec.step.clip, rec.step.si, rec.step.rep, rec.step.num_tokens,
-                        rel_l2(ours[0], ref[0]), rel_l2(ours[1], ref[1]), agree)
+        err = _step_error(rec.step, ours, ref, agree)
         report.steps.append(err)
         if progress is not None:
             progress(err)
@@ -201,6 +209,11 @@ def compare_ours(model, cond: torch.Tensor, schedule: Schedule, seed: int, offic
     sample(model, TextCondition(cond), schedule, seed=seed, teacher_bits=official_bits, step_hook=hook,
            **sample_kwargs)
     return report
+
+
+def _ranked(steps: Sequence[StepError]) -> list[StepError]:
+    """Steps by error, worst first (a NaN or infinite error first of all)."""
+    return sorted(steps, key=lambda s: -s.worst if math.isfinite(s.worst) else -math.inf)
 
 
 TABLE = ["step", "clip", "scale", "rep", "tokens", "rel L2 cond", "rel L2 uncond", "draws agree"]
@@ -226,7 +239,7 @@ def format_report(report: ParityReport, worst: int = 8) -> str:
         *report.notes, *_floor_lines(report.floor), "",
         "| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE),
     ]
-    ranked = sorted(report.steps, key=lambda s: -s.worst if math.isfinite(s.worst) else -math.inf)
+    ranked = _ranked(report.steps)
     lines += [_row(s) for s in ranked[:worst]]
     return "\n".join(lines)
 
@@ -237,7 +250,7 @@ def _floor_lines(floor: ParityReport | None) -> list[str]:
     if not floor.steps:
         return [f"floor {floor.case}: no steps compared", *floor.notes]
     w = floor.worst
-    worst = sorted(floor.steps, key=lambda s: -s.worst if math.isfinite(s.worst) else -math.inf)[:3]
+    worst = _ranked(floor.steps)[:3]
     return [f"floor {floor.case}: max rel L2 {w.worst:.3e} at step {w.index} ({w.tokens:,} tokens); "
             f"{len(floor.failing)}/{len(floor.steps)} steps above {floor.tol:g} (the official code against itself, "
             f"teacher-forced with its own draws; worst steps "

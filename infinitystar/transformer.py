@@ -275,8 +275,9 @@ def compiled(fn):
     QK-norm's output before RoPE, RoPE's partial products, SiLU's output before the gate product). That is more
     precise, but it is not the official arithmetic: in a bf16 block 37 % of the rotated queries and 55 % of the
     feed-forward outputs differed from the eager path's (CPU, Inductor C++), and the official per-step logits
-    drifted 1e-3 from the first step with 2 blocks. Kept roundings leave about 5e-4 of the elements differing
-    (fused multiply-adds, reduction order).
+    drifted 1e-3 from the first step with 2 blocks. Kept roundings leave about 5e-4 of the elements differing, all
+    from the RMSNorm's mean of squares, which Inductor sums in another order (with that mean left eager the parts
+    were bit-exact on the CPU; keeping it eager costs a materialised fp32 copy of every normed tensor).
     """
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True, options=_compile_options())

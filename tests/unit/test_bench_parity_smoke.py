@@ -289,8 +289,8 @@ def test_parity_with_official_tiny_cpu_bf16(official_path, single_thread):
 
 def test_parity_with_official_tiny_cpu_bf16_compiled(official_path, single_thread):
     """--compile in bf16: the compiled block parts keep the official roundings, so the logits stay within a few
-    1e-4 (rare elements differ by an ulp: fused multiply-adds, reduction order). With Inductor's default, which drops
-    the bf16 roundings between fused ops, every step was about 1e-3 off and the first 6e-3."""
+    1e-4 (rare elements differ by an ulp: the RMSNorm's mean is summed in another order). With Inductor's default,
+    which drops the bf16 roundings between fused ops, every step was about 1e-3 off and the first 6e-3."""
     import infinitystar.transformer as transformer_mod
     from infinitystar.transformer import compile_unavailable
 

@@ -150,7 +150,7 @@ def test_compiled_block_parts_give_the_same_logits(text):
 def test_compiled_bf16_block_parts_keep_the_eager_roundings():
     """In bf16 the compiled parts round where the eager (official) arithmetic rounds: Inductor's default drops the
     bf16 rounding between fused ops, which changed a third of the rotated queries and half the feed-forward outputs
-    by an ulp; kept, only rare elements differ (fused multiply-adds, reduction order)."""
+    by an ulp; kept, only rare elements differ (the RMSNorm's mean is summed in another order)."""
     import torch._dynamo
 
     torch.manual_seed(0)
