@@ -236,7 +236,7 @@ def format_report(report: ParityReport, worst: int = 8) -> str:
         f"rep {w.rep}, {w.tokens:,} tokens); {len(report.failing)}/{len(report.steps)} steps above "
         f"{report.tol:g}; our draws equal the official ones at {same}/{len(report.steps)} steps "
         f"(per-step mean {100 * mean_agree:.3f} % of bits): {'PASS' if report.passed else 'FAIL'}",
-        *report.notes, *_floor_lines(report.floor), "",
+        *report.notes, *_floor_lines(report.floor), *_against_floor(report, report.floor), "",
         "| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE),
     ]
     ranked = _ranked(report.steps)
@@ -257,6 +257,38 @@ def _floor_lines(floor: ParityReport | None) -> list[str]:
             + ", ".join(f"{s.index}: {s.worst:.2e}" for s in worst) + ")", *floor.notes]
 
 
+def _against_floor(report: ParityReport, floor: ParityReport | None) -> list[str]:
+    """Our error step by step against the floor's: a bar the floor itself cannot meet separates no kernel from
+    FlashAttention-2 but the kernel itself, so "within the floor" is the comparison that says something then."""
+    if floor is None or not floor.steps or not report.steps:
+        return []
+    ref = {s.index: s.worst for s in floor.steps}
+    shared = [s for s in report.steps if s.index in ref]
+    if not shared:
+        return [f"ours against the floor: no step in common with {floor.case}"]
+    ratio = {s.index: (s.worst / ref[s.index] if ref[s.index] > 0 else (1.0 if s.worst == 0 else math.inf))
+             for s in shared}
+    top = max(ratio, key=lambda i: ratio[i] if math.isfinite(ratio[i]) else math.inf)
+    low = min(ref[s.index] for s in shared)
+    within = sum(r <= 1 for r in ratio.values())
+    return [f"ours against the floor: at or under it at {within}/{len(shared)} steps, at most {ratio[top]:.3f}x "
+            f"its error (step {top}); the floor's smallest step error {low:.3e}"
+            + (f" (above {floor.tol:g} at every step: on that kernel the official code itself fails {floor.tol:g})"
+               if low > floor.tol else "")]
+
+
+def read_csv(path: str) -> list[ParityReport]:
+    """The reports of a ``write_csv`` file, one per case, in file order (tolerance: the default)."""
+    reports: dict[str, ParityReport] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rep = reports.setdefault(r["case"], ParityReport(r["case"], DEFAULT_TOL))
+            rep.steps.append(StepError(int(r["step"]), int(r["clip"]), int(r["scale"]), int(r["rep"]),
+                                       int(r["tokens"]), float(r["rel_l2_cond"]), float(r["rel_l2_uncond"]),
+                                       float(r["draws_agree"])))
+    return list(reports.values())
+
+
 def write_csv(reports: Sequence[ParityReport], path: str) -> None:
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
@@ -266,3 +298,27 @@ def write_csv(reports: Sequence[ParityReport], path: str) -> None:
         for report, s in ((r, s) for r in every for s in r.steps):
             out.writerow([report.case, s.index, s.clip, s.si, s.rep, s.tokens, f"{s.cond:.6e}", f"{s.uncond:.6e}",
                           f"{s.draws_agree:.6f}"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Compare saved runs with a floor saved by another call: ``python benchmarks/parity.py OURS.csv FLOOR.csv``."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("ours", help="a --parity-csv file; its first case that is not a floor is compared")
+    p.add_argument("floor", help="a --parity-csv file of a --parity-floor run (its floor case is used)")
+    a = p.parse_args(argv)
+    ours = [r for r in read_csv(a.ours) if not _is_floor(r)]
+    floors = [r for r in read_csv(a.floor) if _is_floor(r)]
+    if not ours or not floors:
+        p.error(f"need a parity case in {a.ours} and a floor case ('... vs official ...') in {a.floor}")
+    print(format_report(ours[0]))
+    print("\n".join(_floor_lines(floors[0]) + _against_floor(ours[0], floors[0])))
+    return 0
+
+
+def _is_floor(report: ParityReport) -> bool:
+    return " vs official " in report.case
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -65,6 +65,39 @@ def test_report_pass_fail_and_csv(parity, tmp_path):
     assert len(lines) == 1 + 5 and lines[2].startswith("x,1,") and lines[-1].startswith("y,0,")
 
 
+def test_ours_against_a_floor_saved_by_another_call(parity, tmp_path, capsys):
+    """Per step: our error over the floor's; the floor's smallest error says when the bar is below a kernel swap."""
+    ours = parity.ParityReport("480p5", tol=2e-2)
+    floor = parity.ParityReport("480p5 official cudnn vs official flash", tol=2e-2)
+    for i, (mine, base) in enumerate([(0.0, 3e-2), (3e-2, 4e-2), (5e-2, 4e-2), (2e-2, 2.5e-2)]):
+        ours.steps.append(parity.StepError(i, 0, i, 0, 10 * (i + 1), mine, mine / 2, 1.0))
+        floor.steps.append(parity.StepError(i, 0, i, 0, 10 * (i + 1), base / 2, base, 1.0))
+    line, = parity._against_floor(ours, floor)
+    assert "at or under it at 3/4 steps" in line and "at most 1.250x its error (step 2)" in line
+    assert "smallest step error 2.500e-02" in line and "above 0.02 at every step" in line
+    floor.steps[3] = parity.StepError(3, 0, 3, 0, 40, 1e-2, 1e-2, 1.0)  # one step the bar leaves room at
+    assert "every step" not in parity._against_floor(ours, floor)[0]
+    ours.floor = floor
+    assert "ours against the floor" in parity.format_report(ours)
+    assert parity._against_floor(ours, None) == []
+
+    # the same comparison across two calls' CSV files (floor from one, ours from another)
+    parity.write_csv([ours], str(tmp_path / "ours.csv"))  # ours + its floor case
+    only_ours = parity.ParityReport("480p5", tol=2e-2, steps=ours.steps)
+    parity.write_csv([only_ours], str(tmp_path / "fast.csv"))
+    back = parity.read_csv(str(tmp_path / "ours.csv"))
+    assert [r.case for r in back] == ["480p5", floor.case]
+    assert [(s.index, s.tokens, s.cond, s.uncond) for s in back[1].steps] == \
+        [(s.index, s.tokens, float(f"{s.cond:.6e}"), float(f"{s.uncond:.6e}")) for s in floor.steps]
+    assert parity.main([str(tmp_path / "fast.csv"), str(tmp_path / "ours.csv")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("parity 480p5: max rel L2 5.000e-02 at step 2")
+    assert "floor 480p5 official cudnn vs official flash" in out  # the changed step 3: 2e-2 against 1e-2
+    assert "at or under it at 2/4 steps, at most 2.000x its error (step 3)" in out
+    with pytest.raises(SystemExit):
+        parity.main([str(tmp_path / "fast.csv"), str(tmp_path / "fast.csv")])  # no floor case there
+
+
 def _tiny_model_and_schedule():
     """A random tiny model (weights N(0, 0.05)), a 3-scale 0.06M schedule and 7 random text tokens."""
     from infinitystar.config import TRANSFORMER_PRESETS
