@@ -21,12 +21,12 @@
 #
 # Measured device time (H200 / H100, 2026-11-26; the machine's start comes on top): tests 15 s, ours_fp8
 # 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 ran out of memory in the
-# official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The next call
+# official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The fast-settings call
 # (issue 7's open speed item, on an H200: the official 720p run peaks at 58.9 GB; kind="nvidia-h200"; the steps
 # run in this file's order; 2026-11-27: official_720p5_warm 180 s, ours_compile_720p5 108 s, profile_720p5 107 s,
-# parity_480p5 79 s; the "fast" steps estimated from those, compilation included: about 140 + 215 + 110 + 150 s, so
-# the last diagnostic may be skipped for time): the fast settings' parity first, then their timing, then which
-# setting a parity failure comes from:
+# parity_480p5 79 s; the "fast" steps measured on an H200 on 2026-11-27: 115 + 207 + 91 + 79 s, 509 s in all,
+# results in benchmarks/README.md): the fast settings' parity first, then their timing, then which setting a parity
+# failure comes from, and the official code's own floor on cuDNN:
 #   STEPS="parity_480p5_fast official_720p5_fast parity_480p5_routed parity_480p5_exact_compiled"
 #   BUDGET=560, timeout_s=580
 # (gpu_tests, the CUDA graphs' own tests, is left out for time: the parity steps check the graphs at full size)
