@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import gguf
 from .config import FP32_MODULES
 from .ops import SCALE_KEYS, quantize_scaled, scaled_cast, scaled_fp8_matmul
 
@@ -42,8 +43,13 @@ _ST_DTYPES = {
 class CheckpointInfo:
     variant: str  # "720p", "480p" or "unknown" (the two released models have identical shapes)
     config: object  # TransformerConfig detected from the tensor shapes
-    dtype: torch.dtype  # storage dtype of the blocks after loading
+    dtype: torch.dtype  # storage dtype of the blocks after loading (uint8: GGUF-quantized)
     path: Path
+    quant: str = ""  # GGUF files: the blocks' quantization (e.g. "Q8_0")
+
+    @property
+    def storage(self) -> str:
+        return f"GGUF {self.quant}" if self.quant else str(self.dtype).replace("torch.", "")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class TensorEntry:
     shape: tuple
     start: int = -1
     end: int = -1
+    gguf_type: int = -1  # GGUF files: the GGML type id (quantized ones are read as their raw bytes, uint8)
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -87,10 +94,39 @@ def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+def _gguf_header(file: Path, meta: dict) -> dict[str, TensorEntry]:
+    """Entries of a GGUF file (logical shapes; quantized tensors as uint8 rows of their bytes); fills ``meta``
+    with the file's ``infinitystar.*`` metadata, prefix dropped (``variant``)."""
+    from .gguf import FLOAT_TYPES, read_header, stored_bytes, type_name
+
+    found, tensors = read_header(file)
+    meta.update({k.split(".", 1)[1]: v for k, v in found.items() if k.startswith("infinitystar.")})
+    entries = {}
+    for name, qtype, shape, start, end in tensors:
+        try:
+            nbytes = stored_bytes(shape, qtype)
+        except KeyError:
+            nbytes = end - start  # an unsupported type: the loader names it (gguf.check_quantized)
+        if nbytes != end - start:
+            raise ValueError(f"{file}: tensor {name} ({type_name(qtype)}, shape {shape}) should have {nbytes} bytes, "
+                             f"has {end - start}. Delete the file and convert or download it again.")
+        dtype = FLOAT_TYPES[qtype][3] if qtype in FLOAT_TYPES else torch.uint8
+        entries[name] = TensorEntry(file, dtype, shape, start, end, qtype)
+    return entries
+
+
 def _read_safetensor(entry: TensorEntry, handle, scratch: torch.Tensor) -> torch.Tensor:
-    """Read one tensor's bytes into ``scratch`` (uint8) and return a view of it in the stored dtype/shape."""
+    """Read one tensor's bytes into ``scratch`` (uint8) and return a view of it in the stored dtype/shape
+    (a quantized GGUF tensor: uint8, one row of bytes per output row)."""
     numel = math.prod(entry.shape)
     nbytes = numel * torch.empty((), dtype=entry.dtype).element_size()
+    if entry.dtype == torch.uint8 and entry.gguf_type >= 0:
+        nbytes = entry.end - entry.start  # checked against the type's block size when the header was read
+        raw = scratch[:nbytes]
+        handle.seek(entry.start)
+        if handle.readinto(memoryview(raw.numpy())) != nbytes:
+            raise ValueError(f"{entry.file}: truncated while reading {entry.shape}")
+        return raw.view(entry.shape[0] if entry.shape else 1, -1)
     if (entry.end - entry.start) != nbytes:
         raise ValueError(f"{entry.file}: byte range does not match shape {entry.shape} {entry.dtype}")
     raw = scratch[:nbytes]
@@ -143,8 +179,9 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         if not files:
             raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no .safetensors files. {DOWNLOAD_HINT}")
         return files
-    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .safetensors, .pth or a folder")
+    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf"):
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .safetensors, .gguf, .pth or "
+                         "a folder")
     return [path]
 
 
@@ -156,9 +193,12 @@ class CheckpointReader:
         self.files = checkpoint_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self._loaded: dict[str, torch.Tensor] = {}  # .pth tensors (memory-mapped by torch.load)
+        self._meta: dict = {}
         for file in self.files:
             if file.suffix == ".safetensors":
                 self.entries.update(_safetensors_header(file))
+            elif file.suffix == ".gguf":
+                self.entries.update(_gguf_header(file, self._meta))
             else:
                 sd = _torch_load(file)
                 self._loaded.update(sd)
@@ -171,29 +211,47 @@ class CheckpointReader:
     def metadata(self) -> dict:
         """``metadata`` of the index file, if any (the released index has ``total_size``)."""
         index = self.path / INDEX_FILE
-        return json.loads(index.read_text()).get("metadata", {}) if index.is_file() else {}
+        return json.loads(index.read_text()).get("metadata", {}) if index.is_file() else dict(self._meta)
+
+    @property
+    def is_gguf(self) -> bool:
+        return any(f.suffix == ".gguf" for f in self.files)
+
+    def _by_file(self) -> dict[Path, list[str]]:
+        by_file: dict[Path, list[str]] = {}
+        for key, entry in self.entries.items():
+            by_file.setdefault(entry.file, []).append(key)
+        for file, keys in by_file.items():
+            if file.suffix in (".safetensors", ".gguf"):
+                keys.sort(key=lambda k: self.entries[k].start)
+        return by_file
+
+    def read_order(self) -> list[str]:
+        """The keys in the order :meth:`tensors` yields them (file by file, by offset)."""
+        return [k for keys in self._by_file().values() for k in keys]
 
     def tensors(self, target=None, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (key, tensor) file by file; each tensor is a fresh copy in ``target(key, stored)`` dtype.
 
         Safetensors bytes are read into one reused scratch buffer and cast from there, so the only allocations
-        that stay are the results: no fp32 copy of a bf16 model ever piles up (or fragments the heap).
+        that stay are the results: no fp32 copy of a bf16 model ever piles up (or fragments the heap). GGUF
+        tensors come as stored: floats in their dtype, quantized ones as their raw bytes (uint8, one row per
+        output row), which ``target`` cannot change (:mod:`infinitystar.gguf` dequantizes them when used).
         """
-        by_file: dict[Path, list[str]] = {}
-        for key, entry in self.entries.items():
-            by_file.setdefault(entry.file, []).append(key)
-        for file, keys in by_file.items():
-            if file.suffix != ".safetensors":
+        for file, keys in self._by_file().items():
+            if file.suffix not in (".safetensors", ".gguf"):
                 for key in keys:
                     t = self._loaded[key]
                     yield key, t.to(device=device, dtype=target(key, t) if target else t.dtype, copy=True)
                 continue
-            keys.sort(key=lambda k: self.entries[k].start)
             size = max(self.entries[k].end - self.entries[k].start for k in keys)
             scratch = torch.empty(size, dtype=torch.uint8)
             with open(file, "rb", buffering=0) as handle:
                 for key in keys:
                     view = _read_safetensor(self.entries[key], handle, scratch)
+                    if view.dtype == torch.uint8 and self.entries[key].gguf_type >= 0:  # quantized: bytes as stored
+                        yield key, view.to(device=device, copy=True)
+                        continue
                     yield key, view.to(device=device, dtype=target(key, view) if target else view.dtype, copy=True)
             del scratch
 
@@ -419,6 +477,11 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     if ops is torch.nn and dtype == SCALED_FP8:
         ops = scaled_fp8_matmul if fp8_matmul else scaled_cast
     reader = CheckpointReader(path)
+    if reader.is_gguf:
+        if dtype is not None or fp8_matmul:
+            raise ValueError(f"{reader.path} is a GGUF file, already quantized: load it with its own dtype "
+                             "(weight_dtype 'default', no --dtype / --fp8-matmul)")
+        ops = gguf.ops if ops is torch.nn else ops
     shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
     description = describe_keys(shapes, path, reader.metadata())
     if not is_transformer_keys(shapes):
@@ -436,12 +499,32 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     if dtype == SCALED_FP8:
         target, transform = _scaled_fp8_hooks(model, target)
     _fill_scales(model, device)  # 1.0 wherever the file leaves a scale unset (other dtypes, scale_input)
+    quant = _gguf_types(model, reader) if reader.is_gguf else ""
     _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
                  transform=transform)
     model.eval().requires_grad_(False)
-    info = CheckpointInfo(detect_variant(path, reader.metadata()), config, model.block_dtype(), reader.path)
-    logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.dtype)
+    info = CheckpointInfo(detect_variant(path, reader.metadata()), config, model.block_dtype(), reader.path, quant)
+    logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.storage)
     return model, info
+
+
+def _gguf_types(model: torch.nn.Module, reader: CheckpointReader) -> str:
+    """Mark the layers whose weights a GGUF file holds quantized (``gguf_type``), after checking that only the
+    blocks' matmul weights are and that the layers can dequantize; returns the quantizations found ("Q8_0")."""
+    found = []
+    for key, entry in reader.entries.items():
+        block = gguf.block_weight(key, entry.shape)
+        gguf.check_quantized(key, entry.gguf_type, allowed=block)
+        if block:
+            found.append(gguf.type_name(entry.gguf_type))
+        if entry.dtype != torch.uint8:
+            continue
+        layer = model.get_submodule(key.rpartition(".")[0])
+        if not hasattr(type(layer), "gguf_type"):
+            raise ValueError(f"{reader.path}: GGUF weights need layers that dequantize them (infinitystar.gguf.ops "
+                             f"or the pack's ComfyUI ops); {type(layer).__name__} cannot")
+        layer.gguf_type = entry.gguf_type
+    return "+".join(dict.fromkeys(found)) or "none"
 
 
 def load_tokenizer(path: str | Path, *, ops=torch.nn, dtype: torch.dtype | None = None, device="cpu"):

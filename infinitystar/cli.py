@@ -16,6 +16,7 @@ import torch
 from . import pipeline as P
 from .attention import BACKENDS, backend_unavailable
 from .download import COMPONENTS, REPO_ID, TRANSFORMER_DIRS, download_models, find_models
+from .gguf import WRITABLE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
           "fp8_e5m2": torch.float8_e5m2}
@@ -74,7 +75,11 @@ class Session:
         self.tiny = getattr(args, "tiny", False)
         self.root = _ensure_tiny(args.tiny_seed) if self.tiny else Path(args.models)
         self.variant = _variant(args)
-        self.paths = find_models(self.root, self.variant)
+        own = getattr(args, "transformer", None)
+        wanted = [c for c in COMPONENTS if not (own and c == "transformer")]
+        self.paths = find_models(self.root, self.variant, wanted)
+        if own:  # e.g. a GGUF file from convert-gguf; the text encoder and tokenizer still come from --models
+            self.paths["transformer"] = Path(own)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from .transformer import compile_unavailable
 
@@ -139,12 +144,13 @@ class Session:
             if fp8_matmul and self.args.dtype not in (None, "fp8"):
                 raise ValueError(f"--fp8-matmul multiplies fp8 e4m3fn weights; drop --dtype {self.args.dtype} "
                                  "(or use --dtype fp8)")
+            gguf_file = Path(self.paths["transformer"]).suffix == ".gguf"  # quantized already: kept as stored
             dtype = DTYPES[self.args.dtype] if self.args.dtype else (
-                torch.float8_e4m3fn if fp8_matmul else self.auto_dtype(schedule))
+                None if gguf_file else torch.float8_e4m3fn if fp8_matmul else self.auto_dtype(schedule))
             self._transformer, self.info = load_transformer(self.paths["transformer"], dtype=dtype,
                                                             device=self.device, fp8_matmul=fp8_matmul)
             self._transformer.use_fused_norms(getattr(self.args, "norms", "fused") == "fused")
-            print(f"transformer: {self.paths['transformer']} ({self.info.variant}, blocks {self.info.dtype})",
+            print(f"transformer: {self.paths['transformer']} ({self.info.variant}, blocks {self.info.storage})",
                   file=sys.stderr)
         return self._transformer
 
@@ -276,6 +282,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--models", default=os.environ.get("INFINITYSTAR_MODELS", "models"),
                    help="folder laid out like the hub repo (default $INFINITYSTAR_MODELS or ./models)")
     p.add_argument("--variant", choices=list(TRANSFORMER_DIRS), help="weights to use (default: from --resolution)")
+    p.add_argument("--transformer", help="transformer file or folder to use instead of the one under --models "
+                                         "(e.g. a .gguf written by convert-gguf)")
     p.add_argument("--tiny", action="store_true", help="use tiny random weights written to a cache folder (offline)")
     p.add_argument("--tiny-seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--resolution", choices=RESOLUTION_CHOICES, default=resolution_default,
@@ -346,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS))
     dl.add_argument("--local-source", help="copy from a local folder laid out like the hub repo")
 
+    c = sub.add_parser("convert-gguf", help="write a transformer checkpoint as GGUF (block-quantized weights)")
+    c.add_argument("source", help="transformer file or sharded folder (the official layout)")
+    c.add_argument("out", help="the .gguf file to write")
+    c.add_argument("--type", default="Q8_0", choices=list(WRITABLE),
+                   help="quantization of the blocks' matmul weights (Q8_0 ≈ 9.0 GB for the 8B model, Q5_1 ≈ 6.3, "
+                        "Q4_0 ≈ 5.1; everything else is kept in F32)")
+    c.add_argument("--variant", choices=list(TRANSFORMER_DIRS), help="stored in the file (default: from the path)")
+
     t = sub.add_parser("tiny", help="write the tiny random-weight model set")
     t.add_argument("outdir")
     t.add_argument("--seed", type=int, default=0)
@@ -364,6 +380,18 @@ def main(argv: list[str] | None = None) -> int:
             paths = download_models(args.dest, args.variant, args.components, local_source=args.local_source)
             for name, path in paths.items():
                 print(f"{name:13s} {path}")
+            return 0
+        elif args.command == "convert-gguf":
+            from tqdm.auto import tqdm
+
+            from .gguf import convert
+
+            with tqdm(unit="tensor", desc=f"writing {args.type}") as bar:
+                def progress(done, total):
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                print(convert(args.source, args.out, args.type, args.variant, progress=progress))
             return 0
         else:
             from .tiny import main as tiny_main

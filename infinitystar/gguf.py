@@ -1,0 +1,281 @@
+"""GGUF transformer weights: llama.cpp's block-quantized formats, dequantized one layer at a time at call time.
+
+Why: quantized weights are the second most asked-for feature in video packs (after fitting in VRAM), and GGUF is
+the format ComfyUI users already keep (city96's ComfyUI-GGUF). Each matmul weight is stored in blocks of 32 or 256
+values that share a scale (Q8_0: 8.5 bits a value, Q5_K: 5.5, Q4_K: 4.5), so the 8.77B transformer's blocks take
+9.0 / 5.9 / 4.8 GB instead of 17.6 GB in bf16. Only the blocks' matmul weights are quantized; the fp32 embeddings,
+heads and norms stay as they are, as in the official precision layout.
+
+Reading needs no extra package: the header is parsed with ``gguf`` when it is installed (``pip install gguf``,
+also a dependency of ComfyUI-GGUF), and the tensors are read and dequantized here, in torch, on the device that
+computes. Writing (:func:`convert`) quantizes with the ``gguf`` package's reference quantizers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ARCH = "infinitystar"  # general.architecture of the files we write
+INSTALL_HINT = "GGUF files need the 'gguf' package: pip install gguf"
+
+# GGML type id -> (name, values per block, bytes per block); ids and sizes are the format's (ggml.h)
+FLOAT_TYPES = {0: ("F32", 1, 4, torch.float32), 1: ("F16", 1, 2, torch.float16), 30: ("BF16", 1, 2, torch.bfloat16)}
+QUANT_TYPES = {
+    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+}
+# what convert() can write (the gguf package's reference quantizers); K-quants are read, not written
+WRITABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")
+
+
+def type_name(qtype: int) -> str:
+    entry = QUANT_TYPES.get(qtype) or FLOAT_TYPES.get(qtype)
+    return entry[0] if entry else f"type {qtype}"
+
+
+def _f16(raw: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 at byte ``at`` of each block, as (blocks, 1) fp32."""
+    return raw[:, at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(blocks, n) bytes -> (blocks, 2n): the low nibbles are the first n values, the high nibbles the next n."""
+    return torch.cat((qs & 0xF, qs >> 4), dim=-1)
+
+
+def _bits(raw: torch.Tensor, count: int) -> torch.Tensor:
+    """(blocks, count/8) little-endian bytes -> (blocks, count) of their bits, lowest first."""
+    shifts = torch.arange(8, device=raw.device, dtype=torch.uint8)
+    return ((raw.unsqueeze(-1) >> shifts) & 1).reshape(raw.shape[0], count)
+
+
+def _q8_0(raw):
+    return _f16(raw, 0) * raw[:, 2:].contiguous().view(torch.int8).float()
+
+
+def _q4_0(raw):
+    return _f16(raw, 0) * (_nibbles(raw[:, 2:]).float() - 8)
+
+
+def _q4_1(raw):
+    return _f16(raw, 0) * _nibbles(raw[:, 4:]).float() + _f16(raw, 2)
+
+
+def _q5(raw, at):  # the 5-bit values of Q5_0 / Q5_1: a nibble from qs, the fifth bit from the 32-bit qh
+    return (_nibbles(raw[:, at + 4:]) | (_bits(raw[:, at:at + 4], 32) << 4)).float()
+
+
+def _q5_0(raw):
+    return _f16(raw, 0) * (_q5(raw, 2) - 16)
+
+
+def _q5_1(raw):
+    return _f16(raw, 0) * _q5(raw, 4) + _f16(raw, 2)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit (scale, min) pairs of a Q4_K / Q5_K super-block, packed in 12 bytes."""
+    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    scale = torch.cat((lo & 63, (hi & 0xF) | ((lo >> 6) << 4)), dim=-1)
+    low = torch.cat((mid & 63, (hi >> 4) | ((mid >> 6) << 4)), dim=-1)
+    return scale.float().unsqueeze(-1), low.float().unsqueeze(-1)
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes -> 8 sub-blocks of 32: each 32 bytes hold two sub-blocks, low nibbles first."""
+    q = qs.reshape(-1, 4, 1, 32)
+    return torch.cat((q & 0xF, q >> 4), dim=2).reshape(-1, 8, 32)
+
+
+def _q4_k(raw):
+    scale, low = _k_scales(raw[:, 4:16])
+    q = _k_nibbles(raw[:, 16:144]).float()
+    return (_f16(raw, 0).unsqueeze(-1) * scale * q - _f16(raw, 2).unsqueeze(-1) * low).reshape(-1, 256)
+
+
+def _q5_k(raw):
+    scale, low = _k_scales(raw[:, 4:16])
+    high = _bits(raw[:, 16:48], 256).reshape(-1, 32, 8).transpose(1, 2)  # bit j of byte l: sub-block j, value l
+    q = (_k_nibbles(raw[:, 48:176]) | (high << 4)).float()
+    return (_f16(raw, 0).unsqueeze(-1) * scale * q - _f16(raw, 2).unsqueeze(-1) * low).reshape(-1, 256)
+
+
+def _q6_k(raw):
+    ql, qh = raw[:, 0:128], raw[:, 128:192]
+    halves = []
+    for h in range(2):  # 128 values each: 4 runs of 32, a nibble of ql and two bits of qh each
+        lo, hi = ql[:, 64 * h:64 * h + 32], ql[:, 64 * h + 32:64 * h + 64]
+        top = qh[:, 32 * h:32 * h + 32]
+        halves += [(lo & 0xF) | ((top & 3) << 4), (hi & 0xF) | (((top >> 2) & 3) << 4),
+                   (lo >> 4) | (((top >> 4) & 3) << 4), (hi >> 4) | (((top >> 6) & 3) << 4)]
+    q = torch.cat(halves, dim=-1).float() - 32
+    scale = raw[:, 192:208].contiguous().view(torch.int8).float().repeat_interleave(16, dim=-1)
+    return _f16(raw, 208) * scale * q
+
+
+_DEQUANT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 12: _q4_k, 13: _q5_k, 14: _q6_k}
+
+
+def dequantize(raw: torch.Tensor, qtype: int, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``shape`` tensor in ``dtype`` that ``raw`` (its GGUF bytes, uint8, any shape) holds as ``qtype``.
+
+    Computed in fp32 (as llama.cpp's reference does) and rounded once to ``dtype``, on ``raw``'s device."""
+    if qtype in FLOAT_TYPES:
+        return raw.contiguous().view(FLOAT_TYPES[qtype][3]).reshape(shape).to(dtype)
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"GGUF tensor type {qtype} is not supported; supported: "
+                         f"{', '.join(v[0] for v in {**FLOAT_TYPES, **QUANT_TYPES}.values())}")
+    _, block, size = QUANT_TYPES[qtype]
+    blocks = raw.reshape(-1, size)
+    if blocks.shape[0] * block != math.prod(shape):
+        raise ValueError(f"{type_name(qtype)} data of {raw.numel()} bytes does not hold a tensor of shape {shape}")
+    return _DEQUANT[qtype](blocks).reshape(shape).to(dtype)
+
+
+def stored_bytes(shape: tuple, qtype: int) -> int:
+    if qtype in FLOAT_TYPES:
+        return math.prod(shape) * FLOAT_TYPES[qtype][2]
+    _, block, size = QUANT_TYPES[qtype]
+    return math.prod(shape) // block * size
+
+
+class GGUFLinear(nn.Linear):
+    """A Linear whose weight may be GGUF blocks (uint8, ``gguf_type`` set): dequantized to the input's dtype on the
+    input's device at every call, so one layer's full-precision copy is alive at a time; float weights are cast."""
+
+    gguf_type: int | None = None  # set by the loader on layers whose weight is quantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.device, non_blocking=True)
+        if self.gguf_type is None:
+            w = w.to(x.dtype)
+        else:
+            w = dequantize(w, self.gguf_type, (self.out_features, self.in_features), x.dtype)
+        b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        return F.linear(x, w, b)
+
+
+class ops:  # noqa: N801  (a namespace like torch.nn; ComfyUI's variant is built in nodes/host.py)
+    Linear = GGUFLinear
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def read_header(file: Path) -> tuple[dict, list[tuple[str, int, tuple, int, int]]]:
+    """(metadata, tensors) of a GGUF file: metadata as plain values, tensors as (name, type id, torch shape,
+    first byte, end byte) with absolute offsets into the file."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise ImportError(f"{file}: {INSTALL_HINT}") from exc
+    try:
+        reader = GGUFReader(file, "r")
+    except Exception as exc:  # noqa: BLE001 — the package raises ValueError, struct.error, IndexError...
+        raise ValueError(f"{file}: not a readable GGUF file ({exc}). Delete it and convert or download it again.") \
+            from exc
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or not field.types:
+            continue
+        try:
+            meta[name] = field.contents()
+        except Exception:  # noqa: BLE001 — a value type we have no use for
+            continue
+    size = file.stat().st_size
+    tensors = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the innermost dimension first
+        start, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ValueError(f"{file}: truncated: tensor {t.name} ends at byte {end} of {size}. "
+                             "Delete it and convert or download it again.")
+        tensors.append((t.name, int(t.tensor_type), shape, start, end))
+    del reader
+    return meta, tensors
+
+
+def check_quantized(name: str, qtype: int, allowed: bool) -> None:
+    """Quantized tensors are allowed only where the model dequantizes them (the blocks' matmul weights)."""
+    if qtype in FLOAT_TYPES:
+        return
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"tensor {name} has GGUF type {type_name(qtype)}, which this pack cannot read; "
+                         f"supported: {', '.join(v[0] for v in {**FLOAT_TYPES, **QUANT_TYPES}.values())}")
+    if not allowed:
+        raise ValueError(f"tensor {name} is quantized ({type_name(qtype)}), but only the transformer blocks' matmul "
+                         "weights may be: convert the official checkpoint with `python -m infinitystar convert-gguf`")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def block_weight(key: str, shape: tuple) -> bool:
+    """The tensors :func:`convert` quantizes: the blocks' 2-D matmul weights."""
+    return key.startswith("block_chunks.") and key.endswith(".weight") and len(shape) == 2
+
+
+def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the transformer checkpoint at ``source`` (file or sharded folder) as a GGUF file: the blocks' matmul
+    weights in ``qtype``, everything else in F32 (lossless for the official bf16/fp32 tensors).
+
+    Streams tensor by tensor: peak host memory is about one tensor's fp32 copy and its quantized bytes."""
+    try:
+        import gguf
+        import numpy as np
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    from .checkpoint import LEGACY_BUFFERS, CheckpointReader, detect_variant, is_transformer_keys
+
+    if qtype not in WRITABLE:
+        raise ValueError(f"cannot write {qtype}; choose one of {', '.join(WRITABLE)} (K-quants can be read, not "
+                         "written: make them with llama.cpp's quantize tool from an F16 file written here)")
+    target = gguf.GGMLQuantizationType[qtype]
+    reader = CheckpointReader(source)
+    if not is_transformer_keys(reader.shapes):
+        raise ValueError(f"{reader.path} is not an InfinityStar transformer checkpoint; nothing written")
+    block = gguf.GGML_QUANT_SIZES[target][0]
+    for key in [k for k, e in reader.entries.items() if k in LEGACY_BUFFERS or not e.dtype.is_floating_point]:
+        del reader.entries[key]  # the official files' unused buffers: the loader drops them anyway
+    plan = {}  # key -> GGML type written
+    for key, entry in reader.entries.items():
+        if block_weight(key, entry.shape) and entry.shape[-1] % block == 0:
+            plan[key] = target
+        else:
+            plan[key] = gguf.GGMLQuantizationType.F32
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    writer.add_string(f"{ARCH}.variant", variant or detect_variant(reader.path, reader.metadata()))
+    writer.add_file_type(int(target))
+    for key in reader.read_order():  # shapes and sizes first, in the order the data follows
+        entry, t = reader.entries[key], plan[key]
+        shape = tuple(entry.shape) or (1,)
+        if t == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor_info(key, shape, np.dtype(np.float32), math.prod(shape) * 4)
+        else:
+            nbytes = gguf.quant_shape_to_byte_shape(shape, t)
+            writer.add_tensor_info(key, nbytes, np.dtype(np.uint8), math.prod(nbytes), raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, (key, tensor) in enumerate(reader.tensors(lambda k, t: torch.float32)):
+        data = tensor.reshape(tuple(reader.entries[key].shape) or (1,)).numpy()
+        t = plan[key]
+        writer.write_tensor_data(data if t == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, t))
+        del tensor, data
+        if progress:
+            progress(i + 1, len(plan))
+    writer.close()
+    tmp.replace(out)
+    logger.info("wrote %s (%s blocks)", out, qtype)
+    return out

@@ -1,0 +1,183 @@
+"""GGUF transformer weights (infinitystar/gguf.py): our torch dequantizers against the gguf package's reference
+ones (llama.cpp's formats), convert -> load round trips through real files, and the errors for files we cannot use.
+"""
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+gguf_pkg = pytest.importorskip("gguf", reason="pip install gguf (requirements.txt) to test GGUF weights")
+
+from infinitystar import gguf  # noqa: E402
+from infinitystar.checkpoint import CheckpointReader, load_transformer  # noqa: E402
+from infinitystar.cli import main  # noqa: E402
+from infinitystar.sampler import TextCondition, sample  # noqa: E402
+from infinitystar.schedule import build_schedule  # noqa: E402
+
+Q = gguf_pkg.GGMLQuantizationType
+ROWS, COLS = 6, 512  # 2 K-quant super-blocks, 16 small blocks a row
+
+
+def _random_blocks(qtype, rng):
+    """Valid random bytes of qtype: from the reference quantizer where it has one, else random bytes whose fp16
+    scale fields are finite."""
+    block, size = gguf_pkg.GGML_QUANT_SIZES[qtype]
+    data = rng.standard_normal((ROWS, COLS)).astype(np.float32) * rng.uniform(0.01, 2, (ROWS, 1)).astype(np.float32)
+    try:
+        return gguf_pkg.quants.quantize(data, qtype)
+    except NotImplementedError:
+        pass
+    raw = rng.integers(0, 256, (ROWS * COLS // block, size), dtype=np.uint8)
+    halves = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
+    for at in halves:
+        raw[:, at:at + 2] = rng.uniform(-0.1, 0.1, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(ROWS, -1)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
+def test_dequantize_equals_the_reference(name):
+    qtype = Q[name]
+    raw = _random_blocks(qtype, np.random.default_rng(int(qtype)))
+    want = gguf_pkg.quants.dequantize(raw, qtype).astype(np.float32)
+    assert want.shape == (ROWS, COLS) and np.isfinite(want).all() and np.abs(want).max() > 0
+    got = gguf.dequantize(torch.from_numpy(np.ascontiguousarray(raw)).view(torch.uint8), int(qtype), (ROWS, COLS))
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-6, atol=0)
+    assert gguf.stored_bytes((ROWS, COLS), int(qtype)) == raw.nbytes
+    half = gguf.dequantize(torch.from_numpy(np.ascontiguousarray(raw)), int(qtype), (ROWS, COLS), torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, got.to(torch.bfloat16))  # one rounding, at the end
+
+
+def test_dequantize_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="not supported"):
+        gguf.dequantize(torch.zeros(16, dtype=torch.uint8), 16, (1, 32))  # IQ2_XXS
+    with pytest.raises(ValueError, match="does not hold"):
+        gguf.dequantize(torch.zeros(34, dtype=torch.uint8), int(Q.Q8_0), (2, 32))
+
+
+def test_gguf_linear_is_the_linear_of_the_dequantized_weight():
+    raw = torch.from_numpy(_random_blocks(Q.Q5_K, np.random.default_rng(1)))
+    layer = gguf.GGUFLinear(COLS, ROWS, bias=True)
+    layer.weight = torch.nn.Parameter(raw, requires_grad=False)
+    layer.gguf_type = int(Q.Q5_K)
+    x = torch.randn(3, COLS, dtype=torch.bfloat16)
+    w = gguf.dequantize(raw, int(Q.Q5_K), (ROWS, COLS), torch.bfloat16)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w, layer.bias.to(torch.bfloat16)))
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    src = tiny_models["transformer_720p"]
+    return src, {q: gguf.convert(src, out / f"tiny_{q}.gguf", q) for q in ("Q8_0", "Q4_0", "F16")}
+
+
+def test_convert_quantizes_the_block_weights_only(converted):
+    src, files = converted
+    official = CheckpointReader(src)
+    for qtype, path in files.items():
+        reader = gguf_pkg.GGUFReader(path)
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert set(types) == set(official.entries)
+        for key in official.entries:
+            block = key.startswith("block_chunks.") and key.endswith("_proj.weight")
+            assert types[key] == (qtype if block else "F32"), key
+        variant = reader.fields["infinitystar.variant"].contents()
+        assert variant == "720p"
+        assert [int(d) for d in reversed(next(t for t in reader.tensors if t.name == key).shape.tolist())] == \
+            list(official.entries[key].shape)
+
+
+def test_a_converted_file_loads_with_the_official_weights_dequantized(converted):
+    src, files = converted
+    ref, _ = load_transformer(src)
+    ref_state = ref.state_dict()
+    for qtype, path in files.items():
+        model, info = load_transformer(path)
+        assert info.variant == "720p" and info.quant == qtype and info.storage == f"GGUF {qtype}"
+        tol = {"Q8_0": 0.01, "Q4_0": 0.2, "F16": 1e-3}[qtype]  # relative error of a weight matrix
+        for name, module in model.named_modules():
+            if not isinstance(module, gguf.GGUFLinear):
+                continue
+            want = ref_state[f"{name}.weight"].float()
+            if module.gguf_type is None:  # F32 / F16 tensors come as floats
+                got = module.weight.float()
+            else:
+                got = gguf.dequantize(module.weight, module.gguf_type, tuple(want.shape))
+            err = (got - want).norm() / want.norm()
+            assert err <= tol, (qtype, name, err)
+            if name.startswith("block_chunks.") and qtype != "F16":
+                assert module.weight.dtype == torch.uint8 and module.gguf_type == int(Q[qtype])
+                assert err > 0  # really quantized
+            elif not name.startswith("block_chunks."):
+                assert module.gguf_type is None and torch.equal(got, want)  # heads and embeddings: F32, exact
+
+
+def test_sampling_from_gguf_equals_sampling_from_its_dequantized_weights(converted):
+    """The on-the-fly path is exact: the same bits as a plain model holding the dequantized weights."""
+    _, files = converted
+    model, _ = load_transformer(files["Q4_0"])
+    plain, _ = load_transformer(converted[0])
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, gguf.GGUFLinear) and module.gguf_type is not None:
+            state[f"{name}.weight"] = gguf.dequantize(module.weight, module.gguf_type,
+                                                      (module.out_features, module.in_features))
+    assert state
+    plain.load_state_dict(state, strict=False)
+    cfg = model.config
+    text = TextCondition(torch.randn(7, cfg.text_channels, generator=torch.Generator().manual_seed(2)))
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=5)
+    a, b = sample(model, text, sched, seed=3), sample(plain, text, sched, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    c = sample(load_transformer(converted[0])[0], text, sched, seed=3)  # the unquantized model draws otherwise
+    assert not all(torch.equal(x, y) for x, y in zip(a.bits, c.bits))
+
+
+def test_gguf_errors_say_what_to_do(converted, tmp_path):
+    _, files = converted
+    with pytest.raises(ValueError, match="already quantized"):
+        load_transformer(files["Q8_0"], dtype=torch.bfloat16)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(files["Q8_0"].read_bytes()[:-4096])
+    with pytest.raises(ValueError, match="(truncated|not a readable GGUF).*again"):
+        load_transformer(cut)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        load_transformer(junk)
+    with pytest.raises(ValueError, match="cannot write Q4_K"):
+        gguf.convert(converted[0], tmp_path / "k.gguf", "Q4_K")
+
+
+def test_a_quantized_head_is_refused(tiny_models, tmp_path):
+    """Only the blocks' matmul weights may be quantized: the heads compute in fp32 as in the official layout."""
+    reader = CheckpointReader(tiny_models["transformer_720p"])
+    path = tmp_path / "bad.gguf"
+    w = gguf_pkg.GGUFWriter(path, gguf.ARCH)
+    for key, tensor in reader.tensors(lambda k, t: torch.float32):
+        data = tensor.numpy()
+        if key == "head.weight":
+            w.add_tensor(key, gguf_pkg.quants.quantize(data, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(key, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="head.weight is quantized.*only the transformer blocks"):
+        load_transformer(path)
+
+
+def test_cli_converts_and_generates_from_a_gguf_file(tiny_models, tmp_path, capsys):
+    out = tmp_path / "t.gguf"
+    assert main(["convert-gguf", str(tiny_models["transformer_720p"]), str(out), "--type", "Q5_0"]) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    video = tmp_path / "v.mp4"
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--transformer", str(out), "--resolution", "0.06M",
+               "--duration", "0", "--out", str(tmp_path / "i.png")])
+    assert rc == 0 and (tmp_path / "i.png").is_file() and not video.exists()
+    assert "blocks GGUF Q5_0" in capsys.readouterr().err
+    assert main(["generate", "--models", str(tiny_models["root"]), "--transformer", str(out), "--resolution",
+                 "0.06M", "--duration", "0", "--dtype", "bf16", "--out", str(tmp_path / "j.png")]) == 2
+    assert "already quantized" in capsys.readouterr().err
