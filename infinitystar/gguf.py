@@ -57,16 +57,21 @@ def _bits(raw: torch.Tensor, count: int) -> torch.Tensor:
     return ((raw.unsqueeze(-1) >> shifts) & 1).reshape(raw.shape[0], count)
 
 
+# Each dequantizer makes one fp32 tensor of the values and scales it in place: the peak is that tensor plus the
+# unpacked bytes (about 5 bytes a value); with the raw bytes copied to the device, about 6 on top of the result,
+# which memory.step_activation_bytes counts for GGUF storage (tests/unit/test_gguf.py measures it).
+WORKSPACE_BYTES_PER_VALUE = 6
+
 def _q8_0(raw):
-    return _f16(raw, 0) * raw[:, 2:].contiguous().view(torch.int8).float()
+    return raw[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(raw, 0))
 
 
 def _q4_0(raw):
-    return _f16(raw, 0) * (_nibbles(raw[:, 2:]).float() - 8)
+    return _nibbles(raw[:, 2:]).float().sub_(8).mul_(_f16(raw, 0))
 
 
 def _q4_1(raw):
-    return _f16(raw, 0) * _nibbles(raw[:, 4:]).float() + _f16(raw, 2)
+    return _nibbles(raw[:, 4:]).float().mul_(_f16(raw, 0)).add_(_f16(raw, 2))
 
 
 def _q5(raw, at):  # the 5-bit values of Q5_0 / Q5_1: a nibble from qs, the fifth bit from the 32-bit qh
@@ -74,11 +79,11 @@ def _q5(raw, at):  # the 5-bit values of Q5_0 / Q5_1: a nibble from qs, the fift
 
 
 def _q5_0(raw):
-    return _f16(raw, 0) * (_q5(raw, 2) - 16)
+    return _q5(raw, 2).sub_(16).mul_(_f16(raw, 0))
 
 
 def _q5_1(raw):
-    return _f16(raw, 0) * _q5(raw, 4) + _f16(raw, 2)
+    return _q5(raw, 4).mul_(_f16(raw, 0)).add_(_f16(raw, 2))
 
 
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,17 +100,19 @@ def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat((q & 0xF, q >> 4), dim=2).reshape(-1, 8, 32)
 
 
-def _q4_k(raw):
+def _k_apply(raw, q):  # q (blocks, 8, 32) of Q4_K / Q5_K: d * scale * q - dmin * min, per sub-block
     scale, low = _k_scales(raw[:, 4:16])
-    q = _k_nibbles(raw[:, 16:144]).float()
-    return (_f16(raw, 0).unsqueeze(-1) * scale * q - _f16(raw, 2).unsqueeze(-1) * low).reshape(-1, 256)
+    d, dmin = _f16(raw, 0).unsqueeze(-1), _f16(raw, 2).unsqueeze(-1)
+    return q.float().mul_(d * scale).sub_(dmin * low).reshape(-1, 256)
+
+
+def _q4_k(raw):
+    return _k_apply(raw, _k_nibbles(raw[:, 16:144]))
 
 
 def _q5_k(raw):
-    scale, low = _k_scales(raw[:, 4:16])
     high = _bits(raw[:, 16:48], 256).reshape(-1, 32, 8).transpose(1, 2)  # bit j of byte l: sub-block j, value l
-    q = (_k_nibbles(raw[:, 48:176]) | (high << 4)).float()
-    return (_f16(raw, 0).unsqueeze(-1) * scale * q - _f16(raw, 2).unsqueeze(-1) * low).reshape(-1, 256)
+    return _k_apply(raw, _k_nibbles(raw[:, 48:176]) | (high << 4))
 
 
 def _q6_k(raw):
@@ -116,9 +123,9 @@ def _q6_k(raw):
         top = qh[:, 32 * h:32 * h + 32]
         halves += [(lo & 0xF) | ((top & 3) << 4), (hi & 0xF) | (((top >> 2) & 3) << 4),
                    (lo >> 4) | (((top >> 4) & 3) << 4), (hi >> 4) | (((top >> 6) & 3) << 4)]
-    q = torch.cat(halves, dim=-1).float() - 32
-    scale = raw[:, 192:208].contiguous().view(torch.int8).float().repeat_interleave(16, dim=-1)
-    return _f16(raw, 208) * scale * q
+    q = torch.cat(halves, dim=-1).float().sub_(32).reshape(-1, 16, 16)  # 16 runs of 16 values, a scale each
+    scale = raw[:, 192:208].contiguous().view(torch.int8).float().unsqueeze(-1)
+    return q.mul_(_f16(raw, 208).unsqueeze(-1) * scale).reshape(-1, 256)
 
 
 _DEQUANT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -78,7 +78,8 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     ``round_qkv_bf16`` (default: fp32 compute) adds the bf16-rounded fp32 copies of q, k, v.
     ``native_gqa``: the attention kernel reads the KV heads as they are (no copy repeated to the query heads).
     ``weight_dtype`` narrower than ``dtype`` (fp8 storage): each Linear upcasts its weight for the call, so
-    one (mlp_hidden, width) weight copy is alive on top (two for scaled e4m3fn, as ComfyUI applies the scale).
+    one (mlp_hidden, width) weight copy is alive on top (two for scaled e4m3fn, as ComfyUI applies the scale;
+    GGUF blocks, stored as uint8, add the dequantizer's workspace: about 6 bytes a value, infinitystar/gguf.py).
     """
     b, f = _nbytes(dtype), 4
     C, H = config.width, config.mlp_hidden
@@ -105,6 +106,10 @@ def step_activation_bytes(config: TransformerConfig, tokens: int, context: int, 
     cast = H * C * b if weight_dtype is not None and _nbytes(weight_dtype) < b else 0
     if weight_dtype == torch.float8_e4m3fn:
         cast *= 2  # scaled fp8: ComfyUI's ops multiply the upcast weight by its scale out of place
+    elif weight_dtype == torch.uint8:  # GGUF blocks: the raw bytes moved in, the unpacked values, their fp32 copy
+        from .gguf import WORKSPACE_BYTES_PER_VALUE
+
+        cast += H * C * WORKSPACE_BYTES_PER_VALUE
     return max(attn, mlp, project_kv, head) + cast
 
 

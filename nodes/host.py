@@ -76,6 +76,23 @@ def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_
     return comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device)
 
 
+def gguf_ops():
+    """ops for a GGUF transformer: the library's dequantizing Linear, with the attributes ComfyUI's patcher looks
+    for. ``comfy_cast_weights`` lets a partial load leave a layer's (quantized) weight in system RAM; the layer
+    moves and dequantizes it at every call either way, so it needs no cast from ComfyUI."""
+    from ..infinitystar.gguf import GGUFLinear
+
+    class Linear(GGUFLinear, comfy.ops.CastWeightBiasOp):
+        def reset_parameters(self):
+            return None
+
+    class gguf_ops:  # noqa: N801
+        pass
+
+    gguf_ops.Linear = Linear
+    return gguf_ops
+
+
 def text_encoder_dtype(choice: str) -> torch.dtype:
     """'auto' -> fp16 on GPUs (the official flan-t5 dtype), fp32 on the CPU where fp16 matmuls are slow."""
     if COMPUTE_DTYPES.get(choice) is not None:

@@ -52,11 +52,13 @@ class InfinityStarModelLoader(io.ComfyNode):
                         "ComfyUI's memory manager places it; it streams layers when VRAM is short.",
             inputs=[
                 io.Combo.Input("model_name", options=paths.transformer_choices(),
-                               tooltip="Sharded folder (infinitystar_8b_720p_weights/ with its index json) or "
-                                       "a merged .safetensors. 720p weights make 5 s clips; 480p weights also "
+                               tooltip="Sharded folder (infinitystar_8b_720p_weights/ with its index json), "
+                                       "a merged .safetensors, or a .gguf (python -m infinitystar convert-gguf; "
+                                       "Q8_0 ~9 GB, Q4_0 ~5 GB). 720p weights make 5 s clips; 480p weights also "
                                        "make 10 s. Missing? Use the InfinityStar Download Models node."),
                 io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the blocks. default keeps the file's (bf16, ~17 GB); "
+                               tooltip="Storage dtype of the blocks. default keeps the file's (bf16, ~17 GB; "
+                                       "a .gguf stays as quantized: only default applies); "
                                        "fp8 halves that (~9 GB) at a small quality cost (e5m2 for RTX 30xx). "
                                        "fp8_e4m3fn is stored with a per-tensor scale; ComfyUI started with "
                                        "--fast fp8_matrix_mult also multiplies it in fp8 (RTX 40xx and newer). "
@@ -98,12 +100,19 @@ class InfinityStarModelLoader(io.ComfyNode):
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
-        host.check_weight_dtype(wdtype, load_device)
-        ops = host.pick_ops(wdtype, compute, load_device)
+        if path.suffix == ".gguf":
+            if wdtype is not None:
+                raise ValueError(f"{path.name} is a GGUF file, already quantized: set weight_dtype to default "
+                                 f"(it is {weight_dtype}), or pick the official .safetensors weights to store "
+                                 "them in another dtype.")
+            ops = host.gguf_ops()
+        else:
+            host.check_weight_dtype(wdtype, load_device)
+            ops = host.pick_ops(wdtype, compute, load_device)
         model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)
         patcher = host.make_patcher(model, "transformer")
         logger.info("InfinityStar transformer %s: variant %s, blocks %s, compute %s, attention %s, compile %s",
-                    path.name, info.variant, info.dtype, compute, backend, compile)
+                    path.name, info.variant, info.storage, compute, backend, compile)
         return io.NodeOutput(T.LoadedTransformer(patcher, info, compute, backend, compile))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import folder_paths
 
 FOLDER = "infinitystar"
-WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft")
+WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft", ".gguf")  # .gguf: transformer only
 INDEX_FILE = "model.safetensors.index.json"
 MAX_DEPTH = 3  # how deep to look for sharded folders and text-encoder folders
 # Where each component may live, searched in this order.
@@ -101,7 +101,7 @@ def text_encoder_choices() -> list[str]:
 
 
 def vae_choices() -> list[str]:
-    return [n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith(".index.json")]
+    return [n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith((".index.json", ".gguf"))]
 
 
 def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str) -> Path:

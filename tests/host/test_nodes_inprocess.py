@@ -533,3 +533,54 @@ def test_bf16_compute_through_comfy_ops_equals_the_plain_core(pack, loaded, core
     fp32 = pipeline.generate(plain.float().eval(), loaded["cond"].select(5),
                              pipeline.resolve_schedule("0.06M", "16:9", 5), seed=9, compute_dtype=torch.float32)
     assert not torch.equal(fp32.summed_codes, want.summed_codes)  # bf16 really ran
+
+
+@pytest.fixture(scope="module")
+def gguf_file(pack, core, tiny_models, tmp_path_factory):
+    """The tiny 720p transformer converted to Q8_0, in a diffusion_models folder of its own."""
+    pytest.importorskip("gguf", reason="pip install gguf (requirements.txt) to test GGUF weights")
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("diffusion_models")
+    path = core("gguf").convert(tiny_models["transformer_720p"], folder / "tiny_720p_Q8_0.gguf", "Q8_0")
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    return path
+
+
+def test_gguf_weights_load_and_sample_through_comfy(pack, loaded, core, gguf_file):
+    """A .gguf in diffusion_models: listed for the transformer only, loaded with its blocks still quantized (the
+    layers dequantize per call, also when a partial load leaves them in system RAM), and sampled to the same
+    tokens as the core's own GGUF path; any weight_dtype but default is refused with what to do."""
+    assert gguf_file.name in pack.paths.transformer_choices()
+    assert gguf_file.name not in pack.paths.vae_choices()
+    model = run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="default",
+                compute_dtype="auto", attention="auto")[0]
+    assert model.info.storage == "GGUF Q8_0"
+    blocks = [m for name, m in model.module.named_modules()
+              if name.startswith("block_chunks.") and isinstance(m, torch.nn.Linear)]
+    assert blocks and all(m.weight.dtype == torch.uint8 and m.gguf_type == 8 for m in blocks)
+    assert all(hasattr(m, "comfy_cast_weights") for m in blocks)  # what lets ComfyUI's partial load offload them
+    tokens = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s", seed=4,
+                 **SMALL)[0]
+    checkpoint, pipeline = core("checkpoint"), core("pipeline")
+    plain, _ = checkpoint.load_transformer(gguf_file)
+    want = pipeline.generate(plain.eval(), loaded["cond"].select(5), pipeline.resolve_schedule("0.06M", "16:9", 5),
+                             seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(tokens.bits, want.bits))
+    full = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+               seed=4, **SMALL)[0]
+    assert not all(torch.equal(a, b) for a, b in zip(tokens.bits, full.bits))  # really the quantized weights
+    patcher = run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="default",
+                  compute_dtype="auto", attention="auto")[0].patcher  # partly loaded: the rest stays in system RAM
+    patcher.partially_load(patcher.load_device, patcher.model_size() // 3)
+    try:
+        assert patcher.model.model_lowvram
+        assert any(getattr(m, "prev_comfy_cast_weights", None) is not None for m in patcher.model.modules())
+        part = pipeline.generate(patcher.model, loaded["cond"].select(5),
+                                 pipeline.resolve_schedule("0.06M", "16:9", 5), seed=4)
+    finally:
+        patcher.detach()
+    assert torch.equal(part.summed_codes, want.summed_codes)
+    with pytest.raises(ValueError, match="already quantized: set weight_dtype to default"):
+        run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="fp8_e4m3fn",
+            compute_dtype="auto", attention="auto")

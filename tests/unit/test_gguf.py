@@ -65,6 +65,32 @@ def test_gguf_linear_is_the_linear_of_the_dequantized_weight():
     assert torch.equal(layer(x), torch.nn.functional.linear(x, w, layer.bias.to(torch.bfloat16)))
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantizing_workspace_is_what_the_memory_estimate_counts(name, dtype):
+    """Peak bytes of a GGUF layer's call beyond its result: at most the per-value workspace the estimate adds
+    (less the raw copy a weight in system RAM needs, not made here), and a real fp32 copy (not a free lunch)."""
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.memory import measure_peak_bytes, step_activation_bytes
+
+    qtype = Q[name]
+    block, size = gguf_pkg.GGML_QUANT_SIZES[qtype]
+    rows, cols = 256, 1024
+    layer = gguf.GGUFLinear(cols, rows, bias=False)
+    layer.weight = torch.nn.Parameter(torch.randint(0, 256, (rows, cols // block * size), dtype=torch.uint8),
+                                      requires_grad=False)
+    layer.gguf_type = int(qtype)
+    x = torch.randn(1, cols, dtype=dtype)
+    _, peak = measure_peak_bytes(lambda: layer(x))
+    n, b = rows * cols, dtype.itemsize
+    assert peak - b * n <= (gguf.WORKSPACE_BYTES_PER_VALUE - 1) * n, peak / n
+    assert peak >= 0.95 * (4 + (b if b < 4 else 0)) * n, peak / n  # the fp32 values, then the result beside them
+    cfg = TRANSFORMER_PRESETS["tiny"]
+    args = (cfg, 64, 64, 8, 2, dtype)
+    extra = step_activation_bytes(*args, weight_dtype=torch.uint8) - step_activation_bytes(*args)
+    assert extra == cfg.mlp_hidden * cfg.width * (b + gguf.WORKSPACE_BYTES_PER_VALUE)  # the largest weight's
+
+
 @pytest.fixture(scope="module")
 def converted(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
