@@ -2,8 +2,8 @@
 
 Why: quantized weights are the second most asked-for feature in video packs (after fitting in VRAM), and GGUF is
 the format ComfyUI users already keep (city96's ComfyUI-GGUF). Each matmul weight is stored in blocks of 32 or 256
-values that share a scale (Q8_0: 8.5 bits a value, Q5_K: 5.5, Q4_K: 4.5), so the 8.77B transformer's blocks take
-9.0 / 5.9 / 4.8 GB instead of 17.6 GB in bf16. Only the blocks' matmul weights are quantized; the fp32 embeddings,
+values that share a scale (Q8_0: 8.5 bits a value, Q5_K: 5.5, Q4_K: 4.5), so the 8.77B transformer takes
+9.4 / 6.1 / 5.0 GB instead of 17.6 GB in bf16. Only the blocks' matmul weights are quantized; the fp32 embeddings,
 heads and norms stay as they are, as in the official precision layout.
 
 Reading needs no extra package: the header is parsed with ``gguf`` when it is installed (``pip install gguf``,
