@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="transformer file or sharded folder (the official layout)")
     c.add_argument("out", help="the .gguf file to write")
     c.add_argument("--type", default="Q8_0", choices=list(WRITABLE),
-                   help="quantization of the blocks' matmul weights (Q8_0 ≈ 9.4 GB for the 8B model, Q5_1 ≈ 6.6, "
-                        "Q4_0 ≈ 5.0; everything else is kept in F32)")
+                   help="quantization of the blocks' matmul weights (Q8_0 ≈ 9.4 GB for the 8B model, Q6_K ≈ 7.2, "
+                        "Q5_K ≈ 6.1, Q4_K ≈ 5.0; everything else is kept in F32)")
     c.add_argument("--variant", choices=list(TRANSFORMER_DIRS), help="stored in the file (default: from the path)")
 
     t = sub.add_parser("tiny", help="write the tiny random-weight model set")

@@ -32,8 +32,10 @@ QUANT_TYPES = {
     2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
 }
-# what convert() can write (the gguf package's reference quantizers); K-quants are read, not written
-WRITABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")
+# what convert() can write: the legacy types with the gguf package's reference quantizers, the K-quants with
+# ours (:func:`quantize_k`)
+WRITABLE = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16")
+K_FALLBACK = "Q8_0"  # K-quants need rows of 256 values; narrower weights (tiny models) get this
 
 
 def type_name(qtype: int) -> str:
@@ -175,6 +177,77 @@ class ops:  # noqa: N801  (a namespace like torch.nn; ComfyUI's variant is built
     Linear = GGUFLinear
 
 
+# ---------------------------------------------------------------------------------------------- K-quant writing
+
+def _to_f16(t: torch.Tensor) -> torch.Tensor:
+    """(blocks,) fp32 -> (blocks, 2) bytes of its fp16, and the fp16 value back as fp32 (what readers will use)."""
+    h = t.to(torch.float16)
+    return h.view(torch.uint8).reshape(-1, 2), h.float()
+
+
+def _divide(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return torch.where(step > 0, x / torch.where(step > 0, step, 1), 0)
+
+
+def _pack_k_scales(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_k_scales`: 8 six-bit scales and mins -> 12 bytes."""
+    lo, hi = sc[:, :4], sc[:, 4:]
+    mlo, mhi = mn[:, :4], mn[:, 4:]
+    return torch.cat((lo | ((hi >> 4) << 6), mlo | ((mhi >> 4) << 6), (hi & 0xF) | ((mhi & 0xF) << 4)), dim=-1)
+
+
+def _quantize_k_affine(x: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """Q4_K / Q5_K: x (blocks, 8, 32) ~ d * sc * q - dmin * m, q in [0, top], 6-bit sc and m per sub-block."""
+    low = x.amin(-1).clamp(max=0)
+    step = (x.amax(-1) - low) / top  # (blocks, 8)
+    d_bytes, d = _to_f16(step.amax(-1) / 63)
+    m_bytes, dmin = _to_f16(-low.amin(-1) / 63)
+    sc = _divide(step, d[:, None]).round().clamp(0, 63)
+    mn = _divide(-low, dmin[:, None]).round().clamp(0, 63)
+    q = _divide(x + (dmin[:, None] * mn)[..., None], (d[:, None] * sc)[..., None]).round().clamp(0, top)
+    return d_bytes, m_bytes, _pack_k_scales(sc.to(torch.uint8), mn.to(torch.uint8)), q.to(torch.uint8)
+
+
+def _pack_k_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_k_nibbles`: (blocks, 8, 32) values < 16 -> 128 bytes."""
+    pairs = q.reshape(-1, 4, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def quantize_k(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """``weight`` (rows, cols), cols a multiple of 256, as Q4_K / Q5_K / Q6_K bytes (rows, cols / 256 * size).
+
+    Plain min/max scales per sub-block (no search for the best scale as llama.cpp's quantizer does, so its
+    files are a little more accurate at the same size); the layout is the format's, checked against the gguf
+    package's reference dequantizers."""
+    rows, cols = weight.shape
+    if cols % 256:
+        raise ValueError(f"{name} needs rows of a multiple of 256 values, not {cols}")
+    x = weight.detach().float().reshape(-1, 256)
+    if name == "Q6_K":
+        sub = x.reshape(-1, 16, 16)
+        step = sub.abs().amax(-1) / 31  # (blocks, 16), q - 32 in [-31, 31]
+        d_bytes, d = _to_f16(step.amax(-1) / 127)
+        sc = _divide(step, d[:, None]).round().clamp(0, 127)
+        u = (_divide(sub, (d[:, None] * sc)[..., None]).round().clamp(-32, 31) + 32).to(torch.uint8)
+        u = u.reshape(-1, 2, 4, 32)  # halves, runs of 32, values
+        ql = torch.cat(((u[:, :, 0] & 0xF) | ((u[:, :, 2] & 0xF) << 4),
+                        (u[:, :, 1] & 0xF) | ((u[:, :, 3] & 0xF) << 4)), dim=-1).reshape(-1, 128)
+        qh = ((u[:, :, 0] >> 4) | ((u[:, :, 1] >> 4) << 2) | ((u[:, :, 2] >> 4) << 4)
+              | ((u[:, :, 3] >> 4) << 6)).reshape(-1, 64)
+        blocks = torch.cat((ql, qh, sc.to(torch.int8).view(torch.uint8), d_bytes), dim=-1)
+    elif name in ("Q4_K", "Q5_K"):
+        d_bytes, m_bytes, scales, q = _quantize_k_affine(x.reshape(-1, 8, 32), 15 if name == "Q4_K" else 31)
+        parts = [d_bytes, m_bytes, scales]
+        if name == "Q5_K":
+            bits = (q >> 4) << torch.arange(8, dtype=torch.uint8).view(1, 8, 1)  # bit j of byte l: sub-block j
+            parts.append(bits.sum(1, dtype=torch.uint8))
+        blocks = torch.cat(parts + [_pack_k_nibbles(q & 0xF)], dim=-1)
+    else:
+        raise ValueError(f"{name} is not a K-quant this pack writes (Q4_K, Q5_K, Q6_K)")
+    return blocks.reshape(rows, -1)
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 def read_header(file: Path) -> tuple[dict, list[tuple[str, int, tuple, int, int]]]:
@@ -243,21 +316,22 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
     from .checkpoint import LEGACY_BUFFERS, CheckpointReader, detect_variant, is_transformer_keys
 
     if qtype not in WRITABLE:
-        raise ValueError(f"cannot write {qtype}; choose one of {', '.join(WRITABLE)} (K-quants can be read, not "
-                         "written: make them with llama.cpp's quantize tool from an F16 file written here)")
+        raise ValueError(f"cannot write {qtype}; choose one of {', '.join(WRITABLE)}")
     target = gguf.GGMLQuantizationType[qtype]
+    fallback = gguf.GGMLQuantizationType[K_FALLBACK]
     reader = CheckpointReader(source)
     if not is_transformer_keys(reader.shapes):
         raise ValueError(f"{reader.path} is not an InfinityStar transformer checkpoint; nothing written")
-    block = gguf.GGML_QUANT_SIZES[target][0]
     for key in [k for k, e in reader.entries.items() if k in LEGACY_BUFFERS or not e.dtype.is_floating_point]:
         del reader.entries[key]  # the official files' unused buffers: the loader drops them anyway
     plan = {}  # key -> GGML type written
     for key, entry in reader.entries.items():
-        if block_weight(key, entry.shape) and entry.shape[-1] % block == 0:
-            plan[key] = target
-        else:
-            plan[key] = gguf.GGMLQuantizationType.F32
+        plan[key] = gguf.GGMLQuantizationType.F32
+        if block_weight(key, entry.shape):
+            for t in (target, fallback):
+                if entry.shape[-1] % gguf.GGML_QUANT_SIZES[t][0] == 0:
+                    plan[key] = t
+                    break
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
@@ -278,7 +352,12 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
     for i, (key, tensor) in enumerate(reader.tensors(lambda k, t: torch.float32)):
         data = tensor.reshape(tuple(reader.entries[key].shape) or (1,)).numpy()
         t = plan[key]
-        writer.write_tensor_data(data if t == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, t))
+        if t == gguf.GGMLQuantizationType.F32:
+            writer.write_tensor_data(data)
+        elif t.name in ("Q4_K", "Q5_K", "Q6_K"):
+            writer.write_tensor_data(quantize_k(tensor, t.name).numpy())
+        else:
+            writer.write_tensor_data(gguf.quants.quantize(data, t))
         del tensor, data
         if progress:
             progress(i + 1, len(plan))

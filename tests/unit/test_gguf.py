@@ -48,6 +48,24 @@ def test_dequantize_equals_the_reference(name):
     assert half.dtype == torch.bfloat16 and torch.equal(half, got.to(torch.bfloat16))  # one rounding, at the end
 
 
+@pytest.mark.parametrize("name, bound", [("Q6_K", 0.025), ("Q5_K", 0.045), ("Q4_K", 0.09)])
+def test_our_k_quants_are_read_right_by_the_reference(name, bound):
+    """quantize_k's bytes, read by the gguf package's reference dequantizer: close to the weight (so the layout is
+    the format's), and equal to what our dequantizer reads."""
+    w = torch.randn(8, 1024, generator=torch.Generator().manual_seed(5)) * 0.02
+    w[0, :256] = 0  # an all-zero super-block must not divide by zero
+    raw = gguf.quantize_k(w, name)
+    qtype = Q[name]
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 1024 // 256 * gguf_pkg.GGML_QUANT_SIZES[qtype][1])
+    ref = torch.from_numpy(gguf_pkg.quants.dequantize(raw.numpy(), qtype).astype(np.float32))
+    err = ((ref - w).norm() / w.norm()).item()
+    assert 0 < err <= bound, err
+    assert torch.equal(ref[0, :256], torch.zeros(256))
+    torch.testing.assert_close(gguf.dequantize(raw, int(qtype), tuple(w.shape)), ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        gguf.quantize_k(w[:, :100], name)
+
+
 def test_dequantize_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="not supported"):
         gguf.dequantize(torch.zeros(16, dtype=torch.uint8), 16, (1, 32))  # IQ2_XXS
@@ -95,7 +113,12 @@ def test_dequantizing_workspace_is_what_the_memory_estimate_counts(name, dtype):
 def converted(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
     src = tiny_models["transformer_720p"]
-    return src, {q: gguf.convert(src, out / f"tiny_{q}.gguf", q) for q in ("Q8_0", "Q4_0", "F16")}
+    return src, {q: gguf.convert(src, out / f"tiny_{q}.gguf", q) for q in ("Q8_0", "Q4_0", "F16", "Q4_K")}
+
+
+def _written_type(qtype, shape):
+    """What convert writes for a block weight: K-quants need rows of 256 values, else Q8_0."""
+    return gguf.K_FALLBACK if qtype.endswith("_K") and shape[-1] % 256 else qtype
 
 
 def test_convert_quantizes_the_block_weights_only(converted):
@@ -105,9 +128,11 @@ def test_convert_quantizes_the_block_weights_only(converted):
         reader = gguf_pkg.GGUFReader(path)
         types = {t.name: t.tensor_type.name for t in reader.tensors}
         assert set(types) == set(official.entries)
-        for key in official.entries:
+        for key, entry in official.entries.items():
             block = key.startswith("block_chunks.") and key.endswith("_proj.weight")
-            assert types[key] == (qtype if block else "F32"), key
+            assert types[key] == (_written_type(qtype, entry.shape) if block else "F32"), key
+        if qtype == "Q4_K":  # the tiny model's down projections have rows of 256: really K-quantized
+            assert {types[k] for k in types if k.endswith("down_proj.weight")} == {"Q4_K"}
         variant = reader.fields["infinitystar.variant"].contents()
         assert variant == "720p"
         assert [int(d) for d in reversed(next(t for t in reader.tensors if t.name == key).shape.tolist())] == \
@@ -120,8 +145,8 @@ def test_a_converted_file_loads_with_the_official_weights_dequantized(converted)
     ref_state = ref.state_dict()
     for qtype, path in files.items():
         model, info = load_transformer(path)
-        assert info.variant == "720p" and info.quant == qtype and info.storage == f"GGUF {qtype}"
-        tol = {"Q8_0": 0.01, "Q4_0": 0.2, "F16": 1e-3}[qtype]  # relative error of a weight matrix
+        assert info.variant == "720p" and qtype in info.quant.split("+") and info.storage == f"GGUF {info.quant}"
+        tol = {"Q8_0": 0.01, "Q4_0": 0.2, "F16": 1e-3, "Q4_K": 0.2}[qtype]  # relative error of a weight matrix
         for name, module in model.named_modules():
             if not isinstance(module, gguf.GGUFLinear):
                 continue
@@ -133,7 +158,8 @@ def test_a_converted_file_loads_with_the_official_weights_dequantized(converted)
             err = (got - want).norm() / want.norm()
             assert err <= tol, (qtype, name, err)
             if name.startswith("block_chunks.") and qtype != "F16":
-                assert module.weight.dtype == torch.uint8 and module.gguf_type == int(Q[qtype])
+                written = _written_type(qtype, tuple(want.shape))
+                assert module.weight.dtype == torch.uint8 and module.gguf_type == int(Q[written])
                 assert err > 0  # really quantized
             elif not name.startswith("block_chunks."):
                 assert module.gguf_type is None and torch.equal(got, want)  # heads and embeddings: F32, exact
@@ -172,8 +198,8 @@ def test_gguf_errors_say_what_to_do(converted, tmp_path):
     junk.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\xff" * 64)
     with pytest.raises(ValueError, match="not a readable GGUF"):
         load_transformer(junk)
-    with pytest.raises(ValueError, match="cannot write Q4_K"):
-        gguf.convert(converted[0], tmp_path / "k.gguf", "Q4_K")
+    with pytest.raises(ValueError, match="cannot write Q3_K"):
+        gguf.convert(converted[0], tmp_path / "k.gguf", "Q3_K")
 
 
 def test_a_quantized_head_is_refused(tiny_models, tmp_path):
