@@ -233,3 +233,22 @@ def test_cli_converts_and_generates_from_a_gguf_file(tiny_models, tmp_path, caps
     assert main(["generate", "--models", str(tiny_models["root"]), "--transformer", str(out), "--resolution",
                  "0.06M", "--duration", "0", "--dtype", "bf16", "--out", str(tmp_path / "j.png")]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_a_gguf_layer_on_cuda_computes_what_it_does_on_the_cpu(name):
+    """Dequantized on the GPU (also from a weight left in system RAM, as a partial load leaves it): the same
+    weight as on the CPU, bit for bit, and its bf16 product within bf16 rounding."""
+    qtype = Q[name]
+    raw = torch.from_numpy(np.ascontiguousarray(_random_blocks(qtype, np.random.default_rng(7))))
+    want = gguf.dequantize(raw, int(qtype), (ROWS, COLS), torch.bfloat16)
+    assert torch.equal(gguf.dequantize(raw.cuda(), int(qtype), (ROWS, COLS), torch.bfloat16).cpu(), want)
+    layer = gguf.GGUFLinear(COLS, ROWS, bias=False)
+    layer.weight = torch.nn.Parameter(raw, requires_grad=False)  # stays on the CPU
+    layer.gguf_type = int(qtype)
+    x = torch.randn(5, COLS, dtype=torch.bfloat16)
+    got = layer(x.cuda()).cpu().float()
+    ref = (x.float() @ want.float().t())
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
