@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official import STANDIN_KERNELS  # noqa: E402  (the official code itself is imported only with --official)
 from step_timing import StepClock, kernel_profile, step_time_buckets, wrap_head  # noqa: E402
 
-from infinitystar import attention  # noqa: E402
+from infinitystar import attention, gguf  # noqa: E402
 from infinitystar.attention import BACKENDS  # noqa: E402
 from infinitystar.checkpoint import transformer_storage  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
@@ -60,7 +60,8 @@ NAMED_CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 
                "mid10": ("0.06M", 161)}
 DEFAULT_CASES = {"full": "720p5,480p5,480p10", "mid": "mid5", "tiny": "mid5"}
 WEIGHT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
-                 "fp32": torch.float32}
+                 "fp32": torch.float32, "gguf_q8_0": torch.uint8, "gguf_q6_k": torch.uint8, "gguf_q4_k": torch.uint8}
+GGUF_TYPES = {"gguf_q8_0": "Q8_0", "gguf_q6_k": "Q6_K", "gguf_q4_k": "Q4_K"}  # GGUF blocks (uint8 storage)
 TEXT_TOKENS = 64
 COLUMNS = ["case", "impl", "steps", "total s", "s/step (3 largest scales)", "tokens/s", "peak GB",
            "est. GB", "ours/official time", "same codes"]
@@ -95,9 +96,10 @@ def parse_cases(text: str) -> list[tuple[str, str, int]]:
 
 
 def build_model(config: TransformerConfig, device: torch.device, weights: torch.dtype, seed: int,
-                fp8_matmul: bool = False):
-    """Random model in the official precision layout, each tensor made directly in its stored dtype."""
-    ops = cast
+                fp8_matmul: bool = False, gguf_type: str | None = None):
+    """Random model in the official precision layout, each tensor made directly in its stored dtype (``gguf_type``:
+    the blocks' matmul weights quantized to that GGUF type, as a converted file loads)."""
+    ops = gguf.ops if gguf_type else cast
     if weights == torch.float8_e4m3fn:  # e4m3fn blocks are stored scaled, as the loaders store them
         ops = scaled_fp8_matmul if fp8_matmul else scaled_cast
     with torch.device("meta"):
@@ -121,6 +123,10 @@ def build_model(config: TransformerConfig, device: torch.device, weights: torch.
             if dtype == torch.float8_e4m3fn and "scale_weight" in module._parameters:
                 t, scale = quantize_scaled(t, dtype)
                 module._parameters["scale_weight"] = torch.nn.Parameter(scale.to(device), requires_grad=False)
+            if gguf_type and dtype == torch.uint8:  # a block's matmul weight
+                name = gguf.K_FALLBACK if gguf_type.endswith("_K") and t.shape[-1] % 256 else gguf_type
+                module.gguf_type = gguf.QUANT_IDS[name]
+                t = gguf.quantize(t, name)
             module._parameters[pname] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
     return model.eval()
 
@@ -200,7 +206,8 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     sched = build_schedule(pn, "16:9", frames, num_scales=args.num_scales)
     weights = WEIGHT_DTYPES[args.weights]
     cond = _text_features(config, args.seed)
-    model = build_model(config, device, weights, args.seed, args.fp8_matmul).use_fused_norms(args.norms == "fused")
+    model = build_model(config, device, weights, args.seed, args.fp8_matmul, GGUF_TYPES.get(args.weights)
+                        ).use_fused_norms(args.norms == "fused")
     chunk = _chunk(args)
     compute = _compute_dtype(device, args)
     clock = StepClock(device)
@@ -487,6 +494,8 @@ def _setup(argv):
     args.weights = args.weights or ("fp8" if device.type == "cuda" else "bf16" if args.cpu_bf16 else "fp32")
     if args.fp8_matmul and args.weights != "fp8":
         raise SystemExit("--fp8-matmul multiplies fp8 e4m3fn blocks: add --weights fp8")
+    if args.weights in GGUF_TYPES and (args.official or args.parity):
+        raise SystemExit("GGUF weights are ours alone: compare with the official code on --weights bf16 or fp8")
     if args.attention == "auto":  # resolve before the official code may register a flash_attn stand-in
         from infinitystar.attention import available_backends
 

@@ -32,6 +32,7 @@ QUANT_TYPES = {
     2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
 }
+QUANT_IDS = {name: qtype for qtype, (name, _, _) in QUANT_TYPES.items()}
 # what convert() can write: the legacy types with the gguf package's reference quantizers, the K-quants with
 # ours (:func:`quantize_k`)
 WRITABLE = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16")
@@ -212,6 +213,20 @@ def _pack_k_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_k_nibbles`: (blocks, 8, 32) values < 16 -> 128 bytes."""
     pairs = q.reshape(-1, 4, 2, 32)
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def quantize(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """``weight`` (rows, cols) as GGUF ``name`` bytes (rows, bytes per row), in torch on its device: Q8_0 and the
+    K-quants (the benchmark quantizes the full-size random model on the GPU with it)."""
+    if name != "Q8_0":
+        return quantize_k(weight, name)
+    rows, cols = weight.shape
+    if cols % 32:
+        raise ValueError(f"Q8_0 needs rows of a multiple of 32 values, not {cols}")
+    x = weight.detach().float().reshape(-1, 32)
+    d_bytes, d = _to_f16(x.abs().amax(-1) / 127)
+    q = _divide(x, d[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat((d_bytes, q.view(torch.uint8)), dim=-1).reshape(rows, -1)
 
 
 def quantize_k(weight: torch.Tensor, name: str) -> torch.Tensor:

@@ -97,6 +97,7 @@ EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_
 EXTRA+=" parity_480p5_whole profile_720p5 official_720p5_warm decode_720p5"
 EXTRA+=" official_720p5_graphs ours_graphs_compile_720p5 parity_480p5_graphs"
 EXTRA+=" parity_480p5_fast official_720p5_fast parity_480p5_routed parity_480p5_exact_compiled profile_720p5_fast"
+EXTRA+=" ours_gguf_720p5 ours_gguf_q4k_720p5"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -187,6 +188,9 @@ step parity_480p5_whole 170 90 "$PY" "${BENCH[@]}" --cases $C480 --weights fp8 -
 step profile_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --profile --no-memory
 # extra: fp8 matmuls (torch._scaled_mm) at 720p 5 s, against ours_fp8's 720p row
 step ours_fp8mm_720p5 150 90 "$PY" "${BENCH[@]}" --cases $C720 --weights fp8 --fp8-matmul
+# extra: GGUF blocks (Q8_0 and Q4_K, dequantized per layer and call) at 720p 5 s under the 24 GB cap: time and peak
+step ours_gguf_720p5 240 120 "$PY" "${BENCH[@]}" --cases $C720 --weights gguf_q8_0 "${CAP24[@]}"
+step ours_gguf_q4k_720p5 240 120 "$PY" "${BENCH[@]}" --cases $C720 --weights gguf_q4_k "${CAP24[@]}"
 
 echo "total ${SECONDS} s" >>"$SUMMARY"
 shopt -s nullglob

@@ -23,6 +23,28 @@ def test_bench_generate_cpu_mid_smoke():
         assert int(r[2]) > 0 and float(r[3]) > 0 and float(r[6]) > 0 and float(r[7]) > 0
 
 
+@pytest.mark.parametrize("weights", ["gguf_q8_0", "gguf_q4_k"])
+def test_bench_generate_runs_gguf_blocks(weights):
+    """--weights gguf_*: the random model's block weights quantized as a converted file loads them (K-quants where
+    rows have 256 values, Q8_0 elsewhere), dequantized per call; the official code does not take them."""
+    bench = load_benchmark("bench_generate")
+    text = bench.main(["--device", "cpu", "--config", "tiny", "--cases", "mid5", "--num-scales", "2",
+                       "--threads", "1", "--weights", weights])
+    _, rows = _table(text)
+    assert [r[1] for r in rows] == ["ours"] and float(rows[0][3]) > 0 and f"weights {weights}" in text
+    from infinitystar import gguf
+
+    model = bench.build_model(bench.TRANSFORMER_PRESETS["tiny"], bench.torch.device("cpu"), bench.torch.uint8, 0,
+                              gguf_type=bench.GGUF_TYPES[weights])
+    kinds = {gguf.type_name(m.gguf_type) for n, m in model.named_modules()
+             if n.startswith("block_chunks.") and isinstance(m, gguf.GGUFLinear)}
+    assert kinds == ({"Q8_0"} if weights == "gguf_q8_0" else {"Q4_K", "Q8_0"})
+    assert {gguf.type_name(m.gguf_type) for n, m in model.named_modules()
+            if isinstance(m, gguf.GGUFLinear) and not n.startswith("block_chunks.")} == {"type None"}
+    with pytest.raises(SystemExit, match="GGUF weights are ours alone"):
+        bench.main(["--device", "cpu", "--config", "tiny", "--cases", "mid5", "--weights", weights, "--official", "x"])
+
+
 def test_bench_generate_warmup_reports_the_first_run_too():
     """--warmup times the second run in the table and keeps the first (cold) run's time in the notes."""
     import re

@@ -70,7 +70,9 @@ def test_run_all_skips_what_has_no_time_left_and_extras_unless_named(tmp_path):
                                            ("ours_cudnn_fp8mm_720p5", "attention cudnn"),
                                            ("probe_kernels", "attention of a whole generation (ms), SDPA flash"),
                                            ("profile_720p5", "time by step size: "),
-                                           ("profile_720p5_fast", "compile True, cuda graphs off")])
+                                           ("profile_720p5_fast", "compile True, cuda graphs off"),
+                                           ("ours_gguf_720p5", "weights gguf_q8_0"),
+                                           ("ours_gguf_q4k_720p5", "weights gguf_q4_k")])
 def test_run_all_runs_a_named_extra_step(tmp_path, step, setting):
     if "compile" in step and compile_unavailable("cpu") is not None:
         pytest.skip("no C++ compiler for torch.compile")
