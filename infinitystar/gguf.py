@@ -180,6 +180,9 @@ class ops:  # noqa: N801  (a namespace like torch.nn; ComfyUI's variant is built
 
 # ---------------------------------------------------------------------------------------------- K-quant writing
 
+REFINE = 2  # least-squares refits of each sub-block's scale after rounding (lower error than min/max alone)
+
+
 def _to_f16(t: torch.Tensor) -> torch.Tensor:
     """(blocks,) fp32 -> (blocks, 2) bytes of its fp16, and the fp16 value back as fp32 (what readers will use)."""
     h = t.to(torch.float16)
@@ -197,10 +200,24 @@ def _pack_k_scales(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
     return torch.cat((lo | ((hi >> 4) << 6), mlo | ((mhi >> 4) << 6), (hi & 0xF) | ((mhi & 0xF) << 4)), dim=-1)
 
 
+def _fit(x: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor | None):
+    """Least-squares step (and offset <= 0, unless ``low`` is None) of x ~ step * q + low for fixed integers q."""
+    sq, sqq, sqx = q.sum(-1), (q * q).sum(-1), (q * x).sum(-1)
+    if low is not None:
+        n, sx = x.shape[-1], x.sum(-1)
+        det = n * sqq - sq * sq
+        low = torch.where(det > 0, (sx * sqq - sq * sqx) / torch.where(det > 0, det, 1), low).clamp(max=0)
+        sqx = sqx - low * sq
+    return torch.where(sqq > 0, sqx / torch.where(sqq > 0, sqq, 1), step).clamp(min=0), low
+
+
 def _quantize_k_affine(x: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
     """Q4_K / Q5_K: x (blocks, 8, 32) ~ d * sc * q - dmin * m, q in [0, top], 6-bit sc and m per sub-block."""
     low = x.amin(-1).clamp(max=0)
-    step = (x.amax(-1) - low) / top  # (blocks, 8)
+    step = (x.amax(-1) - low) / top  # (blocks, 8): min/max, then refined by least squares on the rounded values
+    for _ in range(REFINE):
+        q = _divide(x - low[..., None], step[..., None]).round().clamp(0, top)
+        step, low = _fit(x, q, step, low)
     d_bytes, d = _to_f16(step.amax(-1) / 63)
     m_bytes, dmin = _to_f16(-low.amin(-1) / 63)
     sc = _divide(step, d[:, None]).round().clamp(0, 63)
@@ -232,16 +249,17 @@ def quantize(weight: torch.Tensor, name: str) -> torch.Tensor:
 def quantize_k(weight: torch.Tensor, name: str) -> torch.Tensor:
     """``weight`` (rows, cols), cols a multiple of 256, as Q4_K / Q5_K / Q6_K bytes (rows, cols / 256 * size).
 
-    Plain min/max scales per sub-block (no search for the best scale as llama.cpp's quantizer does, so its
-    files are a little more accurate at the same size); the layout is the format's, checked against the gguf
-    package's reference dequantizers."""
+    Min/max scales per sub-block, refined by least squares on the rounded values (llama.cpp's quantizer searches
+    further); the layout is the format's, checked against the gguf package's reference dequantizers."""
     rows, cols = weight.shape
     if cols % 256:
         raise ValueError(f"{name} needs rows of a multiple of 256 values, not {cols}")
     x = weight.detach().float().reshape(-1, 256)
     if name == "Q6_K":
         sub = x.reshape(-1, 16, 16)
-        step = sub.abs().amax(-1) / 31  # (blocks, 16), q - 32 in [-31, 31]
+        step = sub.abs().amax(-1) / 31  # (blocks, 16), q - 32 in [-31, 31]; refined as for Q4_K
+        for _ in range(REFINE):
+            step, _ = _fit(sub, _divide(sub, step[..., None]).round().clamp(-32, 31), step, None)
         d_bytes, d = _to_f16(step.amax(-1) / 127)
         sc = _divide(step, d[:, None]).round().clamp(0, 127)
         u = (_divide(sub, (d[:, None] * sc)[..., None]).round().clamp(-32, 31) + 32).to(torch.uint8)
