@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infinitystar import attention, kv_cache, sampler, transformer  # noqa: E402
+from infinitystar import attention, gguf, kv_cache, sampler, transformer  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import choose_kv_offload, estimate_sampling_memory, weight_bytes  # noqa: E402
 from infinitystar.ops import scaled_cast  # noqa: E402
@@ -39,17 +39,21 @@ from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 
 CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81)}
-WEIGHTS = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+WEIGHTS = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "gguf_q8_0": torch.uint8, "gguf_q4_k": torch.uint8}
+GGUF = {"gguf_q8_0": "Q8_0", "gguf_q4_k": "Q4_K"}  # block weights as GGUF bytes, dequantized per call
 TEXT_TOKENS = 512  # the estimate's upper bound of the prompt length
 
 
 class LiveDeviceBytes(TorchDispatchMode):
     """Running and peak bytes of the storages alive on ``device_type`` created by ops inside the mode."""
 
-    def __init__(self, device_type: str = "cpu"):
+    def __init__(self, device_type: str = "cpu", existing=()):
+        """``existing``: tensors made before (the weights); views of them (a GGUF weight's reshaped bytes) are not
+        new allocations."""
         super().__init__()
         self.device_type = device_type
         self.live: dict[int, object] = {}
+        self.existing = {t.untyped_storage()._cdata for t in existing}
         self.current = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -61,7 +65,7 @@ class LiveDeviceBytes(TorchDispatchMode):
 
     def _track(self, storage) -> None:
         key = storage._cdata
-        if key in self.live:
+        if key in self.live or key in self.existing:
             return
         n = storage.nbytes()
         self.live[key] = weakref.ref(storage, lambda _, k=key, n=n: self._free(k, n))
@@ -124,12 +128,22 @@ def fake_tensors(model: torch.nn.Module, mode: FakeTensorMode, dtype: torch.dtyp
     return model
 
 
-def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.dtype) -> InfinityStarTransformer:
+def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.dtype,
+               gguf_type: str | None = None) -> InfinityStarTransformer:
     """The model in the official precision layout (blocks in ``weights``; e4m3fn with the loaders' scaled
-    layers), every parameter a fake tensor."""
-    ops = scaled_cast if weights == torch.float8_e4m3fn else torch.nn
+    layers; ``gguf_type``: the blocks' matmul weights as that GGUF type's bytes), every parameter a fake tensor."""
+    ops = gguf.ops if gguf_type else scaled_cast if weights == torch.float8_e4m3fn else torch.nn
     model = InfinityStarTransformer(config, device="meta", ops=ops).eval().requires_grad_(False)
     model.apply_precision_layout(torch.bfloat16)
+    if gguf_type:
+        for module in model.block_chunks.modules():
+            if isinstance(module, gguf.GGUFLinear):
+                name = gguf.K_FALLBACK if gguf_type.endswith("_K") and module.in_features % 256 else gguf_type
+                module.gguf_type = gguf.QUANT_IDS[name]
+                nbytes = gguf.stored_bytes(tuple(module.weight.shape), module.gguf_type)
+                module.weight = torch.nn.Parameter(torch.empty(module.out_features, nbytes // module.out_features,
+                                                               dtype=torch.uint8, device="meta"), requires_grad=False)
+        return fake_tensors(model, mode)
     model.block_chunks.to(weights)
     for module in model.modules():  # the scales stay fp32 scalars
         if "scale_weight" in module._parameters:
@@ -138,16 +152,16 @@ def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.d
 
 
 def measure(config: TransformerConfig, schedule, weights: torch.dtype = torch.float8_e4m3fn,
-            text_tokens: int = TEXT_TOKENS, **sample_kwargs) -> tuple[int, int]:
+            text_tokens: int = TEXT_TOKENS, gguf_type: str | None = None, **sample_kwargs) -> tuple[int, int]:
     """(peak bytes of device tensors created by the run, bytes of the weights) for one fake generation."""
     mode = FakeTensorMode()
-    model = fake_model(config, mode, weights)
+    model = fake_model(config, mode, weights, gguf_type)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kwargs = dict(seed=0, compute_dtype=torch.bfloat16, generator_device="cpu", offload_kv=False)
     kwargs.update(sample_kwargs)
     with mode, cuda_code_path():
         text = sampler.TextCondition(torch.empty(text_tokens, config.text_channels))
-        with LiveDeviceBytes("cpu") as tracker:
+        with LiveDeviceBytes("cpu", existing=[*model.parameters(), *model.buffers()]) as tracker:
             sampler.sample(model, text, schedule, **kwargs)
     return tracker.peak, weight_bytes
 
@@ -220,7 +234,8 @@ def main(argv=None) -> str:
                 if offload == "auto":
                     offload = auto_offload_layers(config, schedule, WEIGHTS[args.weights], args.cap_gb * 1e9, chunk)
                 start = time.perf_counter()
-                peak, weights = measure(config, schedule, WEIGHTS[args.weights], chunk_tokens=chunk, offload_kv=offload)
+                peak, weights = measure(config, schedule, WEIGHTS[args.weights], chunk_tokens=chunk, offload_kv=offload,
+                                        gguf_type=GGUF.get(args.weights))
                 est = estimate_sampling_memory(config, schedule, dtype=torch.bfloat16, chunk_tokens=chunk,
                                                offload_kv=offload, native_gqa=True, weight_dtype=WEIGHTS[args.weights])
                 layers = kv_cache.offloaded_layers(offload, config.depth)

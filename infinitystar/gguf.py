@@ -165,7 +165,9 @@ class GGUFLinear(nn.Linear):
     gguf_type: int | None = None  # set by the loader on layers whose weight is quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.device, non_blocking=True)
+        w = self.weight
+        if w.device != x.device:  # left in system RAM by a partial load: its bytes come over, still quantized
+            w = w.to(x.device, non_blocking=True)
         if self.gguf_type is None:
             w = w.to(x.dtype)
         else:

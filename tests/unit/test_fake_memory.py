@@ -104,3 +104,35 @@ def test_full_size_meets_the_targets_on_fake_tensors(fm, pn, frames, target, par
     assert weights + peak <= target, (weights, peak)
     est = estimate_sampling_memory(big, schedule, offload_kv=offload, weight_dtype=torch.float8_e4m3fn)
     assert peak <= est <= 1.3 * peak, (est, peak)
+
+
+@pytest.mark.parametrize("weights", ["gguf_q8_0", "gguf_q4_k"])
+def test_gguf_blocks_on_fake_tensors_match_a_real_run_and_the_estimate(fm, weights, single_thread):
+    """GGUF blocks (dequantized per call): the fake run counts what torch.profiler counts on a real run with the
+    same quantized model, and the estimate for uint8 storage (with the dequantizing workspace) is not below it."""
+    from infinitystar import gguf
+
+    name = fm.GGUF[weights]
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(CFG, ops=gguf.ops).eval().requires_grad_(False)
+    model.apply_precision_layout(torch.bfloat16)
+    stored = 0
+    for module in model.block_chunks.modules():
+        if isinstance(module, gguf.GGUFLinear):
+            module.weight = torch.nn.Parameter(gguf.quantize(module.weight.float(), name), requires_grad=False)
+            module.gguf_type = gguf.QUANT_IDS[name]
+            stored += module.weight.numel()
+    text = TextCondition(torch.randn(L, CFG.text_channels))
+    _, real = measure_peak_bytes(lambda: sample(model, text, _schedule(), seed=0, chunk_tokens=256))
+    mode = FakeTensorMode()
+    fake = fm.fake_model(CFG, mode, torch.uint8, name)
+    assert stored == sum(m.weight.numel() for m in fake.block_chunks.modules() if isinstance(m, gguf.GGUFLinear))
+    with mode:
+        fake_text = TextCondition(torch.empty(L, CFG.text_channels))
+        with fm.LiveDeviceBytes("cpu", existing=[*fake.parameters(), *fake.buffers()]) as tracker:
+            sample(fake, fake_text, _schedule(), seed=0, chunk_tokens=256)
+    assert tracker.peak == pytest.approx(real, rel=0.02)
+    peak, _ = fm.measure(CFG, _schedule(), torch.uint8, text_tokens=L, gguf_type=name, chunk_tokens=256)
+    est = estimate_sampling_memory(CFG, _schedule(), dtype=torch.bfloat16, text_tokens=L, chunk_tokens=256,
+                                   native_gqa=True, weight_dtype=torch.uint8)
+    assert 1.0 <= est / peak <= 1.4, (est, peak)
