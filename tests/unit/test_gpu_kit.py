@@ -154,6 +154,19 @@ def test_run_all_rehearsal_times_and_checks_the_fast_settings_alike(tmp_path):
         assert (out / f"{step}.csv").stat().st_size > 0
 
 
+def test_run_all_times_the_fast_settings_in_whole_steps(tmp_path):
+    """The extra that settles 1.496x (token blocks) against 1.503x (whole steps) in one call: the fast settings with
+    --chunk 0, ours against the official code, both warm."""
+    if compile_unavailable("cpu") is not None:
+        pytest.skip("no C++ compiler for torch.compile")
+    step = "official_720p5_fast_whole"
+    proc, out, summary = _rehearse(tmp_path, [step], OFFICIAL=_official_path())
+    assert proc.returncode == 0 and f"{step}: rc=0 (ok)" in summary, (summary, (out / "run_all.log").read_text()[-3000:])
+    text = (out / f"{step}.md").read_text()
+    assert "chunk 0, compile True" in text and "norms composite" in text and "mid5 official: first run" in text, text
+    assert [r[1] for r in _table_rows(text, "official")] == ["official"]
+
+
 def test_prepare_refuses_without_an_official_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "INFINITYSTAR_OFFICIAL_PATH"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "prepare.sh"), str(tmp_path)], env=env,
