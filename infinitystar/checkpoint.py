@@ -97,20 +97,18 @@ def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
 def _gguf_header(file: Path, meta: dict) -> dict[str, TensorEntry]:
     """Entries of a GGUF file (logical shapes; quantized tensors as uint8 rows of their bytes); fills ``meta``
     with the file's ``infinitystar.*`` metadata, prefix dropped (``variant``)."""
-    from .gguf import FLOAT_TYPES, read_header, stored_bytes, type_name
-
-    found, tensors = read_header(file)
+    found, tensors = gguf.read_header(file)
     meta.update({k.split(".", 1)[1]: v for k, v in found.items() if k.startswith("infinitystar.")})
     entries = {}
     for name, qtype, shape, start, end in tensors:
         try:
-            nbytes = stored_bytes(shape, qtype)
+            nbytes = gguf.stored_bytes(shape, qtype)
         except KeyError:
             nbytes = end - start  # an unsupported type: the loader names it (gguf.check_quantized)
         if nbytes != end - start:
-            raise ValueError(f"{file}: tensor {name} ({type_name(qtype)}, shape {shape}) should have {nbytes} bytes, "
+            raise ValueError(f"{file}: tensor {name} ({gguf.type_name(qtype)}, shape {shape}) should have {nbytes} bytes, "
                              f"has {end - start}. Delete the file and convert or download it again.")
-        dtype = FLOAT_TYPES[qtype][3] if qtype in FLOAT_TYPES else torch.uint8
+        dtype = gguf.FLOAT_TYPES[qtype][3] if qtype in gguf.FLOAT_TYPES else torch.uint8
         entries[name] = TensorEntry(file, dtype, shape, start, end, qtype)
     return entries
 
