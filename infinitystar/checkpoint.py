@@ -452,8 +452,10 @@ def inspect_transformer(path: str | Path) -> CheckpointInfo:
         raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like "
                          f"{describe_keys(shapes, path, reader.metadata())}. {DOWNLOAD_HINT}")
     block = next(k for k in shapes if k.startswith("block_chunks.") and k.endswith("q_proj.weight"))
+    quant = "+".join(dict.fromkeys(gguf.type_name(e.gguf_type) for k, e in reader.entries.items()
+                                   if gguf.block_weight(k, e.shape))) if reader.is_gguf else ""
     return CheckpointInfo(detect_variant(path, reader.metadata()), detect_transformer_config(shapes),
-                          reader.entries[block].dtype, reader.path)
+                          reader.entries[block].dtype, reader.path, quant)
 
 
 def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",

@@ -246,9 +246,11 @@ def _preview(s: Session, args) -> Path | None:
     from .memory import estimate_sampling_memory
 
     info = s.model_info()
-    extra = estimate_sampling_memory(info.config, schedule)
-    offloaded = estimate_sampling_memory(info.config, schedule, offload_kv=True)
-    print(f"weights: {info.variant}, {info.config.depth} blocks of width {info.config.width}; "
+    stored = DTYPES[args.dtype] if getattr(args, "dtype", None) else info.dtype  # fp8 / GGUF: a dequantized copy
+    extra = estimate_sampling_memory(info.config, schedule, weight_dtype=stored)
+    offloaded = estimate_sampling_memory(info.config, schedule, offload_kv=True, weight_dtype=stored)
+    print(f"weights: {info.variant}, {info.config.depth} blocks of width {info.config.width} "
+          f"({getattr(args, 'dtype', None) or info.storage}); "
           f"sampling needs ≈{extra / 2**30:.2f} GiB beyond the weights (bf16, CFG batch 2), "
           f"≈{offloaded / 2**30:.2f} GiB with --offload-kv on")
     for st in schedule.steps:

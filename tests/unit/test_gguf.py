@@ -234,6 +234,9 @@ def test_cli_converts_and_generates_from_a_gguf_file(tiny_models, tmp_path, caps
     assert main(["generate", "--models", str(tiny_models["root"]), "--transformer", str(out), "--resolution",
                  "0.06M", "--duration", "0", "--dtype", "bf16", "--out", str(tmp_path / "j.png")]) == 2
     assert "already quantized" in capsys.readouterr().err
+    assert main(["generate", "--models", str(tiny_models["root"]), "--transformer", str(out), "--resolution",
+                 "0.06M", "--steps-preview"]) == 0
+    assert "(GGUF Q5_0); sampling needs" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
