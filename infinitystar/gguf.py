@@ -6,9 +6,9 @@ values that share a scale (Q8_0: 8.5 bits a value, Q5_K: 5.5, Q4_K: 4.5), so the
 9.4 / 6.1 / 5.0 GB instead of 17.6 GB in bf16. Only the blocks' matmul weights are quantized; the fp32 embeddings,
 heads and norms stay as they are, as in the official precision layout.
 
-Reading needs no extra package: the header is parsed with ``gguf`` when it is installed (``pip install gguf``,
-also a dependency of ComfyUI-GGUF), and the tensors are read and dequantized here, in torch, on the device that
-computes. Writing (:func:`convert`) quantizes with the ``gguf`` package's reference quantizers.
+The header is parsed with the ``gguf`` package (in requirements.txt; ComfyUI-GGUF needs it too); the tensors are
+read and dequantized here, in torch, on the device that computes. Writing (:func:`convert`) quantizes the legacy
+types with that package's reference quantizers and the K-quants with ours (:func:`quantize_k`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 ARCH = "infinitystar"  # general.architecture of the files we write
 INSTALL_HINT = "GGUF files need the 'gguf' package: pip install gguf"
 
-# GGML type id -> (name, values per block, bytes per block); ids and sizes are the format's (ggml.h)
+# GGML type id -> (name, values per block, bytes per block[, torch dtype]); ids and sizes are the format's (ggml.h)
 FLOAT_TYPES = {0: ("F32", 1, 4, torch.float32), 1: ("F16", 1, 2, torch.float16), 30: ("BF16", 1, 2, torch.bfloat16)}
 QUANT_TYPES = {
     2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
