@@ -124,7 +124,7 @@ def build_model(config: TransformerConfig, device: torch.device, weights: torch.
                 t, scale = quantize_scaled(t, dtype)
                 module._parameters["scale_weight"] = torch.nn.Parameter(scale.to(device), requires_grad=False)
             if gguf_type and dtype == torch.uint8:  # a block's matmul weight
-                name = gguf.K_FALLBACK if gguf_type.endswith("_K") and t.shape[-1] % 256 else gguf_type
+                name = gguf.written_type(gguf_type, t.shape[-1])
                 module.gguf_type = gguf.QUANT_IDS[name]
                 t = gguf.quantize(t, name)
             module._parameters[pname] = torch.nn.Parameter(t.to(dtype), requires_grad=False)

@@ -138,7 +138,7 @@ def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.d
     if gguf_type:
         for module in model.block_chunks.modules():
             if isinstance(module, gguf.GGUFLinear):
-                name = gguf.K_FALLBACK if gguf_type.endswith("_K") and module.in_features % 256 else gguf_type
+                name = gguf.written_type(gguf_type, module.in_features)
                 module.gguf_type = gguf.QUANT_IDS[name]
                 nbytes = gguf.stored_bytes(tuple(module.weight.shape), module.gguf_type)
                 module.weight = torch.nn.Parameter(torch.empty(module.out_features, nbytes // module.out_features,

@@ -116,22 +116,20 @@ def _gguf_header(file: Path, meta: dict) -> dict[str, TensorEntry]:
 def _read_safetensor(entry: TensorEntry, handle, scratch: torch.Tensor) -> torch.Tensor:
     """Read one tensor's bytes into ``scratch`` (uint8) and return a view of it in the stored dtype/shape
     (a quantized GGUF tensor: uint8, one row of bytes per output row)."""
-    numel = math.prod(entry.shape)
-    nbytes = numel * torch.empty((), dtype=entry.dtype).element_size()
-    if entry.dtype == torch.uint8 and entry.gguf_type >= 0:
-        nbytes = entry.end - entry.start  # checked against the type's block size when the header was read
-        raw = scratch[:nbytes]
-        handle.seek(entry.start)
-        if handle.readinto(memoryview(raw.numpy())) != nbytes:
-            raise ValueError(f"{entry.file}: truncated while reading {entry.shape}")
-        return raw.view(entry.shape[0] if entry.shape else 1, -1)
-    if (entry.end - entry.start) != nbytes:
-        raise ValueError(f"{entry.file}: byte range does not match shape {entry.shape} {entry.dtype}")
+    quantized = entry.dtype == torch.uint8 and entry.gguf_type >= 0
+    if quantized:  # checked against the type's block size when the header was read
+        nbytes = entry.end - entry.start
+    else:
+        nbytes = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+        if (entry.end - entry.start) != nbytes:
+            raise ValueError(f"{entry.file}: byte range does not match shape {entry.shape} {entry.dtype}")
     raw = scratch[:nbytes]
     handle.seek(entry.start)
     got = handle.readinto(memoryview(raw.numpy())) if nbytes else 0
     if got != nbytes:
         raise ValueError(f"{entry.file}: truncated while reading (got {got} of {nbytes} bytes)")
+    if quantized:
+        return raw.view(entry.shape[0] if entry.shape else 1, -1)
     return raw.view(entry.dtype).view(entry.shape)
 
 
@@ -452,10 +450,8 @@ def inspect_transformer(path: str | Path) -> CheckpointInfo:
         raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like "
                          f"{describe_keys(shapes, path, reader.metadata())}. {DOWNLOAD_HINT}")
     block = next(k for k in shapes if k.startswith("block_chunks.") and k.endswith("q_proj.weight"))
-    quant = "+".join(dict.fromkeys(gguf.type_name(e.gguf_type) for k, e in reader.entries.items()
-                                   if gguf.block_weight(k, e.shape))) if reader.is_gguf else ""
     return CheckpointInfo(detect_variant(path, reader.metadata()), detect_transformer_config(shapes),
-                          reader.entries[block].dtype, reader.path, quant)
+                          reader.entries[block].dtype, reader.path, _gguf_quant(reader))
 
 
 def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",
@@ -499,24 +495,22 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     if dtype == SCALED_FP8:
         target, transform = _scaled_fp8_hooks(model, target)
     _fill_scales(model, device)  # 1.0 wherever the file leaves a scale unset (other dtypes, scale_input)
-    quant = _gguf_types(model, reader) if reader.is_gguf else ""
+    if reader.is_gguf:
+        _mark_gguf_layers(model, reader)
     _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
                  transform=transform)
     model.eval().requires_grad_(False)
-    info = CheckpointInfo(detect_variant(path, reader.metadata()), config, model.block_dtype(), reader.path, quant)
+    info = CheckpointInfo(detect_variant(path, reader.metadata()), config, model.block_dtype(), reader.path,
+                          _gguf_quant(reader))
     logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.storage)
     return model, info
 
 
-def _gguf_types(model: torch.nn.Module, reader: CheckpointReader) -> str:
+def _mark_gguf_layers(model: torch.nn.Module, reader: CheckpointReader) -> None:
     """Mark the layers whose weights a GGUF file holds quantized (``gguf_type``), after checking that only the
-    blocks' matmul weights are and that the layers can dequantize; returns the quantizations found ("Q8_0")."""
-    found = []
+    blocks' matmul weights are and that the layers can dequantize."""
     for key, entry in reader.entries.items():
-        block = gguf.block_weight(key, entry.shape)
-        gguf.check_quantized(key, entry.gguf_type, allowed=block)
-        if block:
-            found.append(gguf.type_name(entry.gguf_type))
+        gguf.check_quantized(key, entry.gguf_type, allowed=gguf.block_weight(key, entry.shape))
         if entry.dtype != torch.uint8:
             continue
         layer = model.get_submodule(key.rpartition(".")[0])
@@ -524,7 +518,14 @@ def _gguf_types(model: torch.nn.Module, reader: CheckpointReader) -> str:
             raise ValueError(f"{reader.path}: GGUF weights need layers that dequantize them (infinitystar.gguf.ops "
                              f"or the pack's ComfyUI ops); {type(layer).__name__} cannot")
         layer.gguf_type = entry.gguf_type
-    return "+".join(dict.fromkeys(found)) or "none"
+
+
+def _gguf_quant(reader: CheckpointReader) -> str:
+    """The GGUF types of the blocks' matmul weights ("Q4_K+Q8_0"); "" for other files."""
+    if not reader.is_gguf:
+        return ""
+    return "+".join(dict.fromkeys(gguf.type_name(e.gguf_type) for k, e in reader.entries.items()
+                                  if gguf.block_weight(k, e.shape))) or "none"
 
 
 def load_tokenizer(path: str | Path, *, ops=torch.nn, dtype: torch.dtype | None = None, device="cpu"):

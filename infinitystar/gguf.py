@@ -39,6 +39,16 @@ WRITABLE = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF1
 K_FALLBACK = "Q8_0"  # K-quants need rows of 256 values; narrower weights (tiny models) get this
 
 
+def written_type(name: str, cols: int) -> str | None:
+    """The type a block weight with rows of ``cols`` values is written in when ``name`` is asked for: ``name``,
+    else :data:`K_FALLBACK` when its blocks do not divide the rows, else None (kept in F32)."""
+    blocks = {n: b for n, b, _ in QUANT_TYPES.values()}
+    for t in (name, K_FALLBACK):
+        if cols % blocks.get(t, 1) == 0:
+            return t
+    return None
+
+
 def type_name(qtype: int) -> str:
     entry = QUANT_TYPES.get(qtype) or FLOAT_TYPES.get(qtype)
     return entry[0] if entry else f"type {qtype}"
@@ -353,7 +363,6 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
     if qtype not in WRITABLE:
         raise ValueError(f"cannot write {qtype}; choose one of {', '.join(WRITABLE)}")
     target = gguf.GGMLQuantizationType[qtype]
-    fallback = gguf.GGMLQuantizationType[K_FALLBACK]
     reader = CheckpointReader(source)
     if not is_transformer_keys(reader.shapes):
         raise ValueError(f"{reader.path} is not an InfinityStar transformer checkpoint; nothing written")
@@ -361,12 +370,8 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
         del reader.entries[key]  # the official files' unused buffers: the loader drops them anyway
     plan = {}  # key -> GGML type written
     for key, entry in reader.entries.items():
-        plan[key] = gguf.GGMLQuantizationType.F32
-        if block_weight(key, entry.shape):
-            for t in (target, fallback):
-                if entry.shape[-1] % gguf.GGML_QUANT_SIZES[t][0] == 0:
-                    plan[key] = t
-                    break
+        name = written_type(qtype, entry.shape[-1]) if block_weight(key, entry.shape) else None
+        plan[key] = gguf.GGMLQuantizationType[name or "F32"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
