@@ -112,6 +112,28 @@ def official_args(mod, pn: str, frames: int, bf16: bool, schedule):
     return args
 
 
+def official_interact_args(mod, pn: str, clip_schedule):
+    """The interact script's settings (tools/infer_interact_480p.py): plain CFG 3, tau 0.5, fp32, the interact
+    schedule and RoPE tables (1000 scale positions); ``clip_schedule`` (ours) gives the repetitions and head split."""
+    args = mod.Args()
+    args.pn = PN_CODES.get(pn, pn)
+    args.video_frames = 161
+    args.model_type = "infinity_qwen8b"
+    args.dynamic_scale_schedule = "infinity_star_interact"
+    args.bf16 = 0
+    args.use_apg, args.use_cfg, args.cfg, args.apg_norm_threshold = 0, 1, 3, 0.05
+    args.tau = 0.5
+    args.image_scale_repetition = json.dumps(list(clip_schedule.video_repetition))
+    args.video_scale_repetition = args.image_scale_repetition
+    args.use_two_stage_lfq = 1
+    args.detail_scale_min_tokens = clip_schedule.detail_scale_min_tokens
+    args.semantic_scales = clip_schedule.semantic_scales
+    args.max_repeat_times = 1000
+    args.context_frames, args.frames_inner_clip, args.context_interval, args.context_from_largest_no = 1000, 20, 2, 1
+    args.videovae = 10
+    return args
+
+
 @contextlib.contextmanager
 def _checkpoint_file(state_dict: dict | None = None):
     """video_vae_model always torch.loads its checkpoint; hand it ``state_dict`` (or nothing) instead."""
@@ -217,6 +239,44 @@ class OfficialRunner:
                 cfg_list=[args.cfg] * len(schedule), tau_list=tau, args=args,
                 get_visual_rope_embeds=mod.get_visual_rope_embeds, context_info=context_info,
                 return_summed_code_only=True, low_vram_mode=False)
+
+
+    def run_interact(self, cond: torch.Tensor, seed: int, context: torch.Tensor, first_frame: torch.Tensor,
+                     h_div_w: float):
+        """One interact clip (``ar_infer_infinity_star_interact``, mode 'second_v_clip') after the context
+        (1, 64, 21, H, W) and the story's first latent frame; the runner must be built with
+        :func:`official_interact_args`. Returns (the last 21 summed latent frames, the latents it decodes); the decode
+        itself is skipped (the tokenizer's parity is tested on its own)."""
+        from infinity.schedules import infinity_star_interact as schedule_mod
+
+        mod, args = self.mod, self.args
+        meta, templates = mod.get_dynamic_resolution_meta(args.dynamic_scale_schedule, args.video_frames)
+        template = templates[abs(templates - h_div_w).argmin()]
+        full = meta[template][args.pn]["pt2scale_schedule"][21]
+        first_full = mod.get_first_full_spatial_size_scale_index(full)
+        args.first_full_spatial_size_scale_index, args.tower_split_index = first_full, first_full + 1
+        clip = full[first_full + 1:]
+        context_info = schedule_mod.get_scale_pack_info(clip, first_full, args)
+        L = cond.shape[0]
+        text = (cond.to(self.device), [L], torch.tensor([0, L], device=self.device, dtype=torch.int32), L)
+        decoded = []
+
+        def capture_decode(vae, summed_codes):
+            decoded.append(summed_codes.clone())
+            return torch.zeros(1, 4 * summed_codes.shape[2], 1, 1, 3, dtype=torch.uint8)
+
+        self.model.summed_codes2images = capture_decode
+        try:
+            with torch.no_grad(), _quiet_tqdm(), contextlib.redirect_stdout(sys.stderr):
+                codes, _ = self.model.ar_infer_infinity_star_interact(
+                    vae=self.vae, scale_schedule=clip, label_B_or_BLT=text, B=1, g_seed=seed,
+                    cfg_list=[args.cfg] * len(clip), tau_list=[args.tau] * len(clip), args=args,
+                    get_visual_rope_embeds=schedule_mod.get_visual_rope_embeds, context_info=context_info,
+                    mode="second_v_clip", former_clip_features=context.to(self.device),
+                    first_frame_features=first_frame.to(self.device), low_vram_mode=False)
+        finally:
+            del self.model.summed_codes2images
+        return codes, decoded[0]
 
 
 def interpolate_mode(args: tuple, kwargs: dict) -> str:

@@ -30,6 +30,7 @@ TOKENS_VERSION = "1"
 TRAINED_DURATIONS = {"720p": (0, 5), "480p": (0, 5, 10)}  # seconds the released models were trained for
 RESOLUTIONS = {"720p": "0.90M", "480p": "0.40M"}
 GENERATOR_CHOICES = ("auto", "cpu", "cuda")
+TOKEN_KINDS = ("generation", "interact")
 OFFLOAD_KV_CHOICES = {"auto": "auto", "on": True, "off": False}  # option word -> sampler's offload_kv
 
 
@@ -47,6 +48,7 @@ class Tokens:
     h_div_w: float
     frames: int  # pixel frames (1 for an image)
     seed: int | None = None
+    kind: str = "generation"  # or "interact": a story's latent chain, no bits (infinitystar.interact)
 
     def schedule(self) -> Schedule:
         return build_schedule(self.pn, self.h_div_w, self.frames)
@@ -65,7 +67,7 @@ class Tokens:
         tensors["summed_codes"] = self.summed_codes.float().contiguous().cpu()
         meta = {"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "pn": self.pn,
                 "h_div_w": repr(float(self.h_div_w)), "frames": str(self.frames),
-                "seed": json.dumps(self.seed)}
+                "seed": json.dumps(self.seed), "kind": self.kind}
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -84,8 +86,11 @@ class Tokens:
             keys = sorted(k for k in f.keys() if k.startswith("bits."))
             bits = [f.get_tensor(k) for k in keys]
             summed = f.get_tensor("summed_codes")
-        tokens = cls(bits, summed, meta["pn"], float(meta["h_div_w"]), int(meta["frames"]), json.loads(meta["seed"]))
+        tokens = cls(bits, summed, meta["pn"], float(meta["h_div_w"]), int(meta["frames"]), json.loads(meta["seed"]),
+                     meta.get("kind", "generation"))
         check_bits(tokens.bits, tokens.schedule(), f"{path}")
+        if tokens.kind not in TOKEN_KINDS:
+            raise ValueError(f"{path}: unknown tokens kind {tokens.kind!r} (this version reads {TOKEN_KINDS})")
         return tokens
 
 
@@ -223,6 +228,9 @@ def resolve_generator_device(choice: str, transformer) -> str:
 
 
 def _check_condition(condition: Tokens, schedule: Schedule) -> None:
+    if condition.kind != "generation":
+        raise ValueError(f"conditioning tokens are an {condition.kind} story; I2V/V2V need the tokens of an encoded "
+                         "image or video (InfinityStar Encode)")
     if condition.pn != schedule.pn or abs(condition.h_div_w - schedule.h_div_w) > 1e-9:
         raise ValueError(f"conditioning tokens are for {condition.pn} h/w {condition.h_div_w}, the generation is "
                          f"{schedule.pn} h/w {schedule.h_div_w}; encode the condition with the same schedule")
@@ -268,6 +276,9 @@ def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
 
     if clips < 1:
         raise ValueError(f"clips must be ≥ 1, got {clips}")
+    if tokens.kind != "generation":
+        raise ValueError(f"these tokens are an {tokens.kind} story (interact model); continue them with InfinityStar "
+                         "Interact (infinitystar.interact.continue_story), not Extend")
     old = tokens.schedule()
     if len(tokens.bits) != old.num_steps:
         raise ValueError(f"tokens hold {len(tokens.bits)} of {old.num_steps} steps; only complete generations "
@@ -290,6 +301,10 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
     """
     from .vae import frames_to_float_images
 
+    if tokens.kind == "interact":
+        from .interact import decode as decode_story
+
+        return decode_story(tokenizer, tokens, memory_budget=memory_budget, tiled=tiled, callback=callback)
     codes = tokens.summed_codes.to(_tokenizer_device(tokenizer))
     raw = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback)
     return frames_to_float_images(raw, smooth_first_frame=tokens.is_video)

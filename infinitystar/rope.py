@@ -41,14 +41,19 @@ def text_rope(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.
 
 
 def visual_rope(scale_pos: int, frame_ss: int, frame_ee: int, h: int, w: int, h_final: int, w_final: int,
-                head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (t*h*w, head_dim/2) fp32, tokens row-major over (t, h, w)."""
+                head_dim: int, base: float = 10000.0, *, frames=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (t*h*w, head_dim/2) fp32, tokens row-major over (t, h, w).
+
+    ``frames`` (a list of frame positions) replaces the range [frame_ss, frame_ee): the interact model's detail
+    condition sits at frames 0, 19, 20.
+    """
     f = inv_freq(head_dim, base)
     F = f.numel()
-    t = frame_ee - frame_ss
+    frame_pos = torch.arange(frame_ss, frame_ee) if frames is None else torch.tensor(list(frames), dtype=torch.int64)
+    t = frame_pos.numel()
     tables = []
     for ang in (_angles(torch.tensor([scale_pos]), f),
-                _angles(torch.arange(frame_ss, frame_ee), f),
+                _angles(frame_pos, f),
                 _angles(normalized_positions(h, h_final), f),
                 _angles(normalized_positions(w, w_final), f)):
         tables.append(torch.stack([ang.cos(), ang.sin()]))  # [2, P, F]

@@ -37,6 +37,21 @@ class TextCondition:
     uncond: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class PrefixCondition:
+    """Codes run through the blocks once, after the text, and attended to by every step (keys in list order,
+    after the text's): the interact model's semantic and detail conditions (:mod:`infinitystar.interact`)."""
+
+    key: str  # K/V cache key; the official names are 'semantic_condition' and 'detail_condition'
+    codes: torch.Tensor  # (1, 64, t, h, w) fp32
+    scale_pos: int  # RoPE scale-axis position, counted like ``ScaleStep.real_sid`` (the text offset comes on top)
+    frames: tuple[int, ...]  # RoPE frame positions of the t frames
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.codes[0, 0].numel())
+
+
 @dataclass
 class SampleResult:
     bits: list[torch.Tensor]  # per step, uint8 (1, t, h, w, d) on CPU
@@ -99,10 +114,12 @@ def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dt
 
 
 def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransformer, schedule: Schedule,
-                       text: TextCondition, dtype: torch.dtype, chunk_tokens: int | None) -> int:
+                       text: TextCondition, dtype: torch.dtype, chunk_tokens: int | None,
+                       extra_tokens: int = 0) -> int:
     """How many layers keep their reference K/V in host memory. ``"auto"``: none off CUDA; on CUDA the
     fewest that let the run fit the device's free memory less ``AUTO_HEADROOM``
-    (:func:`infinitystar.memory.choose_kv_offload`)."""
+    (:func:`infinitystar.memory.choose_kv_offload`). ``extra_tokens``: prefix-condition tokens every step reads
+    (counted like text)."""
     depth = model.config.depth
     if offload_kv != "auto":
         return offloaded_layers(offload_kv, depth)
@@ -113,7 +130,7 @@ def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransfor
 
     available = cuda_available_bytes(device)
     layers = choose_kv_offload(model.config, schedule, available - AUTO_HEADROOM, dtype=dtype,
-                               text_tokens=text.cond.shape[0], chunk_tokens=chunk_tokens,
+                               text_tokens=text.cond.shape[0] + extra_tokens, chunk_tokens=chunk_tokens,
                                weight_dtype=model.block_dtype())
     if layers:
         logger.info("reference K/V of %d of %d layers kept in host memory: the run would not fit the %.1f GB free "
@@ -178,14 +195,19 @@ class _Runner:
     """State of one generation: KV cache, accumulators, schedule bookkeeping."""
 
     def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16,
-                 chunk_tokens=None, compile=False, offload_kv: bool | int | str = False, graphs=None):
+                 chunk_tokens=None, compile=False, offload_kv: bool | int | str = False, graphs=None,
+                 conditions: Sequence[PrefixCondition] = ()):
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
         self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
         self.compile = compile
-        offload = resolve_offload_kv(offload_kv, model, schedule, text, self.dtype, self.chunk_tokens)
+        self.conditions = tuple(conditions)
+        if self.conditions and graphs is not None:
+            raise ValueError("cuda_graphs cannot replay steps with prefix conditions (interact model); leave them off")
+        offload = resolve_offload_kv(offload_kv, model, schedule, text, self.dtype, self.chunk_tokens,
+                                     sum(c.num_tokens for c in self.conditions))
         self.graphs = graphs
         if graphs is not None:
             graphs.begin(model, self.dtype)
@@ -207,6 +229,20 @@ class _Runner:
         rope = text_rope(prefix.shape[1], self.model.config.head_dim, self.model.config.rope_base)
         self.model.forward_blocks(prefix, self.ctx(rope, store_key=TEXT_KEY), self.dtype)
 
+    def condition_steps(self):
+        """Cache each prefix condition's K/V: it attends only to itself, like the text step."""
+        cfg = self.model.config
+        for c in self.conditions:
+            _, _, t, h, w = c.codes.shape
+            if len(c.frames) != t:
+                raise ValueError(f"condition {c.key!r}: {t} frames but {len(c.frames)} frame positions")
+            x = self.model.embed_codes(c.codes.to(self.device), dtype=self.dtype).expand(2, -1, -1)
+            rope = visual_rope(cfg.text_maxlen + c.scale_pos, 0, 0, h, w, self.h_final, self.w_final, cfg.head_dim,
+                               cfg.rope_base, frames=c.frames)
+            handed = [x]
+            del x
+            self.model.forward_blocks(handed, self.ctx(rope, store_key=c.key), self.dtype)
+
     def accumulator(self, clip: int) -> torch.Tensor:
         while len(self.accumulators) <= clip:
             t, H, W = self.schedule.clip_size(len(self.accumulators))
@@ -227,7 +263,7 @@ class _Runner:
         store = step.si if step.is_last_rep and step.si in self.last_use else None
         handed = [x]  # forward_blocks takes the only reference: the embedding is freed after the first block
         del x
-        ctx = self.ctx(rope, store, (*step.ref_sids, TEXT_KEY))
+        ctx = self.ctx(rope, store, (*step.ref_sids, TEXT_KEY, *(c.key for c in self.conditions)))
         if self.graphs is not None:
             return self.graphs.forward(self.model, handed, ctx, self.dtype)
         return self.model.forward_blocks(handed, ctx, self.dtype)
@@ -265,7 +301,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
            compute_dtype: torch.dtype | None = None, attn_backend: str = "sdpa",
            round_qkv_bf16: bool = True, chunk_tokens: int | str | None = "auto",
            compile: bool = False, offload_kv: bool | int | str = "auto",
-           cuda_graphs: bool | StepGraphs = False) -> SampleResult:
+           cuda_graphs: bool | StepGraphs = False, conditions: Sequence[PrefixCondition] = ()) -> SampleResult:
     """Generate the bits of every step of ``schedule``.
 
     teacher_bits: bits (t, h, w, d) or (1, t, h, w, d) of the first N steps; they replace the drawn
@@ -289,17 +325,20 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
     cuda_graphs: replay the small steps as CUDA graphs (exact; see infinitystar.cuda_graphs). True keeps the
       graphs on the model, so that later generations of the same size and prompt length replay them all
       (``release_step_graphs(model)`` frees them); a StepGraphs object is used as it is.
+    conditions: prefix conditions run once after the text and read by every step (the interact model's, see
+      :mod:`infinitystar.interact`); not with cuda_graphs.
     generator_device: where the bits are drawn; "cuda" with a CUDA model keeps the loop free of
       host-device syncs (the official sampler uses a CUDA generator); "cpu" matches the CPU goldens.
     """
     runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16, chunk_tokens, compile,
-                     offload_kv, resolve_graphs(cuda_graphs, model))
+                     offload_kv, resolve_graphs(cuda_graphs, model), conditions)
     generator = torch.Generator(generator_device).manual_seed(int(seed))
     teacher = list(teacher_bits or [])
     bits_out: list[torch.Tensor] = []
     try:
         with torch.inference_mode():
             runner.text_step()
+            runner.condition_steps()
             start = 0
             if prefix_bits:
                 start = runner.replay_prefix(prefix_bits)

@@ -4,8 +4,6 @@ The helpers are checked on synthetic tensors and against our own sampler; the en
 needs an official checkout and its dependencies (INFINITYSTAR_OFFICIAL_PATH) and is skipped otherwise.
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -238,25 +236,6 @@ def test_trace_points_at_the_first_differing_tensor(single_thread):
     assert text.startswith("step 3, block group 0 ("), text
     lines = trace.compare(nudged, ref)
     assert lines[0].endswith(text) and "| 3 | " in lines[4 + 3] and "equal | equal |" in lines[4 + 3]
-
-
-@pytest.fixture
-def official_path():
-    path = os.environ.get("INFINITYSTAR_OFFICIAL_PATH")
-    if not path:
-        pytest.skip("set INFINITYSTAR_OFFICIAL_PATH to an official InfinityStar checkout to run the parity smoke test")
-    saved_path, saved_modules = list(sys.path), set(sys.modules)
-    try:
-        official = load_benchmark("official")
-        official.import_official(path)
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"official code not importable here: {e}")
-    yield path
-    # the official import registers a flash_attn stand-in and its own packages: drop them again
-    sys.path[:] = saved_path
-    for name in set(sys.modules) - saved_modules:
-        if name.split(".")[0] in ("flash_attn", "infinity"):
-            del sys.modules[name]
 
 
 def test_parity_with_official_tiny_cpu(official_path, single_thread):
