@@ -30,6 +30,7 @@ INDEX_FILE = "model.safetensors.index.json"
 CFG_UNCOND_ROWS = 512
 LEGACY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+VARIANTS = ("720p", "480p", "interact")
 DOWNLOAD_HINT = "Get the official files with `python -m infinitystar download --variant 720p --dest DIR`."
 
 _ST_DTYPES = {
@@ -41,7 +42,7 @@ _ST_DTYPES = {
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    variant: str  # "720p", "480p" or "unknown" (the two released models have identical shapes)
+    variant: str  # "720p", "480p", "interact" or "unknown" (the released models have identical shapes)
     config: object  # TransformerConfig detected from the tensor shapes
     dtype: torch.dtype  # storage dtype of the blocks after loading (uint8: GGUF-quantized)
     path: Path
@@ -285,12 +286,13 @@ def is_tokenizer_keys(keys) -> bool:
 
 
 def detect_variant(path: str | Path, metadata: Mapping | None = None) -> str:
-    """'720p' / '480p' from the file or folder name or index metadata; the two models' shapes are identical."""
+    """'720p' / '480p' / 'interact' from the file or folder name or index metadata; the released models' shapes
+    are identical."""
     meta_variant = str((metadata or {}).get("variant", ""))
-    if meta_variant in ("720p", "480p"):
+    if meta_variant in VARIANTS:
         return meta_variant
     for part in reversed(Path(path).resolve().parts[-3:]):
-        found = re.findall(r"(720p|480p)", part.lower())
+        found = re.findall(r"(720p|480p|interact)", part.lower())
         if found:
             return found[-1]
     return "unknown"

@@ -36,7 +36,7 @@ def _ensure_tiny(seed: int = 0) -> Path:
 
     root = _tiny_root(seed)
     done = root / ".complete"
-    if not done.is_file():
+    if not done.is_file() or not all((root / name).is_dir() for name in TRANSFORMER_DIRS.values()):
         print(f"writing the tiny random-weight model set to {root} …", file=sys.stderr)
         write_tiny_models(root, seed=seed)
         done.write_text("ok\n")

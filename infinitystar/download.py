@@ -3,7 +3,7 @@
 Only the chosen variant's files are fetched (≈35 GB transformer + 0.7 GB tokenizer + the flan-t5-xl folder),
 resumably, into a folder laid out like the hub repository:
 
-    DEST/infinitystar_8b_720p_weights/   DEST/infinitystar_8b_480p_weights/
+    DEST/infinitystar_8b_720p_weights/   DEST/infinitystar_8b_480p_weights/   DEST/InfinityStarInteract_24K_iters/
     DEST/infinitystar_videovae.pth       DEST/text_encoder/flan-t5-xl-official/
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 REPO_ID = "FoundationVision/InfinityStar"
-TRANSFORMER_DIRS = {"720p": "infinitystar_8b_720p_weights", "480p": "infinitystar_8b_480p_weights"}
+# "interact": the InfinityStar-Interact weights, under the folder name the official interact script loads
+TRANSFORMER_DIRS = {"720p": "infinitystar_8b_720p_weights", "480p": "infinitystar_8b_480p_weights",
+                    "interact": "InfinityStarInteract_24K_iters"}
 VAE_FILE = "infinitystar_videovae.pth"
 TEXT_ENCODER_DIR = "text_encoder/flan-t5-xl-official"
 COMPONENTS = ("transformer", "vae", "text_encoder")

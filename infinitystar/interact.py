@@ -84,6 +84,13 @@ def conditions(context: torch.Tensor, first_frame: torch.Tensor, schedule: Sched
             PrefixCondition(DETAIL_KEY, detail, DETAIL_POS, (0, *(f + 1 for f in DETAIL_FRAMES)))]
 
 
+def condition_tokens(schedule: Schedule) -> int:
+    """Tokens of the two prefix conditions (every step reads their K/V, like the text's)."""
+    _, h, w = schedule.scales[SEMANTIC_SCALE]
+    _, H, W = schedule.scales[-1]
+    return FRAMES_PER_CLIP * h * w + (1 + len(DETAIL_FRAMES)) * H * W
+
+
 def sample_clip(model, text: TextCondition, context: torch.Tensor, first_frame: torch.Tensor, schedule: Schedule,
                 *, seed: int, guidance: GuidanceConfig = GUIDANCE, tau: float = TAU, **sample_kwargs) -> SampleResult:
     """Sample one clip (its accumulator is ``result.summed_codes``, (1, 64, 20, H, W)); ``sample_kwargs`` go to

@@ -293,6 +293,17 @@ def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
 
 # ---------------------------------------------------------------------------------------------- decode
 
+def decode_shape(tokens: Tokens) -> tuple[int, ...]:
+    """Shape of the largest latent block one decode call sees (a story decodes window by window)."""
+    shape = tuple(tokens.summed_codes.shape)
+    if tokens.kind == "interact":
+        from .interact import decode_windows
+
+        longest = max(b - a for a, b in decode_windows(shape[2]))
+        return (*shape[:2], longest, *shape[3:])
+    return shape
+
+
 def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled: bool = False,
            callback: Callable | None = None) -> torch.Tensor:
     """Tokens -> float frames (T, H, W, 3) in [0, 1] on CPU, with the official frame-0 := frame-1 for videos.

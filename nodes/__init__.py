@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import paths
 from .conditioning import InfinityStarTextEncode
+from .interact import InfinityStarInteract, InfinityStarInteractStart
 from .loaders import (
     InfinityStarDownloadModels,
     InfinityStarModelLoader,
@@ -15,7 +16,7 @@ from .video import InfinityStarDecode, InfinityStarEncode, InfinityStarExtend
 
 NODES = [InfinityStarModelLoader, InfinityStarTextEncoderLoader, InfinityStarVAELoader, InfinityStarDownloadModels,
          InfinityStarTextEncode, InfinityStarSampler, InfinityStarDecode, InfinityStarEncode, InfinityStarExtend,
-         InfinityStarSaveTokens, InfinityStarLoadTokens]
+         InfinityStarSaveTokens, InfinityStarLoadTokens, InfinityStarInteractStart, InfinityStarInteract]
 
 
 class InfinityStarExtension(ComfyExtension):

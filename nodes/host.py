@@ -151,28 +151,30 @@ def make_patcher(module: torch.nn.Module, kind: str):
     return patcher
 
 
-def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype) -> tuple[int, int]:
+def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype, extra_tokens: int = 0) -> tuple[int, int]:
     """(bytes to ask ComfyUI for, layers whose reference K/V is kept in host memory) for one generation
-    (CFG batch 2).
+    (CFG batch 2). ``extra_tokens``: prefix-condition tokens every step reads (interact), counted like text.
 
     Reference K/V goes to host memory only when weights + activations + K/V would not fit the device even
     with every other model evicted, and then only for the fewest layers that make it fit: one copy of a
     layer's clip-1 reference per clip-2 step costs less than streaming the blocks through partial loading
     on every step. What is left over still goes to ComfyUI's partial loading.
     """
-    from ..infinitystar.memory import choose_kv_offload, estimate_sampling_memory
+    from ..infinitystar.memory import TEXT_TOKENS, choose_kv_offload, estimate_sampling_memory
 
+    text_tokens = TEXT_TOKENS + int(extra_tokens)
     device = torch.device(patcher.load_device)
     weights = _block_dtype(patcher)
     layers = 0
     if device.type not in ("cpu", "mps"):  # host memory is the device's memory there
         room = mm.get_total_memory(device) - mm.minimum_inference_memory() - patcher.model_size()
-        layers = choose_kv_offload(config, schedule, room, dtype=compute_dtype, weight_dtype=weights)
+        layers = choose_kv_offload(config, schedule, room, dtype=compute_dtype, weight_dtype=weights,
+                                   text_tokens=text_tokens)
         if layers:
             logger.info("InfinityStar: the reference K/V of %d of %d layers is kept in host memory to fit this "
                         "%d-clip run on %s", layers, config.depth, schedule.num_clips, device)
     need = estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype, offload_kv=layers,
-                                    weight_dtype=weights)
+                                    weight_dtype=weights, text_tokens=text_tokens)
     return int(need), layers
 
 

@@ -47,7 +47,8 @@ class InfinityStarModelLoader(io.ComfyNode):
         return io.Schema(
             node_id="InfinityStarModelLoader", display_name="InfinityStar Model Loader",
             category="InfinityStar/loaders",
-            description="Loads the InfinityStar 8B autoregressive transformer (720p or 480p weights: a sharded "
+            description="Loads the InfinityStar 8B autoregressive transformer (720p, 480p or interact weights: a "
+                        "sharded "
                         "folder or one merged file) from models/infinitystar or models/diffusion_models. "
                         "ComfyUI's memory manager places it; it streams layers when VRAM is short.",
             inputs=[
@@ -55,7 +56,9 @@ class InfinityStarModelLoader(io.ComfyNode):
                                tooltip="Sharded folder (infinitystar_8b_720p_weights/ with its index json), "
                                        "a merged .safetensors, or a .gguf (python -m infinitystar convert-gguf; "
                                        "Q8_0 ~9 GB, Q4_0 ~5 GB). 720p weights make 5 s clips; 480p weights also "
-                                       "make 10 s. Missing? Use the InfinityStar Download Models node."),
+                                       "make 10 s; interact weights (InfinityStarInteract_24K_iters) feed "
+                                       "InfinityStar Interact. Missing? Use the InfinityStar Download Models "
+                                       "node."),
                 io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the blocks. default keeps the file's (bf16, ~17 GB; "
                                        "a .gguf stays as quantized: only default applies); "
@@ -197,9 +200,11 @@ class InfinityStarDownloadModels(io.ComfyNode):
                         "into models/infinitystar (resumable; files already there are kept). Queue it once, "
                         "then refresh the loaders' lists (press R).",
             inputs=[
-                io.Combo.Input("variant", options=["720p", "480p"], default="720p",
+                io.Combo.Input("variant", options=["720p", "480p", "interact"], default="720p",
                                tooltip="720p: 5 s clips at 1280x720 (~35 GB fp32 shards). 480p: 5 or 10 s at "
-                                       "832x480. The tokenizer and text encoder are shared."),
+                                       "832x480. interact: InfinityStar-Interact (480p, one 5 s clip per prompt; "
+                                       "folder InfinityStarInteract_24K_iters). The tokenizer and text encoder "
+                                       "are shared."),
                 io.Combo.Input("components", options=["all", "transformer", "vae", "text_encoder"], default="all",
                                tooltip="What to fetch. all = transformer + video tokenizer + flan-t5-xl "
                                        "(~45 GB in total)."),

@@ -10,7 +10,7 @@ from . import types as T
 
 RESOLUTIONS = ("auto", "720p", "480p", "0.25M", "0.06M")
 DURATIONS = {"image": 0, "5 s": 5, "10 s": 10}
-VARIANT_RESOLUTION = {"720p": "720p", "480p": "480p"}
+VARIANT_RESOLUTION = {"720p": "720p", "480p": "480p", "interact": "480p"}
 SMALL_MODEL_RESOLUTION = "0.06M"  # auto for weights that are neither released variant (e.g. the tiny test set)
 
 
@@ -64,12 +64,15 @@ def pick_resolution(resolution: str, info) -> str:
     return SMALL_MODEL_RESOLUTION
 
 
-def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None, vae: T.LoadedVAE | None = None):
+def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None, vae: T.LoadedVAE | None = None,
+                    extra_tokens: int = 0):
     """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, run_kwargs)``, where
     ``run_kwargs`` are the sampler arguments the loader and the memory plan decide (progress callback, compute
-    dtype, attention, compile, K/V offload); previews show colours when the tokenizer ``vae`` is given."""
+    dtype, attention, compile, K/V offload); previews show colours when the tokenizer ``vae`` is given.
+    ``extra_tokens``: prefix-condition tokens (interact) the memory plan counts like text."""
     projection = host.preview_projection(vae)
-    memory, offload_kv = host.sampling_plan(model.patcher, model.info.config, schedule, model.compute_dtype)
+    memory, offload_kv = host.sampling_plan(model.patcher, model.info.config, schedule, model.compute_dtype,
+                                            extra_tokens)
     progress = host.StepProgress(schedule.num_steps, node_id=node_id, projection=projection)
     run_kwargs = dict(callback=progress, compute_dtype=model.compute_dtype, attn_backend=model.attention,
                       compile=model.compile, offload_kv=offload_kv)

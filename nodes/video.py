@@ -42,7 +42,7 @@ class InfinityStarDecode(io.ComfyNode):
         from ..infinitystar.vae import estimate_decode_memory
 
         tokenizer = vae.module
-        need = estimate_decode_memory(tokenizer.config, tuple(tokens.summed_codes.shape), None,
+        need = estimate_decode_memory(tokenizer.config, pipeline.decode_shape(tokens), None,
                                       tokenizer.compute_dtype or torch.float32)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             budget = int(host.free_memory_for(vae.patcher) * DECODE_BUDGET_SHARE)

@@ -584,3 +584,45 @@ def test_gguf_weights_load_and_sample_through_comfy(pack, loaded, core, gguf_fil
     with pytest.raises(ValueError, match="already quantized: set weight_dtype to default"):
         run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="fp8_e4m3fn",
             compute_dtype="auto", attention="auto")
+
+
+# ---------------------------------------------------------------------------------------------- interact
+
+def test_interact_nodes_make_a_story_and_decode_it(pack, loaded, core, comfy_dirs):
+    """Start (reference video) -> Interact x2 with two prompts -> Decode, on the tiny interact weights (found by
+    their official folder name); equal to the core calls; the T2V weights are refused with what to do."""
+    interact, pipeline = core("interact"), core("pipeline")
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="InfinityStarInteract_24K_iters",
+                weight_dtype="default", compute_dtype="auto", attention="auto")[0]
+    assert model.info.variant == "interact"
+    video = torch.rand(90, 100, 170, 3, generator=torch.Generator().manual_seed(0))
+    story = run(pack.interact.InfinityStarInteractStart, vae=loaded["vae"], images=video, resolution="0.06M",
+                aspect_ratio="from input", seed=1)[0]
+    assert story.kind == "interact" and story.frames == 81
+    other = run(pack.conditioning.InfinityStarTextEncode, text_encoder=loaded["te"], prompt="a blue bird",
+                negative_prompt="", duration_tag="auto")[0]
+    settings = dict(seed=3, guidance_scale=3.0, apg_threshold=0.05, use_plain_cfg=True, tau=0.5)
+    one = run(pack.interact.InfinityStarInteract, model=model, positive=loaded["cond"], tokens=story, **settings)[0]
+    two = run(pack.interact.InfinityStarInteract, model=model, positive=other, tokens=one, vae=loaded["vae"],
+              **settings)[0]
+    assert two.frames == 241 and two.summed_codes.shape[2] == 61
+
+    with pack.host.loaded(model.patcher) as module:
+        expect = interact.continue_story(module, other.select(5), one, seed=3, generator="cpu")
+    assert torch.equal(expect.summed_codes, two.summed_codes)
+
+    images, fps = run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=two, tiled=False)
+    assert images.shape == (241, story.summed_codes.shape[3] * 16, story.summed_codes.shape[4] * 16, 3)
+    with pack.host.loaded(loaded["vae"].patcher) as tokenizer:
+        direct = pipeline.decode(tokenizer, two).float()  # one chunk per window; the node's chunks round apart
+    torch.testing.assert_close(images, direct, atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match="needs the interact weights"):
+        run(pack.interact.InfinityStarInteract, model=loaded["model"], positive=loaded["cond"], tokens=story,
+            **settings)
+    with pytest.raises(ValueError, match="at least 81 frames"):
+        run(pack.interact.InfinityStarInteractStart, vae=loaded["vae"], images=video[:40], resolution="0.06M",
+            aspect_ratio="16:9", seed=1)
+    with pytest.raises(ValueError, match="continue them with InfinityStar Interact"):
+        run(pack.video.InfinityStarExtend, model=loaded["model"], positive=loaded["cond"], tokens=two, clips=1, seed=1,
+            guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)

@@ -1,0 +1,120 @@
+"""InfinityStar-Interact nodes: a long video 5 s at a time, each clip with its own prompt (the interact weights).
+
+Start turns the last 5 s of a reference video into a story; each Interact node adds one clip under its prompt;
+InfinityStar Decode turns the story into frames (window by window, as the official script).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from . import host
+from . import types as T
+from .sampling import generator_input, guidance_config, image_to_uint8, run_transformer
+
+logger = logging.getLogger(__name__)
+
+START_RESOLUTIONS = ("480p", "0.25M", "0.06M")  # the interact weights were trained at 480p; the rest are drafts
+T2V_VARIANTS = ("720p", "480p")
+
+
+class InfinityStarInteractStart(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .sampling import _aspects
+
+        return io.Schema(
+            node_id="InfinityStarInteractStart", display_name="InfinityStar Interact Start",
+            category="InfinityStar/interact",
+            description="Starts an interactive story from a reference video: its last 81 frames (5 s at 16 fps) "
+                        "are encoded by the video tokenizer, unquantized, as the official interact script does. "
+                        "Feed the tokens to InfinityStar Interact. A generated or encoded 5 s video's tokens "
+                        "can start a story too.",
+            inputs=[
+                T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
+                io.Image.Input("images", tooltip="The reference video (IMAGE batch, 16 fps, at least 81 frames); "
+                                                 "its last 81 frames are used, resized to cover and "
+                                                 "center-cropped."),
+                io.Combo.Input("resolution", options=list(START_RESOLUTIONS), default="480p",
+                               tooltip="480p is what the interact weights were trained at; smaller ones are "
+                                       "for drafts."),
+                io.Combo.Input("aspect_ratio", options=["from input", *_aspects()], default="from input",
+                               tooltip="from input = the template nearest to the frames' own aspect."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seeds the tokenizer's posterior sample (the official encode samples)."),
+            ],
+            outputs=[T.Tokens.Output(display_name="tokens")],
+        )
+
+    @classmethod
+    def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
+                seed: int) -> io.NodeOutput:
+        from ..infinitystar import interact
+
+        aspect = None if aspect_ratio == "from input" else aspect_ratio
+        frames = image_to_uint8(images)
+        with host.loaded(vae.patcher, force_full_load=True) as tokenizer:
+            tokens = interact.start(tokenizer, frames, pn=resolution, aspect=aspect, seed=seed,
+                                    callback=host.ChunkProgress())
+        return io.NodeOutput(tokens)
+
+
+class InfinityStarInteract(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityStarInteract", display_name="InfinityStar Interact", category="InfinityStar/interact",
+            description="Adds one 5 s clip (80 frames) to a story under its own prompt, with the InfinityStar-"
+                        "Interact weights. The clip sees the prompt, the previous 5 s (downsized) and the story's "
+                        "first and latest frames. Chain one node per prompt and decode the last tokens for the "
+                        "whole video. Defaults are the official script's: plain CFG 3, tau 0.5.",
+            inputs=[
+                T.Model.Input("model", tooltip="From InfinityStar Model Loader with the interact weights "
+                                               "(InfinityStarInteract_24K_iters)."),
+                T.Conditioning.Input("positive", tooltip="Prompt of the new clip (Text Encode, duration tag "
+                                                         "auto: 5 s)."),
+                T.Tokens.Input("tokens", tooltip="From InfinityStar Interact Start, a previous Interact node, or a "
+                                                 "generated / encoded video of 5 s or more."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the clip's draws. The official script uses the same seed for every "
+                                     "clip."),
+                io.Float.Input("guidance_scale", default=3.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Guidance strength; 3 with plain CFG is the official interact setting."),
+                io.Float.Input("apg_threshold", default=0.05, min=0.0, max=10.0, step=0.005,
+                               tooltip="APG clip of the per-element RMS of (cond - uncond). Only used with APG."),
+                io.Boolean.Input("use_plain_cfg", default=True,
+                                 tooltip="Plain CFG (official for the interact weights). Off = APG, which wants a "
+                                         "much larger scale (the T2V models use 34)."),
+                io.Float.Input("tau", default=0.5, min=0.01, max=5.0, step=0.01,
+                               tooltip="Sampling temperature of every scale; 0.5 is official. Higher = more "
+                                       "varied, noisier."),
+                generator_input(),
+                T.VAE.Input("vae", optional=True, tooltip="Video tokenizer, only for colour previews while "
+                                                          "sampling (else they show layout only)."),
+            ],
+            outputs=[T.Tokens.Output(display_name="tokens")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, seed: int,
+                guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau: float,
+                generator: str = "auto", vae: T.LoadedVAE | None = None) -> io.NodeOutput:
+        from ..infinitystar import interact
+
+        if model.info.variant in T2V_VARIANTS:
+            raise ValueError(f"InfinityStar Interact needs the interact weights (InfinityStarInteract_24K_iters); "
+                             f"the loaded {model.info.variant} weights were not trained with its conditions. Load "
+                             "the interact weights, or continue with InfinityStar Extend instead.")
+        interact.check_story(tokens)
+        schedule = interact.clip_schedule(tokens.pn, tokens.h_div_w)
+        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
+
+        def run(module, run_kwargs):
+            return interact.continue_story(module, positive.select(5), tokens, seed=seed, guidance=guidance,
+                                           tau=tau, generator=generator, **run_kwargs)
+
+        return io.NodeOutput(run_transformer(model, schedule, run, getattr(cls.hidden, "unique_id", None), vae,
+                                             extra_tokens=interact.condition_tokens(schedule)))
