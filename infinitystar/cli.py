@@ -1,4 +1,4 @@
-"""Command line: ``python -m infinitystar generate|extend|download|tiny|demo``.
+"""Command line: ``python -m infinitystar generate|extend|interact|download|convert-gguf|tiny|demo``.
 
 ``demo`` (or ``generate --tiny``) writes the tiny random-weight set to a cache folder and runs the same pipeline
 offline, so the whole path can be checked on any machine; its output is noise by design.
@@ -100,6 +100,10 @@ class Session:
         self.info = None
 
     def text(self, prompt: str, negative: str, duration_s: int | None):
+        return self.texts([prompt], negative, duration_s)[0]
+
+    def texts(self, prompts: list[str], negative: str, duration_s: int | None) -> list:
+        """Encode prompts with one load of the text encoder, freed before the transformer loads."""
         from transformers.utils import logging as hf_logging
 
         from .text import TextEncoder
@@ -109,8 +113,8 @@ class Session:
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         encoder = TextEncoder.from_folder(self.paths["text_encoder"], dtype=dtype, device=self.device)
         try:
-            return encoder.encode(prompt, negative_prompt=negative, duration_s=duration_s,
-                                  decorate=not self.args.no_decorate)
+            return [encoder.encode(prompt, negative_prompt=negative, duration_s=duration_s,
+                                   decorate=not self.args.no_decorate) for prompt in prompts]
         finally:
             del encoder
             if self.device.type == "cuda":
@@ -280,6 +284,46 @@ def _run_extend(args) -> Path:
     return s.write(longer, args.out)
 
 
+def _run_interact(args) -> Path:
+    """InfinityStar-Interact: start from a reference video's last 5 s (or saved tokens), one clip per prompt."""
+    from . import interact as I
+    from .guidance import GuidanceConfig
+
+    if args.resolution is None:
+        args.resolution = "0.06M" if args.tiny else "480p"
+    args.variant = args.variant or "interact"
+    s = Session(args)
+    prompts = args.prompts or [args.prompt]
+    texts = s.texts(prompts, args.negative_prompt, 5)
+    if args.tokens:
+        story = P.Tokens.load(args.tokens)
+    elif args.video:
+        from .video_io import read_video, sample_frames
+
+        frames, fps = read_video(args.video)
+        tail = frames[max(0, len(frames) - int(round(5 * fps)) - 1):]  # the official script reads the last 5 s
+        story = I.start(s.tokenizer(), sample_frames(tail, fps, 1 + P.PIXEL_FRAMES_PER_CLIP, 5), pn=args.resolution,
+                        aspect=args.aspect, seed=args.seed)
+    else:
+        raise ValueError("interact needs --video REF.mp4 (its last 5 s start the story) or --tokens FILE")
+    I.check_story(story)
+    schedule = I.clip_schedule(story.pn, story.h_div_w)
+    transformer = s.transformer(schedule)
+    if s.model_info().variant in ("720p", "480p"):
+        print(f"note: these are the {s.model_info().variant} T2V weights; interact needs the interact weights "
+              "(--variant interact)", file=sys.stderr)
+    guidance = GuidanceConfig(scale=args.cfg, use_apg=args.apg)
+    for i, text in enumerate(texts):
+        bar = _Progress(schedule.num_steps, f"clip {i + 1}/{len(texts)}")
+        try:
+            story = I.continue_story(transformer, text, story, seed=args.seed, guidance=guidance, tau=args.tau,
+                                     generator=args.generator, callback=bar, attn_backend=args.attention,
+                                     offload_kv=P.OFFLOAD_KV_CHOICES[args.offload_kv], compile=args.compile)
+        finally:
+            bar.close()
+    return s.write(story, args.out)
+
+
 def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None = None) -> None:
     p.add_argument("--models", default=os.environ.get("INFINITYSTAR_MODELS", "models"),
                    help="folder laid out like the hub repo (default $INFINITYSTAR_MODELS or ./models)")
@@ -350,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", help="video to encode and extend (whole 5 s clips are used)")
     e.add_argument("--clips", type=int, default=1, help="clips of 5 s to add")
 
+    it = sub.add_parser("interact", help="InfinityStar-Interact: continue a video 5 s per prompt (interact weights)")
+    _add_model_args(it)
+    it.add_argument("--video", help="reference video; its last 5 s start the story")
+    it.add_argument("--tokens", help="a story (or video tokens) saved with --save-tokens, to continue")
+    it.add_argument("--prompts", nargs="+", help="one prompt per new 5 s clip (default: --prompt, one clip)")
+    it.add_argument("--tau", type=float, default=0.5, help="temperature of every scale (official 0.5)")
+    it.add_argument("--apg", action="store_true", help="APG instead of the official plain CFG (raise --cfg)")
+    it.set_defaults(cfg=3.0, aspect=None)
+
     dl = sub.add_parser("download", help=f"fetch one variant from huggingface.co/{REPO_ID}")
     dl.add_argument("--variant", choices=list(TRANSFORMER_DIRS), default="720p")
     dl.add_argument("--dest", default=os.environ.get("INFINITYSTAR_MODELS", "models"))
@@ -378,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             out = _run_generate(args)
         elif args.command == "extend":
             out = _run_extend(args)
+        elif args.command == "interact":
+            out = _run_interact(args)
         elif args.command == "download":
             paths = download_models(args.dest, args.variant, args.components, local_source=args.local_source)
             for name, path in paths.items():

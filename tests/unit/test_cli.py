@@ -228,3 +228,38 @@ def test_attention_backend_option(tiny_models, tmp_path, capsys):
         assert main(args + ["--attention", "sage", "--out", str(tmp_path / "s.png")]) != 0
         err = capsys.readouterr().err
         assert "--attention sage" in err and "sageattention" in err and not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.slow
+def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
+    """interact: the reference video's last 5 s start the story, each prompt adds 80 frames; the saved story is
+    the core's (same start, same clips) and can be continued again from its tokens file."""
+    from infinitystar import interact as I
+    from infinitystar.checkpoint import load_tokenizer, load_transformer
+    from infinitystar.pipeline import Tokens
+    from infinitystar.text import TextEncoder
+    from infinitystar.video_io import read_video
+
+    root = str(tiny_models["root"])
+    story_file = t2v / "story.safetensors"
+    rc = main(["interact", "--models", root, "--resolution", "0.06M", "--video", str(t2v / "t2v.mp4"), "--prompts",
+               "a red fox", "a blue bird", "--seed", "5", "--out", str(t2v / "story.mp4"), "--save-tokens",
+               str(story_file)])
+    assert rc == 0
+    assert _probe(t2v / "story.mp4") == (81 + 2 * 80, 192, 336, 16.0)
+    story = Tokens.load(story_file)
+    assert story.kind == "interact" and story.frames == 241
+
+    frames, _ = read_video(t2v / "t2v.mp4")  # 81 frames at 16 fps: all of them are the last 5 s
+    start = I.start(load_tokenizer(tiny_models["vae"]), frames, pn="0.06M", seed=5)
+    assert torch.equal(story.summed_codes[:, :, :21], start.summed_codes)
+    model, info = load_transformer(tiny_models["transformer_interact"])
+    assert info.variant == "interact"
+    te = TextEncoder.from_folder(tiny_models["text_encoder"], dtype=torch.float32)
+    one = I.continue_story(model, te.encode("a red fox", duration_s=5), start, seed=5)
+    assert torch.equal(story.summed_codes[:, :, :41], one.summed_codes)
+
+    rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompt", "a green frog", "--seed", "6",
+               "--out", str(t2v / "story3.mp4")])
+    assert rc == 0 and _probe(t2v / "story3.mp4")[0] == 321
+    assert main(["interact", "--models", root, "--resolution", "0.06M"]) == 2  # neither --video nor --tokens

@@ -16,6 +16,19 @@ def test_patterns_select_one_variant():
         D.allow_patterns("720p", ["lora"])
 
 
+def test_interact_variant_fetches_the_folder_the_official_script_loads(tiny_models, tmp_path):
+    assert D.allow_patterns("interact", ["transformer"]) == ["InfinityStarInteract_24K_iters/*"]
+    dest = tmp_path / "models"
+    paths = D.download_models(dest, "interact", ["transformer"], local_source=tiny_models["root"], progress=False)
+    assert paths["transformer"] == dest / "InfinityStarInteract_24K_iters"
+    assert (paths["transformer"] / "model.safetensors.index.json").is_file()
+    assert not (dest / "infinitystar_8b_480p_weights").exists()
+    from infinitystar.checkpoint import detect_variant
+
+    assert detect_variant(paths["transformer"]) == "interact"
+    assert detect_variant(dest / "x.gguf", {"variant": "interact"}) == "interact"
+
+
 def test_find_models_says_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m infinitystar download --variant 480p --dest"):
         D.find_models(tmp_path, "480p")
