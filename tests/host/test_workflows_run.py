@@ -59,7 +59,7 @@ def test_workflows_are_listed_as_templates(server):
 def _tiny(prompt: dict) -> dict:
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "InfinityStarEncode" or (
+        if node["class_type"] in ("InfinityStarEncode", "InfinityStarInteractStart") or (
                 node["class_type"] == "InfinityStarSampler" and inputs["resolution"] != "auto"):
             inputs["resolution"] = TINY_RESOLUTION
     return prompt
@@ -96,9 +96,11 @@ def _expected_size(prompt: dict) -> tuple[int, int, int]:
         seconds = {"image": 0, "5 s": 5, "10 s": 10}[sampler["inputs"]["duration"]]
         schedule = resolve_schedule(TINY_RESOLUTION, sampler["inputs"]["aspect_ratio"], seconds)
         return schedule.frames, schedule.height, schedule.width
-    extend = next(n for n in prompt.values() if n["class_type"] == "InfinityStarExtend")
     schedule = resolve_schedule(TINY_RESOLUTION, 96 / 160, 5)  # the test clip: 81 frames, h/w 0.6
-    return schedule.frames + 80 * extend["inputs"]["clips"], schedule.height, schedule.width
+    clips = [n for n in prompt.values() if n["class_type"] == "InfinityStarInteract"]  # one clip each
+    if not clips:
+        clips = [None] * next(n for n in prompt.values() if n["class_type"] == "InfinityStarExtend")["inputs"]["clips"]
+    return schedule.frames + 80 * len(clips), schedule.height, schedule.width
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

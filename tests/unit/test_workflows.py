@@ -27,7 +27,8 @@ from workflow_graph import (
 
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_FILES = {("InfinityStarModelLoader", "model_name"): {"infinitystar_8b_720p_weights",
-                                                              "infinitystar_8b_480p_weights"},
+                                                              "infinitystar_8b_480p_weights",
+                                                              "InfinityStarInteract_24K_iters"},
                   ("InfinityStarTextEncoderLoader", "encoder_name"): {"text_encoder/flan-t5-xl-official"},
                   ("InfinityStarVAELoader", "vae_name"): {"infinitystar_videovae.pth"}}
 
@@ -176,13 +177,21 @@ def test_the_promised_workflows_exist(info):
             ext = _find(wf, "InfinityStarExtend")[0]
             assert wf[ext["inputs"]["tokens"][0]]["class_type"] in ("InfinityStarEncode", "InfinityStarSampler")
             kinds.add(("extend",))
+        if "InfinityStarInteract" in classes:
+            loader = _find(wf, "InfinityStarModelLoader")[0]["inputs"]["model_name"]
+            chain = _find(wf, "InfinityStarInteract")
+            texts = {wf[n["inputs"]["positive"][0]]["inputs"]["prompt"] for n in chain}
+            sources = sorted(wf[n["inputs"]["tokens"][0]]["class_type"] for n in chain)
+            assert "Interact" in loader and len(texts) == len(chain) >= 2  # a prompt per clip
+            assert sources == ["InfinityStarInteract"] * (len(chain) - 1) + ["InfinityStarInteractStart"]
+            kinds.add(("interact",))
         if any(c in classes for c in ("SaveVideo", "SaveImage")):
             save = next(n for n in wf.values() if n["class_type"] in ("SaveVideo", "SaveImage"))
             assert save["inputs"]["filename_prefix"]
     assert ("t2v", "5 s", "infinitystar_8b_720p_weights") in kinds
     assert ("t2v", "10 s", "infinitystar_8b_480p_weights") in kinds
     assert ("i2v", "5 s", "infinitystar_8b_720p_weights") in kinds
-    assert {("t2i",), ("extend",), ("upscale",)} <= kinds
+    assert {("t2i",), ("extend",), ("upscale",), ("interact",)} <= kinds
 
 
 def test_upscaled_frames_reach_the_video(info):

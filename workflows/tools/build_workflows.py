@@ -32,6 +32,7 @@ FRONTEND_VERSION = "1.27.10"
 
 MODEL_720P = "infinitystar_8b_720p_weights"
 MODEL_480P = "infinitystar_8b_480p_weights"
+MODEL_INTERACT = "InfinityStarInteract_24K_iters"
 VAE = "infinitystar_videovae.pth"
 TEXT_ENCODER = "text_encoder/flan-t5-xl-official"
 
@@ -43,6 +44,7 @@ Put the official files from [FoundationVision/InfinityStar](https://huggingface.
 models/infinitystar/
   {MODEL_720P}/   6 shards + model.safetensors.index.json (720p, 5 s)
   {MODEL_480P}/   6 shards + index (480p, 5 s or 10 s)
+  {MODEL_INTERACT}/   interact weights (only for InfinityStar Interact)
   {VAE}
   {TEXT_ENCODER}/   config, weights, spiece.model
 ```
@@ -60,11 +62,16 @@ PROMPT_I2V = ("The scene comes to life: leaves sway gently in the breeze, light 
 PROMPT_IMAGE = ("A cozy reading nook by a rainy window, a cat asleep on a knitted blanket, warm lamp light, "
                 "steam rising from a cup of tea, detailed photograph")
 PROMPT_EXTEND = "The camera keeps moving forward as the scene continues naturally, same style and lighting"
+PROMPT_STORY = ("A small sailboat glides out of the harbour at dawn, gulls circling above the mast, the calm water "
+                "reflecting a pink sky",
+                "The sailboat reaches the open sea as the wind picks up, waves slapping the hull, sunlight breaking "
+                "through the clouds")
 
 SIZES = {
     "InfinityStarModelLoader": [340, 154], "InfinityStarTextEncoderLoader": [340, 82],
     "InfinityStarVAELoader": [340, 82], "InfinityStarTextEncode": [420, 260], "InfinityStarSampler": [340, 358],
     "InfinityStarDecode": [250, 78], "InfinityStarEncode": [300, 150], "InfinityStarExtend": [320, 254],
+    "InfinityStarInteractStart": [300, 150], "InfinityStarInteract": [320, 280],
     "CreateVideo": [220, 78], "SaveVideo": [420, 420], "SaveImage": [420, 420], "LoadImage": [300, 330],
     "LoadVideo": [300, 340], "GetVideoComponents": [220, 66], "ImageScaleBy": [280, 82],
     "UpscaleModelLoader": [300, 58], "ImageUpscaleWithModel": [240, 46], "MarkdownNote": [420, 420],
@@ -274,6 +281,34 @@ def extend(info: dict) -> dict:
     return wf.to_json()
 
 
+def interact(info: dict) -> dict:
+    wf = Workflow(info, "interact-480p")
+    model, text_encoder, vae = _loaders(wf, MODEL_INTERACT)
+    video = wf.node("LoadVideo", (440, 320), file="infinitystar_clip.mp4")
+    parts = wf.node("GetVideoComponents", (770, 420))
+    wf.link(video, 0, parts, "video")
+    start = wf.node("InfinityStarInteractStart", (1020, 420), resolution="480p", aspect_ratio="from input", seed=0)
+    wf.link(vae, 0, start, "vae")
+    wf.link(parts, 0, start, "images")
+    tokens = start
+    for i, (text, pos, prompt_pos) in enumerate(zip(PROMPT_STORY, ((860, 0), (1360, 0)), ((400, 0), (1360, 330)))):
+        cond = _prompt(wf, text_encoder, text, pos=prompt_pos)
+        clip = wf.node("InfinityStarInteract", pos, seed=41)
+        wf.link(model, 0, clip, "model")
+        wf.link(cond, 0, clip, "positive")
+        wf.link(tokens, 0, clip, "tokens")
+        wf.link(vae, 0, clip, "vae")  # colour previews
+        tokens = clip
+    _save_video(wf, vae, tokens, "video/infinitystar_interact", x=1720)
+    _note(wf, (
+        "InfinityStar-Interact, 480p: a video continued 5 s at a time, each clip under its own prompt, with the "
+        "interact weights (InfinityStarInteract_24K_iters). *Interact Start* encodes the last 5 s (81 frames, "
+        "16 fps) of the loaded clip; each *InfinityStar Interact* node adds 80 frames under its prompt (copy one "
+        "with its Text Encode for every further prompt). Decode gives the whole story. Defaults are the official "
+        "script's: plain CFG 3, tau 0.5, the same seed for every clip."))
+    return wf.to_json()
+
+
 def upscale(info: dict) -> dict:
     wf = Workflow(info, "t2v-480p-upscale")
     model, text_encoder, vae = _loaders(wf, MODEL_480P)
@@ -304,6 +339,7 @@ WORKFLOWS = {
     "infinitystar_i2v_720p": i2v,
     "infinitystar_t2i": t2i,
     "infinitystar_extend_video_480p": extend,
+    "infinitystar_interact_480p": interact,
     "infinitystar_t2v_480p_upscale": upscale,
 }
 
