@@ -27,7 +27,8 @@ class InfinityStarDecode(io.ComfyNode):
                         "ImageScale, or any image node.",
             inputs=[
                 T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
-                T.Tokens.Input("tokens", tooltip="From the sampler, InfinityStar Extend/Encode or Load Tokens."),
+                T.Tokens.Input("tokens", tooltip="From the sampler, InfinityStar Extend/Encode/Interact or Load "
+                                                 "Tokens. A story (Interact) is decoded clip by clip."),
                 io.Boolean.Input("tiled", default=False,
                                  tooltip="Also split each frame into overlapping spatial tiles (blended). Use "
                                          "only if a normal decode runs out of memory: seams are possible."),

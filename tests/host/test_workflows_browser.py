@@ -241,12 +241,28 @@ def test_template_browser_lists_and_opens_the_workflows(frontend, server):
     mark = len(frontend.events)
     frontend.command("Comfy.BrowseTemplates")
     page.get_by_text(PACK_FOLDER, exact=True).first.click()
-    cards_shown = """names => names.filter(name => {
-        const card = document.querySelector(`[data-testid="template-workflow-${name}"]`);
-        return !card || ![...card.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0);
-    })"""
-    deadline = time.time() + 15
-    while (pending := page.evaluate(cards_shown, names)) and time.time() < deadline:
+    # the card grid is virtual and loads images lazily: scroll the cards still waiting (or, when none of them is
+    # rendered, the last rendered card) into view, and remember every card seen with its image decoded
+    cards_loaded = """names => {
+        const loaded = [], waiting = [];
+        const card = name => document.querySelector(`[data-testid="template-workflow-${name}"]`);
+        for (const name of names) {
+            const c = card(name);
+            const ok = c && [...c.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0);
+            (ok ? loaded : waiting).push(name);
+        }
+        const shown = waiting.map(card).filter(Boolean);
+        if (shown.length) shown[0].scrollIntoView({block: "center"});
+        else if (waiting.length) {
+            const all = document.querySelectorAll('[data-testid^="template-workflow-"]');
+            if (all.length) all[all.length - 1].scrollIntoView({block: "start"});
+        }
+        return loaded;
+    }"""
+    seen: set[str] = set()
+    deadline = time.time() + 20
+    while (pending := [n for n in names if n not in seen]) and time.time() < deadline:
+        seen.update(page.evaluate(cards_loaded, pending))
         page.wait_for_timeout(200)
     assert not pending, f"no card or no decoded thumbnail for {pending}"
     failed = [text for kind, text in frontend.events[mark:] if kind == "http" and PACK_FOLDER in text]

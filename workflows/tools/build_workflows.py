@@ -291,7 +291,7 @@ def interact(info: dict) -> dict:
     wf.link(vae, 0, start, "vae")
     wf.link(parts, 0, start, "images")
     tokens = start
-    for i, (text, pos, prompt_pos) in enumerate(zip(PROMPT_STORY, ((860, 0), (1360, 0)), ((400, 0), (1360, 330)))):
+    for text, pos, prompt_pos in zip(PROMPT_STORY, ((860, 0), (1360, 0)), ((400, 0), (1360, 330))):
         cond = _prompt(wf, text_encoder, text, pos=prompt_pos)
         clip = wf.node("InfinityStarInteract", pos, seed=41)
         wf.link(model, 0, clip, "model")
