@@ -102,7 +102,7 @@ class Session:
     def text(self, prompt: str, negative: str, duration_s: int | None):
         return self.texts([prompt], negative, duration_s)[0]
 
-    def texts(self, prompts: list[str], negative: str, duration_s: int | None) -> list:
+    def texts(self, prompts: list[str], negative: str, duration_s: int | None, closing: bool = True) -> list:
         """Encode prompts with one load of the text encoder, freed before the transformer loads."""
         from transformers.utils import logging as hf_logging
 
@@ -114,7 +114,7 @@ class Session:
         encoder = TextEncoder.from_folder(self.paths["text_encoder"], dtype=dtype, device=self.device)
         try:
             return [encoder.encode(prompt, negative_prompt=negative, duration_s=duration_s,
-                                   decorate=not self.args.no_decorate) for prompt in prompts]
+                                   decorate=not self.args.no_decorate, closing=closing) for prompt in prompts]
         finally:
             del encoder
             if self.device.type == "cuda":
@@ -294,7 +294,7 @@ def _run_interact(args) -> Path:
     args.variant = args.variant or "interact"
     s = Session(args)
     prompts = args.prompts or [args.prompt]
-    texts = s.texts(prompts, args.negative_prompt, 5)
+    texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration
     if args.tokens:
         story = P.Tokens.load(args.tokens)
     elif args.video:

@@ -19,16 +19,17 @@ TEXT_MAXLEN = 512
 CLOSING_PHRASE = ", Close-up on big objects, emphasize scale and detail"
 
 
-def decorate_prompt(prompt: str, duration_s: int | None, enabled: bool = True) -> str:
+def decorate_prompt(prompt: str, duration_s: int | None, enabled: bool = True, closing: bool = True) -> str:
     """Apply the official decoration: ``<<<t={d}s>>>`` + prompt + closing phrase.
 
     Images (``duration_s`` 0 or None) get the closing phrase only: there is no official T2I script,
     and the golden T2I case was made this way. Without the duration tag videos degrade badly
-    (upstream issue #29), so ``enabled=False`` is for experiments only.
+    (upstream issue #29), so ``enabled=False`` is for experiments only. ``closing=False`` is the interact
+    script's decoration: the tag and the stripped prompt, no closing phrase.
     """
     if not enabled:
         return prompt
-    text = f"{prompt}{CLOSING_PHRASE}"
+    text = f"{prompt}{CLOSING_PHRASE}" if closing else prompt.strip()
     if duration_s:
         text = f"<<<t={int(duration_s)}s>>>{text}"
     return text
@@ -107,15 +108,17 @@ class TextEncoder:
         return self.encode_tokens(*self.tokenize(text), device=device)
 
     def encode(self, prompt: str, negative_prompt: str = "", duration_s: int | None = 5, decorate: bool = True,
-               device: str | torch.device | None = None):
+               device: str | torch.device | None = None, closing: bool = True):
         """Decorate and encode a prompt; returns ``infinitystar.sampler.TextCondition`` (fp32, on CPU).
 
         ``duration_s`` is the clip length tag (5 or 10; 0/None for an image). An empty negative prompt gives
         ``uncond=None`` (the model's ``cfg_uncond[:L]``); a non-empty one is encoded undecorated.
+        ``closing=False``: no closing phrase (the interact script's prompts).
         """
         from .sampler import TextCondition
 
-        cond = self.encode_text(decorate_prompt(prompt, duration_s, enabled=decorate), device=device)
+        cond = self.encode_text(decorate_prompt(prompt, duration_s, enabled=decorate, closing=closing),
+                                device=device)
         uncond = None
         if negative_prompt:
             uncond = self.encode_text(negative_prompt, device=device)

@@ -6,7 +6,8 @@ from comfy_api.latest import io
 from . import host
 from . import types as T
 
-DURATION_TAGS = {"auto": (0, 5, 10), "5s": (5,), "10s": (10,), "off": (0,)}
+DURATION_TAGS = {"auto": (0, 5, 10), "5s": (5,), "10s": (10,), "off": (0,), "interact": (5,)}
+NO_CLOSING_PHRASE = ("interact",)  # the interact script tags its prompts but adds no closing phrase
 
 
 class InfinityStarTextEncode(io.ComfyNode):
@@ -32,7 +33,8 @@ class InfinityStarTextEncode(io.ComfyNode):
                                tooltip="auto encodes the prompt for image, 5 s and 10 s and lets the sampler "
                                        "take the one matching its duration (3 short T5 passes). Without the "
                                        "tag videos degrade badly (upstream issue #29); 'off' is for "
-                                       "experiments (closing phrase only)."),
+                                       "experiments (closing phrase only). interact = the interact script's "
+                                       "prompts: 5 s tag, no closing phrase (for InfinityStar Interact)."),
             ],
             outputs=[T.Conditioning.Output(display_name="conditioning")],
         )
@@ -46,5 +48,6 @@ class InfinityStarTextEncode(io.ComfyNode):
             for seconds in DURATION_TAGS[duration_tag]:
                 host.check_interrupt()
                 texts[seconds] = text_encoder.encoder.encode(prompt, negative_prompt, duration_s=seconds or None,
-                                                             device=patcher.load_device)
-        return io.NodeOutput(T.Conditioned(texts, prompt, negative_prompt))
+                                                             device=patcher.load_device,
+                                                             closing=duration_tag not in NO_CLOSING_PHRASE)
+        return io.NodeOutput(T.Conditioned(texts, prompt, negative_prompt, duration_tag))

@@ -73,8 +73,8 @@ class InfinityStarInteract(io.ComfyNode):
             inputs=[
                 T.Model.Input("model", tooltip="From InfinityStar Model Loader with the interact weights "
                                                "(InfinityStarInteract_24K_iters)."),
-                T.Conditioning.Input("positive", tooltip="Prompt of the new clip (Text Encode, duration tag "
-                                                         "auto: 5 s)."),
+                T.Conditioning.Input("positive", tooltip="Prompt of the new clip (Text Encode with duration_tag "
+                                                         "interact, as the official interact script)."),
                 T.Tokens.Input("tokens", tooltip="From InfinityStar Interact Start, a previous Interact node, or a "
                                                  "generated / encoded video of 5 s or more."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -109,6 +109,10 @@ class InfinityStarInteract(io.ComfyNode):
                              f"the loaded {model.info.variant} weights were not trained with its conditions. Load "
                              "the interact weights, or continue with InfinityStar Extend instead.")
         interact.check_story(tokens)
+        if positive.duration_tag != "interact":
+            logger.warning("InfinityStar Interact: the prompt was encoded with duration_tag=%s; the official "
+                           "interact script uses the 5 s tag without the closing phrase (duration_tag=interact)",
+                           positive.duration_tag)
         schedule = interact.clip_schedule(tokens.pn, tokens.h_div_w)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
 

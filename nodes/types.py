@@ -66,6 +66,7 @@ class Conditioned:
     texts: dict[int, Any]
     prompt: str
     negative_prompt: str
+    duration_tag: str = "auto"  # the Text Encode choice; "interact" = the interact script's decoration
 
     def select(self, duration_s: int):
         """The condition for a generation of ``duration_s`` seconds (0 = image)."""

@@ -600,7 +600,10 @@ def test_interact_nodes_make_a_story_and_decode_it(pack, loaded, core, comfy_dir
                 aspect_ratio="from input", seed=1)[0]
     assert story.kind == "interact" and story.frames == 81
     other = run(pack.conditioning.InfinityStarTextEncode, text_encoder=loaded["te"], prompt="a blue bird",
-                negative_prompt="", duration_tag="auto")[0]
+                negative_prompt="", duration_tag="interact")[0]
+    official_text = loaded["te"].encoder.encode("a blue bird", duration_s=5, closing=False)
+    assert list(other.texts) == [5] and torch.equal(other.select(5).cond, official_text.cond)
+    assert not torch.equal(other.select(5).cond, loaded["te"].encoder.encode("a blue bird", duration_s=5).cond)
     settings = dict(seed=3, guidance_scale=3.0, apg_threshold=0.05, use_plain_cfg=True, tau=0.5)
     one = run(pack.interact.InfinityStarInteract, model=model, positive=loaded["cond"], tokens=story, **settings)[0]
     two = run(pack.interact.InfinityStarInteract, model=model, positive=other, tokens=one, vae=loaded["vae"],

@@ -77,12 +77,13 @@ def _history(server: Server, prompt_id: str) -> dict:
 def test_pack_registers_its_nodes(server):
     info = server.get("/object_info")
     ours = {k: v for k, v in info.items() if k.startswith("InfinityStar")}
-    assert len(ours) == 11, sorted(ours)
+    assert len(ours) == 13, sorted(ours)
     assert all(v["category"].startswith("InfinityStar/") and v["python_module"].endswith(PACK_FOLDER)
                for v in ours.values())
     spec = info["InfinityStarModelLoader"]["input"]["required"]["model_name"]
     options = spec[1]["options"] if isinstance(spec[1], dict) and "options" in spec[1] else spec[0]
     assert "infinitystar_8b_480p_weights" in options and "infinitystar_videovae.pth" not in options
+    assert "InfinityStarInteract_24K_iters" in options
 
 
 def test_validation_errors_come_back_before_running(server):

@@ -256,7 +256,7 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
     model, info = load_transformer(tiny_models["transformer_interact"])
     assert info.variant == "interact"
     te = TextEncoder.from_folder(tiny_models["text_encoder"], dtype=torch.float32)
-    one = I.continue_story(model, te.encode("a red fox", duration_s=5), start, seed=5)
+    one = I.continue_story(model, te.encode("a red fox", duration_s=5, closing=False), start, seed=5)
     assert torch.equal(story.summed_codes[:, :, :41], one.summed_codes)
 
     rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompt", "a green frog", "--seed", "6",

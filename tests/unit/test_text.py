@@ -16,6 +16,7 @@ def test_decoration_matches_official_scripts():
     assert decorate_prompt("a cat", 0) == "a cat" + CLOSING_PHRASE
     assert decorate_prompt("a cat", None) == "a cat" + CLOSING_PHRASE
     assert decorate_prompt("a cat", 5, enabled=False) == "a cat"
+    assert decorate_prompt(" a cat\n", 5, closing=False) == "<<<t=5s>>>a cat"  # tools/infer_interact_480p.py
 
 
 def test_duration_from_frames():

@@ -175,8 +175,8 @@ def _loaders(wf: Workflow, model_name: str, x: int = 0, y: int = 0):
     return model, text_encoder, vae
 
 
-def _prompt(wf: Workflow, text_encoder: dict, prompt: str, pos=(400, 0)) -> dict:
-    enc = wf.node("InfinityStarTextEncode", pos, prompt=prompt, negative_prompt="", duration_tag="auto")
+def _prompt(wf: Workflow, text_encoder: dict, prompt: str, pos=(400, 0), duration_tag: str = "auto") -> dict:
+    enc = wf.node("InfinityStarTextEncode", pos, prompt=prompt, negative_prompt="", duration_tag=duration_tag)
     wf.link(text_encoder, 0, enc, "text_encoder")
     return enc
 
@@ -292,7 +292,7 @@ def interact(info: dict) -> dict:
     wf.link(parts, 0, start, "images")
     tokens = start
     for text, pos, prompt_pos in zip(PROMPT_STORY, ((860, 0), (1360, 0)), ((400, 0), (1360, 330))):
-        cond = _prompt(wf, text_encoder, text, pos=prompt_pos)
+        cond = _prompt(wf, text_encoder, text, pos=prompt_pos, duration_tag="interact")
         clip = wf.node("InfinityStarInteract", pos, seed=41)
         wf.link(model, 0, clip, "model")
         wf.link(cond, 0, clip, "positive")
