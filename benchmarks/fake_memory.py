@@ -14,6 +14,7 @@ the random draw of the bits, become allocations of the same size (fake tensors h
     python benchmarks/fake_memory.py                       # 720p 5 s, 480p 5 s, 480p 10 s; plan on/off
     python benchmarks/fake_memory.py --cases 480p10 --offload-kv on
     python benchmarks/fake_memory.py --cases 480p10 --offload-kv auto --cap-gb 16   # the layers "auto" picks
+    python benchmarks/fake_memory.py --cases interact480 --offload-kv off             # one InfinityStar-Interact clip
 """
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infinitystar import attention, gguf, kv_cache, sampler, transformer  # noqa: E402
+from infinitystar import attention, gguf, interact, kv_cache, sampler, transformer  # noqa: E402
 from infinitystar.config import TRANSFORMER_PRESETS, TransformerConfig  # noqa: E402
 from infinitystar.memory import choose_kv_offload, estimate_sampling_memory, weight_bytes  # noqa: E402
 from infinitystar.ops import scaled_cast  # noqa: E402
 from infinitystar.schedule import build_schedule  # noqa: E402
 from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 
-CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81)}
+CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81),
+         "interact480": ("480p", None), "interact_mid": ("0.06M", None)}  # None: one interact clip
 WEIGHTS = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "gguf_q8_0": torch.uint8, "gguf_q4_k": torch.uint8}
 GGUF = {"gguf_q8_0": "Q8_0", "gguf_q4_k": "Q4_K"}  # block weights as GGUF bytes, dequantized per call
 TEXT_TOKENS = 512  # the estimate's upper bound of the prompt length
@@ -151,9 +153,20 @@ def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.d
     return fake_tensors(model, mode)
 
 
+def case_schedule(case: str):
+    """(schedule, prefix-condition tokens) of a case: a whole generation, or one interact clip."""
+    pn, frames = CASES[case]
+    if frames is None:
+        schedule = interact.clip_schedule(pn, "16:9")
+        return schedule, interact.condition_tokens(schedule)
+    return build_schedule(pn, "16:9", frames), 0
+
+
 def measure(config: TransformerConfig, schedule, weights: torch.dtype = torch.float8_e4m3fn,
-            text_tokens: int = TEXT_TOKENS, gguf_type: str | None = None, **sample_kwargs) -> tuple[int, int]:
-    """(peak bytes of device tensors created by the run, bytes of the weights) for one fake generation."""
+            text_tokens: int = TEXT_TOKENS, gguf_type: str | None = None, interact_clip: bool = False,
+            **sample_kwargs) -> tuple[int, int]:
+    """(peak bytes of device tensors created by the run, bytes of the weights) for one fake generation;
+    ``interact_clip``: one clip of the interact model, with its two prefix conditions."""
     mode = FakeTensorMode()
     model = fake_model(config, mode, weights, gguf_type)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -161,6 +174,10 @@ def measure(config: TransformerConfig, schedule, weights: torch.dtype = torch.fl
     kwargs.update(sample_kwargs)
     with mode, cuda_code_path():
         text = sampler.TextCondition(torch.empty(text_tokens, config.text_channels))
+        if interact_clip:
+            _, H, W = schedule.scales[-1]
+            kwargs["conditions"] = interact.conditions(torch.empty(1, 64, interact.CONTEXT_LATENTS, H, W),
+                                                       torch.empty(1, 64, 1, H, W), schedule)
         with LiveDeviceBytes("cpu", existing=[*model.parameters(), *model.buffers()]) as tracker:
             sampler.sample(model, text, schedule, **kwargs)
     return tracker.peak, weight_bytes
@@ -226,8 +243,7 @@ def main(argv=None) -> str:
     rows = ["| case | token blocks | K/V offload | measured GB | estimate GB | est./measured | + weights GB | s |",
             "|---|---|---|---|---|---|---|---|"]
     for case in args.cases.split(","):
-        pn, frames = CASES[case]
-        schedule = build_schedule(pn, "16:9", frames)
+        schedule, extra = case_schedule(case)
         for plan in args.plans.split(","):
             chunk = "auto" if plan == "on" else None
             for offload in offloads:
@@ -235,9 +251,10 @@ def main(argv=None) -> str:
                     offload = auto_offload_layers(config, schedule, WEIGHTS[args.weights], args.cap_gb * 1e9, chunk)
                 start = time.perf_counter()
                 peak, weights = measure(config, schedule, WEIGHTS[args.weights], chunk_tokens=chunk, offload_kv=offload,
-                                        gguf_type=GGUF.get(args.weights))
+                                        gguf_type=GGUF.get(args.weights), interact_clip=bool(extra))
                 est = estimate_sampling_memory(config, schedule, dtype=torch.bfloat16, chunk_tokens=chunk,
-                                               offload_kv=offload, native_gqa=True, weight_dtype=WEIGHTS[args.weights])
+                                               offload_kv=offload, native_gqa=True, weight_dtype=WEIGHTS[args.weights],
+                                               text_tokens=TEXT_TOKENS + extra)
                 layers = kv_cache.offloaded_layers(offload, config.depth)
                 rows.append(f"| {case} | {plan} | {layers}/{config.depth} layers | {peak / 1e9:.2f} | {est / 1e9:.2f} | "
                             f"{est / peak:.2f} | {(peak + weights) / 1e9:.2f} | {time.perf_counter() - start:.0f} |")

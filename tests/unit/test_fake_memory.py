@@ -136,3 +136,33 @@ def test_gguf_blocks_on_fake_tensors_match_a_real_run_and_the_estimate(fm, weigh
     est = estimate_sampling_memory(CFG, _schedule(), dtype=torch.bfloat16, text_tokens=L, chunk_tokens=256,
                                    native_gqa=True, weight_dtype=torch.uint8)
     assert 1.0 <= est / peak <= 1.4, (est, peak)
+
+
+def test_interact_clip_on_fake_tensors_and_its_estimate(fm, single_thread):
+    """One interact clip with its two prefix conditions: the fake run counts what the profiler counts on a real
+    CPU run (fp32), and on the CUDA path the estimate with the conditions counted as text is not below it."""
+    from infinitystar import interact
+
+    sched = interact.clip_schedule("0.06M", "16:9")
+    _, H, W = sched.scales[-1]
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(CFG).eval()
+    text = TextCondition(torch.randn(L, CFG.text_channels))
+    conds = interact.conditions(torch.randn(1, 64, 21, H, W), torch.randn(1, 64, 1, H, W), sched)
+    _, real = measure_peak_bytes(lambda: sample(model, text, sched, seed=0, chunk_tokens=256, conditions=conds))
+    mode = FakeTensorMode()
+    fake_model = fm.fake_model(CFG, mode, torch.float32)
+    with mode:
+        fake_text = TextCondition(torch.empty(L, CFG.text_channels))
+        fake_conds = interact.conditions(torch.empty(1, 64, 21, H, W), torch.empty(1, 64, 1, H, W), sched)
+        with fm.LiveDeviceBytes("cpu") as tracker:
+            sample(fake_model, fake_text, sched, seed=0, chunk_tokens=256, conditions=fake_conds)
+    assert tracker.peak == pytest.approx(real, rel=0.02)
+
+    peak, _ = fm.measure(CFG, sched, torch.bfloat16, text_tokens=L, chunk_tokens=256, interact_clip=True)
+    plain, _ = fm.measure(CFG, sched, torch.bfloat16, text_tokens=L, chunk_tokens=256)
+    extra = interact.condition_tokens(sched)
+    assert extra == 20 * sched.scales[7][1] * sched.scales[7][2] + 3 * H * W
+    est = estimate_sampling_memory(CFG, sched, dtype=torch.bfloat16, text_tokens=L + extra, chunk_tokens=256,
+                                   native_gqa=True, weight_dtype=torch.bfloat16)
+    assert peak > plain and 1.0 <= est / peak <= 1.4, (est, peak, plain)
