@@ -13,6 +13,7 @@ from comfy_api.latest import io
 from . import host
 from . import types as T
 from .sampling import generator_input, guidance_config, image_to_uint8, run_transformer
+from .video import frames_encode_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ T2V_VARIANTS = ("720p", "480p")
 class InfinityStarInteractStart(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .sampling import _aspects
-
         return io.Schema(
             node_id="InfinityStarInteractStart", display_name="InfinityStar Interact Start",
             category="InfinityStar/interact",
@@ -40,10 +39,7 @@ class InfinityStarInteractStart(io.ComfyNode):
                 io.Combo.Input("resolution", options=list(START_RESOLUTIONS), default="480p",
                                tooltip="480p is what the interact weights were trained at; smaller ones are "
                                        "for drafts."),
-                io.Combo.Input("aspect_ratio", options=["from input", *_aspects()], default="from input",
-                               tooltip="from input = the template nearest to the frames' own aspect."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seeds the tokenizer's posterior sample (the official encode samples)."),
+                *frames_encode_inputs(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
         )

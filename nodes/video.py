@@ -17,6 +17,18 @@ DECODE_BUDGET_SHARE = 0.8  # of the free memory after loading; the rest is slack
 TRAINED_SECONDS = 10  # the released models were trained up to 10 s
 
 
+def frames_encode_inputs() -> list:
+    """aspect_ratio and seed of the nodes that encode frames (Encode, Interact Start)."""
+    from .sampling import _aspects
+
+    return [
+        io.Combo.Input("aspect_ratio", options=["from input", *_aspects()], default="from input",
+                       tooltip="from input = the template nearest to the frames' own aspect."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                     tooltip="Seeds the tokenizer's posterior sample (the official encode samples)."),
+    ]
+
+
 class InfinityStarDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -55,7 +67,7 @@ class InfinityStarDecode(io.ComfyNode):
 class InfinityStarEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .sampling import RESOLUTIONS, _aspects
+        from .sampling import RESOLUTIONS
 
         return io.Schema(
             node_id="InfinityStarEncode", display_name="InfinityStar Encode", category="InfinityStar/video",
@@ -69,10 +81,7 @@ class InfinityStarEncode(io.ComfyNode):
                 io.Combo.Input("resolution", options=[r for r in RESOLUTIONS if r != "auto"], default="720p",
                                tooltip="Pyramid to encode into; must be the one the extension will use "
                                        "(720p or 480p for the released weights)."),
-                io.Combo.Input("aspect_ratio", options=["from input", *_aspects()], default="from input",
-                               tooltip="from input = the template nearest to the frames' own aspect."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seeds the tokenizer's posterior sample (the official encode samples)."),
+                *frames_encode_inputs(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
         )

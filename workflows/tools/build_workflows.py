@@ -202,6 +202,17 @@ def _note(wf: Workflow, this_workflow: str) -> None:
     wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + "\n\n**This workflow:** " + this_workflow)
 
 
+def _encoded_clip(wf: Workflow, vae: dict, node_type: str) -> dict:
+    """Load Video -> Get Video Components -> an encoding node (Encode, Interact Start) with the tokenizer."""
+    video = wf.node("LoadVideo", (440, 320), file="infinitystar_clip.mp4")
+    parts = wf.node("GetVideoComponents", (770, 420))
+    wf.link(video, 0, parts, "video")
+    encode = wf.node(node_type, (1020, 420), resolution="480p", aspect_ratio="from input", seed=0)
+    wf.link(vae, 0, encode, "vae")
+    wf.link(parts, 0, encode, "images")
+    return encode
+
+
 def _save_video(wf: Workflow, vae: dict, tokens: dict, prefix: str, x: int = 1240, upscale=None) -> None:
     decode = _decode(wf, vae, tokens, x)
     frames, fx = (decode, 0), x + 290
@@ -261,12 +272,7 @@ def extend(info: dict) -> dict:
     wf = Workflow(info, "extend-480p")
     model, text_encoder, vae = _loaders(wf, MODEL_480P)
     cond = _prompt(wf, text_encoder, PROMPT_EXTEND)
-    video = wf.node("LoadVideo", (440, 320), file="infinitystar_clip.mp4")
-    parts = wf.node("GetVideoComponents", (770, 420))
-    wf.link(video, 0, parts, "video")
-    encode = wf.node("InfinityStarEncode", (1020, 420), resolution="480p", aspect_ratio="from input", seed=0)
-    wf.link(vae, 0, encode, "vae")
-    wf.link(parts, 0, encode, "images")
+    encode = _encoded_clip(wf, vae, "InfinityStarEncode")
     ext = wf.node("InfinityStarExtend", (860, 0), clips=1, seed=41)
     wf.link(model, 0, ext, "model")
     wf.link(cond, 0, ext, "positive")
@@ -284,13 +290,7 @@ def extend(info: dict) -> dict:
 def interact(info: dict) -> dict:
     wf = Workflow(info, "interact-480p")
     model, text_encoder, vae = _loaders(wf, MODEL_INTERACT)
-    video = wf.node("LoadVideo", (440, 320), file="infinitystar_clip.mp4")
-    parts = wf.node("GetVideoComponents", (770, 420))
-    wf.link(video, 0, parts, "video")
-    start = wf.node("InfinityStarInteractStart", (1020, 420), resolution="480p", aspect_ratio="from input", seed=0)
-    wf.link(vae, 0, start, "vae")
-    wf.link(parts, 0, start, "images")
-    tokens = start
+    tokens = _encoded_clip(wf, vae, "InfinityStarInteractStart")
     for text, pos, prompt_pos in zip(PROMPT_STORY, ((860, 0), (1360, 0)), ((400, 0), (1360, 330))):
         cond = _prompt(wf, text_encoder, text, pos=prompt_pos, duration_tag="interact")
         clip = wf.node("InfinityStarInteract", pos, seed=41)
