@@ -56,8 +56,9 @@ from infinitystar.transformer import InfinityStarTransformer  # noqa: E402
 MID = TransformerConfig(depth=4, block_chunks=2, width=512, num_heads=8, num_kv_heads=2, mlp_hidden=2048,
                         text_channels=2048)
 CONFIGS = {"full": TRANSFORMER_PRESETS["8b"], "mid": MID, "tiny": TRANSFORMER_PRESETS["tiny"]}
+INTERACT = 0  # "frames" of a case that is one InfinityStar-Interact clip (after a random 21-frame context)
 NAMED_CASES = {"720p5": ("720p", 81), "480p5": ("480p", 81), "480p10": ("480p", 161), "mid5": ("0.06M", 81),
-               "mid10": ("0.06M", 161)}
+               "mid10": ("0.06M", 161), "interact480": ("480p", INTERACT), "interact_mid": ("0.06M", INTERACT)}
 DEFAULT_CASES = {"full": "720p5,480p5,480p10", "mid": "mid5", "tiny": "mid5"}
 WEIGHT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
                  "fp32": torch.float32, "gguf_q8_0": torch.uint8, "gguf_q6_k": torch.uint8, "gguf_q4_k": torch.uint8}
@@ -193,17 +194,39 @@ def _text_features(config, seed: int) -> torch.Tensor:
     return torch.randn(TEXT_TOKENS, config.text_channels) * 0.5
 
 
-def official_runner(official_mod, config, device, model, pn, frames, sched, bf16: bool):
-    """The official model on ``device`` with our model's weights (fp8 storage handed over as bf16)."""
+def official_runner(official_mod, config, device, model, pn, frames, sched, bf16: bool, interact_clip: bool = False):
+    """The official model on ``device`` with our model's weights (fp8 storage handed over as bf16);
+    ``interact_clip``: built with the interact script's settings (``run_interact``)."""
     import official
 
     state = dequantized(model.state_dict(), torch.bfloat16)  # the official code cannot store fp8
-    oargs = official.official_args(official_mod, pn, frames, bf16, sched)
+    oargs = (official.official_interact_args(official_mod, pn, sched, bf16) if interact_clip
+             else official.official_args(official_mod, pn, frames, bf16, sched))
     return official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)
 
 
+def _interact_inputs(sched, seed: int, device):
+    """A random context (1, 64, 21, H, W) and first latent frame for an interact clip, and its prefix conditions."""
+    from infinitystar import interact
+
+    _, H, W = sched.scales[-1]
+    gen = torch.Generator().manual_seed(seed)
+    context = (torch.randn(1, 64, interact.CONTEXT_LATENTS, H, W, generator=gen) * 0.5).to(device)
+    first = (torch.randn(1, 64, 1, H, W, generator=gen) * 0.5).to(device)
+    return context, first, interact.conditions(context, first, sched)
+
+
 def run_case(args, config, device, name, pn, frames, official_mod) -> list[Result]:
-    sched = build_schedule(pn, "16:9", frames, num_scales=args.num_scales)
+    from infinitystar import interact
+
+    clip = frames == INTERACT
+    if clip and args.cuda_graphs:
+        raise SystemExit(f"{name}: --cuda-graphs does not replay interact steps (prefix conditions)")
+    sched = interact.clip_schedule(pn, "16:9") if clip else build_schedule(pn, "16:9", frames,
+                                                                           num_scales=args.num_scales)
+    context, first, conds = _interact_inputs(sched, args.seed, device) if clip else (None, None, ())
+    extra_tokens = interact.condition_tokens(sched) if clip else 0
+    settings = dict(guidance=interact.GUIDANCE, tau_image=interact.TAU, tau_video=interact.TAU) if clip else {}
     weights = WEIGHT_DTYPES[args.weights]
     cond = _text_features(config, args.seed)
     model = build_model(config, device, weights, args.seed, args.fp8_matmul, GGUF_TYPES.get(args.weights)
@@ -224,7 +247,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
                 out = sample(model, TextCondition(cond), sched, seed=args.seed, generator_device=device.type,
                              compute_dtype=compute, attn_backend=args.attention, chunk_tokens=chunk,
                              compile=args.compile, offload_kv=OFFLOAD_KV_CHOICES[args.offload_kv],
-                             cuda_graphs=_graphs(model, args))
+                             cuda_graphs=_graphs(model, args), conditions=conds, **settings)
             finally:
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
@@ -238,7 +261,7 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
     restore()
     if args.profile:
         results[0].extra["profile"] = kernel_profile(ours, device, model=model, schedule=sched)
-    results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS,
+    results[0].estimate = estimate_sampling_memory(config, sched, dtype=compute, text_tokens=TEXT_TOKENS + extra_tokens,
                                                    chunk_tokens=chunk, offload_kv=offloaded[1], weight_dtype=weights)
     if device.type == "cuda":  # CUDA peaks count the resident weights too
         results[0].estimate += sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -251,13 +274,20 @@ def run_case(args, config, device, name, pn, frames, official_mod) -> list[Resul
         results[0].extra["cuda graphs"] = graphs_line(step_graphs(model, args.cuda_graphs), sched)
         release_step_graphs(model)
     if official_mod is not None:
-        runner = official_runner(official_mod, config, device, model, pn, frames, sched, _official_bf16(device, args))
+        runner = official_runner(official_mod, config, device, model, pn, frames, sched, _official_bf16(device, args),
+                                 interact_clip=clip)
         del model
         clock = StepClock(device)
         restore = wrap_head(runner.model, "get_logits_during_infer", clock)
+
+        def official_run():
+            if clip:  # its codes start with the context's last frame
+                return runner.run_interact(cond, args.seed, context, first, sched.h_div_w)[0][:, :, 1:]
+            return runner.run(cond, args.seed)
+
         try:
-            results.append(timed(name, "official", lambda: runner.run(cond, args.seed), sched, device, clock,
-                                 not args.no_memory, args.warmup))
+            results.append(timed(name, "official", official_run, sched, device, clock, not args.no_memory,
+                                 args.warmup))
         except torch.OutOfMemoryError as e:  # keep our row (the official code needs ~65 GB at 720p)
             results[0].extra["official"] = f"official code out of memory ({str(e).splitlines()[0]})"
         restore()
@@ -269,6 +299,9 @@ def parity_case(args, config, device, name, pn, frames, official_mod):
     import parity
     import parity_trace
 
+    if frames == INTERACT:
+        raise SystemExit(f"{name}: --parity compares whole generations; interact clips are compared on a CPU by "
+                         "tests/unit/test_interact.py")
     sched = build_schedule(pn, "16:9", frames)
     cond = _text_features(config, args.seed)
     model = build_model(config, device, WEIGHT_DTYPES[args.weights], args.seed, args.fp8_matmul).use_fused_norms(

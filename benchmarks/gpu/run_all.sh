@@ -97,7 +97,7 @@ EXTRA+=" official_720p5_cudnn parity_img_fp32 parity_img_cudnn ours_cudnn_fp8mm_
 EXTRA+=" parity_480p5_whole profile_720p5 official_720p5_warm decode_720p5"
 EXTRA+=" official_720p5_graphs ours_graphs_compile_720p5 parity_480p5_graphs"
 EXTRA+=" parity_480p5_fast official_720p5_fast parity_480p5_routed parity_480p5_exact_compiled profile_720p5_fast"
-EXTRA+=" ours_gguf_720p5 ours_gguf_q4k_720p5 official_720p5_fast_whole"
+EXTRA+=" ours_gguf_720p5 ours_gguf_q4k_720p5 official_720p5_fast_whole official_interact480"
 
 # the CUDA-only unit tests (GQA-native SDPA, offloaded K/V, ...): a few seconds, output in the log
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
@@ -111,14 +111,16 @@ fi
 
 if [ -n "${REHEARSE:-}" ]; then
     BENCH=(benchmarks/bench_generate.py --device cpu --config tiny --threads 2)
-    C720=mid5 C480=mid5 C480_10=mid10 CIMG=0.06M:1 CAP24=() CAP16=() SYNCS=() GRAPHS=()  # CUDA graphs: CUDA only
+    C720=mid5 C480=mid5 C480_10=mid10 CIMG=0.06M:1 CINT=interact_mid CAP24=() CAP16=() SYNCS=()
+    GRAPHS=()  # CUDA graphs: CUDA only
     PROBE=(benchmarks/gpu/probe_kernels.py --device cpu --config tiny --cases mid5 --sweep mid5)
     DECODE=(benchmarks/bench_decode.py --device cpu --config full --threads 2 --cells 1x2 --latents 3)
 else
     BENCH=(benchmarks/bench_generate.py --device cuda --config full)
     PROBE=(benchmarks/gpu/probe_kernels.py --cases 720p5,480p5)
     DECODE=(benchmarks/bench_decode.py --device cuda --config full --cells 45x80 --latents 21)
-    C720=720p5 C480=480p5 C480_10=480p10 CIMG=480p:1 CAP24=(--memory-cap-gb 24) CAP16=(--memory-cap-gb 16) SYNCS=(--check-syncs)
+    C720=720p5 C480=480p5 C480_10=480p10 CIMG=480p:1 CINT=interact480 CAP24=(--memory-cap-gb 24)
+    CAP16=(--memory-cap-gb 16) SYNCS=(--check-syncs)
     GRAPHS=(--cuda-graphs)
 fi
 FAST=(--compile --norms composite "${GRAPHS[@]}")
@@ -148,6 +150,10 @@ step official_720p5_fast 360 240 "$PY" "${BENCH[@]}" --cases $C720 --weights bf1
 # extra: the same with whole steps (no token blocks; 11.5 GB more peak): 1.496x in blocks, 1.503x whole (two calls)
 step official_720p5_fast_whole 360 240 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL" \
     --warmup "${FAST[@]}" --chunk 0
+# extra: one InfinityStar-Interact clip at 480p (random 21-frame context), bf16 for both (the official code under the
+# T2V scripts' autocast; its interact script runs fp32): time, peak and equal codes
+step official_interact480 240 120 "$PY" "${BENCH[@]}" --cases $CINT --weights bf16 --official "$OFFICIAL" \
+    --warmup
 # (the routed step also runs the official code a second time on cuDNN's kernel (forced), replaying its own
 # draws: the parity check's noise floor, i.e. whether the official code itself stays under 2e-2 of itself when only
 # its attention kernel changes; about 30 s more)

@@ -45,6 +45,30 @@ def test_bench_generate_runs_gguf_blocks(weights):
         bench.main(["--device", "cpu", "--config", "tiny", "--cases", "mid5", "--weights", weights, "--official", "x"])
 
 
+def test_bench_generate_times_an_interact_clip():
+    """interact_mid: one InfinityStar-Interact clip (the clip schedule, its prefix conditions counted in the
+    estimate)."""
+    bench = load_benchmark("bench_generate")
+    from infinitystar import interact
+
+    text = bench.main(["--device", "cpu", "--config", "tiny", "--cases", "interact_mid", "--threads", "1"])
+    _, rows = _table(text)
+    sched = interact.clip_schedule("0.06M", "16:9")
+    assert [(r[0], r[1]) for r in rows] == [("interact_mid", "ours")] and int(rows[0][2]) == sched.num_steps
+    assert float(rows[0][6]) > 0 and float(rows[0][7]) >= float(rows[0][6])  # the estimate covers the peak
+
+
+def test_bench_generate_interact_clip_against_the_official_code(official_path, single_thread):
+    bench = load_benchmark("bench_generate")
+    text = bench.main(["--device", "cpu", "--config", "tiny", "--cases", "interact_mid", "--official", official_path,
+                       "--threads", "1"])
+    _, rows = _table(text)
+    assert [r[1] for r in rows] == ["ours", "official"] and rows[0][-1] == "yes", text
+    with pytest.raises(SystemExit, match="interact clips are compared"):
+        bench.main(["--device", "cpu", "--config", "tiny", "--cases", "interact_mid", "--parity", "--official",
+                    official_path])
+
+
 def test_bench_generate_warmup_reports_the_first_run_too():
     """--warmup times the second run in the table and keeps the first (cold) run's time in the notes."""
     import re

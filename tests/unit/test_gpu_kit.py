@@ -167,6 +167,14 @@ def test_run_all_times_the_fast_settings_in_whole_steps(tmp_path):
     assert [r[1] for r in _table_rows(text, "official")] == ["official"]
 
 
+def test_run_all_times_an_interact_clip_against_the_official_code(tmp_path):
+    step = "official_interact480"
+    proc, out, summary = _rehearse(tmp_path, [step], OFFICIAL=_official_path())
+    assert proc.returncode == 0 and f"{step}: rc=0 (ok)" in summary, (summary, (out / "run_all.log").read_text()[-3000:])
+    text = (out / f"{step}.md").read_text()
+    assert [r[0] for r in _table_rows(text, "ours")] == ["interact_mid"] and _table_rows(text, "official"), text
+
+
 def test_prepare_refuses_without_an_official_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "INFINITYSTAR_OFFICIAL_PATH"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "prepare.sh"), str(tmp_path)], env=env,
