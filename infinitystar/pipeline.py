@@ -136,6 +136,9 @@ def resolve_schedule(resolution: str, aspect: str | float = "16:9", duration_s: 
     """
     if frames is None:
         frames = frames_for_duration(5 if duration_s is None else duration_s)
+    if model_info is not None and model_info.variant == "interact":
+        logger.warning("the interact weights were trained to continue a video clip by clip (InfinityStar Interact, "
+                       "infinitystar.interact); generating from text with them is not what they were made for")
     allowed = allowed_durations(model_info)
     if allowed is not None:
         seconds = (frames - 1) // FPS

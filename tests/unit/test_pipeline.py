@@ -48,6 +48,16 @@ def test_duration_rules_follow_the_released_models():
     assert P.resolve_schedule("0.06M", "16:9", 15, model_info=_info("unknown")).frames == 241
 
 
+def test_text_to_video_with_the_interact_weights_warns(caplog):
+    with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
+        assert P.resolve_schedule("480p", "16:9", 5, model_info=_info("interact")).frames == 81
+    assert "InfinityStar Interact" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
+        P.resolve_schedule("480p", "16:9", 5, model_info=_info("480p"))
+    assert "interact" not in caplog.text
+
+
 def test_generator_device_follows_the_model(models, monkeypatch):
     transformer = models[0]
     assert P.resolve_generator_device("auto", transformer) == "cpu"
