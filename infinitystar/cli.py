@@ -98,6 +98,7 @@ class Session:
             raise ValueError(f"--attention {attention}: {why} (auto picks among them)")
         self._transformer = self._tokenizer = None
         self.info = None
+        self.guidance()  # a malformed --cfg-schedule fails before anything loads
 
     def text(self, prompt: str, negative: str, duration_s: int | None):
         return self.texts([prompt], negative, duration_s)[0]
@@ -173,12 +174,17 @@ class Session:
         return self._tokenizer
 
     def sample_kwargs(self):
-        from .guidance import GuidanceConfig
-
         a = self.args
-        return dict(guidance=GuidanceConfig(scale=a.cfg), tau_image=a.tau_image, tau_video=a.tau_video,
+        return dict(guidance=self.guidance(), tau_image=a.tau_image, tau_video=a.tau_video,
                     generator=a.generator, offload_kv=P.OFFLOAD_KV_CHOICES[a.offload_kv], compile=a.compile,
                     attn_backend=a.attention)
+
+    def guidance(self, use_apg: bool = True):
+        """--cfg (and --cfg-schedule) as the sampler's guidance; checked before any weights load."""
+        from .guidance import GuidanceConfig, parse_scale_list
+
+        return GuidanceConfig(scale=self.args.cfg, use_apg=use_apg,
+                              per_scale=parse_scale_list(self.args.cfg_schedule, "--cfg-schedule"))
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         from .video_io import write_mp4, write_png
@@ -287,7 +293,6 @@ def _run_extend(args) -> Path:
 def _run_interact(args) -> Path:
     """InfinityStar-Interact: start from a reference video's last 5 s (or saved tokens), one clip per prompt."""
     from . import interact as I
-    from .guidance import GuidanceConfig
 
     if args.resolution is None:
         args.resolution = "0.06M" if args.tiny else "480p"
@@ -312,7 +317,7 @@ def _run_interact(args) -> Path:
     if s.model_info().variant in ("720p", "480p"):
         print(f"note: these are the {s.model_info().variant} T2V weights; interact needs the interact weights "
               "(--variant interact)", file=sys.stderr)
-    guidance = GuidanceConfig(scale=args.cfg, use_apg=args.apg)
+    guidance = s.guidance(use_apg=args.apg)
     for i, text in enumerate(texts):
         bar = _Progress(schedule.num_steps, f"clip {i + 1}/{len(texts)}")
         try:
@@ -340,6 +345,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--no-decorate", action="store_true", help="skip the official duration tag and closing phrase")
     p.add_argument("--seed", type=int, default=41)
     p.add_argument("--cfg", type=float, default=34.0, help="APG guidance scale (official 34)")
+    p.add_argument("--cfg-schedule", default="", help="guidance scale per scale of the pyramid, coarse to fine, "
+                   "comma-separated, the last repeating (e.g. '34,34,34,20,10'); default: --cfg everywhere")
     p.add_argument("--tau-image", type=float, default=1.0)
     p.add_argument("--tau-video", type=float, default=0.4)
     p.add_argument("--dtype", choices=list(DTYPES),

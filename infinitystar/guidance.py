@@ -4,7 +4,7 @@ the last two dims, i.e. over the whole step."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +15,30 @@ class GuidanceConfig:
     threshold: float = 0.05  # APG clip of the per-element RMS of (cond - uncond)
     use_apg: bool = True  # False -> plain CFG, which destroys the output at scale 34
     eta: float = 0.0  # weight kept of the component parallel to cond
+    # guidance scale per scale of a clip's pyramid, coarse to fine, the last value repeating (the official sampler
+    # takes a per-scale ``cfg_list``; its scripts fill it with one value): empty = ``scale`` everywhere
+    per_scale: tuple[float, ...] = ()
+
+    def at(self, inner: int) -> GuidanceConfig:
+        """The configuration of scale ``inner`` (0 = coarsest) of a clip's pyramid."""
+        if not self.per_scale:
+            return self
+        return replace(self, scale=float(self.per_scale[min(inner, len(self.per_scale) - 1)]), per_scale=())
+
+
+def parse_scale_list(text: str, what: str = "guidance schedule") -> tuple[float, ...]:
+    """'34, 34, 20, 10' -> (34.0, 34.0, 20.0, 10.0); empty -> (); a clear error for anything else."""
+    items = [t.strip() for t in str(text or "").replace(";", ",").split(",")]
+    if not any(items):
+        return ()
+    try:
+        values = tuple(float(t) for t in items)
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: write numbers separated by commas, one per scale from coarse to fine "
+                         "(e.g. '34, 34, 20, 10'; the last one repeats)") from None
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"{what} {text!r}: every value must be a finite number >= 0")
+    return values
 
 
 def apg(cond: torch.Tensor, uncond: torch.Tensor, scale: float = 34.0, threshold: float = 0.05,

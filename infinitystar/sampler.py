@@ -350,7 +350,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                 del hidden
                 tau = tau_image if step.clip == 0 else tau_video
                 scaled = logits * (1 / tau)  # parity: multiply by the Python reciprocal, spec §5.3 step 4
-                guided = guide(scaled[:1], scaled[1:], guidance)
+                guided = guide(scaled[:1], scaled[1:], guidance.at(step.si % schedule.scales_per_clip))
                 drawn = draw_bits(guided, (1, step.t, step.h, step.w, step.d), generator)
                 bits = _as_step_bits(teacher[step.index], step, drawn.device) if step.index < len(teacher) else drawn
                 if step_hook is not None:

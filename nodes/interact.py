@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from . import host
 from . import types as T
-from .sampling import generator_input, guidance_config, image_to_uint8, run_transformer
+from .sampling import generator_input, guidance_config, guidance_schedule_input, image_to_uint8, run_transformer
 from .video import frames_encode_inputs
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class InfinityStarInteract(io.ComfyNode):
                 generator_input(),
                 T.VAE.Input("vae", optional=True, tooltip="Video tokenizer, only for colour previews while "
                                                           "sampling (else they show layout only)."),
+                guidance_schedule_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -97,7 +98,7 @@ class InfinityStarInteract(io.ComfyNode):
     @classmethod
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, seed: int,
                 guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau: float,
-                generator: str = "auto", vae: T.LoadedVAE | None = None) -> io.NodeOutput:
+                generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:
         from ..infinitystar import interact
 
         if model.info.variant in T2V_VARIANTS:
@@ -110,7 +111,7 @@ class InfinityStarInteract(io.ComfyNode):
                            "interact script uses the 5 s tag without the closing phrase (duration_tag=interact)",
                            positive.duration_tag)
         schedule = interact.clip_schedule(tokens.pn, tokens.h_div_w)
-        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
+        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)
 
         def run(module, run_kwargs):
             return interact.continue_story(module, positive.select(5), tokens, seed=seed, guidance=guidance,

@@ -43,10 +43,20 @@ def generator_input() -> io.Combo.Input:
                                   "same seed and logits give the same bits on any device.")
 
 
-def guidance_config(guidance_scale: float, apg_threshold: float, use_plain_cfg: bool):
-    from ..infinitystar.guidance import GuidanceConfig
+def guidance_schedule_input() -> io.String.Input:
+    """Optional per-scale guidance; optional and after ``generator``, so saved workflows keep their widget places."""
+    return io.String.Input("guidance_schedule", default="", optional=True,
+                           tooltip="Optional guidance scale per scale of the pyramid, coarse to fine, separated by "
+                                   "commas; the last value repeats (e.g. '34, 34, 34, 20, 10' eases guidance on "
+                                   "the fine scales). Every clip's pyramid follows it. Empty = guidance_scale at "
+                                   "every scale (official).")
 
-    return GuidanceConfig(scale=float(guidance_scale), threshold=float(apg_threshold), use_apg=not use_plain_cfg)
+
+def guidance_config(guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, schedule: str = ""):
+    from ..infinitystar.guidance import GuidanceConfig, parse_scale_list
+
+    return GuidanceConfig(scale=float(guidance_scale), threshold=float(apg_threshold), use_apg=not use_plain_cfg,
+                          per_scale=parse_scale_list(schedule))
 
 
 def image_to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -114,6 +124,7 @@ class InfinityStarSampler(io.ComfyNode):
                 T.VAE.Input("vae", optional=True, tooltip="Video tokenizer: needed with start_image; when connected, "
                                                           "the live previews show colours (else layout only)."),
                 generator_input(),
+                guidance_schedule_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -130,9 +141,10 @@ class InfinityStarSampler(io.ComfyNode):
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, resolution: str, aspect_ratio: str,
                 duration: str, seed: int, guidance_scale: float, apg_threshold: float, use_plain_cfg: bool,
                 tau_video: float, tau_image: float, start_image: torch.Tensor | None = None,
-                vae: T.LoadedVAE | None = None, generator: str = "auto") -> io.NodeOutput:
+                vae: T.LoadedVAE | None = None, generator: str = "auto", guidance_schedule: str = "") -> io.NodeOutput:
         from ..infinitystar import pipeline
 
+        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)  # checked first
         seconds = DURATIONS[duration]
         # raises before anything loads when the weights were not trained for this duration
         schedule = pipeline.resolve_schedule(pick_resolution(resolution, model.info), aspect_ratio, seconds,
@@ -146,7 +158,6 @@ class InfinityStarSampler(io.ComfyNode):
                 raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
             with host.loaded(vae.patcher, force_full_load=True) as tokenizer:
                 condition = pipeline.encode_image(tokenizer, image_to_uint8(start_image)[0], schedule, seed=seed)
-        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
 
         def sample(module, run_kwargs):
             return pipeline.generate(module, positive.select(seconds), schedule, seed=seed, guidance=guidance,

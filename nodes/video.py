@@ -8,7 +8,14 @@ from comfy_api.latest import io
 
 from . import host
 from . import types as T
-from .sampling import generator_input, guidance_config, guidance_inputs, image_to_uint8, run_transformer
+from .sampling import (
+    generator_input,
+    guidance_config,
+    guidance_inputs,
+    guidance_schedule_input,
+    image_to_uint8,
+    run_transformer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +134,7 @@ class InfinityStarExtend(io.ComfyNode):
                 generator_input(),
                 T.VAE.Input("vae", optional=True, tooltip="Video tokenizer, only for colour previews while "
                                                           "sampling (else they show layout only)."),
+                guidance_schedule_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -135,7 +143,7 @@ class InfinityStarExtend(io.ComfyNode):
     @classmethod
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, clips: int, seed: int,
                 guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float,
-                generator: str = "auto", vae: T.LoadedVAE | None = None) -> io.NodeOutput:
+                generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP, build_schedule
 
@@ -145,7 +153,7 @@ class InfinityStarExtend(io.ComfyNode):
             logger.warning("extending to %d s; the released models were trained up to %d s", seconds,
                            TRAINED_SECONDS)
         schedule = build_schedule(tokens.pn, tokens.h_div_w, frames)
-        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg)
+        guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)
 
         def extend(module, run_kwargs):
             return pipeline.extend(module, positive.select(min(seconds, TRAINED_SECONDS)), tokens, clips,

@@ -629,3 +629,25 @@ def test_interact_nodes_make_a_story_and_decode_it(pack, loaded, core, comfy_dir
     with pytest.raises(ValueError, match="continue them with InfinityStar Interact"):
         run(pack.video.InfinityStarExtend, model=loaded["model"], positive=loaded["cond"], tokens=two, clips=1, seed=1,
             guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
+
+
+def test_guidance_schedule_reaches_the_sampler(pack, loaded, core):
+    """The optional guidance_schedule: the node's tokens equal the core's with the same per-scale list; a malformed
+    list fails with what to write, before anything loads."""
+    pipeline, guidance = core("pipeline"), core("guidance")
+    inputs = dict(SMALL, guidance_scale=34.0)
+    tokens = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image",
+                 seed=4, guidance_schedule="34, 20, 1", **inputs)[0]
+    schedule = pipeline.resolve_schedule("0.06M", "16:9", 0)
+    config = guidance.GuidanceConfig(scale=34.0, per_scale=(34.0, 20.0, 1.0))
+    with pack.host.loaded(loaded["model"].patcher) as module:
+        expect = pipeline.generate(module, loaded["cond"].select(0), schedule, seed=4, guidance=config,
+                                   generator="cpu")
+        plain = pipeline.generate(module, loaded["cond"].select(0), schedule, seed=4, generator="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(tokens.bits, expect.bits))
+    assert not all(torch.equal(a, b) for a, b in zip(tokens.bits, plain.bits))
+    pack.host.release(loaded["model"].patcher)
+    with pytest.raises(ValueError, match="numbers separated by commas"):
+        run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image",
+            seed=4, guidance_schedule="34, lots", **inputs)
+    assert not pack.host.is_loaded(loaded["model"].patcher)

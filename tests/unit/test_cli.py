@@ -136,6 +136,27 @@ def test_sampling_options_on_every_sampling_command(option, value, bad):
             parser.parse_args([command, flag, bad])
 
 
+def test_cfg_schedule_reaches_the_sampler_and_is_checked_first(tiny_models, tmp_path, monkeypatch, capsys):
+    from infinitystar import cli
+    from infinitystar.guidance import GuidanceConfig
+
+    seen = {}
+    real = cli.P.generate
+
+    def spy(*a, guidance=None, **k):
+        seen["guidance"] = guidance
+        return real(*a, guidance=guidance, **k)
+
+    monkeypatch.setattr(cli.P, "generate", spy)
+    root = str(tiny_models["root"])
+    assert main(["generate", "--models", root, "--resolution", "0.06M", "--duration", "0", "--cfg-schedule",
+                 "34, 20, 1", "--out", str(tmp_path / "a.png")]) == 0
+    assert seen["guidance"] == GuidanceConfig(scale=34.0, per_scale=(34.0, 20.0, 1.0))
+    seen.clear()
+    assert main(["generate", "--models", root, "--resolution", "0.06M", "--duration", "0", "--cfg-schedule",
+                 "34, hi", "--out", str(tmp_path / "b.png")]) == 2
+    assert "--cfg-schedule" in capsys.readouterr().err and not seen  # refused before sampling
+
 
 @pytest.mark.slow
 def test_offload_kv_gives_the_same_tokens(t2v, tiny_models):

@@ -33,3 +33,21 @@ def test_eta_and_plain_cfg():
     assert torch.equal(guide(cond, uncond, GuidanceConfig(scale=1.0)), cond)
     torch.testing.assert_close(guide(cond, uncond, GuidanceConfig(scale=3.0, use_apg=False)), cfg(cond, uncond, 3.0))
     assert guide(cond, uncond, GuidanceConfig()).dtype == torch.float32
+
+
+def test_per_scale_guidance_picks_the_scale_and_repeats_the_last():
+    import pytest
+
+    from infinitystar.guidance import parse_scale_list
+
+    assert parse_scale_list(" 34, 20 ;10 ") == (34.0, 20.0, 10.0) and parse_scale_list("") == ()
+    for bad in ("34, x", "34,,2", "-1", "nan"):
+        with pytest.raises(ValueError, match="guidance schedule"):
+            parse_scale_list(bad)
+    g = GuidanceConfig(scale=34.0, per_scale=(34.0, 20.0, 1.0))
+    assert [g.at(i).scale for i in range(5)] == [34.0, 20.0, 1.0, 1.0, 1.0]
+    assert g.at(1).per_scale == () and g.at(1).threshold == g.threshold
+    assert GuidanceConfig().at(7) == GuidanceConfig()
+    cond, uncond = pair()
+    assert torch.equal(guide(cond, uncond, g.at(4)), cond)  # scale 1: the conditional logits, as upstream
+    assert torch.equal(guide(cond, uncond, g.at(1)), apg(cond, uncond, 20.0, 0.05))

@@ -186,3 +186,26 @@ def test_compile_unavailable_says_what_to_install(monkeypatch):
     assert "C++ compiler" in transformer_mod.compile_unavailable("cpu")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert "pip install triton" in transformer_mod.compile_unavailable("cuda")
+
+
+def test_per_scale_guidance_follows_each_clip_pyramid(model, text):
+    """GuidanceConfig.per_scale: each step is guided with the value of its scale within its clip's pyramid (the
+    image pyramid and every video clip alike); a list equal to the single scale changes nothing."""
+    from infinitystar.guidance import GuidanceConfig, apg
+
+    sched = short_schedule()
+    base = sample(model, text, sched, seed=7, guidance=GuidanceConfig(scale=34.0))
+    same = sample(model, text, sched, seed=7, guidance=GuidanceConfig(scale=34.0, per_scale=(34.0,)))
+    assert all(torch.equal(x, y) for x, y in zip(base.bits, same.bits))
+    records = []
+    sample(model, text, sched, seed=7, guidance=GuidanceConfig(scale=34.0, per_scale=(34.0, 20.0, 1.0)),
+           step_hook=records.append)
+    tau = {0: 1.0, 1: 0.4}
+    for r in records:
+        inner = r.step.si % sched.scales_per_clip
+        scaled = r.logits * (1 / tau[min(r.step.clip, 1)])
+        if inner >= 2:  # scale 1: no guidance, the conditional logits (upstream skips guidance at cfg 1)
+            assert torch.equal(r.guided, scaled[:1])
+        else:
+            assert torch.equal(r.guided, apg(scaled[:1], scaled[1:], (34.0, 20.0)[inner], 0.05))
+    assert {r.step.clip for r in records} == {0, 1}
