@@ -305,7 +305,8 @@ def interact(info: dict) -> dict:
         "interact weights (InfinityStarInteract_24K_iters). *Interact Start* encodes the last 5 s (81 frames, "
         "16 fps) of the loaded clip; each *InfinityStar Interact* node adds 80 frames under its prompt (copy one "
         "with its Text Encode for every further prompt). Decode gives the whole story. Defaults are the official "
-        "script's: plain CFG 3, tau 0.5, the same seed for every clip."))
+        "script's: plain CFG 3, tau 0.5, the same seed for every clip, prompts tagged 5 s without the closing "
+        "phrase (Text Encode duration_tag = interact)."))
     return wf.to_json()
 
 
