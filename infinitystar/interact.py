@@ -170,20 +170,23 @@ def decode_windows(latents: int) -> list[tuple[int, int]]:
 
 
 def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool = False,
-           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, int], None] | None = None, last_clip: bool = False) -> torch.Tensor:
     """Story -> float frames (T, H, W, 3) in [0, 1] on CPU: the first window whole, then of each later window
-    (a clip decoded after 20 frames of its context, as the official script) its last 80 frames."""
+    (a clip decoded after 20 frames of its context, as the official script) its last 80 frames. The windows are
+    independent, so ``last_clip`` decodes only the last one: the newest clip's frames, the tail of a full decode."""
     from .pipeline import _tokenizer_device
     from .vae import frames_to_float_images
 
     device = _tokenizer_device(tokenizer)
-    windows = decode_windows(tokens.summed_codes.shape[2])
+    windows = list(enumerate(decode_windows(tokens.summed_codes.shape[2])))
+    if last_clip:
+        windows = windows[-1:]
     parts = []
-    for i, (a, b) in enumerate(windows):
+    for done, (i, (a, b)) in enumerate(windows, start=1):
         raw = tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget, tiled=tiled)
         images = frames_to_float_images(raw, smooth_first_frame=True)
         parts.append(images if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:])
         del raw
         if callback is not None:
-            callback(i + 1, len(windows))
+            callback(done, len(windows))
     return torch.cat(parts, dim=0)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 FPS = 16.0
 DECODE_BUDGET_SHARE = 0.8  # of the free memory after loading; the rest is slack for the allocator
 TRAINED_SECONDS = 10  # the released models were trained up to 10 s
+DECODE_FRAMES = {"all": False, "last clip": True}  # Decode's choice -> pipeline.decode(last_clip=)
 
 
 def frames_encode_inputs() -> list:
@@ -51,13 +52,17 @@ class InfinityStarDecode(io.ComfyNode):
                 io.Boolean.Input("tiled", default=False,
                                  tooltip="Also split each frame into overlapping spatial tiles (blended). Use "
                                          "only if a normal decode runs out of memory: seams are possible."),
+                io.Combo.Input("frames", options=list(DECODE_FRAMES), default="all", optional=True,
+                               tooltip="all = the whole video. last clip = only the newest 5 s clip (80 frames): "
+                                       "for a story (Interact) only its last clip is decoded, so each clip can be "
+                                       "saved as it is made; other tokens are decoded whole and cut."),
             ],
             outputs=[io.Image.Output(display_name="images"),
                      io.Float.Output(display_name="fps", tooltip="Frame rate of the model: 16.")],
         )
 
     @classmethod
-    def execute(cls, vae: T.LoadedVAE, tokens, tiled: bool) -> io.NodeOutput:
+    def execute(cls, vae: T.LoadedVAE, tokens, tiled: bool, frames: str = "all") -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.vae import estimate_decode_memory
 
@@ -66,9 +71,9 @@ class InfinityStarDecode(io.ComfyNode):
                                       tokenizer.compute_dtype or torch.float32)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             budget = int(host.free_memory_for(vae.patcher) * DECODE_BUDGET_SHARE)
-            frames = pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
-                                     callback=host.ChunkProgress())
-        return io.NodeOutput(frames.float().to(host.intermediate_device()), FPS)
+            images = pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
+                                     callback=host.ChunkProgress(), last_clip=DECODE_FRAMES[frames])
+        return io.NodeOutput(images.float().to(host.intermediate_device()), FPS)
 
 
 class InfinityStarEncode(io.ComfyNode):

@@ -619,6 +619,8 @@ def test_interact_nodes_make_a_story_and_decode_it(pack, loaded, core, comfy_dir
     with pack.host.loaded(loaded["vae"].patcher) as tokenizer:
         direct = pipeline.decode(tokenizer, two).float()  # one chunk per window; the node's chunks round apart
     torch.testing.assert_close(images, direct, atol=1e-5, rtol=0)
+    newest, _ = run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=two, tiled=False, frames="last clip")
+    torch.testing.assert_close(newest, direct[-80:], atol=1e-5, rtol=0)
 
     with pytest.raises(ValueError, match="needs the interact weights"):
         run(pack.interact.InfinityStarInteract, model=loaded["model"], positive=loaded["cond"], tokens=story,

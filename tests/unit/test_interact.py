@@ -147,6 +147,20 @@ def test_story_start_continue_decode(models, schedule, single_thread, tmp_path):
     assert torch.equal(frames[:81], alone) and torch.equal(frames[81:], window[-80:])
     whole = frames_to_float_images(tokenizer.decode(one.summed_codes), smooth_first_frame=True)
     assert not torch.equal(frames[81:], whole[81:])  # not one decode of the whole chain
+    calls = []
+    last = P.decode(tokenizer, one, last_clip=True, callback=lambda done, total: calls.append((done, total)))
+    assert torch.equal(last, frames[81:]) and calls == [(1, 1)]  # only the last window is decoded
+    assert torch.equal(P.decode(tokenizer, story, last_clip=True), frames[:81])
+
+
+def test_last_clip_of_other_tokens_is_cut_from_a_whole_decode(models):
+    _, tokenizer, _ = models
+    codes = torch.randn(1, 64, 41, 2, 3, generator=torch.Generator().manual_seed(0)) * 0.5
+    video = P.Tokens([], codes, "0.06M", 9 / 16, 161)
+    whole = P.decode(tokenizer, video)
+    assert whole.shape[0] == 161 and torch.equal(P.decode(tokenizer, video, last_clip=True), whole[-80:])
+    five = P.Tokens([], codes[:, :, :21], "0.06M", 9 / 16, 81)
+    assert torch.equal(P.decode(tokenizer, five, last_clip=True), P.decode(tokenizer, five))
 
 
 def test_story_from_generated_tokens_and_misuse(models, single_thread):

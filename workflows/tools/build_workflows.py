@@ -69,9 +69,9 @@ PROMPT_STORY = ("A small sailboat glides out of the harbour at dawn, gulls circl
 
 SIZES = {
     "InfinityStarModelLoader": [340, 154], "InfinityStarTextEncoderLoader": [340, 82],
-    "InfinityStarVAELoader": [340, 82], "InfinityStarTextEncode": [420, 260], "InfinityStarSampler": [340, 358],
-    "InfinityStarDecode": [250, 78], "InfinityStarEncode": [300, 150], "InfinityStarExtend": [320, 254],
-    "InfinityStarInteractStart": [300, 150], "InfinityStarInteract": [320, 280],
+    "InfinityStarVAELoader": [340, 82], "InfinityStarTextEncode": [420, 260], "InfinityStarSampler": [340, 382],
+    "InfinityStarDecode": [250, 102], "InfinityStarEncode": [300, 150], "InfinityStarExtend": [320, 278],
+    "InfinityStarInteractStart": [300, 150], "InfinityStarInteract": [320, 304],
     "CreateVideo": [220, 78], "SaveVideo": [420, 420], "SaveImage": [420, 420], "LoadImage": [300, 330],
     "LoadVideo": [300, 340], "GetVideoComponents": [220, 66], "ImageScaleBy": [280, 82],
     "UpscaleModelLoader": [300, 58], "ImageUpscaleWithModel": [240, 46], "MarkdownNote": [420, 420],
@@ -291,7 +291,7 @@ def interact(info: dict) -> dict:
     wf = Workflow(info, "interact-480p")
     model, text_encoder, vae = _loaders(wf, MODEL_INTERACT)
     tokens = _encoded_clip(wf, vae, "InfinityStarInteractStart")
-    for text, pos, prompt_pos in zip(PROMPT_STORY, ((860, 0), (1360, 0)), ((400, 0), (1360, 330))):
+    for text, pos, prompt_pos in zip(PROMPT_STORY, ((860, 0), (1360, 0)), ((400, 0), (1360, 360))):
         cond = _prompt(wf, text_encoder, text, pos=prompt_pos, duration_tag="interact")
         clip = wf.node("InfinityStarInteract", pos, seed=41)
         wf.link(model, 0, clip, "model")
