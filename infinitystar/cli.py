@@ -314,7 +314,7 @@ def _run_interact(args) -> Path:
     I.check_story(story)
     schedule = I.clip_schedule(story.pn, story.h_div_w)
     transformer = s.transformer(schedule)
-    if s.model_info().variant in ("720p", "480p"):
+    if s.model_info().variant in I.T2V_VARIANTS:
         print(f"note: these are the {s.model_info().variant} T2V weights; interact needs the interact weights "
               "(--variant interact)", file=sys.stderr)
     guidance = s.guidance(use_apg=args.apg)

@@ -43,6 +43,7 @@ PN = "0.40M"  # the interact checkpoint's resolution class (480p)
 GUIDANCE = GuidanceConfig(scale=3.0, use_apg=False)  # official: use_cfg=1, cfg=3
 TAU = 0.5
 KIND = "interact"  # ``Tokens.kind`` of a story: the latent chain, decoded window by window
+T2V_VARIANTS = ("720p", "480p")  # released weights not trained with the prefix conditions
 
 
 def clip_schedule(pn: str = PN, aspect: str | float = 9 / 16) -> Schedule:
@@ -103,10 +104,6 @@ def sample_clip(model, text: TextCondition, context: torch.Tensor, first_frame: 
 
 # ---------------------------------------------------------------------------------------------- stories
 
-def _clip_schedule_for(tokens) -> Schedule:
-    return clip_schedule(tokens.pn, tokens.h_div_w)
-
-
 def check_story(tokens) -> None:
     """Raise ValueError unless ``tokens`` can be continued: a video of 1 + 20k latent frames (k >= 1)."""
     latents = tokens.summed_codes.shape[2] if tokens.summed_codes.dim() == 5 else 0
@@ -147,7 +144,7 @@ def continue_story(transformer, text: TextCondition, tokens, *, seed: int, guida
     from .pipeline import Tokens, resolve_generator_device
 
     check_story(tokens)
-    schedule = _clip_schedule_for(tokens)
+    schedule = clip_schedule(tokens.pn, tokens.h_div_w)
     chain = tokens.summed_codes.float()
     if tuple(chain.shape[-2:]) != tuple(schedule.scales[-1][1:]):
         raise ValueError(f"tokens are {tuple(chain.shape[-2:])} latent cells, the {tokens.pn} schedule expects "

@@ -18,7 +18,6 @@ from .video import frames_encode_inputs
 logger = logging.getLogger(__name__)
 
 START_RESOLUTIONS = ("480p", "0.25M", "0.06M")  # the interact weights were trained at 480p; the rest are drafts
-T2V_VARIANTS = ("720p", "480p")
 
 
 class InfinityStarInteractStart(io.ComfyNode):
@@ -101,7 +100,7 @@ class InfinityStarInteract(io.ComfyNode):
                 generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:
         from ..infinitystar import interact
 
-        if model.info.variant in T2V_VARIANTS:
+        if model.info.variant in interact.T2V_VARIANTS:
             raise ValueError(f"InfinityStar Interact needs the interact weights (InfinityStarInteract_24K_iters); "
                              f"the loaded {model.info.variant} weights were not trained with its conditions. Load "
                              "the interact weights, or continue with InfinityStar Extend instead.")
