@@ -298,6 +298,10 @@ def _run_interact(args) -> Path:
         args.resolution = "0.06M" if args.tiny else "480p"
     args.variant = args.variant or "interact"
     s = Session(args)
+    if s.model_info().variant in I.T2V_VARIANTS:  # checked before anything loads, as the node does
+        raise ValueError(f"interact needs the interact weights (--variant interact); the {s.model_info().variant} "
+                         "T2V weights were not trained with its conditions. To continue a video with them, use "
+                         "`extend`.")
     prompts = args.prompts or [args.prompt]
     texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration
     if args.tokens:
@@ -314,9 +318,6 @@ def _run_interact(args) -> Path:
     I.check_story(story)
     schedule = I.clip_schedule(story.pn, story.h_div_w)
     transformer = s.transformer(schedule)
-    if s.model_info().variant in I.T2V_VARIANTS:
-        print(f"note: these are the {s.model_info().variant} T2V weights; interact needs the interact weights "
-              "(--variant interact)", file=sys.stderr)
     guidance = s.guidance(use_apg=args.apg)
     for i, text in enumerate(texts):
         bar = _Progress(schedule.num_steps, f"clip {i + 1}/{len(texts)}")

@@ -284,3 +284,13 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
                "--out", str(t2v / "story3.mp4")])
     assert rc == 0 and _probe(t2v / "story3.mp4")[0] == 321
     assert main(["interact", "--models", root, "--resolution", "0.06M"]) == 2  # neither --video nor --tokens
+
+
+def test_interact_refuses_t2v_weights_before_loading(tiny_models, capsys, tmp_path):
+    """The T2V weights were not trained with interact's prefix conditions: the CLI refuses them, as the node does,
+    and says what to use instead, before it reads a video or loads a model."""
+    rc = main(["interact", "--models", str(tiny_models["root"]), "--variant", "480p", "--resolution", "0.06M",
+               "--video", str(tmp_path / "absent.mp4"), "--out", str(tmp_path / "s.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--variant interact" in err and "extend" in err and "absent.mp4" not in err
+    assert not (tmp_path / "s.mp4").exists()
