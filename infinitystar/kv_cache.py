@@ -9,8 +9,9 @@ layers live in host memory (pinned when they come from CUDA) and are copied back
 context, layer by layer. For 10 s videos the last scale of clip 1 is read by every clip-2 step and is
 the largest single tensor of a run (≈ 10 GB at 480p); host memory holds it for the price of one
 host-to-device copy per layer and step, so offloading only as many layers as the device needs
-(:func:`infinitystar.memory.choose_kv_offload`) keeps the rest of those copies away. The text entry is
-small and read by every step, so it stays on the device. Exact: only copies.
+(:func:`infinitystar.memory.choose_kv_offload`) keeps the rest of those copies away. The prefix entries
+(the text, and interact's prefix conditions: ``resident`` keys) are read by every step, so they stay on the
+device, as the memory plan counts them. Exact: only copies.
 
 With CUDA graphs (``homes``, a :class:`infinitystar.cuda_graphs.StepGraphs`), device-resident entries are stored
 into the homes the graphs read, so that a captured step finds every later generation's K/V at its addresses.
@@ -30,7 +31,8 @@ TEXT_KEY = "t0"
 class ScaleKVCache:
     """K/V tensors (B, Nkv, L, D) keyed by step key ('t0' or a scale index), one dict per layer."""
 
-    def __init__(self, num_layers: int, offload: bool | int = False, homes=None):
+    def __init__(self, num_layers: int, offload: bool | int = False, homes=None,
+                 resident: Sequence[Hashable] = ()):
         self._k: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
         self._v: list[dict[Hashable, torch.Tensor]] = [{} for _ in range(num_layers)]
         self.offload_layers = offloaded_layers(offload, num_layers)  # layers [0, n) keep references on the host
@@ -39,6 +41,7 @@ class ScaleKVCache:
         self._nbytes = 0
         self._offloaded = 0
         self.homes = homes  # StepGraphs whose place() says where device entries live, or None
+        self.resident = frozenset((TEXT_KEY, *resident))  # keys never offloaded: the prefix every step reads
 
     def store(self, key: Hashable, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if key in self._k[layer]:
@@ -81,7 +84,7 @@ class ScaleKVCache:
                 self._nbytes -= _size(t)
 
     def _on_host(self, layer: int, key: Hashable) -> bool:
-        return layer < self.offload_layers and key != TEXT_KEY
+        return layer < self.offload_layers and key not in self.resident
 
     @property
     def offload(self) -> bool:

@@ -211,7 +211,8 @@ class _Runner:
         self.graphs = graphs
         if graphs is not None:
             graphs.begin(model, self.dtype)
-        self.cache = ScaleKVCache(model.config.depth, offload=offload, homes=graphs)
+        self.cache = ScaleKVCache(model.config.depth, offload=offload, homes=graphs,
+                                  resident=[c.key for c in self.conditions])
         self.last_use = schedule.ref_last_use()
         self.accumulators: list[torch.Tensor] = []
         self.text = text

@@ -185,6 +185,19 @@ def test_story_from_generated_tokens_and_misuse(models, single_thread):
         I.continue_story(transformer, text, cropped, seed=1)
 
 
+def test_offload_kv_keeps_the_conditions_on_the_device(models, schedule, single_thread):
+    """Every step reads the prefix conditions, as it reads the text, and the memory plan counts them resident: the
+    K/V offload leaves them on the device (a clip has no reference scales, so nothing moves) and changes nothing."""
+    transformer, _, te = models
+    text = te.encode("a red fox", duration_s=5)
+    context, first = _latents(schedule, 21, 1), _latents(schedule, 1, 2)
+    kept = I.sample_clip(transformer, text, context, first, schedule, seed=3, offload_kv=False)
+    moved = I.sample_clip(transformer, text, context, first, schedule, seed=3, offload_kv=True)
+    assert moved.kv_offloaded_layers == transformer.config.depth and moved.kv_offloaded_bytes == 0
+    assert moved.kv_peak_bytes == kept.kv_peak_bytes > 0
+    assert torch.equal(moved.summed_codes, kept.summed_codes)
+
+
 def test_conditions_refuse_cuda_graphs(models, schedule):
     from infinitystar.cuda_graphs import StepGraphs
 

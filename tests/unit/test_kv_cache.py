@@ -42,6 +42,17 @@ def test_offload_keeps_scales_on_the_host_and_text_resident():
     assert 7 not in cache and cache.offloaded_nbytes() == 0 and cache.nbytes() == 2 * per_layer
 
 
+def test_offload_keeps_resident_keys_on_the_device():
+    cache = ScaleKVCache(num_layers=2, offload=True, resident=["semantic"])
+    k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    for layer in range(2):
+        for key in (TEXT_KEY, "semantic", 3):
+            cache.store(key, layer, k, v)
+    per_layer = 2 * k.numel() * 4
+    assert cache.nbytes() == 2 * 2 * per_layer and cache.offloaded_nbytes() == 2 * per_layer  # scale 3 only
+    assert cache.gather(1, ["semantic"])[0][0] is k and cache.gather(1, [3])[0][0] is not k
+
+
 def test_partial_offload_keeps_the_first_layers_on_the_host():
     cache = ScaleKVCache(num_layers=3, offload=2)
     k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
