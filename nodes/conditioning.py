@@ -36,7 +36,7 @@ class InfinityStarTextEncode(io.ComfyNode):
                                        "experiments (closing phrase only). interact = the interact script's "
                                        "prompts: 5 s tag, no closing phrase (for InfinityStar Interact)."),
             ],
-            outputs=[T.Conditioning.Output(display_name="conditioning")],
+            outputs=[T.Conditioning.Output(display_name="conditioning", tooltip="The encoded prompt and negative prompt (with the duration tag) for Sampler, Extend or Interact.")],
         )
 
     @classmethod

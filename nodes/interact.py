@@ -40,7 +40,7 @@ class InfinityStarInteractStart(io.ComfyNode):
                                        "for drafts."),
                 *frames_encode_inputs(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="A story: the reference's last 81 frames as raw latents, ready for InfinityStar Interact.")],
         )
 
     @classmethod
@@ -90,7 +90,7 @@ class InfinityStarInteract(io.ComfyNode):
                                                           "sampling (else they show layout only)."),
                 guidance_schedule_input(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The story, one clip (80 frames, 5 s) longer: Decode it (frames = last clip for just the new clip) or chain another Interact.")],
             hidden=[io.Hidden.unique_id],
         )
 

@@ -126,7 +126,7 @@ class InfinityStarSampler(io.ComfyNode):
                 generator_input(),
                 guidance_schedule_input(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The generated tokens (every step's bits and the summed codes, a few MB): Decode them, Save them, or Extend them.")],
             hidden=[io.Hidden.unique_id],
         )
 

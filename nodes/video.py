@@ -57,7 +57,7 @@ class InfinityStarDecode(io.ComfyNode):
                                        "for a story (Interact) only its last clip is decoded, so each clip can be "
                                        "saved as it is made; other tokens are decoded whole and cut."),
             ],
-            outputs=[io.Image.Output(display_name="images"),
+            outputs=[io.Image.Output(display_name="images", tooltip="RGB frames in 0..1 as an IMAGE batch (16 fps): for Create Video / Save Video, Video Combine, upscalers or any image node."),
                      io.Float.Output(display_name="fps", tooltip="Frame rate of the model: 16.")],
         )
 
@@ -95,7 +95,7 @@ class InfinityStarEncode(io.ComfyNode):
                                        "(720p or 480p for the released weights)."),
                 *frames_encode_inputs(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The frames as tokens: Extend continues them, Interact starts a story from them, Decode gives the frames back as the model sees them.")],
         )
 
     @classmethod
@@ -141,7 +141,7 @@ class InfinityStarExtend(io.ComfyNode):
                                                           "sampling (else they show layout only)."),
                 guidance_schedule_input(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The input tokens followed by the new clips: Decode them, or Extend again.")],
             hidden=[io.Hidden.unique_id],
         )
 

@@ -65,6 +65,7 @@ def test_every_schema_converts_like_object_info(pack):
         assert schema.description, node
         for inp in schema.inputs:
             assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+        assert len(info["output_tooltips"]) == len(schema.outputs) and all(info["output_tooltips"]), node
         sockets = {**info["input"]["required"], **info["input"].get("optional", {})}
         assert set(sockets) == {i.id for i in schema.inputs}
 
