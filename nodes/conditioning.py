@@ -34,20 +34,30 @@ class InfinityStarTextEncode(io.ComfyNode):
                                        "take the one matching its duration (3 short T5 passes). Without the "
                                        "tag videos degrade badly (upstream issue #29); 'off' is for "
                                        "experiments (closing phrase only). interact = the interact script's "
-                                       "prompts: 5 s tag, no closing phrase (for InfinityStar Interact)."),
+                                       "prompts: 5 s tag, no closing phrase (for InfinityStar Interact); "
+                                       "there each line of the prompt is one clip's prompt, as in the "
+                                       "script's prompt.txt."),
             ],
-            outputs=[T.Conditioning.Output(display_name="conditioning", tooltip="The encoded prompt and negative prompt (with the duration tag) for Sampler, Extend or Interact.")],
+            outputs=[T.Conditioning.Output(display_name="conditioning", tooltip="The encoded prompt and negative "
+                                                                                "prompt (with the duration tag) for "
+                                                                                "Sampler, Extend or Interact.")],
         )
 
     @classmethod
     def execute(cls, text_encoder: T.LoadedTextEncoder, prompt: str, negative_prompt: str,
                 duration_tag: str) -> io.NodeOutput:
-        texts = {}
         patcher = text_encoder.patcher
+        lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+        clips = lines if duration_tag == "interact" and len(lines) > 1 else []  # a story: one clip per line
+        encoded = []
         with host.loaded(patcher, force_full_load=True, release_after=True):
-            for seconds in DURATION_TAGS[duration_tag]:
-                host.check_interrupt()
-                texts[seconds] = text_encoder.encoder.encode(prompt, negative_prompt, duration_s=seconds or None,
-                                                             device=patcher.load_device,
-                                                             closing=duration_tag not in NO_CLOSING_PHRASE)
-        return io.NodeOutput(T.Conditioned(texts, prompt, negative_prompt, duration_tag))
+            for text in clips or [prompt]:
+                texts = {}
+                for seconds in DURATION_TAGS[duration_tag]:
+                    host.check_interrupt()
+                    texts[seconds] = text_encoder.encoder.encode(text, negative_prompt, duration_s=seconds or None,
+                                                                 device=patcher.load_device,
+                                                                 closing=duration_tag not in NO_CLOSING_PHRASE)
+                encoded.append(texts)
+        return io.NodeOutput(T.Conditioned(encoded[0], prompt, negative_prompt, duration_tag,
+                                           tuple(texts[5] for texts in encoded) if clips else ()))

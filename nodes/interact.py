@@ -40,7 +40,8 @@ class InfinityStarInteractStart(io.ComfyNode):
                                        "for drafts."),
                 *frames_encode_inputs(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens", tooltip="A story: the reference's last 81 frames as raw latents, ready for InfinityStar Interact.")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="A story: the reference's last 81 frames as raw "
+                                                                    "latents, ready for InfinityStar Interact.")],
         )
 
     @classmethod
@@ -61,15 +62,17 @@ class InfinityStarInteract(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InfinityStarInteract", display_name="InfinityStar Interact", category="InfinityStar/interact",
-            description="Adds one 5 s clip (80 frames) to a story under its own prompt, with the InfinityStar-"
-                        "Interact weights. The clip sees the prompt, the previous 5 s (downsized) and the story's "
-                        "first and latest frames. Chain one node per prompt and decode the last tokens for the "
-                        "whole video. Defaults are the official script's: plain CFG 3, tau 0.5.",
+            description="Adds one 5 s clip (80 frames) to a story per prompt line, with the InfinityStar-"
+                        "Interact weights. Each clip sees its prompt, the previous 5 s (downsized) and the story's "
+                        "first and latest frames. Write one line per clip (as the official prompt.txt) or chain "
+                        "one node per prompt, and decode the last tokens for the whole video. Defaults are the "
+                        "official script's: plain CFG 3, tau 0.5.",
             inputs=[
                 T.Model.Input("model", tooltip="From InfinityStar Model Loader with the interact weights "
                                                "(InfinityStarInteract_24K_iters)."),
-                T.Conditioning.Input("positive", tooltip="Prompt of the new clip (Text Encode with duration_tag "
-                                                         "interact, as the official interact script)."),
+                T.Conditioning.Input("positive", tooltip="Prompt of the new clip, or one line per clip (Text "
+                                                         "Encode with duration_tag interact, as the official "
+                                                         "interact script)."),
                 T.Tokens.Input("tokens", tooltip="From InfinityStar Interact Start, a previous Interact node, or a "
                                                  "generated / encoded video of 5 s or more."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -90,7 +93,9 @@ class InfinityStarInteract(io.ComfyNode):
                                                           "sampling (else they show layout only)."),
                 guidance_schedule_input(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The story, one clip (80 frames, 5 s) longer: Decode it (frames = last clip for just the new clip) or chain another Interact.")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The story, one clip (80 frames, 5 s) longer per "
+                                                       "prompt line: Decode it (frames = last clip for just the "
+                                                       "newest clip) or chain another Interact.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -111,10 +116,17 @@ class InfinityStarInteract(io.ComfyNode):
                            positive.duration_tag)
         schedule = interact.clip_schedule(tokens.pn, tokens.h_div_w)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)
+        clips = positive.clip_conditions()
 
         def run(module, run_kwargs):
-            return interact.continue_story(module, positive.select(5), tokens, seed=seed, guidance=guidance,
-                                           tau=tau, generator=generator, **run_kwargs)
+            progress, story = run_kwargs.pop("callback"), tokens
+            for i, text in enumerate(clips):  # one progress bar over every clip's steps
+                def callback(step, steps, accumulators, before=i * schedule.num_steps):
+                    progress(before + step, len(clips) * steps, accumulators)
+
+                story = interact.continue_story(module, text, story, seed=seed, guidance=guidance, tau=tau,
+                                                generator=generator, callback=callback, **run_kwargs)
+            return story
 
         return io.NodeOutput(run_transformer(model, schedule, run, getattr(cls.hidden, "unique_id", None), vae,
                                              extra_tokens=interact.condition_tokens(schedule)))

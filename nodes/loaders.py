@@ -82,7 +82,9 @@ class InfinityStarModelLoader(io.ComfyNode):
                                          "Needs Triton on a GPU. The first run compiles (about a minute); later "
                                          "runs reuse it. Off = the plain PyTorch path."),
             ],
-            outputs=[T.Model.Output(display_name="model", tooltip="The transformer, held by ComfyUI's model manager (loaded to the GPU only while a node samples), for Sampler, Extend or Interact.")],
+            outputs=[T.Model.Output(display_name="model", tooltip="The transformer, held by ComfyUI's model manager "
+                                                                  "(loaded to the GPU only while a node samples), for "
+                                                                  "Sampler, Extend or Interact.")],
         )
 
     @classmethod
@@ -137,7 +139,8 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
                                tooltip="auto = fp16 on GPUs (as the official scripts load it), fp32 on CPU "
                                        "where fp16 is slow. bf16 halves memory like fp16 with a wider range."),
             ],
-            outputs=[T.TextEncoder.Output(display_name="text_encoder", tooltip="flan-t5-xl, for InfinityStar Text Encode.")],
+            outputs=[T.TextEncoder.Output(display_name="text_encoder", tooltip="flan-t5-xl, for InfinityStar Text "
+                                                                               "Encode.")],
         )
 
     @classmethod
@@ -171,7 +174,8 @@ class InfinityStarVAELoader(io.ComfyNode):
                                tooltip="Dtype the convolutions run in (weights stay as stored). auto = bf16 where "
                                        "supported (the official decode runs under bf16 autocast), else fp32."),
             ],
-            outputs=[T.VAE.Output(display_name="vae", tooltip="The video tokenizer, for Decode, Encode, Interact Start, the Sampler's start image and colour previews.")],
+            outputs=[T.VAE.Output(display_name="vae", tooltip="The video tokenizer, for Decode, Encode, Interact "
+                                                              "Start, the Sampler's start image and colour previews.")],
         )
 
     @classmethod
@@ -212,7 +216,8 @@ class InfinityStarDownloadModels(io.ComfyNode):
                                 tooltip="Optional folder laid out like the hub repo (a mirror, a USB disk) to "
                                         "copy from instead of downloading. Empty = download."),
             ],
-            outputs=[io.String.Output(display_name="folder", tooltip="The folder the files are in; the loaders list them after a refresh (R).")],
+            outputs=[io.String.Output(display_name="folder", tooltip="The folder the files are in; the loaders list "
+                                                                     "them after a refresh (R).")],
             is_output_node=True,
         )
 

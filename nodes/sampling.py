@@ -126,7 +126,9 @@ class InfinityStarSampler(io.ComfyNode):
                 generator_input(),
                 guidance_schedule_input(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The generated tokens (every step's bits and the summed codes, a few MB): Decode them, Save them, or Extend them.")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The generated tokens (every step's bits and the "
+                                                                    "summed codes, a few MB): Decode them, Save them, "
+                                                                    "or Extend them.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -149,6 +151,7 @@ class InfinityStarSampler(io.ComfyNode):
         # raises before anything loads when the weights were not trained for this duration
         schedule = pipeline.resolve_schedule(pick_resolution(resolution, model.info), aspect_ratio, seconds,
                                              model_info=model.info)
+        text = positive.select(seconds)  # before anything loads
         condition = None
         if start_image is not None:
             if vae is None:
@@ -160,9 +163,8 @@ class InfinityStarSampler(io.ComfyNode):
                 condition = pipeline.encode_image(tokenizer, image_to_uint8(start_image)[0], schedule, seed=seed)
 
         def sample(module, run_kwargs):
-            return pipeline.generate(module, positive.select(seconds), schedule, seed=seed, guidance=guidance,
-                                     tau_image=tau_image, tau_video=tau_video, condition=condition,
-                                     generator=generator, **run_kwargs)
+            return pipeline.generate(module, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
+                                     tau_video=tau_video, condition=condition, generator=generator, **run_kwargs)
 
         return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None), vae))
 

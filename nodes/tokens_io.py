@@ -44,7 +44,8 @@ class InfinityStarLoadTokens(io.ComfyNode):
                 io.Combo.Input("tokens_file", options=paths.input_files(EXTENSION),
                                tooltip="A tokens .safetensors in the input folder (subfolders included)."),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The saved tokens, as the node that made them returned them.")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The saved tokens, as the node that made them "
+                                                                    "returned them.")],
         )
 
     @classmethod

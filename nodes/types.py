@@ -67,10 +67,20 @@ class Conditioned:
     prompt: str
     negative_prompt: str
     duration_tag: str = "auto"  # the Text Encode choice; "interact" = the interact script's decoration
+    clip_texts: tuple = ()  # interact prompt of several lines: one condition per line (clip), in order
 
     def select(self, duration_s: int):
         """The condition for a generation of ``duration_s`` seconds (0 = image)."""
+        if len(self.clip_texts) > 1:
+            raise ValueError(f"this prompt holds {len(self.clip_texts)} clip prompts (one per line, duration_tag "
+                             "interact): that is for InfinityStar Interact. Here write the prompt on one line, or "
+                             "encode it with another duration_tag.")
         if len(self.texts) == 1:
             return next(iter(self.texts.values()))
         key = 0 if duration_s <= 0 else min(duration_s, max(self.texts))
         return self.texts.get(key) or self.texts[max(self.texts)]
+
+    def clip_conditions(self) -> tuple:
+        """One condition per interact clip: the prompt's lines, as the official script reads its prompt.txt, or
+        the 5 s condition once."""
+        return self.clip_texts or (self.select(5),)

@@ -57,7 +57,9 @@ class InfinityStarDecode(io.ComfyNode):
                                        "for a story (Interact) only its last clip is decoded, so each clip can be "
                                        "saved as it is made; other tokens are decoded whole and cut."),
             ],
-            outputs=[io.Image.Output(display_name="images", tooltip="RGB frames in 0..1 as an IMAGE batch (16 fps): for Create Video / Save Video, Video Combine, upscalers or any image node."),
+            outputs=[io.Image.Output(display_name="images", tooltip="RGB frames in 0..1 as an IMAGE batch (16 fps): "
+                                                                    "for Create Video / Save Video, Video Combine, "
+                                                                    "upscalers or any image node."),
                      io.Float.Output(display_name="fps", tooltip="Frame rate of the model: 16.")],
         )
 
@@ -95,7 +97,9 @@ class InfinityStarEncode(io.ComfyNode):
                                        "(720p or 480p for the released weights)."),
                 *frames_encode_inputs(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The frames as tokens: Extend continues them, Interact starts a story from them, Decode gives the frames back as the model sees them.")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The frames as tokens: Extend continues them, "
+                                                                    "Interact starts a story from them, Decode gives "
+                                                                    "the frames back as the model sees them.")],
         )
 
     @classmethod
@@ -141,7 +145,8 @@ class InfinityStarExtend(io.ComfyNode):
                                                           "sampling (else they show layout only)."),
                 guidance_schedule_input(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The input tokens followed by the new clips: Decode them, or Extend again.")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="The input tokens followed by the new clips: "
+                                                                    "Decode them, or Extend again.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -159,10 +164,10 @@ class InfinityStarExtend(io.ComfyNode):
                            TRAINED_SECONDS)
         schedule = build_schedule(tokens.pn, tokens.h_div_w, frames)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)
+        text = positive.select(min(seconds, TRAINED_SECONDS))  # before anything loads
 
         def extend(module, run_kwargs):
-            return pipeline.extend(module, positive.select(min(seconds, TRAINED_SECONDS)), tokens, clips,
-                                   seed=seed, guidance=guidance, tau_video=tau_video, generator=generator,
-                                   **run_kwargs)
+            return pipeline.extend(module, text, tokens, clips, seed=seed, guidance=guidance, tau_video=tau_video,
+                                   generator=generator, **run_kwargs)
 
         return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None), vae))

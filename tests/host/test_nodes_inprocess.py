@@ -634,6 +634,41 @@ def test_interact_nodes_make_a_story_and_decode_it(pack, loaded, core, comfy_dir
             guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
 
 
+def test_interact_takes_one_clip_per_prompt_line(pack, loaded, core):
+    """duration_tag interact: each line of the prompt is one clip's prompt, as the official script's prompt.txt
+    (blank lines skipped); one Interact node adds a clip per line, equal to the core's clips one after the other;
+    the Sampler and Extend refuse such a prompt with what to do."""
+    interact = core("interact")
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="InfinityStarInteract_24K_iters",
+                weight_dtype="default", compute_dtype="auto", attention="auto")[0]
+    video = torch.rand(81, 100, 170, 3, generator=torch.Generator().manual_seed(4))
+    story = run(pack.interact.InfinityStarInteractStart, vae=loaded["vae"], images=video, resolution="0.06M",
+                aspect_ratio="from input", seed=1)[0]
+    cond = run(pack.conditioning.InfinityStarTextEncode, text_encoder=loaded["te"], duration_tag="interact",
+               prompt="a red fox\n\n   a blue bird  \n", negative_prompt="")[0]
+    lines = [loaded["te"].encoder.encode(p, duration_s=5, closing=False) for p in ("a red fox", "a blue bird")]
+    assert [t.cond.shape for t in cond.clip_texts] == [t.cond.shape for t in lines]
+    assert all(torch.equal(a.cond, b.cond) for a, b in zip(cond.clip_texts, lines))
+    settings = dict(seed=3, guidance_scale=3.0, apg_threshold=0.05, use_plain_cfg=True, tau=0.5)
+    both = run(pack.interact.InfinityStarInteract, model=model, positive=cond, tokens=story, **settings)[0]
+    assert both.frames == 81 + 2 * 80
+    with pack.host.loaded(model.patcher) as module:
+        expect = story
+        for text in lines:
+            expect = interact.continue_story(module, text, expect, seed=3, generator="cpu")
+    assert torch.equal(expect.summed_codes, both.summed_codes)
+
+    with pytest.raises(ValueError, match="2 clip prompts .* InfinityStar Interact"):
+        run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=cond, duration="5 s", seed=0,
+            **SMALL)
+    with pytest.raises(ValueError, match="2 clip prompts"):
+        run(pack.video.InfinityStarExtend, model=loaded["model"], positive=cond, tokens=both, clips=1, seed=1,
+            guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
+    one_line = run(pack.conditioning.InfinityStarTextEncode, text_encoder=loaded["te"], duration_tag="5s",
+                   prompt="a red fox\na blue bird", negative_prompt="")[0]
+    assert one_line.clip_texts == ()  # other tags keep a multi-line prompt whole
+
+
 def test_guidance_schedule_reaches_the_sampler(pack, loaded, core):
     """The optional guidance_schedule: the node's tokens equal the core's with the same per-scale list; a malformed
     list fails with what to write, before anything loads."""

@@ -45,7 +45,7 @@ CHROMIUM = find_chromium()
 WORKFLOWS = workflow_files()
 CLIENT_ID = "infinitystar-browser-test"  # not the page's id: the page gets no execution messages of ours
 SETTLE_MS = 400  # dialogs, toasts and image previews appear asynchronously after loadGraphData
-RUN_STOP_TIMEOUT = 120
+RUN_STOP_TIMEOUT = 300  # a run between interrupt checks (a tokenizer encode or decode) can take minutes on 2 busy cores
 # Widgets the frontend adds to show a loaded image/video; not inputs of the node. graphToPrompt() sends the video
 # one along as an input (frontend 1.27), which the server ignores as it is not declared.
 PREVIEW_WIDGETS = {"$$canvas-image-preview", "video-preview"}
