@@ -303,6 +303,13 @@ def _run_interact(args) -> Path:
                          "T2V weights were not trained with its conditions. To continue a video with them, use "
                          "`extend`.")
     prompts = args.prompts or [args.prompt]
+    if args.prompts_file:
+        if args.prompts:
+            raise ValueError("give the clips' prompts with --prompts or with --prompts-file, not both")
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts_file} holds no prompt: write one prompt per line, a clip each")
     texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration
     if args.tokens:
         story = P.Tokens.load(args.tokens)
@@ -407,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--video", help="reference video; its last 5 s start the story")
     it.add_argument("--tokens", help="a story (or video tokens) saved with --save-tokens, to continue")
     it.add_argument("--prompts", nargs="+", help="one prompt per new 5 s clip (default: --prompt, one clip)")
+    it.add_argument("--prompts-file", help="a text file with one prompt per line, a clip each (the official "
+                                           "script's prompt.txt; blank lines skipped)")
     it.add_argument("--tau", type=float, default=0.5, help="temperature of every scale (official 0.5)")
     it.add_argument("--apg", action="store_true", help="APG instead of the official plain CFG (raise --cfg)")
     it.set_defaults(cfg=3.0, aspect=None)

@@ -281,9 +281,15 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
     one = I.continue_story(model, te.encode("a red fox", duration_s=5, closing=False), start, seed=5)
     assert torch.equal(story.summed_codes[:, :, :41], one.summed_codes)
 
-    rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompt", "a green frog", "--seed", "6",
-               "--out", str(t2v / "story3.mp4")])
-    assert rc == 0 and _probe(t2v / "story3.mp4")[0] == 321
+    prompts = t2v / "prompt.txt"  # the official script's prompt file: a clip per line
+    prompts.write_text("a green frog\n\n  a grey heron \n", encoding="utf-8")
+    rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts),
+               "--seed", "6", "--out", str(t2v / "story4.mp4")])
+    assert rc == 0 and _probe(t2v / "story4.mp4")[0] == 241 + 2 * 80
+    prompts.write_text("\n  \n", encoding="utf-8")
+    assert main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts)]) == 2
+    assert main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts),
+                 "--prompts", "a", "b"]) == 2
     assert main(["interact", "--models", root, "--resolution", "0.06M"]) == 2  # neither --video nor --tokens
 
 
