@@ -67,6 +67,19 @@ def test_hub_path_passes_only_the_variant_patterns(tiny_models, tmp_path, monkey
     assert set(paths) == {"transformer", "vae"} and paths["transformer"].is_dir()
 
 
+def test_files_the_hub_does_not_hold_are_named(tmp_path, monkeypatch):
+    """A download that brings nothing for a component (the repo has no such files) says which and, for the
+    interact weights, whose hub place is unconfirmed, where to put the folder by hand."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, *, local_dir, **kw: local_dir)
+    with pytest.raises(FileNotFoundError, match="holds no files matching InfinityStarInteract_24K_iters/.*put it in"):
+        D.download_models(tmp_path, "interact", components=("transformer",), progress=False)
+    with pytest.raises(FileNotFoundError, match=r"holds no files matching infinitystar_videovae.pth \(the 720p vae\)\.$"):
+        D.download_models(tmp_path, "720p", components=("vae",), progress=False)
+
+
 def test_offline_mode_is_clear(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
