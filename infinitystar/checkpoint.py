@@ -427,19 +427,41 @@ def _scaled_fp8_hooks(model: torch.nn.Module, target):
 
 
 def transformer_storage(dtype: torch.dtype | None, keep_fp32_modules: bool = True,
-                        fp32_modules: tuple[str, ...] = FP32_MODULES):
+                        fp32_modules: tuple[str, ...] = FP32_MODULES, fp32_norms: bool = False):
     """``target(key, tensor) -> dtype``: how the transformer's tensors are stored for block dtype ``dtype`` in the
     official layout (None keeps each tensor's own dtype); the loader, the memory estimate and the benchmarks' random
-    models all follow it."""
+    models all follow it. ``fp32_norms``: the blocks' norm weights stay fp32 (the interact layout, see
+    :func:`block_norms_fp32`)."""
     def target(key: str, tensor: torch.Tensor) -> torch.dtype:
         if dtype is None or not tensor.is_floating_point():
             return tensor.dtype
         if key.split(".")[0] in fp32_modules:
             return torch.float32 if keep_fp32_modules else (dtype if dtype.itemsize > 1 else torch.bfloat16)
+        if fp32_norms and key.endswith("norm.weight"):
+            return torch.float32
         if dtype.itemsize == 1 and tensor.ndim < 2:  # fp8 storage is for matmul weights; norms stay bf16
             return torch.bfloat16
         return dtype
     return target
+
+
+def block_norms_fp32(variant: str) -> bool:
+    """Whether the blocks' RMSNorm weights stay fp32 when the blocks are stored in a smaller dtype.
+
+    The T2V scripts cast their blocks to bf16 (norm weights included) and run them under bf16 autocast. The
+    interact script keeps its blocks fp32 under the same autocast: autocast rounds each matmul weight to bf16 at
+    the call, as bf16 storage does, and the tokens are bf16 in both, so only the norm weights differ; the norms
+    compute in fp32 with them. Keeping just those fp32 (a few hundred KB) follows the interact script."""
+    return variant == "interact"
+
+
+def default_block_dtype(stored: torch.dtype, device: torch.device | str) -> torch.dtype | None:
+    """Block storage for "default" (None: as stored). The official files are fp32 (35 GB); the official scripts
+    load their blocks in bf16 on the GPU (17.6 GB), so that is what default gives there. The CPU keeps fp32 (the
+    golden arithmetic); files stored otherwise (bf16, fp16, fp8, GGUF) stay as they are."""
+    if stored == torch.float32 and torch.device(device).type != "cpu":
+        return torch.bfloat16
+    return None
 
 
 def inspect_transformer(path: str | Path) -> CheckpointInfo:
@@ -461,8 +483,8 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     """Load the InfinityStar transformer from an official file or sharded folder.
 
     ``dtype`` None keeps the file's dtype everywhere; otherwise the blocks are stored in ``dtype`` (fp8 only for
-    matmul weights, norms then bf16) and the embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the
-    official precision layout. ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
+    matmul weights, norms then bf16; the interact weights' norms fp32, :func:`block_norms_fp32`) and the
+    embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the official precision layout. ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
     (:class:`infinitystar.ops.Fp8MatmulLinear`). Returns ``(model, CheckpointInfo)``.
     """
     from .config import detect_transformer_config
@@ -492,7 +514,9 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     if "cfg_uncond" in shapes:
         shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
     check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
-    target = transformer_storage(dtype, keep_fp32_modules, tuple(model.fp32_modules))
+    variant = detect_variant(path, reader.metadata())
+    target = transformer_storage(dtype, keep_fp32_modules, tuple(model.fp32_modules),
+                                 fp32_norms=block_norms_fp32(variant))
     transform = None
     if dtype == SCALED_FP8:
         target, transform = _scaled_fp8_hooks(model, target)
@@ -502,8 +526,7 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
                  transform=transform)
     model.eval().requires_grad_(False)
-    info = CheckpointInfo(detect_variant(path, reader.metadata()), config, model.block_dtype(), reader.path,
-                          _gguf_quant(reader))
+    info = CheckpointInfo(variant, config, model.block_dtype(), reader.path, _gguf_quant(reader))
     logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.storage)
     return model, info
 

@@ -61,8 +61,8 @@ def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.devi
 def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_device: torch.device):
     """``comfy.ops`` family for storing in ``weight_dtype`` and computing in ``compute_dtype``.
 
-    The file dtype ("default") is unknown before loading, so it gets ``manual_cast``, which casts per layer only
-    when the dtypes differ. fp8_e4m3fn gets ComfyUI's scaled-fp8 ops: the loader stores each block weight divided
+    ``None`` (files kept as stored: fp32 on the CPU, or already bf16 / fp16 / fp8) gets ``manual_cast``, which
+    casts per layer only when the dtypes differ. fp8_e4m3fn gets ComfyUI's scaled-fp8 ops: the loader stores each block weight divided
     by its own scale (``infinitystar.ops.quantize_scaled``); with ``--fast fp8_matrix_mult`` they use fp8 matmuls.
     Every family carries ``comfy_cast_weights``, which is what lets a partial load leave layers on the offload
     device and stream them in.

@@ -60,8 +60,10 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "InfinityStar Interact. Missing? Use the InfinityStar Download Models "
                                        "node."),
                 io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the blocks. default keeps the file's (bf16, ~17 GB; "
-                                       "a .gguf stays as quantized: only default applies); "
+                               tooltip="Storage dtype of the blocks. default = the official scripts' layout: "
+                                       "the official fp32 files' blocks in bf16 on a GPU (~17.6 GB; fp32 on the "
+                                       "CPU); other files as stored (a .gguf stays quantized: only default "
+                                       "applies). "
                                        "fp8 halves that (~9 GB) at a small quality cost (e5m2 for RTX 30xx). "
                                        "fp8_e4m3fn is stored with a per-tensor scale; ComfyUI started with "
                                        "--fast fp8_matrix_mult also multiplies it in fp8 (RTX 40xx and newer). "
@@ -94,7 +96,7 @@ class InfinityStarModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str,
                 compile: bool = False) -> io.NodeOutput:
-        from ..infinitystar.checkpoint import load_transformer
+        from ..infinitystar.checkpoint import default_block_dtype, inspect_transformer, load_transformer
         from ..infinitystar.transformer import compile_unavailable
 
         path = paths.resolve_transformer(model_name)
@@ -112,6 +114,8 @@ class InfinityStarModelLoader(io.ComfyNode):
                                  "them in another dtype.")
             ops = host.gguf_ops()
         else:
+            if wdtype is None:  # the official layout: the fp32 files' blocks in bf16 on a GPU
+                wdtype = default_block_dtype(inspect_transformer(path).dtype, load_device)
             host.check_weight_dtype(wdtype, load_device)
             ops = host.pick_ops(wdtype, compute, load_device)
         model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)

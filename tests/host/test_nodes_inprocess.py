@@ -460,6 +460,27 @@ def test_fp8_on_apple_mps_is_refused_before_loading(pack, comfy_dirs, monkeypatc
             weight_dtype="fp8_e4m3fn", compute_dtype="auto", attention="auto")
 
 
+def test_default_weight_dtype_is_the_official_layout(pack, comfy_dirs, monkeypatch):
+    """The official files are fp32 (35 GB): on a GPU weight_dtype "default" stores their blocks in bf16 (17.6 GB)
+    as the official scripts do, through ComfyUI's bf16 ops; on the CPU they stay fp32."""
+    import torch as _torch
+
+    host = pack.host
+    kw = dict(model_name="infinitystar_8b_720p_weights", weight_dtype="default", compute_dtype="auto",
+              attention="auto")
+    assert run(pack.loaders.InfinityStarModelLoader, **kw)[0].info.storage == "float32"
+    monkeypatch.setattr(host, "devices", lambda kind: (_torch.device("cuda"), _torch.device("cpu")))
+    monkeypatch.setattr(pack.loaders, "_pick_attention", lambda choice, device: "sdpa")
+    monkeypatch.setattr(host, "resolve_compute_dtype", lambda choice, device: _torch.bfloat16)
+    asked, pick_ops = [], host.pick_ops
+    monkeypatch.setattr(host, "pick_ops",
+                        lambda w, c, d: asked.append((w, d.type)) or pick_ops(w, c, _torch.device("cpu")))
+    model = run(pack.loaders.InfinityStarModelLoader, **kw)[0]
+    assert asked == [(_torch.bfloat16, "cuda")] and model.info.storage == "bfloat16"
+    norms = [m.weight for m in model.module.blocks[0].modules() if type(m).__name__ == "RMSNorm"]
+    assert norms and all(w.dtype == _torch.bfloat16 for w in norms)  # T2V weights: the T2V scripts' bf16 norms
+
+
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
 def test_fp8_weights_load_and_sample_through_comfy_ops(pack, loaded, weight_dtype):
     """fp8 storage through ComfyUI's ops: e4m3fn as ComfyUI's scaled fp8 (each block weight divided by its own

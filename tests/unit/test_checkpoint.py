@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from infinitystar.checkpoint import (
     CFG_UNCOND_ROWS,
+    default_block_dtype,
     describe_keys,
     identify_file,
     initial_cfg_uncond,
@@ -74,6 +75,59 @@ def test_load_casts_blocks_and_keeps_fp32_modules(sd, sharded, dtype):
             k for k, v in sd.items() if _is_block(k) and v.ndim == 2}
     else:
         assert not scales
+
+
+def test_default_storage_is_the_official_scripts():
+    """Weight dtype "default": the official files are fp32 (35 GB); the scripts hold their blocks in bf16 on the
+    GPU (17.6 GB). The CPU keeps fp32 (the golden arithmetic); files stored otherwise stay as they are."""
+    assert default_block_dtype(torch.float32, "cuda") == torch.bfloat16
+    assert default_block_dtype(torch.float32, torch.device("mps")) == torch.bfloat16
+    assert default_block_dtype(torch.float32, "cpu") is None
+    for stored in (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.uint8):  # uint8: GGUF
+        assert default_block_dtype(stored, "cuda") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_interact_weights_keep_their_norms_fp32(sd, tmp_path, dtype):
+    folder = write_sharded_safetensors(tmp_path / "InfinityStarInteract_24K_iters", sd, shards=2)
+    model, info = load_transformer(folder, dtype=dtype)
+    assert info.variant == "interact" and info.dtype == dtype
+    got = model.state_dict()
+    norms = [k for k in sd if _is_block(k) and k.endswith("norm.weight")]
+    assert norms and all(got[k].dtype == torch.float32 and torch.equal(got[k], sd[k]) for k in norms)
+    assert all(got[k].dtype == dtype for k, v in sd.items() if _is_block(k) and v.ndim == 2)
+
+
+def test_interact_layout_gives_the_logits_of_fp32_blocks_run_in_bf16(sd, tmp_path):
+    """The interact script runs fp32 blocks under bf16 autocast: each matmul sees its weight rounded to bf16, each
+    norm its fp32 weight. Stored in bf16 with fp32 norms, the interact weights give exactly the logits of fp32
+    blocks run in bf16; the T2V layout (bf16 norms, as the T2V scripts) does not, once the norm weights are not
+    bf16 numbers."""
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.sampler import TextCondition, sample
+    from infinitystar.schedule import build_schedule
+    from infinitystar.transformer import RMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    weights = {k: v + 1e-3 * torch.randn(v.shape, generator=g) if _is_block(k) and k.endswith("norm.weight") else v
+               for k, v in sd.items()}
+    folder = write_sharded_safetensors(tmp_path / "InfinityStarInteract_24K_iters", weights, shards=2)
+    text = TextCondition(torch.randn(7, TRANSFORMER_PRESETS["tiny"].text_channels, generator=g))
+    schedule = build_schedule("0.06M", "1:1", 1, num_scales=5)
+
+    def logits(model):
+        out = []
+        sample(model, text, schedule, seed=2, compute_dtype=torch.bfloat16, step_hook=lambda r: out.append(r.logits))
+        return out
+
+    stored, _ = load_transformer(folder, dtype=torch.bfloat16)
+    want = logits(load_transformer(folder)[0])  # fp32 blocks
+    assert all(torch.equal(a, b) for a, b in zip(logits(stored), want, strict=True))
+    for block in stored.blocks:
+        for m in block.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.data = m.weight.data.to(torch.bfloat16)
+    assert not all(torch.equal(a, b) for a, b in zip(logits(stored), want, strict=True))
 
 
 def test_merged_bf16_file_and_pth_variants(sd, tmp_path):
