@@ -112,16 +112,18 @@ def official_args(mod, pn: str, frames: int, bf16: bool, schedule):
     return args
 
 
-def official_interact_args(mod, pn: str, clip_schedule, bf16: bool = False):
-    """The interact script's settings (tools/infer_interact_480p.py): plain CFG 3, tau 0.5, fp32 (``bf16``: under
-    the T2V scripts' bf16 autocast instead, for timings against our bf16), the interact schedule and RoPE tables
-    (1000 scale positions); ``clip_schedule`` (ours) gives the repetitions and head split."""
+def official_interact_args(mod, pn: str, clip_schedule, bf16: bool = False, script_precision: bool = False):
+    """The interact script's settings (tools/infer_interact_480p.py): plain CFG 3, tau 0.5, the interact schedule
+    and RoPE tables (1000 scale positions); ``clip_schedule`` (ours) gives the repetitions and head split.
+    Precision: pure fp32 by default (the golden arithmetic); ``script_precision``: the script's own, fp32 blocks
+    under the bf16 autocast of ``gen_one_example``; ``bf16``: bf16 blocks under that autocast, as the T2V scripts."""
     args = mod.Args()
     args.pn = PN_CODES.get(pn, pn)
     args.video_frames = 161
     args.model_type = "infinity_qwen8b"
     args.dynamic_scale_schedule = "infinity_star_interact"
     args.bf16 = int(bf16)
+    args.autocast_bf16 = int(bf16 or script_precision)  # OfficialRunner: run under the scripts' bf16 autocast
     args.use_apg, args.use_cfg, args.cfg, args.apg_norm_threshold = 0, 1, 3, 0.05
     args.tau = 0.5
     args.image_scale_repetition = json.dumps(list(clip_schedule.video_repetition))
@@ -267,9 +269,9 @@ class OfficialRunner:
             return torch.zeros(1, 4 * summed_codes.shape[2], 1, 1, 3, dtype=torch.uint8)
 
         self.model.summed_codes2images = capture_decode
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16
-                    else contextlib.nullcontext())
-        cpu_guards = _cpu_autocast_guards() if args.bf16 and self.device.type == "cpu" else contextlib.nullcontext()
+        bf16 = getattr(args, "autocast_bf16", args.bf16)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        cpu_guards = _cpu_autocast_guards() if bf16 and self.device.type == "cpu" else contextlib.nullcontext()
         try:
             with autocast, cpu_guards, torch.no_grad(), _quiet_tqdm(), contextlib.redirect_stdout(sys.stderr):
                 codes, _ = self.model.ar_infer_infinity_star_interact(

@@ -230,3 +230,43 @@ def test_clip_equals_the_official_interact_sampler(official_path, single_thread)
         assert torch.equal(theirs[:, :, 1:], ours) and torch.equal(theirs[:, :, :1], context[:, :, -1:])
         a, b = I.decode_windows(41)[1]
         assert torch.equal(decoded, torch.cat([context, ours], dim=2)[:, :, a:b])
+
+
+def test_clip_in_bf16_follows_the_interact_script_precision(official_path, single_thread, tmp_path):
+    """The interact script runs fp32 blocks under bf16 autocast. On a CPU stand-in for that (CPU autocast with the
+    official GPU-only guards, as bench_generate --cpu-bf16), our clip computing in bf16 with the interact layout
+    the loader gives (bf16 blocks, fp32 norm weights) draws the official clip's bits; with the T2V layout (bf16 norm
+    weights) it does not, once the norm weights are not bf16 numbers."""
+    from bench_loader import load_benchmark
+
+    from infinitystar.checkpoint import load_transformer
+    from infinitystar.tiny import write_sharded_safetensors
+    from infinitystar.transformer import RMSNorm
+
+    bench = load_benchmark("bench_generate")
+    official = load_benchmark("official")
+    mod = official.import_official(official_path)
+    config = bench.CONFIGS["tiny"]
+    state = bench.build_model(config, torch.device("cpu"), torch.float32, 43).state_dict()
+    g = torch.Generator().manual_seed(2)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=g) if k.endswith("norm.weight") else v
+             for k, v in state.items()}
+    folder = write_sharded_safetensors(tmp_path / "InfinityStarInteract_24K_iters", state, shards=1)
+    ours_model, info = load_transformer(folder, dtype=torch.bfloat16)  # what the nodes and the CLI load on a GPU
+    assert info.variant == "interact"
+    sched = I.clip_schedule("0.06M", "9:16")
+    args = official.official_interact_args(mod, "0.06M", sched, script_precision=True)
+    runner = official.OfficialRunner(mod, config, args, torch.device("cpu"), state, config.text_channels)
+    cond = bench._text_features(config, 9)
+    context, first = _latents(sched, 21, 9), _latents(sched, 1, 10)
+    theirs = runner.run_interact(cond, 9, context, first, sched.h_div_w)[0][:, :, 1:]
+
+    def ours():
+        return I.sample_clip(ours_model, TextCondition(cond), context, first, sched, seed=9, generator_device="cpu",
+                             compute_dtype=torch.bfloat16).summed_codes
+
+    assert torch.equal(ours(), theirs)
+    for m in ours_model.modules():
+        if isinstance(m, RMSNorm) and m.weight.dtype == torch.float32 and m is not ours_model.norm_hidden_sates:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+    assert not torch.equal(ours(), theirs)
