@@ -196,11 +196,12 @@ def _text_features(config, seed: int) -> torch.Tensor:
 
 def official_runner(official_mod, config, device, model, pn, frames, sched, bf16: bool, interact_clip: bool = False):
     """The official model on ``device`` with our model's weights (fp8 storage handed over as bf16);
-    ``interact_clip``: built with the interact script's settings (``run_interact``)."""
+    ``interact_clip``: built with the interact script's settings (``run_interact``); ``bf16`` then means the
+    interact script's own precision, fp32 blocks under bf16 autocast."""
     import official
 
     state = dequantized(model.state_dict(), torch.bfloat16)  # the official code cannot store fp8
-    oargs = (official.official_interact_args(official_mod, pn, sched, bf16) if interact_clip
+    oargs = (official.official_interact_args(official_mod, pn, sched, script_precision=bf16) if interact_clip
              else official.official_args(official_mod, pn, frames, bf16, sched))
     return official.OfficialRunner(official_mod, config, oargs, device, state, config.text_channels)
 

@@ -150,8 +150,8 @@ step official_720p5_fast 360 240 "$PY" "${BENCH[@]}" --cases $C720 --weights bf1
 # extra: the same with whole steps (no token blocks; 11.5 GB more peak): 1.496x in blocks, 1.503x whole (two calls)
 step official_720p5_fast_whole 360 240 "$PY" "${BENCH[@]}" --cases $C720 --weights bf16 --official "$OFFICIAL" \
     --warmup "${FAST[@]}" --chunk 0
-# extra: one InfinityStar-Interact clip at 480p (random 21-frame context), bf16 for both (the official code under the
-# T2V scripts' autocast; its interact script runs fp32): time, peak and equal codes
+# extra: one InfinityStar-Interact clip at 480p (random 21-frame context): ours in bf16, the official code at its
+# interact script's precision (fp32 blocks, 35 GB, under bf16 autocast): time, peak and equal codes
 step official_interact480 240 120 "$PY" "${BENCH[@]}" --cases $CINT --weights bf16 --official "$OFFICIAL" \
     --warmup
 # (the routed step also runs the official code a second time on cuDNN's kernel (forced), replaying its own

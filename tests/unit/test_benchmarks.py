@@ -64,6 +64,10 @@ def test_bench_generate_interact_clip_against_the_official_code(official_path, s
                        "--threads", "1"])
     _, rows = _table(text)
     assert [r[1] for r in rows] == ["ours", "official"] and rows[0][-1] == "yes", text
+    text = bench.main(["--device", "cpu", "--config", "tiny", "--cases", "interact_mid", "--official", official_path,
+                       "--threads", "1", "--cpu-bf16"])  # ours bf16, the official code at the script's precision
+    _, rows = _table(text)
+    assert [r[1] for r in rows] == ["ours", "official"] and rows[0][-1] == "yes", text
     with pytest.raises(SystemExit, match="interact clips are compared"):
         bench.main(["--device", "cpu", "--config", "tiny", "--cases", "interact_mid", "--parity", "--official",
                     official_path])
