@@ -94,8 +94,9 @@ class InfinityStarInteract(io.ComfyNode):
                 guidance_schedule_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The story, one clip (80 frames, 5 s) longer per "
-                                                       "prompt line: Decode it (frames = last clip for just the "
-                                                       "newest clip) or chain another Interact.")],
+                                                                    "prompt line: Decode it (frames = last clip for "
+                                                                    "just the newest clip) or chain another "
+                                                                    "Interact.")],
             hidden=[io.Hidden.unique_id],
         )
 
