@@ -269,7 +269,7 @@ class OfficialRunner:
             return torch.zeros(1, 4 * summed_codes.shape[2], 1, 1, 3, dtype=torch.uint8)
 
         self.model.summed_codes2images = capture_decode
-        bf16 = getattr(args, "autocast_bf16", args.bf16)
+        bf16 = args.autocast_bf16  # set by official_interact_args
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         cpu_guards = _cpu_autocast_guards() if bf16 and self.device.type == "cpu" else contextlib.nullcontext()
         try:

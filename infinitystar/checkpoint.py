@@ -484,7 +484,8 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
 
     ``dtype`` None keeps the file's dtype everywhere; otherwise the blocks are stored in ``dtype`` (fp8 only for
     matmul weights, norms then bf16; the interact weights' norms fp32, :func:`block_norms_fp32`) and the
-    embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the official precision layout. ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
+    embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the official precision layout.
+    ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
     (:class:`infinitystar.ops.Fp8MatmulLinear`). Returns ``(model, CheckpointInfo)``.
     """
     from .config import detect_transformer_config

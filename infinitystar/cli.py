@@ -298,16 +298,16 @@ def _run_interact(args) -> Path:
         args.resolution = "0.06M" if args.tiny else "480p"
     args.variant = args.variant or "interact"
     s = Session(args)
-    if s.model_info().variant in I.T2V_VARIANTS:  # checked before anything loads, as the node does
-        raise ValueError(f"interact needs the interact weights (--variant interact); the {s.model_info().variant} "
+    variant = s.model_info().variant
+    if variant in I.T2V_VARIANTS:  # checked before anything loads, as the node does
+        raise ValueError(f"interact needs the interact weights (--variant interact); the {variant} "
                          "T2V weights were not trained with its conditions. To continue a video with them, use "
                          "`extend`.")
     prompts = args.prompts or [args.prompt]
     if args.prompts_file:
         if args.prompts:
             raise ValueError("give the clips' prompts with --prompts or with --prompts-file, not both")
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        prompts = [line.strip() for line in lines if line.strip()]
+        prompts = I.prompt_lines(Path(args.prompts_file).read_text(encoding="utf-8"))
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompt: write one prompt per line, a clip each")
     texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration

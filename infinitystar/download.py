@@ -137,8 +137,8 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
     finally:
         if not progress:
             enable_progress_bars()
-    absent = [(c, pattern) for c, pattern in zip(components, patterns)
-              if not _is_present(c, model_paths(dest, variant)[c])]
+    paths = model_paths(dest, variant)
+    absent = [(c, pattern) for c, pattern in zip(components, patterns) if not _is_present(c, paths[c])]
     if absent:  # the download went through but brought nothing for these: the repo does not hold them
         hint = (f" The interact weights' place on the hub is not confirmed: if you have the folder "
                 f"{TRANSFORMER_DIRS['interact']}, put it in {dest}." if variant == "interact" else "")

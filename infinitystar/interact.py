@@ -46,6 +46,11 @@ KIND = "interact"  # ``Tokens.kind`` of a story: the latent chain, decoded windo
 T2V_VARIANTS = ("720p", "480p")  # released weights not trained with the prefix conditions
 
 
+def prompt_lines(text: str) -> list[str]:
+    """A story's prompts: one per non-empty line, stripped, as the official script reads its prompt.txt."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def clip_schedule(pn: str = PN, aspect: str | float = 9 / 16) -> Schedule:
     """The schedule of one interact clip: the video pyramid of ``pn`` (t = 20 for every scale), repetitions of the
     pn's video clips, scale positions from 0, frames [0, 20), no reference scales (the conditions replace them)."""

@@ -46,8 +46,10 @@ class InfinityStarTextEncode(io.ComfyNode):
     @classmethod
     def execute(cls, text_encoder: T.LoadedTextEncoder, prompt: str, negative_prompt: str,
                 duration_tag: str) -> io.NodeOutput:
+        from ..infinitystar.interact import prompt_lines
+
         patcher = text_encoder.patcher
-        lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+        lines = prompt_lines(prompt)
         clips = lines if duration_tag == "interact" and len(lines) > 1 else []  # a story: one clip per line
         encoded = []
         with host.loaded(patcher, force_full_load=True, release_after=True):
