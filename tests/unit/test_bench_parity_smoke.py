@@ -238,12 +238,15 @@ def test_trace_points_at_the_first_differing_tensor(single_thread):
     assert lines[0].endswith(text) and "| 3 | " in lines[4 + 3] and "equal | equal |" in lines[4 + 3]
 
 
-def test_parity_with_official_tiny_cpu(official_path, single_thread):
+@pytest.mark.parametrize("frames, steps", [(81, 61), (161, 89)])
+def test_parity_with_official_tiny_cpu(official_path, single_thread, frames, steps):
+    """81 frames: the image clip + one video clip of the 0.06M schedule; 161 (10 s): a second clip, whose steps
+    read the first clip's last scale (reference K/V across clips), as the official sampler does."""
     bench = load_benchmark("bench_generate")
-    _, reports = bench.run_parity(["--device", "cpu", "--config", "tiny", "--cases", "0.06M:81",
+    _, reports = bench.run_parity(["--device", "cpu", "--config", "tiny", "--cases", f"0.06M:{frames}",
                                    "--official", official_path, "--parity", "--threads", "1"])
     (rep,) = reports
-    assert len(rep.steps) == 61  # image clip + one video clip of the 0.06M schedule
+    assert len(rep.steps) == steps
     assert rep.worst.worst < 1e-4, parity_summary(rep)
     # a wrong capture order would leave about half of the bits equal
     assert sum(s.draws_agree for s in rep.steps) / len(rep.steps) > 0.99
