@@ -95,3 +95,19 @@ def core(pack):
     """``core("pipeline")`` -> the core module as the pack sees it (``<pack>.infinitystar.pipeline``): class
     identity matters for isinstance checks, and the top-level ``infinitystar`` is a separate copy."""
     return lambda name: importlib.import_module(f"{PACK_MODULE}.infinitystar.{name}")
+
+
+@pytest.fixture(scope="module")
+def loaded(pack, comfy_dirs):
+    """The tiny 720p transformer, text encoder and tokenizer through the loader nodes, and one prompt's conditioning."""
+    from node_kit import run
+
+    nodes = pack
+    model = run(nodes.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype="default", compute_dtype="auto", attention="auto")[0]
+    te = run(nodes.loaders.InfinityStarTextEncoderLoader, encoder_name="text_encoder/flan-t5-xl-official",
+             dtype="auto")[0]
+    vae = run(nodes.loaders.InfinityStarVAELoader, vae_name="infinitystar_videovae.pth", dtype="auto")[0]
+    cond = run(nodes.conditioning.InfinityStarTextEncode, text_encoder=te, prompt="a red fox running in snow",
+               negative_prompt="", duration_tag="auto")[0]
+    return {"model": model, "te": te, "vae": vae, "cond": cond}

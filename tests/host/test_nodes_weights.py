@@ -1,0 +1,199 @@
+"""The Model Loader's weight and kernel options inside a real ComfyUI, in-process on the CPU: the default layout,
+fp8 and GGUF storage through ComfyUI's ops, bf16 compute, the attention choice and compile. Needs COMFYUI_PATH
+(see conftest.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from node_kit import SMALL, run
+
+
+def test_compile_option_runs_the_compiled_block_parts(pack, loaded, core, monkeypatch):
+    """compile=True on the loader: the Sampler runs every block's parts around attention through torch.compile (a real
+    Inductor build on the CPU) and gives the eager run's tokens up to rare bit flips from rounding; without a
+    compiler the loader refuses with what to install."""
+    import shutil
+
+    transformer = core("transformer")
+    if transformer.compile_unavailable("cpu"):
+        pytest.skip("no C++ compiler for torch.compile")
+    loader = pack.loaders.InfinityStarModelLoader
+    inputs = dict(model_name="infinitystar_8b_720p_weights", weight_dtype="default", compute_dtype="auto",
+                  attention="auto")
+    compiled = run(loader, **inputs, compile=True)[0]
+    assert compiled.compile and not loaded["model"].compile
+    calls = []
+    real = transformer.compiled
+    monkeypatch.setattr(transformer, "compiled", lambda fn: calls.append(fn) or real(fn))
+    tokens = {}
+    for name, model in (("eager", loaded["model"]), ("compiled", compiled)):
+        calls.clear()
+        tokens[name] = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s",
+                           seed=9, **SMALL)[0]
+        assert bool(calls) == (name == "compiled")
+        assert not calls or {transformer.feed_forward} < set(calls)  # the feed-forward and the attention inputs
+    a, b = (torch.cat([x.flatten() for x in tokens[k].bits]) for k in ("eager", "compiled"))
+    assert a.shape == b.shape and (a == b).float().mean() > 0.99
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="compile is on, but .*C\\+\\+ compiler"):
+        run(loader, **inputs, compile=True)
+
+
+def test_fp8_on_apple_mps_is_refused_before_loading(pack, comfy_dirs, monkeypatch):
+    import torch as _torch
+
+    host = pack.host
+    monkeypatch.setattr(host, "devices", lambda kind: (_torch.device("mps"), _torch.device("cpu")))
+    monkeypatch.setattr(pack.loaders, "_pick_attention", lambda choice, device: "sdpa")
+    monkeypatch.setattr(host, "resolve_compute_dtype", lambda choice, device: _torch.float16)
+    with pytest.raises(ValueError, match="fp8 weights are not supported on Apple MPS"):
+        run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+            weight_dtype="fp8_e4m3fn", compute_dtype="auto", attention="auto")
+
+
+def test_default_weight_dtype_is_the_official_layout(pack, comfy_dirs, monkeypatch):
+    """The official files are fp32 (35 GB): on a GPU weight_dtype "default" stores their blocks in bf16 (17.6 GB)
+    as the official scripts do, through ComfyUI's bf16 ops; on the CPU they stay fp32."""
+    import torch as _torch
+
+    host = pack.host
+    kw = dict(model_name="infinitystar_8b_720p_weights", weight_dtype="default", compute_dtype="auto",
+              attention="auto")
+    assert run(pack.loaders.InfinityStarModelLoader, **kw)[0].info.storage == "float32"
+    monkeypatch.setattr(host, "devices", lambda kind: (_torch.device("cuda"), _torch.device("cpu")))
+    monkeypatch.setattr(pack.loaders, "_pick_attention", lambda choice, device: "sdpa")
+    monkeypatch.setattr(host, "resolve_compute_dtype", lambda choice, device: _torch.bfloat16)
+    asked, pick_ops = [], host.pick_ops
+    monkeypatch.setattr(host, "pick_ops",
+                        lambda w, c, d: asked.append((w, d.type)) or pick_ops(w, c, _torch.device("cpu")))
+    model = run(pack.loaders.InfinityStarModelLoader, **kw)[0]
+    assert asked == [(_torch.bfloat16, "cuda")] and model.info.storage == "bfloat16"
+    norms = [m.weight for m in model.module.blocks[0].modules() if type(m).__name__ == "RMSNorm"]
+    assert norms and all(w.dtype == _torch.bfloat16 for w in norms)  # T2V weights: the T2V scripts' bf16 norms
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_fp8_weights_load_and_sample_through_comfy_ops(pack, loaded, weight_dtype):
+    """fp8 storage through ComfyUI's ops: e4m3fn as ComfyUI's scaled fp8 (each block weight divided by its own
+    scale at load, the scale applied in the layer), e5m2 as a plain cast; both sample."""
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype=weight_dtype, compute_dtype="auto", attention="auto")[0]
+    full = dict(loaded["model"].module.named_modules())
+    layers = [(name, m) for name, m in model.module.named_modules()
+              if name.startswith("block_chunks.") and isinstance(m, torch.nn.Linear)]
+    assert layers
+    for name, layer in layers:
+        want = full[name].weight.float()
+        assert layer.weight.dtype == getattr(torch, "float8_" + weight_dtype.split("_")[1])
+        scale = getattr(layer, "scale_weight", None)
+        if weight_dtype == "fp8_e4m3fn":
+            assert scale is not None and 224 < want.abs().max().item() / scale.item() <= 448
+            got = layer.weight.float() * scale
+        else:
+            assert scale is None
+            got = layer.weight.float()
+        assert ((got - want).norm() / want.norm()).item() < 0.06, name
+    tokens = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="image",
+                 seed=0, **SMALL)[0]
+    assert len(tokens.bits) == tokens.schedule().num_steps
+
+
+def test_cudnn_attention_choice_reaches_the_sampler(pack, loaded, core, monkeypatch):
+    """attention=cudnn on the loader: every attention call of the Sampler gets backend "cudnn" (on a CPU that is
+    plain SDPA, so the tokens equal the default loader's bit for bit)."""
+    transformer = core("transformer")
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype="default", compute_dtype="auto", attention="cudnn")[0]
+    assert model.attention == "cudnn"
+    seen = set()
+    real = transformer.attend
+    monkeypatch.setattr(transformer, "attend", lambda *a, **k: seen.add(k.get("backend")) or real(*a, **k))
+    out = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s", seed=9,
+              **SMALL)[0]
+    assert seen == {"cudnn"}
+    monkeypatch.setattr(transformer, "attend", real)
+    want = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+               seed=9, **SMALL)[0]
+    assert all(torch.equal(a, b) for a, b in zip(out.bits, want.bits))
+
+
+def test_bf16_compute_through_comfy_ops_equals_the_plain_core(pack, loaded, core, tiny_models):
+    """What GPU users run: bf16 blocks computing in bf16 through ComfyUI's cast ops. The fp32 text and code
+    embeddings must be computed as the official autocast does (a bf16 product), exactly as the core's plain
+    torch.nn path does, with fp32 code accumulators: same tokens, bit for bit (on a CPU)."""
+    checkpoint, pipeline = core("checkpoint"), core("pipeline")
+    model = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights",
+                weight_dtype="bf16", compute_dtype="bf16", attention="sdpa")[0]
+    assert model.compute_dtype == torch.bfloat16
+    tokens = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s", seed=9,
+                 **SMALL)[0]
+    plain, _ = checkpoint.load_transformer(tiny_models["transformer_720p"], dtype=torch.bfloat16)
+    want = pipeline.generate(plain.eval(), loaded["cond"].select(5), pipeline.resolve_schedule("0.06M", "16:9", 5),
+                             seed=9, compute_dtype=torch.bfloat16)
+    assert len(tokens.bits) == len(want.bits)
+    assert all(torch.equal(a, b) for a, b in zip(tokens.bits, want.bits))
+    assert torch.equal(tokens.summed_codes, want.summed_codes)
+    patcher = run(pack.loaders.InfinityStarModelLoader, model_name="infinitystar_8b_720p_weights", weight_dtype="bf16",
+                  compute_dtype="bf16", attention="sdpa")[0].patcher  # partly loaded: offloaded layers cast on the fly
+    patcher.partially_load(patcher.load_device, patcher.model_size() // 3)
+    try:
+        assert patcher.model.model_lowvram
+        part = pipeline.generate(patcher.model, loaded["cond"].select(5), pipeline.resolve_schedule("0.06M", "16:9", 5),
+                                 seed=9, compute_dtype=torch.bfloat16)
+    finally:
+        patcher.detach()
+    assert torch.equal(part.summed_codes, want.summed_codes)
+    fp32 = pipeline.generate(plain.float().eval(), loaded["cond"].select(5),
+                             pipeline.resolve_schedule("0.06M", "16:9", 5), seed=9, compute_dtype=torch.float32)
+    assert not torch.equal(fp32.summed_codes, want.summed_codes)  # bf16 really ran
+
+
+@pytest.fixture(scope="module")
+def gguf_file(pack, core, tiny_models, tmp_path_factory):
+    """The tiny 720p transformer converted to Q8_0, in a diffusion_models folder of its own."""
+    pytest.importorskip("gguf", reason="pip install gguf (requirements.txt) to test GGUF weights")
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("diffusion_models")
+    path = core("gguf").convert(tiny_models["transformer_720p"], folder / "tiny_720p_Q8_0.gguf", "Q8_0")
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    return path
+
+
+def test_gguf_weights_load_and_sample_through_comfy(pack, loaded, core, gguf_file):
+    """A .gguf in diffusion_models: listed for the transformer only, loaded with its blocks still quantized (the
+    layers dequantize per call, also when a partial load leaves them in system RAM), and sampled to the same
+    tokens as the core's own GGUF path; any weight_dtype but default is refused with what to do."""
+    assert gguf_file.name in pack.paths.transformer_choices()
+    assert gguf_file.name not in pack.paths.vae_choices()
+    model = run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="default",
+                compute_dtype="auto", attention="auto")[0]
+    assert model.info.storage == "GGUF Q8_0"
+    blocks = [m for name, m in model.module.named_modules()
+              if name.startswith("block_chunks.") and isinstance(m, torch.nn.Linear)]
+    assert blocks and all(m.weight.dtype == torch.uint8 and m.gguf_type == 8 for m in blocks)
+    assert all(hasattr(m, "comfy_cast_weights") for m in blocks)  # what lets ComfyUI's partial load offload them
+    tokens = run(pack.sampling.InfinityStarSampler, model=model, positive=loaded["cond"], duration="5 s", seed=4,
+                 **SMALL)[0]
+    checkpoint, pipeline = core("checkpoint"), core("pipeline")
+    plain, _ = checkpoint.load_transformer(gguf_file)
+    want = pipeline.generate(plain.eval(), loaded["cond"].select(5), pipeline.resolve_schedule("0.06M", "16:9", 5),
+                             seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(tokens.bits, want.bits))
+    full = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+               seed=4, **SMALL)[0]
+    assert not all(torch.equal(a, b) for a, b in zip(tokens.bits, full.bits))  # really the quantized weights
+    patcher = run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="default",
+                  compute_dtype="auto", attention="auto")[0].patcher  # partly loaded: the rest stays in system RAM
+    patcher.partially_load(patcher.load_device, patcher.model_size() // 3)
+    try:
+        assert patcher.model.model_lowvram
+        assert any(getattr(m, "prev_comfy_cast_weights", None) is not None for m in patcher.model.modules())
+        part = pipeline.generate(patcher.model, loaded["cond"].select(5),
+                                 pipeline.resolve_schedule("0.06M", "16:9", 5), seed=4)
+    finally:
+        patcher.detach()
+    assert torch.equal(part.summed_codes, want.summed_codes)
+    with pytest.raises(ValueError, match="already quantized: set weight_dtype to default"):
+        run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="fp8_e4m3fn",
+            compute_dtype="auto", attention="auto")

@@ -1,0 +1,12 @@
+"""Helpers shared by the in-process node tests: run a V3 node as ComfyUI's executor does; the small sampler
+settings."""
+from __future__ import annotations
+
+SMALL = dict(resolution="0.06M", aspect_ratio="16:9", guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False,
+             tau_video=0.4, tau_image=1.0)
+
+
+def run(node, **inputs):
+    """Execute a V3 node the way the executor does (class clone + normalised output); returns the result tuple."""
+    clone = node.PREPARE_CLASS_CLONE({})
+    return clone.EXECUTE_NORMALIZED(**inputs).result
