@@ -80,3 +80,32 @@ def test_concat_to_equals_cat():
 
     parts = [torch.randn(2, 1, n, 4) for n in (3, 1, 5)]
     assert torch.equal(concat_to(parts, torch.device("cpu")), torch.cat(parts, dim=2))
+
+
+class _Pinned(torch.Tensor):
+    """A host tensor that says it is pinned (pinning needs a CUDA build)."""
+
+    def is_pinned(self, *args, **kwargs):
+        return True
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_clear_returns_pinned_memory_also_after_every_entry_was_released(monkeypatch, pinned):
+    """A finished run has released its offloaded entries after their last reader, which leaves their pinned
+    buffers in torch's host cache: clear() must still hand that memory back to the system (≈10 GB at 480p 10 s)."""
+    import infinitystar.kv_cache as kv
+
+    emptied = []
+    monkeypatch.setattr(kv, "_empty_host_cache", lambda: emptied.append(1))
+    if pinned:
+        monkeypatch.setattr(kv, "_to_host", lambda t: t.clone().as_subclass(_Pinned))
+    cache = ScaleKVCache(num_layers=2, offload=True)
+    k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    for layer in range(2):
+        cache.store(TEXT_KEY, layer, k, v)
+        cache.store(7, layer, k, v)
+    cache.release(7)  # the last reader has run: only the device-resident text is left
+    cache.clear()
+    assert emptied == ([1] if pinned else [])
+    cache.clear()  # once per pinning run, not again
+    assert len(emptied) == (1 if pinned else 0)
