@@ -125,7 +125,7 @@ def start(tokenizer, frames, *, pn: str = PN, aspect: str | float | None = None,
     """A story from a reference video: the tokenizer's raw latent of its last 81 frames (16 fps, uint8 (T, H, W, 3)
     RGB). The aspect template is the nearest to the frames' own unless given. Returns ``Tokens`` of kind
     ``"interact"`` (no bits; ``summed_codes`` is the latent chain)."""
-    from .pipeline import Tokens, _tokenizer_device
+    from .pipeline import Tokens
     from .vae import prepare_video
 
     window = 1 + PIXEL_FRAMES_PER_CLIP
@@ -138,8 +138,7 @@ def start(tokenizer, frames, *, pn: str = PN, aspect: str | float | None = None,
     schedule = clip_schedule(pn, aspect)
     pixels = prepare_video(frames, schedule.height, schedule.width)
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    latent = tokenizer.encode_latent(pixels.to(_tokenizer_device(tokenizer)), generator=generator,
-                                     callback=callback)
+    latent = tokenizer.encode_latent(pixels, generator=generator, callback=callback)  # chunks go to its device
     return Tokens([], latent.float().cpu(), schedule.pn, schedule.h_div_w, window, seed, kind=KIND)
 
 

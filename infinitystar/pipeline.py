@@ -167,8 +167,7 @@ def _encode(tokenizer, pixels: torch.Tensor, schedule: Schedule, seed: int, call
     from .vae import encode_bits
 
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    latent = tokenizer.encode_latent(pixels.to(_tokenizer_device(tokenizer)), generator=generator,
-                                     callback=callback)
+    latent = tokenizer.encode_latent(pixels, generator=generator, callback=callback)  # chunks go to its device
     bits, summed = encode_bits(latent, schedule.steps)
     return Tokens([b.cpu() for b in bits], summed.cpu(), schedule.pn, schedule.h_div_w, schedule.frames, seed)
 

@@ -30,13 +30,17 @@ def plan_encode_chunks(frames: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def encode_chunks(encoder: nn.Module, x: torch.Tensor, chunk: int, callback: Callback = None) -> torch.Tensor:
-    """Run the encoder over the official frame chunks with one conv cache; concatenate along T."""
+def encode_chunks(encoder: nn.Module, x: torch.Tensor, chunk: int, callback: Callback = None, *,
+                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run the encoder over the official frame chunks with one conv cache; concatenate along T.
+
+    Each chunk is moved to ``device`` / cast to ``dtype`` on its own, so the frames can stay in system memory:
+    a long video's pixels (10 GB in fp32 for a minute at 720p) never sit on the GPU at once."""
     plan = plan_encode_chunks(x.shape[2], chunk)
     cache: ConvCache = {}
     out = []
     for i, (s, e) in enumerate(plan):
-        out.append(encoder(x[:, :, s:e], cache))
+        out.append(encoder(x[:, :, s:e].to(device=device or x.device, dtype=dtype or x.dtype), cache))
         if callback is not None:
             callback(i + 1, len(plan))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]

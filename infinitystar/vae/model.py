@@ -203,11 +203,12 @@ class VideoTokenizer(nn.Module):
         """Frames (B, 3, T, H, W) in [-1, 1], T = 1 + 4k -> (mean, logvar) (B, 64, 1 + k, H/16, W/16).
 
         Runs the encoder in the official frame chunks (8, the first absorbing the remainder)
-        with conv caches; logvar is clamped as the official DiagonalGaussianDistribution does.
+        with conv caches; logvar is clamped as the official DiagonalGaussianDistribution does. The frames may be
+        anywhere (system memory): each chunk is moved to the tokenizer's device when it is encoded.
         """
         check_frames(frames, self.config)
-        x = frames.to(self._work_dtype())
-        h = encode_chunks(self.encoder, x, self.config.encode_chunk_frames, callback)
+        h = encode_chunks(self.encoder, frames, self.config.encode_chunk_frames, callback,
+                          device=self.encoder.conv_in.conv.weight.device, dtype=self._work_dtype())
         h = patchify(h.float(), self.config.patch_size)
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)

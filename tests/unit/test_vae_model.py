@@ -71,6 +71,24 @@ def test_encode_plans():
     assert plan_encode_chunks(21, 8) == [(0, 13), (13, 21)]
 
 
+def test_encode_moves_one_chunk_at_a_time(tok, monkeypatch):
+    """The frames stay where they are (system memory for the nodes and the CLI) and each official chunk is moved
+    and cast on its own: the encoder never sees the whole video converted, and the latent is the same."""
+    frames = torch.rand(1, 3, 21, 32, 48) * 2 - 1
+    want = tok.encode_posterior(frames.double().float())
+    seen, real = [], tok.encoder.forward
+    monkeypatch.setattr(tok.encoder, "forward", lambda x, cache: seen.append((x.shape[2], x.dtype, x.untyped_storage().nbytes() == x.nbytes))
+                        or real(x, cache))
+    monkeypatch.setattr(tok, "compute_dtype", torch.float64)
+    tok.double()
+    try:
+        got = tok.encode_posterior(frames)
+    finally:
+        tok.float()
+    assert seen == [(13, torch.float64, True), (8, torch.float64, True)]  # each chunk its own copy
+    assert all(torch.allclose(a.float(), b, atol=1e-4) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("frames", [1, 5, 9, 13, 17])
 def test_encode_shapes(tok, frames):
     mean, logvar = tok.encode_posterior(_frames(frames))
