@@ -278,9 +278,8 @@ def _run_extend(args) -> Path:
         tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1)
     else:
         raise ValueError("extend needs --tokens FILE (from generate --save-tokens) or --video MP4")
-    duration = (tokens.frames - 1 + P.PIXEL_FRAMES_PER_CLIP * args.clips) // P.FPS
-    text = s.text(args.prompt, args.negative_prompt, duration)
-    total = P.build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + P.PIXEL_FRAMES_PER_CLIP * args.clips)
+    total = P.extension_schedule(tokens, args.clips)  # refuses stories / partial tokens before loading
+    text = s.text(args.prompt, args.negative_prompt, (total.frames - 1) // P.FPS)
     transformer = s.transformer(total)
     bar = _Progress(total.num_steps, "extending")
     try:

@@ -39,6 +39,7 @@ SEMANTIC_SCALE = 7  # the semantic condition is resized to this scale of the cli
 DETAIL_FRAMES = (18, 19)  # frames of the context's last 20 that the detail condition keeps (its last two)
 SEMANTIC_POS, DETAIL_POS = 800, 801  # RoPE scale positions of the conditions
 CONTEXT_LATENTS = 1 + FRAMES_PER_CLIP  # 21 latent frames = the 81-frame window a clip continues
+START_FRAMES = 1 + PIXEL_FRAMES_PER_CLIP  # the reference frames a story starts from (its last 81)
 PN = "0.40M"  # the interact checkpoint's resolution class (480p)
 GUIDANCE = GuidanceConfig(scale=3.0, use_apg=False)  # official: use_cfg=1, cfg=3
 TAU = 0.5
@@ -120,6 +121,14 @@ def check_story(tokens) -> None:
         raise ValueError("these tokens are a partial generation; only complete videos can be continued")
 
 
+def start_schedule(frames, pn: str = PN, aspect: str | float | None = None) -> Schedule:
+    """The clip schedule a story started from ``frames`` (T, H, W, 3) uses; refuses a reference shorter than 5 s."""
+    if len(frames) < START_FRAMES:
+        raise ValueError(f"interact needs a reference video of at least {START_FRAMES} frames (5 s at 16 fps); got "
+                         f"{len(frames)}")
+    return clip_schedule(pn, frames.shape[1] / frames.shape[2] if aspect is None else aspect)
+
+
 def start(tokenizer, frames, *, pn: str = PN, aspect: str | float | None = None, seed: int = 0,
           callback: Callable[[int, int], None] | None = None):
     """A story from a reference video: the tokenizer's raw latent of its last 81 frames (16 fps, uint8 (T, H, W, 3)
@@ -128,14 +137,9 @@ def start(tokenizer, frames, *, pn: str = PN, aspect: str | float | None = None,
     from .pipeline import Tokens
     from .vae import prepare_video
 
-    window = 1 + PIXEL_FRAMES_PER_CLIP
-    if len(frames) < window:
-        raise ValueError(f"interact needs a reference video of at least {window} frames (5 s at 16 fps); got "
-                         f"{len(frames)}")
+    schedule = start_schedule(frames, pn, aspect)
+    window = START_FRAMES
     frames = frames[len(frames) - window:]
-    if aspect is None:
-        aspect = frames.shape[1] / frames.shape[2]
-    schedule = clip_schedule(pn, aspect)
     pixels = prepare_video(frames, schedule.height, schedule.width)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     latent = tokenizer.encode_latent(pixels, generator=generator, callback=callback)  # chunks go to its device

@@ -163,6 +163,15 @@ def _tokenizer_device(tokenizer) -> torch.device:
     return tokenizer.decoder.conv_in.conv.weight.device
 
 
+def encode_memory(tokenizer, frames: int, height: int, width: int) -> int:
+    """Bytes the tokenizer needs beyond its weights to encode ``frames`` frames of height x width (what the nodes
+    ask ComfyUI to free, as ComfyUI's own VAE encode does)."""
+    from .vae import estimate_encode_memory
+
+    return estimate_encode_memory(tokenizer.config, (1, 3, int(frames), int(height), int(width)),
+                                  tokenizer.compute_dtype or tokenizer.encoder.conv_in.conv.weight.dtype)
+
+
 def _encode(tokenizer, pixels: torch.Tensor, schedule: Schedule, seed: int, callback=None) -> Tokens:
     from .vae import encode_bits
 
@@ -264,6 +273,21 @@ def generate(transformer, text, schedule: Schedule, *, seed: int, guidance: Guid
                   seed)
 
 
+def extension_schedule(tokens: Tokens, clips: int) -> Schedule:
+    """The schedule of ``tokens`` extended by ``clips`` clips; refuses tokens Extend cannot continue (callers check
+    this before loading the transformer)."""
+    if clips < 1:
+        raise ValueError(f"clips must be ≥ 1, got {clips}")
+    if tokens.kind != "generation":
+        raise ValueError(f"these tokens are an {tokens.kind} story (interact model); continue them with InfinityStar "
+                         "Interact (infinitystar.interact.continue_story), not Extend")
+    old = tokens.schedule()
+    if len(tokens.bits) != old.num_steps:
+        raise ValueError(f"tokens hold {len(tokens.bits)} of {old.num_steps} steps; only complete generations "
+                         "can be extended")
+    return build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips))
+
+
 def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
            guidance: GuidanceConfig = GuidanceConfig(), tau_image: float = 1.0, tau_video: float = 0.4,
            callback: Callable | None = None, compute_dtype: torch.dtype | None = None, generator: str = "auto",
@@ -276,16 +300,7 @@ def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
     """
     from .sampler import sample
 
-    if clips < 1:
-        raise ValueError(f"clips must be ≥ 1, got {clips}")
-    if tokens.kind != "generation":
-        raise ValueError(f"these tokens are an {tokens.kind} story (interact model); continue them with InfinityStar "
-                         "Interact (infinitystar.interact.continue_story), not Extend")
-    old = tokens.schedule()
-    if len(tokens.bits) != old.num_steps:
-        raise ValueError(f"tokens hold {len(tokens.bits)} of {old.num_steps} steps; only complete generations "
-                         "can be extended")
-    schedule = build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips))
+    schedule = extension_schedule(tokens, clips)
     result = sample(transformer, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
                     tau_video=tau_video, prefix_bits=tokens.bits, callback=callback, compute_dtype=compute_dtype,
                     generator_device=resolve_generator_device(generator, transformer), **sample_kwargs)

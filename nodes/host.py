@@ -51,6 +51,16 @@ def resolve_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
 
 
+def resolve_vae_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """'auto' for the tokenizer: bf16 where supported (the official decode runs under bf16 autocast), else fp32.
+    Never fp16 unless chosen: a video VAE's activations can overflow fp16's range (black or NaN frames)."""
+    if COMPUTE_DTYPES.get(choice) is not None:
+        return COMPUTE_DTYPES[choice]
+    if not mm.is_device_cpu(device) and mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float32
+
+
 def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.device) -> None:
     """Refuse storage dtypes the device cannot hold, before minutes of loading: Apple's MPS has no fp8."""
     if torch.device(load_device).type == "mps" and weight_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -122,14 +132,16 @@ def _module(patcher):
 
 
 def _place_small_tensors(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
-    """ON_LOAD callback for partial loads of the transformer.
+    """ON_LOAD callback of the transformer's patcher.
 
-    The patcher moves leaf modules only, so ``cfg_uncond``/``sos_token`` (parameters of the root) would stay on
-    the offload device, and the small fp32 embeddings/heads may be left there too while the sampler takes its
-    device from ``word_embed``. They are a few MB for the 8B model, so they always go to the load device.
+    The patcher moves leaf modules only, and the whole model only when its budget exceeds the model's size. So in
+    a partial load, and in a load whose budget covers every leaf but not the root's own parameters (a window of a
+    few MB), ``cfg_uncond``/``sos_token`` (parameters of the root) would stay on the offload device, and the small
+    fp32 embeddings/heads may be left there too while the sampler takes its device from ``word_embed``. They are a
+    few MB for the 8B model, so they always go to the load device.
     """
     model = patcher.model
-    if not getattr(model, "model_lowvram", False) or device_to is None:
+    if device_to is None:
         return
     for name in getattr(model, "fp32_modules", ()):
         obj = getattr(model, name, None)

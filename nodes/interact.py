@@ -47,11 +47,13 @@ class InfinityStarInteractStart(io.ComfyNode):
     @classmethod
     def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
                 seed: int) -> io.NodeOutput:
-        from ..infinitystar import interact
+        from ..infinitystar import interact, pipeline
 
         aspect = None if aspect_ratio == "from input" else aspect_ratio
-        frames = image_to_uint8(images)
-        with host.loaded(vae.patcher, force_full_load=True) as tokenizer:
+        frames = image_to_uint8(images[-interact.START_FRAMES:])  # only the frames a story starts from
+        schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
+        need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
+        with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             tokens = interact.start(tokenizer, frames, pn=resolution, aspect=aspect, seed=seed,
                                     callback=host.ChunkProgress())
         return io.NodeOutput(tokens)

@@ -60,8 +60,14 @@ def guidance_config(guidance_scale: float, apg_threshold: float, use_plain_cfg: 
 
 
 def image_to_uint8(image: torch.Tensor) -> np.ndarray:
-    """ComfyUI IMAGE (B, H, W, C) float [0, 1] -> uint8 (B, H, W, 3) RGB (alpha dropped)."""
-    return (image[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    """ComfyUI IMAGE (B, H, W, C) float [0, 1] -> uint8 (B, H, W, 3) RGB (alpha dropped, grey repeated).
+
+    Callers pass only the frames they use: the conversion copies what it is given."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected a ComfyUI IMAGE batch (frames, height, width, channels), got shape "
+                         f"{tuple(image.shape)}; connect the IMAGE output of Load Image / Get Video Components")
+    rgb = image[..., :3] if image.shape[-1] >= 3 else image[..., :1].expand(*image.shape[:3], 3)  # grey (+ alpha)
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def pick_resolution(resolution: str, info) -> str:
@@ -134,6 +140,11 @@ class InfinityStarSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, resolution: str, duration: str) -> bool | str:
+        # naming them here turns ComfyUI's own check of these two inputs off, so their values are checked here
+        if resolution not in RESOLUTIONS:
+            return f"resolution must be one of {', '.join(RESOLUTIONS)}; got {resolution!r}"
+        if duration not in DURATIONS:
+            return f"duration must be one of {', '.join(DURATIONS)}; got {duration!r}"
         if resolution == "720p" and DURATIONS.get(duration, 0) > 5:
             return ("720p generates 5 s clips only (the released 720p model was trained for 5 s). Use 480p for "
                     "10 s, or generate 5 s and continue with InfinityStar Extend.")
@@ -159,8 +170,10 @@ class InfinityStarSampler(io.ComfyNode):
                                  "Loader to 'vae'.")
             if seconds == 0:
                 raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
-            with host.loaded(vae.patcher, force_full_load=True) as tokenizer:
-                condition = pipeline.encode_image(tokenizer, image_to_uint8(start_image)[0], schedule, seed=seed)
+            image = image_to_uint8(start_image[:1])[0]  # the first frame of a batch
+            need = pipeline.encode_memory(vae.module, 1, schedule.height, schedule.width)
+            with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
+                condition = pipeline.encode_image(tokenizer, image, schedule, seed=seed)
 
         def sample(module, run_kwargs):
             return pipeline.generate(module, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,

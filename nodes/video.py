@@ -109,14 +109,25 @@ class InfinityStarEncode(io.ComfyNode):
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
 
         aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
-        frames = image_to_uint8(images)
-        clips = (len(frames) - 1) // PIXEL_FRAMES_PER_CLIP
-        with host.loaded(vae.patcher, force_full_load=True) as tokenizer:
+        count = len(images)
+        if 1 < count <= PIXEL_FRAMES_PER_CLIP:
+            raise ValueError(f"Encode got {count} frames: give it one frame (image tokens, e.g. through Image From "
+                             f"Batch) or a video of at least {1 + PIXEL_FRAMES_PER_CLIP} frames (5 s at 16 fps; "
+                             f"1 + 80k frames are used) to continue with Extend.")
+        clips = (count - 1) // PIXEL_FRAMES_PER_CLIP
+        used = 1 + PIXEL_FRAMES_PER_CLIP * clips
+        if used < count:
+            logger.info("InfinityStar Encode: using the first %d of %d frames (whole 5 s clips)", used, count)
+        if clips == 0:
+            schedule = pipeline.resolve_schedule(resolution, aspect, 0)
+        else:
+            schedule = pipeline.resolve_schedule(resolution, aspect, frames=used + PIXEL_FRAMES_PER_CLIP)
+        frames = image_to_uint8(images[:used])
+        need = pipeline.encode_memory(vae.module, used, schedule.height, schedule.width)
+        with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             if clips == 0:
-                schedule = pipeline.resolve_schedule(resolution, aspect, 0)
                 tokens = pipeline.encode_image(tokenizer, frames[0], schedule, seed=seed)
             else:
-                schedule = pipeline.resolve_schedule(resolution, aspect, frames=1 + PIXEL_FRAMES_PER_CLIP * (clips + 1))
                 tokens = pipeline.encode_video(tokenizer, frames, schedule, seed=seed, clips=clips,
                                                callback=host.ChunkProgress())
         return io.NodeOutput(tokens)
@@ -155,14 +166,12 @@ class InfinityStarExtend(io.ComfyNode):
                 guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float,
                 generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:
         from ..infinitystar import pipeline
-        from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP, build_schedule
 
-        frames = tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips)
-        seconds = (frames - 1) // int(FPS)
+        schedule = pipeline.extension_schedule(tokens, int(clips))  # refuses stories / partial tokens before loading
+        seconds = (schedule.frames - 1) // int(FPS)
         if seconds > TRAINED_SECONDS:
             logger.warning("extending to %d s; the released models were trained up to %d s", seconds,
                            TRAINED_SECONDS)
-        schedule = build_schedule(tokens.pn, tokens.h_div_w, frames)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)
         text = positive.select(min(seconds, TRAINED_SECONDS))  # before anything loads
 

@@ -119,6 +119,63 @@ def test_unsupported_duration_fails_before_loading(pack, comfy_dirs, core):
         run(sampler, model=model, positive=None, duration="10 s", seed=0, **{**SMALL, "resolution": "auto"})
 
 
+def test_sampler_checks_the_inputs_its_validation_takes_over(pack):
+    """Naming resolution and duration in validate_inputs switches ComfyUI's own check of them off, so values that
+    are not among the choices (an API prompt) must be refused there, not end in a KeyError inside execute."""
+    sampler = pack.sampling.InfinityStarSampler
+    assert "resolution must be one of" in sampler.validate_inputs(resolution="1080p", duration="5 s")
+    assert "duration must be one of" in sampler.validate_inputs(resolution="480p", duration="7 s")
+
+
+def test_frames_are_checked_and_encoded_within_a_memory_estimate(pack, loaded, monkeypatch):
+    """Encode: 2-80 frames are refused with what to do instead of silently becoming image tokens; grey frames are
+    used as RGB; the tokenizer is loaded with an estimate of the encode's memory (as ComfyUI's VAE encode asks
+    for), so ComfyUI can evict what it needs; Interact Start refuses a short reference before loading."""
+    host = pack.host
+    asked, real = [], host.loaded
+    monkeypatch.setattr(host, "loaded", lambda patcher, memory_required=0, **kw: asked.append(memory_required)
+                        or real(patcher, memory_required, **kw))
+    encode = dict(vae=loaded["vae"], resolution="0.06M", aspect_ratio="16:9", seed=5)
+    with pytest.raises(ValueError, match="Encode got 40 frames: give it one frame"):
+        run(pack.video.InfinityStarEncode, images=torch.rand(40, 64, 96, 3), **encode)
+    with pytest.raises(ValueError, match="at least 81 frames"):
+        run(pack.interact.InfinityStarInteractStart, images=torch.rand(40, 64, 96, 3), **encode)
+    assert asked == []
+    grey = torch.rand(1, 64, 96, 1, generator=torch.Generator().manual_seed(3))
+    a = run(pack.video.InfinityStarEncode, images=grey, **encode)[0]
+    b = run(pack.video.InfinityStarEncode, images=grey.expand(-1, -1, -1, 3), **encode)[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert len(asked) == 2 and all(m > 0 for m in asked)
+    clip = run(pack.video.InfinityStarEncode, images=torch.rand(85, 64, 96, 3), **encode)[0]  # 81 used
+    assert clip.frames == 81 and asked[-1] > asked[0]
+
+
+def test_extend_refuses_a_story_before_loading(pack, loaded, core):
+    """Tokens Extend cannot continue (an interact story) are refused before the transformer loads."""
+    tokens = core("pipeline").Tokens([], torch.zeros(1, 64, 21, 3, 5), "0.06M", 9 / 16, 81, 0, kind="interact")
+
+    class Untouchable:  # any use of the patcher would mean something started loading
+        def __getattr__(self, name):
+            raise AssertionError(f"patcher.{name} used before the tokens were checked")
+
+    model = pack.types.LoadedTransformer(Untouchable(), loaded["model"].info, torch.float32, "sdpa")
+    with pytest.raises(ValueError, match="interact story"):
+        run(pack.video.InfinityStarExtend, model=model, positive=loaded["cond"], tokens=tokens, clips=1, seed=1,
+            guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
+
+
+def test_tokenizer_auto_dtype_is_never_fp16(pack, comfy, monkeypatch):
+    """auto: bf16 where the GPU has it (the official decode runs under bf16 autocast), else fp32, not fp16."""
+    host = pack.host
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(comfy, "is_device_cpu", lambda device: False)
+    monkeypatch.setattr(comfy, "should_use_fp16", lambda *a, **k: True)
+    for bf16, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(comfy, "should_use_bf16", lambda *a, bf16=bf16, **k: bf16)
+        assert host.resolve_vae_dtype("auto", gpu) == want
+    assert host.resolve_vae_dtype("fp16", gpu) == torch.float16  # when chosen
+
+
 def test_start_image_without_vae_is_refused(pack, loaded):
     with pytest.raises(ValueError, match="vae"):
         run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
@@ -236,6 +293,24 @@ def test_partial_load_matches_full_load(pack, comfy, loaded, core):
     assert part_lowvram and part_share <= 0.34
     assert all(torch.equal(a, b) for a, b in zip(full.bits, part.bits))
     assert torch.equal(full.summed_codes, part.summed_codes)
+
+
+def test_root_parameters_follow_a_load_that_is_not_partial(pack):
+    """The patcher moves leaf modules, and the root's own parameters (cfg_uncond, sos_token) only when its budget
+    exceeds the whole model. A budget that covers every leaf but ends within those few MB is neither partial nor
+    full (model_lowvram False): the transformer's ON_LOAD callback must still move them and the fp32 heads."""
+    moved = []
+
+    class Head(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            moved.append(args[0])
+            return self
+
+    model = torch.nn.Module()
+    model.word_embed, model.cfg_uncond = Head(), torch.nn.Parameter(torch.zeros(2))
+    model.fp32_modules, model.model_lowvram = ("word_embed", "cfg_uncond"), False
+    pack.host._place_small_tensors(types.SimpleNamespace(model=model), torch.device("cpu"), 0, False, False)
+    assert moved == [torch.device("cpu")]
 
 
 def test_sampling_plan_offloads_only_the_reference_kv_the_device_lacks(pack, comfy, core, monkeypatch):
