@@ -8,6 +8,7 @@ same way (undecorated, as upstream) and must not be longer than the positive pro
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -58,10 +59,21 @@ def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
         raise FileNotFoundError(
             f"{path} is not a T5 text-encoder folder (no config.json). Expected the hub folder "
             "text_encoder/flan-t5-xl-official/; get it with `python -m infinitystar download --dest DIR`.")
-    module = T5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    try:
+        module = T5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except TypeError:  # transformers < 4.56 names it torch_dtype (and chokes on the new name)
+        module = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
     module.eval().requires_grad_(False).to(device)
     logger.info("text encoder %s loaded (%s, d_model %d)", path, dtype, module.config.d_model)
     return module
+
+
+def official_autocast_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """The official scripts call T5 (fp16 weights) inside their bf16 autocast, so its matmuls run in bf16: the same
+    for half-precision weights on a CUDA GPU that has bf16. fp32 weights (chosen, or on the CPU) run as they are."""
+    if device.type == "cuda" and weight_dtype in (torch.float16, torch.bfloat16) and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 class TextEncoder:
@@ -99,8 +111,10 @@ class TextEncoder:
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       device: str | torch.device | None = None) -> torch.Tensor:
         """Run T5 on (1, 512) ids/mask and return compacted (L, C) fp32 features on CPU."""
-        device = device if device is not None else next(self.module.parameters()).device
-        out = self.module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        device = torch.device(device if device is not None else next(self.module.parameters()).device)
+        autocast = official_autocast_dtype(device, next(self.module.parameters()).dtype)
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            out = self.module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         return compact_features(out.last_hidden_state, attention_mask).cpu()
 
     def encode_text(self, text: str, device: str | torch.device | None = None) -> torch.Tensor:

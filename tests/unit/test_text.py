@@ -75,3 +75,36 @@ def test_negative_longer_than_prompt_is_rejected(encoder):
 def test_missing_folder_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="download"):
         TextEncoder.from_folder(tmp_path)
+
+
+def test_half_weights_on_cuda_run_under_the_official_bf16_autocast(monkeypatch):
+    """The official scripts run T5's fp16 weights inside their bf16 autocast: on a CUDA GPU with bf16 the encoder's
+    half-precision matmuls run in bf16 too; fp32 weights, the CPU and GPUs without bf16 run as stored."""
+    from infinitystar.text import official_autocast_dtype
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert official_autocast_dtype(cuda, torch.float16) == torch.bfloat16
+    assert official_autocast_dtype(cuda, torch.bfloat16) == torch.bfloat16
+    assert official_autocast_dtype(cuda, torch.float32) is None and official_autocast_dtype(cpu, torch.float16) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert official_autocast_dtype(cuda, torch.float16) is None
+
+
+def test_older_transformers_get_torch_dtype(encoder, monkeypatch):
+    """transformers < 4.56 has no ``dtype=`` keyword (it fails on it): the loader falls back to ``torch_dtype=``."""
+    import transformers
+
+    real = transformers.T5EncoderModel.from_pretrained
+    calls = []
+
+    def old_from_pretrained(path, **kwargs):
+        calls.append(sorted(kwargs))
+        if "dtype" in kwargs:
+            raise TypeError("Object of type dtype is not JSON serializable")
+        return real(path, dtype=kwargs.pop("torch_dtype"), **kwargs)
+
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", old_from_pretrained)
+    old = TextEncoder.from_folder(encoder.module.name_or_path, dtype=torch.bfloat16)
+    assert next(old.module.parameters()).dtype == torch.bfloat16
+    assert calls == [["dtype", "local_files_only"], ["local_files_only", "torch_dtype"]]
