@@ -29,12 +29,16 @@ def _as_pil(img: Any) -> Image.Image:
 
 
 def _transform(pil: Image.Image, height: int, width: int) -> torch.Tensor:
-    """Resize to cover (LANCZOS, int() on the computed side), center crop, to [-1, 1]; (3, H, W)."""
+    """Resize to cover (LANCZOS, int() on the computed side), center crop, to [-1, 1]; (3, H, W).
+
+    When the source has exactly the target's aspect, int() can land one pixel short of the target (e.g. 223 for
+    224; the official transform then crops a single row and fails): the computed side is kept at least the target,
+    which changes nothing where the official transform works."""
     w0, h0 = pil.size
     if w0 / h0 <= width / height:
-        rw, rh = width, int(width / (w0 / h0))
+        rw, rh = width, max(height, int(width / (w0 / h0)))
     else:
-        rw, rh = int((w0 / h0) * height), height
+        rw, rh = max(width, int((w0 / h0) * height)), height
     arr = np.asarray(pil.resize((rw, rh), resample=Image.LANCZOS))
     y0, x0 = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
     x = torch.from_numpy(np.array(arr[y0:y0 + height, x0:x0 + width])).permute(2, 0, 1)

@@ -118,3 +118,14 @@ def test_encode_bits_errors():
         encode_bits(torch.zeros(1, 64, 1, 2, 2), [step])
     with pytest.raises(ValueError, match="at least one"):
         encode_bits(torch.zeros(1, 64, 1, 2, 2), [])
+
+
+@pytest.mark.parametrize("src, target", [((288, 224), (224, 288)), ((576, 448), (224, 288)), ((144, 448), (448, 144)),
+                                         ((1040, 896), (896, 1040))])  # (width, height) sources, (height, width)
+def test_prepare_image_of_the_targets_own_aspect(src, target):
+    """A source of exactly the target's aspect: int() of the computed side can come one pixel short (223 for 224),
+    where the official transform crops a single row; the result must still be the full target."""
+    w0, h0 = src
+    height, width = target
+    img = np.random.default_rng(0).integers(0, 256, (h0, w0, 3), dtype=np.uint8)
+    assert prepare_image(img, height, width).shape == (1, 3, 1, height, width)
