@@ -234,10 +234,10 @@ def _run_generate(args) -> Path:
 
 
 def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | None = None) -> P.Tokens:
-    from .video_io import read_video, sample_frames
+    from .video_io import read_video_clip, video_frame_count
 
-    frames, fps = read_video(path)
-    seconds = len(frames) / fps
+    total, fps = video_frame_count(path)
+    seconds = total / fps
     if clips is None:  # as many whole 5 s clips as the video holds, leaving one of the schedule to generate
         clips = min(int(seconds // 5), schedule.num_clips - 2)
     elif clips < 0:  # every whole 5 s clip of the video
@@ -245,7 +245,7 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
     if clips < 1:
         raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs ≥ 5 s of input and a duration at "
                          "least 5 s longer than the input clips (e.g. --duration 10)")
-    picked = sample_frames(frames, fps, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips)
+    picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips)  # the official V2V frames
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
 
 
@@ -313,12 +313,10 @@ def _run_interact(args) -> Path:
     if args.tokens:
         story = P.Tokens.load(args.tokens)
     elif args.video:
-        from .video_io import read_video, sample_frames
+        from .video_io import read_video_clip
 
-        frames, fps = read_video(args.video)
-        tail = frames[max(0, len(frames) - int(round(5 * fps)) - 1):]  # the official script reads the last 5 s
-        story = I.start(s.tokenizer(), sample_frames(tail, fps, 1 + P.PIXEL_FRAMES_PER_CLIP, 5), pn=args.resolution,
-                        aspect=args.aspect, seed=args.seed)
+        tail, _ = read_video_clip(args.video, I.START_FRAMES, 5, from_end=True)  # as the interact script reads it
+        story = I.start(s.tokenizer(), tail, pn=args.resolution, aspect=args.aspect, seed=args.seed)
     else:
         raise ValueError("interact needs --video REF.mp4 (its last 5 s start the story) or --tokens FILE")
     I.check_story(story)

@@ -5,6 +5,7 @@ The official scripts write 16 fps mp4s; frames here are uint8 RGB arrays (T, H, 
 from __future__ import annotations
 
 import logging
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -79,14 +80,63 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     return np.stack(frames), fps
 
 
-def sample_frames(frames: np.ndarray, fps: float, count: int, seconds: float) -> np.ndarray:
-    """Pick ``count`` frames linearly spaced over the first ``seconds`` (the official V2V reads 81 over 5 s)."""
-    available = len(frames) / max(fps, 1e-6)
-    if available + 1e-6 < seconds:
-        raise ValueError(f"the input video is {available:.2f} s long; at least {seconds:g} s are needed")
-    last = min(len(frames) - 1, int(round(seconds * fps)))  # official: timestamps 0 .. seconds inclusive
-    index = np.linspace(0, last, count).round().astype(np.int64)
-    return frames[index]
+def sample_frames(frames: np.ndarray, fps: float, count: int, seconds: float, *, from_end: bool = False
+                  ) -> np.ndarray:
+    """Pick ``count`` frames over the first (or last) ``seconds``, as the official reader does (the official V2V
+    reads 81 over the first 5 s, the interact script over the last 5 s): :func:`clip_indices`."""
+    return frames[clip_indices(len(frames), fps, count, seconds, from_end=from_end)]
+
+
+def clip_indices(total: int, fps: float, count: int, seconds: float, *, from_end: bool = False) -> np.ndarray:
+    """Indices of the official ``get_clip(start, end, count)`` over the first (or last) ``seconds`` of a video of
+    ``total`` frames: ``linspace(ceil(fps * start), min(ceil(fps * end), total) - 1, count)`` truncated to integers.
+    At 16 fps that repeats the window's first frame and leaves out its 81st (official: frames 0, 0, 1, ..., 79)."""
+    fps = max(float(fps), 1e-6)
+    duration = float(total) / fps
+    if duration + 1e-6 < seconds:
+        raise ValueError(f"the input video is {duration:.2f} s long; at least {seconds:g} s are needed")
+    start, end = (duration - seconds, duration) if from_end else (0.0, float(seconds))
+    first, stop = math.ceil(fps * start), min(math.ceil(fps * end), total)
+    return np.linspace(first, stop - 1, count, dtype=int)
+
+
+def video_frame_count(path: str | Path) -> tuple[int, float]:
+    """(frames, fps) of a video file without decoding it (container metadata, else a count of its packets)."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
+        total = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)
+    if total == 0:
+        raise ValueError(f"{path}: no video frames could be decoded")
+    return total, fps
+
+
+def read_video_clip(path: str | Path, count: int, seconds: float, *, from_end: bool = False
+                    ) -> tuple[np.ndarray, float]:
+    """``count`` frames (uint8 (count, H, W, 3) RGB) of the first (or last) ``seconds`` of a video, picked as the
+    official reader picks them (:func:`clip_indices`), and its frame rate. Only the frames picked are kept, so a
+    long input never has to fit in memory."""
+    import av
+
+    total, fps = video_frame_count(path)
+    index = clip_indices(total, fps, count, seconds, from_end=from_end)
+    wanted, kept = set(index.tolist()), {}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                kept[i] = frame.to_ndarray(format="rgb24")
+            if i >= index[-1]:
+                break
+    missing = sorted(wanted - set(kept))
+    if missing:
+        raise ValueError(f"{path}: frame {missing[0]} of the {total} the container lists could not be decoded")
+    return np.stack([kept[i] for i in index.tolist()]), fps
 
 
 def write_png(path: str | Path, image) -> Path:

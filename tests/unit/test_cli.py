@@ -272,8 +272,9 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
     story = Tokens.load(story_file)
     assert story.kind == "interact" and story.frames == 241
 
-    frames, _ = read_video(t2v / "t2v.mp4")  # 81 frames at 16 fps: all of them are the last 5 s
-    start = I.start(load_tokenizer(tiny_models["vae"]), frames, pn="0.06M", seed=5)
+    frames, _ = read_video(t2v / "t2v.mp4")  # 81 frames at 16 fps; the interact script's reader picks from its
+    tail = frames[np.linspace(1, 80, 81, dtype=int)]  # last 5 s: ceil(16 * (81 / 16 - 5)) = 1 .. 80, truncated
+    start = I.start(load_tokenizer(tiny_models["vae"]), tail, pn="0.06M", seed=5)
     assert torch.equal(story.summed_codes[:, :, :21], start.summed_codes)
     model, info = load_transformer(tiny_models["transformer_interact"])
     assert info.variant == "interact"

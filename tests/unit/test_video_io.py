@@ -51,11 +51,29 @@ def test_read_errors(tmp_path):
         read_image(tmp_path / "missing.png")
 
 
-def test_sample_frames_spans_requested_seconds():
+def test_sample_frames_picks_the_official_readers_frames():
+    """The official EncodedVideoDecord/EncodedVideoOpencv.get_clip(start, end, 81): linspace from ceil(fps * start)
+    to min(ceil(fps * end), N) - 1 with dtype=int (V2V: the first 5 s; interact: the last 5 s)."""
     frames = np.arange(200)[:, None, None, None] * np.ones((1, 2, 2, 3), dtype=np.int64)
-    picked = sample_frames(frames, fps=16.0, count=81, seconds=5)
-    assert len(picked) == 81 and picked[0, 0, 0, 0] == 0 and picked[-1, 0, 0, 0] == 80
-    own = sample_frames(frames[:81], fps=16.0, count=81, seconds=5)  # an 81-frame 16 fps clip is kept as is
-    assert np.array_equal(own[:, 0, 0, 0], np.arange(81))
+    picked = sample_frames(frames, fps=16.0, count=81, seconds=5)[:, 0, 0, 0]
+    assert np.array_equal(picked, np.linspace(0, 79, 81, dtype=int))  # 0, 0, 1, ..., 79
+    assert list(picked[:3]) == [0, 0, 1] and picked[-1] == 79
+    tail = sample_frames(frames, fps=16.0, count=81, seconds=5, from_end=True)[:, 0, 0, 0]
+    assert np.array_equal(tail, np.linspace(120, 199, 81, dtype=int))  # ceil(16 * (12.5 - 5)) = 120
+    at30 = sample_frames(frames, fps=30.0, count=81, seconds=5)[:, 0, 0, 0]
+    assert np.array_equal(at30, np.linspace(0, 149, 81, dtype=int))
     with pytest.raises(ValueError, match="at least 5"):
         sample_frames(frames[:40], fps=16.0, count=81, seconds=5)
+
+
+def test_read_video_clip_decodes_only_what_it_keeps(tmp_path):
+    """The same frames as reading the whole file and picking, from a file longer than what is kept."""
+    from infinitystar.video_io import read_video_clip, video_frame_count
+
+    frames = (np.arange(100)[:, None, None, None] * 2 * np.ones((1, 32, 48, 3))).astype(np.uint8)
+    path = write_mp4(tmp_path / "long.mp4", frames, fps=16)
+    assert video_frame_count(path) == (100, 16.0)
+    whole, _ = read_video(path)
+    for from_end in (False, True):
+        clip, fps = read_video_clip(path, 81, 5, from_end=from_end)
+        assert fps == 16.0 and np.array_equal(clip, sample_frames(whole, 16.0, 81, 5, from_end=from_end))
