@@ -153,11 +153,19 @@ def write_png(path: str | Path, image) -> Path:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB (alpha dropped, palette/greyscale converted)."""
-    from PIL import Image
+    """Read an image file as (H, W, 3) uint8 RGB (alpha dropped, palette/greyscale converted), as the official
+    ``cv2.imread`` reads it: turned upright by its EXIF orientation, and 16-bit greyscale scaled to 8 bits."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16L", "I;16B", "I"):  # 16-bit grey: keep the high byte (cv2's 8-bit view)
+                grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, WebP, ...): {e}") from e

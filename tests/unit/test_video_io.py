@@ -44,6 +44,26 @@ def test_png_roundtrip(tmp_path):
     assert np.array_equal(read_image(write_png(tmp_path / "a.png", img)), img)
 
 
+def test_read_image_as_the_official_imread(tmp_path):
+    """cv2.imread (the official I2V reader) turns a photo upright by its EXIF orientation and reads 16-bit grey as
+    its high byte; a file that is no image is refused with a clear message."""
+    from PIL import Image
+
+    img = _frames(1, 20, 30)[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(img).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = read_image(tmp_path / "phone.jpg")
+    assert upright.shape == (30, 20, 3)
+    grey16 = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    back = read_image(tmp_path / "g16.png")
+    assert back.shape == (20, 30, 3) and np.array_equal(back[..., 0], (grey16 >> 8).astype(np.uint8))
+    (tmp_path / "clip.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        read_image(tmp_path / "clip.png")
+
+
 def test_read_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_video(tmp_path / "missing.mp4")
