@@ -18,6 +18,8 @@ from .attention import BACKENDS, backend_unavailable
 from .download import COMPONENTS, REPO_ID, TRANSFORMER_DIRS, download_models, find_models
 from .gguf import WRITABLE
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
           "fp8_e5m2": torch.float8_e5m2}
 RESOLUTION_CHOICES = ("720p", "480p", "0.06M", "0.25M", "0.40M", "0.90M")
@@ -43,9 +45,13 @@ def _ensure_tiny(seed: int = 0) -> Path:
     return root
 
 
+VARIANT_RESOLUTION = {"720p": "720p", "480p": "480p", "interact": "480p"}  # what each set of weights was trained at
+
+
 def _variant(args) -> str:
     if args.resolution is None:  # tiny weights: the smallest schedule keeps CPU runs short
-        args.resolution = "0.06M" if getattr(args, "tiny", False) else "720p"
+        tiny = getattr(args, "tiny", False)
+        args.resolution = "0.06M" if tiny else VARIANT_RESOLUTION.get(args.variant or "720p", "720p")
     if args.variant:
         return args.variant
     return "480p" if args.resolution in ("480p", "0.40M") else "720p"
@@ -270,14 +276,18 @@ def _preview(s: Session, args) -> Path | None:
 
 
 def _run_extend(args) -> Path:
+    tokens = P.Tokens.load(args.tokens) if args.tokens else None
+    if tokens is not None:  # the tokens say their resolution, and so which weights continue them
+        pn = P.RESOLUTIONS.get(args.resolution, args.resolution)
+        if args.resolution is not None and pn != tokens.pn:
+            logger.warning("--resolution %s ignored: %s holds %s tokens", args.resolution, args.tokens, tokens.pn)
+        args.resolution = tokens.pn
+    elif not args.video:
+        raise ValueError("extend needs --tokens FILE (from generate --save-tokens) or --video MP4")
     s = Session(args)
-    if args.tokens:
-        tokens = P.Tokens.load(args.tokens)
-    elif args.video:
+    if tokens is None:
         base = P.resolve_schedule(args.resolution, args.aspect, frames=1)
         tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1)
-    else:
-        raise ValueError("extend needs --tokens FILE (from generate --save-tokens) or --video MP4")
     total = P.extension_schedule(tokens, args.clips)  # refuses stories / partial tokens before loading
     text = s.text(args.prompt, args.negative_prompt, (total.frames - 1) // P.FPS)
     transformer = s.transformer(total)

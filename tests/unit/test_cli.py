@@ -302,3 +302,34 @@ def test_interact_refuses_t2v_weights_before_loading(tiny_models, capsys, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "--variant interact" in err and "extend" in err and "absent.mp4" not in err
     assert not (tmp_path / "s.mp4").exists()
+
+
+def test_weights_and_resolution_follow_each_other(tmp_path, monkeypatch):
+    """--variant 480p alone renders at 480p (not 720p on the 480p weights); extend --tokens takes the resolution,
+    and so the weights, from the tokens, whatever --resolution says."""
+    import argparse
+
+    import infinitystar.cli as cli
+    from infinitystar.pipeline import Tokens
+
+    args = argparse.Namespace(resolution=None, variant="480p", tiny=False)
+    assert cli._variant(args) == "480p" and args.resolution == "480p"
+    args = argparse.Namespace(resolution=None, variant=None, tiny=False)
+    assert cli._variant(args) == "720p" and args.resolution == "720p"
+
+    path = tmp_path / "t480.safetensors"
+    Tokens([torch.zeros(1, 1, 1, 1, 16, dtype=torch.uint8)], torch.zeros(1, 64, 1, 1, 1), "0.40M", 9 / 16, 1,
+           0).save(path)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def session(a):
+        seen["variant"] = cli._variant(a)
+        raise Stop
+
+    monkeypatch.setattr(cli, "Session", session)
+    with pytest.raises(Stop):
+        cli._run_extend(argparse.Namespace(tokens=str(path), video=None, resolution="720p", variant=None, tiny=False))
+    assert seen["variant"] == "480p"
