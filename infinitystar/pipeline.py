@@ -79,18 +79,37 @@ class Tokens:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokens file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != TOKENS_FORMAT:
-                raise ValueError(f"{path} is not an InfinityStar tokens file (metadata format={meta.get('format')!r})")
-            keys = sorted(k for k in f.keys() if k.startswith("bits."))
-            bits = [f.get_tensor(k) for k in keys]
-            summed = f.get_tensor("summed_codes")
+        hint = "save tokens with InfinityStar Save Tokens or `generate --save-tokens`"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != TOKENS_FORMAT:
+                    raise ValueError(f"{path} is not an InfinityStar tokens file (metadata format="
+                                     f"{meta.get('format')!r}); {hint}")
+                if meta.get("version") != TOKENS_VERSION:
+                    raise ValueError(f"{path}: tokens format version {meta.get('version')!r}; this version of the "
+                                     f"pack reads version {TOKENS_VERSION}")
+                missing = [k for k in ("pn", "h_div_w", "frames", "seed") if k not in meta]
+                if "summed_codes" not in f.keys() or missing:
+                    raise ValueError(f"{path}: an incomplete tokens file (missing "
+                                     f"{', '.join(missing or ['summed_codes'])}); {hint}")
+                keys = sorted(k for k in f.keys() if k.startswith("bits."))
+                bits = [f.get_tensor(k) for k in keys]
+                summed = f.get_tensor("summed_codes")
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own error for a file that is no safetensors file at all
+            raise ValueError(f"{path} is not a readable .safetensors tokens file ({e}); {hint}") from e
         tokens = cls(bits, summed, meta["pn"], float(meta["h_div_w"]), int(meta["frames"]), json.loads(meta["seed"]),
                      meta.get("kind", "generation"))
-        check_bits(tokens.bits, tokens.schedule(), f"{path}")
         if tokens.kind not in TOKEN_KINDS:
             raise ValueError(f"{path}: unknown tokens kind {tokens.kind!r} (this version reads {TOKEN_KINDS})")
+        schedule = tokens.schedule()
+        check_bits(tokens.bits, schedule, f"{path}")
+        cells = tuple(schedule.scales[-1][1:])
+        if summed.ndim != 5 or summed.shape[:2] != (1, 64) or tuple(summed.shape[-2:]) != cells:
+            raise ValueError(f"{path}: summed_codes of shape {tuple(summed.shape)} do not fit the {tokens.pn} "
+                             f"schedule's (1, 64, T, {cells[0]}, {cells[1]})")
         return tokens
 
 

@@ -99,6 +99,22 @@ def test_tokens_roundtrip_and_errors(t2v, tmp_path):
         P.Tokens.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="expects"):
         P.check_bits([torch.zeros(1, 1, 2, 2, 16)], t2v.schedule())
+    (tmp_path / "clip.safetensors").write_bytes(b"\x00\x00 an mp4 renamed")
+    with pytest.raises(ValueError, match="not a readable .safetensors tokens file"):
+        P.Tokens.load(tmp_path / "clip.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name, change, message in (("v2", {"version": "2"}, "format version '2'"),
+                                  ("nopn", {"pn": None}, "missing pn"),
+                                  ("nocodes", {"summed_codes": None}, "missing summed_codes"),
+                                  ("flat", {"summed_codes": torch.zeros(3)}, "do not fit")):
+        m = {k: v for k, v in {**meta, **change}.items() if v is not None and not isinstance(v, torch.Tensor)}
+        t = {k: v for k, v in {**tensors, **change}.items() if isinstance(v, torch.Tensor)}
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=m)
+        with pytest.raises(ValueError, match=message):
+            P.Tokens.load(tmp_path / f"{name}.safetensors")
 
 
 def test_t2v_tokens_match_schedule(t2v):
