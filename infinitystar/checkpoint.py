@@ -81,10 +81,16 @@ def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{file}: corrupted safetensors header ({exc}). Delete it and download it again.") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: corrupted safetensors header (a JSON {type(header).__name__}, not an object). "
+                         "Delete it and download it again.")
     entries = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise ValueError(f"{file}: corrupted safetensors header (entry {key!r} lacks dtype/shape/data_offsets). "
+                             "Delete it and download it again.")
         if meta.get("dtype") not in _ST_DTYPES:
             raise ValueError(f"{file}: tensor {key} has unsupported dtype {meta.get('dtype')}")
         start, end = (8 + n + int(o) for o in meta["data_offsets"])
@@ -165,7 +171,13 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         index = path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                weight_map = exc
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: not a safetensors index (no weight_map of file names: {weight_map!r}). "
+                                 "Download the folder again.")
             files = [path / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:

@@ -206,6 +206,26 @@ def test_truncated_shard_names_the_file(sharded, tmp_path):
         load_transformer(broken)
 
 
+def test_broken_index_and_headers_are_clear_errors(sharded, tmp_path):
+    """An index without weight_map, an index that is no JSON, a header that is a JSON list or an entry without
+    offsets: each a ValueError naming the file, not a bare KeyError / AttributeError."""
+    import json
+    import shutil
+
+    folder = tmp_path / "w"
+    shutil.copytree(sharded, folder)
+    index = folder / "model.safetensors.index.json"
+    for text in ('{"metadata": {}}', "not json"):
+        index.write_text(text)
+        with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
+            load_transformer(folder)
+    for header in ([1, 2], {"x": {"dtype": "F32", "shape": [1]}}):
+        raw = json.dumps(header).encode()
+        (tmp_path / "h.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
+        with pytest.raises(ValueError, match="h.safetensors: corrupted safetensors header"):
+            load_transformer(tmp_path / "h.safetensors")
+
+
 def test_garbage_file_names_the_file(tmp_path):
     bad = tmp_path / "junk.safetensors"
     bad.write_bytes(b"\xff" * 64)
