@@ -219,6 +219,9 @@ class Session:
 
 
 def _run_generate(args) -> Path:
+    if args.image and args.video:
+        raise ValueError("--image and --video both given: start from an image (image-to-video) or continue a video, "
+                         "not both")
     s = Session(args)
     if args.steps_preview:
         return _preview(s, args)

@@ -333,3 +333,15 @@ def test_weights_and_resolution_follow_each_other(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         cli._run_extend(argparse.Namespace(tokens=str(path), video=None, resolution="720p", variant=None, tiny=False))
     assert seen["variant"] == "480p"
+
+
+def test_bad_image_inputs_are_clear_errors(tiny_models, tmp_path, capsys):
+    """--image with --video, and an --image that is no image: exit 2 with what is wrong, nothing written."""
+    root = str(tiny_models["root"])
+    (tmp_path / "clip.png").write_bytes(b"\x00\x00\x00 an mp4 renamed")
+    base = ["generate", "--models", root, "--resolution", "0.06M", "--out", str(tmp_path / "x.mp4")]
+    assert main([*base, "--image", str(tmp_path / "clip.png"), "--video", "v.mp4"]) == 2
+    assert "--image and --video both given" in capsys.readouterr().err
+    assert main([*base, "--image", str(tmp_path / "clip.png")]) == 2
+    assert "clip.png is not an image" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
