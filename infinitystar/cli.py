@@ -292,7 +292,11 @@ def _run_extend(args) -> Path:
         base = P.resolve_schedule(args.resolution, args.aspect, frames=1)
         tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1)
     total = P.extension_schedule(tokens, args.clips)  # refuses stories / partial tokens before loading
-    text = s.text(args.prompt, args.negative_prompt, (total.frames - 1) // P.FPS)
+    seconds = (total.frames - 1) // P.FPS
+    if seconds > 10:
+        logger.warning("extending to %d s; the released models were trained up to 10 s (the prompt keeps the 10 s "
+                       "tag)", seconds)
+    text = s.text(args.prompt, args.negative_prompt, min(seconds, 10))  # tags the models saw, as the nodes do
     transformer = s.transformer(total)
     bar = _Progress(total.num_steps, "extending")
     try:

@@ -226,6 +226,9 @@ def encode_video(tokenizer, frames, schedule: Schedule, *, seed: int = 0, clips:
     from .vae import prepare_video
 
     available = (len(frames) - 1) // PIXEL_FRAMES_PER_CLIP
+    if clips is None and schedule.num_clips < 3 and available >= 1:
+        raise ValueError(f"the {schedule.frames}-frame schedule leaves no clip to generate after the input's clips: "
+                         "choose a duration at least 5 s longer than the input (e.g. 10 s from a 5 s video)")
     clips = min(available, schedule.num_clips - 2) if clips is None else int(clips)
     if clips < 1 or clips > available:
         raise ValueError(f"need {1 + PIXEL_FRAMES_PER_CLIP * max(clips, 1)} frames (≥ 5 s at 16 fps) to encode "

@@ -318,8 +318,7 @@ def test_weights_and_resolution_follow_each_other(tmp_path, monkeypatch):
     assert cli._variant(args) == "720p" and args.resolution == "720p"
 
     path = tmp_path / "t480.safetensors"
-    Tokens([torch.zeros(1, 1, 1, 1, 16, dtype=torch.uint8)], torch.zeros(1, 64, 1, 1, 1), "0.40M", 9 / 16, 1,
-           0).save(path)
+    Tokens([], torch.zeros(1, 64, 1, 30, 53), "0.40M", 9 / 16, 1, 0).save(path)  # 480p image tokens, no steps
     seen = {}
 
     class Stop(Exception):

@@ -203,3 +203,5 @@ def test_v2v_encodes_whole_clips():
         P._check_condition(cond, P.resolve_schedule("0.06M", "16:9", 5))
     with pytest.raises(ValueError, match="frames"):
         P.encode_video(tokenizer, frames[:50], schedule)
+    with pytest.raises(ValueError, match="leaves no clip to generate .* at least 5 s longer"):
+        P.encode_video(tokenizer, frames, P.resolve_schedule("0.06M", "16:9", 5))
