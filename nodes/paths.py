@@ -104,7 +104,14 @@ def vae_choices() -> list[str]:
     return [n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith((".index.json", ".gguf"))]
 
 
+def _inside(name: str) -> str:
+    """``name`` as a path inside its folder: absolute parts and ``..`` are dropped, as ComfyUI's own
+    ``folder_paths.get_full_path`` does, so a prompt sent to the API cannot name a file elsewhere."""
+    return os.path.relpath(os.path.join(os.sep, str(name)), os.sep)
+
+
 def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str) -> Path:
+    name = _inside(name)
     for base in _bases(folders):
         candidate = base / name
         if candidate.exists():
@@ -152,7 +159,7 @@ def input_files(extension: str) -> list[str]:
 
 
 def resolve_input(name: str) -> Path:
-    path = input_dir() / name
+    path = input_dir() / _inside(name)
     if not path.is_file():
         raise FileNotFoundError(f"{name!r} not found in ComfyUI's input folder {input_dir()}")
     return path

@@ -87,6 +87,21 @@ def test_missing_model_names_folder_and_download(pack, comfy_dirs):
         run(loader, model_name="nope.safetensors", weight_dtype="default", compute_dtype="auto", attention="auto")
 
 
+def test_names_from_a_prompt_stay_inside_the_model_folders(pack, comfy_dirs, tmp_path):
+    """A model or tokens name sent to the API cannot point outside ComfyUI's folders (absolute or ../ paths),
+    as with ComfyUI's own folder_paths.get_full_path."""
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"x")
+    vae = pack.paths.resolve_vae("infinitystar_videovae.pth")
+    escape = os.path.relpath(outside, vae.parent)
+    assert ".." in escape
+    for name in (str(outside), escape):
+        with pytest.raises(FileNotFoundError):
+            pack.paths.resolve_vae(name)
+        with pytest.raises(FileNotFoundError):
+            pack.paths.resolve_input(name)
+
+
 def test_foreign_file_says_what_it_looks_like(pack, comfy_dirs):
     from safetensors.torch import save_file
 
