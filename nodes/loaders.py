@@ -226,6 +226,16 @@ class InfinityStarDownloadModels(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, variant: str, components: str, local_source: str = ""):
+        """What is on disk: a queue after the files were deleted or moved runs the download again instead of
+        ComfyUI's cache answering "done"."""
+        from ..infinitystar.download import model_paths
+
+        wanted = ("transformer", "vae", "text_encoder") if components == "all" else (components,)
+        found = model_paths(paths.default_dir(), variant)
+        return "|".join(f"{c}:{found[c].exists() and found[c].stat().st_mtime_ns}" for c in wanted)
+
+    @classmethod
     def execute(cls, variant: str, components: str, local_source: str = "") -> io.NodeOutput:
         try:
             from ..infinitystar.download import download_models

@@ -205,9 +205,14 @@ def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path):
     registered = folder_paths.folder_names_and_paths["infinitystar"][0]
     folder_paths.add_model_folder_path("infinitystar", str(tmp_path), is_default=True)
     try:
-        folder = run(pack.loaders.InfinityStarDownloadModels, variant="480p", components="vae",
-                     local_source=str(comfy_dirs["models"]))[0]
+        node = pack.loaders.InfinityStarDownloadModels
+        before = node.fingerprint_inputs(variant="480p", components="vae", local_source="")
+        folder = run(node, variant="480p", components="vae", local_source=str(comfy_dirs["models"]))[0]
         assert folder == str(tmp_path) and (tmp_path / "infinitystar_videovae.pth").is_file()
+        after = node.fingerprint_inputs(variant="480p", components="vae", local_source="")
+        assert after != before  # the files on disk are part of the cache key: deleting them makes it run again
+        (tmp_path / "infinitystar_videovae.pth").rename(tmp_path / "moved.pth")
+        assert node.fingerprint_inputs(variant="480p", components="vae", local_source="") == before
         with pytest.raises(RuntimeError, match="copy the files there by hand"):
             os.environ["HF_HUB_OFFLINE"] = "1"
             try:
