@@ -400,6 +400,11 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
 
 
+def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
+    """Say a subcommand's own default of a shared option in its --help."""
+    next(a for a in p._actions if a.dest == dest).help = text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m infinitystar", description="InfinityStar video generation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -433,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--tau", type=float, default=0.5, help="temperature of every scale (official 0.5)")
     it.add_argument("--apg", action="store_true", help="APG instead of the official plain CFG (raise --cfg)")
     it.set_defaults(cfg=3.0, aspect=None)
+    _set_help(it, "cfg", "guidance scale (official: plain CFG 3; with --apg about 34)")
+    _set_help(it, "resolution", "480p (0.40M, what the interact weights were trained at) or a pixel class for "
+                                "drafts (default 480p; 0.06M with --tiny)")
+    _set_help(it, "variant", "weights to use (default: interact)")
 
     dl = sub.add_parser("download", help=f"fetch one variant from huggingface.co/{REPO_ID}")
     dl.add_argument("--variant", choices=list(TRANSFORMER_DIRS), default="720p")

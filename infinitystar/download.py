@@ -51,7 +51,7 @@ def model_paths(root: str | Path, variant: str = "720p") -> dict[str, Path]:
 
 def how_to_get(root: str | Path, variant: str) -> str:
     return (f"Download them with `python -m infinitystar download --variant {variant} --dest {root}` "
-            f"(≈37 GB from huggingface.co/{REPO_ID}), or try the pipeline offline on random weights with "
+            f"(≈47 GB from huggingface.co/{REPO_ID}), or try the pipeline offline on random weights with "
             "`python -m infinitystar demo`.")
 
 

@@ -210,12 +210,12 @@ class InfinityStarDownloadModels(io.ComfyNode):
             inputs=[
                 io.Combo.Input("variant", options=["720p", "480p", "interact"], default="720p",
                                tooltip="720p: 5 s clips at 1280x720 (~35 GB fp32 shards). 480p: 5 or 10 s at "
-                                       "832x480. interact: InfinityStar-Interact (480p, one 5 s clip per prompt; "
+                                       "848x480. interact: InfinityStar-Interact (480p, one 5 s clip per prompt; "
                                        "folder InfinityStarInteract_24K_iters). The tokenizer and text encoder "
                                        "are shared."),
                 io.Combo.Input("components", options=["all", "transformer", "vae", "text_encoder"], default="all",
                                tooltip="What to fetch. all = transformer + video tokenizer + flan-t5-xl "
-                                       "(~45 GB in total)."),
+                                       "(~47 GB in total, ~12 GB without the transformer)."),
                 io.String.Input("local_source", default="", optional=True,
                                 tooltip="Optional folder laid out like the hub repo (a mirror, a USB disk) to "
                                         "copy from instead of downloading. Empty = download."),

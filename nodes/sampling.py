@@ -111,7 +111,7 @@ class InfinityStarSampler(io.ComfyNode):
                                                          "prompt too)."),
                 io.Combo.Input("resolution", options=list(RESOLUTIONS), default="auto",
                                tooltip="auto = what the weights were trained at (720p: 1280x720-class, 480p: "
-                                       "832x480-class). 0.25M / 0.06M are small pyramids for quick drafts; "
+                                       "848x480). 0.25M / 0.06M are small pyramids for quick drafts; "
                                        "quality drops away from the trained size."),
                 io.Combo.Input("aspect_ratio", options=_aspects(), default="16:9",
                                tooltip="W:H, snapped to the nearest of the model's aspect templates (the 15 official h/w ratios)."),

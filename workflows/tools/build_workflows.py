@@ -323,14 +323,14 @@ def upscale(info: dict) -> dict:
         wf.link(decode, 0, up, "image")
         scale = wf.node("ImageScaleBy", (x + 260, 0), upscale_method="lanczos", scale_by=0.75)
         wf.link(up, 0, scale, "image")
-        wf.group("Upscale 832x480 -> 1248x720", (x - 20, -50, 580, 330))
+        wf.group("Upscale 848x480 -> 1272x720", (x - 20, -50, 580, 330))
         return (scale, 0), x + 560
 
     _save_video(wf, vae, sampler, "video/infinitystar_t2v_480p_upscaled", upscale=chain)
     _note(wf, (
         "480p text-to-video, then every frame goes through a 2x upscale model "
         "(put e.g. `RealESRGAN_x2plus.pth` from github.com/xinntao/Real-ESRGAN/releases in `models/upscale_models`) and *Upscale Image By* 0.75, giving "
-        "1248x720. Without an upscale model, delete the two model nodes and set *Upscale Image By* to 1.5."))
+        "1272x720. Without an upscale model, delete the two model nodes and set *Upscale Image By* to 1.5."))
     return wf.to_json()
 
 
