@@ -108,3 +108,21 @@ def test_older_transformers_get_torch_dtype(encoder, monkeypatch):
     old = TextEncoder.from_folder(encoder.module.name_or_path, dtype=torch.bfloat16)
     assert next(old.module.parameters()).dtype == torch.bfloat16
     assert calls == [["dtype", "local_files_only"], ["local_files_only", "torch_dtype"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_encoder_on_cuda_runs_under_bf16_autocast(encoder, monkeypatch):
+    """On a CUDA GPU the fp16 encoder's matmuls run in bf16 (the official scripts' autocast): finite features close
+    to the fp32 encoder's, and what an explicit bf16 autocast gives, bit for bit."""
+    gpu = TextEncoder.from_folder(encoder.module.name_or_path, dtype=torch.float16, device="cuda")
+    got = gpu.encode_text("a red car")
+    want = encoder.encode_text("a red car")
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.25
+    import infinitystar.text as text_mod
+
+    monkeypatch.setattr(text_mod, "official_autocast_dtype", lambda *a: None)  # the encoder's own autocast off
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explicit = gpu.encode_text("a red car")
+    plain = gpu.encode_text("a red car")  # fp16 matmuls
+    assert torch.equal(got, explicit) and not torch.equal(got, plain)

@@ -199,3 +199,18 @@ def test_compute_dtype_with_fp32_weights(tok):
     out = model.decode(_codes(3))
     assert out.dtype == torch.bfloat16
     assert (out.float() - tok.decode(_codes(3))).abs().max() < 0.2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_frames_in_system_memory_encode_on_the_gpu(tok):
+    """Frames left in system memory with the tokenizer on CUDA: the chunks go over one by one and the latent is the
+    one the frames give when they are on the GPU already."""
+    frames = torch.rand(1, 3, 21, 32, 48) * 2 - 1
+    gpu = tok.cuda()
+    try:
+        a = gpu.encode_posterior(frames)
+        b = gpu.encode_posterior(frames.cuda())
+    finally:
+        tok.cpu()
+    assert a[0].device.type == "cuda" and all(torch.equal(x, y) for x, y in zip(a, b))
