@@ -565,8 +565,10 @@ def test_interact_takes_one_clip_per_prompt_line(pack, loaded, core):
     with pytest.raises(ValueError, match="2 clip prompts .* InfinityStar Interact"):
         run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=cond, duration="5 s", seed=0,
             **SMALL)
+    image = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image",
+                seed=0, **SMALL)[0]
     with pytest.raises(ValueError, match="2 clip prompts"):
-        run(pack.video.InfinityStarExtend, model=loaded["model"], positive=cond, tokens=both, clips=1, seed=1,
+        run(pack.video.InfinityStarExtend, model=loaded["model"], positive=cond, tokens=image, clips=1, seed=1,
             guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
     one_line = run(pack.conditioning.InfinityStarTextEncode, text_encoder=loaded["te"], duration_tag="5s",
                    prompt="a red fox\na blue bird", negative_prompt="")[0]
