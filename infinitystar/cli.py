@@ -45,13 +45,10 @@ def _ensure_tiny(seed: int = 0) -> Path:
     return root
 
 
-VARIANT_RESOLUTION = {"720p": "720p", "480p": "480p", "interact": "480p"}  # what each set of weights was trained at
-
-
 def _variant(args) -> str:
     if args.resolution is None:  # tiny weights: the smallest schedule keeps CPU runs short
         tiny = getattr(args, "tiny", False)
-        args.resolution = "0.06M" if tiny else VARIANT_RESOLUTION.get(args.variant or "720p", "720p")
+        args.resolution = "0.06M" if tiny else P.VARIANT_RESOLUTION.get(args.variant or "720p", "720p")
     if args.variant:
         return args.variant
     return "480p" if args.resolution in ("480p", "0.40M") else "720p"
@@ -245,7 +242,8 @@ def _run_generate(args) -> Path:
 def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | None = None) -> P.Tokens:
     from .video_io import read_video_clip, video_frame_count
 
-    total, fps = video_frame_count(path)
+    length = video_frame_count(path)  # (frames, fps), read once
+    total, fps = length
     seconds = total / fps
     if clips is None:  # as many whole 5 s clips as the video holds, leaving one of the schedule to generate
         clips = min(int(seconds // 5), schedule.num_clips - 2)
@@ -254,7 +252,7 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
     if clips < 1:
         raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs ≥ 5 s of input and a duration at "
                          "least 5 s longer than the input clips (e.g. --duration 10)")
-    picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips)  # the official V2V frames
+    picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips, length=length)  # official V2V
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
 
 
@@ -293,10 +291,10 @@ def _run_extend(args) -> Path:
         tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1)
     total = P.extension_schedule(tokens, args.clips)  # refuses stories / partial tokens before loading
     seconds = (total.frames - 1) // P.FPS
-    if seconds > 10:
-        logger.warning("extending to %d s; the released models were trained up to 10 s (the prompt keeps the 10 s "
-                       "tag)", seconds)
-    text = s.text(args.prompt, args.negative_prompt, min(seconds, 10))  # tags the models saw, as the nodes do
+    if seconds > P.TRAINED_SECONDS:
+        logger.warning("extending to %d s; the released models were trained up to %d s (the prompt keeps that "
+                       "tag)", seconds, P.TRAINED_SECONDS)
+    text = s.text(args.prompt, args.negative_prompt, min(seconds, P.TRAINED_SECONDS))  # tags the models saw
     transformer = s.transformer(total)
     bar = _Progress(total.num_steps, "extending")
     try:

@@ -138,12 +138,11 @@ def start(tokenizer, frames, *, pn: str = PN, aspect: str | float | None = None,
     from .vae import prepare_video
 
     schedule = start_schedule(frames, pn, aspect)
-    window = START_FRAMES
-    frames = frames[len(frames) - window:]
+    frames = frames[len(frames) - START_FRAMES:]
     pixels = prepare_video(frames, schedule.height, schedule.width)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     latent = tokenizer.encode_latent(pixels, generator=generator, callback=callback)  # chunks go to its device
-    return Tokens([], latent.float().cpu(), schedule.pn, schedule.h_div_w, window, seed, kind=KIND)
+    return Tokens([], latent.float().cpu(), schedule.pn, schedule.h_div_w, START_FRAMES, seed, kind=KIND)
 
 
 def continue_story(transformer, text: TextCondition, tokens, *, seed: int, guidance: GuidanceConfig = GUIDANCE,

@@ -28,6 +28,8 @@ FPS = 16
 TOKENS_FORMAT = "infinitystar-tokens"
 TOKENS_VERSION = "1"
 TRAINED_DURATIONS = {"720p": (0, 5), "480p": (0, 5, 10)}  # seconds the released models were trained for
+TRAINED_SECONDS = max(max(d) for d in TRAINED_DURATIONS.values())  # the longest: 10 s (longer keeps the 10 s tag)
+VARIANT_RESOLUTION = {"720p": "720p", "480p": "480p", "interact": "480p"}  # what each set of weights was trained at
 RESOLUTIONS = {"720p": "0.90M", "480p": "0.40M"}
 GENERATOR_CHOICES = ("auto", "cpu", "cuda")
 TOKEN_KINDS = ("generation", "interact")
@@ -188,7 +190,7 @@ def encode_memory(tokenizer, frames: int, height: int, width: int) -> int:
     from .vae import estimate_encode_memory
 
     return estimate_encode_memory(tokenizer.config, (1, 3, int(frames), int(height), int(width)),
-                                  tokenizer.compute_dtype or tokenizer.encoder.conv_in.conv.weight.dtype)
+                                  tokenizer._work_dtype())
 
 
 def _encode(tokenizer, pixels: torch.Tensor, schedule: Schedule, seed: int, callback=None) -> Tokens:

@@ -70,7 +70,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     frames = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
+        fps = _fps(stream)
         for frame in container.decode(stream):
             frames.append(frame.to_ndarray(format="rgb24"))
             if max_frames is not None and len(frames) >= max_frames:
@@ -100,6 +100,10 @@ def clip_indices(total: int, fps: float, count: int, seconds: float, *, from_end
     return np.linspace(first, stop - 1, count, dtype=int)
 
 
+def _fps(stream) -> float:
+    return float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
+
+
 def video_frame_count(path: str | Path) -> tuple[int, float]:
     """(frames, fps) of a video file without decoding it (container metadata, else a count of its packets)."""
     import av
@@ -109,21 +113,21 @@ def video_frame_count(path: str | Path) -> tuple[int, float]:
         raise FileNotFoundError(f"video not found: {path}")
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
+        fps = _fps(stream)
         total = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)
     if total == 0:
         raise ValueError(f"{path}: no video frames could be decoded")
     return total, fps
 
 
-def read_video_clip(path: str | Path, count: int, seconds: float, *, from_end: bool = False
-                    ) -> tuple[np.ndarray, float]:
+def read_video_clip(path: str | Path, count: int, seconds: float, *, from_end: bool = False,
+                    length: tuple[int, float] | None = None) -> tuple[np.ndarray, float]:
     """``count`` frames (uint8 (count, H, W, 3) RGB) of the first (or last) ``seconds`` of a video, picked as the
     official reader picks them (:func:`clip_indices`), and its frame rate. Only the frames picked are kept, so a
-    long input never has to fit in memory."""
+    long input never has to fit in memory. ``length``: :func:`video_frame_count` of the file, when already known."""
     import av
 
-    total, fps = video_frame_count(path)
+    total, fps = length or video_frame_count(path)
     index = clip_indices(total, fps, count, seconds, from_end=from_end)
     wanted, kept = set(index.tolist()), {}
     with av.open(str(path)) as container:

@@ -40,25 +40,18 @@ def devices(kind: str) -> tuple[torch.device, torch.device]:
     return mm.get_torch_device(), mm.unet_offload_device()
 
 
-def resolve_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 where the device supports it (the official numerics), else fp16 on GPUs, else fp32."""
+def resolve_compute_dtype(choice: str, device: torch.device, fp16_fallback: bool = True) -> torch.dtype:
+    """'auto' -> bf16 where the device supports it (the official numerics), else fp16 on GPUs, else fp32.
+
+    ``fp16_fallback=False`` (the tokenizer) skips fp16 unless chosen: a video VAE's activations can overflow fp16's
+    range (black or NaN frames)."""
     if COMPUTE_DTYPES.get(choice) is not None:
         return COMPUTE_DTYPES[choice]
     if mm.is_device_cpu(device):
         return torch.float32
     if mm.should_use_bf16(device):
         return torch.bfloat16
-    return torch.float16 if mm.should_use_fp16(device) else torch.float32
-
-
-def resolve_vae_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """'auto' for the tokenizer: bf16 where supported (the official decode runs under bf16 autocast), else fp32.
-    Never fp16 unless chosen: a video VAE's activations can overflow fp16's range (black or NaN frames)."""
-    if COMPUTE_DTYPES.get(choice) is not None:
-        return COMPUTE_DTYPES[choice]
-    if not mm.is_device_cpu(device) and mm.should_use_bf16(device):
-        return torch.bfloat16
-    return torch.float32
+    return torch.float16 if fp16_fallback and mm.should_use_fp16(device) else torch.float32
 
 
 def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.device) -> None:

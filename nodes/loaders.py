@@ -192,7 +192,7 @@ class InfinityStarVAELoader(io.ComfyNode):
 
         path = paths.resolve_vae(vae_name)
         load_device, offload_device = host.devices("vae")
-        compute = host.resolve_vae_dtype(dtype, load_device)
+        compute = host.resolve_compute_dtype(dtype, load_device, fp16_fallback=False)
         tokenizer = load_tokenizer(path, ops=host.pick_ops(None, compute, load_device), device=offload_device)
         tokenizer.compute_dtype = compute
         return io.NodeOutput(T.LoadedVAE(host.make_patcher(tokenizer, "vae"), path))

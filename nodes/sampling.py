@@ -10,7 +10,6 @@ from . import types as T
 
 RESOLUTIONS = ("auto", "720p", "480p", "0.25M", "0.06M")
 DURATIONS = {"image": 0, "5 s": 5, "10 s": 10}
-VARIANT_RESOLUTION = {"720p": "720p", "480p": "480p", "interact": "480p"}
 SMALL_MODEL_RESOLUTION = "0.06M"  # auto for weights that are neither released variant (e.g. the tiny test set)
 
 
@@ -74,6 +73,7 @@ def pick_resolution(resolution: str, info) -> str:
     if resolution != "auto":
         return resolution
     from ..infinitystar.config import TRANSFORMER_PRESETS
+    from ..infinitystar.pipeline import VARIANT_RESOLUTION
 
     if info.config == TRANSFORMER_PRESETS["8b"]:
         return VARIANT_RESOLUTION.get(info.variant, "720p")

@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 
 FPS = 16.0
 DECODE_BUDGET_SHARE = 0.8  # of the free memory after loading; the rest is slack for the allocator
-TRAINED_SECONDS = 10  # the released models were trained up to 10 s
 DECODE_FRAMES = {"all": False, "last clip": True}  # Decode's choice -> pipeline.decode(last_clip=)
 
 
@@ -169,11 +168,11 @@ class InfinityStarExtend(io.ComfyNode):
 
         schedule = pipeline.extension_schedule(tokens, int(clips))  # refuses stories / partial tokens before loading
         seconds = (schedule.frames - 1) // int(FPS)
-        if seconds > TRAINED_SECONDS:
+        if seconds > pipeline.TRAINED_SECONDS:
             logger.warning("extending to %d s; the released models were trained up to %d s", seconds,
-                           TRAINED_SECONDS)
+                           pipeline.TRAINED_SECONDS)
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)
-        text = positive.select(min(seconds, TRAINED_SECONDS))  # before anything loads
+        text = positive.select(min(seconds, pipeline.TRAINED_SECONDS))  # before anything loads
 
         def extend(module, run_kwargs):
             return pipeline.extend(module, text, tokens, clips, seed=seed, guidance=guidance, tau_video=tau_video,

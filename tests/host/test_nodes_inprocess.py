@@ -187,8 +187,8 @@ def test_tokenizer_auto_dtype_is_never_fp16(pack, comfy, monkeypatch):
     monkeypatch.setattr(comfy, "should_use_fp16", lambda *a, **k: True)
     for bf16, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(comfy, "should_use_bf16", lambda *a, bf16=bf16, **k: bf16)
-        assert host.resolve_vae_dtype("auto", gpu) == want
-    assert host.resolve_vae_dtype("fp16", gpu) == torch.float16  # when chosen
+        assert host.resolve_compute_dtype("auto", gpu, fp16_fallback=False) == want
+    assert host.resolve_compute_dtype("fp16", gpu, fp16_fallback=False) == torch.float16  # when chosen
 
 
 def test_start_image_without_vae_is_refused(pack, loaded):
