@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from . import host
 from . import types as T
 from .sampling import generator_input, guidance_config, guidance_schedule_input, image_to_uint8, run_transformer
-from .video import frames_encode_inputs
+from .video import FPS, frames_encode_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -26,31 +26,38 @@ class InfinityStarInteractStart(io.ComfyNode):
         return io.Schema(
             node_id="InfinityStarInteractStart", display_name="InfinityStar Interact Start",
             category="InfinityStar/interact",
-            description="Starts an interactive story from a reference video: its last 81 frames (5 s at 16 fps) "
-                        "are encoded by the video tokenizer, unquantized, as the official interact script does. "
+            description="Starts an interactive story from a reference video: 81 frames over its last 5 s, picked "
+                        "at 16 fps as the official interact script reads them (connect the video's fps), are "
+                        "encoded by the video tokenizer, unquantized, as that script does. "
                         "Feed the tokens to InfinityStar Interact. A generated or encoded 5 s video's tokens "
                         "can start a story too.",
             inputs=[
                 T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
-                io.Image.Input("images", tooltip="The reference video (IMAGE batch, 16 fps, at least 81 frames); "
-                                                 "its last 81 frames are used, resized to cover and "
-                                                 "center-cropped."),
+                io.Image.Input("images", tooltip="The reference video (IMAGE batch, at least 5 s); frames over "
+                                                 "its last 5 s are used, resized to cover and center-cropped."),
                 io.Combo.Input("resolution", options=list(START_RESOLUTIONS), default="480p",
                                tooltip="480p is what the interact weights were trained at; smaller ones are "
                                        "for drafts."),
                 *frames_encode_inputs(),
             ],
-            outputs=[T.Tokens.Output(display_name="tokens", tooltip="A story: the reference's last 81 frames as raw "
-                                                                    "latents, ready for InfinityStar Interact.")],
+            outputs=[T.Tokens.Output(display_name="tokens", tooltip="A story: the reference's last 5 s (81 frames "
+                                                                    "at 16 fps) as raw latents, ready for "
+                                                                    "InfinityStar Interact.")],
         )
 
     @classmethod
     def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
-                seed: int) -> io.NodeOutput:
+                seed: int, fps: float = FPS) -> io.NodeOutput:
         from ..infinitystar import interact, pipeline
+        from ..infinitystar.video_io import clip_indices
 
         aspect = None if aspect_ratio == "from input" else aspect_ratio
-        frames = image_to_uint8(images[-interact.START_FRAMES:])  # only the frames a story starts from
+        if len(images) < fps * 5 - 1e-6:
+            raise ValueError(f"Interact Start got {len(images)} frames at {fps:g} fps ({len(images) / fps:.2f} s): "
+                             "a story starts from the last 5 s of a video (at least 80 frames at 16 fps; set fps "
+                             "to the video's frame rate).")
+        picks = clip_indices(len(images), fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
+        frames = image_to_uint8(images[torch.from_numpy(picks)])  # only the frames a story starts from
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

@@ -33,6 +33,10 @@ def frames_encode_inputs() -> list:
                        tooltip="from input = the template nearest to the frames' own aspect."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                      tooltip="Seeds the tokenizer's posterior sample (the official encode samples)."),
+        io.Float.Input("fps", default=FPS, min=1.0, max=240.0, step=0.001, optional=True,
+                       tooltip="Frame rate of the images: connect Get Video Components' fps. The model runs at 16 "
+                               "fps; other rates are resampled to it by picking frames as the official video "
+                               "reader does, so motion keeps its speed."),
     ]
 
 
@@ -84,9 +88,10 @@ class InfinityStarEncode(io.ComfyNode):
 
         return io.Schema(
             node_id="InfinityStarEncode", display_name="InfinityStar Encode", category="InfinityStar/video",
-            description="Encodes frames (IMAGE batch at 16 fps) into InfinityStar tokens so InfinityStar Extend "
-                        "can continue them. One frame gives image tokens; 81+ frames give whole 5 s clips "
-                        "(1 + 80k frames are used, the rest dropped).",
+            description="Encodes frames (IMAGE batch) into InfinityStar tokens so InfinityStar Extend can "
+                        "continue them. One frame gives image tokens; 5 s or more of video gives its whole 5 s "
+                        "clips (the rest is dropped): 1 + 80k frames at 16 fps, picked as the official video "
+                        "reader picks them (connect the video's fps).",
             inputs=[
                 T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
                 io.Image.Input("images", tooltip="Frames to encode, e.g. from LoadVideo -> GetVideoComponents. "
@@ -103,26 +108,27 @@ class InfinityStarEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
-                seed: int) -> io.NodeOutput:
+                seed: int, fps: float = FPS) -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
+        from ..infinitystar.video_io import whole_clip_indices
 
         aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
         count = len(images)
-        if 1 < count <= PIXEL_FRAMES_PER_CLIP:
-            raise ValueError(f"Encode got {count} frames: give it one frame (image tokens, e.g. through Image From "
-                             f"Batch) or a video of at least {1 + PIXEL_FRAMES_PER_CLIP} frames (5 s at 16 fps; "
-                             f"1 + 80k frames are used) to continue with Extend.")
-        clips = (count - 1) // PIXEL_FRAMES_PER_CLIP
-        used = 1 + PIXEL_FRAMES_PER_CLIP * clips
-        if used < count:
-            logger.info("InfinityStar Encode: using the first %d of %d frames (whole 5 s clips)", used, count)
-        if clips == 0:
-            schedule = pipeline.resolve_schedule(resolution, aspect, 0)
+        picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP)
+        if len(picks) == 0:
+            raise ValueError(f"Encode got {count} frames at {fps:g} fps ({count / fps:.2f} s): give it one frame "
+                             f"(image tokens, e.g. through Image From Batch) or at least 5 s of video (80 frames at "
+                             f"16 fps; set fps to the video's frame rate) to continue with Extend.")
+        clips = (len(picks) - 1) // PIXEL_FRAMES_PER_CLIP
+        if clips:
+            logger.info("InfinityStar Encode: %d frames at %g fps -> %d clip(s) of 5 s, frames %d..%d picked at 16 "
+                        "fps", count, fps, clips, picks[0], picks[-1])
+            schedule = pipeline.resolve_schedule(resolution, aspect, frames=len(picks) + PIXEL_FRAMES_PER_CLIP)
         else:
-            schedule = pipeline.resolve_schedule(resolution, aspect, frames=used + PIXEL_FRAMES_PER_CLIP)
-        frames = image_to_uint8(images[:used])
-        need = pipeline.encode_memory(vae.module, used, schedule.height, schedule.width)
+            schedule = pipeline.resolve_schedule(resolution, aspect, 0)
+        frames = image_to_uint8(images[torch.from_numpy(picks)])
+        need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             if clips == 0:
                 tokens = pipeline.encode_image(tokenizer, frames[0], schedule, seed=seed)

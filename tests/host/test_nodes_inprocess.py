@@ -7,6 +7,7 @@ import os
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from node_kit import SMALL, run
@@ -151,9 +152,11 @@ def test_frames_are_checked_and_encoded_within_a_memory_estimate(pack, loaded, m
     monkeypatch.setattr(host, "loaded", lambda patcher, memory_required=0, **kw: asked.append(memory_required)
                         or real(patcher, memory_required, **kw))
     encode = dict(vae=loaded["vae"], resolution="0.06M", aspect_ratio="16:9", seed=5)
-    with pytest.raises(ValueError, match="Encode got 40 frames: give it one frame"):
+    with pytest.raises(ValueError, match=r"Encode got 40 frames at 16 fps \(2.50 s\): give it one frame"):
         run(pack.video.InfinityStarEncode, images=torch.rand(40, 64, 96, 3), **encode)
-    with pytest.raises(ValueError, match="at least 81 frames"):
+    with pytest.raises(ValueError, match=r"Encode got 149 frames at 30 fps \(4.97 s\)"):  # 81 frames, < 5 s
+        run(pack.video.InfinityStarEncode, images=torch.rand(149, 64, 96, 3), fps=30.0, **encode)
+    with pytest.raises(ValueError, match="last 5 s of a video"):
         run(pack.interact.InfinityStarInteractStart, images=torch.rand(40, 64, 96, 3), **encode)
     assert asked == []
     grey = torch.rand(1, 64, 96, 1, generator=torch.Generator().manual_seed(3))
@@ -163,6 +166,28 @@ def test_frames_are_checked_and_encoded_within_a_memory_estimate(pack, loaded, m
     assert len(asked) == 2 and all(m > 0 for m in asked)
     clip = run(pack.video.InfinityStarEncode, images=torch.rand(85, 64, 96, 3), **encode)[0]  # 81 used
     assert clip.frames == 81 and asked[-1] > asked[0]
+
+
+def test_frames_at_another_rate_are_picked_as_the_official_reader_picks_them(pack, loaded, core):
+    """Encode and Interact Start given the video's fps take 81 frames over 5 s at 16 fps as the official readers do
+    (V2V: np.linspace(0, ceil(32 * 5) - 1, 81) over the first 5 s; interact: over the last 5 s), so a 32 fps video is
+    not continued at half speed; equal to the core encode of exactly those frames."""
+    pipeline, interact = core("pipeline"), core("interact")
+    image_to_uint8 = pack.sampling.image_to_uint8
+    video = torch.rand(170, 64, 96, 3, generator=torch.Generator().manual_seed(8))  # 5.3 s at 32 fps
+    encode = dict(vae=loaded["vae"], resolution="0.06M", aspect_ratio="16:9", seed=5, fps=32.0)
+    tokens = run(pack.video.InfinityStarEncode, images=video, **encode)[0]
+    story = run(pack.interact.InfinityStarInteractStart, images=video, **encode)[0]
+    first = torch.from_numpy(np.linspace(0, 159, 81, dtype=int))
+    last = torch.from_numpy(np.linspace(10, 169, 81, dtype=int))  # ceil(32 * (5.3125 - 5)) = 10
+    schedule = pipeline.resolve_schedule("0.06M", "16:9", frames=161)
+    with pack.host.loaded(loaded["vae"].patcher) as tokenizer:
+        expect = pipeline.encode_video(tokenizer, image_to_uint8(video[first]), schedule, seed=5, clips=1)
+        expect_story = interact.start(tokenizer, image_to_uint8(video[last]), pn="0.06M", aspect="16:9", seed=5)
+    assert tokens.frames == 81 and all(torch.equal(a, b) for a, b in zip(tokens.bits, expect.bits))
+    assert torch.equal(story.summed_codes, expect_story.summed_codes)
+    at16 = run(pack.video.InfinityStarEncode, images=video, **{**encode, "fps": 16.0})[0]  # read as 10.6 s: 2 clips
+    assert at16.frames == 161
 
 
 def test_extend_refuses_a_story_before_loading(pack, loaded, core):
@@ -530,7 +555,7 @@ def test_interact_nodes_make_a_story_and_decode_it(pack, loaded, core, comfy_dir
     with pytest.raises(ValueError, match="needs the interact weights"):
         run(pack.interact.InfinityStarInteract, model=loaded["model"], positive=loaded["cond"], tokens=story,
             **settings)
-    with pytest.raises(ValueError, match="at least 81 frames"):
+    with pytest.raises(ValueError, match="at least 80 frames at 16 fps"):
         run(pack.interact.InfinityStarInteractStart, vae=loaded["vae"], images=video[:40], resolution="0.06M",
             aspect_ratio="16:9", seed=1)
     with pytest.raises(ValueError, match="continue them with InfinityStar Interact"):

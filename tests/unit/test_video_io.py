@@ -86,6 +86,21 @@ def test_sample_frames_picks_the_official_readers_frames():
         sample_frames(frames[:40], fps=16.0, count=81, seconds=5)
 
 
+def test_whole_clip_indices_encode_every_whole_clip_at_the_model_rate():
+    """Encode's picks: one frame is an image; otherwise every whole 5 s clip of the video (at its own fps) as the
+    official V2V reader picks 1 + 80k frames over the first 5k seconds; shorter than 5 s gives nothing."""
+    from infinitystar.video_io import whole_clip_indices
+
+    assert whole_clip_indices(1, 16.0, 80).tolist() == [0]
+    assert len(whole_clip_indices(79, 16.0, 80)) == 0 and len(whole_clip_indices(149, 30.0, 80)) == 0
+    assert np.array_equal(whole_clip_indices(80, 16.0, 80), np.linspace(0, 79, 81, dtype=int))  # exactly 5 s
+    assert np.array_equal(whole_clip_indices(100, 16.0, 80), np.linspace(0, 79, 81, dtype=int))  # 6.25 s: 1 clip
+    ten = whole_clip_indices(310, 30.0, 80)  # 10.3 s at 30 fps: 2 clips over the first 10 s, 161 frames
+    assert np.array_equal(ten, np.linspace(0, 299, 161, dtype=int)) and ten[-1] == 299
+    assert np.array_equal(whole_clip_indices(150, 29.97, 80), np.linspace(0, 149, 81, dtype=int))
+    assert len(whole_clip_indices(100, 8.0, 80)) == 161 and whole_clip_indices(100, 8.0, 80)[-1] == 79  # 12.5 s
+
+
 def test_read_video_clip_decodes_only_what_it_keeps(tmp_path):
     """The same frames as reading the whole file and picking, from a file longer than what is kept."""
     from infinitystar.video_io import read_video_clip, video_frame_count

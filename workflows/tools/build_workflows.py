@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from workflow_graph import (  # noqa: E402
     VIRTUAL_NODES,
+    input_type,
     is_widget,
     load_object_info,
     ordered_inputs,
@@ -138,9 +139,14 @@ class Workflow:
         link_id = len(self.links) + 1
         out_type = src["outputs"][out]["type"]
         slot = next((i for i, inp in enumerate(dst["inputs"]) if inp["name"] == name), None)
-        if slot is None:  # a widget turned into an input: appended after the sockets, as the frontend does
-            dst["inputs"].append({"name": name, "type": out_type, "widget": {"name": name}, "link": None})
-            slot = len(dst["inputs"]) - 1
+        if slot is None:  # a widget fed by a link: the frontend lists widget inputs after the sockets, in order
+            widgets = [(n, spec) for n, _, spec, opts in ordered_inputs(self.info, dst["type"])
+                       if is_widget(spec, opts)]
+            for widget, spec in widgets[:[n for n, _ in widgets].index(name) + 1]:
+                if not any(inp["name"] == widget for inp in dst["inputs"]):
+                    kind = out_type if widget == name else input_type(spec)
+                    dst["inputs"].append({"name": widget, "type": kind, "widget": {"name": widget}, "link": None})
+            slot = next(i for i, inp in enumerate(dst["inputs"]) if inp["name"] == name)
         dst["inputs"][slot]["link"] = link_id
         src["outputs"][out]["links"].append(link_id)
         self.links.append([link_id, src["id"], out, dst["id"], slot, out_type])
@@ -210,6 +216,7 @@ def _encoded_clip(wf: Workflow, vae: dict, node_type: str) -> dict:
     encode = wf.node(node_type, (1020, 420), resolution="480p", aspect_ratio="from input", seed=0)
     wf.link(vae, 0, encode, "vae")
     wf.link(parts, 0, encode, "images")
+    wf.link(parts, 2, encode, "fps")  # frames are picked at 16 fps from the clip's own rate
     return encode
 
 
@@ -281,9 +288,10 @@ def extend(info: dict) -> dict:
     _save_video(wf, vae, ext, "video/infinitystar_extended", x=1240)
     _note(wf, (
         "continues a clip by 5 s (one more clip of 80 frames) with the 480p weights, as "
-        "the official 480p script does for video continuation (5 s in, 10 s out). Load a 16 fps clip of at "
-        "least 81 frames (e.g. a 5 s InfinityStar video); whole 5 s clips of it are encoded (1 + 80k frames), "
-        "the rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones."))
+        "the official 480p script does for video continuation (5 s in, 10 s out). Load a clip of at least 5 s at "
+        "any frame rate (e.g. a 5 s InfinityStar video): its whole 5 s clips are encoded, 81 frames each picked "
+        "at 16 fps as the official reader picks them (Get Video Components gives Encode the clip's fps), and the "
+        "rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones."))
     return wf.to_json()
 
 
@@ -302,8 +310,8 @@ def interact(info: dict) -> dict:
     _save_video(wf, vae, tokens, "video/infinitystar_interact", x=1720)
     _note(wf, (
         "InfinityStar-Interact, 480p: a video continued 5 s at a time, each clip under its own prompt, with the "
-        "interact weights (InfinityStarInteract_24K_iters). *Interact Start* encodes the last 5 s (81 frames, "
-        "16 fps) of the loaded clip; each *InfinityStar Interact* node adds 80 frames under its prompt (copy one "
+        "interact weights (InfinityStarInteract_24K_iters). *Interact Start* encodes the last 5 s (81 frames "
+        "picked at 16 fps from the clip's own rate) of the loaded clip; each *InfinityStar Interact* node adds 80 frames under its prompt (copy one "
         "with its Text Encode for every further prompt). Decode gives the whole story. Defaults are the official "
         "script's: plain CFG 3, tau 0.5, the same seed for every clip, prompts tagged 5 s without the closing "
         "phrase (Text Encode duration_tag = interact)."))
