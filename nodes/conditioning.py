@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from . import host
 from . import types as T
+from .choices import check_choices
 
 DURATION_TAGS = {"auto": (0, 5, 10), "5s": (5,), "10s": (10,), "off": (0,), "interact": (5,)}
 NO_CLOSING_PHRASE = ("interact",)  # the interact script tags its prompts but adds no closing phrase
@@ -42,6 +43,10 @@ class InfinityStarTextEncode(io.ComfyNode):
                                                                                 "prompt (with the duration tag) for "
                                                                                 "Sampler, Extend or Interact.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, duration_tag: str | None = None) -> bool | str:
+        return check_choices(cls, duration_tag=duration_tag)
 
     @classmethod
     def execute(cls, text_encoder: T.LoadedTextEncoder, prompt: str, negative_prompt: str,

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from . import host
 from . import types as T
+from .choices import check_choices
 from .sampling import generator_input, guidance_config, guidance_schedule_input, image_to_uint8, run_transformer
 from .video import FPS, frames_encode_inputs
 
@@ -44,6 +45,10 @@ class InfinityStarInteractStart(io.ComfyNode):
                                                                     "at 16 fps) as raw latents, ready for "
                                                                     "InfinityStar Interact.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, resolution: str | None = None, aspect_ratio: str | None = None) -> bool | str:
+        return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio)
 
     @classmethod
     def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
@@ -108,6 +113,10 @@ class InfinityStarInteract(io.ComfyNode):
                                                                     "Interact.")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, generator: str | None = None) -> bool | str:
+        return check_choices(cls, generator=generator)
 
     @classmethod
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, seed: int,

@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 
 from . import host, paths
 from . import types as T
+from .choices import check_choices
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ class InfinityStarModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str) -> bool | str:
-        return _missing(model_name, paths.transformer_choices(), "transformer")
+    def validate_inputs(cls, model_name: str, weight_dtype: str | None = None, compute_dtype: str | None = None,
+                        attention: str | None = None) -> bool | str:
+        checked = check_choices(cls, weight_dtype=weight_dtype, compute_dtype=compute_dtype, attention=attention)
+        return _missing(model_name, paths.transformer_choices(), "transformer") if checked is True else checked
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str,
@@ -148,8 +151,9 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, encoder_name: str) -> bool | str:
-        return _missing(encoder_name, paths.text_encoder_choices(), "text encoder")
+    def validate_inputs(cls, encoder_name: str, dtype: str | None = None) -> bool | str:
+        checked = check_choices(cls, dtype=dtype)
+        return _missing(encoder_name, paths.text_encoder_choices(), "text encoder") if checked is True else checked
 
     @classmethod
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
@@ -183,8 +187,9 @@ class InfinityStarVAELoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae_name: str) -> bool | str:
-        return _missing(vae_name, paths.vae_choices(), "video tokenizer")
+    def validate_inputs(cls, vae_name: str, dtype: str | None = None) -> bool | str:
+        checked = check_choices(cls, dtype=dtype)
+        return _missing(vae_name, paths.vae_choices(), "video tokenizer") if checked is True else checked
 
     @classmethod
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
@@ -224,6 +229,10 @@ class InfinityStarDownloadModels(io.ComfyNode):
                                                                      "them after a refresh (R).")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, variant: str | None = None, components: str | None = None) -> bool | str:
+        return check_choices(cls, variant=variant, components=components)
 
     @classmethod
     def fingerprint_inputs(cls, variant: str, components: str, local_source: str = ""):

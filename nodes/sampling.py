@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from . import host
 from . import types as T
+from .choices import check_choices
 
 RESOLUTIONS = ("auto", "720p", "480p", "0.25M", "0.06M")
 DURATIONS = {"image": 0, "5 s": 5, "10 s": 10}
@@ -139,12 +140,12 @@ class InfinityStarSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resolution: str, duration: str) -> bool | str:
-        # naming them here turns ComfyUI's own check of these two inputs off, so their values are checked here
-        if resolution not in RESOLUTIONS:
-            return f"resolution must be one of {', '.join(RESOLUTIONS)}; got {resolution!r}"
-        if duration not in DURATIONS:
-            return f"duration must be one of {', '.join(DURATIONS)}; got {duration!r}"
+    def validate_inputs(cls, resolution: str | None = None, duration: str | None = None,
+                        aspect_ratio: str | None = None, generator: str | None = None) -> bool | str:
+        checked = check_choices(cls, resolution=resolution, duration=duration, aspect_ratio=aspect_ratio,
+                                generator=generator)
+        if checked is not True:
+            return checked
         if resolution == "720p" and DURATIONS.get(duration, 0) > 5:
             return ("720p generates 5 s clips only (the released 720p model was trained for 5 s). Use 480p for "
                     "10 s, or generate 5 s and continue with InfinityStar Extend.")

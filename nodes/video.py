@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from . import host
 from . import types as T
+from .choices import check_choices
 from .sampling import (
     generator_input,
     guidance_config,
@@ -67,6 +68,10 @@ class InfinityStarDecode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, frames: str | None = None) -> bool | str:
+        return check_choices(cls, frames=frames)
+
+    @classmethod
     def execute(cls, vae: T.LoadedVAE, tokens, tiled: bool, frames: str = "all") -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.vae import estimate_decode_memory
@@ -105,6 +110,10 @@ class InfinityStarEncode(io.ComfyNode):
                                                                     "Interact starts a story from them, Decode gives "
                                                                     "the frames back as the model sees them.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, resolution: str | None = None, aspect_ratio: str | None = None) -> bool | str:
+        return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio)
 
     @classmethod
     def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
@@ -165,6 +174,10 @@ class InfinityStarExtend(io.ComfyNode):
                                                                     "Decode them, or Extend again.")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, generator: str | None = None) -> bool | str:
+        return check_choices(cls, generator=generator)
 
     @classmethod
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, clips: int, seed: int,

@@ -143,6 +143,32 @@ def test_sampler_checks_the_inputs_its_validation_takes_over(pack):
     assert "duration must be one of" in sampler.validate_inputs(resolution="480p", duration="7 s")
 
 
+def test_every_dropdown_value_is_checked_when_queued(pack, comfy_dirs):
+    """ComfyUI 0.3.x does not check a V3 dropdown's value, so an API prompt's typo reached execute as a KeyError or
+    was taken silently as a default: every Combo of every node must be refused by its validate_inputs with a message
+    that names the input, and every offered value accepted."""
+    import inspect
+
+    from comfy_api.latest import io
+
+    checked = 0
+    for node in pack.NODES:
+        combos = {i.id: list(i.options) for i in node.define_schema().inputs if isinstance(i, io.Combo.Input)}
+        if not combos:
+            continue
+        params = inspect.signature(node.validate_inputs).parameters
+        assert set(combos) <= set(params), f"{node.__name__}.validate_inputs leaves {set(combos) - set(params)} out"
+        required = {n: (combos[n] or ["no_such_choice"])[0] for n, p in params.items()
+                    if p.default is inspect.Parameter.empty}  # file lists may be empty (no tokens saved yet)
+        for name, options in combos.items():
+            for value in options:
+                assert node.validate_inputs(**{**required, name: value}) is True, (node.__name__, name, value)
+            why = node.validate_inputs(**{**required, name: "no_such_choice"})
+            assert isinstance(why, str) and (name in why or "no_such_choice" in why), (node.__name__, name, why)
+            checked += 1
+    assert checked >= 20
+
+
 def test_frames_are_checked_and_encoded_within_a_memory_estimate(pack, loaded, monkeypatch):
     """Encode: 2-80 frames are refused with what to do instead of silently becoming image tokens; grey frames are
     used as RGB; the tokenizer is loaded with an estimate of the encode's memory (as ComfyUI's VAE encode asks

@@ -93,6 +93,15 @@ def test_validation_errors_come_back_before_running(server):
     assert status == 400
     errors = body["node_errors"]["5"]["errors"]
     assert any("5 s clips only" in e["details"] for e in errors)
+    for node, name, value in [("1", "weight_dtype", "fp9"), ("1", "compute_dtype", "int8"), ("1", "attention", "xformers"),
+                              ("2", "dtype", "fp8"), ("3", "dtype", "fp8"), ("4", "duration_tag", "20s"),
+                              ("5", "aspect_ratio", "banana"), ("6", "frames", "first")]:
+        bad = _prompt("image")  # dropdown values ComfyUI itself does not check for V3 nodes
+        bad[node]["inputs"][name] = value
+        status, body = server.post("/prompt", {"prompt": bad})
+        assert status == 400, (name, value, body)
+        details = " ".join(e["details"] for e in body["node_errors"][node]["errors"])
+        assert f"{name} is {value!r}, which this node does not offer; pick one of" in details, details
     bad_type = _prompt("image")
     bad_type["6"]["inputs"]["tokens"] = ["1", 0]  # a model where tokens belong
     status, body = server.post("/prompt", {"prompt": bad_type})
