@@ -56,8 +56,8 @@ def how_to_get(root: str | Path, variant: str) -> str:
 
 
 def _is_present(component: str, path: Path) -> bool:
-    if component == "transformer":
-        return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.pth")))
+    if component == "transformer":  # what checkpoint.checkpoint_files loads from a folder
+        return path.is_dir() and any(path.glob("*.safetensors"))
     if component == "text_encoder":
         return (path / "config.json").is_file()
     return path.is_file()

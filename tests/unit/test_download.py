@@ -32,6 +32,11 @@ def test_interact_variant_fetches_the_folder_the_official_script_loads(tiny_mode
 def test_find_models_says_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m infinitystar download --variant 480p --dest"):
         D.find_models(tmp_path, "480p")
+    folder = tmp_path / "infinitystar_8b_480p_weights"  # a folder the loader cannot read counts as missing
+    folder.mkdir()
+    (folder / "checkpoint.pth").write_bytes(b"not a shard")
+    with pytest.raises(FileNotFoundError, match="missing transformer"):
+        D.find_models(tmp_path, "480p", components=["transformer"])
 
 
 def test_local_source_copies_only_the_variant(tiny_models, tmp_path):
