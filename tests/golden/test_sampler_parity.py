@@ -59,3 +59,22 @@ def test_sampler_replays_golden_draws(case_dir):
         assert torch.equal(drawn, want), f"step {i}: {(drawn != want).sum().item()} bits differ"
         replayed += 1
     assert replayed > 0
+
+
+KNOWN_KINDS = ("t2v", "t2i", "i2v", "v2v", "vae")
+
+
+def test_every_case_kind_is_known():
+    """A case of an unknown kind would be silently left out of every parametrized test."""
+    from golden_cases import _case_dirs
+
+    kinds = {d.name: load_manifest(d).get("kind") for d in _case_dirs()}
+    unknown = {name: kind for name, kind in kinds.items() if kind not in KNOWN_KINDS}
+    assert not unknown, f"golden cases of unknown kind: {unknown}"
+
+
+@pytest.mark.parametrize("case_dir", cases(*AR_KINDS))
+def test_schedule_name_is_supported(case_dir):
+    """Our schedules are the released models' (infinity_elegant_clip20frames_v2); another one must fail, not pass."""
+    name = load_manifest(case_dir)["schedule"].get("name", "infinity_elegant_clip20frames_v2")
+    assert name == "infinity_elegant_clip20frames_v2", f"unsupported dynamic_scale_schedule {name!r}"
