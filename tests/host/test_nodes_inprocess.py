@@ -170,8 +170,8 @@ def test_every_dropdown_value_is_checked_when_queued(pack, comfy_dirs):
 
 
 def test_frames_are_checked_and_encoded_within_a_memory_estimate(pack, loaded, monkeypatch):
-    """Encode: 2-80 frames are refused with what to do instead of silently becoming image tokens; grey frames are
-    used as RGB; the tokenizer is loaded with an estimate of the encode's memory (as ComfyUI's VAE encode asks
+    """Encode: under 5 s of frames (2-79 at 16 fps) is refused with what to do instead of silently becoming image
+    tokens; grey frames are used as RGB; the tokenizer is loaded with an estimate of the encode's memory (as ComfyUI's VAE encode asks
     for), so ComfyUI can evict what it needs; Interact Start refuses a short reference before loading."""
     host = pack.host
     asked, real = [], host.loaded
