@@ -139,8 +139,11 @@ def test_sampler_checks_the_inputs_its_validation_takes_over(pack):
     """Naming resolution and duration in validate_inputs switches ComfyUI's own check of them off, so values that
     are not among the choices (an API prompt) must be refused there, not end in a KeyError inside execute."""
     sampler = pack.sampling.InfinityStarSampler
-    assert "resolution must be one of" in sampler.validate_inputs(resolution="1080p", duration="5 s")
-    assert "duration must be one of" in sampler.validate_inputs(resolution="480p", duration="7 s")
+    assert "resolution is '1080p', which this node does not offer" in sampler.validate_inputs(resolution="1080p",
+                                                                                              duration="5 s")
+    assert "duration is '7 s', which this node does not offer" in sampler.validate_inputs(resolution="480p",
+                                                                                          duration="7 s")
+    assert "5 s clips only" in sampler.validate_inputs(resolution="720p", duration="10 s")
 
 
 def test_every_dropdown_value_is_checked_when_queued(pack, comfy_dirs):
