@@ -84,6 +84,9 @@ class Session:
         if own:  # e.g. a GGUF file from convert-gguf; the text encoder and tokenizer still come from --models
             self.paths["transformer"] = Path(own)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use "
+                             "--device cpu, or install a CUDA build of PyTorch")
         from .transformer import compile_unavailable
 
         why = compile_unavailable(self.device) if getattr(args, "compile", False) else None
@@ -250,8 +253,8 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
     elif clips < 0:  # every whole 5 s clip of the video
         clips = int(seconds // 5)
     if clips < 1:
-        raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs ≥ 5 s of input and a duration at "
-                         "least 5 s longer than the input clips (e.g. --duration 10)")
+        raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs ≥ 5 s of input and an output at least "
+                         "5 s longer than the input clips (generate: e.g. --duration 10; extend: --clips 1)")
     picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips, length=length)  # official V2V
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
 
@@ -308,6 +311,10 @@ def _run_interact(args) -> Path:
     """InfinityStar-Interact: start from a reference video's last 5 s (or saved tokens), one clip per prompt."""
     from . import interact as I
 
+    if (args.tau_image, args.tau_video) != (TAU_IMAGE, TAU_VIDEO):
+        raise ValueError("interact samples every scale at one temperature: give --tau (official 0.5); --tau-image "
+                         "and --tau-video are for generate and extend")
+    asked = args.resolution
     if args.resolution is None:
         args.resolution = "0.06M" if args.tiny else "480p"
     args.variant = args.variant or "interact"
@@ -327,6 +334,8 @@ def _run_interact(args) -> Path:
     texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration
     if args.tokens:
         story = P.Tokens.load(args.tokens)
+        if asked is not None and P.RESOLUTIONS.get(asked, asked) != story.pn:
+            logger.warning("--resolution %s ignored: %s holds %s tokens", asked, args.tokens, story.pn)
     elif args.video:
         from .video_io import read_video_clip
 
@@ -349,6 +358,9 @@ def _run_interact(args) -> Path:
     return s.write(story, args.out)
 
 
+TAU_IMAGE, TAU_VIDEO = 1.0, 0.4  # the official scripts' temperatures of the image clip and of video clips
+
+
 def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None = None) -> None:
     p.add_argument("--models", default=os.environ.get("INFINITYSTAR_MODELS", "models"),
                    help="folder laid out like the hub repo (default $INFINITYSTAR_MODELS or ./models)")
@@ -367,8 +379,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--cfg", type=float, default=34.0, help="APG guidance scale (official 34)")
     p.add_argument("--cfg-schedule", default="", help="guidance scale per scale of the pyramid, coarse to fine, "
                    "comma-separated, the last repeating (e.g. '34,34,34,20,10'); default: --cfg everywhere")
-    p.add_argument("--tau-image", type=float, default=1.0)
-    p.add_argument("--tau-video", type=float, default=0.4)
+    p.add_argument("--tau-image", type=float, default=TAU_IMAGE)
+    p.add_argument("--tau-video", type=float, default=TAU_VIDEO)
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="transformer block storage (default: fp32 on the CPU; on a GPU bf16, or fp8 when bf16 "
                         "weights and the run do not fit its free memory)")
@@ -394,7 +406,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--norms", choices=["fused", "composite"], default="fused",
                    help="CUDA, bf16/fp16: RMSNorm as PyTorch's fused kernel, or as the official code computes it "
                         "(fp32 statistics; with --attention sdpa_flash, bf16 runs equal to the official GPU run)")
-    p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors) for `extend`")
+    p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors), to continue later "
+                                          "(`extend`; a story: `interact --tokens`)")
     p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
 
 
@@ -440,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     _set_help(it, "resolution", "480p (0.40M, what the interact weights were trained at) or a pixel class for "
                                 "drafts (default 480p; 0.06M with --tiny)")
     _set_help(it, "variant", "weights to use (default: interact)")
+    _set_help(it, "tau_image", argparse.SUPPRESS)  # interact has one --tau
+    _set_help(it, "tau_video", argparse.SUPPRESS)
 
     dl = sub.add_parser("download", help=f"fetch one variant from huggingface.co/{REPO_ID}")
     dl.add_argument("--variant", choices=list(TRANSFORMER_DIRS), default="720p")
@@ -461,10 +476,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_writable(path: str | None, option: str) -> None:
+    """Refuse an output that cannot be written before minutes of sampling, not after them."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name (e.g. {target / 'out.mp4'})")
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot create its folder ({exc.strerror}); choose another path") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable; choose another path")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
+        if args.command in ("generate", "demo", "extend", "interact"):
+            _check_writable(getattr(args, "out", None), "--out")
+            _check_writable(getattr(args, "save_tokens", None), "--save-tokens")
         if args.command in ("generate", "demo"):
             out = _run_generate(args)
         elif args.command == "extend":
@@ -492,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             from .tiny import main as tiny_main
 
             return tiny_main([args.outdir, "--seed", str(args.seed)])
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # OSError: FileNotFoundError, PermissionError, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if out is not None:

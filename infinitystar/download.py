@@ -63,10 +63,14 @@ def _is_present(component: str, path: Path) -> bool:
     return path.is_file()
 
 
+def _missing(paths: dict[str, Path], components: Sequence[str]) -> list[str]:
+    return [f"{c} ({paths[c]})" for c in components if not _is_present(c, paths[c])]
+
+
 def find_models(root: str | Path, variant: str = "720p", components: Sequence[str] = COMPONENTS) -> dict[str, Path]:
     """Paths of the wanted components under ``root``; FileNotFoundError saying how to get the missing ones."""
     paths = model_paths(root, variant)
-    missing = [f"{c} ({paths[c]})" for c in components if not _is_present(c, paths[c])]
+    missing = _missing(paths, components)
     if missing:
         raise FileNotFoundError(f"InfinityStar {variant} files not found under {root}: missing "
                                 f"{', '.join(missing)}. {how_to_get(root, variant)}")
@@ -119,12 +123,13 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
         _copy_local(source, dest, patterns, progress)
         return find_models(dest, variant, components)
     if _is_offline():
-        try:
-            return find_models(dest, variant, components)
-        except FileNotFoundError as exc:
-            raise RuntimeError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded, and {exc} Unset "
-                               "HF_HUB_OFFLINE, or copy the files from another machine with "
-                               "download_models(..., local_source=FOLDER).") from None
+        missing = _missing(model_paths(dest, variant), components)
+        if missing:
+            raise RuntimeError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded, and {', '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} missing under {dest}. Unset HF_HUB_OFFLINE, "
+                               "or copy the files from a folder laid out like the hub repo (`python -m infinitystar "
+                               "download --local-source FOLDER`, or the Download node's local_source).")
+        return find_models(dest, variant, components)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 

@@ -304,7 +304,7 @@ def extension_schedule(tokens: Tokens, clips: int) -> Schedule:
         raise ValueError(f"clips must be ≥ 1, got {clips}")
     if tokens.kind != "generation":
         raise ValueError(f"these tokens are an {tokens.kind} story (interact model); continue them with InfinityStar "
-                         "Interact (infinitystar.interact.continue_story), not Extend")
+                         "Interact (node) or `python -m infinitystar interact --tokens FILE`, not Extend")
     old = tokens.schedule()
     if len(tokens.bits) != old.num_steps:
         raise ValueError(f"tokens hold {len(tokens.bits)} of {old.num_steps} steps; only complete generations "

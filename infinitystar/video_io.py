@@ -124,7 +124,16 @@ def video_frame_count(path: str | Path) -> tuple[int, float]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
-    with av.open(str(path)) as container:
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as exc:
+        raise ValueError(f"{path}: not a video FFmpeg can read ({exc.strerror}); give an .mp4, .mov, .mkv or "
+                         ".webm file") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: holds no video stream; give a video file")
+        if "image2" in container.format.name or container.format.name.endswith("_pipe"):
+            raise ValueError(f"{path} is a still image, not a video; an image starts a video through --image")
         stream = container.streams.video[0]
         fps = _fps(stream)
         total = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)

@@ -207,6 +207,7 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     # raising=False: absent before torch 2.6
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, as far as the session's checks go
     gpu = session("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
     assert gpu.auto_dtype(schedule) == torch.bfloat16 and "fp8" not in capsys.readouterr().err
@@ -344,3 +345,43 @@ def test_bad_image_inputs_are_clear_errors(tiny_models, tmp_path, capsys):
     assert main([*base, "--image", str(tmp_path / "clip.png")]) == 2
     assert "clip.png is not an image" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_outputs_and_device_are_checked_before_anything_loads(tiny_models, tmp_path, monkeypatch, capsys):
+    """An output that cannot be written, or a CUDA device a CPU-only PyTorch lacks, is one error line before any
+    weights load (it used to be a traceback after the whole run, or from deep inside the text encoder)."""
+    import infinitystar.cli as cli
+
+    monkeypatch.setattr(cli, "find_models", lambda *a, **k: pytest.fail("models looked up before the outputs"))
+    root = str(tiny_models["root"])
+    base = ["generate", "--models", root, "--resolution", "0.06M", "--duration", "0"]
+    assert main([*base, "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([*base, "--out", str(tmp_path / "file" / "x.png")]) == 2
+    assert "cannot create its folder" in capsys.readouterr().err
+    assert main([*base, "--save-tokens", str(tmp_path / "file" / "t.safetensors")]) == 2
+    assert "--save-tokens" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*base, "--device", "cuda", "--out", str(tmp_path / "x.png")]) == 2
+    assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_video_says_so(tiny_models, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    Image.new("RGB", (101, 57)).save(tmp_path / "still.png")
+    root = str(tiny_models["root"])
+    assert main(["extend", "--models", root, "--resolution", "0.06M", "--video", str(tmp_path / "notes.txt")]) == 2
+    assert "not a video FFmpeg can read" in capsys.readouterr().err
+    assert main(["extend", "--models", root, "--resolution", "0.06M", "--video", str(tmp_path / "still.png")]) == 2
+    assert "is a still image, not a video" in capsys.readouterr().err
+
+
+def test_interact_refuses_the_two_temperatures_it_does_not_use(tiny_models, capsys):
+    """interact samples at one --tau; --tau-image/--tau-video (shared with generate) were accepted and ignored."""
+    rc = main(["interact", "--models", str(tiny_models["root"]), "--tau-video", "0.7", "--video", "none.mp4"])
+    assert rc == 2 and "give --tau" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["interact", "--help"])
+    assert "--tau-video" not in capsys.readouterr().out

@@ -87,8 +87,9 @@ def test_files_the_hub_does_not_hold_are_named(tmp_path, monkeypatch):
 
 def test_offline_mode_is_clear(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set") as info:
         D.download_models(tmp_path, "720p", progress=False)
+    assert "--local-source FOLDER" in str(info.value) and "Download them with" not in str(info.value)
     for name in ("infinitystar_8b_720p_weights", "text_encoder"):
         shutil.copytree(tiny_models["root"] / name, tmp_path / name)
     shutil.copy(tiny_models["vae"], tmp_path)
