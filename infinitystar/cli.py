@@ -243,15 +243,15 @@ def _run_generate(args) -> Path:
 
 
 def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | None = None) -> P.Tokens:
-    from .video_io import read_video_clip, video_frame_count
+    from .video_io import read_video_clip, video_frame_count, whole_clips
 
     length = video_frame_count(path)  # (frames, fps), read once
     total, fps = length
     seconds = total / fps
     if clips is None:  # as many whole 5 s clips as the video holds, leaving one of the schedule to generate
-        clips = min(int(seconds // 5), schedule.num_clips - 2)
+        clips = min(whole_clips(total, fps), schedule.num_clips - 2)
     elif clips < 0:  # every whole 5 s clip of the video
-        clips = int(seconds // 5)
+        clips = whole_clips(total, fps)
     if clips < 1:
         raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs ≥ 5 s of input and an output at least "
                          "5 s longer than the input clips (generate: e.g. --duration 10; extend: --clips 1)")
@@ -279,12 +279,16 @@ def _preview(s: Session, args) -> Path | None:
     return None
 
 
+def _warn_resolution_ignored(asked: str | None, path: str, tokens: P.Tokens) -> None:
+    """Saved tokens carry their resolution; say so when --resolution asked for another."""
+    if asked is not None and P.RESOLUTIONS.get(asked, asked) != tokens.pn:
+        logger.warning("--resolution %s ignored: %s holds %s tokens", asked, path, tokens.pn)
+
+
 def _run_extend(args) -> Path:
     tokens = P.Tokens.load(args.tokens) if args.tokens else None
     if tokens is not None:  # the tokens say their resolution, and so which weights continue them
-        pn = P.RESOLUTIONS.get(args.resolution, args.resolution)
-        if args.resolution is not None and pn != tokens.pn:
-            logger.warning("--resolution %s ignored: %s holds %s tokens", args.resolution, args.tokens, tokens.pn)
+        _warn_resolution_ignored(args.resolution, args.tokens, tokens)
         args.resolution = tokens.pn
     elif not args.video:
         raise ValueError("extend needs --tokens FILE (from generate --save-tokens) or --video MP4")
@@ -334,8 +338,7 @@ def _run_interact(args) -> Path:
     texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration
     if args.tokens:
         story = P.Tokens.load(args.tokens)
-        if asked is not None and P.RESOLUTIONS.get(asked, asked) != story.pn:
-            logger.warning("--resolution %s ignored: %s holds %s tokens", asked, args.tokens, story.pn)
+        _warn_resolution_ignored(asked, args.tokens, story)
     elif args.video:
         from .video_io import read_video_clip
 

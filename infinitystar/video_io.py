@@ -100,6 +100,12 @@ def clip_indices(total: int, fps: float, count: int, seconds: float, *, from_end
     return np.linspace(first, stop - 1, count, dtype=int)
 
 
+def whole_clips(total: int, fps: float, clip_seconds: float = 5.0) -> int:
+    """How many whole ``clip_seconds`` clips a ``total``-frame video at ``fps`` holds (with :func:`clip_indices`'s
+    tolerance of 1e-6 s)."""
+    return int(float(total) / max(float(fps), 1e-6) / clip_seconds + 1e-6)
+
+
 def whole_clip_indices(total: int, fps: float, clip_frames: int, clip_seconds: float = 5.0) -> np.ndarray:
     """The frames a video continuation is encoded from: every whole ``clip_seconds`` clip of a ``total``-frame video
     at ``fps``, picked as the official V2V reader picks them (:func:`clip_indices`, ``1 + clip_frames`` per clip at
@@ -107,7 +113,7 @@ def whole_clip_indices(total: int, fps: float, clip_frames: int, clip_seconds: f
     than one clip gives an empty array (the caller says what to do)."""
     if total == 1:
         return np.zeros(1, dtype=int)
-    clips = int(float(total) / max(float(fps), 1e-6) / clip_seconds + 1e-6)
+    clips = whole_clips(total, fps, clip_seconds)
     if clips == 0:
         return np.zeros(0, dtype=int)
     return clip_indices(total, fps, 1 + clip_frames * clips, clip_seconds * clips)

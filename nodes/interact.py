@@ -57,11 +57,12 @@ class InfinityStarInteractStart(io.ComfyNode):
         from ..infinitystar.video_io import clip_indices
 
         aspect = None if aspect_ratio == "from input" else aspect_ratio
-        if len(images) < fps * 5 - 1e-6:
+        try:
+            picks = clip_indices(len(images), fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
+        except ValueError:  # under 5 s
             raise ValueError(f"Interact Start got {len(images)} frames at {fps:g} fps ({len(images) / fps:.2f} s): "
                              "a story starts from the last 5 s of a video (at least 80 frames at 16 fps; set fps "
-                             "to the video's frame rate).")
-        picks = clip_indices(len(images), fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
+                             "to the video's frame rate).") from None
         frames = image_to_uint8(images[torch.from_numpy(picks)])  # only the frames a story starts from
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
