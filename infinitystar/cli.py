@@ -267,11 +267,12 @@ def _preview(s: Session, args) -> Path | None:
 
     info = s.model_info()
     stored = DTYPES[args.dtype] if getattr(args, "dtype", None) else info.dtype  # fp8 / GGUF: a dequantized copy
-    extra = estimate_sampling_memory(info.config, schedule, weight_dtype=stored)
-    offloaded = estimate_sampling_memory(info.config, schedule, offload_kv=True, weight_dtype=stored)
+    batch = s.guidance().branches(schedule.scales_per_clip)  # --cfg 1: the conditional branch alone
+    extra = estimate_sampling_memory(info.config, schedule, batch=batch, weight_dtype=stored)
+    offloaded = estimate_sampling_memory(info.config, schedule, batch=batch, offload_kv=True, weight_dtype=stored)
     print(f"weights: {info.variant}, {info.config.depth} blocks of width {info.config.width} "
           f"({getattr(args, 'dtype', None) or info.storage}); "
-          f"sampling needs ≈{extra / 2**30:.2f} GiB beyond the weights (bf16, CFG batch 2), "
+          f"sampling needs ≈{extra / 2**30:.2f} GiB beyond the weights (bf16, CFG batch {batch}), "
           f"≈{offloaded / 2**30:.2f} GiB with --offload-kv on")
     for st in schedule.steps:
         print(f"  step {st.index:3d} clip {st.clip} scale {st.si:2d} rep {st.rep} t,h,w={st.t},{st.h},{st.w} "

@@ -19,6 +19,14 @@ class GuidanceConfig:
     # takes a per-scale ``cfg_list``; its scripts fill it with one value): empty = ``scale`` everywhere
     per_scale: tuple[float, ...] = ()
 
+    def branches(self, scales_per_clip: int) -> int:
+        """Batch of the blocks: 2 (conditional, unconditional) when any scale of the pyramid is guided, else 1.
+
+        parity: the official sampler doubles its batch only when some ``cfg_list`` entry is not 1; at guidance 1
+        it runs the conditional branch alone (half the work), with the text projected for that branch only.
+        """
+        return 2 if any(self.at(i).scale != 1 for i in range(max(1, scales_per_clip))) else 1
+
     def at(self, inner: int) -> GuidanceConfig:
         """The configuration of scale ``inner`` (0 = coarsest) of a clip's pyramid."""
         if not self.per_scale:

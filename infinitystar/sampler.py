@@ -1,7 +1,8 @@
 """The bitwise spacetime AR sampler of the official model (``ar_infer_infinity_elegant``, spec §5).
 
 One text step fills the 't0' K/V; then every (scale, repetition) step embeds the area-downsampled
-clip accumulator, runs the blocks (batch 2: conditional, unconditional), takes the semantic or
+clip accumulator, runs the blocks (batch 2: conditional, unconditional; batch 1 when no scale is guided),
+takes the semantic or
 detail head, multiplies by 1/tau, applies guidance over the whole step and draws all bits with
 ONE ``torch.multinomial`` call on a generator seeded once. Teacher-forced steps (I2V, V2V) still
 draw, so the random stream matches the official sampler. Parity-tested against the golden cases.
@@ -67,7 +68,7 @@ class StepRecord:
     """What :func:`sample` shows a ``step_hook`` after each step (tensors on the compute device)."""
 
     step: ScaleStep
-    logits: torch.Tensor  # (2, t*h*w, 2d) fp32 head output before 1/tau: [cond, uncond]
+    logits: torch.Tensor  # (2, t*h*w, 2d) fp32 head output before 1/tau: [cond, uncond]; (1, ...) unguided
     guided: torch.Tensor  # (1, t*h*w, 2d) fp32, the sampler input
     drawn: torch.Tensor  # (1, t, h, w, d) uint8, the bits drawn
     bits: torch.Tensor  # (1, t, h, w, d) uint8, the bits used (drawn or teacher)
@@ -102,12 +103,12 @@ def _to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dtype) -> int | None:
+def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dtype, batch: int = 2) -> int | None:
     """``"auto"`` -> :func:`infinitystar.memory.auto_chunk_tokens`; ``None``/0 -> no chunking."""
     if chunk_tokens == "auto":
         from .memory import auto_chunk_tokens
 
-        return auto_chunk_tokens(config, dtype=dtype)
+        return auto_chunk_tokens(config, batch, dtype)
     if isinstance(chunk_tokens, str):
         raise ValueError(f"chunk_tokens must be 'auto', a token count or None, got {chunk_tokens!r}")
     return int(chunk_tokens) if chunk_tokens else None
@@ -115,7 +116,7 @@ def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dt
 
 def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransformer, schedule: Schedule,
                        text: TextCondition, dtype: torch.dtype, chunk_tokens: int | None,
-                       extra_tokens: int = 0) -> int:
+                       extra_tokens: int = 0, batch: int = 2) -> int:
     """How many layers keep their reference K/V in host memory. ``"auto"``: none off CUDA; on CUDA the
     fewest that let the run fit the device's free memory less ``AUTO_HEADROOM``
     (:func:`infinitystar.memory.choose_kv_offload`). ``extra_tokens``: prefix-condition tokens every step reads
@@ -129,7 +130,7 @@ def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransfor
     from .memory import choose_kv_offload
 
     available = cuda_available_bytes(device)
-    layers = choose_kv_offload(model.config, schedule, available - AUTO_HEADROOM, dtype=dtype,
+    layers = choose_kv_offload(model.config, schedule, available - AUTO_HEADROOM, batch=batch, dtype=dtype,
                                text_tokens=text.cond.shape[0] + extra_tokens, chunk_tokens=chunk_tokens,
                                weight_dtype=model.block_dtype())
     if layers:
@@ -196,18 +197,19 @@ class _Runner:
 
     def __init__(self, model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16,
                  chunk_tokens=None, compile=False, offload_kv: bool | int | str = False, graphs=None,
-                 conditions: Sequence[PrefixCondition] = ()):
+                 conditions: Sequence[PrefixCondition] = (), batch: int = 2):
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
         self.dtype = compute_dtype or default_compute_dtype(self.device)
+        self.batch = batch  # 2: [conditional, unconditional]; 1: the conditional branch alone
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
-        self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype)
+        self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype, batch)
         self.compile = compile
         self.conditions = tuple(conditions)
         if self.conditions and graphs is not None:
             raise ValueError("cuda_graphs cannot replay steps with prefix conditions (interact model); leave them off")
         offload = resolve_offload_kv(offload_kv, model, schedule, text, self.dtype, self.chunk_tokens,
-                                     sum(c.num_tokens for c in self.conditions))
+                                     sum(c.num_tokens for c in self.conditions), batch)
         self.graphs = graphs
         if graphs is not None:
             graphs.begin(model, self.dtype)
@@ -226,7 +228,7 @@ class _Runner:
     def text_step(self):
         prefix = self.model.text_prefix(self.text.cond.to(self.device),
                                         None if self.text.uncond is None else self.text.uncond.to(self.device),
-                                        dtype=self.dtype)
+                                        dtype=self.dtype, guided=self.batch == 2)
         rope = text_rope(prefix.shape[1], self.model.config.head_dim, self.model.config.rope_base)
         self.model.forward_blocks(prefix, self.ctx(rope, store_key=TEXT_KEY), self.dtype)
 
@@ -237,7 +239,7 @@ class _Runner:
             _, _, t, h, w = c.codes.shape
             if len(c.frames) != t:
                 raise ValueError(f"condition {c.key!r}: {t} frames but {len(c.frames)} frame positions")
-            x = self.model.embed_codes(c.codes.to(self.device), dtype=self.dtype).expand(2, -1, -1)
+            x = self.model.embed_codes(c.codes.to(self.device), dtype=self.dtype).expand(self.batch, -1, -1)
             rope = visual_rope(cfg.text_maxlen + c.scale_pos, 0, 0, h, w, self.h_final, self.w_final, cfg.head_dim,
                                cfg.rope_base, frames=c.frames)
             handed = [x]
@@ -254,11 +256,11 @@ class _Runner:
         return self.accumulators[clip]
 
     def forward(self, step: ScaleStep, acc: torch.Tensor) -> torch.Tensor:
-        """Run the blocks for one step from the accumulator before it; returns (2, thw, C) hidden."""
+        """Run the blocks for one step from the accumulator before it; returns (batch, thw, C) hidden."""
         cfg = self.model.config
         # in the compute dtype already (no fp32 copy is kept); both guidance branches get identical visual tokens
         x = self.model.embed_codes(downsample_accumulator(acc, (step.t, step.h, step.w)), dtype=self.dtype)
-        x = x.expand(2, -1, -1)
+        x = x.expand(self.batch, -1, -1)
         rope = visual_rope(cfg.text_maxlen + step.real_sid, step.frame_ss, step.frame_ee, step.h, step.w,
                            self.h_final, self.w_final, cfg.head_dim, cfg.rope_base)
         store = step.si if step.is_last_rep and step.si in self.last_use else None
@@ -332,7 +334,8 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
       host-device syncs (the official sampler uses a CUDA generator); "cpu" matches the CPU goldens.
     """
     runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16, chunk_tokens, compile,
-                     offload_kv, resolve_graphs(cuda_graphs, model), conditions)
+                     offload_kv, resolve_graphs(cuda_graphs, model), conditions,
+                     guidance.branches(schedule.scales_per_clip))
     generator = torch.Generator(generator_device).manual_seed(int(seed))
     teacher = list(teacher_bits or [])
     bits_out: list[torch.Tensor] = []
@@ -347,7 +350,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
             for step in schedule.steps[start:]:
                 acc = runner.accumulator(step.clip)
                 hidden = runner.forward(step, acc)
-                logits = model.head_logits(hidden, step.is_semantic, runner.chunk_tokens)  # [2, thw, 2d] fp32
+                logits = model.head_logits(hidden, step.is_semantic, runner.chunk_tokens)  # [batch, thw, 2d] fp32
                 del hidden
                 tau = tau_image if step.clip == 0 else tau_video
                 scaled = logits * (1 / tau)  # parity: multiply by the Python reciprocal, spec §5.3 step 4

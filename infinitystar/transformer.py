@@ -372,16 +372,19 @@ class InfinityStarTransformer(nn.Module):
 
     # ---- embeddings ----
     def text_prefix(self, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
+                    dtype: torch.dtype | None = None, guided: bool = True) -> torch.Tensor:
         """Prefix tokens (2, L, C): [conditional, unconditional], fp32, or ``dtype`` when that is half precision.
 
         cond: (L, C_text) compacted T5 features. uncond: (L_neg, C_text) negative-prompt features
         with L_neg <= L, projected then zero-padded to L (spec §4); None -> ``cfg_uncond[:L]``.
         ``dtype`` bf16/fp16: the projection runs as under the official scripts' autocast (see :func:`_autocast_linear`).
+        ``guided`` False: (1, L, C), the conditional branch alone (guidance 1 at every scale; ``uncond`` unused).
         """
         L = cond.shape[0]
         dev = self.text_proj.weight.device if self.text_proj.weight.device.type != "meta" else cond.device
         cond = cond.to(dev, torch.float32)
+        if not guided:
+            return _autocast_linear(self.text_proj, cond, dtype)[None]
         if uncond is None:
             uncond = self.cfg_uncond[:L].to(dev, torch.float32)
         elif uncond.shape[0] > L:

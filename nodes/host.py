@@ -156,9 +156,11 @@ def make_patcher(module: torch.nn.Module, kind: str):
     return patcher
 
 
-def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype, extra_tokens: int = 0) -> tuple[int, int]:
+def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype, extra_tokens: int = 0,
+                  batch: int = 2) -> tuple[int, int]:
     """(bytes to ask ComfyUI for, layers whose reference K/V is kept in host memory) for one generation
-    (CFG batch 2). ``extra_tokens``: prefix-condition tokens every step reads (interact), counted like text.
+    (``batch`` 2 with guidance, 1 without). ``extra_tokens``: prefix-condition tokens every step reads (interact),
+    counted like text.
 
     Reference K/V goes to host memory only when weights + activations + K/V would not fit the device even
     with every other model evicted, and then only for the fewest layers that make it fit: one copy of a
@@ -173,12 +175,12 @@ def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype, extra_t
     layers = 0
     if device.type not in ("cpu", "mps"):  # host memory is the device's memory there
         room = mm.get_total_memory(device) - mm.minimum_inference_memory() - patcher.model_size()
-        layers = choose_kv_offload(config, schedule, room, dtype=compute_dtype, weight_dtype=weights,
+        layers = choose_kv_offload(config, schedule, room, batch=batch, dtype=compute_dtype, weight_dtype=weights,
                                    text_tokens=text_tokens)
         if layers:
             logger.info("InfinityStar: the reference K/V of %d of %d layers is kept in host memory to fit this "
                         "%d-clip run on %s", layers, config.depth, schedule.num_clips, device)
-    need = estimate_sampling_memory(config, schedule, batch=2, dtype=compute_dtype, offload_kv=layers,
+    need = estimate_sampling_memory(config, schedule, batch=batch, dtype=compute_dtype, offload_kv=layers,
                                     weight_dtype=weights, text_tokens=text_tokens)
     return int(need), layers
 

@@ -149,4 +149,4 @@ class InfinityStarInteract(io.ComfyNode):
             return story
 
         return io.NodeOutput(run_transformer(model, schedule, run, getattr(cls.hidden, "unique_id", None), vae,
-                                             extra_tokens=interact.condition_tokens(schedule)))
+                                             extra_tokens=interact.condition_tokens(schedule), guidance=guidance))

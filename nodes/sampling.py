@@ -19,7 +19,9 @@ def guidance_inputs(prefix_tooltip: str = "") -> list:
     return [
         io.Float.Input("guidance_scale", default=34.0, min=0.0, max=100.0, step=0.5,
                        tooltip=prefix_tooltip + "Guidance strength on the bit logits. 34 is the official value "
-                               "for both released models (with APG); lower = looser prompt following."),
+                               "for both released models (with APG); lower = looser prompt following. 1 = no "
+                               "guidance: only the conditional branch runs (about half the time and memory), as "
+                               "in the official code."),
         io.Float.Input("apg_threshold", default=0.05, min=0.0, max=10.0, step=0.005,
                        tooltip="APG clip of the per-element RMS of (cond - uncond); 0.05 is official. Only "
                                "used with APG."),
@@ -82,14 +84,16 @@ def pick_resolution(resolution: str, info) -> str:
 
 
 def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None, vae: T.LoadedVAE | None = None,
-                    extra_tokens: int = 0):
+                    extra_tokens: int = 0, guidance=None):
     """Load the transformer for ``schedule`` through ComfyUI and call ``fn(module, run_kwargs)``, where
     ``run_kwargs`` are the sampler arguments the loader and the memory plan decide (progress callback, compute
     dtype, attention, compile, K/V offload); previews show colours when the tokenizer ``vae`` is given.
-    ``extra_tokens``: prefix-condition tokens (interact) the memory plan counts like text."""
+    ``extra_tokens``: prefix-condition tokens (interact) the memory plan counts like text; ``guidance`` sizes the
+    plan's batch (guidance 1 at every scale runs one branch)."""
     projection = host.preview_projection(vae)
+    batch = guidance.branches(schedule.scales_per_clip) if guidance is not None else 2
     memory, offload_kv = host.sampling_plan(model.patcher, model.info.config, schedule, model.compute_dtype,
-                                            extra_tokens)
+                                            extra_tokens, batch)
     progress = host.StepProgress(schedule.num_steps, node_id=node_id, projection=projection)
     run_kwargs = dict(callback=progress, compute_dtype=model.compute_dtype, attn_backend=model.attention,
                       compile=model.compile, offload_kv=offload_kv)
@@ -180,7 +184,8 @@ class InfinityStarSampler(io.ComfyNode):
             return pipeline.generate(module, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
                                      tau_video=tau_video, condition=condition, generator=generator, **run_kwargs)
 
-        return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None), vae))
+        return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None), vae,
+                                             guidance=guidance))
 
 
 def _aspects() -> list[str]:

@@ -197,4 +197,5 @@ class InfinityStarExtend(io.ComfyNode):
             return pipeline.extend(module, text, tokens, clips, seed=seed, guidance=guidance, tau_video=tau_video,
                                    generator=generator, **run_kwargs)
 
-        return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None), vae))
+        return io.NodeOutput(run_transformer(model, schedule, extend, getattr(cls.hidden, "unique_id", None), vae,
+                                             guidance=guidance))

@@ -115,7 +115,9 @@ def teacher_forced_run(case_dir):
         if not ms["logit_frames"]:
             return
         rows = logit_rows(ms, s.h, s.w)
-        got = {"cond": rec.logits[0], "uncond": rec.logits[1], "guided": rec.guided[0]}
+        got = {"cond": rec.logits[0], "guided": rec.guided[0]}
+        if len(rec.logits) > 1:  # guidance 1 everywhere runs the conditional branch alone, as upstream
+            got["uncond"] = rec.logits[1]
         for name in ms["stored_logits"]:
             ref = torch.from_numpy(steps_npz[f"logits_{name}_{s.index:03d}"])
             mine = got[name][rows].cpu()

@@ -209,23 +209,28 @@ def test_conditions_refuse_cuda_graphs(models, schedule):
 
 def test_clip_equals_the_official_interact_sampler(official_path, single_thread):
     """fp32 on a CPU: the official ``ar_infer_infinity_star_interact`` (mode 'second_v_clip') and ours draw the
-    same bits, so the clip's summed codes are equal, and the latents it decodes are our second window's."""
+    same bits, so the clip's summed codes are equal, and the latents it decodes are our second window's; at the
+    script's cfg 3 and at cfg 1, where both run the conditional branch alone."""
     from bench_loader import load_benchmark
+
+    from infinitystar.guidance import GuidanceConfig
 
     bench = load_benchmark("bench_generate")
     official = load_benchmark("official")
     mod = official.import_official(official_path)
     config = bench.CONFIGS["tiny"]
     model = bench.build_model(config, torch.device("cpu"), torch.float32, 41)
-    for aspect, seed in (("9:16", 7), ("1:1", 8)):
+    for aspect, seed, cfg in (("9:16", 7, 3.0), ("1:1", 8, 1.0)):
         sched = I.clip_schedule("0.06M", aspect)
-        runner = official.OfficialRunner(mod, config, official.official_interact_args(mod, "0.06M", sched),
-                                         torch.device("cpu"), model.state_dict(), config.text_channels)
+        args = official.official_interact_args(mod, "0.06M", sched)
+        args.cfg = cfg
+        runner = official.OfficialRunner(mod, config, args, torch.device("cpu"), model.state_dict(),
+                                         config.text_channels)
         cond = bench._text_features(config, seed)
         context, first = _latents(sched, 21, seed), _latents(sched, 1, seed + 1)
         theirs, decoded = runner.run_interact(cond, seed, context, first, sched.h_div_w)
         ours = I.sample_clip(model, TextCondition(cond), context, first, sched, seed=seed, generator_device="cpu",
-                             compute_dtype=torch.float32).summed_codes
+                             compute_dtype=torch.float32, guidance=GuidanceConfig(scale=cfg, use_apg=False)).summed_codes
         assert theirs.shape == (1, 64, 21, *sched.scales[-1][1:])
         assert torch.equal(theirs[:, :, 1:], ours) and torch.equal(theirs[:, :, :1], context[:, :, -1:])
         a, b = I.decode_windows(41)[1]

@@ -138,6 +138,23 @@ def test_estimate_matches_measured_peak_and_plan_saves_memory():
     assert measured[256] < 0.75 * measured[None]
 
 
+def test_unguided_estimate_matches_its_measured_peak():
+    """Guidance 1 runs one branch: the estimate with batch 1 lies within the same factor of the measured peak, and
+    the run peaks well below the guided one."""
+    from infinitystar.guidance import GuidanceConfig
+
+    cfg, model, sched, text, L = _measured_setup(frames=81)
+    peaks = {}
+    for scale, batch in ((1.0, 1), (34.0, 2)):
+        guidance = GuidanceConfig(scale=scale)
+        assert guidance.branches(sched.scales_per_clip) == batch
+        _, peaks[batch] = measure_peak_bytes(lambda g=guidance: sample(model, text, sched, seed=0, chunk_tokens=256,
+                                                                        guidance=g))
+        est = estimate_sampling_memory(cfg, sched, batch=batch, dtype=torch.float32, text_tokens=L, chunk_tokens=256)
+        assert 0.7 <= est / peaks[batch] <= 1.4, (batch, est, peaks[batch])
+    assert peaks[1] < 0.75 * peaks[2]
+
+
 def test_plan_fits_the_targets_on_the_estimate():
     """Issue 7 targets with fp8 weights (8.77 GB, upcast per call): 720p 5 s <= 24 GB, 480p 10 s <= 16 GB."""
     big = TRANSFORMER_PRESETS["8b"]

@@ -209,3 +209,46 @@ def test_per_scale_guidance_follows_each_clip_pyramid(model, text):
         else:
             assert torch.equal(r.guided, apg(scaled[:1], scaled[1:], (34.0, 20.0)[inner], 0.05))
     assert {r.step.clip for r in records} == {0, 1}
+
+
+def test_guidance_branches():
+    """The official sampler doubles the batch only when some scale's cfg is not 1."""
+    from infinitystar.guidance import GuidanceConfig
+
+    assert GuidanceConfig(scale=34.0).branches(7) == 2
+    assert GuidanceConfig(scale=1.0).branches(7) == 1
+    assert GuidanceConfig(scale=1.0, per_scale=(1.0, 1.0)).branches(7) == 1
+    assert GuidanceConfig(scale=1.0, per_scale=(1.0, 3.0)).branches(7) == 2  # the last value repeats
+    assert GuidanceConfig(scale=34.0, per_scale=(1.0,)).branches(7) == 1
+    assert GuidanceConfig(scale=34.0, per_scale=(1.0,) * 7 + (3.0,)).branches(7) == 1  # beyond the pyramid: unused
+
+
+def test_unguided_runs_the_conditional_branch_alone(model, text, monkeypatch):
+    """Guidance 1 at every scale: batch 1 through the blocks (half the work, as upstream), and its logits are the
+    conditional branch of a guided run teacher-forced with the same bits; a negative prompt changes nothing."""
+    from infinitystar.guidance import GuidanceConfig
+
+    sched = short_schedule()
+    batches = []
+    real = InfinityStarTransformer.forward_blocks
+
+    def spy(self, x, ctx, dtype=None):
+        batches.append((x[0] if isinstance(x, list) else x).shape[0])
+        return real(self, x, ctx, dtype)
+
+    monkeypatch.setattr(InfinityStarTransformer, "forward_blocks", spy)
+    one, guided = [], []
+    negative = TextCondition(text.cond, torch.randn(4, TINY.text_channels, generator=torch.Generator().manual_seed(9)))
+    out = sample(model, negative, sched, seed=7, guidance=GuidanceConfig(scale=1.0),
+                 step_hook=lambda r: one.append((r.logits.clone(), r.guided.clone())))
+    assert set(batches) == {1} and len(batches) == sched.num_steps + 1  # the text step too
+    batches.clear()
+    sample(model, text, sched, seed=3, guidance=GuidanceConfig(scale=34.0), teacher_bits=out.bits,
+           step_hook=lambda r: guided.append(r.logits.clone()))
+    assert set(batches) == {2}
+    for step, (logits, g), ref in zip(sched.steps, one, guided):
+        assert logits.shape[0] == 1
+        assert torch.equal(g, logits * (1 / (1.0 if step.clip == 0 else 0.4)))  # unguided: cond logits / tau
+        torch.testing.assert_close(logits[0], ref[0], rtol=1e-5, atol=1e-5)
+    plain = sample(model, text, sched, seed=7, guidance=GuidanceConfig(scale=1.0))
+    assert all(torch.equal(x, y) for x, y in zip(out.bits, plain.bits))
