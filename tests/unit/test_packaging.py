@@ -65,3 +65,19 @@ def test_readme_test_command_is_the_ci_command():
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     commands = {line.strip() for block in blocks for line in block.splitlines()}
     assert runs[0] in commands and "bash .ci/run" in commands
+
+
+def test_github_workflows_publish_and_test():
+    """The registry publish runs when pyproject.toml changes on main (with the registry token secret), and the
+    test workflow runs .ci/run: the same command as our CI."""
+    yaml = pytest.importorskip("yaml")  # installed with transformers
+    folder = REPO / ".github" / "workflows"
+    publish = yaml.safe_load((folder / "publish.yml").read_text())
+    on = publish.get("on", publish.get(True))  # YAML 1.1 reads a bare `on` as True
+    assert on["push"]["paths"] == ["pyproject.toml"] and on["push"]["branches"] == ["main"]
+    steps = [s for job in publish["jobs"].values() for s in job["steps"]]
+    action = [s for s in steps if str(s.get("uses", "")).startswith("Comfy-Org/publish-node-action@")]
+    assert action and "secrets.REGISTRY_ACCESS_TOKEN" in action[0]["with"]["personal_access_token"]
+    tests = yaml.safe_load((folder / "tests.yml").read_text())
+    runs = [s.get("run", "") for job in tests["jobs"].values() for s in job["steps"]]
+    assert ".ci/run" in runs
