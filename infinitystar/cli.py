@@ -6,6 +6,7 @@ offline, so the whole path can be checked on any machine; its output is noise by
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -177,7 +178,26 @@ class Session:
 
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.paths["vae"], device=self.device)
+            if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+                # as the official scripts' bf16 autocast and the Tokenizer Loader node's auto: half the decode memory
+                self._tokenizer.compute_dtype = torch.bfloat16
         return self._tokenizer
+
+    def release_transformer(self) -> None:
+        """Free the transformer before decoding: the decode's activations then have the whole device (the nodes get
+        the same from ComfyUI's model manager). Callers drop their own references first."""
+        self._transformer = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def decode_budget(self) -> int | None:
+        """Bytes the decode may use on a GPU (it picks its chunk size to fit); None on the CPU: the official chunks."""
+        if self.device.type != "cuda":
+            return None
+        from .sampler import AUTO_HEADROOM, cuda_available_bytes
+
+        return max(0, cuda_available_bytes(self.device) - AUTO_HEADROOM)
 
     def sample_kwargs(self):
         a = self.args
@@ -193,6 +213,7 @@ class Session:
                               per_scale=parse_scale_list(self.args.cfg_schedule, "--cfg-schedule"))
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
+        """Save the tokens (--save-tokens), free the transformer, decode and write the mp4 / PNG."""
         from .video_io import write_mp4, write_png
 
         if self.args.save_tokens:
@@ -209,7 +230,8 @@ class Session:
             bar.n = i  # the tokenizer reports chunks done, 1-based
             bar.refresh()
 
-        frames = P.decode(self.tokenizer(), tokens, callback=progress)
+        self.release_transformer()
+        frames = P.decode(self.tokenizer(), tokens, callback=progress, memory_budget=self.decode_budget())
         if bar is not None:
             bar.close()
         out = Path(out)
@@ -239,6 +261,7 @@ def _run_generate(args) -> Path:
                             **s.sample_kwargs())
     finally:
         bar.close()
+    del transformer  # freed before the decode
     return s.write(tokens, args.out)
 
 
@@ -309,6 +332,7 @@ def _run_extend(args) -> Path:
         longer = P.extend(transformer, text, tokens, args.clips, seed=args.seed, callback=bar, **s.sample_kwargs())
     finally:
         bar.close()
+    del transformer
     return s.write(longer, args.out)
 
 
@@ -359,6 +383,7 @@ def _run_interact(args) -> Path:
                                      offload_kv=P.OFFLOAD_KV_CHOICES[args.offload_kv], compile=args.compile)
         finally:
             bar.close()
+    del transformer
     return s.write(story, args.out)
 
 

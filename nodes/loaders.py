@@ -65,7 +65,8 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "the official fp32 files' blocks in bf16 on a GPU (~17.6 GB; fp32 on the "
                                        "CPU); other files as stored (a .gguf stays quantized: only default "
                                        "applies). "
-                                       "fp8 halves that (~9 GB) at a small quality cost (e5m2 for RTX 30xx). "
+                                       "fp8 halves that (~9 GB) at a small quality cost; both are upcast layer by layer "
+                                       "on any CUDA GPU, and e4m3fn has about half the error of e5m2. "
                                        "fp8_e4m3fn is stored with a per-tensor scale; ComfyUI started with "
                                        "--fast fp8_matrix_mult also multiplies it in fp8 (RTX 40xx and newer). "
                                        "Embeddings and heads stay fp32 as in the official layout."),

@@ -385,3 +385,35 @@ def test_interact_refuses_the_two_temperatures_it_does_not_use(tiny_models, caps
     with pytest.raises(SystemExit):
         main(["interact", "--help"])
     assert "--tau-video" not in capsys.readouterr().out
+
+
+def test_transformer_is_freed_before_the_decode(t2v, tiny_models, tmp_path, monkeypatch):
+    """The CLI frees the transformer before decoding (no reference left anywhere), so the decode has the device to
+    itself as the nodes do; on the CPU the decode keeps the official chunks (no budget)."""
+    import gc
+    import weakref
+
+    import infinitystar.checkpoint as checkpoint
+    import infinitystar.pipeline as P
+
+    loaded, seen = [], []
+    real_load, real_decode = checkpoint.load_transformer, P.decode
+
+    def load(*args, **kwargs):
+        model, info = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, info
+
+    def decode(*args, **kwargs):
+        gc.collect()
+        seen.append(([r() is None for r in loaded], kwargs.get("memory_budget")))
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_transformer", load)
+    monkeypatch.setattr(P, "decode", decode)
+    root = str(tiny_models["root"])
+    assert main(["generate", "--models", root, "--resolution", "0.06M", "--duration", "0", "--out",
+                 str(tmp_path / "a.png")]) == 0
+    assert main(["extend", "--models", root, "--tokens", str(t2v / "t2v.safetensors"), "--clips", "1",
+                 "--out", str(tmp_path / "b.mp4")]) == 0
+    assert len(loaded) == 2 and seen == [([True], None), ([True, True], None)]
