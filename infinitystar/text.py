@@ -17,6 +17,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 TEXT_MAXLEN = 512
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either holds the vocabulary
+TEXT_ENCODER_HINT = ("Expected the hub folder text_encoder/flan-t5-xl-official/ as published; get it with "
+                     "`python -m infinitystar download --components text_encoder --dest DIR` or the Download Models "
+                     "node (components text_encoder)")
 CLOSING_PHRASE = ", Close-up on big objects, emphasize scale and detail"
 
 
@@ -49,20 +53,32 @@ def compact_features(features: torch.Tensor, attention_mask: torch.Tensor) -> to
     return features[0, :length].float()
 
 
+def _check_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a T5 text-encoder folder (no config.json). {TEXT_ENCODER_HINT}")
+    return path
+
+
 def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
                         device: str | torch.device = "cpu") -> torch.nn.Module:
     """The ``T5EncoderModel`` of a Hugging Face folder, in eval mode without grads (offline)."""
     from transformers import T5EncoderModel
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a T5 text-encoder folder (no config.json). Expected the hub folder "
-            "text_encoder/flan-t5-xl-official/; get it with `python -m infinitystar download --dest DIR`.")
+    path = _check_folder(path)
     try:
-        module = T5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    except TypeError:  # transformers < 4.56 names it torch_dtype (and chokes on the new name)
-        module = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        try:
+            module = T5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        except TypeError:  # transformers < 4.56 names it torch_dtype (and chokes on the new name)
+            module = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        raise ValueError(f"{path}: cannot load the T5 weights ({type(exc).__name__}: {exc}). {TEXT_ENCODER_HINT}") \
+            from exc
+    except Exception as exc:  # safetensors' own error (a truncated or damaged file) derives from Exception only
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: a T5 weight file is damaged or incomplete ({exc}); delete the folder's "
+                         f"*.safetensors and download them again. {TEXT_ENCODER_HINT}") from exc
     module.eval().requires_grad_(False).to(device)
     logger.info("text encoder %s loaded (%s, d_model %d)", path, dtype, module.config.d_model)
     return module
@@ -76,6 +92,16 @@ def official_autocast_dtype(device: torch.device, weight_dtype: torch.dtype) -> 
     return None
 
 
+def _config_vocab_size(path: Path) -> int:
+    """``vocab_size`` of the folder's config.json (0 when it cannot be read: the model load then says why)."""
+    import json
+
+    try:
+        return int(json.loads((path / "config.json").read_text()).get("vocab_size", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 class TextEncoder:
     """flan-t5 encoder plus its tokenizer, loaded from a Hugging Face folder (``text_encoder/flan-t5-xl-official``)."""
 
@@ -87,14 +113,25 @@ class TextEncoder:
     @classmethod
     def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
                     ) -> TextEncoder:
-        """Load ``T5EncoderModel`` and ``AutoTokenizer`` from ``path`` offline (no hub access)."""
+        """Load ``T5EncoderModel`` and ``AutoTokenizer`` from ``path`` offline (no hub access). The tokenizer is
+        checked first (it is cheap): without its vocabulary, recent transformers build an empty one that turns
+        every word into ``<unk>``, so every prompt would give the same video."""
         from transformers import AutoTokenizer
 
-        module = load_encoder_module(path, dtype=dtype, device=device)
+        path = _check_folder(path)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); without them every word "
+                             f"would become <unk>. {TEXT_ENCODER_HINT}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: no usable tokenizer files (spiece.model / tokenizer.json): {exc}") from exc
+            raise ValueError(f"{path}: no usable tokenizer files ({' / '.join(TOKENIZER_FILES)}): {exc}. "
+                             f"{TEXT_ENCODER_HINT}") from exc
+        vocab = _config_vocab_size(path)
+        if vocab and len(tokenizer) < vocab // 2:
+            raise ValueError(f"{path}: the tokenizer knows {len(tokenizer)} tokens but the T5 model {vocab}; its files "
+                             f"are damaged or belong to another model. {TEXT_ENCODER_HINT}")
+        module = load_encoder_module(path, dtype=dtype, device=device)
         return cls(module, tokenizer)
 
     @property
@@ -105,6 +142,11 @@ class TextEncoder:
         """Token ids and attention mask, both (1, 512) int64, exactly as the official ``encode_prompt``."""
         tokens = self.tokenizer(text=[text], max_length=self.max_length, padding="max_length", truncation=True,
                                 return_tensors="pt")
+        if int(tokens.attention_mask.sum()) == self.max_length:  # full: see whether anything was cut
+            length = len(self.tokenizer(text=text, truncation=False).input_ids)
+            if length > self.max_length:
+                logger.warning("the prompt is %d T5 tokens; only the first %d are used (as in the official code), so "
+                               "its end, and the closing phrase, are cut: shorten it", length, self.max_length)
         return tokens.input_ids, tokens.attention_mask
 
     @torch.no_grad()

@@ -35,6 +35,15 @@ def test_truncation_at_512(encoder):
     assert int(mask.sum()) == 512 and ids[0, -1].item() == 1
 
 
+def test_truncation_is_reported(encoder, caplog):
+    with caplog.at_level("WARNING", logger="infinitystar.text"):
+        encoder.tokenize("a red fox running through snow")
+    assert "T5 tokens" not in caplog.text
+    with caplog.at_level("WARNING", logger="infinitystar.text"):
+        ids, mask = encoder.tokenize("a red fox running through snow " * 200)
+    assert int(mask.sum()) == 512 and "only the first 512 are used" in caplog.text
+
+
 def test_compaction_equals_unpadded_run(encoder):
     ids, mask = encoder.tokenize(decorate_prompt("a dog on a street", 5))
     feats = encoder.encode_tokens(ids, mask)
@@ -75,6 +84,49 @@ def test_negative_longer_than_prompt_is_rejected(encoder):
 def test_missing_folder_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="download"):
         TextEncoder.from_folder(tmp_path)
+
+
+def _copy_without(src, dst, *skip):
+    import shutil
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_folder_without_tokenizer_files_is_refused(tiny_models, tmp_path):
+    """Without spiece.model / tokenizer.json, recent transformers build an empty tokenizer that maps every word to
+    <unk> (every prompt the same video); the loader refuses the folder and says what is missing and where to get it."""
+    src = tiny_models["text_encoder"]
+    bare = _copy_without(src, tmp_path / "bare", "spiece.model", "tokenizer.json")
+    assert (bare / "config.json").is_file() and not (bare / "spiece.model").exists()
+    with pytest.raises(ValueError, match=r"no tokenizer files \(spiece.model or tokenizer.json\).*download"):
+        TextEncoder.from_folder(bare, dtype=torch.float32)
+
+
+def test_tokenizer_much_smaller_than_the_model_is_refused(tiny_models, tmp_path):
+    import json
+
+    folder = _copy_without(tiny_models["text_encoder"], tmp_path / "other")
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 32128  # flan-t5's, while this tokenizer knows a few hundred tokens
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the tokenizer knows .* tokens but the T5 model 32128"):
+        TextEncoder.from_folder(folder, dtype=torch.float32)
+
+
+def test_damaged_or_missing_weights_say_what_to_do(tiny_models, tmp_path):
+    src = tiny_models["text_encoder"]
+    cut = _copy_without(src, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="damaged or incomplete.*download them again"):
+        TextEncoder.from_folder(cut, dtype=torch.float32)
+    none = _copy_without(src, tmp_path / "none", "model.safetensors")
+    with pytest.raises(ValueError, match="cannot load the T5 weights.*download"):
+        TextEncoder.from_folder(none, dtype=torch.float32)
 
 
 def test_half_weights_on_cuda_run_under_the_official_bf16_autocast(monkeypatch):
