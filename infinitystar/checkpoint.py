@@ -147,10 +147,11 @@ def _torch_load(file: Path) -> dict:
         try:  # legacy (non-zip) .pth files cannot be memory-mapped
             obj = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"{file}: cannot read this .pth ({exc}); it is corrupted or truncated.") from exc
+            raise ValueError(f"{file}: cannot read this .pth ({str(exc) or type(exc).__name__}); it is corrupted or "
+                             "truncated.") from exc
     except Exception as exc:
-        raise ValueError(f"{file}: cannot read this .pth ({exc}); it is corrupted, truncated or not a "
-                         "weights-only checkpoint.") from exc
+        raise ValueError(f"{file}: cannot read this .pth ({str(exc) or type(exc).__name__}); it is corrupted, truncated "
+                         "or not a weights-only checkpoint.") from exc
     if isinstance(obj, Mapping):
         if isinstance(obj.get("vae"), Mapping):
             obj = obj["vae"]
@@ -528,6 +529,12 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
         shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
     check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
     variant = detect_variant(path, reader.metadata())
+    if variant == "unknown" and _released_size(config):  # released weights under a name that does not say which
+        logger.warning("%s: the name does not say which released weights these are (720p, 480p or interact): keep "
+                       "the hub folder name (infinitystar_8b_720p_weights, infinitystar_8b_480p_weights, "
+                       "InfinityStarInteract_24K_iters). Unnamed, the interact weights lose their fp32 block norms and "
+                       "the checks of duration and resolution against what each model was trained for are skipped",
+                       reader.path)
     target = transformer_storage(dtype, keep_fp32_modules, tuple(model.fp32_modules),
                                  fp32_norms=block_norms_fp32(variant))
     transform = None
@@ -542,6 +549,12 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     info = CheckpointInfo(variant, config, model.block_dtype(), reader.path, _gguf_quant(reader))
     logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.storage)
     return model, info
+
+
+def _released_size(config) -> bool:
+    from .config import TRANSFORMER_PRESETS
+
+    return config == TRANSFORMER_PRESETS["8b"]
 
 
 def _mark_gguf_layers(model: torch.nn.Module, reader: CheckpointReader) -> None:

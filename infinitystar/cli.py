@@ -320,7 +320,7 @@ def _run_extend(args) -> Path:
     if tokens is None:
         base = P.resolve_schedule(args.resolution, args.aspect, frames=1)
         tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1)
-    total = P.extension_schedule(tokens, args.clips)  # refuses stories / partial tokens before loading
+    total = P.extension_schedule(tokens, args.clips, model_info=s.model_info())  # refuses stories / partial tokens
     seconds = (total.frames - 1) // P.FPS
     if seconds > P.TRAINED_SECONDS:
         logger.warning("extending to %d s; the released models were trained up to %d s (the prompt keeps that "
@@ -482,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     _set_help(it, "resolution", "480p (0.40M, what the interact weights were trained at) or a pixel class for "
                                 "drafts (default 480p; 0.06M with --tiny)")
     _set_help(it, "variant", "weights to use (default: interact)")
+    from .interact import STORY_PNS
+
+    next(a for a in it._actions if a.dest == "resolution").choices = ["480p", *STORY_PNS]  # no 720p stories
     _set_help(it, "tau_image", argparse.SUPPRESS)  # interact has one --tau
     _set_help(it, "tau_video", argparse.SUPPRESS)
 

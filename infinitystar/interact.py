@@ -45,6 +45,7 @@ GUIDANCE = GuidanceConfig(scale=3.0, use_apg=False)  # official: use_cfg=1, cfg=
 TAU = 0.5
 KIND = "interact"  # ``Tokens.kind`` of a story: the latent chain, decoded window by window
 T2V_VARIANTS = ("720p", "480p")  # released weights not trained with the prefix conditions
+STORY_PNS = (PN, "0.25M", "0.06M")  # 480p, where the interact weights were trained, and the draft sizes below it
 
 
 def prompt_lines(text: str) -> list[str]:
@@ -117,6 +118,12 @@ def check_story(tokens) -> None:
         raise ValueError(f"interact continues a video of at least 81 frames (5 s); these tokens hold {tokens.frames} "
                          f"frame(s) ({latents} latent frames). Start from InfinityStar Interact Start (a reference "
                          "video) or from a generated or encoded video")
+    if tokens.pn not in STORY_PNS:
+        size = tokens.schedule()
+        raise ValueError(f"these tokens are at {tokens.pn} ({size.width}x{size.height}); the interact weights were "
+                         f"trained at 480p ({PN}), and stories run at {', '.join(STORY_PNS)} only. Start the story "
+                         "from the video at 480p (Interact Start, or Encode with resolution 480p), or continue these "
+                         "tokens with Extend and the T2V weights")
     if tokens.kind != KIND and len(tokens.bits) != tokens.schedule().num_steps:
         raise ValueError("these tokens are a partial generation; only complete videos can be continued")
 

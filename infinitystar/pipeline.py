@@ -157,9 +157,7 @@ def resolve_schedule(resolution: str, aspect: str | float = "16:9", duration_s: 
     """
     if frames is None:
         frames = frames_for_duration(5 if duration_s is None else duration_s)
-    if model_info is not None and model_info.variant == "interact":
-        logger.warning("the interact weights were trained to continue a video clip by clip (InfinityStar Interact, "
-                       "infinitystar.interact); generating from text with them is not what they were made for")
+    _warn_interact_weights(model_info, "generating from text")
     allowed = allowed_durations(model_info)
     if allowed is not None:
         seconds = (frames - 1) // FPS
@@ -167,11 +165,24 @@ def resolve_schedule(resolution: str, aspect: str | float = "16:9", duration_s: 
             longer = " Longer videos: generate 5 s, then extend by clips." if seconds > max(allowed) else ""
             raise ValueError(f"the {model_info.variant} model was trained for durations {list(allowed)} s only, "
                              f"not {seconds} s.{longer} The 480p model also does 10 s.")
-        if model_info.variant in RESOLUTIONS and RESOLUTIONS.get(resolution, resolution) != RESOLUTIONS[
-                model_info.variant]:
-            logger.warning("the %s model is used at resolution %s; it was trained at %s",
-                           model_info.variant, resolution, RESOLUTIONS[model_info.variant])
+        warn_untrained_resolution(model_info, resolution)
     return build_schedule(resolution, aspect, frames)
+
+
+def _warn_interact_weights(model_info, what: str) -> None:
+    if model_info is not None and model_info.variant == "interact":
+        logger.warning("the interact weights were trained to continue a video clip by clip (InfinityStar Interact, "
+                       "infinitystar.interact); %s with them is not what they were made for", what)
+
+
+def warn_untrained_resolution(model_info, resolution: str) -> None:
+    """Say so when released T2V weights run at a resolution they were not trained at (it runs, but looks worse):
+    e.g. tokens encoded at the Encode node's default 720p, extended with the 480p weights."""
+    if model_info is not None and model_info.variant in RESOLUTIONS and RESOLUTIONS.get(resolution, resolution) != \
+            RESOLUTIONS[model_info.variant]:
+        logger.warning("the %s model is used at resolution %s; it was trained at %s (for its own resolution, encode "
+                       "or generate at %s)", model_info.variant, resolution, RESOLUTIONS[model_info.variant],
+                       model_info.variant)
 
 
 def _image_schedule(schedule: Schedule) -> Schedule:
@@ -297,9 +308,10 @@ def generate(transformer, text, schedule: Schedule, *, seed: int, guidance: Guid
                   seed)
 
 
-def extension_schedule(tokens: Tokens, clips: int) -> Schedule:
+def extension_schedule(tokens: Tokens, clips: int, model_info=None) -> Schedule:
     """The schedule of ``tokens`` extended by ``clips`` clips; refuses tokens Extend cannot continue (callers check
-    this before loading the transformer)."""
+    this before loading the transformer). With ``model_info`` a resolution the weights were not trained at is
+    reported."""
     if clips < 1:
         raise ValueError(f"clips must be ≥ 1, got {clips}")
     if tokens.kind != "generation":
@@ -309,6 +321,8 @@ def extension_schedule(tokens: Tokens, clips: int) -> Schedule:
     if len(tokens.bits) != old.num_steps:
         raise ValueError(f"tokens hold {len(tokens.bits)} of {old.num_steps} steps; only complete generations "
                          "can be extended")
+    warn_untrained_resolution(model_info, tokens.pn)
+    _warn_interact_weights(model_info, "extending a generation")
     return build_schedule(tokens.pn, tokens.h_div_w, tokens.frames + PIXEL_FRAMES_PER_CLIP * int(clips))
 
 

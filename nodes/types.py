@@ -5,12 +5,15 @@ next node needs to know about the weights; tokens travel as ``infinitystar.pipel
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from comfy_api.latest import io
+
+logger = logging.getLogger(__name__)
 
 Model = io.Custom("INFINITYSTAR_MODEL")
 TextEncoder = io.Custom("INFINITYSTAR_TEXT_ENCODER")
@@ -76,7 +79,14 @@ class Conditioned:
                              "interact): that is for InfinityStar Interact. Here write the prompt on one line, or "
                              "encode it with another duration_tag.")
         if len(self.texts) == 1:
-            return next(iter(self.texts.values()))
+            ((tagged, condition),) = self.texts.items()
+            wanted = max(0, int(duration_s))
+            if tagged and tagged != wanted:  # a fixed tag ("off" is 0: deliberately untagged)
+                logger.warning(
+                    "InfinityStar: the prompt was encoded with duration_tag=%s for %s; the models were trained with "
+                    "the tag of the output's length (duration_tag auto picks it)", self.duration_tag,
+                    "an image" if wanted == 0 else f"a {wanted} s video")
+            return condition
         key = 0 if duration_s <= 0 else min(duration_s, max(self.texts))
         return self.texts.get(key) or self.texts[max(self.texts)]
 

@@ -126,7 +126,7 @@ class InfinityStarEncode(io.ComfyNode):
         count = len(images)
         picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP)
         if len(picks) == 0:
-            raise ValueError(f"Encode got {count} frames at {fps:g} fps ({count / fps:.2f} s): give it one frame "
+            raise ValueError(f"Encode got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} s): give it one frame "
                              f"(image tokens, e.g. through Image From Batch) or at least 5 s of video (80 frames at "
                              f"16 fps; set fps to the video's frame rate) to continue with Extend.")
         clips = (len(picks) - 1) // PIXEL_FRAMES_PER_CLIP
@@ -185,7 +185,8 @@ class InfinityStarExtend(io.ComfyNode):
                 generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:
         from ..infinitystar import pipeline
 
-        schedule = pipeline.extension_schedule(tokens, int(clips))  # refuses stories / partial tokens before loading
+        # refuses stories / partial tokens before loading; warns of tokens at a resolution the weights were not trained at
+        schedule = pipeline.extension_schedule(tokens, int(clips), model_info=model.info)
         seconds = (schedule.frames - 1) // int(FPS)
         if seconds > pipeline.TRAINED_SECONDS:
             logger.warning("extending to %d s; the released models were trained up to %d s", seconds,

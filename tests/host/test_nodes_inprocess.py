@@ -456,6 +456,45 @@ def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, mon
         assert all(torch.equal(a, b) for a, b in zip(plain_longer.bits, off_longer.bits))
 
 
+def test_unguided_runs_plan_and_sample_one_branch(pack, loaded, monkeypatch):
+    """guidance_scale 1 (and a guidance schedule of ones): the nodes ask ComfyUI for the memory of one branch and
+    the sampler runs batch 1, as the official sampler at cfg 1; any guided scale keeps both branches."""
+    host = pack.host
+    batches, real_plan = [], host.sampling_plan
+    monkeypatch.setattr(host, "sampling_plan", lambda *a: (batches.append(a[-1]), real_plan(*a))[1])
+    unguided = {**SMALL, "guidance_scale": 1.0}
+    one = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image",
+              seed=3, **unguided)[0]
+    run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image", seed=3,
+        guidance_schedule="1, 1", **SMALL)
+    run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image", seed=3,
+        guidance_schedule="1, 3", **unguided)
+    assert batches == [1, 1, 2]
+    need = {b: real_plan(loaded["model"].patcher, loaded["model"].info.config, one.schedule(), torch.float32, 0, b)[0]
+            for b in (1, 2)}
+    assert need[1] < need[2]
+
+
+def test_fixed_duration_tag_of_another_length_warns(pack, loaded, caplog):
+    """A Text Encode with a fixed duration_tag used for another length says so (the tag of the output's length is
+    what the models were trained with); the matching length, and the deliberate 'off', say nothing."""
+    def encode(tag):
+        return run(pack.conditioning.InfinityStarTextEncode, text_encoder=loaded["te"], prompt="a red fox",
+                   negative_prompt="", duration_tag=tag)[0]
+
+    five = encode("5s")
+    with caplog.at_level("WARNING", logger=pack.types.__name__):
+        five.select(0)
+        five.select(10)
+    assert "duration_tag=5s for an image" in caplog.text and "duration_tag=5s for a 10 s video" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=pack.types.__name__):
+        five.select(5)
+        encode("off").select(5)
+        encode("auto").select(10)
+    assert "duration_tag" not in caplog.text
+
+
 def test_interrupt_leaves_nothing_loaded(pack, comfy, loaded, core):
     import comfy.utils as comfy_utils
 

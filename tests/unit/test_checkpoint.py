@@ -145,6 +145,35 @@ def test_merged_bf16_file_and_pth_variants(sd, tmp_path):
         assert torch.equal(model.cfg_uncond, sd["cfg_uncond"])
 
 
+def test_released_weights_under_a_name_without_their_variant_warn(sd, tmp_path, monkeypatch, caplog):
+    """The variant (720p / 480p / interact) comes from the hub names; released-size weights renamed lose it, and the
+    loader says so (the tiny set stands in for the released size here)."""
+    import infinitystar.checkpoint as checkpoint
+
+    merged = tmp_path / "my_weights_b.safetensors"
+    save_file(sd, str(merged))
+    with caplog.at_level("WARNING", logger="infinitystar.checkpoint"):
+        assert load_transformer(merged)[1].variant == "unknown"
+    assert "name does not say" not in caplog.text  # not the released size: no note
+    monkeypatch.setattr(checkpoint, "_released_size", lambda config: True)
+    with caplog.at_level("WARNING", logger="infinitystar.checkpoint"):
+        load_transformer(merged)
+    assert "name does not say which released weights" in caplog.text and "InfinityStarInteract_24K_iters" in caplog.text
+    caplog.clear()
+    named = tmp_path / "infinitystar_8b_480p_weights.safetensors"
+    merged.rename(named)
+    with caplog.at_level("WARNING", logger="infinitystar.checkpoint"):
+        assert load_transformer(named)[1].variant == "480p"
+    assert "name does not say" not in caplog.text
+
+
+def test_empty_pth_names_the_error(tmp_path):
+    empty = tmp_path / "infinitystar_videovae.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot read this \.pth \(\w.*corrupted"):
+        load_tokenizer(empty)
+
+
 def test_fp8_file_loads_as_stored_or_upcast(sd, tmp_path):
     fp8 = {k: (v.to(torch.float8_e5m2) if k.startswith("block_chunks.") and v.ndim == 2 else v) for k, v in sd.items()}
     save_file(fp8, str(tmp_path / "fp8.safetensors"))

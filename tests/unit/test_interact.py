@@ -183,6 +183,10 @@ def test_story_from_generated_tokens_and_misuse(models, single_thread):
     cropped = P.Tokens([], t2v.summed_codes[..., :-1], t2v.pn, t2v.h_div_w, t2v.frames, kind="interact")
     with pytest.raises(ValueError, match="latent cells"):
         I.continue_story(transformer, text, cropped, seed=1)
+    for kind, bits in (("generation", t2v.bits), ("interact", [])):  # 720p tokens: not an interact size
+        wide = P.Tokens(bits, t2v.summed_codes, "0.90M", t2v.h_div_w, t2v.frames, kind=kind)
+        with pytest.raises(ValueError, match="0.90M .*trained at 480p.*Interact Start"):
+            I.continue_story(transformer, text, wide, seed=1)
 
 
 def test_offload_kv_keeps_the_conditions_on_the_device(models, schedule, single_thread):

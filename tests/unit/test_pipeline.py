@@ -205,3 +205,19 @@ def test_v2v_encodes_whole_clips():
         P.encode_video(tokenizer, frames[:50], schedule)
     with pytest.raises(ValueError, match="leaves no clip to generate .* at least 5 s longer"):
         P.encode_video(tokenizer, frames, P.resolve_schedule("0.06M", "16:9", 5))
+
+
+def test_extending_tokens_of_another_resolution_warns(t2v, caplog):
+    """Tokens at a resolution the weights were not trained at (e.g. Encode's default 720p with the 480p weights):
+    Extend runs, and says so; with weights of unknown size, or without model info, it says nothing."""
+    with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
+        assert P.extension_schedule(t2v, 1, model_info=_info("480p")).frames == t2v.frames + 80
+    assert "480p model is used at resolution 0.06M" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
+        P.extension_schedule(t2v, 1, model_info=_info("unknown", "tiny"))
+        P.extension_schedule(t2v, 1)
+    assert "trained at" not in caplog.text and "interact" not in caplog.text
+    with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
+        P.extension_schedule(t2v, 1, model_info=_info("interact"))
+    assert "extending a generation with them is not what they were made for" in caplog.text
