@@ -10,34 +10,32 @@ plain positioned reads (no mmap), which keeps file pages out of the resident set
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import gguf
+from .checkpoint_files import (  # noqa: F401  (re-exported: the reader is part of this module's interface)
+    DOWNLOAD_HINT,
+    INDEX_FILE,
+    SHARD_NAME,
+    CheckpointReader,
+    TensorEntry,
+    checkpoint_files,
+)
 from .config import FP32_MODULES
 from .ops import SCALE_KEYS, quantize_scaled, scaled_cast, scaled_fp8_matmul
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 CFG_UNCOND_ROWS = 512
 LEGACY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
 VARIANTS = ("720p", "480p", "interact")
-DOWNLOAD_HINT = "Get the official files with `python -m infinitystar download --variant 720p --dest DIR`."
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -51,222 +49,6 @@ class CheckpointInfo:
     @property
     def storage(self) -> str:
         return f"GGUF {self.quant}" if self.quant else str(self.dtype).replace("torch.", "")
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lives: file, dtype, shape and (safetensors only) byte range."""
-    file: Path
-    dtype: torch.dtype
-    shape: tuple
-    start: int = -1
-    end: int = -1
-    gguf_type: int = -1  # GGUF files: the GGML type id (quantized ones are read as their raw bytes, uint8)
-
-
-# ---------------------------------------------------------------------------------------------- reading files
-
-def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header and check every byte range against the file size."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{file}: not a safetensors file (only {size} bytes); the download is incomplete.")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
-            raise ValueError(f"{file}: corrupted or truncated safetensors header ({size} bytes on disk). "
-                             "Delete it and download it again.")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{file}: corrupted safetensors header ({exc}). Delete it and download it again.") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{file}: corrupted safetensors header (a JSON {type(header).__name__}, not an object). "
-                         "Delete it and download it again.")
-    entries = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
-            raise ValueError(f"{file}: corrupted safetensors header (entry {key!r} lacks dtype/shape/data_offsets). "
-                             "Delete it and download it again.")
-        if meta.get("dtype") not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor {key} has unsupported dtype {meta.get('dtype')}")
-        start, end = (8 + n + int(o) for o in meta["data_offsets"])
-        if end > size:
-            raise ValueError(f"{file}: truncated: tensor {key} ends at byte {end} but the file has {size} bytes. "
-                             "Delete it and download it again.")
-        entries[key] = TensorEntry(file, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end)
-    return entries
-
-
-def _gguf_header(file: Path, meta: dict) -> dict[str, TensorEntry]:
-    """Entries of a GGUF file (logical shapes; quantized tensors as uint8 rows of their bytes); fills ``meta``
-    with the file's ``infinitystar.*`` metadata, prefix dropped (``variant``)."""
-    found, tensors = gguf.read_header(file)
-    meta.update({k.split(".", 1)[1]: v for k, v in found.items() if k.startswith("infinitystar.")})
-    entries = {}
-    for name, qtype, shape, start, end in tensors:
-        try:
-            nbytes = gguf.stored_bytes(shape, qtype)
-        except KeyError:
-            nbytes = end - start  # an unsupported type: the loader names it (gguf.check_quantized)
-        if nbytes != end - start:
-            raise ValueError(f"{file}: tensor {name} ({gguf.type_name(qtype)}, shape {shape}) should have {nbytes} bytes, "
-                             f"has {end - start}. Delete the file and convert or download it again.")
-        dtype = gguf.FLOAT_TYPES[qtype][3] if qtype in gguf.FLOAT_TYPES else torch.uint8
-        entries[name] = TensorEntry(file, dtype, shape, start, end, qtype)
-    return entries
-
-
-def _read_safetensor(entry: TensorEntry, handle, scratch: torch.Tensor) -> torch.Tensor:
-    """Read one tensor's bytes into ``scratch`` (uint8) and return a view of it in the stored dtype/shape
-    (a quantized GGUF tensor: uint8, one row of bytes per output row)."""
-    quantized = entry.dtype == torch.uint8 and entry.gguf_type >= 0
-    if quantized:  # checked against the type's block size when the header was read
-        nbytes = entry.end - entry.start
-    else:
-        nbytes = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
-        if (entry.end - entry.start) != nbytes:
-            raise ValueError(f"{entry.file}: byte range does not match shape {entry.shape} {entry.dtype}")
-    raw = scratch[:nbytes]
-    handle.seek(entry.start)
-    got = handle.readinto(memoryview(raw.numpy())) if nbytes else 0
-    if got != nbytes:
-        raise ValueError(f"{entry.file}: truncated while reading (got {got} of {nbytes} bytes)")
-    if quantized:
-        return raw.view(entry.shape[0] if entry.shape else 1, -1)
-    return raw.view(entry.dtype).view(entry.shape)
-
-
-def _torch_load(file: Path) -> dict:
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        try:  # legacy (non-zip) .pth files cannot be memory-mapped
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{file}: cannot read this .pth ({str(exc) or type(exc).__name__}); it is corrupted or "
-                             "truncated.") from exc
-    except Exception as exc:
-        raise ValueError(f"{file}: cannot read this .pth ({str(exc) or type(exc).__name__}); it is corrupted, truncated "
-                         "or not a weights-only checkpoint.") from exc
-    if isinstance(obj, Mapping):
-        if isinstance(obj.get("vae"), Mapping):
-            obj = obj["vae"]
-        elif isinstance(obj.get("trainer"), Mapping) and isinstance(obj["trainer"].get("gpt_fsdp"), Mapping):
-            obj = obj["trainer"]["gpt_fsdp"]
-        elif isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{file}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The weight files behind ``path`` (a sharded folder, one .safetensors, or one .pth)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}. {DOWNLOAD_HINT}")
-    if path.is_dir():
-        index = path / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                weight_map = exc
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: not a safetensors index (no weight_map of file names: {weight_map!r}). "
-                                 "Download the folder again.")
-            files = [path / name for name in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{path}: shards listed in {INDEX_FILE} are missing: {missing}. "
-                                        "The download is incomplete; run the download again (it resumes).")
-            return files
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no .safetensors files. {DOWNLOAD_HINT}")
-        return files
-    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf"):
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .safetensors, .gguf, .pth or "
-                         "a folder")
-    return [path]
-
-
-class CheckpointReader:
-    """Lazy view of all tensors behind a path: shapes/dtypes first, data tensor by tensor."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.files = checkpoint_files(self.path)
-        self.entries: dict[str, TensorEntry] = {}
-        self._loaded: dict[str, torch.Tensor] = {}  # .pth tensors (memory-mapped by torch.load)
-        self._meta: dict = {}
-        for file in self.files:
-            if file.suffix == ".safetensors":
-                self.entries.update(_safetensors_header(file))
-            elif file.suffix == ".gguf":
-                self.entries.update(_gguf_header(file, self._meta))
-            else:
-                sd = _torch_load(file)
-                self._loaded.update(sd)
-                self.entries.update({k: TensorEntry(file, v.dtype, tuple(v.shape)) for k, v in sd.items()})
-
-    @property
-    def shapes(self) -> dict[str, tuple]:
-        return {k: e.shape for k, e in self.entries.items()}
-
-    def metadata(self) -> dict:
-        """``metadata`` of the index file, if any (the released index has ``total_size``)."""
-        index = self.path / INDEX_FILE
-        return json.loads(index.read_text()).get("metadata", {}) if index.is_file() else dict(self._meta)
-
-    @property
-    def is_gguf(self) -> bool:
-        return any(f.suffix == ".gguf" for f in self.files)
-
-    def _by_file(self) -> dict[Path, list[str]]:
-        by_file: dict[Path, list[str]] = {}
-        for key, entry in self.entries.items():
-            by_file.setdefault(entry.file, []).append(key)
-        for file, keys in by_file.items():
-            if file.suffix in (".safetensors", ".gguf"):
-                keys.sort(key=lambda k: self.entries[k].start)
-        return by_file
-
-    def read_order(self) -> list[str]:
-        """The keys in the order :meth:`tensors` yields them (file by file, by offset)."""
-        return [k for keys in self._by_file().values() for k in keys]
-
-    def tensors(self, target=None, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (key, tensor) file by file; each tensor is a fresh copy in ``target(key, stored)`` dtype.
-
-        Safetensors bytes are read into one reused scratch buffer and cast from there, so the only allocations
-        that stay are the results: no fp32 copy of a bf16 model ever piles up (or fragments the heap). GGUF
-        tensors come as stored: floats in their dtype, quantized ones as their raw bytes (uint8, one row per
-        output row), which ``target`` cannot change (:mod:`infinitystar.gguf` dequantizes them when used).
-        """
-        for file, keys in self._by_file().items():
-            if file.suffix not in (".safetensors", ".gguf"):
-                for key in keys:
-                    t = self._loaded[key]
-                    yield key, t.to(device=device, dtype=target(key, t) if target else t.dtype, copy=True)
-                continue
-            size = max(self.entries[k].end - self.entries[k].start for k in keys)
-            scratch = torch.empty(size, dtype=torch.uint8)
-            with open(file, "rb", buffering=0) as handle:
-                for key in keys:
-                    view = _read_safetensor(self.entries[key], handle, scratch)
-                    if view.dtype == torch.uint8 and self.entries[key].gguf_type >= 0:  # quantized: bytes as stored
-                        yield key, view.to(device=device, copy=True)
-                        continue
-                    yield key, view.to(device=device, dtype=target(key, view) if target else view.dtype, copy=True)
-            del scratch
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.tensors())
 
 
 # ---------------------------------------------------------------------------------------------- what is this file
@@ -371,7 +153,16 @@ def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], path: 
     parts = [f"{len(xs)} {label}: {_few(xs)}" for label, xs in
              (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", bad)) if xs]
     raise ValueError(f"{path} does not match the {what}: " + "; ".join(parts)
-                     + f". The file looks like {description}. {DOWNLOAD_HINT}")
+                     + f". The file looks like {description}.{shard_hint(path)} {DOWNLOAD_HINT}")
+
+
+def shard_hint(path: str | Path) -> str:
+    """' It is shard i of n ...' when ``path`` is one file of a sharded checkpoint (picked on its own), else ''."""
+    shard = SHARD_NAME.search(Path(path).name)
+    if not shard:
+        return ""
+    return (f" It is shard {int(shard[1])} of {int(shard[2])} of a sharded checkpoint: choose the folder that holds "
+            f"all its shards (and {INDEX_FILE}) instead.")
 
 
 def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -485,7 +276,7 @@ def inspect_transformer(path: str | Path) -> CheckpointInfo:
     shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
     if not is_transformer_keys(shapes):
         raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like "
-                         f"{describe_keys(shapes, path, reader.metadata())}. {DOWNLOAD_HINT}")
+                         f"{describe_keys(shapes, path, reader.metadata())}.{shard_hint(reader.path)} {DOWNLOAD_HINT}")
     block = next(k for k in shapes if k.startswith("block_chunks.") and k.endswith("q_proj.weight"))
     return CheckpointInfo(detect_variant(path, reader.metadata()), detect_transformer_config(shapes),
                           reader.entries[block].dtype, reader.path, _gguf_quant(reader))
@@ -519,8 +310,8 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
     description = describe_keys(shapes, path, reader.metadata())
     if not is_transformer_keys(shapes):
-        raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like {description}. "
-                         f"{DOWNLOAD_HINT}")
+        raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like {description}."
+                         f"{shard_hint(reader.path)} {DOWNLOAD_HINT}")
     config = detect_transformer_config(shapes)
     with torch.device("meta"):
         model = InfinityStarTransformer(config, ops=ops)
@@ -587,8 +378,8 @@ def load_tokenizer(path: str | Path, *, ops=torch.nn, dtype: torch.dtype | None 
     shapes = reader.shapes
     description = describe_keys(shapes, path)
     if not is_tokenizer_keys(shapes):
-        raise ValueError(f"{reader.path} is not the InfinityStar video tokenizer: it looks like {description}. "
-                         f"{DOWNLOAD_HINT}")
+        raise ValueError(f"{reader.path} is not the InfinityStar video tokenizer: it looks like {description}."
+                         f"{shard_hint(reader.path)} {DOWNLOAD_HINT}")
     config = detect_vae_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     with torch.device("meta"):
         model = VideoTokenizer(config, ops=ops)

@@ -53,7 +53,10 @@ def _bases(folders: tuple[str, ...]) -> list[Path]:
 
 
 def _is_sharded(folder: Path) -> bool:
-    return (folder / INDEX_FILE).is_file()
+    """A sharded checkpoint folder: its index, or shards named like the hub's (the loader reads every shard then)."""
+    from ..infinitystar.checkpoint_files import SHARD_NAME
+
+    return (folder / INDEX_FILE).is_file() or any(SHARD_NAME.search(f.name) for f in folder.glob("*.safetensors"))
 
 
 def _is_hf_text_encoder(folder: Path) -> bool:

@@ -117,6 +117,30 @@ def test_foreign_file_says_what_it_looks_like(pack, comfy_dirs):
         run(pack.loaders.InfinityStarVAELoader, vae_name="foreign/wan_like.safetensors", dtype="auto")
 
 
+def test_shards_without_their_index_are_one_folder(pack, comfy_dirs):
+    """A sharded folder that lost its index is listed (and loads) as a folder, not shard by shard; a shard picked
+    on its own (a saved workflow, the API) says it is one shard of several and to choose the folder."""
+    import shutil
+
+    source = comfy_dirs["models"] / "infinitystar_8b_720p_weights"
+    folder = comfy_dirs["models"] / "unindexed_720p"
+    shards = sorted(source.glob("*-of-*.safetensors"))
+    assert len(shards) > 1
+    folder.mkdir()
+    try:
+        for shard in shards:
+            shutil.copy(shard, folder / shard.name)
+        choices = pack.paths.transformer_choices()
+        assert "unindexed_720p" in choices and not any(c.startswith("unindexed_720p/") for c in choices)
+        loader = dict(weight_dtype="default", compute_dtype="auto", attention="auto")
+        model = run(pack.loaders.InfinityStarModelLoader, model_name="unindexed_720p", **loader)[0]
+        assert model.info.config.depth > 0
+        with pytest.raises(ValueError, match=f"shard 1 of {len(shards)} of a sharded checkpoint: choose the folder"):
+            run(pack.loaders.InfinityStarModelLoader, model_name=f"unindexed_720p/{shards[0].name}", **loader)
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_unsupported_duration_fails_before_loading(pack, comfy_dirs, core):
     CheckpointInfo = core("checkpoint").CheckpointInfo
     TRANSFORMER_PRESETS = core("config").TRANSFORMER_PRESETS

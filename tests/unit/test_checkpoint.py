@@ -167,6 +167,12 @@ def test_released_weights_under_a_name_without_their_variant_warn(sd, tmp_path, 
     assert "name does not say" not in caplog.text
 
 
+def test_one_shard_says_to_choose_its_folder(sharded):
+    shard = sorted(sharded.glob("*-of-*.safetensors"))[1]
+    with pytest.raises(ValueError, match="It is shard 2 of 3 of a sharded checkpoint: choose the folder"):
+        load_transformer(shard)
+
+
 def test_empty_pth_names_the_error(tmp_path):
     empty = tmp_path / "infinitystar_videovae.pth"
     empty.write_bytes(b"")
