@@ -39,6 +39,9 @@ def _pick_attention(choice: str, load_device) -> str:
     why = backend_unavailable(choice)
     if why:
         raise ValueError(f"{why}. 'auto' falls back to sdpa.")
+    if choice == "cudnn" and load_device.type != "cuda":
+        logger.warning("InfinityStar: attention cudnn is a CUDA kernel; on %s PyTorch's own SDPA pick runs instead",
+                       load_device)
     return choice
 
 

@@ -712,3 +712,12 @@ def test_guidance_schedule_reaches_the_sampler(pack, loaded, core):
         run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image",
             seed=4, guidance_schedule="34, lots", **inputs)
     assert not pack.host.is_loaded(loaded["model"].patcher)
+
+
+def test_cudnn_attention_off_cuda_says_what_runs(pack, caplog):
+    with caplog.at_level("WARNING", logger=pack.loaders.__name__):
+        assert pack.loaders._pick_attention("sdpa", torch.device("cpu")) == "sdpa"
+    assert not caplog.text
+    with caplog.at_level("WARNING", logger=pack.loaders.__name__):
+        assert pack.loaders._pick_attention("cudnn", torch.device("cpu")) == "cudnn"
+    assert "attention cudnn is a CUDA kernel; on cpu" in caplog.text
