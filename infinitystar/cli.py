@@ -46,6 +46,13 @@ def _ensure_tiny(seed: int = 0) -> Path:
     return root
 
 
+def _guidance(args, use_apg: bool = True):
+    from .guidance import GuidanceConfig, parse_scale_list
+
+    return GuidanceConfig(scale=args.cfg, use_apg=use_apg,
+                          per_scale=parse_scale_list(args.cfg_schedule, "--cfg-schedule"))
+
+
 def _variant(args) -> str:
     if args.resolution is None:  # tiny weights: the smallest schedule keeps CPU runs short
         tiny = getattr(args, "tiny", False)
@@ -207,10 +214,7 @@ class Session:
 
     def guidance(self, use_apg: bool = True):
         """--cfg (and --cfg-schedule) as the sampler's guidance; checked before any weights load."""
-        from .guidance import GuidanceConfig, parse_scale_list
-
-        return GuidanceConfig(scale=self.args.cfg, use_apg=use_apg,
-                              per_scale=parse_scale_list(self.args.cfg_schedule, "--cfg-schedule"))
+        return _guidance(self.args, use_apg)
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         """Save the tokens (--save-tokens), free the transformer, decode and write the mp4 / PNG."""
@@ -244,9 +248,9 @@ def _run_generate(args) -> Path:
     if args.image and args.video:
         raise ValueError("--image and --video both given: start from an image (image-to-video) or continue a video, "
                          "not both")
-    s = Session(args)
     if args.steps_preview:
-        return _preview(s, args)
+        return _preview(args)
+    s = Session(args)
     schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=s.model_info())
     text = s.text(args.prompt, args.negative_prompt, args.duration)
     condition = None
@@ -282,21 +286,43 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
 
 
-def _preview(s: Session, args) -> Path | None:
-    schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=s.model_info())
+def _preview_weights(args):
+    """The transformer's CheckpointInfo from its file headers; before a download, the released 8B model's."""
+    try:
+        return Session(args).model_info()
+    except FileNotFoundError as exc:
+        if getattr(args, "tiny", False) or getattr(args, "transformer", None):
+            raise
+        from .checkpoint import CheckpointInfo
+        from .config import TRANSFORMER_PRESETS
+
+        variant = _variant(args)
+        print(f"note: {str(exc).split(':')[0]}; these are the released 8B {variant} model's figures (its files are "
+              "fp32)", file=sys.stderr)
+        return CheckpointInfo(variant, TRANSFORMER_PRESETS["8b"], torch.float32, Path(args.models))
+
+
+def _preview(args) -> Path | None:
+    info = _preview_weights(args)
+    schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=info)
     print(f"{schedule.pn} h/w {schedule.h_div_w}: {schedule.height}x{schedule.width}, {schedule.frames} frames, "
           f"{schedule.num_clips - 1} video clip(s), {schedule.num_steps} steps + 1 text step")
     from .memory import estimate_sampling_memory
 
-    info = s.model_info()
     stored = DTYPES[args.dtype] if getattr(args, "dtype", None) else info.dtype  # fp8 / GGUF: a dequantized copy
-    batch = s.guidance().branches(schedule.scales_per_clip)  # --cfg 1: the conditional branch alone
+    batch = _guidance(args).branches(schedule.scales_per_clip)  # --cfg 1: the conditional branch alone
     extra = estimate_sampling_memory(info.config, schedule, batch=batch, weight_dtype=stored)
     offloaded = estimate_sampling_memory(info.config, schedule, batch=batch, offload_kv=True, weight_dtype=stored)
     print(f"weights: {info.variant}, {info.config.depth} blocks of width {info.config.width} "
           f"({getattr(args, 'dtype', None) or info.storage}); "
-          f"sampling needs ≈{extra / 2**30:.2f} GiB beyond the weights (bf16, CFG batch {batch}), "
-          f"≈{offloaded / 2**30:.2f} GiB with --offload-kv on")
+          f"sampling needs ≈{extra / 1e9:.2f} GB beyond the weights (bf16, CFG batch {batch}), "
+          f"≈{offloaded / 1e9:.2f} GB with --offload-kv on")
+    if info.quant == "":  # GGUF weights are as large as their file
+        from .memory import weight_bytes
+
+        sizes = {name: weight_bytes(info.config, DTYPES[name]) / 1e9 for name in ("bf16", "fp8")}
+        print(f"weights on a GPU: ≈{sizes['bf16']:.1f} GB in bf16 (the default when they fit with the run), "
+              f"≈{sizes['fp8']:.1f} GB in fp8")
     for st in schedule.steps:
         print(f"  step {st.index:3d} clip {st.clip} scale {st.si:2d} rep {st.rep} t,h,w={st.t},{st.h},{st.w} "
               f"bits {st.d} tokens {st.num_tokens}")

@@ -72,6 +72,25 @@ def test_duration_rules_and_preview(tiny_models, capsys):
     assert "61 steps" in out and out.count("  step ") == 61
 
 
+def test_preview_before_a_download_shows_the_released_model(tmp_path, capsys):
+    """--steps-preview answers "will it fit?" before 35 GB are downloaded: without files it shows the released 8B
+    model's schedule, weights and sampling memory (from the same estimate the nodes use), and says so."""
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.memory import estimate_sampling_memory, weight_bytes
+
+    assert main(["generate", "--models", str(tmp_path / "none"), "--variant", "480p", "--duration", "10",
+                 "--steps-preview"]) == 0
+    captured = capsys.readouterr()
+    assert "not found" in captured.err and "released 8B 480p model's figures" in captured.err
+    big = TRANSFORMER_PRESETS["8b"]
+    schedule = resolve_schedule("480p", "16:9", 10)
+    need = estimate_sampling_memory(big, schedule, weight_dtype=torch.float32) / 1e9
+    assert f"{schedule.num_steps} steps" in captured.out and f"sampling needs ≈{need:.2f} GB" in captured.out
+    assert f"≈{weight_bytes(big, torch.bfloat16) / 1e9:.1f} GB in bf16" in captured.out
+    assert main(["generate", "--models", str(tmp_path / "none"), "--duration", "10", "--steps-preview"]) == 2
+    assert "720p model was trained for durations" in capsys.readouterr().err  # the 720p model's rules hold too
+
+
 def test_download_from_local_source(tiny_models, tmp_path, capsys):
     rc = main(["download", "--variant", "480p", "--dest", str(tmp_path), "--local-source", str(tiny_models["root"])])
     assert rc == 0 and "transformer" in capsys.readouterr().out
