@@ -60,6 +60,8 @@ def _is_sharded(folder: Path) -> bool:
 
 
 def _is_hf_text_encoder(folder: Path) -> bool:
+    """A Hugging Face model folder with a tokenizer. One with only tokenizer_config.json is listed too: the loader
+    then says which tokenizer files are missing."""
     return (folder / "config.json").is_file() and any(
         (folder / f).is_file() for f in ("spiece.model", "tokenizer.json", "tokenizer_config.json"))
 
@@ -74,10 +76,10 @@ def _scan(base: Path, depth: int = 0):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            if _is_sharded(entry):
-                yield "sharded", entry
-            elif _is_hf_text_encoder(entry):
+            if _is_hf_text_encoder(entry):  # first: the official flan-t5-xl folder is sharded too (index + 2 shards)
                 yield "hf", entry
+            elif _is_sharded(entry):
+                yield "sharded", entry
             elif depth < MAX_DEPTH:
                 yield from _scan(entry, depth + 1)
         elif entry.suffix.lower() in WEIGHT_EXTENSIONS:

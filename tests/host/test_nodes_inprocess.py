@@ -117,6 +117,31 @@ def test_foreign_file_says_what_it_looks_like(pack, comfy_dirs):
         run(pack.loaders.InfinityStarVAELoader, vae_name="foreign/wan_like.safetensors", dtype="auto")
 
 
+def test_sharded_text_encoder_folder_is_a_text_encoder(pack, comfy_dirs, loaded):
+    """The official flan-t5-xl folder holds an index and two shards: it is offered by the Text Encoder Loader (not
+    the Model Loader), and it loads and encodes like the single-file one."""
+    import shutil
+
+    from transformers import T5EncoderModel
+
+    source = comfy_dirs["models"] / "text_encoder" / "flan-t5-xl-official"
+    folder = comfy_dirs["models"] / "text_encoder" / "flan-sharded"
+    folder.mkdir()
+    try:
+        for f in source.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
+                shutil.copy(f, folder / f.name)
+        T5EncoderModel.from_pretrained(str(source)).save_pretrained(str(folder), max_shard_size="40KB")
+        assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*-of-*"))) > 1
+        assert "text_encoder/flan-sharded" in pack.paths.text_encoder_choices()
+        assert not any(c.startswith("text_encoder/") for c in pack.paths.transformer_choices())
+        te = run(pack.loaders.InfinityStarTextEncoderLoader, encoder_name="text_encoder/flan-sharded", dtype="fp32")[0]
+        want = loaded["te"].encoder.encode("a red fox", duration_s=5)
+        assert torch.equal(te.encoder.encode("a red fox", duration_s=5).cond, want.cond)
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_shards_without_their_index_are_one_folder(pack, comfy_dirs):
     """A sharded folder that lost its index is listed (and loads) as a folder, not shard by shard; a shard picked
     on its own (a saved workflow, the API) says it is one shard of several and to choose the folder."""
