@@ -147,7 +147,8 @@ class Session:
 
         config = self.model_info().config
         free = cuda_available_bytes(self.device)
-        dtype = choose_block_dtype(config, schedule, free - AUTO_HEADROOM)
+        dtype = choose_block_dtype(config, schedule, free - AUTO_HEADROOM,
+                                   batch=self.guidance().branches(schedule.scales_per_clip))
         if dtype != torch.bfloat16:
             need = weight_bytes(config, torch.bfloat16) / 1e9
             print(f"note: bf16 weights ({need:.1f} GB) and this run do not fit the {free / 1e9:.1f} GB free on "
@@ -184,10 +185,7 @@ class Session:
         from .checkpoint import load_tokenizer
 
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.paths["vae"], device=self.device)
-            if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-                # as the official scripts' bf16 autocast and the Tokenizer Loader node's auto: half the decode memory
-                self._tokenizer.compute_dtype = torch.bfloat16
+            self._tokenizer = load_tokenizer(self.paths["vae"], device=self.device)  # encodes in fp32, as upstream
         return self._tokenizer
 
     def release_transformer(self) -> None:
@@ -235,7 +233,11 @@ class Session:
             bar.refresh()
 
         self.release_transformer()
-        frames = P.decode(self.tokenizer(), tokens, callback=progress, memory_budget=self.decode_budget())
+        tokenizer = self.tokenizer()
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
+            # the official scripts decode under bf16 autocast (and encode outside it, in fp32); native bf16 only
+            tokenizer.compute_dtype = torch.bfloat16
+        frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=self.decode_budget())
         if bar is not None:
             bar.close()
         out = Path(out)

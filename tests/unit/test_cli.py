@@ -214,8 +214,9 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     from infinitystar.config import TRANSFORMER_PRESETS
     from infinitystar.schedule import build_schedule
 
-    def session(device):
-        s = Session(build_parser().parse_args(["generate", "--models", str(tiny_models["root"]), "--device", device]))
+    def session(device, *extra):
+        s = Session(build_parser().parse_args(["generate", "--models", str(tiny_models["root"]), "--device", device,
+                                               *extra]))
         monkeypatch.setattr(s, "model_info", lambda: types.SimpleNamespace(config=TRANSFORMER_PRESETS["8b"]))
         return s
 
@@ -233,6 +234,16 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 10**9, 24 * 10**9))
     assert gpu.auto_dtype(schedule) == torch.float8_e4m3fn
     assert "storing the blocks in fp8" in capsys.readouterr().err
+    # --cfg 1 runs one branch: bf16 fits where the guided run's two branches would not
+    from infinitystar.memory import estimate_sampling_memory, weight_bytes
+    from infinitystar.sampler import AUTO_HEADROOM
+
+    big, bf16 = TRANSFORMER_PRESETS["8b"], torch.bfloat16
+    one, two = (estimate_sampling_memory(big, schedule, batch=b, offload_kv=True, weight_dtype=bf16) for b in (1, 2))
+    free = weight_bytes(big, bf16) + (one + two) // 2 + AUTO_HEADROOM
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 10**9))
+    assert gpu.auto_dtype(schedule) == torch.float8_e4m3fn
+    assert session("cuda", "--cfg", "1").auto_dtype(schedule) == torch.bfloat16
 
 
 def test_fp8_matmul_needs_fp8_weights(tiny_models, tmp_path, capsys):
