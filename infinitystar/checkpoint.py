@@ -159,7 +159,7 @@ def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], path: 
 def shard_hint(path: str | Path) -> str:
     """' It is shard i of n ...' when ``path`` is one file of a sharded checkpoint (picked on its own), else ''."""
     shard = SHARD_NAME.search(Path(path).name)
-    if not shard:
+    if not shard or int(shard[2]) < 2:
         return ""
     return (f" It is shard {int(shard[1])} of {int(shard[2])} of a sharded checkpoint: choose the folder that holds "
             f"all its shards (and {INDEX_FILE}) instead.")

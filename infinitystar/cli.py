@@ -290,18 +290,21 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
 
 def _preview_weights(args):
     """The transformer's CheckpointInfo from its file headers; before a download, the released 8B model's."""
-    try:
+    from .checkpoint import CheckpointInfo, inspect_transformer
+
+    if getattr(args, "tiny", False):
         return Session(args).model_info()
-    except FileNotFoundError as exc:
-        if getattr(args, "tiny", False) or getattr(args, "transformer", None):
-            raise
-        from .checkpoint import CheckpointInfo
+    variant = _variant(args)
+    own = getattr(args, "transformer", None)
+    try:
+        path = Path(own) if own else find_models(Path(args.models), variant, ["transformer"])["transformer"]
+    except FileNotFoundError:
         from .config import TRANSFORMER_PRESETS
 
-        variant = _variant(args)
-        print(f"note: {str(exc).split(':')[0]}; these are the released 8B {variant} model's figures (its files are "
-              "fp32)", file=sys.stderr)
+        print(f"note: no {variant} transformer under {args.models} yet; these are the released 8B {variant} model's "
+              "figures (its files are fp32)", file=sys.stderr)
         return CheckpointInfo(variant, TRANSFORMER_PRESETS["8b"], torch.float32, Path(args.models))
+    return inspect_transformer(path)
 
 
 def _preview(args) -> Path | None:

@@ -74,10 +74,10 @@ class CudaGraphBackend:
 @dataclass
 class _Graph:
     graph: object
-    x: torch.Tensor  # (2, L, C) static tokens
+    x: torch.Tensor  # (batch, L, C) static tokens
     cos: torch.Tensor  # (L, D/2) static RoPE tables
     sin: torch.Tensor
-    out: torch.Tensor  # (2, L, C) hidden states, rewritten by each replay
+    out: torch.Tensor  # (batch, L, C) hidden states, rewritten by each replay
     homes: tuple  # the K/V tensors the graph reads: each replay checks that the cache holds exactly these
 
 
@@ -147,7 +147,7 @@ class StepGraphs:
 
     # ---- steps ----
     def forward(self, model, handed: list[torch.Tensor], ctx, dtype: torch.dtype) -> torch.Tensor:
-        """The blocks over the tokens (2, L, C) in the one-element list ``handed`` for one step: eager, captured or
+        """The blocks over the tokens (batch, L, C) in the one-element list ``handed`` for one step: eager, captured or
         replayed. Eager steps get the list as it is (``forward_blocks`` frees the tokens after the first block).
         A replay's result is the graph's output buffer, valid until that graph runs again."""
         key, homes = self._key(model, handed[0], ctx, dtype)

@@ -30,6 +30,7 @@ from .schedule import (
     SEMANTIC_DIM,
     ScaleStep,
     Schedule,
+    _parse_pn,
     build_schedule,
 )
 
@@ -118,7 +119,7 @@ def check_story(tokens) -> None:
         raise ValueError(f"interact continues a video of at least 81 frames (5 s); these tokens hold {tokens.frames} "
                          f"frame(s) ({latents} latent frames). Start from InfinityStar Interact Start (a reference "
                          "video) or from a generated or encoded video")
-    if tokens.pn not in STORY_PNS:
+    if _parse_pn(tokens.pn) not in STORY_PNS:  # a saved file may name its size by an alias (480p)
         size = tokens.schedule()
         raise ValueError(f"these tokens are at {tokens.pn} ({size.width}x{size.height}); the interact weights were "
                          f"trained at 480p ({PN}), and stories run at {', '.join(STORY_PNS)} only. Start the story "

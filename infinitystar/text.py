@@ -145,8 +145,8 @@ class TextEncoder:
         if int(tokens.attention_mask.sum()) == self.max_length:  # full: see whether anything was cut
             length = len(self.tokenizer(text=text, truncation=False).input_ids)
             if length > self.max_length:
-                logger.warning("the prompt is %d T5 tokens; only the first %d are used (as in the official code), so "
-                               "its end, and the closing phrase, are cut: shorten it", length, self.max_length)
+                logger.warning("a text of %d T5 tokens (with its decoration): only the first %d are used, as in the "
+                               "official code, so its end is cut: shorten the prompt", length, self.max_length)
         return tokens.input_ids, tokens.attention_mask
 
     @torch.no_grad()

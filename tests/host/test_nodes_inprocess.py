@@ -505,12 +505,20 @@ def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, mon
         assert all(torch.equal(a, b) for a, b in zip(plain_longer.bits, off_longer.bits))
 
 
-def test_unguided_runs_plan_and_sample_one_branch(pack, loaded, monkeypatch):
+def test_unguided_runs_plan_and_sample_one_branch(pack, loaded, core, monkeypatch):
     """guidance_scale 1 (and a guidance schedule of ones): the nodes ask ComfyUI for the memory of one branch and
     the sampler runs batch 1, as the official sampler at cfg 1; any guided scale keeps both branches."""
     host = pack.host
     batches, real_plan = [], host.sampling_plan
     monkeypatch.setattr(host, "sampling_plan", lambda *a: (batches.append(a[-1]), real_plan(*a))[1])
+    ran, transformer = [], core("transformer").InfinityStarTransformer
+    real_forward = transformer.forward_blocks
+
+    def forward_blocks(self, x, ctx, dtype=None):
+        ran.append((x[0] if isinstance(x, list) else x).shape[0])
+        return real_forward(self, x, ctx, dtype)
+
+    monkeypatch.setattr(transformer, "forward_blocks", forward_blocks)
     unguided = {**SMALL, "guidance_scale": 1.0}
     one = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image",
               seed=3, **unguided)[0]
@@ -519,6 +527,8 @@ def test_unguided_runs_plan_and_sample_one_branch(pack, loaded, monkeypatch):
     run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="image", seed=3,
         guidance_schedule="1, 3", **unguided)
     assert batches == [1, 1, 2]
+    steps = one.schedule().num_steps + 1  # and the text step
+    assert ran == [1] * steps + [1] * steps + [2] * steps
     need = {b: real_plan(loaded["model"].patcher, loaded["model"].info.config, one.schedule(), torch.float32, 0, b)[0]
             for b in (1, 2)}
     assert need[1] < need[2]

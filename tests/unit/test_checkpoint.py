@@ -171,6 +171,9 @@ def test_one_shard_says_to_choose_its_folder(sharded):
     shard = sorted(sharded.glob("*-of-*.safetensors"))[1]
     with pytest.raises(ValueError, match="It is shard 2 of 3 of a sharded checkpoint: choose the folder"):
         load_transformer(shard)
+    from infinitystar.checkpoint import shard_hint
+
+    assert shard_hint("model-00001-of-00001.safetensors") == "" and shard_hint("model.safetensors") == ""
 
 
 def test_empty_pth_names_the_error(tmp_path):

@@ -81,7 +81,7 @@ def test_preview_before_a_download_shows_the_released_model(tmp_path, capsys):
     assert main(["generate", "--models", str(tmp_path / "none"), "--variant", "480p", "--duration", "10",
                  "--steps-preview"]) == 0
     captured = capsys.readouterr()
-    assert "not found" in captured.err and "released 8B 480p model's figures" in captured.err
+    assert "no 480p transformer under" in captured.err and "released 8B 480p model's figures" in captured.err
     big = TRANSFORMER_PRESETS["8b"]
     schedule = resolve_schedule("480p", "16:9", 10)
     need = estimate_sampling_memory(big, schedule, weight_dtype=torch.float32) / 1e9

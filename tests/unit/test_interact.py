@@ -187,6 +187,7 @@ def test_story_from_generated_tokens_and_misuse(models, single_thread):
         wide = P.Tokens(bits, t2v.summed_codes, "0.90M", t2v.h_div_w, t2v.frames, kind=kind)
         with pytest.raises(ValueError, match="0.90M .*trained at 480p.*Interact Start"):
             I.continue_story(transformer, text, wide, seed=1)
+    I.check_story(P.Tokens([], t2v.summed_codes, "480p", t2v.h_div_w, t2v.frames, kind="interact"))  # an alias
 
 
 def test_offload_kv_keeps_the_conditions_on_the_device(models, schedule, single_thread):
