@@ -19,7 +19,7 @@
 #   decode_720p5.md        extra: the 720p 5 s tokenizer decode, ours vs the official tokenizer (same weights)
 #   run_all.log            everything else: per-step parity lines, partial tables, warnings, errors
 #
-# Measured device time (H200 / H100, 2026-11-26; the machine's start comes on top): tests 15 s, ours_fp8
+# Measured device time (H200 / H100, 2026-11-26; the machine's start comes on top): tests 15 s (before the CUDA graphs test; now up to minutes), ours_fp8
 # 118 s, ours_480p10_16gb 68 s, parity_480p5 70 s, official_720p5 about 100 s (an H100 ran out of memory in the
 # official 720p run through fragmentation; the bench now sets expandable segments for official runs, untested), official_480p5 57 s, probe_kernels 14 s; the extras in benchmarks/README.md. The fast-settings call
 # (issue 7's open speed item, on an H200: the official 720p run peaks at 58.9 GB; kind="nvidia-h200"; the steps
