@@ -447,3 +447,32 @@ def test_transformer_is_freed_before_the_decode(t2v, tiny_models, tmp_path, monk
     assert main(["extend", "--models", root, "--tokens", str(t2v / "t2v.safetensors"), "--clips", "1",
                  "--out", str(tmp_path / "b.mp4")]) == 0
     assert len(loaded) == 2 and seen == [([True], None), ([True, True], None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decode_runs_in_bf16_within_the_free_memory(tiny_models, tmp_path, monkeypatch):
+    """On a GPU the CLI decodes in bf16 where the GPU has it natively, in chunks sized to the free memory, and the
+    start image is encoded in fp32 (as the official scripts do)."""
+    import infinitystar.pipeline as P
+
+    seen = {}
+    real_decode, real_encode = P.decode, P.encode_image
+
+    def decode(tokenizer, tokens, **kw):
+        seen.update(decode=tokenizer.compute_dtype, budget=kw.get("memory_budget"))
+        return real_decode(tokenizer, tokens, **kw)
+
+    def encode_image(tokenizer, *args, **kw):
+        seen.update(encode=tokenizer.compute_dtype)
+        return real_encode(tokenizer, *args, **kw)
+
+    monkeypatch.setattr(P, "decode", decode)
+    monkeypatch.setattr(P, "encode_image", encode_image)
+    image = tmp_path / "start.png"
+    write_png(image, torch.rand(1, 40, 60, 3))
+    assert main(["generate", "--models", str(tiny_models["root"]), "--device", "cuda", "--resolution", "0.06M",
+                 "--duration", "5", "--image", str(image), "--out", str(tmp_path / "a.mp4")]) == 0
+    native_bf16 = torch.cuda.get_device_capability()[0] >= 8
+    assert seen["encode"] is None and seen["decode"] == (torch.bfloat16 if native_bf16 else None)
+    assert seen["budget"] > 0 and (tmp_path / "a.mp4").is_file()

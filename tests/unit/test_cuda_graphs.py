@@ -162,6 +162,22 @@ def test_cuda_graphs_need_a_cuda_model(model):
         sample(model, _text(1), build_schedule("0.06M", "1:1", 1, num_scales=3), seed=0, cuda_graphs=True)
 
 
+def test_one_branch_and_two_share_graphs_without_mixing(model):
+    """Guidance 1 runs batch 1: guided and unguided generations alternating on one StepGraphs each equal their eager
+    run, and each graphs its own steps (the batch is part of a step's shape; the K/V homes of the other batch are
+    re-placed, which drops the other batch's graphs)."""
+    from infinitystar.guidance import GuidanceConfig
+
+    sched = build_schedule("0.06M", "16:9", 81, num_scales=7)
+    graphs = StepGraphs(backend=EmulatedGraphBackend())
+    text = _text(1)
+    for scale, batch in ((1.0, 1), (34.0, 2), (1.0, 1), (34.0, 2)):
+        kw = dict(guidance=GuidanceConfig(scale=scale))
+        _assert_same(_run(model, text, sched, 5, **kw), _run(model, text, sched, 5, cuda_graphs=graphs, **kw))
+        assert graphs.counts["captured"] > 0 and {key[0][0] for key in graphs.graphs} == {batch}  # (B, L, C) tokens
+    graphs.release()
+
+
 def test_the_model_keeps_its_graphs_until_released(model):
     graphs = step_graphs(model)
     assert step_graphs(model) is graphs
