@@ -27,7 +27,7 @@ from .checkpoint_files import (  # noqa: F401  (re-exported: the reader is part 
     TensorEntry,
     checkpoint_files,
 )
-from .config import FP32_MODULES
+from .config import FP32_MODULES, is_released_size
 from .ops import SCALE_KEYS, quantize_scaled, scaled_cast, scaled_fp8_matmul
 
 logger = logging.getLogger(__name__)
@@ -97,13 +97,13 @@ def describe_keys(shapes: Mapping[str, tuple], path: str | Path = "", metadata: 
     """A short human description of what a state dict (key -> shape) holds."""
     keys = list(shapes)
     if is_transformer_keys(keys):
-        from .config import TRANSFORMER_PRESETS, detect_transformer_config
+        from .config import detect_transformer_config
 
         try:
             config = detect_transformer_config(shapes)
         except ValueError:
             return "an InfinityStar-like transformer with unexpected tensors"
-        size = "8B" if config == TRANSFORMER_PRESETS["8b"] else f"{config.depth}-block width-{config.width}"
+        size = "8B" if is_released_size(config) else f"{config.depth}-block width-{config.width}"
         variant = detect_variant(path, metadata)
         return f"InfinityStar {size} transformer ({variant if variant != 'unknown' else 'unknown variant'})"
     if is_tokenizer_keys(keys):
@@ -320,7 +320,7 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
         shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
     check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
     variant = detect_variant(path, reader.metadata())
-    if variant == "unknown" and _released_size(config):  # released weights under a name that does not say which
+    if variant == "unknown" and is_released_size(config):  # released weights under a name that does not say which
         logger.warning("%s: the name does not say which released weights these are (720p, 480p or interact): keep "
                        "the hub folder name (infinitystar_8b_720p_weights, infinitystar_8b_480p_weights, "
                        "InfinityStarInteract_24K_iters). Unnamed, the interact weights lose their fp32 block norms and "
@@ -340,12 +340,6 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     info = CheckpointInfo(variant, config, model.block_dtype(), reader.path, _gguf_quant(reader))
     logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.storage)
     return model, info
-
-
-def _released_size(config) -> bool:
-    from .config import TRANSFORMER_PRESETS
-
-    return config == TRANSFORMER_PRESETS["8b"]
 
 
 def _mark_gguf_layers(model: torch.nn.Module, reader: CheckpointReader) -> None:

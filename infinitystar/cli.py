@@ -132,8 +132,7 @@ class Session:
                                    decorate=not self.args.no_decorate, closing=closing) for prompt in prompts]
         finally:
             del encoder
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._free_cached_memory()
 
     def auto_dtype(self, schedule) -> torch.dtype:
         """Block storage when --dtype is not given: fp32 on the CPU; on a GPU bf16 (the official layout) when the
@@ -192,6 +191,10 @@ class Session:
         """Free the transformer before decoding: the decode's activations then have the whole device (the nodes get
         the same from ComfyUI's model manager). Callers drop their own references first."""
         self._transformer = None
+        self._free_cached_memory()
+
+    def _free_cached_memory(self) -> None:
+        """After dropping a model: collect what still refers to it, and give the CUDA allocator's cache back."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -83,5 +83,10 @@ def detect_transformer_config(shapes: Mapping[str, tuple]) -> TransformerConfig:
         detail_dim=shapes["head.weight"][0] // 2)
 
 
+def is_released_size(config: TransformerConfig) -> bool:
+    """The released 8B model's shapes (the 720p, 480p and interact weights all have them, hence the name checks)."""
+    return config == TRANSFORMER_PRESETS["8b"]
+
+
 def with_overrides(config: TransformerConfig, **kwargs) -> TransformerConfig:
     return replace(config, **kwargs)

@@ -140,9 +140,9 @@ def allowed_durations(model_info=None) -> tuple[int, ...] | None:
     """Durations the loaded released weights were trained for; None when anything goes (tiny/unknown)."""
     if model_info is None:
         return None
-    from .config import TRANSFORMER_PRESETS
+    from .config import is_released_size
 
-    if model_info.config != TRANSFORMER_PRESETS["8b"]:
+    if not is_released_size(model_info.config):
         return None
     return TRAINED_DURATIONS.get(model_info.variant)
 

@@ -63,6 +63,7 @@ def _check_folder(path: str | Path) -> Path:
 def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
                         device: str | torch.device = "cpu") -> torch.nn.Module:
     """The ``T5EncoderModel`` of a Hugging Face folder, in eval mode without grads (offline)."""
+    from safetensors import SafetensorError
     from transformers import T5EncoderModel
 
     path = _check_folder(path)
@@ -74,9 +75,7 @@ def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ValueError(f"{path}: cannot load the T5 weights ({type(exc).__name__}: {exc}). {TEXT_ENCODER_HINT}") \
             from exc
-    except Exception as exc:  # safetensors' own error (a truncated or damaged file) derives from Exception only
-        if type(exc).__name__ != "SafetensorError":
-            raise
+    except SafetensorError as exc:  # a truncated or damaged file
         raise ValueError(f"{path}: a T5 weight file is damaged or incomplete ({exc}); delete the folder's "
                          f"*.safetensors and download them again. {TEXT_ENCODER_HINT}") from exc
     module.eval().requires_grad_(False).to(device)

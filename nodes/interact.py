@@ -60,8 +60,9 @@ class InfinityStarInteractStart(io.ComfyNode):
         try:
             picks = clip_indices(len(images), fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
         except ValueError:  # under 5 s
-            raise ValueError(f"Interact Start got {len(images)} frame{'s' * (len(images) != 1)} at {fps:g} fps ({len(images) / fps:.2f} s): "
-                             "a story starts from the last 5 s of a video (at least 80 frames at 16 fps; set fps "
+            count = len(images)
+            raise ValueError(f"Interact Start got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} "
+                             "s): a story starts from the last 5 s of a video (at least 80 frames at 16 fps; set fps "
                              "to the video's frame rate).") from None
         frames = image_to_uint8(images[torch.from_numpy(picks)])  # only the frames a story starts from
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading

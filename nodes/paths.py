@@ -62,8 +62,10 @@ def _is_sharded(folder: Path) -> bool:
 def _is_hf_text_encoder(folder: Path) -> bool:
     """A Hugging Face model folder with a tokenizer. One with only tokenizer_config.json is listed too: the loader
     then says which tokenizer files are missing."""
+    from ..infinitystar.text import TOKENIZER_FILES
+
     return (folder / "config.json").is_file() and any(
-        (folder / f).is_file() for f in ("spiece.model", "tokenizer.json", "tokenizer_config.json"))
+        (folder / f).is_file() for f in (*TOKENIZER_FILES, "tokenizer_config.json"))
 
 
 def _scan(base: Path, depth: int = 0):

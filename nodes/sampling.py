@@ -75,10 +75,10 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
 def pick_resolution(resolution: str, info) -> str:
     if resolution != "auto":
         return resolution
-    from ..infinitystar.config import TRANSFORMER_PRESETS
+    from ..infinitystar.config import is_released_size
     from ..infinitystar.pipeline import VARIANT_RESOLUTION
 
-    if info.config == TRANSFORMER_PRESETS["8b"]:
+    if is_released_size(info.config):
         return VARIANT_RESOLUTION.get(info.variant, "720p")
     return SMALL_MODEL_RESOLUTION
 

@@ -155,7 +155,7 @@ def test_released_weights_under_a_name_without_their_variant_warn(sd, tmp_path, 
     with caplog.at_level("WARNING", logger="infinitystar.checkpoint"):
         assert load_transformer(merged)[1].variant == "unknown"
     assert "name does not say" not in caplog.text  # not the released size: no note
-    monkeypatch.setattr(checkpoint, "_released_size", lambda config: True)
+    monkeypatch.setattr(checkpoint, "is_released_size", lambda config: True)
     with caplog.at_level("WARNING", logger="infinitystar.checkpoint"):
         load_transformer(merged)
     assert "name does not say which released weights" in caplog.text and "InfinityStarInteract_24K_iters" in caplog.text
