@@ -199,9 +199,9 @@ def encode_memory(tokenizer, frames: int, height: int, width: int) -> int:
     """Bytes the tokenizer needs beyond its weights to encode ``frames`` frames of height x width (what the nodes
     ask ComfyUI to free, as ComfyUI's own VAE encode does)."""
     from .vae import estimate_encode_memory
+    from .vae.model import ENCODE_DTYPE
 
-    return estimate_encode_memory(tokenizer.config, (1, 3, int(frames), int(height), int(width)),
-                                  tokenizer._work_dtype())
+    return estimate_encode_memory(tokenizer.config, (1, 3, int(frames), int(height), int(width)), ENCODE_DTYPE)
 
 
 def _encode(tokenizer, pixels: torch.Tensor, schedule: Schedule, seed: int, callback=None) -> Tokens:
@@ -273,7 +273,8 @@ def resolve_generator_device(choice: str, transformer) -> str:
     return choice
 
 
-def _check_condition(condition: Tokens, schedule: Schedule) -> None:
+def check_condition(condition: Tokens, schedule: Schedule) -> None:
+    """Refuse I2V/V2V tokens that cannot start ``schedule`` (callers check before loading the transformer)."""
     if condition.kind != "generation":
         raise ValueError(f"conditioning tokens are an {condition.kind} story; I2V/V2V need the tokens of an encoded "
                          "image or video (InfinityStar Encode)")
@@ -299,7 +300,7 @@ def generate(transformer, text, schedule: Schedule, *, seed: int, guidance: Guid
 
     teacher = None
     if condition is not None:
-        _check_condition(condition, schedule)
+        check_condition(condition, schedule)
         teacher = condition.bits
     result = sample(transformer, text, schedule, seed=seed, guidance=guidance, tau_image=tau_image,
                     tau_video=tau_video, teacher_bits=teacher, callback=callback, compute_dtype=compute_dtype,

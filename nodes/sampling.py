@@ -1,5 +1,7 @@
-"""The sampler node: text (and optionally a start image) -> InfinityStar tokens, one AR step at a time."""
+"""The sampler node: text (and optionally a start image or start tokens) -> InfinityStar tokens, one AR step at a time."""
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -10,6 +12,8 @@ from . import types as T
 from .choices import check_choices
 
 RESOLUTIONS = ("auto", "720p", "480p", "0.25M", "0.06M")
+logger = logging.getLogger(__name__)
+
 DURATIONS = {"image": 0, "5 s": 5, "10 s": 10}
 SMALL_MODEL_RESOLUTION = "0.06M"  # auto for weights that are neither released variant (e.g. the tiny test set)
 
@@ -136,6 +140,12 @@ class InfinityStarSampler(io.ComfyNode):
                                                           "the live previews show colours (else layout only)."),
                 generator_input(),
                 guidance_schedule_input(),
+                T.Tokens.Input("start_tokens", optional=True,
+                               tooltip="Optional tokens of a start image or video (InfinityStar Encode): "
+                                       "teacher-forced while every step still draws, as the official image-to-video "
+                                       "and video continuation (480p weights: a 5 s video's tokens, duration 10 s). "
+                                       "Resolution and aspect ratio then come from the tokens. Extend continues "
+                                       "too, but draws nothing for the earlier clips, so its seeds differ."),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The generated tokens (every step's bits and the "
                                                                     "summed codes, a few MB): Decode them, Save them, "
@@ -159,16 +169,22 @@ class InfinityStarSampler(io.ComfyNode):
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, resolution: str, aspect_ratio: str,
                 duration: str, seed: int, guidance_scale: float, apg_threshold: float, use_plain_cfg: bool,
                 tau_video: float, tau_image: float, start_image: torch.Tensor | None = None,
-                vae: T.LoadedVAE | None = None, generator: str = "auto", guidance_schedule: str = "") -> io.NodeOutput:
+                vae: T.LoadedVAE | None = None, generator: str = "auto", guidance_schedule: str = "",
+                start_tokens=None) -> io.NodeOutput:
         from ..infinitystar import pipeline
 
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)  # checked first
         seconds = DURATIONS[duration]
+        if start_tokens is not None:
+            check_start_tokens(start_tokens, start_image, seconds)
+            resolution, aspect_ratio = start_tokens_schedule(start_tokens, resolution, aspect_ratio)
         # raises before anything loads when the weights were not trained for this duration
         schedule = pipeline.resolve_schedule(pick_resolution(resolution, model.info), aspect_ratio, seconds,
                                              model_info=model.info)
         text = positive.select(seconds)  # before anything loads
-        condition = None
+        condition = start_tokens
+        if condition is not None:
+            pipeline.check_condition(condition, schedule)
         if start_image is not None:
             if vae is None:
                 raise ValueError("start_image needs the video tokenizer: connect an InfinityStar Video Tokenizer "
@@ -186,6 +202,38 @@ class InfinityStarSampler(io.ComfyNode):
 
         return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None), vae,
                                              guidance=guidance))
+
+
+def check_start_tokens(tokens, start_image, seconds: int) -> None:
+    """The Sampler's start_tokens, refused before anything loads when they cannot start this generation."""
+    if start_image is not None:
+        raise ValueError("start_image and start_tokens are both connected: give the Sampler one start (an image, or "
+                         "the tokens of an encoded image or video).")
+    if tokens.kind != "generation":
+        raise ValueError("start_tokens is an interact story; continue it with InfinityStar Interact.")
+    if len(tokens.bits) != tokens.schedule().num_steps:
+        raise ValueError(f"start_tokens hold {len(tokens.bits)} of {tokens.schedule().num_steps} steps; connect "
+                         "complete tokens (InfinityStar Encode, a finished generation or Load Tokens).")
+    from ..infinitystar.pipeline import FPS, frames_for_duration
+
+    if frames_for_duration(seconds) <= tokens.frames:
+        given = "an image" if tokens.frames == 1 else f"{(tokens.frames - 1) // FPS} s of video"
+        wanted = "an image" if seconds == 0 else f"a {seconds} s"
+        raise ValueError(f"start_tokens already hold {given}; {wanted} generation would add nothing. Pick a longer duration (10 s continues a 5 s video on the "
+                         "480p weights), or continue clip by clip with InfinityStar Extend.")
+
+
+def start_tokens_schedule(tokens, resolution: str, aspect_ratio: str) -> tuple[str, float]:
+    """(resolution, aspect) of a generation that starts from ``tokens``: theirs; the widgets' choice is logged
+    when it differs."""
+    from ..infinitystar.schedule import build_schedule
+
+    if resolution != "auto" and build_schedule(resolution, tokens.h_div_w, 1).pn != tokens.pn:
+        logger.warning("InfinityStar Sampler: resolution %s ignored; start_tokens are %s", resolution, tokens.pn)
+    if abs(build_schedule(tokens.pn, aspect_ratio, 1).h_div_w - tokens.h_div_w) > 1e-9:
+        logger.warning("InfinityStar Sampler: aspect_ratio %s ignored; start_tokens are h/w %.4f", aspect_ratio,
+                       tokens.h_div_w)
+    return tokens.pn, tokens.h_div_w
 
 
 def _aspects() -> list[str]:

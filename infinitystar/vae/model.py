@@ -32,6 +32,9 @@ from .config import VaeConfig
 logger = logging.getLogger(__name__)
 
 MID_BLOCK_LAYERS = 2  # official: the mid blocks always have 2 resnets
+# parity: the official scripts encode images and videos outside their bf16 autocast (spec §3.2, §8), and bf16
+# encoding flips bits of the teacher-forced condition, so the encoder runs in fp32 whatever decodes in.
+ENCODE_DTYPE = torch.float32
 
 
 class DownBlock(nn.Module):
@@ -186,11 +189,13 @@ class VideoTokenizer(nn.Module):
         self.proj_down_two = ops.Linear(d, d, device=device, dtype=dtype)  # unused, kept for the keys
         self.proj_up = ops.Linear(d, d, device=device, dtype=dtype)
         self.proj_up_two = ops.Linear(d, d, device=device, dtype=dtype)  # unused, kept for the keys
-        # Dtype the convs run in; None = the dtype of the weights (set e.g. bf16 with casting ops).
+        # Dtype the decoder's convs run in; None = the dtype of the weights (set e.g. bf16 with casting ops).
+        # The encoder always runs in fp32 (ENCODE_DTYPE).
         self.compute_dtype: torch.dtype | None = None
 
     # ---------------------------------------------------------------- helpers
     def _work_dtype(self) -> torch.dtype:
+        """Dtype of the decode."""
         return self.compute_dtype or self.decoder.conv_in.conv.weight.dtype
 
     def _scale(self, like: torch.Tensor) -> torch.Tensor:
@@ -208,7 +213,7 @@ class VideoTokenizer(nn.Module):
         """
         check_frames(frames, self.config)
         h = encode_chunks(self.encoder, frames, self.config.encode_chunk_frames, callback,
-                          device=self.encoder.conv_in.conv.weight.device, dtype=self._work_dtype())
+                          device=self.encoder.conv_in.conv.weight.device, dtype=ENCODE_DTYPE)
         h = patchify(h.float(), self.config.patch_size)
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)

@@ -380,6 +380,46 @@ def test_image_to_video_encode_extend_save_load(pack, loaded, comfy_dirs):
     assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(longer.bits[:n_image], back.bits))
 
 
+def test_start_tokens_continue_a_video_as_the_official_v2v(pack, loaded, core, caplog):
+    """Encode (5 s) -> Sampler (10 s, start_tokens) is the official video continuation: the encoded steps are
+    teacher-forced while every step draws, as pipeline.generate with the condition (the CLI's generate --video);
+    resolution and aspect come from the tokens; Extend, which draws nothing for the encoded clip, gives another
+    clip. Tokens that leave nothing to generate, or a second start, are refused before anything loads."""
+    pipeline = core("pipeline")
+    video = torch.rand(81, 64, 96, 3, generator=torch.Generator().manual_seed(4))
+    tokens = run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video, resolution="0.06M",
+                 aspect_ratio="16:9", seed=2)[0]
+    assert tokens.frames == 81
+    settings = {**SMALL, "aspect_ratio": "1:1"}  # ignored: the tokens are 16:9
+    with caplog.at_level("WARNING", logger=pack.sampling.__name__):
+        v2v = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                  duration="10 s", seed=6, start_tokens=tokens, **settings)[0]
+    assert "aspect_ratio 1:1 ignored" in caplog.text
+    assert v2v.frames == 161 and abs(v2v.h_div_w - tokens.h_div_w) < 1e-9
+    assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(v2v.bits, tokens.bits))
+    schedule = pipeline.resolve_schedule("0.06M", "16:9", 10)
+    with pack.host.loaded(loaded["model"].patcher) as module:
+        expect = pipeline.generate(module, loaded["cond"].select(10), schedule, seed=6, condition=tokens,
+                                   compute_dtype=loaded["model"].compute_dtype)
+    assert all(torch.equal(a, b) for a, b in zip(v2v.bits, expect.bits))
+    extended = run(pack.video.InfinityStarExtend, model=loaded["model"], positive=loaded["cond"], tokens=tokens,
+                   clips=1, seed=6, guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)[0]
+    new = len(tokens.bits)
+    assert not all(torch.equal(a, b) for a, b in zip(v2v.bits[new:], extended.bits[new:]))
+
+    class Untouchable:  # any use of the patcher would mean something started loading
+        def __getattr__(self, name):
+            raise AssertionError(f"the transformer was touched ({name})")
+
+    model = types.SimpleNamespace(**{**vars(loaded["model"]), "patcher": Untouchable()})
+    refuse = dict(model=model, positive=loaded["cond"], seed=6, **SMALL)
+    with pytest.raises(ValueError, match="already hold 5 s of video; a 5 s generation would add nothing"):
+        run(pack.sampling.InfinityStarSampler, duration="5 s", start_tokens=tokens, **refuse)
+    with pytest.raises(ValueError, match="both connected"):
+        run(pack.sampling.InfinityStarSampler, duration="10 s", start_tokens=tokens,
+            start_image=torch.rand(1, 64, 64, 3), vae=loaded["vae"], **refuse)
+
+
 def test_partial_load_matches_full_load(pack, comfy, loaded, core):
     """A third of the transformer on the load device, the rest cast in per layer: same tokens as a full load.
 

@@ -198,9 +198,9 @@ def test_v2v_encodes_whole_clips():
     assert tokenizer.seen == [(1, 3, 81, schedule.height, schedule.width)]
     assert cond.frames == 81 and len(cond.bits) == P.resolve_schedule("0.06M", "16:9", 5).num_steps
     assert cond.summed_codes.shape == (1, 64, 21, *schedule.scales[-1][1:])
-    P._check_condition(cond, schedule)
+    P.check_condition(cond, schedule)
     with pytest.raises(ValueError, match="nothing left"):
-        P._check_condition(cond, P.resolve_schedule("0.06M", "16:9", 5))
+        P.check_condition(cond, P.resolve_schedule("0.06M", "16:9", 5))
     with pytest.raises(ValueError, match="frames"):
         P.encode_video(tokenizer, frames[:50], schedule)
     with pytest.raises(ValueError, match="leaves no clip to generate .* at least 5 s longer"):

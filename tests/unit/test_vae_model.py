@@ -74,19 +74,14 @@ def test_encode_plans():
 def test_encode_moves_one_chunk_at_a_time(tok, monkeypatch):
     """The frames stay where they are (system memory for the nodes and the CLI) and each official chunk is moved
     and cast on its own: the encoder never sees the whole video converted, and the latent is the same."""
-    frames = torch.rand(1, 3, 21, 32, 48) * 2 - 1
-    want = tok.encode_posterior(frames.double().float())
+    frames = (torch.rand(1, 3, 21, 32, 48) * 2 - 1).double()  # not the encode dtype: each chunk is cast
+    want = tok.encode_posterior(frames.float())
     seen, real = [], tok.encoder.forward
     monkeypatch.setattr(tok.encoder, "forward", lambda x, cache: seen.append((x.shape[2], x.dtype, x.untyped_storage().nbytes() == x.nbytes))
                         or real(x, cache))
-    monkeypatch.setattr(tok, "compute_dtype", torch.float64)
-    tok.double()
-    try:
-        got = tok.encode_posterior(frames)
-    finally:
-        tok.float()
-    assert seen == [(13, torch.float64, True), (8, torch.float64, True)]  # each chunk its own copy
-    assert all(torch.allclose(a.float(), b, atol=1e-4) for a, b in zip(got, want))
+    got = tok.encode_posterior(frames)
+    assert seen == [(13, torch.float32, True), (8, torch.float32, True)]  # each chunk its own copy
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 13, 17])
@@ -199,6 +194,29 @@ def test_compute_dtype_with_fp32_weights(tok):
     out = model.decode(_codes(3))
     assert out.dtype == torch.bfloat16
     assert (out.float() - tok.decode(_codes(3))).abs().max() < 0.2
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_encode_runs_in_fp32_whatever_decodes_in(tok, weights):
+    """The official scripts encode outside their bf16 autocast: a bf16 decode setting (the nodes' default on GPUs)
+    or bf16-stored weights still encode in fp32, with the fp32 model's posterior (bf16 weights: their values)."""
+    model = VideoTokenizer(CFG).eval()
+    model.load_state_dict(tok.state_dict())
+    model.to(weights)
+    model.compute_dtype = torch.bfloat16
+    reference = VideoTokenizer(CFG).eval()
+    reference.load_state_dict(model.state_dict())  # fp32 copy of the same (possibly bf16-rounded) values
+    reference.float()
+    seen = []
+    hook = model.encoder.conv_in.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    try:
+        mean, logvar = model.encode_posterior(_frames(5))
+    finally:
+        hook.remove()
+    expected = reference.encode_posterior(_frames(5))
+    assert seen and set(seen) == {torch.float32}
+    assert mean.dtype == torch.float32
+    assert torch.equal(mean, expected[0]) and torch.equal(logvar, expected[1])
 
 
 @pytest.mark.gpu
