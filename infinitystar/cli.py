@@ -391,9 +391,17 @@ def _run_interact(args) -> Path:
     if args.prompts_file:
         if args.prompts:
             raise ValueError("give the clips' prompts with --prompts or with --prompts-file, not both")
-        prompts = I.prompt_lines(Path(args.prompts_file).read_text(encoding="utf-8"))
+        text = Path(args.prompts_file).read_text(encoding="utf-8")
+        prompts = I.prompt_lines(text)
+        if args.skip_first_line:
+            caption, prompts = I.prompt_file_clips(text)
+            logger.info("%s: line 1 captions the reference video (official prompt.txt layout), not generated: %r",
+                        args.prompts_file, caption)
         if not prompts:
-            raise ValueError(f"{args.prompts_file} holds no prompt: write one prompt per line, a clip each")
+            more = " after the reference video's caption (line 1)" if args.skip_first_line else ""
+            raise ValueError(f"{args.prompts_file} holds no clip prompt{more}: write one prompt per line, a clip each")
+    elif args.skip_first_line:
+        raise ValueError("--skip-first-line applies to --prompts-file; give the prompt file too")
     texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration
     if args.tokens:
         story = P.Tokens.load(args.tokens)
@@ -438,7 +446,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--negative-prompt", default="", help="empty: the model's learned null text (official default)")
     p.add_argument("--no-decorate", action="store_true", help="skip the official duration tag and closing phrase")
-    p.add_argument("--seed", type=int, default=41)
+    p.add_argument("--seed", type=int, default=41, help="seed of every draw (default: the official scripts' 41; "
+                                                      "interact: 0, as its script)")
     p.add_argument("--cfg", type=float, default=34.0, help="APG guidance scale (official 34)")
     p.add_argument("--cfg-schedule", default="", help="guidance scale per scale of the pyramid, coarse to fine, "
                    "comma-separated, the last repeating (e.g. '34,34,34,20,10'); default: --cfg everywhere")
@@ -507,11 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--video", help="reference video; its last 5 s start the story")
     it.add_argument("--tokens", help="a story (or video tokens) saved with --save-tokens, to continue")
     it.add_argument("--prompts", nargs="+", help="one prompt per new 5 s clip (default: --prompt, one clip)")
-    it.add_argument("--prompts-file", help="a text file with one prompt per line, a clip each (the official "
-                                           "script's prompt.txt; blank lines skipped)")
+    it.add_argument("--prompts-file", help="a text file with one prompt per line, a clip each (blank lines skipped)")
+    it.add_argument("--skip-first-line", action="store_true",
+                    help="the file is laid out as the official prompt.txt: its first line captions the reference "
+                         "video and is not generated; each later line is a clip")
     it.add_argument("--tau", type=float, default=0.5, help="temperature of every scale (official 0.5)")
     it.add_argument("--apg", action="store_true", help="APG instead of the official plain CFG (raise --cfg)")
-    it.set_defaults(cfg=3.0, aspect=None)
+    it.set_defaults(cfg=3.0, aspect=None, seed=0)  # the official interact script's seed (T2V/I2V: 41)
     _set_help(it, "cfg", "guidance scale (official: plain CFG 3; with --apg about 34)")
     _set_help(it, "resolution", "480p (0.40M, what the interact weights were trained at) or a pixel class for "
                                 "drafts (default 480p; 0.06M with --tiny)")

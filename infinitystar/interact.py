@@ -50,8 +50,16 @@ STORY_PNS = (PN, "0.25M", "0.06M")  # 480p, where the interact weights were trai
 
 
 def prompt_lines(text: str) -> list[str]:
-    """A story's prompts: one per non-empty line, stripped, as the official script reads its prompt.txt."""
+    """A story's prompts: one per non-empty line, stripped. (The official script's prompt.txt also starts with a
+    line that captions its reference video, which it does not generate: ``prompt_file_clips`` drops it.)"""
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def prompt_file_clips(text: str) -> tuple[str, list[str]]:
+    """(caption, clip prompts) of a prompt file in the official prompt.txt layout: line 1 captions the reference
+    video, which the official script encodes but does not generate; each later non-empty line is a new clip."""
+    lines = prompt_lines(text)
+    return (lines[0], lines[1:]) if lines else ("", [])
 
 
 def clip_schedule(pn: str = PN, aspect: str | float = 9 / 16) -> Schedule:

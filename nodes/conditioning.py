@@ -36,8 +36,8 @@ class InfinityStarTextEncode(io.ComfyNode):
                                        "tag videos degrade badly (upstream issue #29); 'off' is for "
                                        "experiments (closing phrase only). interact = the interact script's "
                                        "prompts: 5 s tag, no closing phrase (for InfinityStar Interact); "
-                                       "there each line of the prompt is one clip's prompt, as in the "
-                                       "script's prompt.txt."),
+                                       "there each line of the prompt is one clip's prompt (the official "
+                                       "prompt.txt's first line captions the reference video: leave it out)."),
             ],
             outputs=[T.Conditioning.Output(display_name="conditioning", tooltip="The encoded prompt and negative "
                                                                                 "prompt (with the duration tag) for "

@@ -80,7 +80,8 @@ class InfinityStarInteract(io.ComfyNode):
             node_id="InfinityStarInteract", display_name="InfinityStar Interact", category="InfinityStar/interact",
             description="Adds one 5 s clip (80 frames) to a story per prompt line, with the InfinityStar-"
                         "Interact weights. Each clip sees its prompt, the previous 5 s (downsized) and the story's "
-                        "first and latest frames. Write one line per clip (as the official prompt.txt) or chain "
+                        "first and latest frames. Write one line per clip (the official prompt.txt without its first "
+                        "line, which captions the reference video) or chain "
                         "one node per prompt, and decode the last tokens for the whole video. Defaults are the "
                         "official script's: plain CFG 3, tau 0.5.",
             inputs=[

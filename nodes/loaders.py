@@ -183,8 +183,9 @@ class InfinityStarVAELoader(io.ComfyNode):
                                tooltip="The official infinitystar_videovae.pth. Other VAEs are refused with a "
                                        "note of what they look like."),
                 io.Combo.Input("dtype", options=list(VAE_DTYPE_CHOICES), default="auto",
-                               tooltip="Dtype the convolutions run in (weights stay as stored). auto = bf16 where "
-                                       "supported (the official decode runs under bf16 autocast), else fp32."),
+                               tooltip="Dtype the decode runs in (weights stay as stored). auto = bf16 where "
+                                       "supported (the official decode runs under bf16 autocast), else fp32. "
+                                       "Encoding always runs in fp32, as the official scripts encode."),
             ],
             outputs=[T.VAE.Output(display_name="vae", tooltip="The video tokenizer, for Decode, Encode, Interact "
                                                               "Start, the Sampler's start image and colour previews.")],

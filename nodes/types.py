@@ -91,6 +91,5 @@ class Conditioned:
         return self.texts.get(key) or self.texts[max(self.texts)]
 
     def clip_conditions(self) -> tuple:
-        """One condition per interact clip: the prompt's lines, as the official script reads its prompt.txt, or
-        the 5 s condition once."""
+        """One condition per interact clip: the prompt's lines (a clip each), or the 5 s condition once."""
         return self.clip_texts or (self.select(5),)

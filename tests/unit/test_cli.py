@@ -313,11 +313,23 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
     one = I.continue_story(model, te.encode("a red fox", duration_s=5, closing=False), start, seed=5)
     assert torch.equal(story.summed_codes[:, :, :41], one.summed_codes)
 
-    prompts = t2v / "prompt.txt"  # the official script's prompt file: a clip per line
+    prompts = t2v / "prompts.txt"  # a clip per line
     prompts.write_text("a green frog\n\n  a grey heron \n", encoding="utf-8")
     rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts),
                "--seed", "6", "--out", str(t2v / "story4.mp4")])
     assert rc == 0 and _probe(t2v / "story4.mp4")[0] == 241 + 2 * 80
+    # the official prompt.txt: line 1 captions the reference video, the other lines are the clips
+    official = t2v / "prompt.txt"
+    official.write_text("a fox in the snow\na green frog\n", encoding="utf-8")
+    rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(official),
+               "--skip-first-line", "--seed", "6", "--save-tokens", str(t2v / "story5.safetensors"),
+               "--out", str(t2v / "story5.mp4")])
+    first = I.continue_story(model, te.encode("a green frog", duration_s=5, closing=False), story, seed=6)
+    assert rc == 0 and torch.equal(Tokens.load(t2v / "story5.safetensors").summed_codes, first.summed_codes)
+    official.write_text("a fox in the snow\n", encoding="utf-8")  # the caption alone: no clip to make
+    assert main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(official),
+                 "--skip-first-line"]) == 2
+    assert main(["interact", "--models", root, "--tokens", str(story_file), "--skip-first-line"]) == 2
     prompts.write_text("\n  \n", encoding="utf-8")
     assert main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts)]) == 2
     assert main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts),
