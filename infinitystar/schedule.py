@@ -23,8 +23,9 @@ BASE_RATIOS = (1.0, 100 / 116, 3 / 4, 2 / 3, 9 / 16, 1 / 2, 2 / 5, 1 / 3)
 PN_SCALES = {"0.06M": 11, "0.25M": 13, "0.40M": 14, "0.90M": 15}
 PN_ALIASES = {"720p": "0.90M", "480p": "0.40M"}
 # Detail (64-bit) scales start with the third-to-last scale of a clip; the released scripts
-# (and the golden tiny cases) pair that with these token thresholds of the tokenizer side.
-DETAIL_MIN_TOKENS = {"0.06M": 80, "0.25M": 350, "0.40M": 350, "0.90M": 750}
+# (and the golden tiny cases) pair that with these token thresholds of the tokenizer side. No script runs 0.25M:
+# its value is one that names the same scales for every aspect (h*w 136-152 semantic, 250-260 detail).
+DETAIL_MIN_TOKENS = {"0.06M": 80, "0.25M": 200, "0.40M": 350, "0.90M": 750}
 # Video repetitions end in a short tail; the 480p model (0.40M) uses the 720p list without its
 # final scale, i.e. [3]*12 + [2, 1]; the others end in [2, 1, 1].
 VIDEO_REPETITION_TAIL = {"0.06M": (2, 1, 1), "0.25M": (2, 1, 1), "0.40M": (2, 1), "0.90M": (2, 1, 1)}

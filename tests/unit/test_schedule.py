@@ -86,3 +86,16 @@ def test_custom_repetitions():
     assert s.num_steps == 22 and all(st.is_last_rep for st in s.steps)
     with pytest.raises(ValueError):
         build_schedule("0.06M", "16:9", 81, video_repetition=(1, 2))
+
+
+@pytest.mark.parametrize("pn", ["0.06M", "0.25M", "0.40M", "0.90M"])
+def test_detail_token_threshold_agrees_with_the_detail_scales(pn):
+    """The tokenizer side (the official encoder and BSQ pick 16 or 64 bits by h*w against detail_scale_min_tokens)
+    and the AR side (the head by scale index: the last 3 of a clip are detail) must name the same scales, for every
+    aspect template, or an encoded condition's codes would be scaled for the other bit width."""
+    for h_div_w in aspect_templates():
+        s = build_schedule(pn, h_div_w, 81)
+        for step in s.steps:
+            by_area = step.h * step.w >= s.detail_scale_min_tokens
+            assert by_area == (not step.is_semantic), (pn, h_div_w, step.si, step.h * step.w,
+                                                       s.detail_scale_min_tokens)
