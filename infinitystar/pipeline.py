@@ -364,7 +364,9 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
            callback: Callable | None = None, last_clip: bool = False) -> torch.Tensor:
     """Tokens -> float frames (T, H, W, 3) in [0, 1] on CPU, with the official frame-0 := frame-1 for videos.
 
-    ``frames * 255`` truncated to uint8 equals the official output pixels. ``last_clip``: only the last clip's
+    ``frames * 255`` truncated to uint8 equals the official output pixels of an fp32 decode. After a bf16 decode
+    the post-processing still runs in fp32, where the official code rounds it to bf16 (one level lower or higher
+    in about a tenth of the pixels there); ours keeps the more exact values. ``last_clip``: only the last clip's
     frames (80; a 5 s video or an image whole): a story decodes just its last window, other tokens decode whole.
     """
     from .vae import frames_to_float_images

@@ -67,7 +67,8 @@ def prepare_video(frames: Any, height: int, width: int) -> torch.Tensor:
 
 
 def _to_thwc(x: torch.Tensor) -> torch.Tensor:
-    """Decoder output (1, 3, T, H, W) or (3, T, H, W) -> (T, H, W, 3) float32 in [0, 1] (clamp((x+1)/2))."""
+    """Decoder output (1, 3, T, H, W) or (3, T, H, W) -> (T, H, W, 3) float32 in [0, 1] (clamp((x+1)/2)), in fp32
+    whatever the decoder ran in (the official code post-processes a bf16 decode in bf16, losing a level)."""
     if x.ndim == 5:
         if x.shape[0] != 1:
             raise ValueError(f"expected a single video (1, 3, T, H, W), got {tuple(x.shape)}")
