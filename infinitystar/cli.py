@@ -450,7 +450,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                                                       "interact: 0, as its script)")
     p.add_argument("--cfg", type=float, default=34.0, help="APG guidance scale (official 34)")
     p.add_argument("--cfg-schedule", default="", help="guidance scale per scale of the pyramid, coarse to fine, "
-                   "comma-separated, the last repeating (e.g. '34,34,34,20,10'); default: --cfg everywhere")
+                   "comma-separated, the last repeating (e.g. '34,34,34,20,10'); every clip's pyramid follows it; default: "
+                   "--cfg everywhere")
     p.add_argument("--tau-image", type=float, default=TAU_IMAGE)
     p.add_argument("--tau-video", type=float, default=TAU_VIDEO)
     p.add_argument("--dtype", choices=list(DTYPES),
