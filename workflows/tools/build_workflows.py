@@ -287,11 +287,27 @@ def extend(info: dict) -> dict:
     wf.link(vae, 0, ext, "vae")  # colour previews
     _save_video(wf, vae, ext, "video/infinitystar_extended", x=1240)
     _note(wf, (
-        "continues a clip by 5 s (one more clip of 80 frames) with the 480p weights, as "
-        "the official 480p script does for video continuation (5 s in, 10 s out). Load a clip of at least 5 s at "
-        "any frame rate (e.g. a 5 s InfinityStar video): its whole 5 s clips are encoded, 81 frames each picked "
+        "continues a clip by 5 s clips (set *clips*) with the 480p weights. Load a clip of at least 5 s at "
+        "any frame rate (e.g. an InfinityStar video): its whole 5 s clips are encoded, 81 frames each picked "
         "at 16 fps as the official reader picks them (Get Video Components gives Encode the clip's fps), and the "
-        "rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones."))
+        "rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones without replaying their "
+        "draws, so a seed gives another clip than the official 5 s -> 10 s continuation (the *v2v* workflow)."))
+    return wf.to_json()
+
+
+def v2v(info: dict) -> dict:
+    wf = Workflow(info, "v2v-480p-10s")
+    model, text_encoder, vae = _loaders(wf, MODEL_480P)
+    cond = _prompt(wf, text_encoder, PROMPT_EXTEND)
+    encode = _encoded_clip(wf, vae, "InfinityStarEncode")
+    sampler = _sampler(wf, model, cond, vae, duration="10 s")
+    wf.link(encode, 0, sampler, "start_tokens")
+    _save_video(wf, vae, sampler, "video/infinitystar_v2v_480p")
+    _note(wf, (
+        "the official video continuation (480p script): the first 5 s of a clip (81 frames picked at 16 fps from "
+        "its own rate) are encoded and teacher-forced while every step still draws, and the 480p model adds "
+        "the next 5 s: a 10 s video. Resolution and aspect ratio come from the encoded tokens. To continue by "
+        "more clips, use the *extend* workflow."))
     return wf.to_json()
 
 
@@ -348,6 +364,7 @@ WORKFLOWS = {
     "infinitystar_i2v_720p": i2v,
     "infinitystar_t2i": t2i,
     "infinitystar_extend_video_480p": extend,
+    "infinitystar_v2v_480p_10s": v2v,
     "infinitystar_interact_480p": interact,
     "infinitystar_t2v_480p_upscale": upscale,
 }
