@@ -364,16 +364,23 @@ def _gguf_quant(reader: CheckpointReader) -> str:
                                   if gguf.block_weight(k, e.shape))) or "none"
 
 
+def check_tokenizer_file(path: str | Path) -> tuple[CheckpointReader, str]:
+    """(reader, description) of a video tokenizer file; refuses another checkpoint or an unreadable file. Cheap (a
+    .pth is memory-mapped), so callers check before minutes of sampling, not at the decode after them."""
+    reader = CheckpointReader(path)
+    description = describe_keys(reader.shapes, path)
+    if not is_tokenizer_keys(reader.shapes):
+        raise ValueError(f"{reader.path} is not the InfinityStar video tokenizer: it looks like {description}."
+                         f"{shard_hint(reader.path)} {DOWNLOAD_HINT}")
+    return reader, description
+
+
 def load_tokenizer(path: str | Path, *, ops=torch.nn, dtype: torch.dtype | None = None, device="cpu"):
     """Load the InfinityStar video tokenizer (``infinitystar_videovae.pth`` or a .safetensors) strictly."""
     from .vae import VideoTokenizer, detect_vae_config
 
-    reader = CheckpointReader(path)
+    reader, description = check_tokenizer_file(path)
     shapes = reader.shapes
-    description = describe_keys(shapes, path)
-    if not is_tokenizer_keys(shapes):
-        raise ValueError(f"{reader.path} is not the InfinityStar video tokenizer: it looks like {description}."
-                         f"{shard_hint(reader.path)} {DOWNLOAD_HINT}")
     config = detect_vae_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     with torch.device("meta"):
         model = VideoTokenizer(config, ops=ops)

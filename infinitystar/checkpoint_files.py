@@ -113,6 +113,15 @@ def _read_safetensor(entry: TensorEntry, handle, scratch: torch.Tensor) -> torch
     return raw.view(entry.dtype).view(entry.shape)
 
 
+def _size(file: Path) -> str:
+    return f"{file.stat().st_size:,} bytes"
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) > 8 else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _torch_load(file: Path) -> dict:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -120,11 +129,11 @@ def _torch_load(file: Path) -> dict:
         try:  # legacy (non-zip) .pth files cannot be memory-mapped
             obj = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"{file}: cannot read this .pth ({str(exc) or type(exc).__name__}); it is corrupted or "
+            raise ValueError(f"{file} ({_size(file)}): cannot read this .pth ({_reason(exc)}); it is corrupted or "
                              "truncated.") from exc
     except Exception as exc:
-        raise ValueError(f"{file}: cannot read this .pth ({str(exc) or type(exc).__name__}); it is corrupted, truncated "
-                         "or not a weights-only checkpoint.") from exc
+        raise ValueError(f"{file} ({_size(file)}): cannot read this .pth ({_reason(exc)}); it is corrupted, "
+                         "truncated or not a weights-only checkpoint.") from exc
     if isinstance(obj, Mapping):
         if isinstance(obj.get("vae"), Mapping):
             obj = obj["vae"]

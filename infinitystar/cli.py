@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import cli_checks as C
 from . import pipeline as P
 from .attention import BACKENDS, backend_unavailable
 from .download import COMPONENTS, REPO_ID, TRANSFORMER_DIRS, download_models, find_models
@@ -41,7 +42,7 @@ def _ensure_tiny(seed: int = 0) -> Path:
     done = root / ".complete"
     if not done.is_file() or not all((root / name).is_dir() for name in TRANSFORMER_DIRS.values()):
         print(f"writing the tiny random-weight model set to {root} …", file=sys.stderr)
-        write_tiny_models(root, seed=seed)
+        write_tiny_models(root, seed=seed, overwrite=True)  # the cache's own, unfinished set
         done.write_text("ok\n")
     return root
 
@@ -63,19 +64,29 @@ def _variant(args) -> str:
 
 
 class _Progress:
-    """tqdm bar over AR steps, fed by the sampler's callback."""
+    """tqdm bar over AR steps, fed by the sampler's callback ``(index, total, ...)``; ``lazy``: over items fed as
+    ``(done, total)``, shown from the first one."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, unit: str = "step", lazy: bool = False):
+        self.total, self.desc, self.unit, self.lazy, self.bar = total, desc, unit, lazy, None
+        if not lazy:
+            self._open()
+
+    def _open(self):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="step")
+        self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit)
 
     def __call__(self, index, total, *_):
-        self.bar.n = index + 1
+        if self.bar is None:
+            self.total = total
+            self._open()
+        self.bar.n = index if self.lazy else index + 1
         self.bar.refresh()
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Session:
@@ -91,10 +102,12 @@ class Session:
         self.paths = find_models(self.root, self.variant, wanted)
         if own:  # e.g. a GGUF file from convert-gguf; the text encoder and tokenizer still come from --models
             self.paths["transformer"] = Path(own)
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use "
-                             "--device cpu, or install a CUDA build of PyTorch")
+        from .checkpoint import check_tokenizer_file
+
+        check_tokenizer_file(self.paths["vae"])  # a wrong file is found now, not at the decode after sampling
+        self.device = C.device(args.device)
+        if getattr(args, "generator", "auto") == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--generator cuda: this PyTorch sees no CUDA GPU; use --generator auto or cpu")
         from .transformer import compile_unavailable
 
         why = compile_unavailable(self.device) if getattr(args, "compile", False) else None
@@ -110,6 +123,9 @@ class Session:
         why = backend_unavailable(attention)
         if why:
             raise ValueError(f"--attention {attention}: {why} (auto picks among them)")
+        if attention in ("cudnn", "sdpa_flash") and self.device.type != "cuda":
+            logger.warning("--attention %s is a CUDA kernel; on %s PyTorch's own SDPA pick runs instead", attention,
+                           self.device)
         self._transformer = self._tokenizer = None
         self.info = None
         self.guidance()  # a malformed --cfg-schedule fails before anything loads
@@ -124,6 +140,8 @@ class Session:
         from .text import TextEncoder
 
         hf_logging.disable_progress_bar()  # the CLI shows its own bars
+        if any(not prompt.strip() for prompt in prompts):
+            logger.warning("an empty prompt: the model gets only the duration tag and the closing phrase")
 
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         encoder = TextEncoder.from_folder(self.paths["text_encoder"], dtype=dtype, device=self.device)
@@ -243,16 +261,10 @@ class Session:
         frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=self.decode_budget())
         if bar is not None:
             bar.close()
-        out = Path(out)
-        if tokens.is_video:
-            return write_mp4(out.with_suffix(".mp4") if out.suffix.lower() != ".mp4" else out, frames, fps=P.FPS)
-        return write_png(out.with_suffix(".png") if out.suffix.lower() not in (".png",) else out, frames)
+        return write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
 
 
 def _run_generate(args) -> Path:
-    if args.image and args.video:
-        raise ValueError("--image and --video both given: start from an image (image-to-video) or continue a video, "
-                         "not both")
     if args.steps_preview:
         return _preview(args)
     s = Session(args)
@@ -391,7 +403,7 @@ def _run_interact(args) -> Path:
     if args.prompts_file:
         if args.prompts:
             raise ValueError("give the clips' prompts with --prompts or with --prompts-file, not both")
-        text = Path(args.prompts_file).read_text(encoding="utf-8")
+        text = C.read_text(args.prompts_file, "--prompts-file")
         prompts = I.prompt_lines(text)
         if args.skip_first_line:
             caption, prompts = I.prompt_file_clips(text)
@@ -446,14 +458,14 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--negative-prompt", default="", help="empty: the model's learned null text (official default)")
     p.add_argument("--no-decorate", action="store_true", help="skip the official duration tag and closing phrase")
-    p.add_argument("--seed", type=int, default=41, help="seed of every draw (default: the official scripts' 41; "
+    p.add_argument("--seed", type=C.seed, default=41, help="seed of every draw (default: the official scripts' 41; "
                                                       "interact: 0, as its script)")
-    p.add_argument("--cfg", type=float, default=34.0, help="APG guidance scale (official 34)")
+    p.add_argument("--cfg", type=C.guidance_scale, default=34.0, help="APG guidance scale (official 34)")
     p.add_argument("--cfg-schedule", default="", help="guidance scale per scale of the pyramid, coarse to fine, "
                    "comma-separated, the last repeating (e.g. '34,34,34,20,10'); every clip's pyramid follows it; default: "
                    "--cfg everywhere")
-    p.add_argument("--tau-image", type=float, default=TAU_IMAGE)
-    p.add_argument("--tau-video", type=float, default=TAU_VIDEO)
+    p.add_argument("--tau-image", type=C.temperature, default=TAU_IMAGE)
+    p.add_argument("--tau-video", type=C.temperature, default=TAU_VIDEO)
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="transformer block storage (default: fp32 on the CPU; on a GPU bf16, or fp8 when bf16 "
                         "weights and the run do not fit its free memory)")
@@ -481,7 +493,7 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                         "(fp32 statistics; with --attention sdpa_flash, bf16 runs equal to the official GPU run)")
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors), to continue later "
                                           "(`extend`; a story: `interact --tokens`)")
-    p.add_argument("--out", default="out.mp4", help="output .mp4 (a .png for --duration 0)")
+    p.add_argument("--out", help="output .mp4 (a .png for --duration 0; default out.mp4 / out.png)")
 
 
 def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -504,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate with tiny random weights, offline (checks the install)")
     _add_model_args(d, resolution_default="0.06M")
     d.add_argument("--duration", type=int, default=5)
-    d.set_defaults(tiny=True, image=None, video=None, steps_preview=False, out="demo.mp4")
+    d.set_defaults(tiny=True, image=None, video=None, steps_preview=False)
 
     e = sub.add_parser("extend", help="append 5 s clips to saved tokens or to a video")
     _add_model_args(e)
@@ -521,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--skip-first-line", action="store_true",
                     help="the file is laid out as the official prompt.txt: its first line captions the reference "
                          "video and is not generated; each later line is a clip")
-    it.add_argument("--tau", type=float, default=0.5, help="temperature of every scale (official 0.5)")
+    it.add_argument("--tau", type=C.temperature, default=0.5, help="temperature of every scale (official 0.5)")
     it.add_argument("--apg", action="store_true", help="APG instead of the official plain CFG (raise --cfg)")
     it.set_defaults(cfg=3.0, aspect=None, seed=0)  # the official interact script's seed (T2V/I2V: 41)
     _set_help(it, "cfg", "guidance scale (official: plain CFG 3; with --apg about 34)")
@@ -551,23 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny", help="write the tiny random-weight model set")
     t.add_argument("outdir")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace model files the folder already holds")
     return parser
-
-
-def _check_writable(path: str | None, option: str) -> None:
-    """Refuse an output that cannot be written before minutes of sampling, not after them."""
-    if not path:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name (e.g. {target / 'out.mp4'})")
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{option} {path}: cannot create its folder ({exc.strerror}); choose another path") from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{option} {path}: the folder {folder} is not writable; choose another path")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,8 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         if args.command in ("generate", "demo", "extend", "interact"):
-            _check_writable(getattr(args, "out", None), "--out")
-            _check_writable(getattr(args, "save_tokens", None), "--save-tokens")
+            C.check_sources(args)
+            is_image = args.command in ("generate", "demo") and args.duration == 0
+            name = args.out or ("demo" if args.command == "demo" else "out")
+            args.out = C.output_path(name, is_image, is_default=args.out is None)
+            C.check_outputs(args.out, args.save_tokens)
         if args.command in ("generate", "demo"):
             out = _run_generate(args)
         elif args.command == "extend":
@@ -589,24 +589,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:13s} {path}")
             return 0
         elif args.command == "convert-gguf":
-            from tqdm.auto import tqdm
-
             from .gguf import convert
 
-            with tqdm(unit="tensor", desc=f"writing {args.type}") as bar:
-                def progress(done, total):
-                    bar.total = total
-                    bar.update(done - bar.n)
-
-                print(convert(args.source, args.out, args.type, args.variant, progress=progress))
+            bar = _Progress(0, f"writing {args.type}", unit="tensor", lazy=True)  # no bar before the checks pass
+            try:
+                written = convert(args.source, args.out, args.type, args.variant, progress=bar)
+            finally:
+                bar.close()
+            print(written)
             return 0
         else:
             from .tiny import main as tiny_main
 
-            return tiny_main([args.outdir, "--seed", str(args.seed)])
+            return tiny_main([args.outdir, "--seed", str(args.seed), *(["--force"] if args.force else [])])
     except (OSError, ValueError, RuntimeError) as exc:  # OSError: FileNotFoundError, PermissionError, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     if out is not None:
         print(out)
     return 0

@@ -358,12 +358,20 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
         import numpy as np
     except ImportError as exc:
         raise ImportError(INSTALL_HINT) from exc
-    from .checkpoint import LEGACY_BUFFERS, CheckpointReader, detect_variant, is_transformer_keys
+    from .checkpoint import LEGACY_BUFFERS, CheckpointReader, is_transformer_keys
 
     if qtype not in WRITABLE:
         raise ValueError(f"cannot write {qtype}; choose one of {', '.join(WRITABLE)}")
+    out = Path(out)
+    if out.suffix.lower() != ".gguf":
+        raise ValueError(f"{out}: the output is a GGUF file; name it *.gguf (the loaders tell files by their suffix)")
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the .gguf file to write (e.g. {out / 'infinitystar_Q8_0.gguf'})")
     target = gguf.GGMLQuantizationType[qtype]
     reader = CheckpointReader(source)
+    if reader.is_gguf:  # its quantized blocks are not float tensors: re-quantizing would drop them
+        raise ValueError(f"{reader.path} is a GGUF file already; convert from the official weights (the sharded "
+                         "folder or a merged .safetensors), so the blocks are quantized once")
     if not is_transformer_keys(reader.shapes):
         raise ValueError(f"{reader.path} is not an InfinityStar transformer checkpoint; nothing written")
     for key in [k for k, e in reader.entries.items() if k in LEGACY_BUFFERS or not e.dtype.is_floating_point]:
@@ -372,9 +380,20 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
     for key, entry in reader.entries.items():
         name = written_type(qtype, entry.shape[-1]) if block_weight(key, entry.shape) else None
         plan[key] = gguf.GGMLQuantizationType[name or "F32"]
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
+    try:
+        _write(gguf, np, reader, plan, tmp, variant, target, progress)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # an error or Ctrl-C leaves no partial file
+    logger.info("wrote %s (%s blocks)", out, qtype)
+    return out
+
+
+def _write(gguf, np, reader, plan: dict, tmp: Path, variant: str | None, target, progress) -> None:
+    from .checkpoint import detect_variant
+
     writer = gguf.GGUFWriter(tmp, ARCH)
     writer.add_string(f"{ARCH}.variant", variant or detect_variant(reader.path, reader.metadata()))
     writer.add_file_type(int(target))
@@ -402,6 +421,3 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
         if progress:
             progress(i + 1, len(plan))
     writer.close()
-    tmp.replace(out)
-    logger.info("wrote %s (%s blocks)", out, qtype)
-    return out

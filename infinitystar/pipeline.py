@@ -63,14 +63,16 @@ class Tokens:
         """Write a .safetensors file (``bits.NNN`` uint8, ``summed_codes`` fp32, schedule in the metadata)."""
         from safetensors.torch import save_file
 
+        from .video_io import written_whole
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"bits.{i:04d}": b.to(torch.uint8).contiguous().cpu() for i, b in enumerate(self.bits)}
         tensors["summed_codes"] = self.summed_codes.float().contiguous().cpu()
         meta = {"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "pn": self.pn,
                 "h_div_w": repr(float(self.h_div_w)), "frames": str(self.frames),
                 "seed": json.dumps(self.seed), "kind": self.kind}
-        save_file(tensors, str(path), metadata=meta)
+        with written_whole(path) as part:
+            save_file(tensors, str(part), metadata=meta)
         return path
 
     @classmethod

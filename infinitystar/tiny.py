@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import string
+import sys
 from pathlib import Path
 
 import torch
@@ -142,11 +143,20 @@ def write_sharded_safetensors(folder: str | Path, state_dict: dict[str, torch.Te
     return folder
 
 
-def write_tiny_models(outdir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write the whole tiny model set in the official layout; returns the paths by component."""
+def write_tiny_models(outdir: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+    """Write the whole tiny model set in the official layout; returns the paths by component.
+
+    The names are the official files', so a folder that holds any of them (a real download) is refused unless
+    ``overwrite``: random weights would replace the real ones."""
     from .config import TRANSFORMER_PRESETS
 
     outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"{outdir} is a file; give a folder for the tiny model set")
+    taken = [name for name in (*TRANSFORMER_DIRS.values(), VAE_FILE, TEXT_ENCODER_DIR) if (outdir / name).exists()]
+    if taken and not overwrite:
+        raise ValueError(f"{outdir} already holds {', '.join(taken)}; the tiny random weights would replace them. "
+                         "Choose an empty folder (or pass --force to replace them)")
     outdir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"root": outdir}
     for offset, (variant, name) in enumerate(TRANSFORMER_DIRS.items()):
@@ -164,8 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infinitystar.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", help="folder to write the tiny model set into")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--force", action="store_true", help="replace model files the folder already holds")
     args = parser.parse_args(argv)
-    for component, path in write_tiny_models(args.outdir, seed=args.seed).items():
+    try:
+        written = write_tiny_models(args.outdir, seed=args.seed, overwrite=args.force)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for component, path in written.items():
         print(f"{component:18s} {path}")
     return 0
 

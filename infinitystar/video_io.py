@@ -4,8 +4,10 @@ The official scripts write 16 fps mp4s; frames here are uint8 RGB arrays (T, H, 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,6 +16,23 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_FPS = 16
+
+
+@contextlib.contextmanager
+def written_whole(path: str | Path):
+    """Yield a temporary name beside ``path`` and move it onto ``path`` once written: an error or a Ctrl-C while
+    writing leaves no truncated file under the name asked for (nor the temporary one). Write errors name the path."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield part
+        os.replace(part, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if part.is_file():
+            part.unlink()
 
 
 def to_uint8(frames) -> np.ndarray:
@@ -45,8 +64,7 @@ def write_mp4(path: str | Path, frames, fps: int = DEFAULT_FPS, crf: int = 18) -
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with written_whole(path) as part, av.open(str(part), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -179,8 +197,8 @@ def write_png(path: str | Path, image) -> Path:
     if image.ndim == 4:
         image = image[0]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    with written_whole(path) as part:
+        Image.fromarray(image).save(part, format="PNG")
     return path
 
 

@@ -45,7 +45,7 @@ def test_extend_adds_one_clip(t2v, tiny_models):
 
 def test_t2i_writes_a_png(tiny_models, tmp_path):
     rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--aspect", "1:1",
-               "--duration", "0", "--prompt", "a tulip", "--out", str(tmp_path / "img.mp4")])
+               "--duration", "0", "--prompt", "a tulip", "--out", str(tmp_path / "img")])  # the suffix is added
     assert rc == 0
     schedule = resolve_schedule("0.06M", "1:1", 0)
     with Image.open(tmp_path / "img.png") as img:
@@ -401,13 +401,78 @@ def test_outputs_and_device_are_checked_before_anything_loads(tiny_models, tmp_p
     assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main([*base, "--out", str(tmp_path / "file" / "x.png")]) == 2
-    assert "cannot create its folder" in capsys.readouterr().err
+    assert "file is a file, not a folder" in capsys.readouterr().err
     assert main([*base, "--save-tokens", str(tmp_path / "file" / "t.safetensors")]) == 2
     assert "--save-tokens" in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*base, "--device", "cuda", "--out", str(tmp_path / "x.png")]) == 2
     assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--tau-video", "-1", "is not above 0"), ("--tau-image", "0", "is not above 0"), ("--cfg", "-5", "is below 0"),
+    ("--cfg", "nan", "not a finite number"), ("--seed", "99999999999999999999999", "outside 0"),
+    ("--seed", "-1", "outside 0"), ("--seed", "x", "not a whole number")])
+def test_numbers_out_of_range_are_refused_by_the_parser(option, value, says, capsys):
+    """Values the sampler cannot use (a division by tau, a generator seed) were accepted and failed after the
+    models loaded, or ran with a negative temperature."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", option, value])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_combinations_and_outputs_are_refused_before_anything_is_made(tiny_models, tmp_path, monkeypatch, capsys):
+    """Inputs that cannot go together, an output suffix the run does not write, one file for the video and the
+    tokens, and a device PyTorch does not know: one error line, before the models are looked up, and no folder
+    made for the output."""
+    import infinitystar.cli as cli
+
+    monkeypatch.setattr(cli, "find_models", lambda *a, **k: pytest.fail("models looked up before the checks"))
+    root = str(tiny_models["root"])
+    out = tmp_path / "new" / "deeper" / "x.mp4"
+    cases = [
+        (["generate", "--image", "a.png", "--duration", "0"], "would only give the image back"),
+        (["extend", "--tokens", "t.safetensors", "--video", "v.mp4"], "--tokens and --video both given"),
+        (["interact", "--tokens", "t.safetensors", "--video", "v.mp4"], "--tokens and --video both given"),
+        (["generate", "--out", str(tmp_path / "x.avi")], "writes a video as .mp4; name the file"),
+        (["generate", "--duration", "0", "--out", str(tmp_path / "x.mp4")], "writes an image (--duration 0) as .png"),
+        (["generate", "--out", str(out), "--save-tokens", str(out)], "are the same file"),
+    ]
+    for args, says in cases:
+        assert main([*args, "--models", root]) == 2, args
+        assert says in capsys.readouterr().err, args
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert main(["generate", "--models", root, "--device", "banana", "--out", str(out)]) == 2
+    assert "--device banana: not a device name PyTorch knows" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_wrong_tokenizer_file_is_found_before_sampling(tiny_models, tmp_path, monkeypatch, capsys):
+    """A tokenizer that is another checkpoint or no checkpoint at all is refused when the session starts, not at the
+    decode after the whole sampling run."""
+    import shutil
+
+    import infinitystar.cli as cli
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models["root"], models)
+    (models / "infinitystar_videovae.pth").write_text("REAL\n")
+    monkeypatch.setattr(cli.Session, "texts", lambda *a, **k: pytest.fail("the run went on to the text encoder"))
+    assert main(["generate", "--models", str(models), "--resolution", "0.06M", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "infinitystar_videovae.pth (5 bytes): cannot read this .pth" in err
+    monkeypatch.setattr(cli, "_run_generate", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["generate", "--models", str(models), "--out", str(tmp_path / "y")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_prompts_file_that_is_not_utf8_names_the_file(tiny_models, tmp_path, capsys):
+    (tmp_path / "p.txt").write_bytes(b"\xff\xfe a fox")
+    rc = main(["interact", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--tokens", "t",
+               "--prompts-file", str(tmp_path / "p.txt")])
+    assert rc == 2 and f"--prompts-file {tmp_path / 'p.txt'}: not UTF-8 text" in capsys.readouterr().err
 
 
 def test_a_file_that_is_not_a_video_says_so(tiny_models, tmp_path, capsys):

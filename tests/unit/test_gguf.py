@@ -203,6 +203,28 @@ def test_gguf_errors_say_what_to_do(converted, tmp_path):
         gguf.convert(converted[0], tmp_path / "k.gguf", "Q3_K")
 
 
+def test_convert_refuses_what_it_would_write_wrong(converted, tmp_path):
+    """A GGUF source (its quantized blocks are not float tensors: they were dropped and the file did not load), an
+    output named like another format, and a folder as the output are refused before any work, and a failed
+    conversion leaves no file behind."""
+    source, files = converted
+    with pytest.raises(ValueError, match="is a GGUF file already; convert from the official weights"):
+        gguf.convert(files["Q8_0"], tmp_path / "again.gguf", "Q4_K")
+    with pytest.raises(ValueError, match=r"name it \*\.gguf"):
+        gguf.convert(source, tmp_path / "t.safetensors", "Q8_0")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        gguf.convert(source, tmp_path / "dir.gguf", "Q8_0")
+
+    def interrupt(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gguf.convert(source, tmp_path / "cut.gguf", "Q8_0", progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf"]
+
+
 def test_a_quantized_head_is_refused(tiny_models, tmp_path):
     """Only the blocks' matmul weights may be quantized: the heads compute in fp32 as in the official layout."""
     reader = CheckpointReader(tiny_models["transformer_720p"])

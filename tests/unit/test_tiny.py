@@ -46,6 +46,19 @@ def test_text_encoder_matches_transformer_and_loads_offline(tiny_models, monkeyp
     assert ids[-1] == tok.eos_token_id == 1 and tok.pad_token_id == 0 and max(ids) < model.config.vocab_size
 
 
+def test_a_folder_holding_model_files_is_not_overwritten(tmp_path, capsys):
+    """The tiny set has the official file names: a real download in the folder is refused (one typo would replace
+    its tokenizer, text encoder and indexes with random weights), unless --force."""
+    from infinitystar.cli import main
+
+    (tmp_path / "infinitystar_videovae.pth").write_bytes(b"REAL")
+    assert main(["tiny", str(tmp_path)]) == 2
+    assert "already holds infinitystar_videovae.pth" in capsys.readouterr().err
+    assert (tmp_path / "infinitystar_videovae.pth").read_bytes() == b"REAL" and len(list(tmp_path.iterdir())) == 1
+    assert main(["tiny", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "infinitystar_videovae.pth").stat().st_size > 4
+
+
 def test_deterministic_for_a_seed():
     a, b, c = tiny_transformer_state_dict(0), tiny_transformer_state_dict(0), tiny_transformer_state_dict(1)
     assert all(torch.equal(a[k], b[k]) for k in a)

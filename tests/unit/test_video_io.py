@@ -112,3 +112,26 @@ def test_read_video_clip_decodes_only_what_it_keeps(tmp_path):
     for from_end in (False, True):
         clip, fps = read_video_clip(path, 81, 5, from_end=from_end)
         assert fps == 16.0 and np.array_equal(clip, sample_frames(whole, 16.0, 81, 5, from_end=from_end))
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C (or an error) while the mp4 is being written: nothing under the name asked for, no temporary file,
+    and an earlier file of that name is kept; write errors name the path."""
+    real, calls = av.VideoFrame.from_ndarray, []
+
+    def interrupt_at_the_third_frame(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", interrupt_at_the_third_frame)
+    with pytest.raises(KeyboardInterrupt):
+        write_mp4(tmp_path / "a.mp4", _frames(9, 48, 64))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", real)
+    kept = write_png(tmp_path / "b.png", _frames(1, 16, 16)).read_bytes()
+    (tmp_path / "b.png.part").mkdir()  # the temporary name cannot be written
+    with pytest.raises(OSError, match="cannot write .*b.png"):
+        write_png(tmp_path / "b.png", _frames(1, 16, 16, seed=1))
+    assert (tmp_path / "b.png").read_bytes() == kept
