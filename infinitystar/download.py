@@ -77,14 +77,27 @@ def find_models(root: str | Path, variant: str = "720p", components: Sequence[st
     return {c: paths[c] for c in components}
 
 
-def _copy_local(source: Path, dest: Path, patterns: list[str], progress: bool) -> None:
-    """Copy the files matching ``patterns`` from a hub-layout folder; files already complete are skipped."""
+def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: list[str], progress: bool) -> None:
+    """Copy the files matching ``patterns`` from a hub-layout folder; files already complete are skipped. A source
+    lacking a component, or holding a truncated .safetensors file, is refused before anything is copied."""
     from tqdm.auto import tqdm
 
-    files = [p for p in sorted(source.rglob("*")) if p.is_file()
-             and any(fnmatch.fnmatch(p.relative_to(source).as_posix(), pat) for pat in patterns)]
-    if not files:
-        raise FileNotFoundError(f"{source} has no files matching {patterns}; is it laid out like the hub repo?")
+    from .checkpoint_files import _safetensors_header
+
+    every = [p for p in sorted(source.rglob("*")) if p.is_file()]
+    by_pattern = {pat: [p for p in every if fnmatch.fnmatch(p.relative_to(source).as_posix(), pat)]
+                  for pat in patterns}
+    absent = [f"{c} ({pat})" for c, pat in zip(components, patterns) if not by_pattern[pat]]
+    if absent:
+        raise FileNotFoundError(f"local source {source} holds no {', '.join(absent)}; nothing copied. Is it laid "
+                                "out like the hub repo? (--components copies a subset)")
+    files = sorted({p for found in by_pattern.values() for p in found})
+    for p in files:
+        if p.suffix == ".safetensors":
+            try:
+                _safetensors_header(p)  # checks every tensor's bytes against the file size
+            except ValueError as exc:
+                raise ValueError(f"local source damaged, nothing copied: {exc}") from None
     todo = [p for p in files if not ((dest / p.relative_to(source)).is_file()
                                      and (dest / p.relative_to(source)).stat().st_size == p.stat().st_size)]
     with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, disable=not progress,
@@ -96,6 +109,20 @@ def _copy_local(source: Path, dest: Path, patterns: list[str], progress: bool) -
             shutil.copyfile(p, partial)
             partial.replace(target)  # a file only gets its final name once complete
             bar.update(p.stat().st_size)
+
+
+NO_NETWORK_HINT = ("Without a network, copy the files from a folder laid out like the hub repo (`python -m "
+                   "infinitystar download --local-source FOLDER`, or the Download node's local_source); for a mirror "
+                   "set HF_ENDPOINT; behind a proxy set HTTPS_PROXY.")
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """The errors huggingface_hub raises when the hub cannot be reached (and nothing is cached locally)."""
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.utils import LocalEntryNotFoundError
+    return (LocalEntryNotFoundError, ConnectionError)
 
 
 def _is_offline() -> bool:
@@ -120,7 +147,7 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
         source = Path(local_source)
         if not source.is_dir():
             raise FileNotFoundError(f"local source folder not found: {source}")
-        _copy_local(source, dest, patterns, progress)
+        _copy_local(source, dest, components, patterns, progress)
         return find_models(dest, variant, components)
     if _is_offline():
         missing = _missing(model_paths(dest, variant), components)
@@ -139,6 +166,9 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
     try:
         snapshot_download(repo_id, local_dir=str(dest), allow_patterns=patterns, revision=revision,
                           endpoint=endpoint)
+    except _unreachable() as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(f"cannot reach huggingface.co/{repo_id}: {first}. {NO_NETWORK_HINT}") from exc
     finally:
         if not progress:
             enable_progress_bars()

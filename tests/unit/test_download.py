@@ -62,7 +62,7 @@ def test_hub_path_passes_only_the_variant_patterns(tiny_models, tmp_path, monkey
 
     def fake_snapshot_download(repo_id, *, local_dir, allow_patterns, **kwargs):
         calls.append((repo_id, allow_patterns))
-        D._copy_local(tiny_models["root"], D.Path(local_dir), allow_patterns, progress=False)
+        D._copy_local(tiny_models["root"], D.Path(local_dir), ("transformer", "vae"), allow_patterns, progress=False)
         return local_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -94,3 +94,31 @@ def test_offline_mode_is_clear(tiny_models, tmp_path, monkeypatch):
         shutil.copytree(tiny_models["root"] / name, tmp_path / name)
     shutil.copy(tiny_models["vae"], tmp_path)
     assert D.download_models(tmp_path, "720p", progress=False)["vae"].is_file()
+
+
+def test_a_damaged_or_partial_local_source_copies_nothing(tiny_models, tmp_path):
+    """A mirror with a truncated shard (sizes alone matched it to itself) or without a component is refused before
+    a byte is copied, naming the file or the component, instead of a copy that fails at load time."""
+    source = tmp_path / "mirror"
+    shutil.copytree(tiny_models["root"], source)
+    shard = sorted((source / "infinitystar_8b_720p_weights").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    dest = tmp_path / "dest"
+    with pytest.raises(ValueError, match=f"local source damaged, nothing copied: {shard}: truncated"):
+        D.download_models(dest, "720p", progress=False, local_source=source)
+    shutil.rmtree(source / "infinitystar_8b_720p_weights")
+    with pytest.raises(FileNotFoundError, match=r"holds no transformer \(infinitystar_8b_720p_weights/\*\)"):
+        D.download_models(dest, "720p", progress=False, local_source=source)
+    assert not dest.exists()
+
+
+def test_an_unreachable_hub_points_to_the_local_source(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise D._unreachable()[0]("An error happened while trying to locate the files on the Hub.")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(RuntimeError, match="cannot reach huggingface.co/.*--local-source FOLDER"):
+        D.download_models(tmp_path, "720p", progress=False)
