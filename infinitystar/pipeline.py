@@ -180,8 +180,11 @@ def _warn_interact_weights(model_info, what: str) -> None:
 def warn_untrained_resolution(model_info, resolution: str) -> None:
     """Say so when released T2V weights run at a resolution they were not trained at (it runs, but looks worse):
     e.g. tokens encoded at the Encode node's default 720p, extended with the 480p weights."""
-    if model_info is not None and model_info.variant in RESOLUTIONS and RESOLUTIONS.get(resolution, resolution) != \
-            RESOLUTIONS[model_info.variant]:
+    from .config import is_released_size
+
+    if model_info is None or not is_released_size(model_info.config):  # tiny / test weights are trained at nothing
+        return
+    if model_info.variant in RESOLUTIONS and RESOLUTIONS.get(resolution, resolution) != RESOLUTIONS[model_info.variant]:
         logger.warning("the %s model is used at resolution %s; it was trained at %s (for its own resolution, encode "
                        "or generate at %s)", model_info.variant, resolution, RESOLUTIONS[model_info.variant],
                        model_info.variant)

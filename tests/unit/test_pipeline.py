@@ -216,6 +216,7 @@ def test_extending_tokens_of_another_resolution_warns(t2v, caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
         P.extension_schedule(t2v, 1, model_info=_info("unknown", "tiny"))
+        P.extension_schedule(t2v, 1, model_info=_info("480p", "tiny"))  # the tiny set in the 480p folder
         P.extension_schedule(t2v, 1)
     assert "trained at" not in caplog.text and "interact" not in caplog.text
     with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
