@@ -259,11 +259,39 @@ class Session:
         return write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
 
 
+ASPECT_TOLERANCE = 0.1  # relative h/w difference beyond which a snap or a crop is worth saying
+
+
+def _say_size(schedule, aspect: str, image: str | None) -> None:
+    """Print the output's size, and warn when the aspect asked for, or the start image's, is far from it."""
+    from .schedule import parse_aspect
+
+    kind = "1 frame" if schedule.frames == 1 else f"{schedule.frames} frames at {P.FPS} fps"
+    print(f"output: {schedule.width}x{schedule.height}, {kind} ({schedule.pn}, h/w {schedule.h_div_w:.3f})",
+          file=sys.stderr)
+    asked = parse_aspect(aspect)
+    if abs(asked / schedule.h_div_w - 1) > ASPECT_TOLERANCE:
+        logger.warning("--aspect %s (h/w %.3f) is snapped to the nearest of the model's aspect templates, h/w %.3f",
+                       aspect, asked, schedule.h_div_w)
+    if image:
+        from PIL import Image
+
+        try:
+            with Image.open(image) as img:
+                w, h = img.size
+        except OSError:
+            return  # the encode names what is wrong with the file
+        if abs((h / w) / schedule.h_div_w - 1) > ASPECT_TOLERANCE:
+            logger.warning("--image %s is %dx%d; it is resized to cover %dx%d and center-cropped (give --aspect %d:%d "
+                           "to keep more of it)", image, w, h, schedule.width, schedule.height, w, h)
+
+
 def _run_generate(args) -> Path:
     if args.steps_preview:
         return _preview(args)
     s = Session(args)
     schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=s.model_info())
+    _say_size(schedule, args.aspect, args.image)
     text = s.text(args.prompt, args.negative_prompt, args.duration)
     condition = None
     if args.image:

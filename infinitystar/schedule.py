@@ -161,7 +161,8 @@ def _parse_pn(pn: str) -> str:
     return key
 
 
-def _parse_aspect(aspect: str | float) -> float:
+def parse_aspect(aspect: str | float) -> float:
+    """'W:H', a name from ASPECT_NAMES, or an h/w number -> h/w (before snapping to a template)."""
     if isinstance(aspect, (int, float)):
         value = float(aspect)
     elif aspect in ASPECT_NAMES:
@@ -207,7 +208,7 @@ def build_schedule(pn: str = "0.90M", aspect: str | float = "16:9", frames: int 
     were trained on the full pyramids).
     """
     pn = _parse_pn(pn)
-    h_div_w = nearest_template(_parse_aspect(aspect))
+    h_div_w = nearest_template(parse_aspect(aspect))
     clips = _num_video_clips(frames)
     n = PN_SCALES[pn]
     img_rep, vid_rep = default_repetitions(pn)

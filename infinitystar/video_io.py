@@ -35,6 +35,13 @@ def written_whole(path: str | Path):
             part.unlink()
 
 
+def _check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the {what} file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def to_uint8(frames) -> np.ndarray:
     """Accept uint8 or float [0, 1] arrays/tensors of shape (T, H, W, 3) or (H, W, 3); return uint8 numpy.
 
@@ -83,8 +90,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     import av
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
+    _check_file(path, "video")
     frames = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -146,8 +152,7 @@ def video_frame_count(path: str | Path) -> tuple[int, float]:
     import av
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
+    _check_file(path, "video")
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as exc:
@@ -208,8 +213,7 @@ def read_image(path: str | Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+    _check_file(path, "image")
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
@@ -219,3 +223,5 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except UnidentifiedImageError as e:
         raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, WebP, ...): {e}") from e
+    except OSError as e:  # e.g. "image file is truncated"
+        raise ValueError(f"{path}: the image cannot be read ({e}); it may be damaged or incomplete") from e

@@ -553,3 +553,18 @@ def test_cuda_decode_runs_in_bf16_within_the_free_memory(tiny_models, tmp_path, 
     native_bf16 = torch.cuda.get_device_capability()[0] >= 8
     assert seen["encode"] is None and seen["decode"] == (torch.bfloat16 if native_bf16 else None)
     assert seen["budget"] > 0 and (tmp_path / "a.mp4").is_file()
+
+
+def test_the_output_size_is_printed_and_far_snaps_and_crops_are_said(tmp_path, capsys, caplog):
+    import infinitystar.cli as cli
+
+    Image.new("RGB", (40, 2000)).save(tmp_path / "tall.png")
+    schedule = resolve_schedule("0.06M", "100:1", 5)
+    with caplog.at_level("WARNING", logger="infinitystar.cli"):
+        cli._say_size(schedule, "100:1", str(tmp_path / "tall.png"))
+    assert f"output: {schedule.width}x{schedule.height}, 81 frames at 16 fps" in capsys.readouterr().err
+    assert "--aspect 100:1 (h/w 0.010) is snapped" in caplog.text and "tall.png is 40x2000" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="infinitystar.cli"):
+        cli._say_size(resolve_schedule("0.06M", "16:9", 0), "16:9", None)
+    assert not caplog.text and "1 frame (0.06M" in capsys.readouterr().err

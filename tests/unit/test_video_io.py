@@ -135,3 +135,15 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="cannot write .*b.png"):
         write_png(tmp_path / "b.png", _frames(1, 16, 16, seed=1))
     assert (tmp_path / "b.png").read_bytes() == kept
+
+
+def test_damaged_or_misnamed_image_inputs_name_the_path(tmp_path):
+    png = write_png(tmp_path / "a.png", _frames(1, 64, 64))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="cut.png: the image cannot be read"):
+        read_image(cut)
+    with pytest.raises(ValueError, match="is a folder; give the image file"):
+        read_image(tmp_path)
+    with pytest.raises(ValueError, match="is a folder; give the video file"):
+        read_video(tmp_path)
