@@ -319,9 +319,11 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
         clips = min(whole_clips(total, fps), schedule.num_clips - 2)
     elif clips < 0:  # every whole 5 s clip of the video
         clips = whole_clips(total, fps)
+    if whole_clips(total, fps) < 1:
+        raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs at least 5 s of it (81 frames at 16 fps)")
     if clips < 1:
-        raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs ≥ 5 s of input and an output at least "
-                         "5 s longer than the input clips (generate: e.g. --duration 10; extend: --clips 1)")
+        raise ValueError(f"a {(schedule.frames - 1) // P.FPS} s output leaves nothing to generate after the video's "
+                         "first 5 s: give --duration 10 (the 480p weights), or continue it with `extend`")
     picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips, length=length)  # official V2V
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
 

@@ -138,8 +138,11 @@ def test_video_input_uses_whole_5s_clips(tmp_path, monkeypatch):
     assert cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 10), 5) \
         == "tokens"
     assert seen["frames"] == 81 and seen["clips"] == 1 and seen["seed"] == 5 and seen["first"] < 8
-    with pytest.raises(ValueError, match="5 s"):
+    with pytest.raises(ValueError, match="a 5 s output leaves nothing to generate .* --duration 10"):
         cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 5), 5)
+    write_mp4(tmp_path / "short.mp4", frames[:40], fps=16)
+    with pytest.raises(ValueError, match=r"short.mp4: 2.50 s; continuing a video needs at least 5 s of it"):
+        cli._encode_video_file(Session(), str(tmp_path / "short.mp4"), resolve_schedule("0.06M", "16:9", 10), 5)
 
 
 @pytest.mark.parametrize("option, value, bad", [("generator", "cpu", "tpu"), ("offload_kv", "on", "maybe")])
