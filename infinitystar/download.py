@@ -142,6 +142,8 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
     accepted, with a clear error otherwise.
     """
     dest = Path(dest_dir)
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"the destination {dest} is a file; give the models folder (e.g. ComfyUI/models/infinitystar)")
     patterns = allow_patterns(variant, components)
     if local_source is not None:
         source = Path(local_source)
