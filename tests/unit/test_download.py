@@ -110,8 +110,9 @@ def test_a_damaged_or_partial_local_source_copies_nothing(tiny_models, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"holds no transformer \(infinitystar_8b_720p_weights/\*\)"):
         D.download_models(dest, "720p", progress=False, local_source=source)
     assert not dest.exists()
+    (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="is a file; give the models folder"):
-        D.download_models(shard, "720p", progress=False, local_source=source)
+        D.download_models(tmp_path / "afile", "720p", progress=False, local_source=source)
 
 
 def test_an_unreachable_hub_points_to_the_local_source(tmp_path, monkeypatch):
