@@ -99,3 +99,29 @@ def test_detail_token_threshold_agrees_with_the_detail_scales(pn):
             by_area = step.h * step.w >= s.detail_scale_min_tokens
             assert by_area == (not step.is_semantic), (pn, h_div_w, step.si, step.h * step.w,
                                                        s.detail_scale_min_tokens)
+
+
+def test_schedules_equal_the_official_tables(official_path):
+    """Every aspect template, resolution and length (image, 5, 10 and 15 s) against the official schedule tables:
+    the same scales, clip split, reference scales and frame ranges (needs INFINITYSTAR_OFFICIAL_PATH)."""
+    from bench_loader import load_benchmark
+
+    official = load_benchmark("official")
+    mod = official.import_official(official_path)
+    checked = 0
+    for frames in (1, 81, 161, 241):
+        tables, _ = mod.get_dynamic_resolution_meta("infinity_elegant_clip20frames_v2", frames)
+        assert sorted(tables) == sorted(aspect_templates())
+        for h_div_w, by_pn in tables.items():
+            for pn in ("0.06M", "0.25M", "0.40M", "0.90M"):
+                theirs = [tuple(s) for s in by_pn[pn]["pt2scale_schedule"][(frames - 1) // 4 + 1]]
+                ours = build_schedule(pn, h_div_w, frames)
+                first_full = mod.get_first_full_spatial_size_scale_index(theirs)
+                info = mod.get_scale_pack_info(theirs, first_full, official.official_args(mod, pn, frames, False, ours))
+                assert ours.scales == tuple(theirs) and ours.scales_per_clip == first_full + 1, (frames, h_div_w, pn)
+                for step in ours.steps:
+                    packed = info[step.si]
+                    assert list(step.ref_sids) == list(packed["ref_sids"]), (frames, h_div_w, pn, step.si)
+                    assert (step.frame_ss, step.frame_ee) == (packed["frame_ss"], packed["frame_ee"])
+                checked += 1
+    assert checked == 4 * 15 * 4
