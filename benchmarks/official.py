@@ -220,8 +220,10 @@ class OfficialRunner:
         model.rng = torch.Generator(device=self.device)
         self.model = model
 
-    def run(self, cond: torch.Tensor, seed: int):
-        """One T2V generation from compacted text features cond (L, C_text); returns summed codes."""
+    def run(self, cond: torch.Tensor, seed: int, gt_leak: int = 0, gt_bits=None):
+        """One T2V generation from compacted text features cond (L, C_text); returns summed codes. ``gt_leak``
+        leading scales take ``gt_bits`` (one (1, t, h, w, d) tensor per step) instead of the drawn bits, as the
+        official I2V (image clip) and V2V (image clip + clip 1) scripts do."""
         mod, args = self.mod, self.args
         meta, templates = mod.get_dynamic_resolution_meta(args.dynamic_scale_schedule, args.video_frames)
         h_div_w = templates[abs(templates - 0.571).argmin()]
@@ -241,7 +243,8 @@ class OfficialRunner:
                 vae=self.vae, scale_schedule=schedule, label_B_or_BLT=text, B=1, g_seed=seed,
                 cfg_list=[args.cfg] * len(schedule), tau_list=tau, args=args,
                 get_visual_rope_embeds=mod.get_visual_rope_embeds, context_info=context_info,
-                return_summed_code_only=True, low_vram_mode=False)
+                return_summed_code_only=True, low_vram_mode=False, gt_leak=gt_leak,
+                gt_ls_Bl=None if gt_bits is None else [b.to(self.device).long() for b in gt_bits])
 
 
     def run_interact(self, cond: torch.Tensor, seed: int, context: torch.Tensor, first_frame: torch.Tensor,
