@@ -171,7 +171,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         if not files:
             raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no .safetensors files. {DOWNLOAD_HINT}")
         return files
-    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf"):
+    if path.suffix.lower() not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf"):
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .safetensors, .gguf, .pth or "
                          "a folder")
     return [path]
@@ -187,9 +187,9 @@ class CheckpointReader:
         self._loaded: dict[str, torch.Tensor] = {}  # .pth tensors (memory-mapped by torch.load)
         self._meta: dict = {}
         for file in self.files:
-            if file.suffix == ".safetensors":
+            if file.suffix.lower() == ".safetensors":
                 self.entries.update(_safetensors_header(file))
-            elif file.suffix == ".gguf":
+            elif file.suffix.lower() == ".gguf":
                 self.entries.update(_gguf_header(file, self._meta))
             else:
                 sd = _torch_load(file)
@@ -207,14 +207,14 @@ class CheckpointReader:
 
     @property
     def is_gguf(self) -> bool:
-        return any(f.suffix == ".gguf" for f in self.files)
+        return any(f.suffix.lower() == ".gguf" for f in self.files)
 
     def _by_file(self) -> dict[Path, list[str]]:
         by_file: dict[Path, list[str]] = {}
         for key, entry in self.entries.items():
             by_file.setdefault(entry.file, []).append(key)
         for file, keys in by_file.items():
-            if file.suffix in (".safetensors", ".gguf"):
+            if file.suffix.lower() in (".safetensors", ".gguf"):
                 keys.sort(key=lambda k: self.entries[k].start)
         return by_file
 
@@ -231,7 +231,7 @@ class CheckpointReader:
         output row), which ``target`` cannot change (:mod:`infinitystar.gguf` dequantizes them when used).
         """
         for file, keys in self._by_file().items():
-            if file.suffix not in (".safetensors", ".gguf"):
+            if file.suffix.lower() not in (".safetensors", ".gguf"):
                 for key in keys:
                     t = self._loaded[key]
                     yield key, t.to(device=device, dtype=target(key, t) if target else t.dtype, copy=True)

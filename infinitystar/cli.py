@@ -16,7 +16,7 @@ import torch
 from . import cli_args as C
 from . import pipeline as P
 from .attention import backend_unavailable
-from .cli_args import DTYPES, TAU_IMAGE, TAU_VIDEO, build_parser
+from .cli_args import DTYPES, build_parser
 from .download import COMPONENTS, TRANSFORMER_DIRS, download_models, find_models
 
 logger = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ def _say_size(schedule, aspect: str, image: str | None) -> None:
         try:
             with Image.open(image) as img:
                 w, h = img.size
-        except OSError:
+        except (OSError, Image.DecompressionBombError):
             return  # the encode names what is wrong with the file
         if abs((h / w) / schedule.h_div_w - 1) > ASPECT_TOLERANCE:
             logger.warning("--image %s is %dx%d; it is resized to cover %dx%d and center-cropped (give --aspect %d:%d "
@@ -411,9 +411,6 @@ def _run_interact(args) -> Path:
     """InfinityStar-Interact: start from a reference video's last 5 s (or saved tokens), one clip per prompt."""
     from . import interact as I
 
-    if (args.tau_image, args.tau_video) != (TAU_IMAGE, TAU_VIDEO):
-        raise ValueError("interact samples every scale at one temperature: give --tau (official 0.5); --tau-image "
-                         "and --tau-video are for generate and extend")
     asked = args.resolution
     if args.resolution is None:
         args.resolution = "0.06M" if args.tiny else "480p"
@@ -472,10 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("generate", "demo", "extend", "interact"):
             C.check_sources(args)
-            is_image = args.command in ("generate", "demo") and args.duration == 0
-            name = args.out or ("demo" if args.command == "demo" else "out")
-            args.out = C.output_path(name, is_image, is_default=args.out is None)
-            C.check_outputs(args.out, args.save_tokens)
+            if not getattr(args, "steps_preview", False):  # a preview writes nothing
+                is_image = args.command in ("generate", "demo") and args.duration == 0
+                name = args.out or ("demo" if args.command == "demo" else "out")
+                args.out = C.output_path(name, is_image, is_default=args.out is None)
+                C.check_outputs(args.out, args.save_tokens)
         if args.command in ("generate", "demo"):
             out = _run_generate(args)
         elif args.command == "extend":

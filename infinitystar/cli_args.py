@@ -19,9 +19,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
           "fp8_e5m2": torch.float8_e5m2}
 RESOLUTION_CHOICES = ("720p", "480p", "0.06M", "0.25M", "0.40M", "0.90M")
 DEMO_PROMPT = "a red fox running through snow"
+TAU_IMAGE, TAU_VIDEO = 1.0, 0.4  # the official scripts' temperatures of the image clip and of video clips
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's range, as the nodes' seed widgets
 VIDEO_SUFFIX, IMAGE_SUFFIX = ".mp4", ".png"
+# Suffixes of other formats: --out x.avi is refused rather than written as x.avi.mp4; any other suffix is part of
+# the name (--out take1.0 writes take1.0.mp4).
+OTHER_FORMATS = {".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff",
+                 ".mp4", ".png", ".safetensors", ".pt", ".pth", ".gguf", ".txt", ".json"}
 
 
 def temperature(text: str) -> float:
@@ -42,9 +47,12 @@ def guidance_scale(text: str) -> float:
 
 def seed(text: str) -> int:
     try:
-        value = int(text, 0)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        try:  # 0x10, 0b101
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"{text} is outside 0 … {SEED_MAX} (2^64 - 1)")
     return value
@@ -68,8 +76,10 @@ def output_path(path: str, is_image: bool, is_default: bool) -> str:
     check_writable(path, "--out")  # a folder is refused before a suffix is added to its name
     if target.suffix.lower() == suffix:
         return path
-    if is_default or not target.suffix:
-        return str(target.with_suffix(suffix) if is_default else target.with_name(target.name + suffix))
+    if is_default:
+        return str(target.with_suffix(suffix))
+    if target.suffix.lower() not in OTHER_FORMATS:
+        return str(target.with_name(target.name + suffix))
     kind = "an image (--duration 0)" if is_image else "a video"
     raise ValueError(f"--out {path}: this run writes {kind} as {suffix}; name the file {target.with_suffix(suffix)}")
 
@@ -100,8 +110,13 @@ def check_writable(path: str | None, option: str) -> None:
 
 
 def check_sources(args) -> None:
-    """Combinations of inputs a command cannot use together."""
+    """Input files that do not exist, and combinations of inputs a command cannot use together."""
     command = args.command
+    if command == "extend" and args.clips < 1:
+        raise ValueError(f"--clips {args.clips}: give 1 or more clips of 5 s to add")
+    if command == "interact" and (args.tau_image, args.tau_video) != (TAU_IMAGE, TAU_VIDEO):
+        raise ValueError("interact samples every scale at one temperature: give --tau (official 0.5); --tau-image "
+                         "and --tau-video are for generate and extend")
     if command in ("extend", "interact") and getattr(args, "tokens", None) and getattr(args, "video", None):
         raise ValueError(f"{command}: --tokens and --video both given; continue saved tokens or a video, not both")
     if command == "generate":
@@ -111,6 +126,10 @@ def check_sources(args) -> None:
         if args.image and args.duration == 0:
             raise ValueError("--image with --duration 0 would only give the image back; image-to-video needs "
                              "--duration 5 (or 10 with the 480p weights)")
+    for option in ("image", "video", "tokens", "prompts_file"):
+        given = getattr(args, option, None)
+        if given and not Path(given).exists():
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {given}: no such file")
 
 
 def device(name: str | None):
@@ -141,9 +160,6 @@ def read_text(path: str, option: str) -> str:
         raise ValueError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except IsADirectoryError:
         raise ValueError(f"{option} {path} is a folder; give the text file") from None
-
-
-TAU_IMAGE, TAU_VIDEO = 1.0, 0.4  # the official scripts' temperatures of the image clip and of video clips
 
 
 def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None = None) -> None:
@@ -212,13 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--duration", type=int, default=5, help="seconds: 0 (image), 5, 10 (480p)")
     g.add_argument("--image", help="conditioning image (I2V)")
-    g.add_argument("--video", help="video to continue (V2V; needs --duration ≥ input + 5 s)")
+    g.add_argument("--video", help="video to continue (V2V, as the official 480p script: its first 5 s, and "
+                                   "--duration 10)")
     g.add_argument("--steps-preview", action="store_true", help="print the AR step schedule and exit")
 
     d = sub.add_parser("demo", help="generate with tiny random weights, offline (checks the install)")
     _add_model_args(d, resolution_default="0.06M")
     d.add_argument("--duration", type=int, default=5)
     d.set_defaults(tiny=True, image=None, video=None, steps_preview=False)
+    _set_help(d, "out", "output .mp4 (default demo.mp4)")
 
     e = sub.add_parser("extend", help="append 5 s clips to saved tokens or to a video")
     _add_model_args(e)

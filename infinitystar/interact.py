@@ -57,9 +57,12 @@ def prompt_lines(text: str) -> list[str]:
 
 def prompt_file_clips(text: str) -> tuple[str, list[str]]:
     """(caption, clip prompts) of a prompt file in the official prompt.txt layout: line 1 captions the reference
-    video, which the official script encodes but does not generate; each later non-empty line is a new clip."""
-    lines = prompt_lines(text)
-    return (lines[0], lines[1:]) if lines else ("", [])
+    video, which the official script encodes but does not generate (blank or not); each later non-empty line is a
+    new clip."""
+    lines = text.splitlines()
+    if not lines:
+        return "", []
+    return lines[0].strip(), prompt_lines("\n".join(lines[1:]))  # line 1 is the caption even when blank
 
 
 def clip_schedule(pn: str = PN, aspect: str | float = 9 / 16) -> Schedule:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .guidance import GuidanceConfig
-from .schedule import PIXEL_FRAMES_PER_CLIP, Schedule, build_schedule
+from .schedule import FRAMES_PER_CLIP, PIXEL_FRAMES_PER_CLIP, Schedule, build_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,23 @@ class Tokens:
     @property
     def is_video(self) -> bool:
         return self.frames > 1
+
+    @property
+    def clips(self) -> int:
+        """Video clips of 80 frames after the image clip."""
+        return (self.frames - 1) // PIXEL_FRAMES_PER_CLIP
+
+    def leading_clips(self, clips: int) -> Tokens:
+        """The image clip and the first ``clips`` video clips of complete generation tokens: later clips read
+        earlier ones, never the reverse, so their steps' bits and latent frames are a prefix of these."""
+        if self.kind != "generation" or not 0 <= clips <= self.clips:
+            raise ValueError(f"cannot take {clips} leading clip(s) of {self.kind} tokens with {self.clips}")
+        if clips == self.clips:
+            return self
+        short = build_schedule(self.pn, self.h_div_w, 1 + PIXEL_FRAMES_PER_CLIP * clips)
+        latents = 1 + FRAMES_PER_CLIP * clips
+        return Tokens(self.bits[:short.num_steps], self.summed_codes[:, :, :latents].clone(), self.pn, self.h_div_w,
+                      short.frames, self.seed)
 
     def save(self, path: str | Path) -> Path:
         """Write a .safetensors file (``bits.NNN`` uint8, ``summed_codes`` fp32, schedule in the metadata)."""

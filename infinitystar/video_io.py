@@ -8,6 +8,8 @@ import contextlib
 import logging
 import math
 import os
+import shutil
+import uuid
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,15 +23,19 @@ DEFAULT_FPS = 16
 @contextlib.contextmanager
 def written_whole(path: str | Path):
     """Yield a temporary name beside ``path`` and move it onto ``path`` once written: an error or a Ctrl-C while
-    writing leaves no truncated file under the name asked for (nor the temporary one). Write errors name the path."""
-    path = Path(path)
-    part = path.with_name(path.name + ".part")
+    writing leaves no truncated file under the name asked for (nor the temporary one). A symlink is written
+    through (its target is replaced), an existing file's permissions are kept, and write errors name the path."""
+    asked = Path(path)
+    path = Path(os.path.realpath(asked))
+    part = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield part
+        if path.is_file():
+            shutil.copymode(path, part)
         os.replace(part, path)
     except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+        raise OSError(f"cannot write {asked}: {e.strerror or e}") from e
     finally:
         if part.is_file():
             part.unlink()
@@ -225,3 +231,5 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, WebP, ...): {e}") from e
     except OSError as e:  # e.g. "image file is truncated"
         raise ValueError(f"{path}: the image cannot be read ({e}); it may be damaged or incomplete") from e
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}; scale the image down first") from e

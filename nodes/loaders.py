@@ -260,18 +260,22 @@ class InfinityStarDownloadModels(io.ComfyNode):
         dest.mkdir(parents=True, exist_ok=True)
         bar = host.ChunkProgress()
         got = {}
-        for i, component in enumerate(wanted):
-            bar(i, len(wanted))
+        source = local_source.strip() or None
+        # a local source is checked whole (every component present, no truncated file) before anything is copied
+        groups = [wanted] if source else [(component,) for component in wanted]
+        for i, group in enumerate(groups):
+            bar(i, len(groups))
+            component = " + ".join(group)
             try:
-                got.update(download_models(dest, variant=variant, components=(component,), progress=True,
-                                           local_source=local_source.strip() or None))
+                got.update(download_models(dest, variant=variant, components=group, progress=True,
+                                           local_source=source))
             except Exception as exc:  # hub errors differ across huggingface_hub versions
-                if isinstance(exc, FileNotFoundError) and local_source.strip():
+                if source:  # its errors name the file or component and what to do
                     raise
                 raise RuntimeError(
                     f"could not fetch the InfinityStar {component} ({variant}) into {dest}: {exc}. Without "
                     "internet access, copy the files there by hand (hub layout: infinitystar_8b_720p_weights/, "
                     "infinitystar_videovae.pth, text_encoder/flan-t5-xl-official/) or set local_source.") from exc
-        bar(len(wanted), len(wanted))
+        bar(len(groups), len(groups))
         summary = "\n".join(f"{k}: {v}" for k, v in got.items())
         return io.NodeOutput(str(dest), ui=ui.PreviewText(f"downloaded into {dest}\n{summary}"))

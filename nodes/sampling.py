@@ -143,9 +143,10 @@ class InfinityStarSampler(io.ComfyNode):
                 T.Tokens.Input("start_tokens", optional=True,
                                tooltip="Optional tokens of a start image or video (InfinityStar Encode): "
                                        "teacher-forced while every step still draws, as the official image-to-video "
-                                       "and video continuation (480p weights: a 5 s video's tokens, duration 10 s). "
-                                       "Resolution and aspect ratio then come from the tokens. Extend continues "
-                                       "too, but draws nothing for the earlier clips, so its seeds differ."),
+                                       "and video continuation (480p weights, duration 10 s: the video's first 5 s "
+                                       "start it). Resolution and aspect ratio then come from the tokens. Extend "
+                                       "continues too, but draws nothing for the earlier clips, so its seeds "
+                                       "differ."),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The generated tokens (every step's bits and the "
                                                                     "summed codes, a few MB): Decode them, Save them, "
@@ -176,7 +177,7 @@ class InfinityStarSampler(io.ComfyNode):
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)  # checked first
         seconds = DURATIONS[duration]
         if start_tokens is not None:
-            check_start_tokens(start_tokens, start_image, seconds)
+            start_tokens = start_tokens_for(start_tokens, start_image, seconds)
             resolution, aspect_ratio = start_tokens_schedule(start_tokens, resolution, aspect_ratio)
         # raises before anything loads when the weights were not trained for this duration
         schedule = pipeline.resolve_schedule(pick_resolution(resolution, model.info), aspect_ratio, seconds,
@@ -204,8 +205,10 @@ class InfinityStarSampler(io.ComfyNode):
                                              guidance=guidance))
 
 
-def check_start_tokens(tokens, start_image, seconds: int) -> None:
-    """The Sampler's start_tokens, refused before anything loads when they cannot start this generation."""
+def start_tokens_for(tokens, start_image, seconds: int):
+    """The part of the Sampler's start_tokens a ``seconds`` generation starts from, refused before anything loads
+    when they cannot start it. Of a video, the leading 5 s clips, as many as leave one to generate: the official
+    continuation continues the first 5 s of its video, and Encode keeps every whole 5 s clip."""
     if start_image is not None:
         raise ValueError("start_image and start_tokens are both connected: give the Sampler one start (an image, or "
                          "the tokens of an encoded image or video).")
@@ -214,13 +217,24 @@ def check_start_tokens(tokens, start_image, seconds: int) -> None:
     if len(tokens.bits) != tokens.schedule().num_steps:
         raise ValueError(f"start_tokens hold {len(tokens.bits)} of {tokens.schedule().num_steps} steps; connect "
                          "complete tokens (InfinityStar Encode, a finished generation or Load Tokens).")
-    from ..infinitystar.pipeline import FPS, frames_for_duration
+    from ..infinitystar.pipeline import PIXEL_FRAMES_PER_CLIP, frames_for_duration
 
-    if frames_for_duration(seconds) <= tokens.frames:
-        given = "an image" if tokens.frames == 1 else f"{(tokens.frames - 1) // FPS} s of video"
-        wanted = "an image" if seconds == 0 else f"a {seconds} s"
-        raise ValueError(f"start_tokens already hold {given}; {wanted} generation would add nothing. Pick a longer duration (10 s continues a 5 s video on the "
-                         "480p weights), or continue clip by clip with InfinityStar Extend.")
+    clips = (frames_for_duration(seconds) - 1) // PIXEL_FRAMES_PER_CLIP  # video clips of the output
+    if not tokens.is_video:
+        if clips == 0:
+            raise ValueError("start_tokens hold an image; an image generation would add nothing. Pick 5 s for "
+                             "image-to-video.")
+        return tokens
+    used = min(tokens.clips, clips - 1)
+    if used < 1:
+        wanted = "an image" if clips == 0 else f"a {seconds} s"
+        raise ValueError(f"start_tokens hold {tokens.clips * 5} s of video; {wanted} generation leaves nothing to add "
+                         "after its first 5 s. Pick 10 s (the 480p weights continue a 5 s video to 10 s), or "
+                         "continue clip by clip with InfinityStar Extend.")
+    if used < tokens.clips:
+        logger.info("InfinityStar Sampler: start_tokens hold %d s of video; the first %d s start the %d s output",
+                    tokens.clips * 5, used * 5, seconds)
+    return tokens.leading_clips(used)
 
 
 def start_tokens_schedule(tokens, resolution: str, aspect_ratio: str) -> tuple[str, float]:
@@ -229,10 +243,10 @@ def start_tokens_schedule(tokens, resolution: str, aspect_ratio: str) -> tuple[s
     from ..infinitystar.schedule import build_schedule
 
     if resolution != "auto" and build_schedule(resolution, tokens.h_div_w, 1).pn != tokens.pn:
-        logger.warning("InfinityStar Sampler: resolution %s ignored; start_tokens are %s", resolution, tokens.pn)
+        logger.info("InfinityStar Sampler: resolution %s ignored; start_tokens are %s", resolution, tokens.pn)
     if abs(build_schedule(tokens.pn, aspect_ratio, 1).h_div_w - tokens.h_div_w) > 1e-9:
-        logger.warning("InfinityStar Sampler: aspect_ratio %s ignored; start_tokens are h/w %.4f", aspect_ratio,
-                       tokens.h_div_w)
+        logger.info("InfinityStar Sampler: aspect_ratio %s ignored; start_tokens are h/w %.4f", aspect_ratio,
+                    tokens.h_div_w)
     return tokens.pn, tokens.h_div_w
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -316,6 +317,11 @@ def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path):
         assert after != before  # the files on disk are part of the cache key: deleting them makes it run again
         (tmp_path / "infinitystar_videovae.pth").rename(tmp_path / "moved.pth")
         assert node.fingerprint_inputs(variant="480p", components="vae", local_source="") == before
+        partial = tmp_path.parent / f"{tmp_path.name}_partial_source"  # everything but the text encoder
+        shutil.copytree(comfy_dirs["models"], partial, ignore=shutil.ignore_patterns("text_encoder"))
+        with pytest.raises(FileNotFoundError, match=r"holds no text_encoder .*nothing copied"):
+            run(node, variant="480p", components="all", local_source=str(partial))
+        assert not (tmp_path / "infinitystar_8b_480p_weights").exists()  # the transformer was not copied first
         with pytest.raises(RuntimeError, match="copy the files there by hand"):
             os.environ["HF_HUB_OFFLINE"] = "1"
             try:
@@ -391,7 +397,7 @@ def test_start_tokens_continue_a_video_as_the_official_v2v(pack, loaded, core, c
                  aspect_ratio="16:9", seed=2)[0]
     assert tokens.frames == 81
     settings = {**SMALL, "aspect_ratio": "1:1"}  # ignored: the tokens are 16:9
-    with caplog.at_level("WARNING", logger=pack.sampling.__name__):
+    with caplog.at_level("INFO", logger=pack.sampling.__name__):
         v2v = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
                   duration="10 s", seed=6, start_tokens=tokens, **settings)[0]
     assert "aspect_ratio 1:1 ignored" in caplog.text
@@ -413,11 +419,34 @@ def test_start_tokens_continue_a_video_as_the_official_v2v(pack, loaded, core, c
 
     model = types.SimpleNamespace(**{**vars(loaded["model"]), "patcher": Untouchable()})
     refuse = dict(model=model, positive=loaded["cond"], seed=6, **SMALL)
-    with pytest.raises(ValueError, match="already hold 5 s of video; a 5 s generation would add nothing"):
+    with pytest.raises(ValueError, match="hold 5 s of video; a 5 s generation leaves nothing to add"):
         run(pack.sampling.InfinityStarSampler, duration="5 s", start_tokens=tokens, **refuse)
     with pytest.raises(ValueError, match="both connected"):
         run(pack.sampling.InfinityStarSampler, duration="10 s", start_tokens=tokens,
             start_image=torch.rand(1, 64, 64, 3), vae=loaded["vae"], **refuse)
+    image = run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video[:1], resolution="0.06M",
+                aspect_ratio="16:9", seed=2)[0]
+    with pytest.raises(ValueError, match="hold an image; an image generation would add nothing"):
+        run(pack.sampling.InfinityStarSampler, duration="image", start_tokens=image, **refuse)
+
+
+def test_start_tokens_of_a_longer_video_continue_its_first_clips(pack, loaded, core, caplog):
+    """Encode keeps every whole 5 s clip: 10 s of video at 10 s continue from its first 5 s (as the official
+    continuation, and the CLI's generate --video), not a refusal."""
+    pipeline = core("pipeline")
+    video = torch.rand(161, 64, 96, 3, generator=torch.Generator().manual_seed(9))
+    tokens = run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video, resolution="0.06M",
+                 aspect_ratio="16:9", seed=2)[0]
+    assert tokens.frames == 161
+    with caplog.at_level("INFO", logger=pack.sampling.__name__):
+        out = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
+                  duration="10 s", seed=6, start_tokens=tokens, **SMALL)[0]
+    assert "start_tokens hold 10 s of video; the first 5 s start the 10 s output" in caplog.text
+    first = tokens.leading_clips(1)
+    with pack.host.loaded(loaded["model"].patcher) as module:
+        expect = pipeline.generate(module, loaded["cond"].select(10), pipeline.resolve_schedule("0.06M", "16:9", 10),
+                                   seed=6, condition=first, compute_dtype=loaded["model"].compute_dtype)
+    assert out.frames == 161 and all(torch.equal(a, b) for a, b in zip(out.bits, expect.bits))
 
 
 def test_partial_load_matches_full_load(pack, comfy, loaded, core):

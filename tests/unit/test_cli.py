@@ -343,10 +343,11 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
 def test_interact_refuses_t2v_weights_before_loading(tiny_models, capsys, tmp_path):
     """The T2V weights were not trained with interact's prefix conditions: the CLI refuses them, as the node does,
     and says what to use instead, before it reads a video or loads a model."""
+    (tmp_path / "junk.mp4").write_bytes(b"not a video: reading it would fail and name it")
     rc = main(["interact", "--models", str(tiny_models["root"]), "--variant", "480p", "--resolution", "0.06M",
-               "--video", str(tmp_path / "absent.mp4"), "--out", str(tmp_path / "s.mp4")])
+               "--video", str(tmp_path / "junk.mp4"), "--out", str(tmp_path / "s.mp4")])
     err = capsys.readouterr().err
-    assert rc == 2 and "--variant interact" in err and "extend" in err and "absent.mp4" not in err
+    assert rc == 2 and "--variant interact" in err and "extend" in err and "junk.mp4" not in err
     assert not (tmp_path / "s.mp4").exists()
 
 
@@ -473,7 +474,8 @@ def test_a_wrong_tokenizer_file_is_found_before_sampling(tiny_models, tmp_path, 
 
 def test_a_prompts_file_that_is_not_utf8_names_the_file(tiny_models, tmp_path, capsys):
     (tmp_path / "p.txt").write_bytes(b"\xff\xfe a fox")
-    rc = main(["interact", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--tokens", "t",
+    (tmp_path / "t").write_bytes(b"")
+    rc = main(["interact", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--tokens", str(tmp_path / "t"),
                "--prompts-file", str(tmp_path / "p.txt")])
     assert rc == 2 and f"--prompts-file {tmp_path / 'p.txt'}: not UTF-8 text" in capsys.readouterr().err
 
@@ -571,3 +573,19 @@ def test_the_output_size_is_printed_and_far_snaps_and_crops_are_said(tmp_path, c
     with caplog.at_level("WARNING", logger="infinitystar.cli"):
         cli._say_size(resolve_schedule("0.06M", "16:9", 0), "16:9", None)
     assert not caplog.text and "1 frame (0.06M" in capsys.readouterr().err
+
+
+def test_names_seeds_and_previews_that_are_fine_pass(tiny_models, tmp_path, capsys):
+    """What the checks must let through: dotted names get the suffix, a zero-padded seed is decimal, a preview
+    writes nothing so its --out is not checked; missing inputs and --clips 0 are refused before loading."""
+    from infinitystar import cli_args as C
+
+    assert C.output_path("take1.0", False, False) == "take1.0.mp4" and C.output_path("a.MP4", False, False) == "a.MP4"
+    assert C.seed("010") == 10 and C.seed("0x10") == 16
+    root = str(tiny_models["root"])
+    assert main(["generate", "--models", root, "--resolution", "0.06M", "--steps-preview", "--out", "x.avi"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--models", root, "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "--image " + str(tmp_path / "missing.png") + ": no such file" in capsys.readouterr().err
+    assert main(["extend", "--models", root, "--video", str(tmp_path / "missing.mp4"), "--clips", "0"]) == 2
+    assert "--clips 0: give 1 or more" in capsys.readouterr().err

@@ -280,3 +280,12 @@ def test_clip_in_bf16_follows_the_interact_script_precision(official_path, singl
         if isinstance(m, RMSNorm) and m.weight.dtype == torch.float32 and m is not ours_model.norm_hidden_sates:
             m.weight.data = m.weight.data.to(torch.bfloat16)
     assert not torch.equal(ours(), theirs)
+
+
+def test_the_official_prompt_file_starts_with_the_reference_caption():
+    """The official interact script reads prompt.txt line by line and takes line 1 as the reference video's
+    caption, blank or not; the clips are the later lines (blank ones skipped here)."""
+    assert I.prompt_file_clips("a fox in the snow\na green frog\n\na grey heron\n") == (
+        "a fox in the snow", ["a green frog", "a grey heron"])
+    assert I.prompt_file_clips("\na green frog\n") == ("", ["a green frog"])
+    assert I.prompt_file_clips("") == ("", [])

@@ -222,3 +222,23 @@ def test_extending_tokens_of_another_resolution_warns(t2v, caplog):
     with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
         P.extension_schedule(t2v, 1, model_info=_info("interact"))
     assert "extending a generation with them is not what they were made for" in caplog.text
+
+
+def test_leading_clips_are_a_prefix_of_the_longer_generation():
+    """A 10 s generation's image clip and clip 1 are a 5 s generation: the shorter schedule's steps are the first
+    steps of the longer one (shapes, bit widths, references, RoPE positions), so the leading bits and latents are
+    a complete 5 s token set (the Sampler starts a continuation from a longer video's first 5 s)."""
+    long, short = P.resolve_schedule("0.06M", "16:9", 10), P.resolve_schedule("0.06M", "16:9", 5)
+    fields = ("si", "rep", "real_sid", "clip", "t", "h", "w", "d", "is_last_rep", "frame_ss", "frame_ee", "ref_sids")
+    assert [tuple(getattr(s, f) for f in fields) for s in short.steps] == \
+        [tuple(getattr(s, f) for f in fields) for s in long.steps[:short.num_steps]]
+    gen = torch.Generator().manual_seed(0)
+    bits = [torch.randint(0, 2, (1, s.t, s.h, s.w, s.d), generator=gen, dtype=torch.uint8) for s in long.steps]
+    codes = torch.randn(1, 64, 41, *long.scales[-1][1:], generator=gen)
+    tokens = P.Tokens(bits, codes, long.pn, long.h_div_w, long.frames, 7)
+    first = tokens.leading_clips(1)
+    assert first.frames == 81 and first.clips == 1 and len(first.bits) == short.num_steps
+    assert all(a is b for a, b in zip(first.bits, bits)) and torch.equal(first.summed_codes, codes[:, :, :21])
+    assert tokens.leading_clips(2) is tokens and tokens.leading_clips(0).frames == 1
+    with pytest.raises(ValueError, match="cannot take 3 leading clip"):
+        tokens.leading_clips(3)

@@ -131,10 +131,28 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(av.VideoFrame, "from_ndarray", real)
     kept = write_png(tmp_path / "b.png", _frames(1, 16, 16)).read_bytes()
-    (tmp_path / "b.png.part").mkdir()  # the temporary name cannot be written
-    with pytest.raises(OSError, match="cannot write .*b.png"):
+    from PIL import Image
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="cannot write .*b.png: No space left on device"):
         write_png(tmp_path / "b.png", _frames(1, 16, 16, seed=1))
-    assert (tmp_path / "b.png").read_bytes() == kept
+    assert (tmp_path / "b.png").read_bytes() == kept and sorted(p.name for p in tmp_path.iterdir()) == ["b.png"]
+
+
+def test_a_symlinked_output_is_written_through(tmp_path):
+    """--out link.mp4 where link.mp4 points elsewhere: the target gets the new video, the link stays a link, and
+    the target's permissions are kept."""
+    target = tmp_path / "real" / "clip.mp4"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    (tmp_path / "link.mp4").symlink_to(target)
+    write_mp4(tmp_path / "link.mp4", _frames(3, 16, 16))
+    assert (tmp_path / "link.mp4").is_symlink() and read_video(target)[0].shape == (3, 16, 16, 3)
+    assert target.stat().st_mode & 0o777 == 0o640
 
 
 def test_damaged_or_misnamed_image_inputs_name_the_path(tmp_path):

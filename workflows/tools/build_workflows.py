@@ -304,10 +304,10 @@ def v2v(info: dict) -> dict:
     wf.link(encode, 0, sampler, "start_tokens")
     _save_video(wf, vae, sampler, "video/infinitystar_v2v_480p")
     _note(wf, (
-        "the official video continuation (480p script): the first 5 s of a clip (81 frames picked at 16 fps from "
-        "its own rate) are encoded and teacher-forced while every step still draws, and the 480p model adds "
-        "the next 5 s: a 10 s video. Resolution and aspect ratio come from the encoded tokens. To continue by "
-        "more clips, use the *extend* workflow."))
+        "the official video continuation (480p script): the clip is encoded (81 frames per 5 s, picked at 16 fps "
+        "from its own rate), its first 5 s are teacher-forced while every step still draws, and the 480p model "
+        "adds the next 5 s: a 10 s video. Resolution and aspect ratio come from the encoded tokens. To continue "
+        "by more clips, use the *extend* workflow."))
     return wf.to_json()
 
 
