@@ -275,11 +275,16 @@ def t2i(info: dict) -> dict:
     return wf.to_json()
 
 
-def extend(info: dict) -> dict:
-    wf = Workflow(info, "extend-480p")
+def _continuation(wf: Workflow):
+    """The 480p loaders, the continuation prompt and an encoded clip: (model, prompt, tokenizer, Encode)."""
     model, text_encoder, vae = _loaders(wf, MODEL_480P)
     cond = _prompt(wf, text_encoder, PROMPT_EXTEND)
-    encode = _encoded_clip(wf, vae, "InfinityStarEncode")
+    return model, cond, vae, _encoded_clip(wf, vae, "InfinityStarEncode")
+
+
+def extend(info: dict) -> dict:
+    wf = Workflow(info, "extend-480p")
+    model, cond, vae, encode = _continuation(wf)
     ext = wf.node("InfinityStarExtend", (860, 0), clips=1, seed=41)
     wf.link(model, 0, ext, "model")
     wf.link(cond, 0, ext, "positive")
@@ -297,9 +302,7 @@ def extend(info: dict) -> dict:
 
 def v2v(info: dict) -> dict:
     wf = Workflow(info, "v2v-480p-10s")
-    model, text_encoder, vae = _loaders(wf, MODEL_480P)
-    cond = _prompt(wf, text_encoder, PROMPT_EXTEND)
-    encode = _encoded_clip(wf, vae, "InfinityStarEncode")
+    model, cond, vae, encode = _continuation(wf)
     sampler = _sampler(wf, model, cond, vae, duration="10 s")
     wf.link(encode, 0, sampler, "start_tokens")
     _save_video(wf, vae, sampler, "video/infinitystar_v2v_480p")
