@@ -100,6 +100,10 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
                 raise ValueError(f"local source damaged, nothing copied: {exc}") from None
     todo = [p for p in files if not ((dest / p.relative_to(source)).is_file()
                                      and (dest / p.relative_to(source)).stat().st_size == p.stat().st_size)]
+    replaced = [p.relative_to(source).as_posix() for p in todo if (dest / p.relative_to(source)).exists()]
+    if replaced:
+        logger.warning("replacing %d file(s) under %s whose size differs from the source's: %s", len(replaced), dest,
+                       ", ".join(replaced[:5]) + (" ..." if len(replaced) > 5 else ""))
     with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, disable=not progress,
               desc="copying") as bar:
         for p in todo:

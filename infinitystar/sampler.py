@@ -333,6 +333,10 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
     generator_device: where the bits are drawn; "cuda" with a CUDA model keeps the loop free of
       host-device syncs (the official sampler uses a CUDA generator); "cpu" matches the CPU goldens.
     """
+    if len(guidance.per_scale) > schedule.scales_per_clip:
+        logger.warning("the guidance schedule lists %d values; a clip's pyramid has %d scales, so the last %d are "
+                       "unused", len(guidance.per_scale), schedule.scales_per_clip,
+                       len(guidance.per_scale) - schedule.scales_per_clip)
     runner = _Runner(model, schedule, text, compute_dtype, attn_backend, round_qkv_bf16, chunk_tokens, compile,
                      offload_kv, resolve_graphs(cuda_graphs, model), conditions,
                      guidance.branches(schedule.scales_per_clip))

@@ -96,6 +96,16 @@ def test_offline_mode_is_clear(tiny_models, tmp_path, monkeypatch):
     assert D.download_models(tmp_path, "720p", progress=False)["vae"].is_file()
 
 
+def test_a_local_copy_says_which_files_it_replaces(tiny_models, tmp_path, caplog):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "infinitystar_videovae.pth").write_bytes(b"an older, smaller file")
+    with caplog.at_level("WARNING", logger="infinitystar.download"):
+        D.download_models(dest, "720p", components=("vae",), progress=False, local_source=tiny_models["root"])
+    assert "replacing 1 file(s)" in caplog.text and "infinitystar_videovae.pth" in caplog.text
+    assert (dest / "infinitystar_videovae.pth").stat().st_size == tiny_models["vae"].stat().st_size
+
+
 def test_a_damaged_or_partial_local_source_copies_nothing(tiny_models, tmp_path):
     """A mirror with a truncated shard (sizes alone matched it to itself) or without a component is refused before
     a byte is copied, naming the file or the component, instead of a copy that fails at load time."""

@@ -211,6 +211,19 @@ def test_per_scale_guidance_follows_each_clip_pyramid(model, text):
     assert {r.step.clip for r in records} == {0, 1}
 
 
+def test_a_guidance_schedule_longer_than_the_pyramid_warns(model, text, caplog):
+    from infinitystar.guidance import GuidanceConfig
+
+    sched = short_schedule()
+    n = sched.scales_per_clip
+    with caplog.at_level("WARNING", logger="infinitystar.sampler"):
+        sample(model, text, sched, seed=7, guidance=GuidanceConfig(scale=34.0, per_scale=(34.0,) * n))
+    assert not caplog.text
+    with caplog.at_level("WARNING", logger="infinitystar.sampler"):
+        sample(model, text, sched, seed=7, guidance=GuidanceConfig(scale=34.0, per_scale=(34.0,) * (n + 2)))
+    assert f"lists {n + 2} values; a clip's pyramid has {n} scales, so the last 2 are unused" in caplog.text
+
+
 def test_guidance_branches():
     """The official sampler doubles the batch only when some scale's cfg is not 1."""
     from infinitystar.guidance import GuidanceConfig
