@@ -1,4 +1,5 @@
-"""The sampler node: text (and optionally a start image or start tokens) -> InfinityStar tokens, one AR step at a time."""
+"""The sampler node: text (and optionally a start image or start tokens) -> InfinityStar tokens, one AR step
+at a time."""
 from __future__ import annotations
 
 import logging
