@@ -9,9 +9,11 @@ resumably, into a folder laid out like the hub repository:
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,6 +79,33 @@ def find_models(root: str | Path, variant: str = "720p", components: Sequence[st
     return {c: paths[c] for c in components}
 
 
+def _check_source_file(path: Path, safetensors_header) -> None:
+    """Refuse a file of a local source that cannot be whole: a truncated .safetensors or zip-format .pth, an index
+    naming shards the folder lacks, a text-encoder folder without its config or tokenizer."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        safetensors_header(path)  # checks every tensor's bytes against the file size
+    elif suffix in (".pth", ".pt"):
+        with open(path, "rb") as f:
+            is_zip_format = f.read(4) == b"PK\x03\x04"  # torch.save's format; legacy pickles are left to the loader
+        if is_zip_format and not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: truncated ({path.stat().st_size:,} bytes; its zip directory is missing). "
+                             "Copy it to the source again.")
+    elif path.name == "model.safetensors.index.json":
+        try:
+            shards = set(json.loads(path.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: not a safetensors index ({exc})") from None
+        lacking = sorted(s for s in shards if not (path.parent / s).is_file())
+        if lacking:
+            raise ValueError(f"{path.parent} lacks the shards its index names: {', '.join(lacking)}")
+    elif path.name == "config.json" and path.parent.name == Path(TEXT_ENCODER_DIR).name:
+        from .text import TOKENIZER_FILES
+
+        if not any((path.parent / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"{path.parent} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+
 def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: list[str], progress: bool) -> None:
     """Copy the files matching ``patterns`` from a hub-layout folder; files already complete are skipped. A source
     lacking a component, or holding a truncated .safetensors file, is refused before anything is copied."""
@@ -88,16 +117,18 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
     by_pattern = {pat: [p for p in every if fnmatch.fnmatch(p.relative_to(source).as_posix(), pat)]
                   for pat in patterns}
     absent = [f"{c} ({pat})" for c, pat in zip(components, patterns) if not by_pattern[pat]]
+    if "text_encoder" in components and by_pattern[patterns[components.index("text_encoder")]] and not (
+            source / TEXT_ENCODER_DIR / "config.json").is_file():
+        absent.append(f"text_encoder config ({TEXT_ENCODER_DIR}/config.json)")
     if absent:
         raise FileNotFoundError(f"local source {source} holds no {', '.join(absent)}; nothing copied. Is it laid "
-                                "out like the hub repo? (--components copies a subset)")
+                                "out like the hub repo? (a subset of the components can be copied alone)")
     files = sorted({p for found in by_pattern.values() for p in found})
     for p in files:
-        if p.suffix == ".safetensors":
-            try:
-                _safetensors_header(p)  # checks every tensor's bytes against the file size
-            except ValueError as exc:
-                raise ValueError(f"local source damaged, nothing copied: {exc}") from None
+        try:
+            _check_source_file(p, _safetensors_header)
+        except ValueError as exc:
+            raise ValueError(f"local source damaged, nothing copied: {exc}") from None
     todo = [p for p in files if not ((dest / p.relative_to(source)).is_file()
                                      and (dest / p.relative_to(source)).stat().st_size == p.stat().st_size)]
     replaced = [p.relative_to(source).as_posix() for p in todo if (dest / p.relative_to(source)).exists()]

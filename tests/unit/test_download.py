@@ -125,6 +125,33 @@ def test_a_damaged_or_partial_local_source_copies_nothing(tiny_models, tmp_path)
         D.download_models(tmp_path / "afile", "720p", progress=False, local_source=source)
 
 
+@pytest.mark.parametrize("damage, says", [
+    ("pth", "infinitystar_videovae.pth: truncated"),
+    ("shard", "lacks the shards its index names"),
+    ("config", r"holds no text_encoder config"),
+    ("tokenizer", "has no tokenizer"),
+])
+def test_a_local_source_is_checked_whole_before_copying(tiny_models, tmp_path, damage, says):
+    """A truncated tokenizer .pth, an index naming a shard the folder lacks, a text encoder without its config or
+    tokenizer: refused before anything is copied (they were copied, and failed at load time)."""
+    source = tmp_path / "mirror"
+    shutil.copytree(tiny_models["root"], source)
+    if damage == "pth":
+        pth = source / "infinitystar_videovae.pth"
+        pth.write_bytes(pth.read_bytes()[:-200])
+    elif damage == "shard":
+        sorted((source / "infinitystar_8b_720p_weights").glob("*.safetensors"))[-1].unlink()
+    elif damage == "config":
+        (source / "text_encoder" / "flan-t5-xl-official" / "config.json").unlink()
+    else:
+        for name in ("spiece.model", "tokenizer.json"):
+            (source / "text_encoder" / "flan-t5-xl-official" / name).unlink(missing_ok=True)
+    dest = tmp_path / "dest"
+    with pytest.raises((ValueError, FileNotFoundError), match=says):
+        D.download_models(dest, "720p", progress=False, local_source=source)
+    assert not dest.exists()
+
+
 def test_an_unreachable_hub_points_to_the_local_source(tmp_path, monkeypatch):
     import huggingface_hub
 
