@@ -14,7 +14,7 @@ from . import host
 from . import types as T
 from .choices import check_choices
 from .sampling import generator_input, guidance_config, guidance_schedule_input, image_to_uint8, run_transformer
-from .video import FPS, frames_encode_inputs
+from .video import FPS, check_fps, frames_encode_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class InfinityStarInteractStart(io.ComfyNode):
         from ..infinitystar.video_io import clip_indices
 
         aspect = None if aspect_ratio == "from input" else aspect_ratio
+        check_fps(fps, "Interact Start")
         try:
             picks = clip_indices(len(images), fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
         except ValueError:  # under 5 s

@@ -164,7 +164,7 @@ class InfinityStarSampler(io.ComfyNode):
             return checked
         if resolution == "720p" and DURATIONS.get(duration, 0) > 5:
             return ("720p generates 5 s clips only (the released 720p model was trained for 5 s). Use 480p for "
-                    "10 s, or generate 5 s and continue with InfinityStar Extend.")
+                    "10 s (or auto with start_tokens), or generate 5 s and continue with InfinityStar Extend.")
         return True
 
     @classmethod
@@ -180,6 +180,10 @@ class InfinityStarSampler(io.ComfyNode):
         if start_tokens is not None:
             start_tokens = start_tokens_for(start_tokens, start_image, seconds)
             resolution, aspect_ratio = start_tokens_schedule(start_tokens, resolution, aspect_ratio)
+            if resolution == "0.90M" and seconds > 5:  # the widgets' rule (validate_inputs), for the tokens' size
+                raise ValueError("start_tokens are 720p tokens, and 720p makes 5 s videos only. For the 480p "
+                                 "weights' 10 s continuation, encode the video at 480p (Encode's resolution); or "
+                                 "continue clip by clip with InfinityStar Extend.")
         # raises before anything loads when the weights were not trained for this duration
         schedule = pipeline.resolve_schedule(pick_resolution(resolution, model.info), aspect_ratio, seconds,
                                              model_info=model.info)
@@ -227,14 +231,17 @@ def start_tokens_for(tokens, start_image, seconds: int):
                              "image-to-video.")
         return tokens
     used = min(tokens.clips, clips - 1)
+    if clips == 0:
+        raise ValueError("start_tokens hold a video; an image cannot continue it. Pick 10 s (the 480p weights "
+                         "continue a video's first 5 s to 10 s).")
     if used < 1:
-        wanted = "an image" if clips == 0 else f"a {seconds} s"
-        raise ValueError(f"start_tokens hold {tokens.clips * 5} s of video; {wanted} generation leaves nothing to add "
-                         "after its first 5 s. Pick 10 s (the 480p weights continue a 5 s video to 10 s), or "
+        raise ValueError(f"start_tokens hold {tokens.clips * 5} s of video; a {seconds} s generation leaves nothing "
+                         "to add after its first 5 s. Pick 10 s (the 480p weights continue a 5 s video to 10 s), or "
                          "continue clip by clip with InfinityStar Extend.")
     if used < tokens.clips:
-        logger.info("InfinityStar Sampler: start_tokens hold %d s of video; the first %d s start the %d s output",
-                    tokens.clips * 5, used * 5, seconds)
+        logger.warning("InfinityStar Sampler: start_tokens hold %d s of video; only the first %d s start the %d s "
+                       "output (the rest is not kept: InfinityStar Extend continues a whole video)",
+                       tokens.clips * 5, used * 5, seconds)
     return tokens.leading_clips(used)
 
 

@@ -41,6 +41,13 @@ def frames_encode_inputs() -> list:
     ]
 
 
+def check_fps(fps: float, node: str) -> None:
+    """An fps from a link skips the widget's minimum: refuse what cannot be a frame rate."""
+    if not fps > 0:
+        raise ValueError(f"{node}: fps {fps:g} is not a frame rate; connect Get Video Components' fps or type the "
+                         "video's rate (16 for InfinityStar videos).")
+
+
 class InfinityStarDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -93,8 +100,8 @@ class InfinityStarEncode(io.ComfyNode):
 
         return io.Schema(
             node_id="InfinityStarEncode", display_name="InfinityStar Encode", category="InfinityStar/video",
-            description="Encodes frames (IMAGE batch) into InfinityStar tokens so InfinityStar Extend can "
-                        "continue them. One frame gives image tokens; 5 s or more of video gives its whole 5 s "
+            description="Encodes frames (IMAGE batch) into InfinityStar tokens, to continue them with "
+                        "InfinityStar Extend or the Sampler's start_tokens. One frame gives image tokens; 5 s or more of video gives its whole 5 s "
                         "clips (the rest is dropped): 1 + 80k frames at 16 fps, picked as the official video "
                         "reader picks them (connect the video's fps).",
             inputs=[
@@ -124,11 +131,13 @@ class InfinityStarEncode(io.ComfyNode):
 
         aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
         count = len(images)
+        check_fps(fps, "Encode")
         picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP)
         if len(picks) == 0:
             raise ValueError(f"Encode got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} s): give it one frame "
                              f"(image tokens, e.g. through Image From Batch) or at least 5 s of video (80 frames at "
-                             f"16 fps; set fps to the video's frame rate) to continue with Extend.")
+                             f"16 fps; set fps to the video's frame rate) to continue with Extend or the Sampler's "
+                             f"start_tokens.")
         clips = (len(picks) - 1) // PIXEL_FRAMES_PER_CLIP
         if clips:
             logger.info("InfinityStar Encode: %d frames at %g fps -> %d clip(s) of 5 s, frames %d..%d picked at 16 "

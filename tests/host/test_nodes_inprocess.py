@@ -428,6 +428,16 @@ def test_start_tokens_continue_a_video_as_the_official_v2v(pack, loaded, core, c
                 aspect_ratio="16:9", seed=2)[0]
     with pytest.raises(ValueError, match="hold an image; an image generation would add nothing"):
         run(pack.sampling.InfinityStarSampler, duration="image", start_tokens=image, **refuse)
+    with pytest.raises(ValueError, match="hold a video; an image cannot continue it"):
+        run(pack.sampling.InfinityStarSampler, duration="image", start_tokens=tokens, **refuse)
+    sched720 = pipeline.resolve_schedule("720p", "16:9", 5)
+    big = pipeline.Tokens([torch.zeros(1, s.t, s.h, s.w, s.d, dtype=torch.uint8) for s in sched720.steps],
+                          torch.zeros(1, 64, 21, *sched720.scales[-1][1:]), "0.90M", sched720.h_div_w, 81)
+    with pytest.raises(ValueError, match="start_tokens are 720p tokens, and 720p makes 5 s videos only"):
+        run(pack.sampling.InfinityStarSampler, duration="10 s", start_tokens=big, **refuse)
+    with pytest.raises(ValueError, match="Encode: fps 0 is not a frame rate"):
+        run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video, resolution="0.06M", aspect_ratio="16:9",
+            seed=2, fps=0.0)
 
 
 def test_start_tokens_of_a_longer_video_continue_its_first_clips(pack, loaded, core, caplog):
@@ -438,10 +448,10 @@ def test_start_tokens_of_a_longer_video_continue_its_first_clips(pack, loaded, c
     tokens = run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video, resolution="0.06M",
                  aspect_ratio="16:9", seed=2)[0]
     assert tokens.frames == 161
-    with caplog.at_level("INFO", logger=pack.sampling.__name__):
+    with caplog.at_level("WARNING", logger=pack.sampling.__name__):
         out = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
                   duration="10 s", seed=6, start_tokens=tokens, **SMALL)[0]
-    assert "start_tokens hold 10 s of video; the first 5 s start the 10 s output" in caplog.text
+    assert "start_tokens hold 10 s of video; only the first 5 s start the 10 s output" in caplog.text
     first = tokens.leading_clips(1)
     with pack.host.loaded(loaded["model"].patcher) as module:
         expect = pipeline.generate(module, loaded["cond"].select(10), pipeline.resolve_schedule("0.06M", "16:9", 10),
