@@ -59,24 +59,22 @@ def _variant(args) -> str:
 
 
 class _Progress:
-    """tqdm bar over AR steps, fed by the sampler's callback ``(index, total, ...)``; ``lazy``: over items fed as
-    ``(done, total)``, shown from the first one."""
+    """tqdm bar fed by a callback ``(index, total, ...)`` (0-based, as the sampler's); with ``total`` None it is
+    shown from the first call, which gives the total."""
 
-    def __init__(self, total: int, desc: str, unit: str = "step", lazy: bool = False):
-        self.total, self.desc, self.unit, self.lazy, self.bar = total, desc, unit, lazy, None
-        if not lazy:
-            self._open()
+    def __init__(self, total: int | None, desc: str, unit: str = "step"):
+        self.desc, self.unit = desc, unit
+        self.bar = None if total is None else self._open(total)
 
-    def _open(self):
+    def _open(self, total: int):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit)
+        return tqdm(total=total, desc=self.desc, unit=self.unit)
 
     def __call__(self, index, total, *_):
         if self.bar is None:
-            self.total = total
-            self._open()
-        self.bar.n = index if self.lazy else index + 1
+            self.bar = self._open(total)
+        self.bar.n = index + 1
         self.bar.refresh()
 
     def close(self):
@@ -314,13 +312,14 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
 
     length = video_frame_count(path)  # (frames, fps), read once
     total, fps = length
-    seconds = total / fps
+    available = whole_clips(total, fps)
+    if available < 1:
+        raise ValueError(f"{path}: {total / fps:.2f} s; continuing a video needs at least 5 s of it (81 frames at "
+                         "16 fps)")
     if clips is None:  # as many whole 5 s clips as the video holds, leaving one of the schedule to generate
-        clips = min(whole_clips(total, fps), schedule.num_clips - 2)
+        clips = min(available, schedule.num_clips - 2)
     elif clips < 0:  # every whole 5 s clip of the video
-        clips = whole_clips(total, fps)
-    if whole_clips(total, fps) < 1:
-        raise ValueError(f"{path}: {seconds:.2f} s; continuing a video needs at least 5 s of it (81 frames at 16 fps)")
+        clips = available
     if clips < 1:
         raise ValueError(f"a {(schedule.frames - 1) // P.FPS} s output leaves nothing to generate after the video's "
                          "first 5 s: give --duration 10 (the 480p weights), or continue it with `extend`")
@@ -426,11 +425,12 @@ def _run_interact(args) -> Path:
         if args.prompts:
             raise ValueError("give the clips' prompts with --prompts or with --prompts-file, not both")
         text = C.read_text(args.prompts_file, "--prompts-file")
-        prompts = I.prompt_lines(text)
         if args.skip_first_line:
             caption, prompts = I.prompt_file_clips(text)
             logger.info("%s: line 1 captions the reference video (official prompt.txt layout), not generated: %r",
                         args.prompts_file, caption)
+        else:
+            prompts = I.prompt_lines(text)
         if not prompts:
             more = " after the reference video's caption (line 1)" if args.skip_first_line else ""
             raise ValueError(f"{args.prompts_file} holds no clip prompt{more}: write one prompt per line, a clip each")
@@ -488,9 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "convert-gguf":
             from .gguf import convert
 
-            bar = _Progress(0, f"writing {args.type}", unit="tensor", lazy=True)  # no bar before the checks pass
+            bar = _Progress(None, f"writing {args.type}", unit="tensor")  # no bar before the checks pass
             try:
-                written = convert(args.source, args.out, args.type, args.variant, progress=bar)
+                written = convert(args.source, args.out, args.type, args.variant,
+                                  progress=lambda done, total: bar(done - 1, total))
             finally:
                 bar.close()
             print(written)

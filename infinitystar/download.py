@@ -79,12 +79,14 @@ def find_models(root: str | Path, variant: str = "720p", components: Sequence[st
     return {c: paths[c] for c in components}
 
 
-def _check_source_file(path: Path, safetensors_header) -> None:
+def _check_source_file(path: Path) -> None:
     """Refuse a file of a local source that cannot be whole: a truncated .safetensors or zip-format .pth, an index
     naming shards the folder lacks, a text-encoder folder without its config or tokenizer."""
+    from .checkpoint_files import _safetensors_header
+
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        safetensors_header(path)  # checks every tensor's bytes against the file size
+        _safetensors_header(path)  # checks every tensor's bytes against the file size
     elif suffix in (".pth", ".pt"):
         with open(path, "rb") as f:
             is_zip_format = f.read(4) == b"PK\x03\x04"  # torch.save's format; legacy pickles are left to the loader
@@ -111,8 +113,6 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
     lacking a component, or holding a truncated .safetensors file, is refused before anything is copied."""
     from tqdm.auto import tqdm
 
-    from .checkpoint_files import _safetensors_header
-
     every = [p for p in sorted(source.rglob("*")) if p.is_file()]
     by_pattern = {pat: [p for p in every if fnmatch.fnmatch(p.relative_to(source).as_posix(), pat)]
                   for pat in patterns}
@@ -126,7 +126,7 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
     files = sorted({p for found in by_pattern.values() for p in found})
     for p in files:
         try:
-            _check_source_file(p, _safetensors_header)
+            _check_source_file(p)
         except ValueError as exc:
             raise ValueError(f"local source damaged, nothing copied: {exc}") from None
     todo = [p for p in files if not ((dest / p.relative_to(source)).is_file()

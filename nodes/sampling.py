@@ -230,10 +230,10 @@ def start_tokens_for(tokens, start_image, seconds: int):
             raise ValueError("start_tokens hold an image; an image generation would add nothing. Pick 5 s for "
                              "image-to-video.")
         return tokens
-    used = min(tokens.clips, clips - 1)
     if clips == 0:
         raise ValueError("start_tokens hold a video; an image cannot continue it. Pick 10 s (the 480p weights "
                          "continue a video's first 5 s to 10 s).")
+    used = min(tokens.clips, clips - 1)
     if used < 1:
         raise ValueError(f"start_tokens hold {tokens.clips * 5} s of video; a {seconds} s generation leaves nothing "
                          "to add after its first 5 s. Pick 10 s (the 480p weights continue a 5 s video to 10 s), or "
