@@ -124,6 +124,8 @@ def write_sharded_safetensors(folder: str | Path, state_dict: dict[str, torch.Te
     """Write ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` (HF layout)."""
     from safetensors.torch import save_file
 
+    from .video_io import written_whole
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(state_dict)
@@ -136,7 +138,8 @@ def write_sharded_safetensors(folder: str | Path, state_dict: dict[str, torch.Te
     weight_map = {}
     for i, group in enumerate(groups):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({k: state_dict[k] for k in group}, str(folder / name), metadata={"format": "pt"})
+        with written_whole(folder / name) as part:  # safetensors alone would leave it 0600
+            save_file({k: state_dict[k] for k in group}, str(part), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, name))
     index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

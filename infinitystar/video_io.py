@@ -20,11 +20,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_FPS = 16
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask. Writers such as safetensors create files
+    0600, which hides a user's own outputs from their other accounts and services (a web UI, a sync client)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def written_whole(path: str | Path):
     """Yield a temporary name beside ``path`` and move it onto ``path`` once written: an error or a Ctrl-C while
     writing leaves no truncated file under the name asked for (nor the temporary one). A symlink is written
-    through (its target is replaced), an existing file's permissions are kept, and write errors name the path."""
+    through (its target is replaced), an existing file's permissions are kept (a new file gets the umask's), and
+    write errors name the path."""
     asked = Path(path)
     path = Path(os.path.realpath(asked))
     part = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
@@ -33,6 +42,8 @@ def written_whole(path: str | Path):
         yield part
         if path.is_file():
             shutil.copymode(path, part)
+        else:
+            part.chmod(new_file_mode())
         os.replace(part, path)
     except OSError as e:
         raise OSError(f"cannot write {asked}: {e.strerror or e}") from e

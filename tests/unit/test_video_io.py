@@ -155,6 +155,30 @@ def test_a_symlinked_output_is_written_through(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o640
 
 
+def test_new_files_get_the_umask_mode_not_safetensors_0600(tmp_path):
+    """safetensors creates files 0600; tokens files and tiny shards are written through ``written_whole`` and get
+    what ``open()`` would give under the user's umask."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from infinitystar.tiny import write_sharded_safetensors
+    from infinitystar.video_io import written_whole
+
+    old = os.umask(0o027)
+    try:
+        with written_whole(tmp_path / "tokens.safetensors") as part:
+            save_file({"a": torch.zeros(2)}, str(part))
+        write_sharded_safetensors(tmp_path / "shards", {"w": torch.zeros(4), "b": torch.ones(4)}, shards=2)
+        write_png(tmp_path / "a.png", _frames(1, 16, 16))
+    finally:
+        os.umask(old)
+    written = [tmp_path / "tokens.safetensors", tmp_path / "a.png", *sorted((tmp_path / "shards").glob("*.safetensors"))]
+    assert len(written) == 4
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
+
+
 def test_damaged_or_misnamed_image_inputs_name_the_path(tmp_path):
     png = write_png(tmp_path / "a.png", _frames(1, 64, 64))
     cut = tmp_path / "cut.png"
