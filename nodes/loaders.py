@@ -6,6 +6,7 @@ loaded object for later prompts while the inputs stay the same, so nothing is ca
 from __future__ import annotations
 
 import logging
+import os
 
 from comfy_api.latest import io, ui
 
@@ -208,6 +209,15 @@ class InfinityStarVAELoader(io.ComfyNode):
         return io.NodeOutput(T.LoadedVAE(host.make_patcher(tokenizer, "vae"), path))
 
 
+def typed_path(text: str) -> str | None:
+    """A path typed or pasted into a text widget: "Copy as path" quotes and a leading ``~`` are what a shell would
+    have removed; empty means none."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return os.path.expanduser(text) if text else None
+
+
 class InfinityStarDownloadModels(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -228,7 +238,8 @@ class InfinityStarDownloadModels(io.ComfyNode):
                                        "(~47 GB in total, ~12 GB without the transformer)."),
                 io.String.Input("local_source", default="", optional=True,
                                 tooltip="Optional folder laid out like the hub repo (a mirror, a USB disk) to "
-                                        "copy from instead of downloading. Empty = download."),
+                                        "copy from instead of downloading. Empty = download. Quotes around a "
+                                        "pasted path and a leading ~ are understood."),
             ],
             outputs=[io.String.Output(display_name="folder", tooltip="The folder the files are in; the loaders list "
                                                                      "them after a refresh (R).")],
@@ -260,7 +271,7 @@ class InfinityStarDownloadModels(io.ComfyNode):
         dest.mkdir(parents=True, exist_ok=True)
         bar = host.ChunkProgress()
         got = {}
-        source = local_source.strip() or None
+        source = typed_path(local_source)
         # a local source is checked whole (every component present, no truncated file) before anything is copied
         groups = [wanted] if source else [(component,) for component in wanted]
         for i, group in enumerate(groups):

@@ -303,7 +303,7 @@ def test_start_image_without_vae_is_refused(pack, loaded):
 
 # ---------------------------------------------------------------------------------------------- execution
 
-def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path):
+def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path, monkeypatch):
     import folder_paths
 
     registered = folder_paths.folder_names_and_paths["infinitystar"][0]
@@ -311,7 +311,10 @@ def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path):
     try:
         node = pack.loaders.InfinityStarDownloadModels
         before = node.fingerprint_inputs(variant="480p", components="vae", local_source="")
-        folder = run(node, variant="480p", components="vae", local_source=str(comfy_dirs["models"]))[0]
+        # pasted with quotes ("Copy as path") and a ~ for the home folder, as a shell would have taken them
+        monkeypatch.setenv("HOME", str(comfy_dirs["models"].parent))
+        quoted = f' "~/{comfy_dirs["models"].name}" '
+        folder = run(node, variant="480p", components="vae", local_source=quoted)[0]
         assert folder == str(tmp_path) and (tmp_path / "infinitystar_videovae.pth").is_file()
         after = node.fingerprint_inputs(variant="480p", components="vae", local_source="")
         assert after != before  # the files on disk are part of the cache key: deleting them makes it run again
