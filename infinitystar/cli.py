@@ -257,7 +257,7 @@ class Session:
         return write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
 
 
-ASPECT_TOLERANCE = 0.1  # relative h/w difference beyond which a snap or a crop is worth saying
+ASPECT_TOLERANCE = 0.1  # relative h/w difference beyond which a snap to an aspect template is worth saying
 
 
 def _say_size(schedule, aspect: str, image: str | None) -> None:
@@ -279,9 +279,13 @@ def _say_size(schedule, aspect: str, image: str | None) -> None:
                 w, h = img.size
         except (OSError, Image.DecompressionBombError):
             return  # the encode names what is wrong with the file
-        if abs((h / w) / schedule.h_div_w - 1) > ASPECT_TOLERANCE:
-            logger.warning("--image %s is %dx%d; it is resized to cover %dx%d and center-cropped (give --aspect %d:%d "
-                           "to keep more of it)", image, w, h, schedule.width, schedule.height, w, h)
+        from .vae import CROP_WARN_SHARE, cropped_share
+
+        share = cropped_share(h, w, schedule.height, schedule.width)
+        if share > CROP_WARN_SHARE:
+            logger.warning("--image %s is %dx%d; it is resized to cover %dx%d and center-cropped, cutting %.0f%% of it "
+                           "(give --aspect %d:%d to keep more of it)", image, w, h, schedule.width, schedule.height,
+                           100 * share, w, h)
 
 
 def _run_generate(args) -> Path:

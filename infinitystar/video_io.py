@@ -138,7 +138,13 @@ def clip_indices(total: int, fps: float, count: int, seconds: float, *, from_end
         raise ValueError(f"the input video is {duration:.2f} s long; at least {seconds:g} s are needed")
     start, end = (duration - seconds, duration) if from_end else (0.0, float(seconds))
     first, stop = math.ceil(fps * start), min(math.ceil(fps * end), total)
-    return np.linspace(first, stop - 1, count, dtype=int)
+    picks = np.linspace(first, stop - 1, count, dtype=int)
+    if count > 1 and fps < (count - 1) / seconds - 1e-6:  # slower than the model's rate
+        repeats = count - len(np.unique(picks))
+        logger.warning("the video runs at %g fps, below the model's %g: %d of the %d frames picked repeat the one "
+                       "before, so motion will look stepped (if the video's real rate is higher, give that rate)",
+                       fps, (count - 1) / seconds, repeats, count)
+    return picks
 
 
 def whole_clips(total: int, fps: float, clip_seconds: float = 5.0) -> int:

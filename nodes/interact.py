@@ -13,7 +13,14 @@ from comfy_api.latest import io
 from . import host
 from . import types as T
 from .choices import check_choices
-from .sampling import generator_input, guidance_config, guidance_schedule_input, image_to_uint8, run_transformer
+from .sampling import (
+    generator_input,
+    guidance_config,
+    guidance_schedule_input,
+    image_to_uint8,
+    run_transformer,
+    warn_crop,
+)
 from .video import FPS, check_fps, frames_encode_inputs
 
 logger = logging.getLogger(__name__)
@@ -67,6 +74,8 @@ class InfinityStarInteractStart(io.ComfyNode):
                              "to the video's frame rate).") from None
         frames = image_to_uint8(images[torch.from_numpy(picks)])  # only the frames a story starts from
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
+        warn_crop("Interact Start", images, schedule, "set aspect_ratio to 'from input'" if aspect
+                  else "crop it to an aspect between 3:1 and 1:3, the model's range,")
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             tokens = interact.start(tokenizer, frames, pn=resolution, aspect=aspect, seed=seed,

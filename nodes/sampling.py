@@ -77,6 +77,18 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
     return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
+def warn_crop(node: str, image: torch.Tensor, schedule, keep_more: str) -> None:
+    """Say when fitting ``image`` frames to the output size cuts much of them (resize to cover, center crop)."""
+    from ..infinitystar.vae import CROP_WARN_SHARE, cropped_share
+
+    height, width = image.shape[1], image.shape[2]
+    share = cropped_share(height, width, schedule.height, schedule.width)
+    if share > CROP_WARN_SHARE:
+        logger.warning("InfinityStar %s: the %dx%d input is resized to cover %dx%d and center-cropped, cutting %.0f%% "
+                       "of it; %s to keep more of it.", node, width, height, schedule.width, schedule.height,
+                       100 * share, keep_more)
+
+
 def pick_resolution(resolution: str, info) -> str:
     if resolution != "auto":
         return resolution
@@ -197,6 +209,8 @@ class InfinityStarSampler(io.ComfyNode):
                                  "Loader to 'vae'.")
             if seconds == 0:
                 raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
+            warn_crop("Sampler", start_image, schedule, f"set aspect_ratio nearer {start_image.shape[2]}:"
+                                                        f"{start_image.shape[1]}")
             image = image_to_uint8(start_image[:1])[0]  # the first frame of a batch
             need = pipeline.encode_memory(vae.module, 1, schedule.height, schedule.width)
             with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

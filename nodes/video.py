@@ -16,6 +16,7 @@ from .sampling import (
     guidance_schedule_input,
     image_to_uint8,
     run_transformer,
+    warn_crop,
 )
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,8 @@ class InfinityStarEncode(io.ComfyNode):
             schedule = pipeline.resolve_schedule(resolution, aspect, frames=len(picks) + PIXEL_FRAMES_PER_CLIP)
         else:
             schedule = pipeline.resolve_schedule(resolution, aspect, 0)
+        warn_crop("Encode", images, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
+                  else "crop it to an aspect between 3:1 and 1:3, the model's range,")
         frames = image_to_uint8(images[torch.from_numpy(picks)])
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

@@ -1,11 +1,19 @@
 """InfinityStar video tokenizer: config, model, chunked decode, pixel I/O and BSQ encode (spec §3, §6)."""
-from .codec import encode_bits, frames_to_float_images, frames_to_uint8, prepare_image, prepare_video
+from .codec import (
+    CROP_WARN_SHARE,
+    cropped_share,
+    encode_bits,
+    frames_to_float_images,
+    frames_to_uint8,
+    prepare_image,
+    prepare_video,
+)
 from .config import VAE_PRESETS, VaeConfig, detect_vae_config
 from .memory import estimate_decode_memory, estimate_encode_memory
 from .model import VideoTokenizer, load_vae_state_dict
 
 __all__ = [
-    "VAE_PRESETS", "VaeConfig", "VideoTokenizer", "detect_vae_config", "encode_bits", "estimate_decode_memory",
-    "estimate_encode_memory", "frames_to_float_images", "frames_to_uint8", "load_vae_state_dict",
-    "prepare_image", "prepare_video",
+    "CROP_WARN_SHARE", "VAE_PRESETS", "VaeConfig", "VideoTokenizer", "cropped_share", "detect_vae_config",
+    "encode_bits", "estimate_decode_memory", "estimate_encode_memory", "frames_to_float_images", "frames_to_uint8",
+    "load_vae_state_dict", "prepare_image", "prepare_video",
 ]

@@ -46,6 +46,16 @@ def _transform(pil: Image.Image, height: int, width: int) -> torch.Tensor:
     return x + x - 1  # parity: official im.add(im).add_(-1)
 
 
+CROP_WARN_SHARE = 0.1  # cutting more of a picture than this is worth telling the user
+
+
+def cropped_share(height0: int, width0: int, height: int, width: int) -> float:
+    """Share of a ``height0`` x ``width0`` picture that :func:`_transform` (resize to cover, center crop) cuts away
+    for a ``height`` x ``width`` target: 0 for the same aspect, 0.25 for a 4:3 frame into 16:9."""
+    source, target = height0 / width0, height / width
+    return 1 - min(source, target) / max(source, target)
+
+
 def _check_size(height: int, width: int, multiple: int = 16) -> None:
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise ValueError(f"target height and width must be positive multiples of {multiple}, got {height}x{width}")

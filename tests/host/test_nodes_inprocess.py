@@ -361,6 +361,32 @@ def test_text_to_image_chains_into_core_nodes(pack, loaded, comfy):
     assert all(torch.equal(a, b) for a, b in zip(tokens.bits, again.bits))
 
 
+def test_heavy_crops_of_input_frames_are_said(pack, loaded, caplog):
+    """Encode, Interact Start and the Sampler's start_image warn when fitting the frames to the output cuts more
+    than a tenth of them, with what keeps more; a frame near the output's aspect is not mentioned."""
+    square = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    encode = dict(vae=loaded["vae"], resolution="0.06M", seed=5)
+    with caplog.at_level("WARNING", logger=pack.sampling.__name__):
+        out = run(pack.video.InfinityStarEncode, images=square, aspect_ratio="16:9", **encode)[0].schedule()
+        assert f"Encode: the 64x64 input is resized to cover {out.width}x{out.height}" in caplog.text
+        cut = round(100 * (1 - out.height / out.width))  # a square keeps height/width of itself
+        assert f"cutting {cut}% of it; set aspect_ratio to 'from input'" in caplog.text and cut > 40
+        caplog.clear()
+        run(pack.video.InfinityStarEncode, images=square, aspect_ratio="from input", **encode)
+        run(pack.video.InfinityStarEncode, images=torch.rand(1, 36, 64, 3), aspect_ratio="16:9", **encode)
+        assert caplog.text == ""
+        run(pack.video.InfinityStarEncode, images=torch.rand(1, 16, 160, 3), aspect_ratio="from input", **encode)
+        assert "of it; crop it to an aspect between 3:1 and 1:3" in caplog.text  # h/w 0.1 into about 1/3
+        caplog.clear()
+        run(pack.interact.InfinityStarInteractStart, images=square.expand(81, -1, -1, -1), aspect_ratio="16:9",
+            **encode)
+        assert "Interact Start: the 64x64 input" in caplog.text
+        caplog.clear()
+        run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+            seed=5, start_image=square, vae=loaded["vae"], **SMALL)
+        assert "Sampler: the 64x64 input is resized" in caplog.text and "aspect_ratio nearer 64:64" in caplog.text
+
+
 def test_image_to_video_encode_extend_save_load(pack, loaded, comfy_dirs):
     start = torch.rand(1, 200, 360, 3, generator=torch.Generator().manual_seed(0))
     i2v = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",

@@ -101,6 +101,38 @@ def test_whole_clip_indices_encode_every_whole_clip_at_the_model_rate():
     assert len(whole_clip_indices(100, 8.0, 80)) == 161 and whole_clip_indices(100, 8.0, 80)[-1] == 79  # 12.5 s
 
 
+def test_a_video_slower_than_the_model_rate_is_said_to_repeat_frames(caplog):
+    """8 fps read at the model's 16: 81 picks over 40 frames, so 41 of them repeat the frame before; at 16 fps and
+    above nothing is said (16 fps repeats only the official reader's first frame)."""
+    from infinitystar.video_io import clip_indices
+
+    with caplog.at_level("WARNING", logger="infinitystar.video_io"):
+        picks = clip_indices(40, 8.0, 81, 5)
+    assert len(set(picks.tolist())) == 40
+    assert "runs at 8 fps, below the model's 16: 41 of the 81 frames picked repeat" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="infinitystar.video_io"):
+        clip_indices(80, 16.0, 81, 5)
+        clip_indices(150, 30.0, 81, 5)
+        clip_indices(160, 16.0, 161, 10)
+    assert caplog.text == ""
+
+
+def test_cropped_share_is_what_cover_and_center_crop_cut():
+    """Checked on the transform itself: a 128x96 picture fitted to 128x80 loses 16 of its 96 rows (1 - 80/96); with
+    those 16 rows dark (8 at the top, 8 at the bottom), what the transform keeps is all bright."""
+    from infinitystar.vae import cropped_share, prepare_image
+
+    assert cropped_share(480, 640, 480, 848) == pytest.approx(1 - (480 / 848) / (480 / 640))
+    assert cropped_share(720, 1280, 480, 848) < 0.01 and cropped_share(64, 64, 64, 64) == 0
+    image = np.zeros((96, 128, 3), dtype=np.uint8)  # 4:3; cover at 128x80 (16:10) keeps rows 8..87
+    image[8:88] = 255
+    out = prepare_image(image, 80, 128)[0, :, 0]
+    kept_white = float((out > 0.99).float().mean())
+    assert cropped_share(96, 128, 80, 128) == pytest.approx(1 - 80 / 96)
+    assert kept_white > 0.97  # the crop removed exactly the dark bands the share counts
+
+
 def test_read_video_clip_decodes_only_what_it_keeps(tmp_path):
     """The same frames as reading the whole file and picking, from a file longer than what is kept."""
     from infinitystar.video_io import read_video_clip, video_frame_count
