@@ -176,7 +176,7 @@ def resolve_schedule(resolution: str, aspect: str | float = "16:9", duration_s: 
     """
     if frames is None:
         frames = frames_for_duration(5 if duration_s is None else duration_s)
-    _warn_interact_weights(model_info, "generating from text")
+    _warn_interact_weights(model_info, "generating a new video or image (Sampler, `generate`)")
     allowed = allowed_durations(model_info)
     if allowed is not None:
         seconds = (frames - 1) // FPS

@@ -222,6 +222,10 @@ def test_extending_tokens_of_another_resolution_warns(t2v, caplog):
     with caplog.at_level("WARNING", logger="infinitystar.pipeline"):
         P.extension_schedule(t2v, 1, model_info=_info("interact"))
     assert "extending a generation with them is not what they were made for" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="infinitystar.pipeline"):  # also with a start image or video
+        P.resolve_schedule("0.06M", "16:9", 5, model_info=_info("interact"))
+    assert "generating a new video or image (Sampler, `generate`) with them is not what" in caplog.text
 
 
 def test_leading_clips_are_a_prefix_of_the_longer_generation():
