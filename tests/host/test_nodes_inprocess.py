@@ -3,6 +3,7 @@ loading, interrupts. Needs COMFYUI_PATH (see conftest.py)."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import types
@@ -39,6 +40,8 @@ def test_every_schema_converts_like_object_info(pack):
     ext = asyncio.run(pack.comfy_entrypoint())
     node_list = asyncio.run(ext.get_node_list())
     assert {n.GET_SCHEMA().node_id for n in node_list} == {n.__name__ for n in node_list}
+    listed = json.loads((Path(pack.__file__).parents[1] / "node_list.json").read_text())  # for ComfyUI-Manager
+    assert listed == {n.GET_SCHEMA().node_id: n.GET_SCHEMA().display_name for n in node_list}
     for node in node_list:
         schema = node.GET_SCHEMA()
         info = node.GET_NODE_INFO_V1()  # what /object_info serves

@@ -56,6 +56,19 @@ def test_pack_entry_point_is_v3_only():
     assert "comfy_entrypoint" in source and "NODE_CLASS_MAPPINGS" not in source
 
 
+def test_node_list_json_names_every_node_for_the_manager():
+    """ComfyUI-Manager finds the pack that provides a workflow's missing nodes by scanning sources for
+    NODE_CLASS_MAPPINGS, which a V3 pack has not; it reads node_list.json ({node id: description}) instead. Every
+    node id declared in nodes/ must be in it, and nothing else (the in-process host test checks the registry)."""
+    import json
+    import re
+
+    listed = json.loads((REPO / "node_list.json").read_text())
+    declared = {m.group(1): m.group(2) for f in sorted((REPO / "nodes").glob("*.py"))
+                for m in re.finditer(r'node_id="([^"]+)",\s*display_name="([^"]+)"', f.read_text())}
+    assert len(declared) >= 13 and listed == declared
+
+
 def test_readme_test_command_is_the_ci_command():
     """.ci/run must run exactly the test command the README documents (and the README must tell to run .ci/run)."""
     ci = (REPO / ".ci" / "run").read_text()
