@@ -170,10 +170,7 @@ class Session:
         from .checkpoint import load_transformer
 
         if self._transformer is None:
-            fp8_matmul = getattr(self.args, "fp8_matmul", False)
-            if fp8_matmul and self.args.dtype not in (None, "fp8"):
-                raise ValueError(f"--fp8-matmul multiplies fp8 e4m3fn weights; drop --dtype {self.args.dtype} "
-                                 "(or use --dtype fp8)")
+            fp8_matmul = getattr(self.args, "fp8_matmul", False)  # with a conflicting --dtype refused at the start
             gguf_file = Path(self.paths["transformer"]).suffix == ".gguf"  # quantized already: kept as stored
             dtype = DTYPES[self.args.dtype] if self.args.dtype else (
                 None if gguf_file else torch.float8_e4m3fn if fp8_matmul else self.auto_dtype(schedule))
@@ -318,7 +315,7 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
     total, fps = length
     available = whole_clips(total, fps)
     if available < 1:
-        raise ValueError(f"{path}: {total / fps:.2f} s; continuing a video needs at least 5 s of it (81 frames at "
+        raise ValueError(f"{path}: {total / fps:.2f} s; continuing a video needs at least 5 s of it (80 frames at "
                          "16 fps)")
     if clips is None:  # as many whole 5 s clips as the video holds, leaving one of the schedule to generate
         clips = min(available, schedule.num_clips - 2)

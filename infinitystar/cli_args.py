@@ -126,6 +126,13 @@ def check_sources(args) -> None:
         if args.image and args.duration == 0:
             raise ValueError("--image with --duration 0 would only give the image back; image-to-video needs "
                              "--duration 5 (or 10 with the 480p weights)")
+    dtype, fp8_matmul = getattr(args, "dtype", None), getattr(args, "fp8_matmul", False)
+    if fp8_matmul and dtype not in (None, "fp8"):
+        raise ValueError(f"--fp8-matmul multiplies fp8 e4m3fn weights; drop --dtype {dtype} (or use --dtype fp8)")
+    transformer = getattr(args, "transformer", None)
+    if transformer and Path(transformer).suffix.lower() == ".gguf" and (dtype or fp8_matmul):
+        raise ValueError(f"--transformer {transformer} is a GGUF file, already quantized: it runs as it was converted; "
+                         "drop --dtype / --fp8-matmul")
     for option in ("image", "video", "tokens", "prompts_file"):
         given = getattr(args, option, None)
         if given and not Path(given).exists():
@@ -171,7 +178,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--tiny", action="store_true", help="use tiny random weights written to a cache folder (offline)")
     p.add_argument("--tiny-seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--resolution", choices=RESOLUTION_CHOICES, default=resolution_default,
-                   help="720p (0.90M), 480p (0.40M) or a pixel class (default 720p; 0.06M with --tiny)")
+                   help="720p (0.90M), 480p (0.40M) or a pixel class (default: what the --variant weights were "
+                        "trained at, 720p without --variant; 0.06M with --tiny)")
     p.add_argument("--aspect", default="16:9", help="W:H such as 16:9, 1:1, 9:16, or an h/w ratio")
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--negative-prompt", default="", help="empty: the model's learned null text (official default)")
@@ -243,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", help="tokens file from generate --save-tokens")
     e.add_argument("--video", help="video to encode and extend (whole 5 s clips are used)")
     e.add_argument("--clips", type=int, default=1, help="clips of 5 s to add")
+    _set_help(e, "out", "output .mp4 (default out.mp4)")
 
     it = sub.add_parser("interact", help="InfinityStar-Interact: continue a video 5 s per prompt (interact weights)")
     _add_model_args(it)
@@ -260,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _set_help(it, "resolution", "480p (0.40M, what the interact weights were trained at) or a pixel class for "
                                 "drafts (default 480p; 0.06M with --tiny)")
     _set_help(it, "variant", "weights to use (default: interact)")
+    _set_help(it, "out", "output .mp4 (default out.mp4)")
     from .interact import STORY_PNS
 
     next(a for a in it._actions if a.dest == "resolution").choices = ["480p", *STORY_PNS]  # no 720p stories

@@ -249,6 +249,20 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     assert session("cuda", "--cfg", "1").auto_dtype(schedule) == torch.bfloat16
 
 
+def test_weight_options_that_cannot_apply_are_refused_before_anything_loads(tmp_path, capsys):
+    """--fp8-matmul with --dtype bf16, and --dtype / --fp8-matmul with a GGUF transformer, are refused at the start:
+    with no weights at all in --models the refusal, not a missing file, is what is said."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    common = ["generate", "--models", str(empty), "--duration", "0", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    assert main([*common, "--dtype", "bf16", "--fp8-matmul"]) == 2
+    assert "--fp8-matmul multiplies fp8 e4m3fn weights; drop --dtype bf16" in capsys.readouterr().err
+    for extra in (["--dtype", "fp8"], ["--fp8-matmul"]):
+        assert main([*common, "--transformer", str(tmp_path / "q.GGUF"), *extra]) == 2
+        assert "is a GGUF file, already quantized" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_fp8_matmul_needs_fp8_weights(tiny_models, tmp_path, capsys):
     from infinitystar.cli import build_parser
 
