@@ -14,10 +14,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from infinitystar.sampler import TextCondition, sample
 from infinitystar.schedule import Schedule

@@ -272,3 +272,19 @@ def test_official_standin_runs_the_named_kernel_on_cuda(kernel, name, not_name):
     names = [e.key for e in prof.key_averages()]
     assert [n for n in names if name in n] and not [n for n in names if not_name in n], names
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
+
+
+@pytest.mark.parametrize("script", ["parity", "bench_generate", "bench_decode", "fake_memory", "load_memory"])
+def test_benchmark_scripts_run_from_a_checkout_without_installing(script, tmp_path):
+    """The README's commands (``python benchmarks/X.py ...``) from any folder, with nothing installed or on
+    PYTHONPATH: each script finds the package itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{script}.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
