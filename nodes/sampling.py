@@ -136,7 +136,8 @@ class InfinityStarSampler(io.ComfyNode):
                                        "848x480). 0.25M / 0.06M are small pyramids for quick drafts; "
                                        "quality drops away from the trained size."),
                 io.Combo.Input("aspect_ratio", options=_aspects(), default="16:9",
-                               tooltip="W:H, snapped to the nearest of the model's aspect templates (the 15 official h/w ratios)."),
+                               tooltip="W:H of the output. The model's size for it comes from the nearest of the 15 "
+                                       "official h/w templates."),
                 io.Combo.Input("duration", options=list(DURATIONS), default="5 s",
                                tooltip="image = one frame. 5 s = 81 frames at 16 fps. 10 s = 161 frames, only "
                                        "for the 480p weights (longer: InfinityStar Extend). Cost grows with "

@@ -52,7 +52,7 @@ models/infinitystar/
 
 No files yet? Queue the **InfinityStar Download Models** node once (then press **R** to refresh the lists), or, in a terminal inside the pack folder (custom_nodes/ComfyUI-InfinityStar), run `python -m infinitystar download --variant 720p --dest ../../models/infinitystar`. The transformer may also sit in `models/diffusion_models`, the tokenizer in `models/vae`, the text encoder folder in `models/text_encoders`.
 
-Short on VRAM? Set **weight_dtype** to fp8 on the model loader and **tiled** on the decoder."""
+Short on VRAM? Set **weight_dtype** to fp8_e4m3fn on the model loader and **tiled** on the decoder."""
 
 PROMPT_FOX = ("A red fox trots through a snowy birch forest at golden hour, its breath visible in the cold air, "
               "snowflakes drifting through warm backlight, the camera tracking smoothly alongside at eye level")
