@@ -33,8 +33,9 @@ def frames_encode_inputs() -> list:
     return [
         io.Combo.Input("aspect_ratio", options=["from input", *_aspects()], default="from input",
                        tooltip="from input = the template nearest to the frames' own aspect."),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                     tooltip="Seeds the tokenizer's posterior sample (the official encode samples)."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip="Seeds the tokenizer's posterior sample (the official encode samples). It stays as "
+                             "set (an input named seed would otherwise randomize on every queue and re-encode)."),
         io.Float.Input("fps", default=FPS, min=1.0, max=240.0, step=0.001, optional=True,
                        tooltip="Frame rate of the images: connect Get Video Components' fps. The model runs at 16 "
                                "fps; other rates are resampled to it by picking frames as the official video "

@@ -200,6 +200,22 @@ def test_all_pack_nodes_are_registered_in_the_frontend(frontend, server):
     assert ours <= registered, sorted(ours - registered)
 
 
+def test_only_sampling_seeds_change_after_a_queue(frontend):
+    """A node added by hand gets a seed control only where a new draw each queue is wanted (Sampler, Extend,
+    Interact): the frontend gives any INT named seed a 'randomize' control unless the schema says otherwise, which
+    re-encoded the video at Encode / Interact Start (and re-ran everything after) on every queue."""
+    controls = frontend.page.evaluate("""() => Object.fromEntries(
+        ["InfinityStarSampler", "InfinityStarExtend", "InfinityStarInteract", "InfinityStarEncode",
+         "InfinityStarInteractStart"].map(type => {
+            const node = LiteGraph.createNode(type);
+            const control = node.widgets.find(w => w.name === "control_after_generate");
+            return [type, control ? control.value : null];
+        }))""")
+    assert controls == {"InfinityStarSampler": "randomize", "InfinityStarExtend": "randomize",
+                        "InfinityStarInteract": "randomize", "InfinityStarEncode": None,
+                        "InfinityStarInteractStart": None}
+
+
 def test_a_missing_node_type_is_caught(frontend, info):
     workflow = json.loads(WORKFLOWS[0].read_text())
     workflow["nodes"][0]["type"] = "InfinityStarNoSuchNode"

@@ -209,8 +209,9 @@ def test_upscaled_frames_reach_the_video(info):
 
 
 def test_seed_widgets_carry_the_frontend_control_value(info):
-    """Frontend 1.27 puts a control_after_generate value right after every seed (V3 flag or legacy name)."""
-    seen = 0
+    """Frontend 1.27 puts a control_after_generate value right after a seed (V3 flag or legacy name), except where
+    the schema sets control_after_generate false (Encode, Interact Start: an encode seed that must stay put)."""
+    seen = fixed = 0
     for path in WORKFLOWS:
         for node in _load(path)["nodes"]:
             if node["type"] in VIRTUAL_NODES:
@@ -218,10 +219,15 @@ def test_seed_widgets_carry_the_frontend_control_value(info):
             slots = widget_slots(info, node["type"])
             for i, (name, kind) in enumerate(slots):
                 if name == "seed" and kind == "value":
+                    spec = {**info[node["type"]]["input"]["required"], **info[node["type"]]["input"].get("optional", {})}
+                    if spec["seed"][1].get("control_after_generate") is False:
+                        assert i + 1 == len(slots) or slots[i + 1] != ("seed", "control")
+                        fixed += 1
+                        continue
                     assert slots[i + 1] == ("seed", "control")
                     assert node["widgets_values"][i + 1] in ("fixed", "randomize")
                     seen += 1
-    assert seen >= 6
+    assert seen >= 6 and fixed >= 3
 
 
 def test_builder_reproduces_the_shipped_files(info):
