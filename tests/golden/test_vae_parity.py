@@ -14,6 +14,7 @@ import pytest
 import torch
 from golden_cases import cases, checkpoint_keys_dir, load_manifest
 
+from infinitystar.pipeline import decode
 from infinitystar.vae import (
     VAE_PRESETS,
     VideoTokenizer,
@@ -160,6 +161,25 @@ def test_decoded_uint8_frames(case_dir):
     assert np.abs(first - out["frame0_before_overwrite_bgr"].astype(np.int16)).max() <= 1
     means = frames.reshape(frames.shape[0], -1, 3).mean(axis=1)
     np.testing.assert_allclose(means, out["frame_mean_bgr"], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("case_dir", cases(*DECODE_KINDS))
+def test_pipeline_decode_gives_the_official_output_pixels(case_dir):
+    """What the CLI and the nodes decode through (``pipeline.decode``), not the codec helper alone: its frames,
+    truncated to uint8, are the official written pixels, frame 0 included (a video's frame 0 := frame 1)."""
+    from infinitystar.pipeline import Tokens
+
+    out = _npz(case_dir, "outputs.npz")
+    _frames_stored(out, case_dir)
+    codes = torch.from_numpy(out["summed_codes"])
+    count = out["frame_mean_bgr"].shape[0]
+    tokens = Tokens([], codes, "0.06M", codes.shape[-2] / codes.shape[-1], count)
+    frames = decode(_tokenizer(case_dir), tokens)
+    assert frames.shape[0] == count
+    got = (frames * 255).to(torch.uint8).numpy()[..., ::-1].astype(np.int16)  # RGB -> BGR
+    diff = np.abs(got[out["frame_indices"]] - out["frames_bgr_selected"].astype(np.int16))
+    assert diff.max() <= 1, f"max |diff| {diff.max()} at {np.argwhere(diff > 1)[:3].tolist()}"
+    np.testing.assert_allclose(got[0].reshape(-1, 3).mean(axis=0), out["frame_mean_bgr"][0], rtol=0, atol=1e-3)
 
 
 def test_full_size_keys_on_meta():

@@ -60,3 +60,11 @@ def test_bf16_accumulator_adds_fp32_codes_in_place_like_the_official_gpu_run():
     assert small.dtype == torch.bfloat16 and small.shape == (1, 64, 1, 2, 3)
     torch.testing.assert_close(small.float(), torch.nn.functional.adaptive_avg_pool3d(got.float(), (1, 2, 3)),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_a_code_of_exactly_zero_is_bit_zero():
+    """The spec's quantizer: the sign of each value, with exactly 0 (either sign of zero) giving bit 0."""
+    from infinitystar.bsq import codes_to_bits
+
+    codes = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.3, -0.3]).reshape(1, 6, 1, 1, 1)
+    assert codes_to_bits(codes).reshape(-1).tolist() == [0, 0, 1, 0, 1, 0]

@@ -338,3 +338,16 @@ def test_golden_transformer_files_load(case_dir):
     ref = load_file(str(path))
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in ref.items() if k in got)
+
+
+def test_the_variant_comes_from_the_nearest_name_that_says_it(tmp_path):
+    """The file's own name before its folders' (a merged file kept in a folder named after another variant), the
+    official folder names as downloaded, GGUF metadata above any name, and no word at all gives 'unknown'."""
+    from infinitystar.checkpoint import detect_variant
+
+    assert detect_variant(tmp_path / "720p" / "infinitystar_480p_merged.safetensors") == "480p"
+    assert detect_variant(tmp_path / "480p" / "InfinityStar-Interact.safetensors") == "interact"
+    assert detect_variant(tmp_path / "models" / "infinitystar_8b_720p_weights") == "720p"
+    assert detect_variant(tmp_path / "InfinityStarInteract_24K_iters") == "interact"
+    assert detect_variant(tmp_path / "720p" / "q8.gguf", {"variant": "480p"}) == "480p"
+    assert detect_variant(tmp_path / "weights" / "model.safetensors") == "unknown"

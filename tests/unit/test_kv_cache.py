@@ -109,3 +109,23 @@ def test_clear_returns_pinned_memory_also_after_every_entry_was_released(monkeyp
     assert emptied == ([1] if pinned else [])
     cache.clear()  # once per pinning run, not again
     assert len(emptied) == (1 if pinned else 0)
+
+
+def test_attention_sees_the_references_in_order_then_the_step_itself():
+    """The official concat order: the reference scales in ref order (text 't0' among them, last), then the current
+    step's own K/V. Each entry here is filled with its own marker, so the order can be read off."""
+    from infinitystar.transformer import Attention, StepContext
+
+    cache = ScaleKVCache(num_layers=1)
+
+    def kv(mark, length):
+        return torch.full((1, 2, length, 4), float(mark)), torch.full((1, 2, length, 4), -float(mark))
+
+    cache.store(("s", 0), 0, *kv(1, 1))
+    cache.store(("s", 1), 0, *kv(2, 4))
+    cache.store(TEXT_KEY, 0, *kv(3, 2))
+    ctx = StepContext(rope=(None, None), cache=cache, store_key=("s", 2), ref_keys=[("s", 1), ("s", 0), TEXT_KEY])
+    k, v = Attention.with_context(*kv(4, 3), ctx, layer=0)
+    assert k[0, 0, :, 0].tolist() == [2, 2, 2, 2, 1, 3, 3, 4, 4, 4]
+    assert torch.equal(v, -k)
+    assert cache.gather(0, [("s", 2)])[0][0][0, 0, :, 0].tolist() == [4, 4, 4]  # stored for later steps

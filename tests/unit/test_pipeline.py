@@ -186,6 +186,7 @@ class _StubTokenizer:
 
     def encode_latent(self, pixels, generator=None, callback=None):
         self.seen.append(tuple(pixels.shape))
+        self.pixels = pixels
         _, _, t, h, w = pixels.shape
         return torch.randn(1, 64, 1 + (t - 1) // 4, h // 16, w // 16, generator=generator)
 
@@ -205,6 +206,22 @@ def test_v2v_encodes_whole_clips():
         P.encode_video(tokenizer, frames[:50], schedule)
     with pytest.raises(ValueError, match="leaves no clip to generate .* at least 5 s longer"):
         P.encode_video(tokenizer, frames, P.resolve_schedule("0.06M", "16:9", 5))
+
+
+def test_v2v_encodes_the_first_clips_of_a_longer_video():
+    """The official continuation conditions on the video's first 5 s: of a 10 s input and a 10 s output, frames
+    0..80 are encoded (one clip, leaving one to generate), not the last 81 and not both clips. Frame i is filled
+    with the grey level i, so the frames the tokenizer receives can be read back."""
+    tokenizer = _StubTokenizer()
+    schedule = P.resolve_schedule("0.06M", "16:9", 10)
+    frames = np.broadcast_to(np.arange(161, dtype=np.uint8)[:, None, None, None], (161, 48, 80, 3)).copy()
+    cond = P.encode_video(tokenizer, frames, schedule, seed=0)
+    assert cond.frames == 81
+    levels = ((tokenizer.pixels[0, 0] + 1) / 2 * 255).round().flatten(1)  # (T, H*W) grey levels
+    assert torch.equal(levels.amin(dim=1), levels.amax(dim=1))  # each frame stays one level
+    assert levels[:, 0].tolist() == list(range(81))
+    P.encode_video(tokenizer, frames, schedule, seed=0, clips=2)
+    assert ((tokenizer.pixels[0, 0, :, 0, 0] + 1) / 2 * 255).round().tolist() == list(range(161))
 
 
 def test_extending_tokens_of_another_resolution_warns(t2v, caplog):

@@ -44,3 +44,23 @@ def test_overlapping_tiles_run_on_the_model(tok):
     full = tok.decode(codes)
     tiled = tok.decode(codes, tiled=True, tile=(3, 3), overlap=1)
     assert tiled.shape == full.shape and torch.isfinite(tiled).all()
+
+
+class _TileOriginDecoder(torch.nn.Module):
+    """Stand-in decoder that paints its whole tile with the smallest x coordinate it was given (channel 0 of the
+    latent holds each cell's x): two overlapping tiles then differ by a step, and the blend shows its weights."""
+
+    def forward(self, z, cache=None, split_first=False):
+        origin = z[:, :1].amin(dim=(-2, -1), keepdim=True)
+        return origin.expand(-1, 3, -1, z.shape[-2] * 8, z.shape[-1] * 8).clone()
+
+
+def test_the_overlap_blends_with_linear_weights():
+    """Two tiles of 4 cells overlapping by 2 (16 px after the 8x decoder): the left tile's weight falls as
+    (16 - j) / 17 and the right one's rises as (j + 1) / 17 over the overlap's pixels j, so pixel j holds
+    (0 * (16 - j) + 2 * (j + 1)) / 17; outside it each tile alone."""
+    z = torch.zeros(1, 16, 1, 1, 6)
+    z[:, 0] = torch.arange(6.0)
+    out = decode_tiled(_TileOriginDecoder(), z, [(0, 1)], tile=(1, 4), overlap=(1, 2), patch=1)[0, 0, 0, 0]
+    expected = torch.cat([torch.zeros(16), torch.tensor([2 * (j + 1) / 17 for j in range(16)]), torch.full((16,), 2.0)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)

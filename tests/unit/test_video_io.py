@@ -86,6 +86,21 @@ def test_sample_frames_picks_the_official_readers_frames():
         sample_frames(frames[:40], fps=16.0, count=81, seconds=5)
 
 
+def test_the_last_5_s_window_starts_at_the_official_ceil_at_any_rate():
+    """Interact reads the last 5 s: the official get_clip starts at ceil(fps * start). At 29.97 fps a 160-frame video
+    lasts 5.3387 s, its window starts at 0.3387 s: ceil(10.15) = 11 (truncating gives 10)."""
+    frames = np.arange(160)[:, None, None, None] * np.ones((1, 1, 1, 3), dtype=np.int64)
+    tail = sample_frames(frames, fps=29.97, count=81, seconds=5, from_end=True)[:, 0, 0, 0]
+    assert tail[0] == 11 and np.array_equal(tail, np.linspace(11, 159, 81, dtype=int))
+
+
+def test_float_frames_are_truncated_not_rounded_like_the_official_writer():
+    """The official post-processing multiplies by 255 and casts to uint8 (truncation): 0.5 -> 127 (127.5),
+    0.999 -> 254 (254.7), 1.0 -> 255; values outside [0, 1] clip."""
+    levels = to_uint8(np.array([[[[0.5, 0.999, 1.0]], [[-0.2, 1.7, 0.0]]]], dtype=np.float32))
+    assert levels.dtype == np.uint8 and levels.reshape(-1).tolist() == [127, 254, 255, 0, 255, 0]
+
+
 def test_whole_clip_indices_encode_every_whole_clip_at_the_model_rate():
     """Encode's picks: one frame is an image; otherwise every whole 5 s clip of the video (at its own fps) as the
     official V2V reader picks 1 + 80k frames over the first 5k seconds; shorter than 5 s gives nothing."""
