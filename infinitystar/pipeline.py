@@ -92,6 +92,17 @@ class Tokens:
             save_file(tensors, str(part), metadata=meta)
         return path
 
+    @staticmethod
+    def is_file_of_tokens(path: str | Path) -> bool:
+        """Whether ``path`` is a tokens file (reads its header only): to list saved tokens among other files."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("format") == TOKENS_FORMAT
+        except Exception:  # not safetensors, unreadable, truncated: not something to offer
+            return False
+
     @classmethod
     def load(cls, path: str | Path) -> Tokens:
         """Read tokens written by :meth:`save` and check them against their schedule."""

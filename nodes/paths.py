@@ -165,8 +165,26 @@ def input_files(extension: str) -> list[str]:
     return sorted(p.relative_to(base).as_posix() for p in base.rglob(f"*{extension}") if p.is_file())
 
 
+OUTPUT_TAG = " [output]"  # ComfyUI's annotation for a file picked from the output folder (as Load Image takes it)
+
+
+def output_files(extension: str, keep) -> list[str]:
+    """Files with ``extension`` under ComfyUI's output folder that ``keep(path)`` accepts, annotated ``[output]``."""
+    base = output_dir()
+    if not base.is_dir():
+        return []
+    return sorted(p.relative_to(base).as_posix() + OUTPUT_TAG for p in base.rglob(f"*{extension}")
+                  if p.is_file() and keep(p))
+
+
 def resolve_input(name: str) -> Path:
-    path = input_dir() / _inside(name)
+    """A file in ComfyUI's input folder, or in its output folder when annotated ``[output]``."""
+    base, where = input_dir(), "input"
+    if name.endswith("[output]"):
+        base, where, name = output_dir(), "output", name[:-len("[output]")].rstrip()
+    elif name.endswith("[input]"):
+        name = name[:-len("[input]")].rstrip()
+    path = base / _inside(name)
     if not path.is_file():
-        raise FileNotFoundError(f"{name!r} not found in ComfyUI's input folder {input_dir()}")
+        raise FileNotFoundError(f"{name!r} not found in ComfyUI's {where} folder {base}")
     return path

@@ -16,7 +16,7 @@ class InfinityStarSaveTokens(io.ComfyNode):
         return io.Schema(
             node_id="InfinityStarSaveTokens", display_name="InfinityStar Save Tokens", category="InfinityStar/io",
             description="Saves tokens (bits of every step + summed codes, a few MB) to ComfyUI's output folder. "
-                        "Copy the file to the input folder to load it again with InfinityStar Load Tokens.",
+                        "InfinityStar Load Tokens lists them as 'name [output]' (press R to refresh its list).",
             inputs=[
                 T.Tokens.Input("tokens", tooltip="Tokens to save."),
                 io.String.Input("filename_prefix", default="infinitystar/tokens",
@@ -38,15 +38,22 @@ class InfinityStarLoadTokens(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InfinityStarLoadTokens", display_name="InfinityStar Load Tokens", category="InfinityStar/io",
-            description="Loads tokens saved by InfinityStar Save Tokens (or the CLI) from ComfyUI's input folder "
-                        "and checks them against their schedule.",
+            description="Loads tokens saved by InfinityStar Save Tokens (or the CLI) from ComfyUI's input or "
+                        "output folder and checks them against their schedule.",
             inputs=[
-                io.Combo.Input("tokens_file", options=paths.input_files(EXTENSION),
-                               tooltip="A tokens .safetensors in the input folder (subfolders included)."),
+                io.Combo.Input("tokens_file", options=cls.choices(),
+                               tooltip="A tokens .safetensors in the input folder (subfolders included), or one "
+                                       "Save Tokens wrote to the output folder ('[output]')."),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The saved tokens, as the node that made them "
                                                                     "returned them.")],
         )
+
+    @staticmethod
+    def choices() -> list[str]:
+        from ..infinitystar.pipeline import Tokens
+
+        return paths.input_files(EXTENSION) + paths.output_files(EXTENSION, keep=Tokens.is_file_of_tokens)
 
     @classmethod
     def validate_inputs(cls, tokens_file: str) -> bool | str:

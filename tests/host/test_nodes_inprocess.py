@@ -411,6 +411,18 @@ def test_image_to_video_encode_extend_save_load(pack, loaded, comfy_dirs):
     assert "tok.safetensors" in pack.paths.input_files(".safetensors")
     back = run(pack.tokens_io.InfinityStarLoadTokens, tokens_file="tok.safetensors")[0]
     assert all(torch.equal(a, b) for a, b in zip(back.bits, image_tokens.bits))
+    # without the copy: Load Tokens lists what Save Tokens wrote, as ComfyUI annotates output files
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(comfy_dirs["output"] / "infinitystar" / "not_tokens.safetensors"))
+    load = pack.tokens_io.InfinityStarLoadTokens
+    listed = [c for c in load.choices() if c.endswith(" [output]")]
+    name = f"infinitystar/{written[-1].name} [output]"
+    assert name in listed and not any("not_tokens" in c for c in listed)
+    assert load.validate_inputs(tokens_file=name) is True
+    direct = run(load, tokens_file=name)[0]
+    assert all(torch.equal(a, b) for a, b in zip(direct.bits, image_tokens.bits))
+    assert "not found in ComfyUI's output folder" in load.validate_inputs(tokens_file="../input/tok.safetensors [output]")
 
     longer = run(pack.video.InfinityStarExtend, model=loaded["model"], positive=loaded["cond"], tokens=back,
                  clips=1, seed=1, guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)[0]

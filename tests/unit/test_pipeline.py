@@ -263,3 +263,14 @@ def test_leading_clips_are_a_prefix_of_the_longer_generation():
     assert tokens.leading_clips(2) is tokens and tokens.leading_clips(0).frames == 1
     with pytest.raises(ValueError, match="cannot take 3 leading clip"):
         tokens.leading_clips(3)
+
+
+def test_tokens_files_are_told_apart_by_their_header(t2v, tmp_path):
+    """Load Tokens lists the output folder's tokens among whatever else is saved there (checkpoints, latents)."""
+    from safetensors.torch import save_file
+
+    t2v.save(tmp_path / "t.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:20])
+    assert [p.name for p in sorted(tmp_path.iterdir()) if P.Tokens.is_file_of_tokens(p)] == ["t.safetensors"]
