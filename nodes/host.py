@@ -110,8 +110,9 @@ def intermediate_device() -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- patchers
 
-class _Holder(torch.nn.Module):
-    """Gives the patcher a module whose ``device`` attribute it may set (HF models expose a read-only one)."""
+class InfinityStarTextEncoder(torch.nn.Module):
+    """Holds the flan-t5 encoder for its patcher, which must set a ``device`` attribute (HF models expose a read-only
+    one); the class name is what ComfyUI's log says it loads."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
@@ -119,9 +120,9 @@ class _Holder(torch.nn.Module):
 
 
 def _module(patcher):
-    """The module a patcher manages, unwrapped from its ``_Holder``."""
+    """The module a patcher manages, unwrapped from its holder."""
     module = patcher.model
-    return module.inner if isinstance(module, _Holder) else module
+    return module.inner if isinstance(module, InfinityStarTextEncoder) else module
 
 
 def _place_small_tensors(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
@@ -149,7 +150,7 @@ def make_patcher(module: torch.nn.Module, kind: str):
     load_device, offload_device = devices(kind)
     patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", None) or comfy.model_patcher.ModelPatcher
     if isinstance(getattr(type(module), "device", None), property):
-        module = _Holder(module)
+        module = InfinityStarTextEncoder(module)
     patcher = patcher_cls(module, load_device=load_device, offload_device=offload_device)
     if kind == "transformer":
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _place_small_tensors)

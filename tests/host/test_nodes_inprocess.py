@@ -142,6 +142,7 @@ def test_sharded_text_encoder_folder_is_a_text_encoder(pack, comfy_dirs, loaded)
         te = run(pack.loaders.InfinityStarTextEncoderLoader, encoder_name="text_encoder/flan-sharded", dtype="fp32")[0]
         want = loaded["te"].encoder.encode("a red fox", duration_s=5)
         assert torch.equal(te.encoder.encode("a red fox", duration_s=5).cond, want.cond)
+        assert type(te.patcher.model).__name__ == "InfinityStarTextEncoder"  # "Requested to load ..." in the log
     finally:
         shutil.rmtree(folder)
 
