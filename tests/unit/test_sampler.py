@@ -57,6 +57,33 @@ def test_image_only(model, text):
     assert out.summed_codes.shape == (1, 64, 1, 16, 16) and len(out.bits) == 33
 
 
+def test_a_scales_kv_is_freed_right_after_its_last_reader(model, text, monkeypatch):
+    """After every step the cache holds exactly the scales a later step still attends to (counted here from the
+    steps' reference lists): K/V kept a step longer is memory the plan did not count."""
+    from infinitystar.kv_cache import TEXT_KEY
+
+    caches = []
+
+    class Recorded(sampler_mod.ScaleKVCache):
+        def __init__(self, n, **kw):
+            super().__init__(n, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(sampler_mod, "ScaleKVCache", Recorded)
+    sched = short_schedule(frames=161)
+    readers = {}
+    for step in sched.steps:
+        for ref in step.ref_sids:
+            readers.setdefault(ref, []).append(step.index)
+    live = []
+    sample(model, text, sched, seed=0, callback=lambda i, n, accs: live.append(
+        (i, {k for k in caches[-1].keys() if k != TEXT_KEY})))
+    assert len(live) == sched.num_steps and any(keys for _, keys in live)
+    for i, keys in live:
+        made = {s.si for s in sched.steps[:i + 1] if s.si in readers}
+        assert keys == {si for si in made if max(readers[si]) > i}, f"after step {i}"
+
+
 def test_callback_and_cleanup(model, text, monkeypatch):
     caches = []
 
