@@ -1,0 +1,283 @@
+"""The pack inside a real ComfyUI, in-process on the CPU: node schemas as /object_info serves them, and bad
+input refused with a clear message before anything loads. Needs COMFYUI_PATH (see conftest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from node_kit import SMALL, run
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+def test_every_schema_converts_like_object_info(pack):
+    import asyncio
+
+    ext = asyncio.run(pack.comfy_entrypoint())
+    node_list = asyncio.run(ext.get_node_list())
+    assert {n.GET_SCHEMA().node_id for n in node_list} == {n.__name__ for n in node_list}
+    listed = json.loads((Path(pack.__file__).parents[1] / "node_list.json").read_text())  # for ComfyUI-Manager
+    assert listed == {n.GET_SCHEMA().node_id: n.GET_SCHEMA().display_name for n in node_list}
+    for node in node_list:
+        schema = node.GET_SCHEMA()
+        info = node.GET_NODE_INFO_V1()  # what /object_info serves
+        assert info["name"].startswith("InfinityStar") and info["category"].startswith("InfinityStar/")
+        assert schema.description, node
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+        assert len(info["output_tooltips"]) == len(schema.outputs) and all(info["output_tooltips"]), node
+        sockets = {**info["input"]["required"], **info["input"].get("optional", {})}
+        assert set(sockets) == {i.id for i in schema.inputs}
+
+
+def test_custom_socket_types_link_by_name(pack):
+    info = {n.__name__: n.GET_NODE_INFO_V1() for n in pack.NODES}
+    assert info["InfinityStarModelLoader"]["output"] == ["INFINITYSTAR_MODEL"]
+    assert info["InfinityStarSampler"]["input"]["required"]["model"][0] == "INFINITYSTAR_MODEL"
+    assert info["InfinityStarSampler"]["output"] == ["INFINITYSTAR_TOKENS"]
+    assert info["InfinityStarDecode"]["output"] == ["IMAGE", "FLOAT"]
+
+
+def test_folders_list_official_layout(pack, comfy_dirs):
+    paths = pack.paths
+    assert "infinitystar_8b_720p_weights" in paths.transformer_choices()
+    assert "infinitystar_8b_480p_weights" in paths.transformer_choices()
+    assert not any(c.endswith("-of-00002.safetensors") for c in paths.transformer_choices())  # folders, not shards
+    assert "text_encoder/flan-t5-xl-official" in paths.text_encoder_choices()
+    assert "infinitystar_videovae.pth" in paths.vae_choices()
+
+
+def test_registration_keeps_user_paths(pack, comfy_dirs):
+    import folder_paths
+
+    pack.paths.register()
+    pack.paths.register()
+    listed = folder_paths.get_folder_paths("infinitystar")
+    assert listed[0] == str(comfy_dirs["models"])  # the user's (here: the test's) folder stays first
+    assert len(listed) == len(set(listed))
+    assert folder_paths.folder_names_and_paths["infinitystar"][1]  # extensions set is not empty
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_missing_model_names_folder_and_download(pack, comfy_dirs):
+    loader = pack.loaders.InfinityStarModelLoader
+    msg = loader.validate_inputs(model_name="infinitystar_8b_1080p_weights")
+    assert isinstance(msg, str) and "models" in msg and "Download" in msg
+    with pytest.raises(FileNotFoundError, match="infinitystar"):
+        run(loader, model_name="nope.safetensors", weight_dtype="default", compute_dtype="auto", attention="auto")
+
+
+def test_names_from_a_prompt_stay_inside_the_model_folders(pack, comfy_dirs, tmp_path):
+    """A model or tokens name sent to the API cannot point outside ComfyUI's folders (absolute or ../ paths),
+    as with ComfyUI's own folder_paths.get_full_path."""
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"x")
+    vae = pack.paths.resolve_vae("infinitystar_videovae.pth")
+    escape = os.path.relpath(outside, vae.parent)
+    assert ".." in escape
+    for name in (str(outside), escape):
+        with pytest.raises(FileNotFoundError):
+            pack.paths.resolve_vae(name)
+        with pytest.raises(FileNotFoundError):
+            pack.paths.resolve_input(name)
+
+
+def test_foreign_file_says_what_it_looks_like(pack, comfy_dirs):
+    from safetensors.torch import save_file
+
+    folder = comfy_dirs["models"] / "foreign"
+    folder.mkdir(exist_ok=True)
+    save_file({"patch_embedding.weight": torch.zeros(4, 4), "blocks.0.self_attn.q.weight": torch.zeros(4, 4)},
+              str(folder / "wan_like.safetensors"))
+    with pytest.raises(ValueError, match="Wan"):
+        run(pack.loaders.InfinityStarModelLoader, model_name="foreign/wan_like.safetensors", weight_dtype="default",
+            compute_dtype="auto", attention="auto")
+    with pytest.raises(ValueError, match="not the InfinityStar video tokenizer"):
+        run(pack.loaders.InfinityStarVAELoader, vae_name="foreign/wan_like.safetensors", dtype="auto")
+
+
+def test_sharded_text_encoder_folder_is_a_text_encoder(pack, comfy_dirs, loaded):
+    """The official flan-t5-xl folder holds an index and two shards: it is offered by the Text Encoder Loader (not
+    the Model Loader), and it loads and encodes like the single-file one."""
+
+    from transformers import T5EncoderModel
+
+    source = comfy_dirs["models"] / "text_encoder" / "flan-t5-xl-official"
+    folder = comfy_dirs["models"] / "text_encoder" / "flan-sharded"
+    folder.mkdir()
+    try:
+        for f in source.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
+                shutil.copy(f, folder / f.name)
+        T5EncoderModel.from_pretrained(str(source)).save_pretrained(str(folder), max_shard_size="40KB")
+        assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*-of-*"))) > 1
+        assert "text_encoder/flan-sharded" in pack.paths.text_encoder_choices()
+        assert not any(c.startswith("text_encoder/") for c in pack.paths.transformer_choices())
+        te = run(pack.loaders.InfinityStarTextEncoderLoader, encoder_name="text_encoder/flan-sharded", dtype="fp32")[0]
+        want = loaded["te"].encoder.encode("a red fox", duration_s=5)
+        assert torch.equal(te.encoder.encode("a red fox", duration_s=5).cond, want.cond)
+        assert type(te.patcher.model).__name__ == "InfinityStarTextEncoder"  # "Requested to load ..." in the log
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_shards_without_their_index_are_one_folder(pack, comfy_dirs):
+    """A sharded folder that lost its index is listed (and loads) as a folder, not shard by shard; a shard picked
+    on its own (a saved workflow, the API) says it is one shard of several and to choose the folder."""
+
+    source = comfy_dirs["models"] / "infinitystar_8b_720p_weights"
+    folder = comfy_dirs["models"] / "unindexed_720p"
+    shards = sorted(source.glob("*-of-*.safetensors"))
+    assert len(shards) > 1
+    folder.mkdir()
+    try:
+        for shard in shards:
+            shutil.copy(shard, folder / shard.name)
+        choices = pack.paths.transformer_choices()
+        assert "unindexed_720p" in choices and not any(c.startswith("unindexed_720p/") for c in choices)
+        loader = dict(weight_dtype="default", compute_dtype="auto", attention="auto")
+        model = run(pack.loaders.InfinityStarModelLoader, model_name="unindexed_720p", **loader)[0]
+        assert model.info.config.depth > 0
+        with pytest.raises(ValueError, match=f"shard 1 of {len(shards)} of a sharded checkpoint: choose the folder"):
+            run(pack.loaders.InfinityStarModelLoader, model_name=f"unindexed_720p/{shards[0].name}", **loader)
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_unsupported_duration_fails_before_loading(pack, comfy_dirs, core):
+    CheckpointInfo = core("checkpoint").CheckpointInfo
+    TRANSFORMER_PRESETS = core("config").TRANSFORMER_PRESETS
+
+    sampler = pack.sampling.InfinityStarSampler
+    assert isinstance(sampler.validate_inputs(resolution="720p", duration="10 s"), str)
+    assert sampler.validate_inputs(resolution="480p", duration="10 s") is True
+
+    class Untouchable:  # any use of the patcher would mean something started loading
+        def __getattr__(self, name):
+            raise AssertionError(f"patcher.{name} used before validation")
+
+    info = CheckpointInfo("720p", TRANSFORMER_PRESETS["8b"], torch.bfloat16, Path("x"))
+    model = pack.types.LoadedTransformer(Untouchable(), info, torch.float32, "sdpa")
+    with pytest.raises(ValueError, match="trained for durations"):
+        run(sampler, model=model, positive=None, duration="10 s", seed=0, **{**SMALL, "resolution": "auto"})
+
+
+def test_sampler_checks_the_inputs_its_validation_takes_over(pack):
+    """Naming resolution and duration in validate_inputs switches ComfyUI's own check of them off, so values that
+    are not among the choices (an API prompt) must be refused there, not end in a KeyError inside execute."""
+    sampler = pack.sampling.InfinityStarSampler
+    assert "resolution is '1080p', which this node does not offer" in sampler.validate_inputs(resolution="1080p",
+                                                                                              duration="5 s")
+    assert "duration is '7 s', which this node does not offer" in sampler.validate_inputs(resolution="480p",
+                                                                                          duration="7 s")
+    assert "5 s clips only" in sampler.validate_inputs(resolution="720p", duration="10 s")
+
+
+def test_every_dropdown_value_is_checked_when_queued(pack, comfy_dirs):
+    """ComfyUI 0.3.x does not check a V3 dropdown's value, so an API prompt's typo reached execute as a KeyError or
+    was taken silently as a default: every Combo of every node must be refused by its validate_inputs with a message
+    that names the input, and every offered value accepted."""
+    import inspect
+
+    from comfy_api.latest import io
+
+    checked = 0
+    for node in pack.NODES:
+        combos = {i.id: list(i.options) for i in node.define_schema().inputs if isinstance(i, io.Combo.Input)}
+        if not combos:
+            continue
+        params = inspect.signature(node.validate_inputs).parameters
+        assert set(combos) <= set(params), f"{node.__name__}.validate_inputs leaves {set(combos) - set(params)} out"
+        required = {n: (combos[n] or ["no_such_choice"])[0] for n, p in params.items()
+                    if p.default is inspect.Parameter.empty}  # file lists may be empty (no tokens saved yet)
+        for name, options in combos.items():
+            for value in options:
+                assert node.validate_inputs(**{**required, name: value}) is True, (node.__name__, name, value)
+            why = node.validate_inputs(**{**required, name: "no_such_choice"})
+            assert isinstance(why, str) and (name in why or "no_such_choice" in why), (node.__name__, name, why)
+            checked += 1
+    assert checked >= 20
+
+
+def test_frames_are_checked_and_encoded_within_a_memory_estimate(pack, loaded, monkeypatch):
+    """Encode: under 5 s of frames (2-79 at 16 fps) is refused with what to do instead of silently becoming image
+    tokens; grey frames are used as RGB; the tokenizer is loaded with an estimate of the encode's memory (as ComfyUI's VAE encode asks
+    for), so ComfyUI can evict what it needs; Interact Start refuses a short reference before loading."""
+    host = pack.host
+    asked, real = [], host.loaded
+    monkeypatch.setattr(host, "loaded", lambda patcher, memory_required=0, **kw: asked.append(memory_required)
+                        or real(patcher, memory_required, **kw))
+    encode = dict(vae=loaded["vae"], resolution="0.06M", aspect_ratio="16:9", seed=5)
+    with pytest.raises(ValueError, match=r"Encode got 40 frames at 16 fps \(2.50 s\): give it one frame"):
+        run(pack.video.InfinityStarEncode, images=torch.rand(40, 64, 96, 3), **encode)
+    with pytest.raises(ValueError, match=r"Encode got 149 frames at 30 fps \(4.97 s\)"):  # 81 frames, < 5 s
+        run(pack.video.InfinityStarEncode, images=torch.rand(149, 64, 96, 3), fps=30.0, **encode)
+    with pytest.raises(ValueError, match="last 5 s of a video"):
+        run(pack.interact.InfinityStarInteractStart, images=torch.rand(40, 64, 96, 3), **encode)
+    assert asked == []
+    grey = torch.rand(1, 64, 96, 1, generator=torch.Generator().manual_seed(3))
+    a = run(pack.video.InfinityStarEncode, images=grey, **encode)[0]
+    b = run(pack.video.InfinityStarEncode, images=grey.expand(-1, -1, -1, 3), **encode)[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert len(asked) == 2 and all(m > 0 for m in asked)
+    clip = run(pack.video.InfinityStarEncode, images=torch.rand(85, 64, 96, 3), **encode)[0]  # 81 used
+    assert clip.frames == 81 and asked[-1] > asked[0]
+
+
+def test_frames_at_another_rate_are_picked_as_the_official_reader_picks_them(pack, loaded, core):
+    """Encode and Interact Start given the video's fps take 81 frames over 5 s at 16 fps as the official readers do
+    (V2V: np.linspace(0, ceil(32 * 5) - 1, 81) over the first 5 s; interact: over the last 5 s), so a 32 fps video is
+    not continued at half speed; equal to the core encode of exactly those frames."""
+    pipeline, interact = core("pipeline"), core("interact")
+    image_to_uint8 = pack.sampling.image_to_uint8
+    video = torch.rand(170, 64, 96, 3, generator=torch.Generator().manual_seed(8))  # 5.3 s at 32 fps
+    encode = dict(vae=loaded["vae"], resolution="0.06M", aspect_ratio="16:9", seed=5, fps=32.0)
+    tokens = run(pack.video.InfinityStarEncode, images=video, **encode)[0]
+    story = run(pack.interact.InfinityStarInteractStart, images=video, **encode)[0]
+    first = torch.from_numpy(np.linspace(0, 159, 81, dtype=int))
+    last = torch.from_numpy(np.linspace(10, 169, 81, dtype=int))  # ceil(32 * (5.3125 - 5)) = 10
+    schedule = pipeline.resolve_schedule("0.06M", "16:9", frames=161)
+    with pack.host.loaded(loaded["vae"].patcher) as tokenizer:
+        expect = pipeline.encode_video(tokenizer, image_to_uint8(video[first]), schedule, seed=5, clips=1)
+        expect_story = interact.start(tokenizer, image_to_uint8(video[last]), pn="0.06M", aspect="16:9", seed=5)
+    assert tokens.frames == 81 and all(torch.equal(a, b) for a, b in zip(tokens.bits, expect.bits))
+    assert torch.equal(story.summed_codes, expect_story.summed_codes)
+    at16 = run(pack.video.InfinityStarEncode, images=video, **{**encode, "fps": 16.0})[0]  # read as 10.6 s: 2 clips
+    assert at16.frames == 161
+
+
+def test_extend_refuses_a_story_before_loading(pack, loaded, core):
+    """Tokens Extend cannot continue (an interact story) are refused before the transformer loads."""
+    tokens = core("pipeline").Tokens([], torch.zeros(1, 64, 21, 3, 5), "0.06M", 9 / 16, 81, 0, kind="interact")
+
+    class Untouchable:  # any use of the patcher would mean something started loading
+        def __getattr__(self, name):
+            raise AssertionError(f"patcher.{name} used before the tokens were checked")
+
+    model = pack.types.LoadedTransformer(Untouchable(), loaded["model"].info, torch.float32, "sdpa")
+    with pytest.raises(ValueError, match="interact story"):
+        run(pack.video.InfinityStarExtend, model=model, positive=loaded["cond"], tokens=tokens, clips=1, seed=1,
+            guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
+
+
+def test_tokenizer_auto_dtype_is_never_fp16(pack, comfy, monkeypatch):
+    """auto: bf16 where the GPU has it (the official decode runs under bf16 autocast), else fp32, not fp16."""
+    host = pack.host
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(comfy, "is_device_cpu", lambda device: False)
+    monkeypatch.setattr(comfy, "should_use_fp16", lambda *a, **k: True)
+    for bf16, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(comfy, "should_use_bf16", lambda *a, bf16=bf16, **k: bf16)
+        assert host.resolve_compute_dtype("auto", gpu, fp16_fallback=False) == want
+    assert host.resolve_compute_dtype("fp16", gpu, fp16_fallback=False) == torch.float16  # when chosen
+
+
+def test_start_image_without_vae_is_refused(pack, loaded):
+    with pytest.raises(ValueError, match="vae"):
+        run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+            seed=0, start_image=torch.rand(1, 64, 64, 3), **SMALL)
