@@ -531,9 +531,9 @@ def _setup(argv):
     if args.weights in GGUF_TYPES and (args.official or args.parity):
         raise SystemExit("GGUF weights are ours alone: compare with the official code on --weights bf16 or fp8")
     if args.attention == "auto":  # resolve before the official code may register a flash_attn stand-in
-        from infinitystar.attention import available_backends
+        from infinitystar.attention import auto_backend
 
-        args.attention = "flash" if device.type == "cuda" and "flash" in available_backends() else "sdpa"
+        args.attention = auto_backend(device)
     official_mod = None
     if args.official and device.type == "cuda":
         # before CUDA starts: the official code's allocations fragment PyTorch's caching allocator (on an H100 its

@@ -44,12 +44,37 @@ def available_backends() -> list[str]:
     return found
 
 
-def backend_unavailable(backend: str) -> str | None:
-    """Why ``backend`` cannot run here (what to install), or None when it can ("auto" always can)."""
-    if backend == "auto" or backend in available_backends():
+def backend_unavailable(backend: str, device: torch.device | str | None = None) -> str | None:
+    """Why ``backend`` cannot run here (what to install, or that ``device`` cannot run it), or None when it can
+    ("auto" always can)."""
+    if backend == "auto":
         return None
-    return (f"attention backend {backend!r} needs the pip package {_PIP_NAMES[backend]}; "
-            f"installed: {', '.join(available_backends())}")
+    if backend not in available_backends():
+        return (f"attention backend {backend!r} needs the pip package {_PIP_NAMES[backend]}; "
+                f"installed: {', '.join(available_backends())}")
+    if backend == "flash" and device is not None:
+        return flash_attn_unsupported(device)
+    return None
+
+
+def flash_attn_unsupported(device: torch.device | str) -> str | None:
+    """Why flash-attn cannot run on ``device`` (it fails only at the first call, after loading), or None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"flash-attn runs on CUDA GPUs, not {device.type}"
+    if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
+        return "flash-attn needs an NVIDIA Ampere (RTX 30xx, A100) or newer GPU"
+    return None
+
+
+def auto_backend(device: torch.device | str) -> str:
+    """What "auto" runs on ``device``: flash-attn (the official kernel) when it is installed and the GPU is an
+    NVIDIA Ampere or newer, else PyTorch SDPA. ROCm gets SDPA: flash-attn's ROCm builds cover few AMD GPUs."""
+    device = torch.device(device)
+    if "flash" not in _available() or device.type != "cuda" or torch.version.hip is not None:
+        return "sdpa"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "flash" if _capability(index) >= (8, 0) else "sdpa"
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -79,8 +104,8 @@ def _sage(q, k, v, scale):
 
 
 def _resolve(backend: str, q: torch.Tensor) -> str:
-    if backend == "auto":  # flash-attn 3/2 for half-precision CUDA tensors when installed, else SDPA
-        return "flash" if _half_cuda(q) and "flash" in _available() else "sdpa"
+    if backend == "auto":  # flash-attn 3/2 for half-precision tensors on a GPU it runs on, else SDPA
+        return auto_backend(q.device) if _half_cuda(q) else "sdpa"
     return backend
 
 

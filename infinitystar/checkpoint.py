@@ -259,12 +259,14 @@ def block_norms_fp32(variant: str) -> bool:
     return variant == "interact"
 
 
-def default_block_dtype(stored: torch.dtype, device: torch.device | str) -> torch.dtype | None:
+def default_block_dtype(stored: torch.dtype, device: torch.device | str,
+                        compute: torch.dtype | None = None) -> torch.dtype | None:
     """Block storage for "default" (None: as stored). The official files are fp32 (35 GB); the official scripts
-    load their blocks in bf16 on the GPU (17.6 GB), so that is what default gives there. The CPU keeps fp32 (the
-    golden arithmetic); files stored otherwise (bf16, fp16, fp8, GGUF) stay as they are."""
+    load their blocks in bf16 on the GPU (17.6 GB), so that is what default gives there, or fp16 where the compute
+    dtype is fp16 (a device without bf16: Turing, MPS before macOS 14, DirectML). The CPU keeps fp32 (the golden
+    arithmetic); files stored otherwise (bf16, fp16, fp8, GGUF) stay as they are."""
     if stored == torch.float32 and torch.device(device).type != "cpu":
-        return torch.bfloat16
+        return torch.float16 if compute == torch.float16 else torch.bfloat16
     return None
 
 

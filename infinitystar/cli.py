@@ -18,6 +18,7 @@ from . import pipeline as P
 from .attention import backend_unavailable
 from .cli_args import DTYPES, build_parser
 from .download import COMPONENTS, TRANSFORMER_DIRS, download_models, find_models
+from .ops import native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Session:
             if why:
                 raise ValueError(f"--fp8-matmul: {why}; leave it out (fp8 storage alone still halves the weights)")
         attention = getattr(args, "attention", "auto")
-        why = backend_unavailable(attention)
+        why = backend_unavailable(attention, self.device)
         if why:
             raise ValueError(f"--attention {attention}: {why} (auto picks among them)")
         if attention in ("cudnn", "sdpa_flash") and self.device.type != "cuda":
@@ -150,19 +151,21 @@ class Session:
         weights and the run fit its free memory, else fp8 (e4m3fn, scaled), with a note saying so."""
         if self.device.type != "cuda":
             return torch.float32
+        half = torch.bfloat16 if native_bf16(self.device) else torch.float16  # fp16: GPUs before Ampere
         if schedule is None:
-            return torch.bfloat16
+            return half
         from .memory import choose_block_dtype, weight_bytes
         from .sampler import AUTO_HEADROOM, cuda_available_bytes
 
         config = self.model_info().config
         free = cuda_available_bytes(self.device)
-        dtype = choose_block_dtype(config, schedule, free - AUTO_HEADROOM,
-                                   batch=self.guidance().branches(schedule.scales_per_clip))
-        if dtype != torch.bfloat16:
-            need = weight_bytes(config, torch.bfloat16) / 1e9
-            print(f"note: bf16 weights ({need:.1f} GB) and this run do not fit the {free / 1e9:.1f} GB free on "
-                  f"{self.device}; storing the blocks in fp8 (e4m3fn, scaled). --dtype bf16 forces bf16.",
+        dtype = choose_block_dtype(config, schedule, free - AUTO_HEADROOM, candidates=(half, torch.float8_e4m3fn),
+                                   dtype=half, batch=self.guidance().branches(schedule.scales_per_clip))
+        if dtype != half:
+            name = str(half).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+            need = weight_bytes(config, half) / 1e9
+            print(f"note: {name} weights ({need:.1f} GB) and this run do not fit the {free / 1e9:.1f} GB free on "
+                  f"{self.device}; storing the blocks in fp8 (e4m3fn, scaled). --dtype {name} forces {name}.",
                   file=sys.stderr)
         return dtype
 
@@ -245,7 +248,7 @@ class Session:
 
         self.release_transformer()
         tokenizer = self.tokenizer()
-        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
+        if native_bf16(self.device):
             # the official scripts decode under bf16 autocast (and encode outside it, in fp32); native bf16 only
             tokenizer.compute_dtype = torch.bfloat16
         frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=self.decode_budget())

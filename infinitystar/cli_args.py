@@ -129,6 +129,8 @@ def check_sources(args) -> None:
     dtype, fp8_matmul = getattr(args, "dtype", None), getattr(args, "fp8_matmul", False)
     if fp8_matmul and dtype not in (None, "fp8"):
         raise ValueError(f"--fp8-matmul multiplies fp8 e4m3fn weights; drop --dtype {dtype} (or use --dtype fp8)")
+    if dtype in ("fp8", "fp8_e5m2") and str(getattr(args, "device", None) or "").startswith("mps"):
+        raise ValueError(f"--dtype {dtype}: Apple's MPS has no fp8 tensors; use --dtype fp16 or bf16")
     transformer = getattr(args, "transformer", None)
     if transformer and Path(transformer).suffix.lower() == ".gguf" and (dtype or fp8_matmul):
         raise ValueError(f"--transformer {transformer} is a GGUF file, already quantized: it runs as it was converted; "

@@ -49,22 +49,32 @@ def parse_scale_list(text: str, what: str = "guidance schedule") -> tuple[float,
     return values
 
 
+NO_FLOAT64_DEVICES = ("mps",)  # device types without float64 tensors
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 arithmetic for tensors on ``device`` runs: there, or on the CPU for Apple's MPS."""
+    return torch.device("cpu") if device.type in NO_FLOAT64_DEVICES else device
+
+
 def apg(cond: torch.Tensor, uncond: torch.Tensor, scale: float = 34.0, threshold: float = 0.05,
         eta: float = 0.0) -> torch.Tensor:
     """Adaptive projected guidance: cond + (scale-1) * (orthogonal part of the clipped difference).
 
-    The projection runs in float64 and is cast back before the update, like the official code.
+    The projection runs in float64 and is cast back before the update, like the official code; on a device
+    without float64 (Apple's MPS) it runs on the CPU, still in float64.
     """
     diff = cond - uncond
     if threshold > 0:
         n = diff.shape[-1] * diff.shape[-2]
         rms = (1 / math.sqrt(n)) * torch.linalg.vector_norm(diff, dim=(-2, -1), keepdim=True)
         diff = diff * torch.minimum(torch.ones_like(diff), threshold / rms)
-    d64, c64 = diff.double(), cond.double()
+    wide = float64_device(cond.device)
+    d64, c64 = diff.to(wide, torch.float64), cond.to(wide, torch.float64)
     unit = c64 / torch.linalg.vector_norm(c64, dim=(-2, -1), keepdim=True).clamp_min(1e-12)
     parallel = (d64 * unit).sum(dim=(-2, -1), keepdim=True) * unit
-    orthogonal = (d64 - parallel).to(cond.dtype)
-    update = orthogonal + eta * parallel.to(cond.dtype) if eta else orthogonal
+    orthogonal = (d64 - parallel).to(cond.device, cond.dtype)
+    update = orthogonal + eta * parallel.to(cond.device, cond.dtype) if eta else orthogonal
     return cond + (scale - 1) * update
 
 

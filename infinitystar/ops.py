@@ -95,10 +95,24 @@ class Fp8MatmulLinear(ScaledCastLinear):
 FP8_MATMUL_ROWS = 10240
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively: NVIDIA Ampere (RTX 30xx) or newer, or an AMD GPU other than
+    RDNA1/2 (ROCm reports gfx10xx as capability 10.x). Turing and Pascal only emulate it: slow, Pascal's cuBLAS
+    refuses bf16 GEMMs, and SDPA's memory-efficient kernel takes bf16 only from sm80 (older cards would fall to the
+    quadratic-memory math kernel)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    major = torch.cuda.get_device_capability(device)[0]
+    return major != 10 if torch.version.hip else major >= 8
+
+
 def fp8_matmul_unavailable(device: torch.device | str) -> str | None:
     """Why ``Fp8MatmulLinear`` cannot run on ``device``, or None when it can."""
     device = torch.device(device)
     if device.type == "cuda":
+        if torch.version.hip:  # ROCm's capability numbers are gfx arches, and its fp8 GEMM takes e4m3fnuz
+            return "fp8 matmuls here use NVIDIA's e4m3fn format (RTX 40xx / Ada, H100 / Hopper or newer), not ROCm's"
         if torch.cuda.get_device_capability(device) < (8, 9):
             return "fp8 matmuls need an NVIDIA GPU with fp8 units (RTX 40xx / Ada, H100 / Hopper or newer)"
         return None

@@ -175,8 +175,13 @@ AUTO_HEADROOM = 1 << 30  # bytes "auto" choices leave free for allocator fragmen
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 blocks on CUDA (the official layout), fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 blocks on a GPU that has bf16 (the official layout), fp16 on older CUDA GPUs (Turing, Pascal: bf16 is
+    emulated there, or refused), fp32 elsewhere."""
+    from .ops import native_bf16
+
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 def model_device(model: InfinityStarTransformer) -> torch.device:

@@ -86,7 +86,9 @@ def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
 def official_autocast_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype | None:
     """The official scripts call T5 (fp16 weights) inside their bf16 autocast, so its matmuls run in bf16: the same
     for half-precision weights on a CUDA GPU that has bf16. fp32 weights (chosen, or on the CPU) run as they are."""
-    if device.type == "cuda" and weight_dtype in (torch.float16, torch.bfloat16) and torch.cuda.is_bf16_supported():
+    from .ops import native_bf16
+
+    if weight_dtype in (torch.float16, torch.bfloat16) and native_bf16(device):
         return torch.bfloat16
     return None
 

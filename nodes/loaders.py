@@ -33,13 +33,13 @@ def _missing(name: str, choices: list[str], what: str) -> bool | str:
 
 
 def _pick_attention(choice: str, load_device) -> str:
-    from ..infinitystar.attention import available_backends, backend_unavailable
+    from ..infinitystar.attention import auto_backend, backend_unavailable
 
     if choice == "auto":  # flash matches the official numerics on CUDA; sage changes them, so never automatic
-        return "flash" if "flash" in available_backends() and load_device.type == "cuda" else "sdpa"
-    why = backend_unavailable(choice)
+        return auto_backend(load_device)
+    why = backend_unavailable(choice, load_device)
     if why:
-        raise ValueError(f"{why}. 'auto' falls back to sdpa.")
+        raise ValueError(f"attention {choice}: {why}. 'auto' picks what runs here.")
     if choice == "cudnn" and load_device.type != "cuda":
         logger.warning("InfinityStar: attention cudnn is a CUDA kernel; on %s PyTorch's own SDPA pick runs instead",
                        load_device)
@@ -123,7 +123,7 @@ class InfinityStarModelLoader(io.ComfyNode):
             ops = host.gguf_ops()
         else:
             if wdtype is None:  # the official layout: the fp32 files' blocks in bf16 on a GPU
-                wdtype = default_block_dtype(inspect_transformer(path).dtype, load_device)
+                wdtype = default_block_dtype(inspect_transformer(path).dtype, load_device, compute)
             host.check_weight_dtype(wdtype, load_device)
             ops = host.pick_ops(wdtype, compute, load_device)
         model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)

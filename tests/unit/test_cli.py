@@ -231,6 +231,7 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, as far as the session's checks go
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     gpu = session("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
     assert gpu.auto_dtype(schedule) == torch.bfloat16 and "fp8" not in capsys.readouterr().err
@@ -247,6 +248,13 @@ def test_default_dtype_follows_the_free_gpu_memory(tiny_models, monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 10**9))
     assert gpu.auto_dtype(schedule) == torch.float8_e4m3fn
     assert session("cuda", "--cfg", "1").auto_dtype(schedule) == torch.bfloat16
+    # an RTX 20xx has no native bf16: fp16 blocks, the same size
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
+    assert gpu.auto_dtype(schedule) == torch.float16
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 10**9, 24 * 10**9))
+    assert gpu.auto_dtype(schedule) == torch.float8_e4m3fn
+    assert "fp16 weights" in capsys.readouterr().err
 
 
 def test_weight_options_that_cannot_apply_are_refused_before_anything_loads(tmp_path, capsys):
@@ -260,6 +268,9 @@ def test_weight_options_that_cannot_apply_are_refused_before_anything_loads(tmp_
     for extra in (["--dtype", "fp8"], ["--fp8-matmul"]):
         assert main([*common, "--transformer", str(tmp_path / "q.GGUF"), *extra]) == 2
         assert "is a GGUF file, already quantized" in capsys.readouterr().err
+    mps = [a if a != "cpu" else "mps" for a in common]
+    assert main([*mps, "--dtype", "fp8_e5m2"]) == 2
+    assert "Apple's MPS has no fp8 tensors" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

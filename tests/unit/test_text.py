@@ -135,11 +135,11 @@ def test_half_weights_on_cuda_run_under_the_official_bf16_autocast(monkeypatch):
     from infinitystar.text import official_autocast_dtype
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert official_autocast_dtype(cuda, torch.float16) == torch.bfloat16
     assert official_autocast_dtype(cuda, torch.bfloat16) == torch.bfloat16
     assert official_autocast_dtype(cuda, torch.float32) is None and official_autocast_dtype(cpu, torch.float16) is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))  # emulated bf16 only
     assert official_autocast_dtype(cuda, torch.float16) is None
 
 

@@ -1,0 +1,97 @@
+"""What the library picks on GPUs other than the H100/H200 it was measured on, with the device queries simulated:
+NVIDIA before Ampere (no native bf16, no flash-attn, no Triton below sm70), AMD ROCm (capabilities are gfx arch
+numbers), Apple MPS (no float64, no fp8). Each choice here once crashed or would crash only after loading."""
+import pytest
+import torch
+
+import infinitystar.attention as A
+from infinitystar.checkpoint import default_block_dtype
+from infinitystar.guidance import apg
+from infinitystar.ops import fp8_matmul_unavailable, native_bf16
+from infinitystar.sampler import default_compute_dtype
+from infinitystar.text import official_autocast_dtype
+from infinitystar.transformer import compile_unavailable
+
+CUDA = torch.device("cuda:0")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Set the simulated GPU: ``gpu(capability, hip=False)``."""
+
+    def set_gpu(capability, hip=False):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.version, "hip", "6.2" if hip else None)
+        A._capability.cache_clear()
+
+    yield set_gpu
+    A._capability.cache_clear()
+
+
+@pytest.mark.parametrize("capability, hip, native", [
+    ((6, 1), False, False), ((7, 5), False, False), ((8, 0), False, True), ((8, 6), False, True),
+    ((9, 0), False, True), ((10, 3), True, False), ((11, 0), True, True), ((9, 4), True, True)])
+def test_bf16_is_used_where_the_gpu_computes_it_natively(gpu, capability, hip, native):
+    """Pascal and Turing only emulate bf16 (Pascal's cuBLAS refuses it); RDNA1/2 (gfx10xx) lack it."""
+    gpu(capability, hip)
+    assert native_bf16(CUDA) is native
+    assert default_compute_dtype(CUDA) == (torch.bfloat16 if native else torch.float16)
+    assert official_autocast_dtype(CUDA, torch.float16) == (torch.bfloat16 if native else None)
+    assert not native_bf16("cpu") and not native_bf16("mps")
+    assert default_compute_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_default_storage_follows_an_fp16_compute():
+    """The official fp32 files' blocks go to bf16 on a GPU, or fp16 where the compute is fp16 (no bf16 tensors on
+    MPS before macOS 14 or on DirectML); the CPU and files stored otherwise keep theirs."""
+    assert default_block_dtype(torch.float32, "cuda") == torch.bfloat16
+    assert default_block_dtype(torch.float32, "mps", torch.float16) == torch.float16
+    assert default_block_dtype(torch.float32, "cuda", torch.float32) == torch.bfloat16
+    assert default_block_dtype(torch.float32, "cpu", torch.float16) is None
+    assert default_block_dtype(torch.bfloat16, "cuda", torch.float16) is None
+
+
+def test_flash_attn_only_where_it_runs(gpu, monkeypatch):
+    """auto takes flash-attn on an NVIDIA Ampere or newer only; asking for it on an older GPU is refused before
+    loading (flash-attn itself fails at the first call); on ROCm auto keeps to SDPA."""
+    monkeypatch.setattr(A, "_AVAILABLE", [*A.SDPA_BACKENDS, "flash"])
+    monkeypatch.setattr(A, "available_backends", lambda: [*A.SDPA_BACKENDS, "flash"])
+    gpu((8, 6))
+    assert A.auto_backend(CUDA) == "flash" and A.backend_unavailable("flash", CUDA) is None
+    gpu((7, 5))
+    assert A.auto_backend(CUDA) == "sdpa"
+    assert "Ampere" in A.backend_unavailable("flash", CUDA)
+    gpu((9, 4), hip=True)
+    assert A.auto_backend(CUDA) == "sdpa" and A.backend_unavailable("flash", CUDA) is None
+    assert A.auto_backend("cpu") == "sdpa" and "not mps" in A.backend_unavailable("flash", "mps")
+    assert A.backend_unavailable("sdpa", CUDA) is None and A.backend_unavailable("auto", "cpu") is None
+
+
+def test_fp8_matmuls_and_compile_are_refused_where_they_cannot_run(gpu, monkeypatch):
+    gpu((9, 4), hip=True)  # an MI300 passes an NVIDIA "capability >= 8.9" test, but its fp8 GEMM is e4m3fnuz
+    assert "ROCm" in fp8_matmul_unavailable(CUDA)
+    gpu((8, 9))
+    assert fp8_matmul_unavailable(CUDA) is None
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    gpu((6, 1))
+    assert "7.0" in compile_unavailable(CUDA)
+    gpu((7, 5))
+    assert compile_unavailable(CUDA) is None
+    assert "mps" in compile_unavailable("mps")
+
+
+def test_apg_without_float64_on_the_device_runs_on_the_cpu(monkeypatch):
+    """MPS has no float64: APG's projection runs on the CPU there, still in float64, and gives the same numbers."""
+    import infinitystar.guidance as G
+
+    assert G.float64_device(torch.device("mps")) == torch.device("cpu")
+    assert G.float64_device(CUDA) == CUDA and G.float64_device(torch.device("cpu")) == torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 40, 32, generator=gen), torch.randn(2, 40, 32, generator=gen)
+    want = apg(cond, uncond, 34.0, 0.05, eta=0.5)
+    seen = []
+    monkeypatch.setattr(G, "float64_device", lambda device: seen.append(device) or torch.device("cpu"))
+    assert torch.equal(apg(cond.to(torch.float32), uncond, 34.0, 0.05, eta=0.5), want) and seen
