@@ -110,15 +110,26 @@ def _resolve(backend: str, q: torch.Tensor) -> str:
 
 
 def _half_cuda(q: torch.Tensor) -> bool:
-    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+    return _is_half_cuda(q.device, q.dtype)
+
+
+def _is_half_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def _flash_sdpa(q: torch.Tensor) -> bool:
     """PyTorch's FlashAttention-2 can take these queries: fp16/bf16 on sm80+ NVIDIA (ROCm builds are left to SDPA's
     own pick rather than risk a fall-back to the math kernel), head dim <= 256, the kernel enabled."""
-    return (_half_cuda(q) and q.shape[-1] <= 256 and torch.version.hip is None
-            and torch.backends.cuda.flash_sdp_enabled()
-            and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= (8, 0))
+    return _half_cuda(q) and _flash_sdpa_takes(q.device, q.shape[-1])
+
+
+def _flash_sdpa_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    return _is_half_cuda(device, dtype) and _flash_sdpa_takes(device, head_dim)
+
+
+def _flash_sdpa_takes(device: torch.device, head_dim: int) -> bool:
+    return (head_dim <= 256 and torch.version.hip is None and torch.backends.cuda.flash_sdp_enabled()
+            and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 0))
 
 
 @functools.cache
@@ -143,12 +154,21 @@ def native_gqa(q: torch.Tensor, backend: str = "sdpa") -> bool:
     call never falls back to the quadratic-memory math kernel). CPU keeps the repeat: it is the
     official code's arithmetic, bit for bit.
     """
-    backend = _resolve(backend, q)
-    if not _half_cuda(q) or backend == "sage":
+    return takes_gqa(q.device, q.dtype, q.shape[-1], backend)
+
+
+def takes_gqa(device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str = "sdpa") -> bool:
+    """:func:`native_gqa` before there is a tensor, for memory plans: without it (CPU, MPS, NVIDIA before Ampere,
+    ROCm) every attention call holds K/V repeated to the query heads."""
+    device = torch.device(device)
+    if not _is_half_cuda(device, dtype):
+        return False
+    backend = auto_backend(device) if backend == "auto" else backend
+    if backend == "sage":
         return False
     if backend == "flash":
         return True
-    return _flash_sdpa(q) and _sdpa_takes_gqa()
+    return _flash_sdpa_for(device, dtype, head_dim) and _sdpa_takes_gqa()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",

@@ -116,7 +116,7 @@ def resolve_chunk_tokens(chunk_tokens: int | str | None, config, dtype: torch.dt
 
 def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransformer, schedule: Schedule,
                        text: TextCondition, dtype: torch.dtype, chunk_tokens: int | None,
-                       extra_tokens: int = 0, batch: int = 2) -> int:
+                       extra_tokens: int = 0, batch: int = 2, attn_backend: str = "sdpa") -> int:
     """How many layers keep their reference K/V in host memory. ``"auto"``: none off CUDA; on CUDA the
     fewest that let the run fit the device's free memory less ``AUTO_HEADROOM``
     (:func:`infinitystar.memory.choose_kv_offload`). ``extra_tokens``: prefix-condition tokens every step reads
@@ -127,12 +127,14 @@ def resolve_offload_kv(offload_kv: bool | int | str, model: InfinityStarTransfor
     device = model_device(model)
     if device.type != "cuda":
         return 0
+    from .attention import takes_gqa
     from .memory import choose_kv_offload
 
     available = cuda_available_bytes(device)
     layers = choose_kv_offload(model.config, schedule, available - AUTO_HEADROOM, batch=batch, dtype=dtype,
                                text_tokens=text.cond.shape[0] + extra_tokens, chunk_tokens=chunk_tokens,
-                               weight_dtype=model.block_dtype())
+                               weight_dtype=model.block_dtype(),
+                               native_gqa=takes_gqa(device, dtype, model.config.head_dim, attn_backend))
     if layers:
         logger.info("reference K/V of %d of %d layers kept in host memory: the run would not fit the %.1f GB free "
                     "on %s otherwise", layers, depth, available / 1e9, device)
@@ -214,7 +216,7 @@ class _Runner:
         if self.conditions and graphs is not None:
             raise ValueError("cuda_graphs cannot replay steps with prefix conditions (interact model); leave them off")
         offload = resolve_offload_kv(offload_kv, model, schedule, text, self.dtype, self.chunk_tokens,
-                                     sum(c.num_tokens for c in self.conditions), batch)
+                                     sum(c.num_tokens for c in self.conditions), batch, attn_backend)
         self.graphs = graphs
         if graphs is not None:
             graphs.begin(model, self.dtype)

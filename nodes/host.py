@@ -168,21 +168,24 @@ def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype, extra_t
     layer's clip-1 reference per clip-2 step costs less than streaming the blocks through partial loading
     on every step. What is left over still goes to ComfyUI's partial loading.
     """
+    from ..infinitystar.attention import takes_gqa
     from ..infinitystar.memory import TEXT_TOKENS, choose_kv_offload, estimate_sampling_memory
 
     text_tokens = TEXT_TOKENS + int(extra_tokens)
     device = torch.device(patcher.load_device)
     weights = _block_dtype(patcher)
+    # where the kernel cannot read GQA K/V as it is, each call holds a copy per query head: count it
+    gqa = takes_gqa(device, compute_dtype, config.head_dim, "sdpa")
     layers = 0
     if device.type not in ("cpu", "mps"):  # host memory is the device's memory there
         room = mm.get_total_memory(device) - mm.minimum_inference_memory() - patcher.model_size()
         layers = choose_kv_offload(config, schedule, room, batch=batch, dtype=compute_dtype, weight_dtype=weights,
-                                   text_tokens=text_tokens)
+                                   text_tokens=text_tokens, native_gqa=gqa)
         if layers:
             logger.info("InfinityStar: the reference K/V of %d of %d layers is kept in host memory to fit this "
                         "%d-clip run on %s", layers, config.depth, schedule.num_clips, device)
     need = estimate_sampling_memory(config, schedule, batch=batch, dtype=compute_dtype, offload_kv=layers,
-                                    weight_dtype=weights, text_tokens=text_tokens)
+                                    weight_dtype=weights, text_tokens=text_tokens, native_gqa=gqa)
     return int(need), layers
 
 

@@ -302,6 +302,9 @@ def test_sampling_plan_offloads_only_the_reference_kv_the_device_lacks(pack, com
             return fp8_weights
 
     monkeypatch.setattr(comfy, "minimum_inference_memory", lambda: 2**30)
+    attention = core("attention")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a Hopper GPU
+    attention._capability.cache_clear()
     plans = {}
     for gb in (16, 24, 80):
         monkeypatch.setattr(comfy, "get_total_memory", lambda dev=None, torch_total_too=False, gb=gb: gb * 2**30)
@@ -315,8 +318,16 @@ def test_sampling_plan_offloads_only_the_reference_kv_the_device_lacks(pack, com
     assert need == memory.estimate_sampling_memory(config, schedule, offload_kv=layers, **fp8) <= room
     assert memory.estimate_sampling_memory(config, schedule, offload_kv=layers - 1, **fp8) > room
     assert resident > memory.estimate_sampling_memory(config, schedule, dtype=torch.bfloat16)  # the fp8 upcast copy
+    # an RTX 20xx (fp16: no bf16 there) reads GQA K/V through a copy per query head: the plan counts it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    attention._capability.cache_clear()
+    need, _ = host.sampling_plan(Patcher(), config, schedule, torch.float16)
+    copies = dict(dtype=torch.float16, weight_dtype=torch.float8_e4m3fn)
+    assert need > memory.estimate_sampling_memory(config, schedule, **copies, native_gqa=True)
+    attention._capability.cache_clear()
     Patcher.load_device = torch.device("cpu")
-    assert host.sampling_plan(Patcher(), config, schedule, torch.bfloat16) == (resident, 0)
+    on_cpu = memory.estimate_sampling_memory(config, schedule, **fp8, native_gqa=False)  # the CPU repeats K/V
+    assert host.sampling_plan(Patcher(), config, schedule, torch.bfloat16) == (on_cpu, 0) and on_cpu > resident
 
 
 def test_sampler_and_extend_nodes_carry_the_offload_plan(pack, loaded, core, monkeypatch):

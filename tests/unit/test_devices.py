@@ -95,3 +95,24 @@ def test_apg_without_float64_on_the_device_runs_on_the_cpu(monkeypatch):
     seen = []
     monkeypatch.setattr(G, "float64_device", lambda device: seen.append(device) or torch.device("cpu"))
     assert torch.equal(apg(cond.to(torch.float32), uncond, 34.0, 0.05, eta=0.5), want) and seen
+
+
+def test_memory_plans_count_the_kv_copy_where_the_kernel_needs_one(gpu):
+    """Only NVIDIA Ampere or newer (SDPA's flash kernel, or flash-attn) reads GQA K/V as it is; elsewhere each call
+    holds it repeated to the query heads, and a plan made for the 8B model at 720p must count that (about 2.5 GB)."""
+    from infinitystar.attention import takes_gqa
+    from infinitystar.config import TRANSFORMER_PRESETS
+    from infinitystar.memory import estimate_sampling_memory
+    from infinitystar.schedule import build_schedule
+
+    gpu((9, 0))
+    assert takes_gqa(CUDA, torch.bfloat16, 128) and takes_gqa(CUDA, torch.float16, 128, "flash")
+    assert not takes_gqa(CUDA, torch.float32, 128) and not takes_gqa(CUDA, torch.bfloat16, 128, "sage")
+    assert not takes_gqa("cpu", torch.bfloat16, 128) and not takes_gqa("mps", torch.float16, 128)
+    gpu((7, 5))
+    assert not takes_gqa(CUDA, torch.float16, 128)
+    gpu((9, 4), hip=True)
+    assert not takes_gqa(CUDA, torch.bfloat16, 128)
+    config, schedule = TRANSFORMER_PRESETS["8b"], build_schedule("720p", "16:9", 81)
+    shared, copied = (estimate_sampling_memory(config, schedule, dtype=torch.float16, native_gqa=n) for n in (1, 0))
+    assert copied - shared > 2 * 10**9

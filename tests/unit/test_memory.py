@@ -109,6 +109,9 @@ def test_auto_offload_on_cuda_takes_the_fewest_layers_that_fit_the_free_memory(m
     weights = 8_768_382_112
     total, fraction = 80e9, [1.0]
     monkeypatch.setattr(sampler_mod, "model_device", lambda m: torch.device("cuda", 0))
+    from infinitystar import attention
+
+    monkeypatch.setattr(attention, "_capability", lambda index: (9, 0))  # a Hopper GPU: GQA K/V read as they are
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (int(total - weights), int(total)))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: weights)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: weights)
