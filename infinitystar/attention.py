@@ -207,8 +207,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
             return out.to(dtype)
     if groups > 1 and native_gqa(q, "sdpa"):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).to(dtype)
-    out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), scale=scale)
-    return out.to(dtype)
+    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    if _scores_materialized(q):
+        return _attend_in_query_slices(q, k, v, scale).to(dtype)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).to(dtype)
+
+
+SCORE_BYTES = 2**30  # the score matrix one SDPA call may build where its kernel builds it whole (MPS)
+
+
+def _scores_materialized(q: torch.Tensor) -> bool:
+    """Apple's MPS SDPA builds the whole fp32 score matrix (B, heads, queries, keys), and MPS refuses any tensor over
+    4 GiB: the large steps' calls (up to 93 GiB at 720p) must be cut."""
+    return q.device.type == "mps"
+
+
+def _attend_in_query_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            budget: int = SCORE_BYTES) -> torch.Tensor:
+    """SDPA over slices of the queries, each with a score matrix of at most ``budget`` bytes: every query's row of
+    the softmax is its own, so this is the same attention."""
+    per_query = q.shape[0] * q.shape[1] * k.shape[2] * 4  # fp32 scores
+    step = max(1, budget // per_query)
+    if step >= q.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v, scale=scale)
+                      for i in range(0, q.shape[2], step)], dim=2)
 
 
 # Below this many query x key tokens per call, backend "sdpa" runs FlashAttention-2 rather than leaving the pick to

@@ -116,3 +116,24 @@ def test_memory_plans_count_the_kv_copy_where_the_kernel_needs_one(gpu):
     config, schedule = TRANSFORMER_PRESETS["8b"], build_schedule("720p", "16:9", 81)
     shared, copied = (estimate_sampling_memory(config, schedule, dtype=torch.float16, native_gqa=n) for n in (1, 0))
     assert copied - shared > 2 * 10**9
+
+
+def test_attention_on_mps_cuts_the_queries_so_the_score_matrix_stays_small(monkeypatch):
+    """Where SDPA builds the whole score matrix (MPS; played here by the CPU) a call runs over query slices whose
+    scores fit the budget: the same attention, row by row."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, n, 16, generator=gen) for n in (50, 70, 70))
+    want = A.attend(q, k[:, :2], v[:, :2], round_qkv_bf16=False)  # GQA: 2 KV heads for 4 query heads
+    slices = []
+    real = A._attend_in_query_slices
+    monkeypatch.setattr(A, "_scores_materialized", lambda q: True)
+    monkeypatch.setattr(A, "_attend_in_query_slices",
+                        lambda q, k, v, scale: slices.append(q.shape) or real(q, k, v, scale, budget=4 * 70 * 4 * 8))
+    got = A.attend(q, k[:, :2], v[:, :2], round_qkv_bf16=False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert slices == [q.shape]
+    parts = []
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: parts.append(q.shape[2]) or torch.zeros(*q.shape))
+    real(q, k, v, 0.25, budget=4 * 70 * 4 * 8)
+    assert parts == [8] * 6 + [2]  # 8 queries a slice: 8 x 4 heads x 70 keys x 4 bytes
