@@ -154,7 +154,7 @@ class Session:
         half = torch.bfloat16 if native_bf16(self.device) else torch.float16  # fp16: GPUs before Ampere
         if schedule is None:
             return half
-        from .memory import choose_block_dtype, weight_bytes
+        from .memory import choose_block_dtype, estimate_sampling_memory, weight_bytes
         from .sampler import AUTO_HEADROOM, cuda_available_bytes
 
         config = self.model_info().config
@@ -167,6 +167,13 @@ class Session:
             print(f"note: {name} weights ({need:.1f} GB) and this run do not fit the {free / 1e9:.1f} GB free on "
                   f"{self.device}; storing the blocks in fp8 (e4m3fn, scaled). --dtype {name} forces {name}.",
                   file=sys.stderr)
+            least = estimate_sampling_memory(config, schedule, batch=self.guidance().branches(schedule.scales_per_clip),
+                                             dtype=half, offload_kv=True, weight_dtype=dtype)
+            if weight_bytes(config, dtype) + least > free - AUTO_HEADROOM:
+                print("note: fp8 blocks do not fit either, so this run will likely run out of GPU memory. The CLI "
+                      "keeps every block on the GPU: try a smaller --resolution (480p, 0.25M), a GGUF Q4_K "
+                      "transformer (convert-gguf, about 5 GB), or the ComfyUI nodes, which stream blocks from "
+                      "system memory.", file=sys.stderr)
         return dtype
 
     def transformer(self, schedule=None):
