@@ -8,4 +8,5 @@ except ImportError:
 if _HAS_COMFY:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-    __all__ = ["comfy_entrypoint"]
+    WEB_DIRECTORY = "./web"  # one frontend fix: older saved workflows' Encode / Interact Start seed values
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
