@@ -530,16 +530,16 @@ def _setup(argv):
         raise SystemExit("--fp8-matmul multiplies fp8 e4m3fn blocks: add --weights fp8")
     if args.weights in GGUF_TYPES and (args.official or args.parity):
         raise SystemExit("GGUF weights are ours alone: compare with the official code on --weights bf16 or fp8")
-    if args.attention == "auto":  # resolve before the official code may register a flash_attn stand-in
-        from infinitystar.attention import auto_backend
-
-        args.attention = auto_backend(device)
     official_mod = None
     if args.official and device.type == "cuda":
         # before CUDA starts: the official code's allocations fragment PyTorch's caching allocator (on an H100 its
         # 720p run failed with 62.2 GiB allocated and 12.5 GiB reserved but unused, of 79.2 GiB; its peak is 71.2
         # GiB); expandable segments let it fit, and both sides run on the same allocator in the one process
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.attention == "auto":  # after the allocator setting (this asks the GPU), before a flash_attn stand-in
+        from infinitystar.attention import auto_backend
+
+        args.attention = auto_backend(device)
     if args.official:
         import official
 

@@ -217,9 +217,14 @@ def test_official_cuda_runs_get_expandable_segments_before_cuda_starts(monkeypat
     monkeypatch.setattr(bench, "_init_cuda", lambda device: seen.append(("cuda", os.environ.get(ALLOC))))
     monkeypatch.setattr(official, "import_official", lambda path: seen.append(("import", os.environ.get(ALLOC))))
     monkeypatch.setattr(bench, "machine_line", lambda device: "a GPU")
+    import infinitystar.attention as attention
+
+    # resolving attention "auto" asks the GPU for its capability, which starts CUDA: after the setting too
+    monkeypatch.setattr(attention, "auto_backend", lambda device: seen.append(("auto", os.environ.get(ALLOC))) or "sdpa")
     monkeypatch.delenv(ALLOC, raising=False)
     args, device, config, _ = bench._setup(["--device", "cuda", "--config", "tiny", "--official", "somewhere"])
-    assert seen == [("import", "expandable_segments:True"), ("cuda", "expandable_segments:True")]
+    assert seen == [("auto", "expandable_segments:True"), ("import", "expandable_segments:True"),
+                    ("cuda", "expandable_segments:True")]
     assert f"{ALLOC}=expandable_segments:True" in bench._settings_line(args, config, device)
     monkeypatch.setenv(ALLOC, "max_split_size_mb:512")
     bench._setup(["--device", "cuda", "--config", "tiny", "--official", "somewhere"])
