@@ -5,8 +5,9 @@ than ``SMALL_CALL_WORK`` go to FlashAttention-2, see :func:`small_call`) is the 
 ``cudnn`` and ``sdpa_flash`` ask SDPA for one kernel (cuDNN's, the fastest on Hopper; FlashAttention-2's, the
 official code's); ``flash`` (flash-attn 3, else 2) and ``sage`` (sageattention) are opt-in and only used when
 installed;
-``auto`` takes flash-attn for half-precision CUDA tensors when it is installed, else SDPA. The official model rounds q, k, v to bf16 right before its
-flash-attn call; ``round_qkv_bf16`` reproduces that rounding for fp32 runs.
+``auto`` takes flash-attn for half-precision tensors on an NVIDIA Ampere or newer when it is installed, else SDPA.
+The official model rounds q, k, v to bf16 right before its flash-attn call; ``round_qkv_bf16`` reproduces that
+rounding for fp32 runs.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def flash_attn_unsupported(device: torch.device | str) -> str | None:
     """Why flash-attn cannot run on ``device`` (it fails only at the first call, after loading), or None."""
     device = torch.device(device)
     if device.type != "cuda":
-        return f"flash-attn runs on CUDA GPUs, not {device.type}"
+        return None  # attend() runs SDPA there, as for the other CUDA kernels
     if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
         return "flash-attn needs an NVIDIA Ampere (RTX 30xx, A100) or newer GPU"
     return None

@@ -265,8 +265,11 @@ def default_block_dtype(stored: torch.dtype, device: torch.device | str,
     load their blocks in bf16 on the GPU (17.6 GB), so that is what default gives there, or fp16 where the compute
     dtype is fp16 (a device without bf16: Turing, MPS before macOS 14, DirectML). The CPU keeps fp32 (the golden
     arithmetic); files stored otherwise (bf16, fp16, fp8, GGUF) stay as they are."""
-    if stored == torch.float32 and torch.device(device).type != "cpu":
-        return torch.float16 if compute == torch.float16 else torch.bfloat16
+    from .ops import native_bf16
+
+    device = torch.device(device)
+    if stored == torch.float32 and device.type != "cpu":
+        return torch.float16 if compute == torch.float16 and not native_bf16(device) else torch.bfloat16
     return None
 
 

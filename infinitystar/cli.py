@@ -15,7 +15,7 @@ import torch
 
 from . import cli_args as C
 from . import pipeline as P
-from .attention import backend_unavailable
+from .attention import backend_unavailable, takes_gqa
 from .cli_args import DTYPES, build_parser
 from .download import COMPONENTS, TRANSFORMER_DIRS, download_models, find_models
 from .ops import native_bf16
@@ -159,16 +159,17 @@ class Session:
 
         config = self.model_info().config
         free = cuda_available_bytes(self.device)
+        plan = dict(dtype=half, batch=self.guidance().branches(schedule.scales_per_clip),
+                    native_gqa=takes_gqa(self.device, half, config.head_dim, getattr(self.args, "attention", "auto")))
         dtype = choose_block_dtype(config, schedule, free - AUTO_HEADROOM, candidates=(half, torch.float8_e4m3fn),
-                                   dtype=half, batch=self.guidance().branches(schedule.scales_per_clip))
+                                   **plan)
         if dtype != half:
             name = str(half).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
             need = weight_bytes(config, half) / 1e9
             print(f"note: {name} weights ({need:.1f} GB) and this run do not fit the {free / 1e9:.1f} GB free on "
                   f"{self.device}; storing the blocks in fp8 (e4m3fn, scaled). --dtype {name} forces {name}.",
                   file=sys.stderr)
-            least = estimate_sampling_memory(config, schedule, batch=self.guidance().branches(schedule.scales_per_clip),
-                                             dtype=half, offload_kv=True, weight_dtype=dtype)
+            least = estimate_sampling_memory(config, schedule, offload_kv=True, weight_dtype=dtype, **plan)
             if weight_bytes(config, dtype) + least > free - AUTO_HEADROOM:
                 print("note: fp8 blocks do not fit either, so this run will likely run out of GPU memory. The CLI "
                       "keeps every block on the GPU: try a smaller --resolution (480p, 0.25M), a GGUF Q4_K "

@@ -148,7 +148,7 @@ def device(name: str | None):
     try:
         chosen = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name PyTorch knows; use cuda, cuda:1 or cpu") from None
+        raise ValueError(f"--device {name}: not a device name PyTorch knows; use cuda, cuda:1, mps or cpu") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use --device cpu, "
                          "or install a CUDA build of PyTorch")

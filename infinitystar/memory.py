@@ -174,14 +174,15 @@ def weight_bytes(config: TransformerConfig, block_dtype: torch.dtype) -> int:
 
 def choose_block_dtype(config: TransformerConfig, schedule: Schedule, device_bytes: int,
                        candidates: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float8_e4m3fn),
-                       dtype: torch.dtype = torch.bfloat16, batch: int = 2) -> torch.dtype:
+                       dtype: torch.dtype = torch.bfloat16, batch: int = 2,
+                       native_gqa: bool | None = None) -> torch.dtype:
     """The first of ``candidates`` (widest first) whose weights plus the sampling estimate (with the reference
     K/V in host memory if need be; ``batch`` 1 when no scale is guided) fit ``device_bytes``; the last one when
     none does."""
     for block_dtype in candidates:
         weights = weight_bytes(config, block_dtype)
         need = estimate_sampling_memory(config, schedule, batch=batch, dtype=dtype, offload_kv=True,
-                                        weight_dtype=block_dtype)
+                                        weight_dtype=block_dtype, native_gqa=native_gqa)
         if weights + need <= device_bytes:
             return block_dtype
     return candidates[-1]

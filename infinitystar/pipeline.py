@@ -11,8 +11,10 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,17 @@ RESOLUTIONS = {"720p": "0.90M", "480p": "0.40M"}
 GENERATOR_CHOICES = ("auto", "cpu", "cuda")
 TOKEN_KINDS = ("generation", "interact")
 OFFLOAD_KV_CHOICES = {"auto": "auto", "on": True, "off": False}  # option word -> sampler's offload_kv
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_tokens_header(path: str, mtime_ns: int, size: int) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == TOKENS_FORMAT
+    except Exception:  # not safetensors, unreadable, truncated: not something to offer
+        return False
 
 
 @dataclass
@@ -94,14 +107,13 @@ class Tokens:
 
     @staticmethod
     def is_file_of_tokens(path: str | Path) -> bool:
-        """Whether ``path`` is a tokens file (reads its header only): to list saved tokens among other files."""
-        from safetensors import safe_open
-
+        """Whether ``path`` is a tokens file (reads its header once per version of the file): to list saved tokens
+        among the other files of a folder, every time ComfyUI builds the node list."""
         try:
-            with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() or {}).get("format") == TOKENS_FORMAT
-        except Exception:  # not safetensors, unreadable, truncated: not something to offer
+            stat = os.stat(path)
+        except OSError:
             return False
+        return _is_tokens_header(str(path), stat.st_mtime_ns, stat.st_size)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokens:

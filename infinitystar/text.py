@@ -85,12 +85,16 @@ def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
 
 def official_autocast_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype | None:
     """The official scripts call T5 (fp16 weights) inside their bf16 autocast, so its matmuls run in bf16: the same
-    for half-precision weights on a CUDA GPU that has bf16. fp32 weights (chosen, or on the CPU) run as they are."""
+    for half-precision weights on a CUDA GPU that runs bf16 (Turing emulates it, slower but fine for T5, and flan-t5
+    is prone to overflow in pure fp16; Pascal's cuBLAS refuses it). fp32 weights (chosen, or on the CPU) run as they
+    are."""
     from .ops import native_bf16
 
-    if weight_dtype in (torch.float16, torch.bfloat16) and native_bf16(device):
-        return torch.bfloat16
-    return None
+    device = torch.device(device)
+    if weight_dtype not in (torch.float16, torch.bfloat16) or device.type != "cuda":
+        return None
+    runs_bf16 = native_bf16(device) or (torch.version.hip is None and torch.cuda.get_device_capability(device) >= (7, 5))
+    return torch.bfloat16 if runs_bf16 else None
 
 
 def _config_vocab_size(path: Path) -> int:

@@ -306,8 +306,8 @@ def compile_unavailable(device: torch.device | str) -> str | None:
         return "torch.compile on a GPU needs Triton (pip install triton; on Windows pip install triton-windows)"
     if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) < (7, 0):
         return "torch.compile's Triton kernels need an NVIDIA GPU of compute capability 7.0 or newer (not GTX 10xx)"
-    if device.type not in ("cuda", "cpu"):
-        return f"torch.compile of the blocks is not supported on {device.type} here"
+    if device.type == "mps":
+        return "torch.compile of the blocks is not supported on Apple's MPS here"
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
         return "torch.compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on PATH"
     return None

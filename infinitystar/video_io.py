@@ -23,8 +23,12 @@ DEFAULT_FPS = 16
 def new_file_mode() -> int:
     """The mode ``open()`` gives a new file under the current umask. Writers such as safetensors create files
     0600, which hides a user's own outputs from their other accounts and services (a web UI, a sync client)."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
+    try:  # Linux says it without changing it (other threads may be creating files meanwhile)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # elsewhere reading the umask means setting it; put it straight back
+        os.umask(mask)
     return 0o666 & ~mask
 
 
@@ -139,7 +143,7 @@ def clip_indices(total: int, fps: float, count: int, seconds: float, *, from_end
     start, end = (duration - seconds, duration) if from_end else (0.0, float(seconds))
     first, stop = math.ceil(fps * start), min(math.ceil(fps * end), total)
     picks = np.linspace(first, stop - 1, count, dtype=int)
-    if count > 1 and fps < (count - 1) / seconds - 1e-6:  # slower than the model's rate
+    if count > 1 and fps < (count - 1) / seconds - 0.5:  # clearly slower than the model's rate (not 15.99 VFR)
         repeats = count - len(np.unique(picks))
         logger.warning("the video runs at %g fps, below the model's %g: %d of the %d frames picked repeat the one "
                        "before, so motion will look stepped (if the video's real rate is higher, give that rate)",

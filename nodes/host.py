@@ -149,7 +149,7 @@ def make_patcher(module: torch.nn.Module, kind: str):
     """Wrap ``module`` in ComfyUI's patcher for a 'transformer', 'text_encoder' or 'vae'."""
     load_device, offload_device = devices(kind)
     patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", None) or comfy.model_patcher.ModelPatcher
-    if isinstance(getattr(type(module), "device", None), property):
+    if kind == "text_encoder" and isinstance(getattr(type(module), "device", None), property):
         module = InfinityStarTextEncoder(module)
     patcher = patcher_cls(module, load_device=load_device, offload_device=offload_device)
     if kind == "transformer":
@@ -158,7 +158,7 @@ def make_patcher(module: torch.nn.Module, kind: str):
 
 
 def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype, extra_tokens: int = 0,
-                  batch: int = 2) -> tuple[int, int]:
+                  batch: int = 2, attention: str = "sdpa") -> tuple[int, int]:
     """(bytes to ask ComfyUI for, layers whose reference K/V is kept in host memory) for one generation
     (``batch`` 2 with guidance, 1 without). ``extra_tokens``: prefix-condition tokens every step reads (interact),
     counted like text.
@@ -175,7 +175,7 @@ def sampling_plan(patcher, config, schedule, compute_dtype: torch.dtype, extra_t
     device = torch.device(patcher.load_device)
     weights = _block_dtype(patcher)
     # where the kernel cannot read GQA K/V as it is, each call holds a copy per query head: count it
-    gqa = takes_gqa(device, compute_dtype, config.head_dim, "sdpa")
+    gqa = takes_gqa(device, compute_dtype, config.head_dim, attention)
     layers = 0
     if device.type not in ("cpu", "mps"):  # host memory is the device's memory there
         room = mm.get_total_memory(device) - mm.minimum_inference_memory() - patcher.model_size()

@@ -75,7 +75,7 @@ class InfinityStarInteractStart(io.ComfyNode):
         frames = image_to_uint8(images[torch.from_numpy(picks)])  # only the frames a story starts from
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
         warn_crop("Interact Start", images, schedule, "set aspect_ratio to 'from input'" if aspect
-                  else "crop it to an aspect between 3:1 and 1:3, the model's range,")
+                  else f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the input nearer to it")
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             tokens = interact.start(tokenizer, frames, pn=resolution, aspect=aspect, seed=seed,

@@ -110,7 +110,7 @@ def run_transformer(model: T.LoadedTransformer, schedule, fn, node_id=None, vae:
     projection = host.preview_projection(vae)
     batch = guidance.branches(schedule.scales_per_clip) if guidance is not None else 2
     memory, offload_kv = host.sampling_plan(model.patcher, model.info.config, schedule, model.compute_dtype,
-                                            extra_tokens, batch)
+                                            extra_tokens, batch, model.attention)
     progress = host.StepProgress(schedule.num_steps, node_id=node_id, projection=projection)
     run_kwargs = dict(callback=progress, compute_dtype=model.compute_dtype, attn_backend=model.attention,
                       compile=model.compile, offload_kv=offload_kv)

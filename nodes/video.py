@@ -148,7 +148,7 @@ class InfinityStarEncode(io.ComfyNode):
         else:
             schedule = pipeline.resolve_schedule(resolution, aspect, 0)
         warn_crop("Encode", images, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
-                  else "crop it to an aspect between 3:1 and 1:3, the model's range,")
+                  else f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the input nearer to it")
         frames = image_to_uint8(images[torch.from_numpy(picks)])
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

@@ -104,7 +104,7 @@ def test_heavy_crops_of_input_frames_are_said(pack, loaded, caplog):
         run(pack.video.InfinityStarEncode, images=torch.rand(1, 36, 64, 3), aspect_ratio="16:9", **encode)
         assert caplog.text == ""
         run(pack.video.InfinityStarEncode, images=torch.rand(1, 16, 160, 3), aspect_ratio="from input", **encode)
-        assert "of it; crop it to an aspect between 3:1 and 1:3" in caplog.text  # h/w 0.1 into about 1/3
+        assert "of it; the nearest of the model's aspect templates is h/w 0.3" in caplog.text  # h/w 0.1 into 1/3
         caplog.clear()
         run(pack.interact.InfinityStarInteractStart, images=square.expand(81, -1, -1, -1), aspect_ratio="16:9",
             **encode)
