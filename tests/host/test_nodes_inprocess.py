@@ -369,7 +369,7 @@ def test_unguided_runs_plan_and_sample_one_branch(pack, loaded, core, monkeypatc
     the sampler runs batch 1, as the official sampler at cfg 1; any guided scale keeps both branches."""
     host = pack.host
     batches, real_plan = [], host.sampling_plan
-    monkeypatch.setattr(host, "sampling_plan", lambda *a: (batches.append(a[-1]), real_plan(*a))[1])
+    monkeypatch.setattr(host, "sampling_plan", lambda *a: (batches.append(a[5]), real_plan(*a))[1])  # batch
     ran, transformer = [], core("transformer").InfinityStarTransformer
     real_forward = transformer.forward_blocks
 
