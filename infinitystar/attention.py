@@ -72,8 +72,8 @@ def auto_backend(device: torch.device | str) -> str:
     """What "auto" runs on ``device``: flash-attn (the official kernel) when it is installed and the GPU is an
     NVIDIA Ampere or newer, else PyTorch SDPA. ROCm gets SDPA: flash-attn's ROCm builds cover few AMD GPUs."""
     device = torch.device(device)
-    if "flash" not in _available() or device.type != "cuda" or torch.version.hip is not None:
-        return "sdpa"
+    if device.type != "cuda" or torch.version.hip is not None or "flash" not in _available():
+        return "sdpa"  # (the device first: _available() caches what is installed at its first call)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return "flash" if _capability(index) >= (8, 0) else "sdpa"
 
