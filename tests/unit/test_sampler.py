@@ -57,19 +57,25 @@ def test_image_only(model, text):
     assert out.summed_codes.shape == (1, 64, 1, 16, 16) and len(out.bits) == 33
 
 
-def test_a_scales_kv_is_freed_right_after_its_last_reader(model, text, monkeypatch):
-    """After every step the cache holds exactly the scales a later step still attends to (counted here from the
-    steps' reference lists): K/V kept a step longer is memory the plan did not count."""
-    from infinitystar.kv_cache import TEXT_KEY
-
-    caches = []
+@pytest.fixture
+def caches(monkeypatch):
+    """Every K/V cache the sampler makes, in order."""
+    made = []
 
     class Recorded(sampler_mod.ScaleKVCache):
         def __init__(self, n, **kw):
             super().__init__(n, **kw)
-            caches.append(self)
+            made.append(self)
 
     monkeypatch.setattr(sampler_mod, "ScaleKVCache", Recorded)
+    return made
+
+
+def test_a_scales_kv_is_freed_right_after_its_last_reader(model, text, caches):
+    """After every step the cache holds exactly the scales a later step still attends to (counted here from the
+    steps' reference lists): K/V kept a step longer is memory the plan did not count."""
+    from infinitystar.kv_cache import TEXT_KEY
+
     sched = short_schedule(frames=161)
     readers = {}
     for step in sched.steps:
@@ -84,15 +90,7 @@ def test_a_scales_kv_is_freed_right_after_its_last_reader(model, text, monkeypat
         assert keys == {si for si in made if max(readers[si]) > i}, f"after step {i}"
 
 
-def test_callback_and_cleanup(model, text, monkeypatch):
-    caches = []
-
-    class Recorded(sampler_mod.ScaleKVCache):
-        def __init__(self, n, **kw):
-            super().__init__(n, **kw)
-            caches.append(self)
-
-    monkeypatch.setattr(sampler_mod, "ScaleKVCache", Recorded)
+def test_callback_and_cleanup(model, text, caches, monkeypatch):
     sched = short_schedule(aspect="1:1")
     seen = []
     sample(model, text, sched, seed=0, callback=lambda i, n, accs: seen.append((i, n, len(accs))))
