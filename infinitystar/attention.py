@@ -173,13 +173,20 @@ def takes_gqa(device: torch.device | str, dtype: torch.dtype, head_dim: int, bac
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
-           round_qkv_bf16: bool = True) -> torch.Tensor:
-    """Full (unmasked) attention.
+           round_qkv_bf16: bool = True, *, bias: torch.Tensor | None = None,
+           scale: float | None = None) -> torch.Tensor:
+    """Full attention, unmasked unless ``bias`` is given.
 
     q: (B, Nq, Lq, D); k, v: (B, Nkv, Lk, D) with Nq a multiple of Nkv. Returns (B, Nq, Lq, D) in
     q's dtype. With ``round_qkv_bf16`` fp32 inputs are rounded to bf16 and attended in fp32
     (parity with the official fp32 runs); bf16 inputs are unchanged by it.
+
+    ``bias`` (broadcast to the scores) is added before the softmax, as the text encoder's relative positions and
+    padding need; such calls (short: 512 tokens at most) run SDPA as they are, without rounding, at ``scale``
+    (default 1/sqrt(D)).
     """
+    if bias is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
     backend = _resolve(backend, q)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS} "

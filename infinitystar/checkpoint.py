@@ -181,11 +181,20 @@ def _left_on_meta(model: torch.nn.Module) -> list[str]:
     return names + [n for n, b in model.named_buffers() if b.is_meta]
 
 
-def _stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device, rename=None,
-                 transform=None) -> None:
+def stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device, rename=None,
+                transform=None) -> None:
     """Read each tensor as ``target(key, stored)`` dtype on ``device`` and assign it into the meta-built model
-    (``transform(key, tensor)`` may turn one file tensor into several (key, tensor) pairs)."""
-    for key, tensor in reader.tensors(target, device):
+    (``transform(key, tensor)`` may turn one file tensor into several (key, tensor) pairs). Keys that ``rename``
+    maps to None are not read at all, and of keys renamed alike only the first is."""
+    wanted, seen = None, set()
+    if rename is not None:
+        wanted = []
+        for key in reader.read_order():
+            name = rename(key)
+            if name is not None and name not in seen:
+                seen.add(name)
+                wanted.append(key)
+    for key, tensor in reader.tensors(target, device, keys=wanted):
         key = rename(key) if rename else key
         if key is None:
             continue
@@ -209,7 +218,7 @@ def _fill_scales(model: torch.nn.Module, device) -> None:
 
 
 def _scaled_fp8_hooks(model: torch.nn.Module, target):
-    """(target, transform) for :func:`_stream_into` that store e4m3fn block weights scaled, in the layers that have
+    """(target, transform) for :func:`stream_into` that store e4m3fn block weights scaled, in the layers that have
     a ``scale_weight`` (``ops.ScaledCastLinear``, ComfyUI's scaled-fp8 ops): those weights are read as stored and
     quantized with their own scale (:func:`infinitystar.ops.quantize_scaled`); everything else as ``target`` says."""
     scaled = {name for name, m in model.named_modules()
@@ -339,7 +348,7 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     _fill_scales(model, device)  # 1.0 wherever the file leaves a scale unset (other dtypes, scale_input)
     if reader.is_gguf:
         _mark_gguf_layers(model, reader)
-    _stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
+    stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
                  transform=transform)
     model.eval().requires_grad_(False)
     info = CheckpointInfo(variant, config, model.block_dtype(), reader.path, _gguf_quant(reader))
@@ -395,7 +404,7 @@ def load_tokenizer(path: str | Path, *, ops=torch.nn, dtype: torch.dtype | None 
     def target(key, tensor):
         return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
 
-    _stream_into(model, reader, target, device)
+    stream_into(model, reader, target, device)
     model.eval().requires_grad_(False)
     logger.info("loaded video tokenizer from %s (block channels %s)", reader.path, config.block_out_channels)
     return model

@@ -209,9 +209,11 @@ class CheckpointReader:
     def is_gguf(self) -> bool:
         return any(f.suffix.lower() == ".gguf" for f in self.files)
 
-    def _by_file(self) -> dict[Path, list[str]]:
+    def _by_file(self, keys=None) -> dict[Path, list[str]]:
         by_file: dict[Path, list[str]] = {}
         for key, entry in self.entries.items():
+            if keys is not None and key not in keys:
+                continue
             by_file.setdefault(entry.file, []).append(key)
         for file, keys in by_file.items():
             if file.suffix.lower() in (".safetensors", ".gguf"):
@@ -222,24 +224,25 @@ class CheckpointReader:
         """The keys in the order :meth:`tensors` yields them (file by file, by offset)."""
         return [k for keys in self._by_file().values() for k in keys]
 
-    def tensors(self, target=None, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (key, tensor) file by file; each tensor is a fresh copy in ``target(key, stored)`` dtype.
+    def tensors(self, target=None, device="cpu", keys=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) file by file (only ``keys`` when given); each tensor is a fresh copy in
+        ``target(key, stored)`` dtype.
 
         Safetensors bytes are read into one reused scratch buffer and cast from there, so the only allocations
         that stay are the results: no fp32 copy of a bf16 model ever piles up (or fragments the heap). GGUF
         tensors come as stored: floats in their dtype, quantized ones as their raw bytes (uint8, one row per
         output row), which ``target`` cannot change (:mod:`infinitystar.gguf` dequantizes them when used).
         """
-        for file, keys in self._by_file().items():
+        for file, names in self._by_file(None if keys is None else set(keys)).items():
             if file.suffix.lower() not in (".safetensors", ".gguf"):
-                for key in keys:
+                for key in names:
                     t = self._loaded[key]
                     yield key, t.to(device=device, dtype=target(key, t) if target else t.dtype, copy=True)
                 continue
-            size = max(self.entries[k].end - self.entries[k].start for k in keys)
+            size = max(self.entries[k].end - self.entries[k].start for k in names)
             scratch = torch.empty(size, dtype=torch.uint8)
             with open(file, "rb", buffering=0) as handle:
-                for key in keys:
+                for key in names:
                     view = _read_safetensor(self.entries[key], handle, scratch)
                     if view.dtype == torch.uint8 and self.entries[key].gguf_type >= 0:  # quantized: bytes as stored
                         yield key, view.to(device=device, copy=True)

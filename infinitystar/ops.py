@@ -140,14 +140,25 @@ class CastConv3d(nn.Conv3d):
         return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
 
 
+def norm_layer(ops, cls: type[nn.Module]) -> type[nn.Module]:
+    """The class to build one of the library's norm layers ``cls`` from: the models' norms keep the official
+    arithmetic (not torch's or the host's), and read their weight through ``cls.weight_as(x, dtype)``. A host that
+    casts or offloads weights gives its ``ops`` a ``norm_layer(cls)`` hook returning a subclass that routes the
+    weight through its own cast; ``torch.nn`` and the namespaces here build ``cls`` itself."""
+    hook = getattr(ops, "norm_layer", None)
+    return hook(cls) if hook is not None else cls
+
+
 class cast:  # noqa: N801  (a namespace, used like ``torch.nn`` / ``comfy.ops.manual_cast``)
     Linear = CastLinear
     Conv3d = CastConv3d
+    Embedding = nn.Embedding  # the text encoder's tables (looked up, not multiplied: kept as stored)
 
 
 class scaled_cast:  # noqa: N801  (for e4m3fn storage; ComfyUI's equivalent is comfy.ops.scaled_fp8_ops)
     Linear = ScaledCastLinear
     Conv3d = CastConv3d
+    Embedding = nn.Embedding
 
 
 class scaled_fp8_matmul:  # noqa: N801  (opt-in fp8 compute; ComfyUI's is --fast fp8_matrix_mult)

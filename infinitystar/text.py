@@ -60,25 +60,19 @@ def _check_folder(path: str | Path) -> Path:
     return path
 
 
-def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16,
-                        device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The ``T5EncoderModel`` of a Hugging Face folder, in eval mode without grads (offline)."""
-    from safetensors import SafetensorError
-    from transformers import T5EncoderModel
+def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
+                        ops=torch.nn) -> torch.nn.Module:
+    """The flan-t5 encoder of a Hugging Face folder (:mod:`infinitystar.t5`, built from ``ops``), without grads."""
+    from .t5 import load_t5_encoder
 
     path = _check_folder(path)
     try:
-        try:
-            module = T5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        except TypeError:  # transformers < 4.56 names it torch_dtype (and chokes on the new name)
-            module = T5EncoderModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        raise ValueError(f"{path}: cannot load the T5 weights ({type(exc).__name__}: {exc}). {TEXT_ENCODER_HINT}") \
-            from exc
-    except SafetensorError as exc:  # a truncated or damaged file
-        raise ValueError(f"{path}: a T5 weight file is damaged or incomplete ({exc}); delete the folder's "
-                         f"*.safetensors and download them again. {TEXT_ENCODER_HINT}") from exc
-    module.eval().requires_grad_(False).to(device)
+        module = load_t5_encoder(path, dtype=dtype, ops=ops, device=device)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: cannot load the T5 weights ({exc}). {TEXT_ENCODER_HINT}") from exc
+    except ValueError as exc:  # a truncated or damaged file, foreign keys, a broken config
+        raise ValueError(f"{path}: cannot load the T5 weights: {exc}. If a weight file is damaged or incomplete, "
+                         f"delete the folder's *.safetensors and download them again. {TEXT_ENCODER_HINT}") from exc
     logger.info("text encoder %s loaded (%s, d_model %d)", path, dtype, module.config.d_model)
     return module
 
@@ -110,15 +104,17 @@ def _config_vocab_size(path: Path) -> int:
 class TextEncoder:
     """flan-t5 encoder plus its tokenizer, loaded from a Hugging Face folder (``text_encoder/flan-t5-xl-official``)."""
 
-    def __init__(self, module: torch.nn.Module, tokenizer, max_length: int = TEXT_MAXLEN):
+    def __init__(self, module: torch.nn.Module, tokenizer, max_length: int = TEXT_MAXLEN,
+                 folder: Path | None = None):
         self.module = module
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.folder = folder
 
     @classmethod
     def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
-                    ) -> TextEncoder:
-        """Load ``T5EncoderModel`` and ``AutoTokenizer`` from ``path`` offline (no hub access). The tokenizer is
+                    ops=torch.nn) -> TextEncoder:
+        """Load the encoder (built from ``ops``) and ``AutoTokenizer`` from ``path`` offline (no hub access). The tokenizer is
         checked first (it is cheap): without its vocabulary, recent transformers build an empty one that turns
         every word into ``<unk>``, so every prompt would give the same video."""
         from transformers import AutoTokenizer
@@ -136,8 +132,8 @@ class TextEncoder:
         if vocab and len(tokenizer) < vocab // 2:
             raise ValueError(f"{path}: the tokenizer knows {len(tokenizer)} tokens but the T5 model {vocab}; its files "
                              f"are damaged or belong to another model. {TEXT_ENCODER_HINT}")
-        module = load_encoder_module(path, dtype=dtype, device=device)
-        return cls(module, tokenizer)
+        module = load_encoder_module(path, dtype=dtype, device=device, ops=ops)
+        return cls(module, tokenizer, folder=path)
 
     @property
     def channels(self) -> int:
@@ -157,12 +153,18 @@ class TextEncoder:
     @torch.no_grad()
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       device: str | torch.device | None = None) -> torch.Tensor:
-        """Run T5 on (1, 512) ids/mask and return compacted (L, C) fp32 features on CPU."""
-        device = torch.device(device if device is not None else next(self.module.parameters()).device)
-        autocast = official_autocast_dtype(device, next(self.module.parameters()).dtype)
+        """Run T5 on (1, 512) ids/mask and return compacted (L, C) fp32 features on CPU.
+
+        Right padding is cut off first: the mask keeps every valid token from seeing a pad, so the L valid tokens
+        alone give the same features, several times faster than all 512."""
+        device = torch.device(device if device is not None else self.module.shared.weight.device)
+        length = int(attention_mask[0].sum())
+        if bool(attention_mask[0, :length].all()):
+            input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+        autocast = official_autocast_dtype(device, self.module.shared.weight.dtype)
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-            out = self.module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        return compact_features(out.last_hidden_state, attention_mask).cpu()
+            out = self.module(input_ids.to(device), attention_mask.to(device))
+        return compact_features(out, attention_mask).cpu()
 
     def encode_text(self, text: str, device: str | torch.device | None = None) -> torch.Tensor:
         """Encode an already decorated string to (L, C) fp32 features."""

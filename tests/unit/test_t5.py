@@ -1,0 +1,201 @@
+"""The ops-built flan-t5 encoder against Hugging Face's ``T5EncoderModel`` (what the official scripts run), on random
+tiny configurations saved as Hugging Face folders."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import infinitystar.ops as lib_ops
+from infinitystar.t5 import T5Config, T5Encoder, load_t5_encoder, relative_position_bucket
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_config(**over):
+    kw = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+              dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+    kw.update(over)
+    return transformers.T5Config(**kw)
+
+
+def _save(model, folder, **kw):
+    with torch.no_grad():  # T5's init leaves the weights tiny; spread them so that every layer matters
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(str(folder), **kw)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(_hf_config()).eval()
+    return _save(model, tmp_path_factory.mktemp("gated")), model
+
+
+def _ids_and_mask(batch=2, length=40, valid=(40, 23), vocab=96, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (batch, length), generator=g)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, n in enumerate(valid):
+        mask[row, :n] = 1
+        ids[row, n:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("proj", ["gated-gelu", "relu"])
+def test_features_match_hugging_face_with_padding(tmp_path, proj):
+    torch.manual_seed(3)
+    reference = transformers.T5EncoderModel(_hf_config(feed_forward_proj=proj)).eval()
+    folder = _save(reference, tmp_path / proj)
+    ours = load_t5_encoder(folder, dtype=torch.float32)
+    assert ours.config.gated == (proj == "gated-gelu")
+    ids, mask = _ids_and_mask()
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    for row, n in enumerate(mask.sum(1).tolist()):  # padded positions are never used (features are compacted)
+        torch.testing.assert_close(got[row, :n], want[row, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_match_hugging_face():
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    offsets = torch.arange(-600, 601)[None, :]
+    for buckets, distance in ((32, 128), (16, 64), (8, 20)):
+        want = T5Attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=buckets,
+                                                     max_distance=distance)
+        assert torch.equal(relative_position_bucket(offsets, buckets, distance), want)
+
+
+def test_half_storage_is_hugging_face_s_and_runs_under_bf16_autocast(gated):
+    """fp16 storage keeps ``wo`` in fp32 as Hugging Face does (its fp16 overflow guard); under the official bf16
+    autocast both encoders give close features (CPU autocast here)."""
+    folder, _ = gated
+    ours = load_t5_encoder(folder, dtype=torch.float16)
+    reference = transformers.T5EncoderModel.from_pretrained(str(folder), dtype=torch.float16).eval()
+    want_dtypes = {k: v.dtype for k, v in reference.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == want_dtypes
+    assert ours.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    ids, mask = _ids_and_mask()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(ids, mask).float()
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    n = int(mask[1].sum())
+    for row, length in ((0, ids.shape[1]), (1, n)):
+        a, b = got[row, :length], want[row, :length]
+        assert torch.isfinite(a).all() and ((a - b).norm() / b.norm()) < 2e-2
+
+
+def test_encoder_decoder_folder_reads_the_encoder_only(tmp_path, monkeypatch):
+    """The published flan-t5-xl folder holds the whole encoder-decoder in two shards: the decoder and LM head are
+    never read, and the encoder is the same as an encoder-only save of the same weights."""
+    from infinitystar.checkpoint_files import CheckpointReader
+
+    torch.manual_seed(5)
+    full = transformers.T5ForConditionalGeneration(_hf_config(is_encoder_decoder=True, num_decoder_layers=2)).eval()
+    folder = _save(full, tmp_path / "full", max_shard_size="60KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    read = []
+    real = CheckpointReader.tensors
+
+    def recording(self, target=None, device="cpu", keys=None):
+        for key, tensor in real(self, target, device, keys):
+            read.append(key)
+            yield key, tensor
+
+    monkeypatch.setattr(CheckpointReader, "tensors", recording)
+    ours = load_t5_encoder(folder, dtype=torch.float32)
+    assert read and not any(k.startswith(("decoder.", "lm_head.")) for k in read)
+    assert len(read) == len(set(read)) == len(ours.state_dict())
+    ids, mask = _ids_and_mask()
+    with torch.no_grad():
+        want = full.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(ours(ids, mask)[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_under_the_encoder_s_name_and_legacy_bin_files(gated, tmp_path, monkeypatch):
+    """Files that name the embedding ``encoder.embed_tokens.weight`` load; a folder with only ``pytorch_model.bin``
+    is read weights-only."""
+    folder, reference = gated
+    tensors = load_file(str(folder / "model.safetensors"))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "config.json").write_text((folder / "config.json").read_text())
+    tensors["encoder.embed_tokens.weight"] = tensors.pop("shared.weight")
+    save_file(tensors, str(renamed / "model.safetensors"))
+    legacy = tmp_path / "legacy"  # as older transformers saved (and older hub snapshots hold)
+    legacy.mkdir()
+    (legacy / "config.json").write_text((folder / "config.json").read_text())
+    torch.save({k: v.clone() for k, v in reference.state_dict().items()}, legacy / "pytorch_model.bin")
+    assert (legacy / "pytorch_model.bin").is_file() and not list(legacy.glob("*.safetensors"))
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real_load(*a, **kw))
+    ids, mask = _ids_and_mask()
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        for path in (renamed, legacy):
+            torch.testing.assert_close(load_t5_encoder(path, dtype=torch.float32)(ids, mask)[0], want[0],
+                                       rtol=1e-5, atol=1e-5)
+    assert calls and all(calls)
+
+
+def test_foreign_or_incomplete_files_name_what_is_wrong(gated, tmp_path):
+    folder, _ = gated
+    tensors = load_file(str(folder / "model.safetensors"))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text((folder / "config.json").read_text())
+    del tensors["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"]
+    save_file(tensors, str(cut / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"1 missing: encoder\.block\.1\.layer\.1\.DenseReluDense\.wi_0\.weight"):
+        load_t5_encoder(cut)
+    (cut / "config.json").write_text('{"model_type": "bert", "vocab_size": 9}')
+    with pytest.raises(ValueError, match="not a T5 config"):
+        load_t5_encoder(cut)
+    (cut / "config.json").write_text('{"model_type": "bert", "vocab_size": 9, "d_model": 8, "d_kv": 2, "d_ff": 8, '
+                                     '"num_heads": 4, "num_layers": 1}')
+    with pytest.raises(ValueError, match="'bert' model, not T5"):
+        load_t5_encoder(cut)
+
+
+class _Recorded(lib_ops.cast):
+    """An ops namespace as a host gives it: casting Linears and a norm hook that sees every weight read."""
+    reads = []
+
+    @staticmethod
+    def norm_layer(cls):
+        class Hooked(cls):
+            def weight_as(self, x, dtype):
+                _Recorded.reads.append(dtype)
+                return super().weight_as(x, dtype)
+        return Hooked
+
+
+def test_every_layer_comes_from_the_injected_ops(gated):
+    folder, reference = gated
+    with torch.device("meta"):
+        bare = T5Encoder(T5Config.from_folder(folder))
+    ours = load_t5_encoder(folder, dtype=torch.float32, ops=_Recorded)
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, lib_ops.CastLinear) for m in linears)
+    norms = [m for m in ours.modules() if type(m).__name__ == "Hooked"]
+    assert len(norms) == 2 * ours.config.num_layers + 1
+    assert sum(isinstance(m, torch.nn.Linear) for m in bare.modules()) == len(linears)
+    _Recorded.reads.clear()
+    ids, mask = _ids_and_mask()
+    with torch.no_grad():
+        got = ours(ids, mask)
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(_Recorded.reads) == len(norms)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_activations_stay_finite():
+    from infinitystar.t5 import _clamp_fp16
+
+    x = torch.tensor([float("inf"), -float("inf"), 1.5, 70000.0]).half()
+    y = _clamp_fp16(x)
+    assert torch.isfinite(y).all() and y[2] == 1.5 and y[0] == -y[1] > 60000
+    same = torch.tensor([1e30, 2.0])
+    assert _clamp_fp16(same) is same
