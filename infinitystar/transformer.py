@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .attention import attend, prepare_kv
 from .config import FP32_MODULES, TransformerConfig
 from .kv_cache import ScaleKVCache, concat_to
+from .ops import norm_layer
 from .rope import apply_rope
 
 logger = logging.getLogger(__name__)
@@ -68,18 +69,22 @@ class RMSNorm(nn.Module):
     """
 
     fused = True  # see InfinityStarTransformer.use_fused_norms
+    bias = None  # read by hosts' weight casts
 
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
+    def weight_as(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(device=x.device, dtype=dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.is_cuda and _FUSED_RMS_NORM and self.weight.dtype == x.dtype:
-            return fused_rms_norm(x, self.weight, self.eps)
+            return fused_rms_norm(x, self.weight_as(x, x.dtype), self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(device=x.device, dtype=torch.float32)).to(x.dtype)
+        return (y * self.weight_as(x, torch.float32)).to(x.dtype)
 
 
 _FUSED_RMS_NORM = hasattr(F, "rms_norm")
@@ -115,8 +120,8 @@ class Attention(nn.Module):
         self.k_proj = ops.Linear(C, cfg.num_kv_heads * D, bias=False, device=device, dtype=dtype)
         self.v_proj = ops.Linear(C, cfg.num_kv_heads * D, bias=False, device=device, dtype=dtype)
         self.o_proj = ops.Linear(cfg.num_heads * D, C, bias=False, device=device, dtype=dtype)
-        self.q_norm = RMSNorm(D, cfg.norm_eps, device=device, dtype=dtype)
-        self.k_norm = RMSNorm(D, cfg.norm_eps, device=device, dtype=dtype)
+        self.q_norm = norm_layer(ops, RMSNorm)(D, cfg.norm_eps, device=device, dtype=dtype)
+        self.k_norm = norm_layer(ops, RMSNorm)(D, cfg.norm_eps, device=device, dtype=dtype)
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Normed, rotated queries (B, N, L, D) of normed tokens x (B, L, C)."""
@@ -169,9 +174,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, ops=nn, device=None, dtype=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.width, cfg.norm_eps, device=device, dtype=dtype)
+        self.input_layernorm = norm_layer(ops, RMSNorm)(cfg.width, cfg.norm_eps, device=device, dtype=dtype)
         self.attn = Attention(cfg, ops, device=device, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.width, cfg.norm_eps, device=device, dtype=dtype)
+        self.post_attention_layernorm = norm_layer(ops, RMSNorm)(cfg.width, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(cfg, ops, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
@@ -334,7 +339,7 @@ class InfinityStarTransformer(nn.Module):
         self.sos_token = nn.Parameter(torch.empty(1, 1, cfg.width, **kw))  # in the checkpoint, unused
         self.text_proj = ops.Linear(cfg.text_channels, cfg.width, bias=True, **kw)
         self.word_embed = ops.Linear(cfg.codebook_dim, cfg.width, bias=True, **kw)
-        self.norm_hidden_sates = RMSNorm(cfg.width, cfg.norm_eps, **kw)  # (sic) official key name
+        self.norm_hidden_sates = norm_layer(ops, RMSNorm)(cfg.width, cfg.norm_eps, **kw)  # (sic) official key name
         self.head = ops.Linear(cfg.width, 2 * cfg.detail_dim, bias=True, **kw)
         self.semantic_head2 = ops.Linear(cfg.width, 2 * cfg.semantic_dim, bias=True, **kw)
         per = cfg.blocks_per_chunk

@@ -57,7 +57,7 @@ class InfinityStarTextEncode(io.ComfyNode):
         lines = prompt_lines(prompt)
         clips = lines if duration_tag == "interact" and len(lines) > 1 else []  # a story: one clip per line
         encoded = []
-        with host.loaded(patcher, force_full_load=True, release_after=True):
+        with host.loaded(patcher):  # resident afterwards, as core text encoders: ComfyUI evicts it when needed
             for text in clips or [prompt]:
                 texts = {}
                 for seconds in DURATION_TAGS[duration_tag]:

@@ -61,6 +61,33 @@ def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.devi
                          "(ComfyUI streams the blocks from system memory when they do not fit).")
 
 
+def _castable_norm(cls: type) -> type:
+    """One of the library's norm layers with ComfyUI's cast: ``comfy_cast_weights`` lets a partial load leave it on
+    the offload device, and its weight then comes through ``cast_bias_weight`` (moved, cast, patched) while the
+    arithmetic stays the library's."""
+    if cls not in _NORMS:
+        class Norm(cls, comfy.ops.CastWeightBiasOp):
+            def weight_as(self, x, dtype):
+                if self.comfy_cast_weights or len(self.weight_function) > 0:
+                    return comfy.ops.cast_bias_weight(self, x, dtype=dtype)[0]
+                return super().weight_as(x, dtype)
+
+        Norm.__name__ = Norm.__qualname__ = cls.__name__
+        _NORMS[cls] = Norm
+    return _NORMS[cls]
+
+
+_NORMS: dict[type, type] = {}
+_FAMILIES: dict[type, type] = {}
+
+
+def with_norms(family: type) -> type:
+    """``family`` (a ``comfy.ops`` namespace) with the library's ``norm_layer`` hook (``infinitystar.ops``)."""
+    if family not in _FAMILIES:
+        _FAMILIES[family] = type(family.__name__, (family,), {"norm_layer": staticmethod(_castable_norm)})
+    return _FAMILIES[family]
+
+
 def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_device: torch.device):
     """``comfy.ops`` family for storing in ``weight_dtype`` and computing in ``compute_dtype``.
 
@@ -71,12 +98,12 @@ def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_
     device and stream them in.
     """
     if weight_dtype is None:
-        return comfy.ops.manual_cast
+        return with_norms(comfy.ops.manual_cast)
     if weight_dtype == torch.float8_e4m3fn:  # per-tensor scaled, as ComfyUI's fp8_scaled checkpoints (see ops.py)
         fast = PerformanceFeature.Fp8MatrixMultiplication in (args.fast or ())
-        return comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device, fp8_optimizations=fast,
-                                         scaled_fp8=torch.float8_e4m3fn)
-    return comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device)
+        return with_norms(comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device, fp8_optimizations=fast,
+                                                    scaled_fp8=torch.float8_e4m3fn))
+    return with_norms(comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device))
 
 
 def gguf_ops():
@@ -90,7 +117,7 @@ def gguf_ops():
             return None
 
     class gguf_ops:  # noqa: N801
-        pass
+        norm_layer = staticmethod(_castable_norm)
 
     gguf_ops.Linear = Linear
     return gguf_ops
@@ -111,8 +138,7 @@ def intermediate_device() -> torch.device:
 # ---------------------------------------------------------------------------------------------- patchers
 
 class InfinityStarTextEncoder(torch.nn.Module):
-    """Holds the flan-t5 encoder for its patcher, which must set a ``device`` attribute (HF models expose a read-only
-    one); the class name is what ComfyUI's log says it loads."""
+    """Holds the flan-t5 encoder for its patcher: the class name is what ComfyUI's log says it loads."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
@@ -149,7 +175,7 @@ def make_patcher(module: torch.nn.Module, kind: str):
     """Wrap ``module`` in ComfyUI's patcher for a 'transformer', 'text_encoder' or 'vae'."""
     load_device, offload_device = devices(kind)
     patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", None) or comfy.model_patcher.ModelPatcher
-    if kind == "text_encoder" and isinstance(getattr(type(module), "device", None), property):
+    if kind == "text_encoder":
         module = InfinityStarTextEncoder(module)
     patcher = patcher_cls(module, load_device=load_device, offload_device=offload_device)
     if kind == "transformer":
@@ -215,12 +241,11 @@ def is_loaded(patcher) -> bool:
 
 
 @contextlib.contextmanager
-def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False,
-           release_after: bool = False) -> Iterator[torch.nn.Module]:
+def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False) -> Iterator[torch.nn.Module]:
     """Load through ComfyUI's manager (evicting/partially loading as it sees fit) and yield the module.
 
     On any exception (interrupt included) the model is unloaded, so nothing stays pinned on the device;
-    on success it stays resident for the next prompt unless ``release_after``.
+    on success it stays resident for the next prompt, until ComfyUI needs the room for another model.
     """
     mm.load_models_gpu([patcher], memory_required=int(memory_required), force_full_load=force_full_load)
     ok = False
@@ -228,7 +253,7 @@ def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False,
         yield _module(patcher)
         ok = True
     finally:
-        if not ok or release_after:
+        if not ok:
             release(patcher)
         else:
             mm.soft_empty_cache()

@@ -140,8 +140,9 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
             node_id="InfinityStarTextEncoderLoader", display_name="InfinityStar Text Encoder Loader",
             category="InfinityStar/loaders",
             description="Loads the flan-t5-xl encoder folder (text_encoder/flan-t5-xl-official) from "
-                        "models/text_encoders or models/infinitystar. It is loaded to the GPU only while "
-                        "encoding and released afterwards so the transformer has the room.",
+                        "models/text_encoders or models/infinitystar. Like core text encoders it stays on the "
+                        "GPU after encoding until the transformer needs the room, and small GPUs load it in "
+                        "part.",
             inputs=[
                 io.Combo.Input("encoder_name", options=paths.text_encoder_choices(),
                                tooltip="Hugging Face folder with config.json, the weights and spiece.model "
@@ -165,8 +166,10 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
         from ..infinitystar.text import TextEncoder
 
         path = paths.resolve_text_encoder(encoder_name)
-        _, offload_device = host.devices("text_encoder")
-        encoder = TextEncoder.from_folder(path, dtype=host.text_encoder_dtype(dtype), device=offload_device)
+        load_device, offload_device = host.devices("text_encoder")
+        weights = host.text_encoder_dtype(dtype)
+        encoder = TextEncoder.from_folder(path, dtype=weights, device=offload_device,
+                                          ops=host.pick_ops(None, weights, load_device))
         return io.NodeOutput(T.LoadedTextEncoder(host.make_patcher(encoder.module, "text_encoder"), encoder, path))
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import norm_layer
+
 ConvCache = dict  # {CausalConv3d: Tensor (B, C, 2, H, W)}
 
 
@@ -64,13 +66,22 @@ def _run_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """Channel RMS norm of the official ``RMS_norm``: F.normalize over C (eps 1e-12) * sqrt(C) * gamma."""
 
+    bias = None  # read by hosts' weight casts
+
     def __init__(self, channels: int, *, device=None, dtype=None):
         super().__init__()
         self.scale = channels ** 0.5
         self.gamma = nn.Parameter(torch.ones(channels, 1, 1, 1, device=device, dtype=dtype))
 
+    @property
+    def weight(self) -> nn.Parameter:  # the name hosts' weight casts read (the file's key is ``gamma``)
+        return self.gamma
+
+    def weight_as(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.gamma.to(device=x.device, dtype=dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gamma = self.gamma.to(device=x.device, dtype=x.dtype)  # follows the input (offloading, casting)
+        gamma = self.weight_as(x, x.dtype)  # follows the input (offloading, casting)
         return F.normalize(x, dim=1).mul_(self.scale).mul_(gamma)  # parity: (x / |x|) * sqrt(C) * gamma
 
 
@@ -89,7 +100,7 @@ class SpatialNorm3D(nn.Module):
 
     def __init__(self, channels: int, zq_channels: int, *, ops=nn, device=None, dtype=None):
         super().__init__()
-        self.norm_layer = RMSNorm(channels, device=device, dtype=dtype)
+        self.norm_layer = norm_layer(ops, RMSNorm)(channels, device=device, dtype=dtype)
         self.conv_y = CausalConv3d(zq_channels, channels, 1, ops=ops, device=device, dtype=dtype)
         self.conv_b = CausalConv3d(zq_channels, channels, 1, ops=ops, device=device, dtype=dtype)
 
@@ -144,8 +155,8 @@ class ResnetBlock3D(nn.Module):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         if zq_channels is None:
-            self.norm1 = RMSNorm(channels, **kw)
-            self.norm2 = RMSNorm(channels, **kw)
+            self.norm1 = norm_layer(ops, RMSNorm)(channels, **kw)
+            self.norm2 = norm_layer(ops, RMSNorm)(channels, **kw)
         else:
             self.norm1 = SpatialNorm3D(channels, zq_channels, ops=ops, **kw)
             self.norm2 = SpatialNorm3D(channels, zq_channels, ops=ops, **kw)
@@ -192,7 +203,7 @@ class DCDownBlock3d(nn.Module):
             raise ValueError(f"DC down block output channels must be divisible by 4, got {out_channels}")
         self.pt = pt
         self.out_channels = out_channels
-        self.norm = RMSNorm(in_channels, device=device, dtype=dtype)
+        self.norm = norm_layer(ops, RMSNorm)(in_channels, device=device, dtype=dtype)
         self.conv = CausalConv3d(in_channels, out_channels // 4, 3, ops=ops, device=device, dtype=dtype)
 
     def _fold(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +237,7 @@ class DCUpBlock3d(nn.Module):
         if conv_channels % in_channels:
             raise ValueError(f"DC up block: {conv_channels} conv channels not a multiple of {in_channels}")
         self.repeats = conv_channels // in_channels
-        self.norm = RMSNorm(in_channels, device=device, dtype=dtype)
+        self.norm = norm_layer(ops, RMSNorm)(in_channels, device=device, dtype=dtype)
         self.conv = CausalConv3d(in_channels, conv_channels, 3, ops=ops, device=device, dtype=dtype)
 
     def _merge_first(self, x: torch.Tensor) -> torch.Tensor:

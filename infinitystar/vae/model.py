@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import norm_layer
 from .blocks import (
     CausalConv3d,
     ConvCache,
@@ -99,7 +100,7 @@ class Encoder3D(nn.Module):
             blocks.append(DownBlock(ch[i], ch[i + 1], cfg.layers_per_block, pt, **kw))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(ch[-1], None, **kw)
-        self.norm_out = RMSNorm(ch[-1], device=device, dtype=dtype)
+        self.norm_out = norm_layer(ops, RMSNorm)(ch[-1], device=device, dtype=dtype)
         self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3, **kw)
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
