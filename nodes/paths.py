@@ -111,10 +111,12 @@ def vae_choices() -> list[str]:
     return [n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith((".index.json", ".gguf"))]
 
 
-def _inside(name: str) -> str:
+def _inside(name: str, pathmod=os.path) -> str:
     """``name`` as a path inside its folder: absolute parts and ``..`` are dropped, as ComfyUI's own
-    ``folder_paths.get_full_path`` does, so a prompt sent to the API cannot name a file elsewhere."""
-    return os.path.relpath(os.path.join(os.sep, str(name)), os.sep)
+    ``folder_paths.get_full_path`` does, so a prompt sent to the API cannot name a file elsewhere. On Windows a drive
+    letter or UNC share goes too (``relpath`` refuses a path on another drive)."""
+    tail = pathmod.splitdrive(str(name))[1]
+    return pathmod.relpath(pathmod.join(pathmod.sep, tail), pathmod.sep)
 
 
 def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str) -> Path:
@@ -178,10 +180,13 @@ def output_files(extension: str, keep) -> list[str]:
 
 
 def resolve_input(name: str) -> Path:
-    """A file in ComfyUI's input folder, or in its output folder when annotated ``[output]``."""
+    """A file in ComfyUI's input folder, or in its output / temp folder when annotated ``[output]`` / ``[temp]``
+    (ComfyUI's annotations, read here rather than by ``folder_paths`` so that ``..`` stays inside the folder)."""
     base, where = input_dir(), "input"
     if name.endswith("[output]"):
         base, where, name = output_dir(), "output", name[:-len("[output]")].rstrip()
+    elif name.endswith("[temp]"):
+        base, where, name = Path(folder_paths.get_temp_directory()), "temp", name[:-len("[temp]")].rstrip()
     elif name.endswith("[input]"):
         name = name[:-len("[input]")].rstrip()
     path = base / _inside(name)

@@ -85,6 +85,29 @@ def test_names_from_a_prompt_stay_inside_the_model_folders(pack, comfy_dirs, tmp
             pack.paths.resolve_vae(name)
         with pytest.raises(FileNotFoundError):
             pack.paths.resolve_input(name)
+    import ntpath  # Windows: a drive letter or share is dropped too (relpath would raise on another drive)
+
+    for name, inside in (("D:\\models\\x.pth", "models\\x.pth"), ("\\\\host\\share\\y.pth", "y.pth"),
+                         ("C:..\\..\\z.pth", "z.pth"), ("a\\b.pth", "a\\b.pth")):
+        assert pack.paths._inside(name, ntpath) == inside
+
+
+def test_annotated_names_resolve_in_their_folder(pack, comfy_dirs):
+    """``name [output]`` / ``name [temp]`` (ComfyUI's annotations, e.g. a preview's file sent on) resolve in that
+    folder, and ``..`` does not leave it."""
+    import folder_paths
+
+    temp = Path(folder_paths.get_temp_directory())
+    temp.mkdir(parents=True, exist_ok=True)
+    (temp / "clip_temp.mp4").write_bytes(b"x")
+    try:
+        assert pack.paths.resolve_input("clip_temp.mp4 [temp]") == temp / "clip_temp.mp4"
+        with pytest.raises(FileNotFoundError, match="temp folder"):
+            pack.paths.resolve_input("../../clip_temp.mp4/../x/clip_temp.mp4 [temp]")
+        with pytest.raises(FileNotFoundError, match="input folder"):
+            pack.paths.resolve_input("clip_temp.mp4")
+    finally:
+        (temp / "clip_temp.mp4").unlink()
 
 
 def test_foreign_file_says_what_it_looks_like(pack, comfy_dirs):
