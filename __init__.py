@@ -1,11 +1,8 @@
 """ComfyUI-InfinityStar: ComfyUI loads this file; the core in ``infinitystar/`` never imports ComfyUI."""
-try:
-    import comfy.utils  # noqa: F401  (present only inside ComfyUI)
-    _HAS_COMFY = True
-except ImportError:
-    _HAS_COMFY = False
+import importlib.util
 
-if _HAS_COMFY:
+# the nodes load only inside ComfyUI (its V3 API present); elsewhere, e.g. pytest collecting this folder, nothing does
+if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint  # noqa: F401
 
     WEB_DIRECTORY = "./web"  # one frontend fix: older saved workflows' Encode / Interact Start seed values
