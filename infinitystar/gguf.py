@@ -295,15 +295,30 @@ def quantize_k(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+def _bounded_reader() -> type:
+    """The ``gguf`` package's reader, stopped at the end of the file: it reads past it as empty arrays, so a crafted
+    field claiming 2**62 array items would loop (and grow lists) until the process is killed."""
+    from gguf import GGUFReader
+
+    class BoundedReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            items = super()._get(offset, dtype, count, override_order)
+            if len(items) < int(count):
+                raise ValueError(f"a field at byte {offset} claims {int(count)} items, past the end of the file")
+            return items
+
+    return BoundedReader
+
+
 def read_header(file: Path) -> tuple[dict, list[tuple[str, int, tuple, int, int]]]:
     """(metadata, tensors) of a GGUF file: metadata as plain values, tensors as (name, type id, torch shape,
     first byte, end byte) with absolute offsets into the file."""
     try:
-        from gguf import GGUFReader
+        reader_class = _bounded_reader()
     except ImportError as exc:
         raise ImportError(f"{file}: {INSTALL_HINT}") from exc
     try:
-        reader = GGUFReader(file, "r")
+        reader = reader_class(file, "r")
     except Exception as exc:  # noqa: BLE001 — the package raises ValueError, struct.error, IndexError...
         raise ValueError(f"{file}: not a readable GGUF file ({exc}). Delete it and convert or download it again.") \
             from exc

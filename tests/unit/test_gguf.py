@@ -278,3 +278,23 @@ def test_a_gguf_layer_on_cuda_computes_what_it_does_on_the_cpu(name):
     got = layer(x.cuda()).cpu().float()
     ref = (x.float() @ want.float().t())
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_a_field_claiming_more_items_than_the_file_holds_is_refused(tmp_path):
+    """A 45-byte file whose one metadata field is an array claiming 2**62 items: the gguf package's reader would read
+    empty items past the end forever (memory growing until the process dies); ours stops at the end of the file.
+    Run in a child process under a memory cap and a timeout, so that a regression fails instead of hanging."""
+    import subprocess
+    import sys
+
+    key = b"a"
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + struct.pack("<QQ", 0, 1) + struct.pack("<Q", len(key)) + key
+                     + struct.pack("<II", 9, 0) + struct.pack("<Q", 2**62))  # ARRAY of UINT8
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "from pathlib import Path; from infinitystar import gguf\n"
+            "try:\n    gguf.read_header(Path(sys.argv[1]))\nexcept ValueError as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "not a readable GGUF file" in done.stdout
+    assert "past the end of the file" in done.stdout
