@@ -144,7 +144,18 @@ class Tokens:
             raise
         except Exception as e:  # safetensors' own error for a file that is no safetensors file at all
             raise ValueError(f"{path} is not a readable .safetensors tokens file ({e}); {hint}") from e
-        tokens = cls(bits, summed, meta["pn"], float(meta["h_div_w"]), int(meta["frames"]), json.loads(meta["seed"]),
+        try:
+            frames = int(meta["frames"])
+        except ValueError:
+            frames = 0
+        if frames < 1 or (frames - 1) % PIXEL_FRAMES_PER_CLIP:
+            raise ValueError(f"{path}: frames {meta['frames']!r} is no image or video length (1 + 80k); {hint}")
+        # checked before the schedule is built: a file's frame count cannot size it beyond what the file holds
+        latents = 1 + FRAMES_PER_CLIP * ((frames - 1) // PIXEL_FRAMES_PER_CLIP)
+        if summed.ndim != 5 or summed.shape[2] != latents:
+            raise ValueError(f"{path}: summed_codes of shape {tuple(summed.shape)} do not hold the {latents} latent "
+                             f"frames of {frames} frames; the file is damaged; {hint}")
+        tokens = cls(bits, summed, meta["pn"], float(meta["h_div_w"]), frames, json.loads(meta["seed"]),
                      meta.get("kind", "generation"))
         if tokens.kind not in TOKEN_KINDS:
             raise ValueError(f"{path}: unknown tokens kind {tokens.kind!r} (this version reads {TOKEN_KINDS})")

@@ -109,7 +109,14 @@ def test_tokens_roundtrip_and_errors(t2v, tmp_path):
     for name, change, message in (("v2", {"version": "2"}, "format version '2'"),
                                   ("nopn", {"pn": None}, "missing pn"),
                                   ("nocodes", {"summed_codes": None}, "missing summed_codes"),
-                                  ("flat", {"summed_codes": torch.zeros(3)}, "do not fit")):
+                                  ("flat", {"summed_codes": torch.zeros(3)}, "do not hold"),
+                                  # a frame count the file does not hold is refused before a schedule is built for
+                                  # it (10^7 clips would take ~100 GB of schedule)
+                                  ("huge", {"frames": str(1 + 80 * 10**7)}, "do not hold the 200000001 latent"),
+                                  ("short", {"summed_codes": tensors["summed_codes"][:, :, :-1].clone()},
+                                   "do not hold"),
+                                  ("odd", {"frames": "82"}, "frames '82' is no image or video length"),
+                                  ("text", {"frames": "many"}, "frames 'many' is no")):
         m = {k: v for k, v in {**meta, **change}.items() if v is not None and not isinstance(v, torch.Tensor)}
         t = {k: v for k, v in {**tensors, **change}.items() if isinstance(v, torch.Tensor)}
         save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=m)
