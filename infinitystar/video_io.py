@@ -136,7 +136,7 @@ def clip_indices(total: int, fps: float, count: int, seconds: float, *, from_end
     """Indices of the official ``get_clip(start, end, count)`` over the first (or last) ``seconds`` of a video of
     ``total`` frames: ``linspace(ceil(fps * start), min(ceil(fps * end), total) - 1, count)`` truncated to integers.
     At 16 fps that repeats the window's first frame and leaves out its 81st (official: frames 0, 0, 1, ..., 79)."""
-    fps = max(float(fps), 1e-6)
+    fps = checked_fps(fps)
     duration = float(total) / fps
     if duration + 1e-6 < seconds:
         raise ValueError(f"the input video is {duration:.2f} s long; at least {seconds:g} s are needed")
@@ -151,10 +151,23 @@ def clip_indices(total: int, fps: float, count: int, seconds: float, *, from_end
     return picks
 
 
+MIN_FPS = 1.0
+
+
+def checked_fps(fps: float) -> float:
+    """``fps`` as a float, refused below :data:`MIN_FPS`: a file may declare any rate (1/10000 fps made three frames
+    480,001 picks, a 23 GiB gather at 64x64), and picks repeat frames the slower the rate."""
+    fps = float(fps)
+    if not fps >= MIN_FPS:
+        raise ValueError(f"a frame rate of {fps:g} fps is not a video's (below {MIN_FPS:g}); the file may declare a "
+                         "wrong rate: give the video's real one (16 for InfinityStar videos)")
+    return fps
+
+
 def whole_clips(total: int, fps: float, clip_seconds: float = 5.0) -> int:
     """How many whole ``clip_seconds`` clips a ``total``-frame video at ``fps`` holds (with :func:`clip_indices`'s
     tolerance of 1e-6 s)."""
-    return int(float(total) / max(float(fps), 1e-6) / clip_seconds + 1e-6)
+    return int(float(total) / checked_fps(fps) / clip_seconds + 1e-6)
 
 
 def whole_clip_indices(total: int, fps: float, clip_frames: int, clip_seconds: float = 5.0) -> np.ndarray:

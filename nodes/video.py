@@ -43,11 +43,17 @@ def frames_encode_inputs() -> list:
     ]
 
 
+MAX_EXTEND_CLIPS = 8  # 40 s per Extend node; a chain of nodes goes further
+
+
 def check_fps(fps: float, node: str) -> None:
-    """An fps from a link skips the widget's minimum: refuse what cannot be a frame rate."""
-    if not fps > 0:
-        raise ValueError(f"{node}: fps {fps:g} is not a frame rate; connect Get Video Components' fps or type the "
-                         "video's rate (16 for InfinityStar videos).")
+    """An fps from a link (a video file's declared rate) skips the widget's minimum: refuse what cannot be a video's
+    frame rate, before frames are picked at it."""
+    from ..infinitystar.video_io import MIN_FPS
+
+    if not fps >= MIN_FPS:
+        raise ValueError(f"{node}: fps {fps:g} is not a video's frame rate (below {MIN_FPS:g}); connect Get Video "
+                         "Components' fps or type the video's rate (16 for InfinityStar videos).")
 
 
 class InfinityStarDecode(io.ComfyNode):
@@ -172,7 +178,7 @@ class InfinityStarExtend(io.ComfyNode):
                 T.Model.Input("model", tooltip="From InfinityStar Model Loader (same variant as the tokens)."),
                 T.Conditioning.Input("positive", tooltip="Prompt for the new clips."),
                 T.Tokens.Input("tokens", tooltip="A complete generation (sampler, Encode, Load Tokens)."),
-                io.Int.Input("clips", default=1, min=1, max=8,
+                io.Int.Input("clips", default=1, min=1, max=MAX_EXTEND_CLIPS,
                              tooltip="Clips to add (5 s each). The released models were trained up to 10 s; "
                                      "quality may drift beyond that."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -198,6 +204,9 @@ class InfinityStarExtend(io.ComfyNode):
                 generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:
         from ..infinitystar import pipeline
 
+        if not 1 <= int(clips) <= MAX_EXTEND_CLIPS:  # a linked value skips the widget's range
+            raise ValueError(f"Extend: clips {clips} is outside 1..{MAX_EXTEND_CLIPS}; chain Extend nodes for longer "
+                             "videos.")
         # refuses stories / partial tokens before loading; warns of tokens at a resolution the weights were not trained at
         schedule = pipeline.extension_schedule(tokens, int(clips), model_info=model.info)
         seconds = (schedule.frames - 1) // int(FPS)

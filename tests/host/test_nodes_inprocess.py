@@ -204,7 +204,7 @@ def test_start_tokens_continue_a_video_as_the_official_v2v(pack, loaded, core, c
                           torch.zeros(1, 64, 21, *sched720.scales[-1][1:]), "0.90M", sched720.h_div_w, 81)
     with pytest.raises(ValueError, match="start_tokens are 720p tokens, and 720p makes 5 s videos only"):
         run(pack.sampling.InfinityStarSampler, duration="10 s", start_tokens=big, **refuse)
-    with pytest.raises(ValueError, match="Encode: fps 0 is not a frame rate"):
+    with pytest.raises(ValueError, match="Encode: fps 0 is not a video's frame rate"):
         run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video, resolution="0.06M", aspect_ratio="16:9",
             seed=2, fps=0.0)
 

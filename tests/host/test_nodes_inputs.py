@@ -286,6 +286,10 @@ def test_extend_refuses_a_story_before_loading(pack, loaded, core):
     with pytest.raises(ValueError, match="interact story"):
         run(pack.video.InfinityStarExtend, model=model, positive=loaded["cond"], tokens=tokens, clips=1, seed=1,
             guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
+    for clips in (0, 9, 10**7):  # a linked clips value skips the widget's 1..8 (10^7 clips: ~140 GB of schedule)
+        with pytest.raises(ValueError, match=f"clips {clips} is outside 1..8"):
+            run(pack.video.InfinityStarExtend, model=model, positive=loaded["cond"], tokens=tokens, clips=clips,
+                seed=1, guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)
 
 
 def test_tokenizer_auto_dtype_is_never_fp16(pack, comfy, monkeypatch):

@@ -113,6 +113,11 @@ def test_whole_clip_indices_encode_every_whole_clip_at_the_model_rate():
     ten = whole_clip_indices(310, 30.0, 80)  # 10.3 s at 30 fps: 2 clips over the first 10 s, 161 frames
     assert np.array_equal(ten, np.linspace(0, 299, 161, dtype=int)) and ten[-1] == 299
     assert np.array_equal(whole_clip_indices(150, 29.97, 80), np.linspace(0, 149, 81, dtype=int))
+    # a declared rate below 1 fps is refused before anything is picked (1/10000 fps: 3 frames -> 480,001 picks)
+    for fps in (1e-4, 0.0, -16.0, float("nan")):
+        with pytest.raises(ValueError, match="is not a video's"):
+            whole_clip_indices(3, fps, 80)
+    assert len(whole_clip_indices(5, 1.0, 80)) == 81  # 1 fps is a (slow) video's rate
     assert len(whole_clip_indices(100, 8.0, 80)) == 161 and whole_clip_indices(100, 8.0, 80)[-1] == 79  # 12.5 s
 
 
