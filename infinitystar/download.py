@@ -108,9 +108,11 @@ def _check_source_file(path: Path) -> None:
             raise ValueError(f"{path.parent} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
 
 
-def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: list[str], progress: bool) -> None:
+def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: list[str], progress: bool,
+                replace: bool = True) -> None:
     """Copy the files matching ``patterns`` from a hub-layout folder; files already complete are skipped. A source
-    lacking a component, or holding a truncated .safetensors file, is refused before anything is copied."""
+    lacking a component, or holding a truncated .safetensors file, is refused before anything is copied; so are
+    files of another size already in ``dest`` unless ``replace``."""
     from tqdm.auto import tqdm
 
     every = [p for p in sorted(source.rglob("*")) if p.is_file()]
@@ -132,6 +134,10 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
     todo = [p for p in files if not ((dest / p.relative_to(source)).is_file()
                                      and (dest / p.relative_to(source)).stat().st_size == p.stat().st_size)]
     replaced = [p.relative_to(source).as_posix() for p in todo if (dest / p.relative_to(source)).exists()]
+    if replaced and not replace:
+        raise FileExistsError(f"{dest} already holds {len(replaced)} of these file(s) with another size: "
+                              f"{', '.join(replaced[:5])}{' ...' if len(replaced) > 5 else ''}; nothing copied. Delete "
+                              "them first if the source's should replace them.")
     if replaced:
         logger.warning("replacing %d file(s) under %s whose size differs from the source's: %s", len(replaced), dest,
                        ", ".join(replaced[:5]) + (" ..." if len(replaced) > 5 else ""))
@@ -169,11 +175,12 @@ def _is_offline() -> bool:
 
 def download_models(dest_dir: str | Path, variant: str = "720p", components: Sequence[str] = COMPONENTS,
                     progress: bool = True, repo_id: str = REPO_ID, local_source: str | Path | None = None,
-                    endpoint: str | None = None, revision: str | None = None) -> dict[str, Path]:
+                    endpoint: str | None = None, revision: str | None = None,
+                    replace: bool = True) -> dict[str, Path]:
     """Fetch one variant's files into ``dest_dir`` (hub layout) and return their paths.
 
     ``local_source`` copies from a local folder laid out like the hub repo instead (a mirror, a USB disk, the
-    tiny set). Downloads resume where they stopped. With ``HF_HUB_OFFLINE`` set, only files already present are
+    tiny set); ``replace=False`` refuses to overwrite files of another size. Downloads resume where they stopped. With ``HF_HUB_OFFLINE`` set, only files already present are
     accepted, with a clear error otherwise.
     """
     dest = Path(dest_dir)
@@ -184,7 +191,7 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
         source = Path(local_source)
         if not source.is_dir():
             raise FileNotFoundError(f"local source folder not found: {source}")
-        _copy_local(source, dest, components, patterns, progress)
+        _copy_local(source, dest, components, patterns, progress, replace=replace)
         return find_models(dest, variant, components)
     if _is_offline():
         missing = _missing(model_paths(dest, variant), components)

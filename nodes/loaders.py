@@ -221,6 +221,21 @@ def typed_path(text: str) -> str | None:
     return os.path.expanduser(text) if text else None
 
 
+def check_local_source(source: str) -> None:
+    """A workflow or an API prompt names ``local_source``, so it may come from someone else: only a folder of this
+    machine given in full, outside the folders ComfyUI lets clients upload to, and not a network share (on Windows,
+    merely looking at ``\\\\host\\share`` sends the user's credentials to that host)."""
+    if source.startswith(("\\\\", "//")):
+        raise ValueError(f"local_source {source!r} is a network path; copy the files to a folder of this machine "
+                         "and give that folder.")
+    if not os.path.isabs(source):
+        raise ValueError(f"local_source {source!r} is not a full path; give the folder's full path (e.g. "
+                         "D:\\InfinityStar or /mnt/usb/InfinityStar).")
+    if paths.is_upload_folder(source):
+        raise ValueError(f"local_source {source!r} is inside ComfyUI's input, output or temp folder, where clients "
+                         "can upload files; models are not copied from there.")
+
+
 class InfinityStarDownloadModels(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -240,9 +255,10 @@ class InfinityStarDownloadModels(io.ComfyNode):
                                tooltip="What to fetch. all = transformer + video tokenizer + flan-t5-xl "
                                        "(~47 GB in total, ~12 GB without the transformer)."),
                 io.String.Input("local_source", default="", optional=True,
-                                tooltip="Optional folder laid out like the hub repo (a mirror, a USB disk) to "
-                                        "copy from instead of downloading. Empty = download. Quotes around a "
-                                        "pasted path and a leading ~ are understood."),
+                                tooltip="Optional folder of this machine, laid out like the hub repo (a mirror, a "
+                                        "USB disk), to copy from instead of downloading: its full path. Empty = "
+                                        "download. Files already here are never replaced. Quotes around a pasted "
+                                        "path and a leading ~ are understood."),
             ],
             outputs=[io.String.Output(display_name="folder", tooltip="The folder the files are in; the loaders list "
                                                                      "them after a refresh (R).")],
@@ -275,6 +291,8 @@ class InfinityStarDownloadModels(io.ComfyNode):
         bar = host.ChunkProgress()
         got = {}
         source = typed_path(local_source)
+        if source:
+            check_local_source(source)
         # a local source is checked whole (every component present, no truncated file) before anything is copied
         groups = [wanted] if source else [(component,) for component in wanted]
         for i, group in enumerate(groups):
@@ -282,7 +300,7 @@ class InfinityStarDownloadModels(io.ComfyNode):
             component = " + ".join(group)
             try:
                 got.update(download_models(dest, variant=variant, components=group, progress=True,
-                                           local_source=source))
+                                           local_source=source, replace=False))
             except Exception as exc:  # hub errors differ across huggingface_hub versions
                 if source:  # its errors name the file or component and what to do
                     raise

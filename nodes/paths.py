@@ -43,6 +43,14 @@ def input_dir() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
+def is_upload_folder(path: str | Path) -> bool:
+    """Whether ``path`` lies in ComfyUI's input, output or temp folder (clients of the server can write there)."""
+    target = Path(path).resolve()
+    bases = (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+             folder_paths.get_temp_directory())
+    return any(target == Path(b).resolve() or Path(b).resolve() in target.parents for b in bases)
+
+
 def _bases(folders: tuple[str, ...]) -> list[Path]:
     register()
     out = []

@@ -6,6 +6,7 @@ import gc
 import os
 import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,12 @@ def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path, monk
         with pytest.raises(FileNotFoundError, match=r"holds no text_encoder .*nothing copied"):
             run(node, variant="480p", components="all", local_source=str(partial))
         assert not (tmp_path / "infinitystar_8b_480p_weights").exists()  # the transformer was not copied first
+        # a shared workflow names local_source: no network share, no relative path, nothing ComfyUI clients upload
+        for source, why in (("\\\\host\\share\\models", "network path"), ("input/models", "not a full path"),
+                            (folder_paths.get_input_directory(), "input, output or temp folder"),
+                            (str(Path(folder_paths.get_output_directory()) / "x"), "input, output or temp folder")):
+            with pytest.raises(ValueError, match=why):
+                run(node, variant="480p", components="vae", local_source=source)
         with pytest.raises(RuntimeError, match="copy the files there by hand"):
             os.environ["HF_HUB_OFFLINE"] = "1"
             try:

@@ -106,6 +106,20 @@ def test_a_local_copy_says_which_files_it_replaces(tiny_models, tmp_path, caplog
     assert (dest / "infinitystar_videovae.pth").stat().st_size == tiny_models["vae"].stat().st_size
 
 
+def test_a_local_copy_without_replace_leaves_existing_files(tiny_models, tmp_path):
+    """replace=False (the Download node, whose source a shared workflow may name): a file of another size already in
+    place is refused, naming it, and nothing is copied."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "infinitystar_videovae.pth").write_bytes(b"the user's own file")
+    with pytest.raises(FileExistsError, match=r"already holds 1 of these file\(s\) .*infinitystar_videovae.pth.*"
+                                              "nothing copied"):
+        D.download_models(dest, "720p", components=("vae", "text_encoder"), progress=False,
+                          local_source=tiny_models["root"], replace=False)
+    assert (dest / "infinitystar_videovae.pth").read_bytes() == b"the user's own file"
+    assert not (dest / "text_encoder").exists()
+
+
 def test_a_damaged_or_partial_local_source_copies_nothing(tiny_models, tmp_path):
     """A mirror with a truncated shard (sizes alone matched it to itself) or without a component is refused before
     a byte is copied, naming the file or the component, instead of a copy that fails at load time."""
