@@ -122,6 +122,9 @@ def identify_file(path: str | Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+MAX_TEXT_CHANNELS = 8192  # T5 widths go to 4096 (t5-xxl); the null text is extended to 512 rows of it on load
+
+
 def initial_cfg_uncond(rows: int, channels: int) -> torch.Tensor:
     """The official model's initial null text: trunc-normal(std 1.2) from a seed-0 CPU generator / sqrt(C)."""
     out = torch.empty(CFG_UNCOND_ROWS, channels)
@@ -327,6 +330,11 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
         raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like {description}."
                          f"{shard_hint(reader.path)} {DOWNLOAD_HINT}")
     config = detect_transformer_config(shapes)
+    if "cfg_uncond" in shapes and (len(shapes["cfg_uncond"]) != 2 or shapes["cfg_uncond"][0] < 1
+                                   or config.text_channels > MAX_TEXT_CHANNELS):
+        raise ValueError(f"{reader.path}: cfg_uncond {tuple(shapes['cfg_uncond'])} with {config.text_channels} text "
+                         f"channels is no InfinityStar null text (rows x T5 width, at most {MAX_TEXT_CHANNELS}); the "
+                         f"file is damaged or foreign. {DOWNLOAD_HINT}")
     with torch.device("meta"):
         model = InfinityStarTransformer(config, ops=ops)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.rpartition(".")[2] not in SCALE_KEYS}

@@ -5,6 +5,7 @@ become a model, is :mod:`infinitystar.checkpoint`'s business.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -15,7 +16,10 @@ import torch
 
 from . import gguf
 
+logger = logging.getLogger(__name__)
+
 INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library: a bigger header is no checkpoint's
 SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")  # model-00001-of-00007.safetensors
 DOWNLOAD_HINT = "Get the official files with `python -m infinitystar download --variant 720p --dest DIR`."
 
@@ -47,6 +51,9 @@ def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
         if len(raw) < 8:
             raise ValueError(f"{file}: not a safetensors file (only {size} bytes); the download is incomplete.")
         n = int.from_bytes(raw, "little")
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"{file}: a safetensors header of {n:,} bytes (at most {MAX_HEADER_BYTES:,}): not a "
+                             "safetensors file, or a damaged one. Delete it and download it again.")
         if n <= 0 or 8 + n > size:
             raise ValueError(f"{file}: corrupted or truncated safetensors header ({size} bytes on disk). "
                              "Delete it and download it again.")
@@ -64,13 +71,19 @@ def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
             raise ValueError(f"{file}: corrupted safetensors header (entry {key!r} lacks dtype/shape/data_offsets). "
                              "Delete it and download it again.")
-        if meta.get("dtype") not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor {key} has unsupported dtype {meta.get('dtype')}")
-        start, end = (8 + n + int(o) for o in meta["data_offsets"])
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise ValueError(f"{file}: tensor {key} has unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{file}: corrupted safetensors header (tensor {key}: shape {shape!r}, data_offsets "
+                             f"{offsets!r}). Delete it and download it again.")
+        start, end = (8 + n + o for o in offsets)
         if end > size:
             raise ValueError(f"{file}: truncated: tensor {key} ends at byte {end} but the file has {size} bytes. "
                              "Delete it and download it again.")
-        entries[key] = TensorEntry(file, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end)
+        entries[key] = TensorEntry(file, _ST_DTYPES[dtype], tuple(shape), start, end)
     return entries
 
 
@@ -122,7 +135,19 @@ def _reason(exc: Exception) -> str:
     return text if len(text) > 8 else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+SAFE_PICKLE_TORCH = (2, 6)  # torch.load(weights_only=True) can be made to run code before 2.6 (CVE-2025-32434)
+
+
+def _torch_version() -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
 def _torch_load(file: Path) -> dict:
+    if _torch_version() < SAFE_PICKLE_TORCH:
+        logger.warning("%s: torch %s reads .pth files with a weights-only loader that a crafted file can get past "
+                       "(CVE-2025-32434, fixed in torch 2.6): load .pth files only from sources you trust (the official "
+                       "hub repo), or upgrade torch", file, torch.__version__)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
@@ -161,7 +186,13 @@ def checkpoint_files(path: str | Path) -> list[Path]:
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: not a safetensors index (no weight_map of file names: {weight_map!r}). "
                                  "Download the folder again.")
-            files = [path / name for name in dict.fromkeys(weight_map.values())]
+            names = list(dict.fromkeys(weight_map.values()))
+            foreign = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or "/" in n or "\\" in n
+                       or ":" in n]
+            if foreign:
+                raise ValueError(f"{index}: names shard files outside its folder ({foreign[:3]!r}); an index lists "
+                                 "file names only. Download the folder again.")
+            files = [path / name for name in names]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(f"{path}: shards listed in {INDEX_FILE} are missing: {missing}. "

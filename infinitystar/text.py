@@ -124,7 +124,9 @@ class TextEncoder:
             raise ValueError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); without them every word "
                              f"would become <unk>. {TEXT_ENCODER_HINT}")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True, local_files_only=True)
+            # never the folder's own code: a shared folder's tokenizer_config.json may name a Python class in it
+            tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True, local_files_only=True,
+                                                      trust_remote_code=False)
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"{path}: no usable tokenizer files ({' / '.join(TOKENIZER_FILES)}): {exc}. "
                              f"{TEXT_ENCODER_HINT}") from exc

@@ -209,6 +209,16 @@ def test_cfg_uncond_rows_are_adapted(sd, tmp_path, rows):
         assert torch.equal(model.cfg_uncond[rows:], initial_cfg_uncond(CFG_UNCOND_ROWS, channels)[rows:])
 
 
+def test_a_cfg_uncond_without_rows_is_refused(sd, tmp_path):
+    """The null text is extended to 512 rows on load: a file holding none (or a foreign width) is refused instead of
+    having its few bytes turned into 512 rows (0.77 MiB became 834 MiB)."""
+    changed = dict(sd)
+    changed["cfg_uncond"] = torch.zeros(0, sd["cfg_uncond"].shape[1])
+    save_file(changed, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"cfg_uncond \(0, \d+\) .* is no InfinityStar null text"):
+        load_transformer(tmp_path / "m.safetensors")
+
+
 def test_initial_cfg_uncond_is_official_init():
     ref = torch.empty(512, 32)
     torch.nn.init.trunc_normal_(ref, std=1.2, generator=torch.Generator("cpu").manual_seed(0))
@@ -257,11 +267,23 @@ def test_broken_index_and_headers_are_clear_errors(sharded, tmp_path):
         index.write_text(text)
         with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
             load_transformer(folder)
-    for header in ([1, 2], {"x": {"dtype": "F32", "shape": [1]}}):
+    for header in ([1, 2], {"x": {"dtype": "F32", "shape": [1]}},
+                   # odd entries: a ValueError naming the file, not a TypeError / RuntimeError
+                   {"x": {"dtype": "F32", "shape": 4, "data_offsets": [0, 4]}},
+                   {"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+                   {"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}},
+                   {"x": {"dtype": "F32", "shape": [1], "data_offsets": [-8, 0]}},
+                   {"x": {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]}}):
         raw = json.dumps(header).encode()
         (tmp_path / "h.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
         with pytest.raises(ValueError, match="h.safetensors: corrupted safetensors header"):
             load_transformer(tmp_path / "h.safetensors")
+    (tmp_path / "h.safetensors").write_bytes((200_000_000).to_bytes(8, "little") + b"{" * 64)
+    with pytest.raises(ValueError, match="a safetensors header of 200,000,000 bytes"):  # not read into memory
+        load_transformer(tmp_path / "h.safetensors")
+    index.write_text(json.dumps({"weight_map": {"a": "../../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match="names shard files outside its folder"):  # an index lists names only
+        load_transformer(folder)
 
 
 def test_garbage_file_names_the_file(tmp_path):
@@ -351,3 +373,17 @@ def test_the_variant_comes_from_the_nearest_name_that_says_it(tmp_path):
     assert detect_variant(tmp_path / "InfinityStarInteract_24K_iters") == "interact"
     assert detect_variant(tmp_path / "720p" / "q8.gguf", {"variant": "480p"}) == "480p"
     assert detect_variant(tmp_path / "weights" / "model.safetensors") == "unknown"
+
+
+def test_pth_files_on_torch_before_2_6_warn(tmp_path, monkeypatch, caplog):
+    """torch < 2.6's weights-only loader can be got past by a crafted file (CVE-2025-32434): a .pth still loads there
+    (the official tokenizer is one), with a warning to load only trusted files; from 2.6 on, silently."""
+    from infinitystar import checkpoint_files
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "t.pth")
+    for version, warned in (("2.5.1+cu124", True), ("2.6.0", False), ("2.13.0+cpu", False)):
+        monkeypatch.setattr(torch, "__version__", version)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="infinitystar.checkpoint_files"):
+            assert torch.equal(checkpoint_files._torch_load(tmp_path / "t.pth")["w"], torch.ones(2))
+        assert ("CVE-2025-32434" in caplog.text) == warned, version

@@ -111,6 +111,31 @@ def test_folder_without_tokenizer_files_is_refused(tiny_models, tmp_path):
         TextEncoder.from_folder(bare, dtype=torch.float32)
 
 
+def test_a_folder_s_own_tokenizer_code_is_never_run(tiny_models, tmp_path, monkeypatch):
+    """A shared folder whose tokenizer_config.json names a class in the folder's own Python file: the standard
+    tokenizer is loaded and the file never runs (without trust_remote_code=False transformers asks on the console,
+    where a 'y' runs it, or refuses the folder)."""
+    import json
+
+    folder = _copy_without(tiny_models["text_encoder"], tmp_path / "remote")
+    ran = tmp_path / "ran"
+    (folder / "evil_tok.py").write_text(f"open({str(ran)!r}, 'w').write('x')\n"
+                                        "from transformers import T5Tokenizer\nclass EvilTokenizer(T5Tokenizer):\n"
+                                        "    pass\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    import transformers
+
+    real, asked = transformers.AutoTokenizer.from_pretrained, []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **kw: asked.append(kw.get("trust_remote_code")) or real(*a, **kw))
+    encoder = TextEncoder.from_folder(folder, dtype=torch.float32)
+    assert asked == [False]  # said, not left to the installed version's default (a console prompt in 4.x)
+    assert type(encoder.tokenizer).__name__ != "EvilTokenizer" and not ran.exists()
+    assert encoder.tokenize("a red fox")[0][0, 0] != encoder.tokenizer.unk_token_id
+
+
 def test_tokenizer_much_smaller_than_the_model_is_refused(tiny_models, tmp_path):
     import json
 
