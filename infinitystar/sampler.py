@@ -74,12 +74,20 @@ class StepRecord:
     bits: torch.Tensor  # (1, t, h, w, d) uint8, the bits used (drawn or teacher)
 
 
-def draw_bits(guided: torch.Tensor, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+def draw_bits(guided: torch.Tensor, shape: Sequence[int], generator: torch.Generator,
+              finite: torch.Tensor | None = None) -> torch.Tensor:
     """One multinomial over every (class 0, class 1) pair of a step: guided (1, L, 2d) -> uint8 shape.
 
     parity: softmax over pairs then exactly one ``torch.multinomial(probs, 1, replacement=True)``.
+    ``finite`` (a bool tensor on the step's device) is cleared when the probabilities are not all finite, which are
+    then drawn as coin flips: a NaN would stop CUDA's multinomial with a device-side assert that leaves the process's
+    GPU unusable. The caller checks it once after the loop (no sync per step); finite steps draw exactly as without.
     """
     probs = guided.reshape(1, -1, 2).softmax(dim=-1).view(-1, 2)
+    if finite is not None:
+        ok = torch.isfinite(probs).all()
+        finite &= ok
+        probs = torch.where(ok, probs, 0.5)
     if probs.device != generator.device:
         probs = probs.to(generator.device)
     idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
@@ -350,6 +358,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
     generator = torch.Generator(generator_device).manual_seed(int(seed))
     teacher = list(teacher_bits or [])
     bits_out: list[torch.Tensor] = []
+    finite = torch.ones((), dtype=torch.bool, device=runner.device)
     try:
         with torch.inference_mode():
             runner.text_step()
@@ -366,7 +375,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                 tau = tau_image if step.clip == 0 else tau_video
                 scaled = logits * (1 / tau)  # parity: multiply by the Python reciprocal, spec §5.3 step 4
                 guided = guide(scaled[:1], scaled[1:], guidance.at(step.si % schedule.scales_per_clip))
-                drawn = draw_bits(guided, (1, step.t, step.h, step.w, step.d), generator)
+                drawn = draw_bits(guided, (1, step.t, step.h, step.w, step.d), generator, finite)
                 bits = _as_step_bits(teacher[step.index], step, drawn.device) if step.index < len(teacher) else drawn
                 if step_hook is not None:
                     step_hook(StepRecord(step, logits, guided, drawn, bits))
@@ -375,6 +384,12 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                 bits_out.append(bits)  # moved to the CPU after the loop: no sync per step
                 if callback is not None:
                     callback(step.index, schedule.num_steps, runner.accumulators)
+        if not bool(finite):
+            advice = ("compute in fp32 (compute_dtype fp32, CLI --dtype fp32), or in bf16 on GPUs that have it "
+                      "(NVIDIA RTX 30xx / Ampere or newer): fp16 is too narrow for this model"
+                      if runner.dtype == torch.float16 else "the weights may be damaged or not InfinityStar's")
+            raise FloatingPointError(f"the transformer's output overflowed in {str(runner.dtype).removeprefix('torch.')}"
+                                     f" (inf / NaN logits), so the video would be noise: {advice}.")
         accs = [a.float() for a in runner.accumulators]
         bits_out = _to_cpu(bits_out)
         return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes,

@@ -39,6 +39,25 @@ def test_draw_bits_is_one_multinomial():
     assert bits.dtype == torch.uint8 and torch.equal(bits.flatten(), want.flatten().to(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype, advice", [(torch.float32, "the weights may be damaged"),
+                                           (torch.float16, r"compute in fp32 .* fp16 is too narrow")])
+def test_overflowing_logits_are_a_clear_error_not_a_failed_draw(model, text, monkeypatch, dtype, advice):
+    """inf / NaN logits (fp16 overflow on GPUs without bf16): every step still draws (CUDA's multinomial would stop
+    with a device-side assert on NaN, leaving the GPU unusable), and the run ends with an error saying what to do."""
+    real, calls = model.head_logits, []
+
+    def overflowing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        return out.fill_(float("inf")) if len(calls) == 3 else out
+
+    monkeypatch.setattr(model, "head_logits", overflowing)
+    sched = short_schedule(frames=1)
+    with pytest.raises(FloatingPointError, match=f"overflowed in {str(dtype)[6:]} .*noise: {advice}"):
+        sample(model, text, sched, seed=7, compute_dtype=dtype)
+    assert len(calls) == sched.num_steps  # drawn to the end, not stopped at the bad step
+
+
 def test_seeded_and_shaped(model, text):
     sched = short_schedule()
     a = sample(model, text, sched, seed=7)
