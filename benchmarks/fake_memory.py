@@ -80,6 +80,17 @@ class LiveDeviceBytes(TorchDispatchMode):
 
 
 @contextlib.contextmanager
+def no_value_checks():
+    """Fake tensors hold no values: the sampler's one check of them (finite logits, after the loop) is skipped."""
+    saved = sampler._check_finite
+    sampler._check_finite = lambda finite, dtype: None
+    try:
+        yield
+    finally:
+        sampler._check_finite = saved
+
+
+@contextlib.contextmanager
 def cuda_code_path():
     """The CUDA branches on a fake CPU device; host copies to "meta"; the bit draw as an allocation."""
     half = (torch.float16, torch.bfloat16)
@@ -93,8 +104,10 @@ def cuda_code_path():
     def concat_to(parts, device, dim=2):
         return torch.cat([to_device(p, device) for p in parts], dim=dim)
 
-    def draw_bits(guided, shape, generator):  # the probabilities as the real draw makes them; no random numbers
-        probs = guided.reshape(1, -1, 2).softmax(dim=-1).view(-1, 2)
+    def draw_bits(guided, shape, generator, finite=None):  # the probabilities as the real draw makes them; no random
+        probs = guided.reshape(1, -1, 2).softmax(dim=-1).view(-1, 2)  # numbers
+        if finite is not None:
+            probs = torch.where(torch.isfinite(probs).all(), probs, 0.5)
         return torch.zeros(shape, dtype=torch.uint8, device=probs.device)
 
     patches = [(sampler, "_to_device", to_device), (sampler, "_to_cpu", lambda ts: ts),
@@ -172,7 +185,7 @@ def measure(config: TransformerConfig, schedule, weights: torch.dtype = torch.fl
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kwargs = dict(seed=0, compute_dtype=torch.bfloat16, generator_device="cpu", offload_kv=False)
     kwargs.update(sample_kwargs)
-    with mode, cuda_code_path():
+    with mode, cuda_code_path(), no_value_checks():
         text = sampler.TextCondition(torch.empty(text_tokens, config.text_channels))
         if interact_clip:
             _, H, W = schedule.scales[-1]

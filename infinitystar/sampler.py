@@ -94,6 +94,17 @@ def draw_bits(guided: torch.Tensor, shape: Sequence[int], generator: torch.Gener
     return idx.view(*shape).to(device=guided.device, dtype=torch.uint8)
 
 
+def _check_finite(finite: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise when a step's logits were not finite (:func:`draw_bits`'s flag): one sync, after the loop."""
+    if bool(finite):
+        return
+    advice = ("compute in fp32 (compute_dtype fp32, CLI --dtype fp32), or in bf16 on GPUs that have it (NVIDIA RTX "
+              "30xx / Ampere or newer): fp16 is too narrow for this model"
+              if dtype == torch.float16 else "the weights may be damaged or not InfinityStar's")
+    raise FloatingPointError(f"the transformer's output overflowed in {str(dtype).removeprefix('torch.')} (inf / NaN "
+                             f"logits), so the video would be noise: {advice}.")
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> CUDA copies through pinned memory, asynchronously (no sync in the step loop)."""
     if t.device == device:
@@ -384,12 +395,7 @@ def sample(model: InfinityStarTransformer, text: TextCondition, schedule: Schedu
                 bits_out.append(bits)  # moved to the CPU after the loop: no sync per step
                 if callback is not None:
                     callback(step.index, schedule.num_steps, runner.accumulators)
-        if not bool(finite):
-            advice = ("compute in fp32 (compute_dtype fp32, CLI --dtype fp32), or in bf16 on GPUs that have it "
-                      "(NVIDIA RTX 30xx / Ampere or newer): fp16 is too narrow for this model"
-                      if runner.dtype == torch.float16 else "the weights may be damaged or not InfinityStar's")
-            raise FloatingPointError(f"the transformer's output overflowed in {str(runner.dtype).removeprefix('torch.')}"
-                                     f" (inf / NaN logits), so the video would be noise: {advice}.")
+        _check_finite(finite, runner.dtype)
         accs = [a.float() for a in runner.accumulators]
         bits_out = _to_cpu(bits_out)
         return SampleResult(bits_out, accs, torch.cat(accs, dim=2), runner.cache.peak_nbytes,

@@ -52,7 +52,7 @@ def test_fake_run_matches_the_profiler_on_a_real_run(fm, chunk, single_thread):
     _, real = measure_peak_bytes(lambda: sample(model, text, _schedule(), seed=0, chunk_tokens=chunk))
     mode = FakeTensorMode()
     fake_model = fm.fake_model(CFG, mode, torch.float32)  # all fp32, like the real run
-    with mode:
+    with mode, fm.no_value_checks():
         fake_text = TextCondition(torch.empty(L, CFG.text_channels))
         with fm.LiveDeviceBytes("cpu") as tracker:
             sample(fake_model, fake_text, _schedule(), seed=0, chunk_tokens=chunk)
@@ -127,7 +127,7 @@ def test_gguf_blocks_on_fake_tensors_match_a_real_run_and_the_estimate(fm, weigh
     mode = FakeTensorMode()
     fake = fm.fake_model(CFG, mode, torch.uint8, name)
     assert stored == sum(m.weight.numel() for m in fake.block_chunks.modules() if isinstance(m, gguf.GGUFLinear))
-    with mode:
+    with mode, fm.no_value_checks():
         fake_text = TextCondition(torch.empty(L, CFG.text_channels))
         with fm.LiveDeviceBytes("cpu", existing=[*fake.parameters(), *fake.buffers()]) as tracker:
             sample(fake, fake_text, _schedule(), seed=0, chunk_tokens=256)
@@ -152,7 +152,7 @@ def test_interact_clip_on_fake_tensors_and_its_estimate(fm, single_thread):
     _, real = measure_peak_bytes(lambda: sample(model, text, sched, seed=0, chunk_tokens=256, conditions=conds))
     mode = FakeTensorMode()
     fake_model = fm.fake_model(CFG, mode, torch.float32)
-    with mode:
+    with mode, fm.no_value_checks():
         fake_text = TextCondition(torch.empty(L, CFG.text_channels))
         fake_conds = interact.conditions(torch.empty(1, 64, 21, H, W), torch.empty(1, 64, 1, H, W), sched)
         with fm.LiveDeviceBytes("cpu") as tracker:
