@@ -193,7 +193,8 @@ def decode_windows(latents: int) -> list[tuple[int, int]]:
 
 
 def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool = False,
-           callback: Callable[[int, int], None] | None = None, last_clip: bool = False) -> torch.Tensor:
+           callback: Callable[[int, int], None] | None = None, last_clip: bool = False,
+           max_chunk_latents: int | None = None) -> torch.Tensor:
     """Story -> float frames (T, H, W, 3) in [0, 1] on CPU: the first window whole, then of each later window
     (a clip decoded after 20 frames of its context, as the official script) its last 80 frames. The windows are
     independent, so ``last_clip`` decodes only the last one: the newest clip's frames, the tail of a full decode."""
@@ -206,7 +207,8 @@ def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool =
         windows = windows[-1:]
     parts = []
     for done, (i, (a, b)) in enumerate(windows, start=1):
-        raw = tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget, tiled=tiled)
+        raw = tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget, tiled=tiled,
+                               max_chunk_latents=max_chunk_latents)
         images = frames_to_float_images(raw, smooth_first_frame=True)
         parts.append(images if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:])
         del raw

@@ -417,13 +417,15 @@ def decode_shape(tokens: Tokens) -> tuple[int, ...]:
 
 
 def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled: bool = False,
-           callback: Callable | None = None, last_clip: bool = False) -> torch.Tensor:
+           callback: Callable | None = None, last_clip: bool = False,
+           max_chunk_latents: int | None = None) -> torch.Tensor:
     """Tokens -> float frames (T, H, W, 3) in [0, 1] on CPU, with the official frame-0 := frame-1 for videos.
 
     ``frames * 255`` truncated to uint8 equals the official output pixels of an fp32 decode. After a bf16 decode
     the post-processing still runs in fp32, where the official code rounds it to bf16 (one level lower or higher
     in about a tenth of the pixels there); ours keeps the more exact values. ``last_clip``: only the last clip's
     frames (80; a 5 s video or an image whole): a story decodes just its last window, other tokens decode whole.
+    ``max_chunk_latents`` caps the chunks ``memory_budget`` allows (see ``VideoTokenizer.decode``).
     """
     from .vae import frames_to_float_images
 
@@ -431,9 +433,10 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
         from .interact import decode as decode_story
 
         return decode_story(tokenizer, tokens, memory_budget=memory_budget, tiled=tiled, callback=callback,
-                            last_clip=last_clip)
+                            last_clip=last_clip, max_chunk_latents=max_chunk_latents)
     codes = tokens.summed_codes.to(_tokenizer_device(tokenizer))
-    raw = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback)
+    raw = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback,
+                           max_chunk_latents=max_chunk_latents)
     frames = frames_to_float_images(raw, smooth_first_frame=tokens.is_video)
     if last_clip and len(frames) > 1 + PIXEL_FRAMES_PER_CLIP:  # the causal decoder needs every earlier latent
         frames = frames[-PIXEL_FRAMES_PER_CLIP:]

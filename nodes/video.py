@@ -43,6 +43,7 @@ def frames_encode_inputs() -> list:
     ]
 
 
+CANCEL_CHUNK_LATENTS = 8  # decode in chunks of at most 8 latents (32 frames): Cancel is seen between chunks
 MAX_EXTEND_CLIPS = 8  # 40 s per Extend node; a chain of nodes goes further
 
 
@@ -97,7 +98,8 @@ class InfinityStarDecode(io.ComfyNode):
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             budget = int(host.free_memory_for(vae.patcher) * DECODE_BUDGET_SHARE)
             images = pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
-                                     callback=host.ChunkProgress(), last_clip=DECODE_FRAMES[frames])
+                                     callback=host.ChunkProgress(), last_clip=DECODE_FRAMES[frames],
+                                     max_chunk_latents=CANCEL_CHUNK_LATENTS)
         return io.NodeOutput(images.float().to(host.intermediate_device()), FPS)
 
 

@@ -262,12 +262,14 @@ class VideoTokenizer(nn.Module):
     def decode(self, summed_codes: torch.Tensor, *, chunk_latents: int | None = None,
                memory_budget: int | None = None, tiled: bool = False, tile: int | tuple[int, int] = 32,
                overlap: int | tuple[int, int] = 8,
-               callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               callback: Callable[[int, int], None] | None = None,
+               max_chunk_latents: int | None = None) -> torch.Tensor:
         """Summed codes (B, 64, T, h, w) -> raw decoder output (B, 3, 1 + 4(T-1), 16h, 16w), RGB, unclamped.
 
         Decodes latent frames in chunks with conv caches, which equals a one-shot decode
         (see chunking.plan_decode_chunks). ``chunk_latents`` None uses the official 3+2+2... plan,
-        or the largest chunk whose estimate fits ``memory_budget`` bytes. ``tiled`` decodes
+        or the largest chunk whose estimate fits ``memory_budget`` bytes, at most ``max_chunk_latents`` (a host that
+        checks for a cancel in ``callback`` gets to check a few times per video). ``tiled`` decodes
         overlapping spatial tiles (``tile``/``overlap`` in latent cells) and blends them linearly:
         an approximation, for when even one chunk does not fit.
         """
@@ -276,6 +278,8 @@ class VideoTokenizer(nn.Module):
         if chunk_latents is None and memory_budget is not None:
             chunk_latents = choose_decode_chunk(self.config, tuple(summed_codes.shape), self._work_dtype(),
                                                 memory_budget, tile=tile if tiled else None)
+        if max_chunk_latents is not None and chunk_latents is not None:
+            chunk_latents = min(chunk_latents, max_chunk_latents)
         z = self.latent_to_decoder_input(summed_codes).to(self._work_dtype())
         plan = plan_decode_chunks(z.shape[2], chunk_latents)
         logger.debug("decode %s latent frames in chunks %s (tiled=%s)", z.shape[2], plan, tiled)

@@ -281,3 +281,15 @@ def test_tokens_files_are_told_apart_by_their_header(t2v, tmp_path):
     (tmp_path / "text.safetensors").write_text("not a safetensors file")
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:20])
     assert [p.name for p in sorted(tmp_path.iterdir()) if P.Tokens.is_file_of_tokens(p)] == ["t.safetensors"]
+
+
+def test_decode_chunks_can_be_capped_for_a_host_to_check_for_cancel(models, t2v):
+    """A budget that fits the whole video decodes it in one chunk; ``max_chunk_latents`` caps the chunks (the nodes
+    see Cancel between them) and the frames stay the same (chunked decoding is exact)."""
+    _, _, tokenizer, _ = models
+    calls = {"whole": [], "capped": []}
+    whole = P.decode(tokenizer, t2v, memory_budget=1 << 40, callback=lambda d, n: calls["whole"].append(n))
+    capped = P.decode(tokenizer, t2v, memory_budget=1 << 40, max_chunk_latents=8,
+                      callback=lambda d, n: calls["capped"].append(n))
+    assert calls["whole"] == [1] and calls["capped"] == [3, 3, 3]  # 21 latents: 5 + 8 + 8
+    assert torch.equal(whole, capped)
