@@ -97,14 +97,21 @@ FP8_MATMUL_ROWS = 10240
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bf16 natively: NVIDIA Ampere (RTX 30xx) or newer, or an AMD GPU other than
-    RDNA1/2 (ROCm reports gfx10xx as capability 10.x). Turing and Pascal only emulate it: slow, Pascal's cuBLAS
-    refuses bf16 GEMMs, and SDPA's memory-efficient kernel takes bf16 only from sm80 (older cards would fall to the
-    quadratic-memory math kernel)."""
+    RDNA1/2 (gfx10xx) and older GCN / Vega (gfx9 before gfx908, MI100). Turing and Pascal only emulate it: slow,
+    Pascal's cuBLAS refuses bf16 GEMMs, and SDPA's memory-efficient kernel takes bf16 only from sm80 (older cards
+    would fall to the quadratic-memory math kernel)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
+    if torch.version.hip:  # the architecture name tells Vega (gfx900/906: MI50, Radeon VII) from MI100+ (all 9.x)
+        arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
+        if arch:
+            return not arch.startswith(AMD_WITHOUT_BF16)
     major = torch.cuda.get_device_capability(device)[0]
     return major != 10 if torch.version.hip else major >= 8
+
+
+AMD_WITHOUT_BF16 = ("gfx10", "gfx900", "gfx902", "gfx904", "gfx906", "gfx909", "gfx90c", "gfx80", "gfx70")
 
 
 def fp8_matmul_unavailable(device: torch.device | str) -> str | None:

@@ -17,10 +17,13 @@ CUDA = torch.device("cuda:0")
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """Set the simulated GPU: ``gpu(capability, hip=False)``."""
+    """Set the simulated GPU: ``gpu(capability, hip=False, arch="")`` (``arch``: ROCm's gcnArchName)."""
+    import types
 
-    def set_gpu(capability, hip=False):
+    def set_gpu(capability, hip=False, arch=""):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: types.SimpleNamespace(gcnArchName=arch, name="simulated"))
         monkeypatch.setattr(torch.version, "hip", "6.2" if hip else None)
         A._capability.cache_clear()
 
@@ -40,6 +43,18 @@ def test_bf16_is_used_where_the_gpu_computes_it_natively(gpu, capability, hip, n
     assert official_autocast_dtype(CUDA, torch.float16) == (torch.bfloat16 if runs_bf16 else None)
     assert not native_bf16("cpu") and not native_bf16("mps")
     assert default_compute_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("arch, native", [
+    ("gfx906:sramecc+:xnack-", False), ("gfx900", False), ("gfx1030", False), ("gfx1010:xnack-", False),
+    ("gfx908:sramecc+:xnack-", True), ("gfx90a:sramecc+:xnack-", True), ("gfx942", True), ("gfx1100", True),
+    ("gfx1201", True)])
+def test_amd_bf16_follows_the_architecture_name(gpu, arch, native):
+    """ROCm reports every gfx9 part as capability 9.x: Vega (MI50, Radeon VII: gfx906) has no bf16, MI100 (gfx908)
+    and later do; RDNA1/2 (gfx10xx) lack it, RDNA3/4 have it."""
+    gpu((9, 0) if arch.startswith("gfx9") else (int(arch[3:5]), 0), hip=True, arch=arch)
+    assert native_bf16(CUDA) is native
+    assert default_compute_dtype(CUDA) == (torch.bfloat16 if native else torch.float16)
 
 
 def test_default_storage_follows_an_fp16_compute(gpu):
