@@ -196,7 +196,7 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--tau-video", type=temperature, default=TAU_VIDEO)
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="transformer block storage (default: fp32 on the CPU; on a GPU bf16, or fp8 when bf16 "
-                        "weights and the run do not fit its free memory)")
+                        "weights and the run do not fit its free memory); fp32 blocks also compute in fp32")
     p.add_argument("--device", help="cuda, cuda:1, mps, cpu (default: cuda when available)")
     p.add_argument("--generator", choices=list(P.GENERATOR_CHOICES), default="auto",
                    help="where the bits are drawn: auto = a CUDA generator on GPU, like the official code; "

@@ -98,8 +98,9 @@ def _check_finite(finite: torch.Tensor, dtype: torch.dtype) -> None:
     """Raise when a step's logits were not finite (:func:`draw_bits`'s flag): one sync, after the loop."""
     if bool(finite):
         return
-    advice = ("compute in fp32 (compute_dtype fp32, CLI --dtype fp32), or in bf16 on GPUs that have it (NVIDIA RTX "
-              "30xx / Ampere or newer): fp16 is too narrow for this model"
+    advice = ("compute in fp32 (the Model Loader's compute_dtype fp32; the CLI computes fp32 blocks in fp32: --dtype "
+              "fp32), or in bf16 on GPUs that have it (NVIDIA RTX 30xx / Ampere or newer): fp16 is too narrow for "
+              "this model"
               if dtype == torch.float16 else "the weights may be damaged or not InfinityStar's")
     raise FloatingPointError(f"the transformer's output overflowed in {str(dtype).removeprefix('torch.')} (inf / NaN "
                              f"logits), so the video would be noise: {advice}.")
@@ -195,12 +196,13 @@ def cuda_available_bytes(device: torch.device) -> int:
 AUTO_HEADROOM = 1 << 30  # bytes "auto" choices leave free for allocator fragmentation and the estimate's error
 
 
-def default_compute_dtype(device: torch.device) -> torch.dtype:
+def default_compute_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
     """bf16 blocks on a GPU that has bf16 (the official layout), fp16 on older CUDA GPUs (Turing, Pascal: bf16 is
-    emulated there, or refused), fp32 elsewhere."""
+    emulated there, or refused), fp32 elsewhere, and fp32 for blocks ``stored`` in fp32 (asked for: the CLI's
+    ``--dtype fp32`` is the way out of an fp16 overflow)."""
     from .ops import native_bf16
 
-    if device.type != "cuda":
+    if device.type != "cuda" or stored == torch.float32:
         return torch.float32
     return torch.bfloat16 if native_bf16(device) else torch.float16
 
@@ -226,7 +228,8 @@ class _Runner:
                  conditions: Sequence[PrefixCondition] = (), batch: int = 2):
         self.model, self.schedule = model, schedule
         self.device = model_device(model)
-        self.dtype = compute_dtype or default_compute_dtype(self.device)
+        stored = model.block_dtype() if callable(getattr(model, "block_dtype", None)) else None
+        self.dtype = compute_dtype or default_compute_dtype(self.device, stored)
         self.batch = batch  # 2: [conditional, unconditional]; 1: the conditional branch alone
         self.attn_backend, self.round_qkv_bf16 = attn_backend, round_qkv_bf16
         self.chunk_tokens = resolve_chunk_tokens(chunk_tokens, model.config, self.dtype, batch)

@@ -25,7 +25,14 @@ from .ops import norm_layer
 
 logger = logging.getLogger(__name__)
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """flan-t5's GELU, the tanh approximation written out as Hugging Face computes it: the fused
+    ``F.gelu(approximate="tanh")`` rounds differently in half precision, and under CUDA's bf16 autocast ``pow`` runs
+    in fp32, so this keeps an fp32 result where the fused kernel would round to bf16 (1e-2 apart at the features)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_new,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 FP32_KEPT = ("wo",)  # kept in fp32 when the rest is half: T5's feed-forward output overflows fp16
 
@@ -168,10 +175,12 @@ class FeedForwardLayer(nn.Module):
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    """fp16 activations kept just below infinity (Hugging Face's T5 guard); other dtypes as they are."""
+    """fp16 activations kept finite (Hugging Face's T5 guard): clamped to the largest fp16 value, or 1000 below it
+    when one overflowed (no sync: the limit is a tensor); other dtypes as they are."""
     if x.dtype != torch.float16:
         return x
-    limit = torch.finfo(torch.float16).max - 1000
+    top = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top).to(x.dtype)
     return x.clamp(-limit, limit)
 
 
@@ -228,7 +237,12 @@ def weight_files(folder: Path) -> Path:
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
         return folder
     legacy = folder / "pytorch_model.bin"
-    return legacy if legacy.is_file() else folder
+    if legacy.is_file():
+        return legacy
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        raise FileNotFoundError(f"{folder} holds its T5 weights as sharded .bin files, which are not read here; use "
+                                "the safetensors files (the published flan-t5-xl-official folder has them)")
+    raise FileNotFoundError(f"{folder} holds no T5 weights (model.safetensors, its shards, or pytorch_model.bin)")
 
 
 def load_t5_encoder(folder: str | Path, *, dtype: torch.dtype = torch.float16, ops=nn, device="cpu") -> T5Encoder:

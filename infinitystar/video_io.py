@@ -159,8 +159,9 @@ def checked_fps(fps: float) -> float:
     480,001 picks, a 23 GiB gather at 64x64), and picks repeat frames the slower the rate."""
     fps = float(fps)
     if not fps >= MIN_FPS:
-        raise ValueError(f"a frame rate of {fps:g} fps is not a video's (below {MIN_FPS:g}); the file may declare a "
-                         "wrong rate: give the video's real one (16 for InfinityStar videos)")
+        raise ValueError(f"a frame rate of {fps:g} fps is not a video's (below {MIN_FPS:g}): the video (or its "
+                         "file's header) gives a wrong rate; re-encode it with its real rate (ffmpeg -r), or give that "
+                         "rate where the input takes one")
     return fps
 
 

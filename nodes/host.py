@@ -78,7 +78,7 @@ def _castable_norm(cls: type) -> type:
 
 
 _NORMS: dict[type, type] = {}
-_FAMILIES: dict[type, type] = {}
+_FAMILIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ComfyUI makes an fp8 family per load
 
 
 def with_norms(family: type) -> type:

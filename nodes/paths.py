@@ -165,8 +165,8 @@ def next_output_file(prefix: str, extension: str) -> tuple[Path, str]:
     ``infinitystar``, not a hidden ``._00001_`` file.
     """
     prefix = prefix.strip()
-    if not prefix or prefix.endswith(("/", "\\")):
-        prefix += "infinitystar"
+    if not prefix.replace("\\", "/").rsplit("/", 1)[-1].strip("."):  # "", "videos/", "." would name a hidden file
+        prefix = prefix.rstrip(".") + "infinitystar"
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
     return Path(folder) / f"{name}_{counter:05}_{extension}", subfolder
 

@@ -141,7 +141,8 @@ class InfinityStarEncode(io.ComfyNode):
 
         aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
         count = len(images)
-        check_fps(fps, "Encode")
+        if count > 1:  # one frame is an image: no rate is used
+            check_fps(fps, "Encode")
         picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP)
         if len(picks) == 0:
             raise ValueError(f"Encode got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} s): give it one frame "

@@ -74,7 +74,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, 1, 1, 1, device=device, dtype=dtype))
 
     @property
-    def weight(self) -> nn.Parameter:  # the name hosts' weight casts read (the file's key is ``gamma``)
+    def weight(self) -> nn.Parameter:
+        """The name hosts' weight casts read (the file's key is ``gamma``). A host's weight patch is looked up under
+        ``<name>.weight``, so patches of these norms (nothing makes any) would not apply."""
         return self.gamma
 
     def weight_as(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

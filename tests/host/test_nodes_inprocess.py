@@ -215,6 +215,9 @@ def test_start_tokens_continue_a_video_as_the_official_v2v(pack, loaded, core, c
     with pytest.raises(ValueError, match="Encode: fps 0 is not a video's frame rate"):
         run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video, resolution="0.06M", aspect_ratio="16:9",
             seed=2, fps=0.0)
+    image = run(pack.video.InfinityStarEncode, vae=loaded["vae"], images=video[:1], resolution="0.06M",
+                aspect_ratio="16:9", seed=2, fps=0.0)[0]  # one frame is an image: its linked rate is not used
+    assert image.frames == 1
 
 
 def test_start_tokens_of_a_longer_video_continue_its_first_clips(pack, loaded, core, caplog):

@@ -113,7 +113,7 @@ def test_annotated_names_resolve_in_their_folder(pack, comfy_dirs):
 def test_an_empty_file_name_prefix_still_names_the_file(pack, comfy_dirs):
     """Save Tokens with an empty prefix (or only a folder) writes ``infinitystar_00001_.safetensors``, not a hidden
     ``._00001_`` file."""
-    for prefix, folder in (("", ""), ("  ", ""), ("clips/", "clips")):
+    for prefix, folder in (("", ""), ("  ", ""), ("clips/", "clips"), (".", ""), ("clips/..", "clips")):
         path, subfolder = pack.paths.next_output_file(prefix, ".safetensors")
         assert path.name.startswith("infinitystar_") and subfolder == folder, (prefix, path)
         assert path.parent == Path(comfy_dirs["output"]) / folder

@@ -43,6 +43,9 @@ def test_bf16_is_used_where_the_gpu_computes_it_natively(gpu, capability, hip, n
     assert official_autocast_dtype(CUDA, torch.float16) == (torch.bfloat16 if runs_bf16 else None)
     assert not native_bf16("cpu") and not native_bf16("mps")
     assert default_compute_dtype(torch.device("cpu")) == torch.float32
+    # blocks stored in fp32 (the CLI's --dtype fp32, the way out of an fp16 overflow) compute in fp32
+    assert default_compute_dtype(CUDA, torch.float32) == torch.float32
+    assert default_compute_dtype(CUDA, torch.bfloat16) == default_compute_dtype(CUDA)
 
 
 @pytest.mark.parametrize("arch, native", [
