@@ -226,8 +226,20 @@ SCORE_BYTES = 2**30  # the score matrix one SDPA call may build where its kernel
 
 def _scores_materialized(q: torch.Tensor) -> bool:
     """Apple's MPS SDPA builds the whole fp32 score matrix (B, heads, queries, keys), and MPS refuses any tensor over
-    4 GiB: the large steps' calls (up to 93 GiB at 720p) must be cut."""
-    return q.device.type == "mps"
+    4 GiB: the large steps' calls (up to 93 GiB at 720p) must be cut. So does SDPA's math kernel, the only one ROCm
+    has for RDNA1/2 and Vega (AOTriton's fused kernels are built for CDNA2+ and RDNA3+)."""
+    if q.device.type == "mps":
+        return True
+    return q.is_cuda and bool(torch.version.hip) and _rocm_math_sdpa(q.device.index or 0)
+
+
+ROCM_MATH_SDPA = ("gfx10", "gfx900", "gfx902", "gfx904", "gfx906", "gfx909", "gfx90c", "gfx908", "gfx80")
+
+
+@functools.cache
+def _rocm_math_sdpa(index: int) -> bool:
+    arch = str(getattr(torch.cuda.get_device_properties(index), "gcnArchName", ""))
+    return arch.startswith(ROCM_MATH_SDPA)
 
 
 def _attend_in_query_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

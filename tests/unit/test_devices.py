@@ -26,9 +26,11 @@ def gpu(monkeypatch):
                             lambda device=None: types.SimpleNamespace(gcnArchName=arch, name="simulated"))
         monkeypatch.setattr(torch.version, "hip", "6.2" if hip else None)
         A._capability.cache_clear()
+        A._rocm_math_sdpa.cache_clear()
 
     yield set_gpu
     A._capability.cache_clear()
+    A._rocm_math_sdpa.cache_clear()
 
 
 @pytest.mark.parametrize("capability, hip, native", [
@@ -140,6 +142,19 @@ def test_memory_plans_count_the_kv_copy_where_the_kernel_needs_one(gpu):
     config, schedule = TRANSFORMER_PRESETS["8b"], build_schedule("720p", "16:9", 81)
     shared, copied = (estimate_sampling_memory(config, schedule, dtype=torch.float16, native_gqa=n) for n in (1, 0))
     assert copied - shared > 2 * 10**9
+
+
+@pytest.mark.parametrize("hip, arch, sliced", [
+    (True, "gfx1030", True), (True, "gfx1010:xnack-", True), (True, "gfx906:sramecc+:xnack-", True),
+    (True, "gfx90a:sramecc+:xnack-", False), (True, "gfx942", False), (True, "gfx1100", False), (False, "", False)])
+def test_rocm_gpus_whose_sdpa_is_the_math_kernel_attend_in_query_slices(gpu, hip, arch, sliced):
+    """ROCm runs SDPA's fused kernels on CDNA2+ and RDNA3+ only; elsewhere (RDNA1/2, Vega) the math kernel builds the
+    whole score matrix, as on MPS, so those calls are cut by queries too. NVIDIA GPUs never are."""
+    import types
+
+    gpu((10, 3) if arch.startswith("gfx10") else (11, 0) if arch.startswith("gfx11") else (9, 0), hip=hip, arch=arch)
+    q = types.SimpleNamespace(device=torch.device("cuda", 0), is_cuda=True)
+    assert A._scores_materialized(q) is sliced
 
 
 def test_attention_on_mps_cuts_the_queries_so_the_score_matrix_stays_small(monkeypatch):
