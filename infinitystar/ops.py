@@ -147,6 +147,21 @@ class CastConv3d(nn.Conv3d):
         return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
 
 
+class WeightNorm(nn.Module):
+    """Base of the library's weight-only norms: one ``weight`` of ``dim`` ones and its read, ``weight_as``, which a
+    host's :func:`norm_layer` subclass overrides to route it through its own cast. Subclasses give the arithmetic."""
+
+    bias = None  # read by hosts' weight casts
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def weight_as(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(device=x.device, dtype=dtype)
+
+
 def norm_layer(ops, cls: type[nn.Module]) -> type[nn.Module]:
     """The class to build one of the library's norm layers ``cls`` from: the models' norms keep the official
     arithmetic (not torch's or the host's), and read their weight through ``cls.weight_as(x, dtype)``. A host that

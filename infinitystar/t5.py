@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attend
-from .ops import norm_layer
+from .ops import WeightNorm, norm_layer
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +88,8 @@ def relative_position_bucket(relative: torch.Tensor, buckets: int, max_distance:
     return bucket + torch.where(distance < exact, distance, far.clamp_max(half - 1))
 
 
-class T5LayerNorm(nn.Module):
+class T5LayerNorm(WeightNorm):
     """Scale-only RMS norm: statistics in fp32, the normalized input cast to the weight's dtype when that is half."""
-
-    bias = None  # read by hosts' weight casts
-
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def weight_as(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(device=x.device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variance = x.float().pow(2).mean(-1, keepdim=True)

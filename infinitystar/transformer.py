@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .attention import attend, prepare_kv
 from .config import FP32_MODULES, TransformerConfig
 from .kv_cache import ScaleKVCache, concat_to
-from .ops import norm_layer
+from .ops import WeightNorm, norm_layer
 from .rope import apply_rope
 
 logger = logging.getLogger(__name__)
@@ -62,22 +62,13 @@ def _round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(WeightNorm):
     """Weight-only RMS norm computed in fp32, cast back to the input dtype (official FastRMSNorm).
 
     The weight is moved to the input's device at call time, so offloaded weights work.
     """
 
     fused = True  # see InfinityStarTransformer.use_fused_norms
-    bias = None  # read by hosts' weight casts
-
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def weight_as(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(device=x.device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.is_cuda and _FUSED_RMS_NORM and self.weight.dtype == x.dtype:

@@ -9,6 +9,7 @@ progress per AR step with interrupt checks and previews, and cleans up in ``fina
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Iterator
@@ -61,23 +62,21 @@ def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.devi
                          "(ComfyUI streams the blocks from system memory when they do not fit).")
 
 
+@functools.cache
 def _castable_norm(cls: type) -> type:
     """One of the library's norm layers with ComfyUI's cast: ``comfy_cast_weights`` lets a partial load leave it on
     the offload device, and its weight then comes through ``cast_bias_weight`` (moved, cast, patched) while the
-    arithmetic stays the library's."""
-    if cls not in _NORMS:
-        class Norm(cls, comfy.ops.CastWeightBiasOp):
-            def weight_as(self, x, dtype):
-                if self.comfy_cast_weights or len(self.weight_function) > 0:
-                    return comfy.ops.cast_bias_weight(self, x, dtype=dtype)[0]
-                return super().weight_as(x, dtype)
+    arithmetic stays the library's. One class per norm class (cached)."""
+    class Norm(cls, comfy.ops.CastWeightBiasOp):
+        def weight_as(self, x, dtype):
+            if self.comfy_cast_weights or len(self.weight_function) > 0:
+                return comfy.ops.cast_bias_weight(self, x, dtype=dtype)[0]
+            return super().weight_as(x, dtype)
 
-        Norm.__name__ = Norm.__qualname__ = cls.__name__
-        _NORMS[cls] = Norm
-    return _NORMS[cls]
+    Norm.__name__ = Norm.__qualname__ = cls.__name__
+    return Norm
 
 
-_NORMS: dict[type, type] = {}
 _FAMILIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ComfyUI makes an fp8 family per load
 
 
