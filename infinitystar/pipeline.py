@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .guidance import GuidanceConfig
-from .schedule import FRAMES_PER_CLIP, PIXEL_FRAMES_PER_CLIP, Schedule, build_schedule
+from .schedule import FRAMES_PER_CLIP, PIXEL_FRAMES_PER_CLIP, Schedule, build_schedule, num_video_clips
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +146,12 @@ class Tokens:
             raise ValueError(f"{path} is not a readable .safetensors tokens file ({e}); {hint}") from e
         try:
             frames = int(meta["frames"])
+            clips = num_video_clips(frames)
         except ValueError:
-            frames = 0
-        if frames < 1 or (frames - 1) % PIXEL_FRAMES_PER_CLIP:
-            raise ValueError(f"{path}: frames {meta['frames']!r} is no image or video length (1 + 80k); {hint}")
+            raise ValueError(f"{path}: frames {meta['frames']!r} is no image or video length (1 + 80k); {hint}") \
+                from None
         # checked before the schedule is built: a file's frame count cannot size it beyond what the file holds
-        latents = 1 + FRAMES_PER_CLIP * ((frames - 1) // PIXEL_FRAMES_PER_CLIP)
+        latents = 1 + FRAMES_PER_CLIP * clips
         if summed.ndim != 5 or summed.shape[2] != latents:
             raise ValueError(f"{path}: summed_codes of shape {tuple(summed.shape)} do not hold the {latents} latent "
                              f"frames of {frames} frames; the file is damaged; {hint}")

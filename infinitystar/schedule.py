@@ -184,7 +184,8 @@ def parse_aspect(aspect: str | float) -> float:
     return value
 
 
-def _num_video_clips(frames: int) -> int:
+def num_video_clips(frames: int) -> int:
+    """Video clips after the image clip in ``frames`` pixel frames (1 or 1 + 80k), else ValueError."""
     if not isinstance(frames, (int, np.integer)) or frames < 1 or (frames - 1) % PIXEL_FRAMES_PER_CLIP:
         raise ValueError(f"unsupported frame count {frames!r}; supported: 1 (image) or 1 + 80k "
                          f"(e.g. {supported_frames()}: 5 s, 10 s, 15 s at 16 fps)")
@@ -209,7 +210,7 @@ def build_schedule(pn: str = "0.90M", aspect: str | float = "16:9", frames: int 
     """
     pn = _parse_pn(pn)
     h_div_w = nearest_template(parse_aspect(aspect))
-    clips = _num_video_clips(frames)
+    clips = num_video_clips(frames)
     n = PN_SCALES[pn]
     img_rep, vid_rep = default_repetitions(pn)
     if num_scales is not None:
