@@ -19,6 +19,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .ops import rocm_arch
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "cudnn", "sdpa_flash", "flash", "sage")
@@ -238,8 +240,7 @@ ROCM_MATH_SDPA = ("gfx10", "gfx900", "gfx902", "gfx904", "gfx906", "gfx909", "gf
 
 @functools.cache
 def _rocm_math_sdpa(index: int) -> bool:
-    arch = str(getattr(torch.cuda.get_device_properties(index), "gcnArchName", ""))
-    return arch.startswith(ROCM_MATH_SDPA)
+    return rocm_arch(index).startswith(ROCM_MATH_SDPA)
 
 
 def _attend_in_query_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -104,11 +104,16 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type != "cuda":
         return False
     if torch.version.hip:  # the architecture name tells Vega (gfx900/906: MI50, Radeon VII) from MI100+ (all 9.x)
-        arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
+        arch = rocm_arch(device)
         if arch:
             return not arch.startswith(AMD_WITHOUT_BF16)
     major = torch.cuda.get_device_capability(device)[0]
     return major != 10 if torch.version.hip else major >= 8
+
+
+def rocm_arch(device: torch.device | str | int) -> str:
+    """ROCm's architecture name of a GPU (``gcnArchName``, e.g. 'gfx1030:xnack-'); '' where none is reported."""
+    return str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
 
 
 AMD_WITHOUT_BF16 = ("gfx10", "gfx900", "gfx902", "gfx904", "gfx906", "gfx909", "gfx90c", "gfx80", "gfx70")
