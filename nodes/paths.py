@@ -48,7 +48,7 @@ def is_upload_folder(path: str | Path) -> bool:
     target = Path(path).resolve()
     bases = (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
              folder_paths.get_temp_directory())
-    return any(target == Path(b).resolve() or Path(b).resolve() in target.parents for b in bases)
+    return any(target.is_relative_to(Path(base).resolve()) for base in bases)
 
 
 def _bases(folders: tuple[str, ...]) -> list[Path]:
