@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import math
 import os
-import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_table import COLUMNS, Result, format_table, graphs_line, machine_line  # noqa: E402,F401
 from official import STANDIN_KERNELS  # noqa: E402  (the official code itself is imported only with --official)
 from step_timing import StepClock, kernel_profile, step_time_buckets, wrap_head  # noqa: E402
 
@@ -64,22 +62,6 @@ WEIGHT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf1
                  "fp32": torch.float32, "gguf_q8_0": torch.uint8, "gguf_q6_k": torch.uint8, "gguf_q4_k": torch.uint8}
 GGUF_TYPES = {"gguf_q8_0": "Q8_0", "gguf_q6_k": "Q6_K", "gguf_q4_k": "Q4_K"}  # GGUF blocks (uint8 storage)
 TEXT_TOKENS = 64
-COLUMNS = ["case", "impl", "steps", "total s", "s/step (3 largest scales)", "tokens/s", "peak GB",
-           "est. GB", "ours/official time", "same codes"]
-
-
-@dataclass
-class Result:
-    case: str
-    impl: str
-    steps: int
-    total: float
-    tail_step: float
-    tokens_per_s: float
-    peak: int | None
-    estimate: int | None = None
-    codes: torch.Tensor | None = field(default=None, repr=False)
-    extra: dict = field(default_factory=dict)
 
 
 def parse_cases(text: str) -> list[tuple[str, str, int]]:
@@ -372,19 +354,6 @@ def _graphs(model, args):
     return step_graphs(model, args.cuda_graphs) if args.cuda_graphs else False
 
 
-def graphs_line(graphs, schedule) -> str:
-    """What the CUDA graphs did in the last generation: steps replayed, captured, eager; memory they hold."""
-    c = graphs.counts
-    failed = f"; {len(graphs.failed)} step shapes failed to capture ({next(iter(graphs.failed.values()))})" \
-        if graphs.failed else ""
-    off = f"; off: {graphs.off}" if graphs.off else ""
-    # the graphs' pool keeps its temporaries reserved (not allocated): the allocated peak of the table misses them
-    reserved = f"; peak reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB" if torch.cuda.is_available() else ""
-    return (f"{c['replayed']} of {schedule.num_steps} steps replayed ({c['captured']} captured in this run), "
-            f"{c['eager']} eager; up to {graphs.max_tokens} tokens; {graphs.nbytes() / 1e9:.2f} GB of K/V homes and "
-            f"static buffers held{reserved}{failed}{off}")
-
-
 def _compute_dtype(device, args):
     """bf16 blocks on CUDA (the official layout), and on a CPU with --cpu-bf16; fp32 otherwise (and with
     --parity-fp32 ours)."""
@@ -410,31 +379,6 @@ def _init_cuda(device):
     x = torch.randn(2, 4, 256, 64, device=device, dtype=torch.bfloat16)
     torch.nn.functional.scaled_dot_product_attention(x, x, x)
     (x[0, 0] @ x[0, 0].T).float().sum().item()
-
-
-def format_table(results: list[Result]) -> str:
-    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    by_case = {}
-    for r in results:
-        by_case.setdefault(r.case, {})[r.impl] = r
-    for r in results:
-        other = by_case[r.case].get("official")
-        ratio = same = ""
-        if r.impl == "ours" and other is not None:
-            ratio = f"{r.total / other.total:.2f}"
-            diff = (r.codes - other.codes).abs().max().item() if r.codes.shape == other.codes.shape else float("inf")
-            same = "yes" if diff == 0 else f"no (max diff {diff:.3g})"
-        peak = "-" if r.peak is None else f"{r.peak / 1e9:.3f}"
-        est = "-" if r.estimate is None else f"{r.estimate / 1e9:.3f}"
-        rows.append(f"| {r.case} | {r.impl} | {r.steps} | {r.total:.2f} | {r.tail_step:.3f} | {r.tokens_per_s:,.0f} | "
-                    f"{peak} | {est} | {ratio} | {same} |")
-    return "\n".join(rows)
-
-
-def machine_line(device: torch.device) -> str:
-    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
-    return (f"{datetime.date.today()} · {what} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
-            f"{platform.system()}")
 
 
 def parse_args(argv=None):
