@@ -19,8 +19,8 @@ class InfinityStarTextEncode(io.ComfyNode):
             category="InfinityStar/conditioning",
             description="Encodes a prompt (and optional negative prompt) with flan-t5-xl. The prompt gets the "
                         "official decoration: a <<<t=5s>>> duration tag for videos and the closing phrase "
-                        "', Close-up on big objects, emphasize scale and detail'. The encoder is released "
-                        "from the GPU right after, so the transformer can load.",
+                        "', Close-up on big objects, emphasize scale and detail'. The encoder stays "
+                        "loaded like ComfyUI's own text encoders until the transformer needs the room.",
             inputs=[
                 T.TextEncoder.Input("text_encoder", tooltip="From InfinityStar Text Encoder Loader."),
                 io.String.Input("prompt", multiline=True, default="",
@@ -42,6 +42,7 @@ class InfinityStarTextEncode(io.ComfyNode):
             outputs=[T.Conditioning.Output(display_name="conditioning", tooltip="The encoded prompt and negative "
                                                                                 "prompt (with the duration tag) for "
                                                                                 "Sampler, Extend or Interact.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -49,6 +50,7 @@ class InfinityStarTextEncode(io.ComfyNode):
         return check_choices(cls, duration_tag=duration_tag)
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, text_encoder: T.LoadedTextEncoder, prompt: str, negative_prompt: str,
                 duration_tag: str) -> io.NodeOutput:
         from ..infinitystar.interact import prompt_lines

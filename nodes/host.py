@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_NODE_MESSAGES = 6  # the latest warnings shown on a node (each one also goes to the server log)
 PREVIEW_EVERY = 4  # AR steps between previews; a preview costs a 64x64 eigendecomposition (without a tokenizer)
 
 
@@ -235,6 +238,10 @@ def release(patcher) -> None:
     mm.soft_empty_cache()
 
 
+def empty_cache() -> None:
+    mm.soft_empty_cache()
+
+
 def is_loaded(patcher) -> bool:
     return any(loaded.model is patcher for loaded in mm.current_loaded_models)
 
@@ -336,3 +343,57 @@ class ChunkProgress:
     def __call__(self, done: int, total: int) -> None:
         check_interrupt()
         self.bar.update_absolute(done, total)
+
+
+# ---------------------------------------------------------------------------------------------- node messages
+
+_PACKAGE_LOGGER = __package__.rpartition(".")[0] or "infinitystar"  # the pack's root: nodes and library below it
+
+
+def send_node_text(text: str, node_id) -> None:
+    """ComfyUI's text under a node (the frontend shows it on the node); nothing without a running server (ComfyUI's
+    ``main.py`` imports its ``server`` module; importing it here would start what a headless import does not need)."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None and node_id is not None:
+        instance.send_progress_text(text, str(node_id))
+
+
+class _NodeMessages(logging.Handler):
+    """Collects the pack's warnings raised while one node runs (on this thread) and shows them on that node."""
+
+    def __init__(self, node_id):
+        super().__init__(logging.WARNING)
+        self.node_id, self.thread, self.lines = node_id, threading.get_ident(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
+        try:
+            self.lines.append(record.getMessage())
+            send_node_text("\n".join(self.lines[-MAX_NODE_MESSAGES:]), self.node_id)
+        except Exception:  # noqa: BLE001 — a message must never break a run; the server log has it anyway
+            pass
+
+
+@contextlib.contextmanager
+def node_messages(node_id) -> Iterator[list[str]]:
+    """While the block runs, the pack's warnings (crop, truncated prompt, untrained size...) also appear on node
+    ``node_id`` in the UI: users rarely read the server log. Yields the list of messages shown."""
+    handler = _NodeMessages(node_id)
+    log = logging.getLogger(_PACKAGE_LOGGER)
+    log.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        log.removeHandler(handler)
+
+
+def shows_warnings(execute):
+    """Decorator for a V3 node's ``execute`` (below ``@classmethod``): run it inside ``node_messages`` for the node's
+    ``unique_id`` (declare ``hidden=[io.Hidden.unique_id]``)."""
+    @functools.wraps(execute)
+    def run(cls, *args, **kwargs):
+        with node_messages(getattr(cls.hidden, "unique_id", None)):
+            return execute(cls, *args, **kwargs)
+    return run

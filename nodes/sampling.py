@@ -16,6 +16,8 @@ RESOLUTIONS = ("auto", "720p", "480p", "0.25M", "0.06M")
 logger = logging.getLogger(__name__)
 
 DURATIONS = {"image": 0, "5 s": 5, "10 s": 10}
+FROM_START = "from start image"  # the Sampler's aspect choice that follows start_image / start_tokens
+START_FRAMES = ("first", "last")
 SMALL_MODEL_RESOLUTION = "0.06M"  # auto for weights that are neither released variant (e.g. the tiny test set)
 
 
@@ -135,9 +137,11 @@ class InfinityStarSampler(io.ComfyNode):
                                tooltip="auto = what the weights were trained at (720p: 1280x720-class, 480p: "
                                        "848x480). 0.25M / 0.06M are small pyramids for quick drafts; "
                                        "quality drops away from the trained size."),
-                io.Combo.Input("aspect_ratio", options=_aspects(), default="16:9",
+                io.Combo.Input("aspect_ratio", options=[*_aspects(), FROM_START], default="16:9",
                                tooltip="W:H of the output. The model's size for it comes from the nearest of the 15 "
-                                       "official h/w templates."),
+                                       "official h/w templates. 'from start image' = the template nearest to "
+                                       "start_image's own shape (image-to-video without cropping much of it); "
+                                       "16:9 without a start."),
                 io.Combo.Input("duration", options=list(DURATIONS), default="5 s",
                                tooltip="image = one frame. 5 s = 81 frames at 16 fps. 10 s = 161 frames, only "
                                        "for the 480p weights (longer: InfinityStar Extend). Cost grows with "
@@ -161,6 +165,10 @@ class InfinityStarSampler(io.ComfyNode):
                                        "start it). Resolution and aspect ratio then come from the tokens. Extend "
                                        "continues too, but draws nothing for the earlier clips, so its seeds "
                                        "differ."),
+                io.Combo.Input("start_frame", options=list(START_FRAMES), default="first", optional=True,
+                               tooltip="Which frame of a start_image batch starts the video: first, or last to "
+                                       "continue a clip from where it ends (connect its frames, e.g. Decode's "
+                                       "images or Get Video Components)."),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The generated tokens (every step's bits and the "
                                                                     "summed codes, a few MB): Decode them, Save them, "
@@ -170,9 +178,10 @@ class InfinityStarSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, resolution: str | None = None, duration: str | None = None,
-                        aspect_ratio: str | None = None, generator: str | None = None) -> bool | str:
+                        aspect_ratio: str | None = None, generator: str | None = None,
+                        start_frame: str | None = None) -> bool | str:
         checked = check_choices(cls, resolution=resolution, duration=duration, aspect_ratio=aspect_ratio,
-                                generator=generator)
+                                generator=generator, start_frame=start_frame)
         if checked is not True:
             return checked
         if resolution == "720p" and DURATIONS.get(duration, 0) > 5:
@@ -181,15 +190,17 @@ class InfinityStarSampler(io.ComfyNode):
         return True
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, resolution: str, aspect_ratio: str,
                 duration: str, seed: int, guidance_scale: float, apg_threshold: float, use_plain_cfg: bool,
                 tau_video: float, tau_image: float, start_image: torch.Tensor | None = None,
                 vae: T.LoadedVAE | None = None, generator: str = "auto", guidance_schedule: str = "",
-                start_tokens=None) -> io.NodeOutput:
+                start_tokens=None, start_frame: str = "first") -> io.NodeOutput:
         from ..infinitystar import pipeline
 
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)  # checked first
         seconds = DURATIONS[duration]
+        aspect_ratio = start_aspect(aspect_ratio, start_image, start_tokens)
         if start_tokens is not None:
             start_tokens = start_tokens_for(start_tokens, start_image, seconds)
             resolution, aspect_ratio = start_tokens_schedule(start_tokens, resolution, aspect_ratio)
@@ -210,9 +221,8 @@ class InfinityStarSampler(io.ComfyNode):
                                  "Loader to 'vae'.")
             if seconds == 0:
                 raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
-            warn_crop("Sampler", start_image, schedule, f"set aspect_ratio nearer {start_image.shape[2]}:"
-                                                        f"{start_image.shape[1]}")
-            image = image_to_uint8(start_image[:1])[0]  # the first frame of a batch
+            warn_crop("Sampler", start_image, schedule, f"set aspect_ratio to '{FROM_START}'")
+            image = image_to_uint8(start_frame_of(start_image, start_frame))[0]
             need = pipeline.encode_memory(vae.module, 1, schedule.height, schedule.width)
             with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
                 condition = pipeline.encode_image(tokenizer, image, schedule, seed=seed)
@@ -223,6 +233,27 @@ class InfinityStarSampler(io.ComfyNode):
 
         return io.NodeOutput(run_transformer(model, schedule, sample, getattr(cls.hidden, "unique_id", None), vae,
                                              guidance=guidance))
+
+
+def start_aspect(aspect_ratio: str, start_image, start_tokens) -> str | float:
+    """The Sampler's aspect: 'from start image' is the start image's h/w (the nearest template is taken later),
+    the tokens' own with start_tokens (start_tokens_schedule), else 16:9."""
+    if aspect_ratio != FROM_START or start_tokens is not None:
+        return aspect_ratio
+    if start_image is None:
+        logger.warning("InfinityStar Sampler: aspect_ratio '%s' without a start_image: 16:9", FROM_START)
+        return "16:9"
+    return start_image.shape[1] / start_image.shape[2]
+
+
+def start_frame_of(start_image: torch.Tensor, start_frame: str) -> torch.Tensor:
+    """The one frame of a start_image batch that starts the video (as a batch of one)."""
+    if start_frame == "last":
+        return start_image[-1:]
+    if len(start_image) > 1:
+        logger.warning("InfinityStar Sampler: start_image is a batch of %d frames; its first frame starts the video "
+                       "(set start_frame to 'last' to continue the clip from its end)", len(start_image))
+    return start_image[:1]
 
 
 def start_tokens_for(tokens, start_image, seconds: int):
@@ -266,9 +297,9 @@ def start_tokens_schedule(tokens, resolution: str, aspect_ratio: str) -> tuple[s
     from ..infinitystar.schedule import build_schedule
 
     if resolution != "auto" and build_schedule(resolution, tokens.h_div_w, 1).pn != tokens.pn:
-        logger.info("InfinityStar Sampler: resolution %s ignored; start_tokens are %s", resolution, tokens.pn)
-    if abs(build_schedule(tokens.pn, aspect_ratio, 1).h_div_w - tokens.h_div_w) > 1e-9:
-        logger.info("InfinityStar Sampler: aspect_ratio %s ignored; start_tokens are h/w %.4f", aspect_ratio,
+        logger.warning("InfinityStar Sampler: resolution %s ignored; start_tokens are %s", resolution, tokens.pn)
+    if aspect_ratio != FROM_START and abs(build_schedule(tokens.pn, aspect_ratio, 1).h_div_w - tokens.h_div_w) > 1e-9:
+        logger.warning("InfinityStar Sampler: aspect_ratio %s ignored; start_tokens are h/w %.4f", aspect_ratio,
                     tokens.h_div_w)
     return tokens.pn, tokens.h_div_w
 

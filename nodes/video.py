@@ -81,6 +81,7 @@ class InfinityStarDecode(io.ComfyNode):
                                                                     "for Create Video / Save Video, Video Combine, "
                                                                     "upscalers or any image node."),
                      io.Float.Output(display_name="fps", tooltip="Frame rate of the model: 16.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -88,6 +89,7 @@ class InfinityStarDecode(io.ComfyNode):
         return check_choices(cls, frames=frames)
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, vae: T.LoadedVAE, tokens, tiled: bool, frames: str = "all") -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.vae import estimate_decode_memory
@@ -97,9 +99,23 @@ class InfinityStarDecode(io.ComfyNode):
                                       tokenizer.compute_dtype or torch.float32)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             budget = int(host.free_memory_for(vae.patcher) * DECODE_BUDGET_SHARE)
-            images = pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
-                                     callback=host.ChunkProgress(), last_clip=DECODE_FRAMES[frames],
-                                     max_chunk_latents=CANCEL_CHUNK_LATENTS)
+
+            def decode(tiled: bool):
+                return pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
+                                       callback=host.ChunkProgress(), last_clip=DECODE_FRAMES[frames],
+                                       max_chunk_latents=CANCEL_CHUNK_LATENTS)
+
+            images = None
+            try:
+                images = decode(tiled)
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (ComfyUI's OOM_EXCEPTION is Exception on CPU builds)
+                if tiled:
+                    raise
+            if images is None:  # retried outside the except block, so the failed attempt's tensors are freed
+                host.empty_cache()
+                logger.warning("InfinityStar Decode: out of memory; decoding again with tiled = true (spatial "
+                               "tiles: seams are possible; set tiled on to skip the first attempt)")
+                images = decode(True)
         return io.NodeOutput(images.float().to(host.intermediate_device()), FPS)
 
 
@@ -202,6 +218,7 @@ class InfinityStarExtend(io.ComfyNode):
         return check_choices(cls, generator=generator)
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, clips: int, seed: int,
                 guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau_video: float,
                 generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:

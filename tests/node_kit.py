@@ -6,7 +6,10 @@ SMALL = dict(resolution="0.06M", aspect_ratio="16:9", guidance_scale=34.0, apg_t
              tau_video=0.4, tau_image=1.0)
 
 
-def run(node, **inputs):
-    """Execute a V3 node the way the executor does (class clone + normalised output); returns the result tuple."""
-    clone = node.PREPARE_CLASS_CLONE({})
+def run(node, _node_id: str | None = None, **inputs):
+    """Execute a V3 node the way the executor does (class clone + normalised output); returns the result tuple.
+    ``_node_id``: the node's id in the graph (its hidden ``unique_id``)."""
+    from comfy_api.latest import io
+
+    clone = node.PREPARE_CLASS_CLONE({io.Hidden.unique_id: _node_id} if _node_id is not None else {})
     return clone.EXECUTE_NORMALIZED(**inputs).result
