@@ -43,7 +43,7 @@ class TensorEntry:
 
 # ---------------------------------------------------------------------------------------------- reading files
 
-def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
+def _safetensors_header(file: Path, metadata: dict | None = None) -> dict[str, TensorEntry]:
     """Parse a safetensors header and check every byte range against the file size."""
     size = file.stat().st_size
     with open(file, "rb") as f:
@@ -67,6 +67,8 @@ def _safetensors_header(file: Path) -> dict[str, TensorEntry]:
     entries = {}
     for key, meta in header.items():
         if key == "__metadata__":
+            if metadata is not None and isinstance(meta, dict):  # safetensors metadata: str -> str
+                metadata.update({str(k): str(v) for k, v in meta.items()})
             continue
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
             raise ValueError(f"{file}: corrupted safetensors header (entry {key!r} lacks dtype/shape/data_offsets). "
@@ -219,7 +221,7 @@ class CheckpointReader:
         self._meta: dict = {}
         for file in self.files:
             if file.suffix.lower() == ".safetensors":
-                self.entries.update(_safetensors_header(file))
+                self.entries.update(_safetensors_header(file, self._meta if len(self.files) == 1 else None))
             elif file.suffix.lower() == ".gguf":
                 self.entries.update(_gguf_header(file, self._meta))
             else:
@@ -232,7 +234,8 @@ class CheckpointReader:
         return {k: e.shape for k, e in self.entries.items()}
 
     def metadata(self) -> dict:
-        """``metadata`` of the index file, if any (the released index has ``total_size``)."""
+        """``metadata`` of the index file, if any (the released index has ``total_size``), else of the one file
+        (a safetensors ``__metadata__``, a GGUF's keys): e.g. the ``variant`` that ``convert`` writes."""
         index = self.path / INDEX_FILE
         return json.loads(index.read_text()).get("metadata", {}) if index.is_file() else dict(self._meta)
 

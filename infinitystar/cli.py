@@ -1,4 +1,4 @@
-"""Command line: ``python -m infinitystar generate|extend|interact|download|convert-gguf|tiny|demo``.
+"""Command line: ``python -m infinitystar generate|extend|interact|download|convert|convert-gguf|tiny|demo``.
 
 ``demo`` (or ``generate --tiny``) writes the tiny random-weight set to a cache folder and runs the same pipeline
 offline, so the whole path can be checked on any machine; its output is noise by design.
@@ -504,6 +504,17 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 written = convert(args.source, args.out, args.type, args.variant,
                                   progress=lambda done, total: bar(done - 1, total))
+            finally:
+                bar.close()
+            print(written)
+            return 0
+        elif args.command == "convert":
+            from .convert import convert_safetensors
+
+            bar = _Progress(None, f"writing {args.dtype}", unit="tensor")
+            try:
+                written = convert_safetensors(args.source, args.out, args.dtype, args.variant,
+                                              progress=lambda done, total: bar(done - 1, total))
             finally:
                 bar.close()
             print(written)

@@ -292,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "Q5_K ≈ 6.1, Q4_K ≈ 5.0; everything else is kept in F32)")
     c.add_argument("--variant", choices=list(TRANSFORMER_DIRS), help="stored in the file (default: from the path)")
 
+    v = sub.add_parser("convert", help="write the official fp32 transformer as one bf16 (or fp16) .safetensors file: "
+                                       "half the size and half the read at every load, same model")
+    v.add_argument("source", help="transformer sharded folder or file (the official layout)")
+    v.add_argument("out", help="the .safetensors file to write (e.g. infinitystar_8b_720p_bf16.safetensors)")
+    v.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"],
+                   help="the blocks' dtype (bf16: the official scripts' GPU layout, 17.6 GB for the 8B model); "
+                        "embeddings, heads and the null text stay fp32")
+    v.add_argument("--variant", choices=list(TRANSFORMER_DIRS), help="stored in the file (default: from the path)")
+
     t = sub.add_parser("tiny", help="write the tiny random-weight model set")
     t.add_argument("outdir")
     t.add_argument("--seed", type=int, default=0)

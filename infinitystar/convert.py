@@ -1,0 +1,107 @@
+"""Write the official fp32 transformer (35 GB, sharded) as one bf16 or fp16 ``.safetensors`` file.
+
+Why: every load reads the whole checkpoint. The official scripts keep the blocks in bf16 anyway, so a bf16 file
+is the same model in half the bytes (17.6 GB): half the disk, half the read at every ComfyUI start, and the
+loaders take it as it is (weight_dtype default), or make fp8 from it. The official precision layout is kept:
+blocks in the chosen dtype; embeddings, heads, final norm, ``cfg_uncond`` and ``sos_token`` fp32; the interact
+weights' block norms fp32 (:func:`checkpoint.block_norms_fp32`). The variant goes into the file's metadata, so
+the file may be renamed freely.
+
+Streams tensor by tensor (no safetensors ``save_file``, which needs the whole model in memory): peak host memory
+is about one tensor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    LEGACY_BUFFERS,
+    CheckpointReader,
+    block_norms_fp32,
+    detect_variant,
+    is_transformer_keys,
+    transformer_storage,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+ALIGN = 8  # the header is padded so the data starts 8-byte aligned (what safetensors itself writes)
+
+
+def plan(reader: CheckpointReader, dtype: torch.dtype, variant: str) -> dict[str, tuple[torch.dtype, tuple]]:
+    """key -> (dtype written, shape), in the order the reader yields the tensors; unused buffers dropped."""
+    target = transformer_storage(dtype, fp32_norms=block_norms_fp32(variant))
+    out = {}
+    for key in reader.read_order():
+        entry = reader.entries[key]
+        if key in LEGACY_BUFFERS or not entry.dtype.is_floating_point:
+            continue
+        written = target(key, torch.empty(entry.shape, dtype=entry.dtype, device="meta"))
+        if written not in SAFETENSORS_NAMES:
+            raise ValueError(f"{reader.path}: {key} is stored as {entry.dtype}; convert from the official fp32 (or a "
+                             "bf16 / fp16) checkpoint")
+        out[key] = (written, tuple(entry.shape))
+    return out
+
+
+def header_bytes(layout: dict[str, tuple[torch.dtype, tuple]], metadata: dict[str, str]) -> bytes:
+    """The safetensors header (8-byte little-endian length, then JSON) for tensors written back to back."""
+    header, offset = {"__metadata__": metadata}, 0
+    for key, (dtype, shape) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % ALIGN)
+    return len(text).to_bytes(8, "little") + text
+
+
+def convert_safetensors(source, out: str | Path, dtype: str = "bf16", variant: str | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the transformer at ``source`` (sharded folder or file) to ``out`` (a new ``.safetensors``) with its
+    blocks in ``dtype`` (bf16 / fp16). An error or Ctrl-C leaves no partial file."""
+    if dtype not in DTYPES:
+        raise ValueError(f"cannot write {dtype}; choose one of {', '.join(DTYPES)} (for fp8, load the bf16 file with "
+                         "weight_dtype fp8_e4m3fn; for smaller files, convert-gguf)")
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise ValueError(f"{out}: the output is one .safetensors file; name it *.safetensors")
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the file to write (e.g. {out / 'infinitystar_8b_720p_bf16.safetensors'})")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it first or write another name")
+    reader = CheckpointReader(source)
+    if reader.is_gguf:
+        raise ValueError(f"{reader.path} is a GGUF file (quantized); convert from the official weights")
+    if not is_transformer_keys(reader.shapes):
+        raise ValueError(f"{reader.path} is not an InfinityStar transformer checkpoint; nothing written")
+    if out.resolve() in {f.resolve() for f in reader.files}:
+        raise ValueError(f"{out} is the file being read; write another name")
+    variant = variant or detect_variant(reader.path, reader.metadata())
+    layout = plan(reader, DTYPES[dtype], variant)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header_bytes(layout, {"format": "pt", "variant": variant, "blocks": dtype}))
+            targets, order = {k: d for k, (d, _) in layout.items()}, list(layout)
+            for i, (key, tensor) in enumerate(reader.tensors(lambda k, t: targets[k], keys=order)):
+                if key != order[i]:  # the header's offsets assume this order
+                    raise RuntimeError(f"tensors came out of order ({key} where {order[i]} was due)")
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # the bytes, no copy
+                del tensor
+                if progress:
+                    progress(i + 1, len(layout))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s (%s blocks, variant %s)", out, dtype, variant)
+    return out
