@@ -106,9 +106,16 @@ def _list(folders: tuple[str, ...], kinds: tuple[str, ...]) -> list[str]:
     return names
 
 
+def ours_first(names: list[str]) -> list[str]:
+    """InfinityStar's files before the other models that share ComfyUI's folders (Wan, Flux...), each group in its
+    order: told by the name, as headers are not read for a list."""
+    return sorted(names, key=lambda n: "infinitystar" not in n.lower())
+
+
 def transformer_choices() -> list[str]:
     # the tokenizer shares models/infinitystar; keep it out of this list by its name (headers are not read here)
-    return [n for n in _list(TRANSFORMER_FOLDERS, ("sharded", "file")) if "vae" not in n.rsplit("/", 1)[-1].lower()]
+    return ours_first([n for n in _list(TRANSFORMER_FOLDERS, ("sharded", "file"))
+                       if "vae" not in n.rsplit("/", 1)[-1].lower()])
 
 
 def text_encoder_choices() -> list[str]:
@@ -116,7 +123,7 @@ def text_encoder_choices() -> list[str]:
 
 
 def vae_choices() -> list[str]:
-    return [n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith((".index.json", ".gguf"))]
+    return ours_first([n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith((".index.json", ".gguf"))])
 
 
 def _inside(name: str, pathmod=os.path) -> str:

@@ -51,6 +51,24 @@ def test_folders_list_official_layout(pack, comfy_dirs):
     assert "infinitystar_videovae.pth" in paths.vae_choices()
 
 
+def test_infinitystar_files_are_listed_before_other_models_in_shared_folders(pack, comfy_dirs, tmp_path,
+                                                                              monkeypatch):
+    """diffusion_models and vae hold every other model too (Wan, Flux...): ours come first in the loaders' lists."""
+    import folder_paths
+
+    (tmp_path / "aaa_wan2.1_t2v_1.3B_fp16.safetensors").write_bytes(b"")
+    (tmp_path / "infinitystar_8b_720p_bf16.safetensors").write_bytes(b"")
+    (tmp_path / "ae.safetensors").write_bytes(b"")
+    for folder in ("diffusion_models", "vae"):
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder,
+                            ([str(tmp_path)], set(folder_paths.supported_pt_extensions)))
+    models = pack.paths.transformer_choices()
+    assert models.index("aaa_wan2.1_t2v_1.3B_fp16.safetensors") > models.index("infinitystar_8b_720p_bf16.safetensors")
+    assert models.index("aaa_wan2.1_t2v_1.3B_fp16.safetensors") > models.index("infinitystar_8b_720p_weights")
+    vaes = pack.paths.vae_choices()
+    assert vaes.index("ae.safetensors") > vaes.index("infinitystar_videovae.pth")
+
+
 def test_registration_keeps_user_paths(pack, comfy_dirs):
     import folder_paths
 
