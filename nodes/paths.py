@@ -6,11 +6,13 @@ added ``infinitystar:`` paths before the pack is imported; they are kept.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import folder_paths
 
+logger = logging.getLogger(__name__)
 FOLDER = "infinitystar"
 WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft", ".gguf")  # .gguf: transformer only
 INDEX_FILE = "model.safetensors.index.json"
@@ -22,8 +24,14 @@ VAE_FOLDERS = (FOLDER, "vae")
 
 
 def register() -> None:
-    """Add ``<models>/infinitystar`` (idempotent) and make sure its extension set is not empty."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))  # de-duplicates
+    """Add ``<models>/infinitystar`` (idempotent; created, like ComfyUI's own model folders, so the README's
+    ``cd models/infinitystar`` works on a fresh install) and make sure its extension set is not empty."""
+    folder = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, folder)  # de-duplicates
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # a read-only install: the other registered folders still work
+        pass
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
     if not exts:  # an empty set means "any file" to folder_paths; keep listings to weight files
         folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
@@ -135,11 +143,20 @@ def _inside(name: str, pathmod=os.path) -> str:
 
 
 def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str) -> Path:
+    """The file or folder ``name`` in the first of ``folders`` that holds it; else, when exactly one place holds its
+    last part directly (a workflow's ``text_encoder/flan-t5-xl-official`` put straight into ``text_encoders/``, as
+    the README allows), that one."""
     name = _inside(name)
     for base in _bases(folders):
         candidate = base / name
         if candidate.exists():
             return candidate
+    tail = Path(name).name
+    elsewhere = {c.resolve(): c for c in (base / tail for base in _bases(folders)) if tail != name and c.exists()}
+    if len(elsewhere) == 1:
+        found = next(iter(elsewhere.values()))
+        logger.info("InfinityStar %s %r found as %s", what, name, found)
+        return found
     looked = ", ".join(str(b) for b in _bases(folders)) or "(no folder registered)"
     raise FileNotFoundError(
         f"InfinityStar {what} {name!r} not found. Put it in {default_dir()} (searched: {looked}). {hint}")

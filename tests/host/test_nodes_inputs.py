@@ -69,6 +69,24 @@ def test_infinitystar_files_are_listed_before_other_models_in_shared_folders(pac
     assert vaes.index("ae.safetensors") > vaes.index("infinitystar_videovae.pth")
 
 
+def test_a_workflow_name_finds_the_folder_put_straight_into_text_encoders(pack, comfy_dirs, tmp_path, monkeypatch):
+    """Workflows name text_encoder/flan-t5-xl-official (the hub layout); the README allows the folder straight in
+    models/text_encoders: found there when exactly one folder has that last name, else 'not found' as before."""
+    import folder_paths
+
+    one, two = tmp_path / "a", tmp_path / "b"
+    (one / "my-t5").mkdir(parents=True)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders", ([str(one)], set()))
+    assert pack.paths.resolve_text_encoder("text_encoder/my-t5") == one / "my-t5"
+    (two / "my-t5").mkdir(parents=True)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders", ([str(one), str(two)], set()))
+    with pytest.raises(FileNotFoundError, match="not found"):  # two candidates: which one is not guessed
+        pack.paths.resolve_text_encoder("text_encoder/my-t5")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pack.paths.resolve_text_encoder("text_encoder/other-t5")
+    assert (Path(folder_paths.models_dir) / "infinitystar").is_dir()  # registered and created
+
+
 def test_registration_keeps_user_paths(pack, comfy_dirs):
     import folder_paths
 
