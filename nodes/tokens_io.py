@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from . import paths
+from . import host, paths
 from . import types as T
 
 EXTENSION = ".safetensors"
@@ -24,9 +24,11 @@ class InfinityStarSaveTokens(io.ComfyNode):
             ],
             outputs=[],
             is_output_node=True,
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, tokens, filename_prefix: str) -> io.NodeOutput:
         path, subfolder = paths.next_output_file(filename_prefix, EXTENSION)
         tokens.save(path)
@@ -47,6 +49,7 @@ class InfinityStarLoadTokens(io.ComfyNode):
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The saved tokens, as the node that made them "
                                                                     "returned them.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @staticmethod
@@ -69,6 +72,7 @@ class InfinityStarLoadTokens(io.ComfyNode):
         return f"{path}:{path.stat().st_mtime_ns}"
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, tokens_file: str) -> io.NodeOutput:
         from ..infinitystar.pipeline import Tokens
 
