@@ -126,7 +126,9 @@ class InfinityStarModelLoader(io.ComfyNode):
                 wdtype = default_block_dtype(inspect_transformer(path).dtype, load_device, compute)
             host.check_weight_dtype(wdtype, load_device)
             ops = host.pick_ops(wdtype, compute, load_device)
-        model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)
+        # progress and cancel per tensor read: a cancel frees what was read (the output is then not cached)
+        model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device,
+                                       callback=host.ChunkProgress())
         patcher = host.make_patcher(model, "transformer")
         logger.info("InfinityStar transformer %s: variant %s, blocks %s, compute %s, attention %s, compile %s",
                     path.name, info.variant, info.storage, compute, backend, compile)
@@ -293,21 +295,20 @@ class InfinityStarDownloadModels(io.ComfyNode):
         source = typed_path(local_source)
         if source:
             check_local_source(source)
-        # a local source is checked whole (every component present, no truncated file) before anything is copied
-        groups = [wanted] if source else [(component,) for component in wanted]
-        for i, group in enumerate(groups):
-            bar(i, len(groups))
-            component = " + ".join(group)
+        if source:  # checked whole (every component present, no truncated file) before anything is copied
+            got.update(download_models(dest, variant=variant, components=wanted, progress=True,
+                                       local_source=source, replace=False, callback=bar))  # per copied chunk
+            bar(1, 1)
+        for i, component in enumerate(() if source else wanted):
+            bar(i, len(wanted))
             try:
-                got.update(download_models(dest, variant=variant, components=group, progress=True,
-                                           local_source=source, replace=False))
+                got.update(download_models(dest, variant=variant, components=(component,), progress=True,
+                                           replace=False))
             except Exception as exc:  # hub errors differ across huggingface_hub versions
-                if source:  # its errors name the file or component and what to do
-                    raise
                 raise RuntimeError(
                     f"could not fetch the InfinityStar {component} ({variant}) into {dest}: {exc}. Without "
                     "internet access, copy the files there by hand (hub layout: infinitystar_8b_720p_weights/, "
                     "infinitystar_videovae.pth, text_encoder/flan-t5-xl-official/) or set local_source.") from exc
-        bar(len(groups), len(groups))
+            bar(i + 1, len(wanted))
         summary = "\n".join(f"{k}: {v}" for k, v in got.items())
         return io.NodeOutput(str(dest), ui=ui.PreviewText(f"downloaded into {dest}\n{summary}"))

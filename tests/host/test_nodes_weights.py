@@ -39,6 +39,78 @@ def test_compile_option_runs_the_compiled_block_parts(pack, loaded, core, monkey
         run(loader, **inputs, compile=True)
 
 
+def test_cancel_while_the_transformer_loads_stops_it_and_frees_what_was_read(pack, comfy, comfy_dirs, core,
+                                                                             monkeypatch):
+    """The Model Loader reports its progress per tensor read and checks ComfyUI's interrupt flag there: a cancel
+    raises ComfyUI's InterruptProcessingException at the next tensor, and nothing of the half-loaded model stays
+    in memory; the next, uninterrupted run loads it whole, the bar ending at the checkpoint's size."""
+    import gc
+    import weakref
+
+    import comfy.utils as comfy_utils
+
+    checkpoint = core("checkpoint")
+    built, stream_into = [], checkpoint.stream_into
+    monkeypatch.setattr(checkpoint, "stream_into", lambda model, *a, **k: built.append(weakref.ref(model))
+                        or stream_into(model, *a, **k))
+    calls, cancel = [], [True]
+
+    def hook(value, total, preview, node_id=None):
+        calls.append((value, total))
+        if cancel.pop() if cancel else False:  # the user presses Cancel once, after the first tensor
+            comfy.interrupt_current_processing(True)
+
+    kw = dict(model_name="infinitystar_8b_720p_weights", weight_dtype="default", compute_dtype="auto",
+              attention="auto")
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.InterruptProcessingException) as caught:
+            run(pack.loaders.InfinityStarModelLoader, **kw)
+        assert len(calls) == 1 and 0 < calls[0][0] < calls[0][1]  # stopped at the tensor after the flag went up
+        model = built[0]()
+        assert model is not None and all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        del model, caught
+        gc.collect()
+        assert built[0]() is None
+        calls.clear()
+        loaded = run(pack.loaders.InfinityStarModelLoader, **kw)[0]
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        comfy.interrupt_current_processing(False)
+    assert loaded.info.storage == "float32" and not any(p.is_meta for p in loaded.module.parameters())
+    total = checkpoint.CheckpointReader(loaded.info.path)
+    assert len(calls) > 2 and calls[-1] == (sum(map(checkpoint.stored_bytes, total.entries.values())),) * 2
+    assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_download_node_copy_reports_per_chunk_and_can_be_cancelled(pack, comfy, comfy_dirs, core, tmp_path,
+                                                                  monkeypatch):
+    """With local_source the Download node's bar moves per copied chunk, not once for the whole copy, and a
+    cancel stops it there with no partial file left."""
+    import comfy.utils as comfy_utils
+    import folder_paths
+
+    monkeypatch.setattr(core("download"), "COPY_CHUNK", 64 << 10)
+    registered = folder_paths.folder_names_and_paths["infinitystar"][0]
+    folder_paths.add_model_folder_path("infinitystar", str(tmp_path), is_default=True)
+    calls = []
+    kw = dict(variant="720p", components="vae", local_source=str(comfy_dirs["models"]))
+    comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: calls.append((v, t)))
+    try:
+        run(pack.loaders.InfinityStarDownloadModels, **kw)
+        size = (tmp_path / "infinitystar_videovae.pth").stat().st_size
+        assert len({v for v, t in calls if t == size}) > 2  # bytes of the one file, chunk by chunk
+        (tmp_path / "infinitystar_videovae.pth").unlink()
+        comfy.interrupt_current_processing(True)
+        with pytest.raises(comfy.InterruptProcessingException):
+            run(pack.loaders.InfinityStarDownloadModels, **kw)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        comfy.interrupt_current_processing(False)
+        registered.remove(str(tmp_path))
+
+
 def test_fp8_on_apple_mps_is_refused_before_loading(pack, comfy_dirs, monkeypatch):
     import torch as _torch
 
