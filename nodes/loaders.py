@@ -64,11 +64,14 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "make 10 s; interact weights (InfinityStarInteract_24K_iters) feed "
                                        "InfinityStar Interact. Missing? Use the InfinityStar Download Models "
                                        "node."),
-                io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the blocks. default = the official scripts' layout: "
+                io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default=host.AUTO_WEIGHTS,
+                               tooltip="Storage dtype of the blocks. auto = default, except on a CUDA GPU too "
+                                       "small for bf16 blocks plus the weights' largest run (720p 5 s; 480p 10 s): "
+                                       "there fp8_e4m3fn (e.g. a 16 GB GPU gets fp8, a 24 GB one usually bf16). "
+                                       "default = the official scripts' layout: "
                                        "the official fp32 files' blocks in bf16 on a GPU (~17.6 GB; fp32 on the "
-                                       "CPU); other files as stored (a .gguf stays quantized: only default "
-                                       "applies). "
+                                       "CPU); other files as stored (a .gguf stays quantized: only auto and "
+                                       "default apply). "
                                        "fp8 halves that (~9 GB) at a small quality cost; both are upcast layer by layer "
                                        "on any CUDA GPU, and e4m3fn has about half the error of e5m2. "
                                        "fp8_e4m3fn is stored with a per-tensor scale; ComfyUI started with "
@@ -117,12 +120,14 @@ class InfinityStarModelLoader(io.ComfyNode):
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
         if path.suffix == ".gguf":
             if wdtype is not None:
-                raise ValueError(f"{path.name} is a GGUF file, already quantized: set weight_dtype to default "
+                raise ValueError(f"{path.name} is a GGUF file, already quantized: set weight_dtype to auto or default "
                                  f"(it is {weight_dtype}), or pick the official .safetensors weights to store "
                                  "them in another dtype.")
             ops = host.gguf_ops()
         else:
-            if wdtype is None:  # the official layout: the fp32 files' blocks in bf16 on a GPU
+            if weight_dtype == host.AUTO_WEIGHTS:  # bf16, or fp8 where bf16 and the largest run do not fit
+                wdtype = host.auto_weight_dtype(inspect_transformer(path), load_device, compute, backend)
+            elif wdtype is None:  # the official layout: the fp32 files' blocks in bf16 on a GPU
                 wdtype = default_block_dtype(inspect_transformer(path).dtype, load_device, compute)
             host.check_weight_dtype(wdtype, load_device)
             ops = host.pick_ops(wdtype, compute, load_device)

@@ -144,6 +144,58 @@ def test_default_weight_dtype_is_the_official_layout(pack, comfy_dirs, monkeypat
     assert norms and all(w.dtype == _torch.bfloat16 for w in norms)  # T2V weights: the T2V scripts' bf16 norms
 
 
+def test_auto_weight_dtype_stores_fp8_where_bf16_and_the_largest_run_do_not_fit(pack, comfy, comfy_dirs, core,
+                                                                              monkeypatch, caplog):
+    """weight_dtype auto, the default of new Model Loaders: on a CUDA GPU the official fp32 files' blocks go to
+    bf16 where they and the weights' largest run (720p 5 s; 480p 10 s) fit the GPU's total memory, else to fp8
+    e4m3fn, and the log says which; explicit choices stay as they are, and on the CPU auto is default (fp32)."""
+    import dataclasses
+    import logging
+
+    import comfy.model_management as mm
+
+    host, loader = pack.host, pack.loaders.InfinityStarModelLoader
+    schema = {i.id: i for i in loader.define_schema().inputs}["weight_dtype"]
+    assert schema.default == "auto" and list(schema.options)[:6] == ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn",
+                                                                      "fp8_e5m2"]  # saved workflows keep theirs
+    kw = dict(compute_dtype="auto", attention="auto")
+    assert run(loader, model_name="infinitystar_8b_720p_weights", weight_dtype="auto", **kw)[0].info.storage == \
+        "float32"
+    checkpoint, memory, big = core("checkpoint"), core("memory"), core("config").TRANSFORMER_PRESETS["8b"]
+    inspect = checkpoint.inspect_transformer  # the 8B model's sizes for the choice; the tiny tensors to load
+    monkeypatch.setattr(checkpoint, "inspect_transformer", lambda path: dataclasses.replace(inspect(path), config=big))
+    monkeypatch.setattr(host, "devices", lambda kind: (torch.device("cuda"), torch.device("cpu")))
+    monkeypatch.setattr(pack.loaders, "_pick_attention", lambda choice, device: "sdpa")
+    monkeypatch.setattr(host, "resolve_compute_dtype", lambda choice, device: torch.bfloat16)
+    monkeypatch.setattr(core("attention"), "takes_gqa", lambda *a, **k: True)  # SDPA on an Ampere+ GPU
+    pick_ops = host.pick_ops
+    monkeypatch.setattr(host, "pick_ops", lambda w, c, d: pick_ops(w, c, torch.device("cpu")))
+
+    def needs(variant):  # bf16 blocks + the variant's largest run, and what ComfyUI and "auto" keep free
+        (_, schedule), = memory.largest_runs(variant)
+        bf16 = torch.bfloat16
+        run_bytes = memory.estimate_sampling_memory(big, schedule, batch=2, dtype=bf16, offload_kv=True,
+                                                    weight_dtype=bf16, native_gqa=True)
+        return memory.weight_bytes(big, bf16) + run_bytes + mm.minimum_inference_memory() + core("sampler").AUTO_HEADROOM
+
+    between = (needs("480p") + needs("720p")) // 2  # 480p 10 s fits in bf16, 720p 5 s does not
+    assert needs("480p") < between < needs("720p")
+    cases = [(16 << 30, "720p", "auto", "float8_e4m3fn"), (16 << 30, "480p", "auto", "float8_e4m3fn"),
+             (80 << 30, "720p", "auto", "bfloat16"), (80 << 30, "480p", "auto", "bfloat16"),
+             (between, "480p", "auto", "bfloat16"), (between, "720p", "auto", "float8_e4m3fn"),
+             (16 << 30, "720p", "bf16", "bfloat16"), (16 << 30, "720p", "default", "bfloat16"),
+             (80 << 30, "720p", "fp8_e4m3fn", "float8_e4m3fn"), (80 << 30, "720p", "fp8_e5m2", "float8_e5m2")]
+    for total, variant, choice, want in cases:
+        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False, total=total: total)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            model = run(loader, model_name=f"infinitystar_8b_{variant}_weights", weight_dtype=choice, **kw)[0]
+        assert model.info.storage == want, (total, variant, choice)
+        said = [r.getMessage() for r in caplog.records if "weight_dtype auto" in r.getMessage()]
+        assert len(said) == (choice == "auto"), said
+        assert not said or ("stored in fp8" in said[0]) == (want != "bfloat16")
+
+
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
 def test_fp8_weights_load_and_sample_through_comfy_ops(pack, loaded, weight_dtype):
     """fp8 storage through ComfyUI's ops: e4m3fn as ComfyUI's scaled fp8 (each block weight divided by its own
@@ -266,6 +318,6 @@ def test_gguf_weights_load_and_sample_through_comfy(pack, loaded, core, gguf_fil
     finally:
         patcher.detach()
     assert torch.equal(part.summed_codes, want.summed_codes)
-    with pytest.raises(ValueError, match="already quantized: set weight_dtype to default"):
+    with pytest.raises(ValueError, match="already quantized: set weight_dtype to auto or default"):
         run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="fp8_e4m3fn",
             compute_dtype="auto", attention="auto")
