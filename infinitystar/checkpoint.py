@@ -11,6 +11,7 @@ plain positioned reads (no mmap), which keeps file pages out of the resident set
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -184,11 +185,21 @@ def _left_on_meta(model: torch.nn.Module) -> list[str]:
     return names + [n for n, b in model.named_buffers() if b.is_meta]
 
 
+def stored_bytes(entry: TensorEntry) -> int:
+    """Bytes one tensor takes in its file (what a load reads for it)."""
+    if entry.end >= entry.start >= 0:
+        return entry.end - entry.start
+    return math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+
+
 def stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device, rename=None,
-                transform=None) -> None:
+                transform=None, callback=None) -> None:
     """Read each tensor as ``target(key, stored)`` dtype on ``device`` and assign it into the meta-built model
     (``transform(key, tensor)`` may turn one file tensor into several (key, tensor) pairs). Keys that ``rename``
-    maps to None are not read at all, and of keys renamed alike only the first is."""
+    maps to None are not read at all, and of keys renamed alike only the first is.
+
+    ``callback(done_bytes, total_bytes)`` runs after each tensor (file bytes): a host's progress bar, and its
+    cancel, which raises out of here; this frame then holds no tensor, so the caller can drop the model whole."""
     wanted, seen = None, set()
     if rename is not None:
         wanted = []
@@ -197,16 +208,32 @@ def stream_into(model: torch.nn.Module, reader: CheckpointReader, target, device
             if name is not None and name not in seen:
                 seen.add(name)
                 wanted.append(key)
+    total = sum(stored_bytes(reader.entries[k]) for k in (reader.read_order() if wanted is None else wanted))
+    done = 0
     for key, tensor in reader.tensors(target, device, keys=wanted):
+        done += stored_bytes(reader.entries[key])
         key = rename(key) if rename else key
         if key is None:
             continue
         for k, t in transform(key, tensor) if transform else ((key, tensor),):
             _assign(model, k, adapt_cfg_uncond(t) if k == "cfg_uncond" else t)
-        del tensor
+        tensor = t = None  # (a raising callback leaves this frame in the traceback: hold nothing)
+        if callback is not None:
+            callback(done, total)
     left = _left_on_meta(model)
     if left:
         raise ValueError(f"{reader.path}: these model tensors were not filled by the file: {_few(left)}")
+
+
+def drop_tensors(model: torch.nn.Module) -> None:
+    """Put every parameter and buffer back on the meta device: a load that stopped part way (an error, a cancel)
+    frees what it read even while the exception's traceback still refers to the model."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, value in table.items():
+                if value is not None and not value.is_meta:
+                    table[name] = torch.nn.Parameter(value.to("meta"), requires_grad=False) \
+                        if isinstance(value, torch.nn.Parameter) else value.to("meta")
 
 
 SCALED_FP8 = torch.float8_e4m3fn  # stored with a per-tensor scale (ops.ScaledCastLinear); e5m2 needs none
@@ -300,14 +327,15 @@ def inspect_transformer(path: str | Path) -> CheckpointInfo:
 
 
 def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",
-                     keep_fp32_modules: bool = True, fp8_matmul: bool = False):
+                     keep_fp32_modules: bool = True, fp8_matmul: bool = False, callback=None):
     """Load the InfinityStar transformer from an official file or sharded folder.
 
     ``dtype`` None keeps the file's dtype everywhere; otherwise the blocks are stored in ``dtype`` (fp8 only for
     matmul weights, norms then bf16; the interact weights' norms fp32, :func:`block_norms_fp32`) and the
     embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the official precision layout.
     ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
-    (:class:`infinitystar.ops.Fp8MatmulLinear`). Returns ``(model, CheckpointInfo)``.
+    (:class:`infinitystar.ops.Fp8MatmulLinear`). ``callback(done_bytes, total_bytes)``: see :func:`stream_into`; an
+    exception from it stops the load and frees what was read. Returns ``(model, CheckpointInfo)``.
     """
     from .config import detect_transformer_config
     from .transformer import InfinityStarTransformer
@@ -353,11 +381,15 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     transform = None
     if dtype == SCALED_FP8:
         target, transform = _scaled_fp8_hooks(model, target)
-    _fill_scales(model, device)  # 1.0 wherever the file leaves a scale unset (other dtypes, scale_input)
-    if reader.is_gguf:
-        _mark_gguf_layers(model, reader)
-    stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
-                 transform=transform)
+    try:
+        _fill_scales(model, device)  # 1.0 wherever the file leaves a scale unset (other dtypes, scale_input)
+        if reader.is_gguf:
+            _mark_gguf_layers(model, reader)
+        stream_into(model, reader, target, device, rename=lambda k: None if k in LEGACY_BUFFERS else k,
+                    transform=transform, callback=callback)
+    except BaseException:  # an interrupt included: the traceback keeps this frame, and so the model, alive
+        drop_tensors(model)
+        raise
     model.eval().requires_grad_(False)
     info = CheckpointInfo(variant, config, model.block_dtype(), reader.path, _gguf_quant(reader))
     logger.info("loaded %s from %s (blocks %s)", description, reader.path, info.storage)

@@ -154,15 +154,15 @@ class Session:
         half = torch.bfloat16 if native_bf16(self.device) else torch.float16  # fp16: GPUs before Ampere
         if schedule is None:
             return half
-        from .memory import choose_block_dtype, estimate_sampling_memory, weight_bytes
+        from .memory import estimate_sampling_memory, fit_block_dtype, weight_bytes
         from .sampler import AUTO_HEADROOM, cuda_available_bytes
 
         config = self.model_info().config
         free = cuda_available_bytes(self.device)
         plan = dict(dtype=half, batch=self.guidance().branches(schedule.scales_per_clip),
                     native_gqa=takes_gqa(self.device, half, config.head_dim, getattr(self.args, "attention", "auto")))
-        dtype = choose_block_dtype(config, schedule, free - AUTO_HEADROOM, candidates=(half, torch.float8_e4m3fn),
-                                   **plan)
+        dtype = fit_block_dtype(config, [schedule], free - AUTO_HEADROOM, half, batch=plan["batch"],
+                                native_gqa=plan["native_gqa"])
         if dtype != half:
             name = str(half).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
             need = weight_bytes(config, half) / 1e9

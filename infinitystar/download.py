@@ -12,7 +12,6 @@ import fnmatch
 import json
 import logging
 import os
-import shutil
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,11 +107,32 @@ def _check_source_file(path: Path) -> None:
             raise ValueError(f"{path.parent} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
 
 
+COPY_CHUNK = 64 << 20  # bytes copied between two progress reports (and cancel checks)
+
+
+def _copy_file(source: Path, target: Path, on_chunk) -> None:
+    """Copy in chunks, calling ``on_chunk(nbytes)`` after each; the file gets its final name only once complete,
+    and an exception (a cancel) removes the partial copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".incomplete")
+    try:
+        with open(source, "rb") as src, open(partial, "wb") as dst:
+            while chunk := src.read(COPY_CHUNK):
+                dst.write(chunk)
+                on_chunk(len(chunk))
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: list[str], progress: bool,
-                replace: bool = True) -> None:
+                replace: bool = True, callback=None) -> None:
     """Copy the files matching ``patterns`` from a hub-layout folder; files already complete are skipped. A source
     lacking a component, or holding a truncated .safetensors file, is refused before anything is copied; so are
-    files of another size already in ``dest`` unless ``replace``."""
+    files of another size already in ``dest`` unless ``replace``. ``callback(done_bytes, total_bytes)`` runs at
+    each file's start and after each copied chunk (a host's progress bar and cancel: an exception from it stops
+    the copy, leaving the files copied whole)."""
     from tqdm.auto import tqdm
 
     every = [p for p in sorted(source.rglob("*")) if p.is_file()]
@@ -141,15 +161,20 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
     if replaced:
         logger.warning("replacing %d file(s) under %s whose size differs from the source's: %s", len(replaced), dest,
                        ", ".join(replaced[:5]) + (" ..." if len(replaced) > 5 else ""))
-    with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, disable=not progress,
-              desc="copying") as bar:
+    total, done = sum(p.stat().st_size for p in todo), 0
+    with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="copying") as bar:
+
+        def on_chunk(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            bar.update(nbytes)
+            if callback is not None:
+                callback(done, total)
+
         for p in todo:
-            target = dest / p.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".incomplete")
-            shutil.copyfile(p, partial)
-            partial.replace(target)  # a file only gets its final name once complete
-            bar.update(p.stat().st_size)
+            if callback is not None:
+                callback(done, total)
+            _copy_file(p, dest / p.relative_to(source), on_chunk)
 
 
 NO_NETWORK_HINT = ("Without a network, copy the files from a folder laid out like the hub repo (`python -m "
@@ -176,11 +201,12 @@ def _is_offline() -> bool:
 def download_models(dest_dir: str | Path, variant: str = "720p", components: Sequence[str] = COMPONENTS,
                     progress: bool = True, repo_id: str = REPO_ID, local_source: str | Path | None = None,
                     endpoint: str | None = None, revision: str | None = None,
-                    replace: bool = True) -> dict[str, Path]:
+                    replace: bool = True, callback=None) -> dict[str, Path]:
     """Fetch one variant's files into ``dest_dir`` (hub layout) and return their paths.
 
     ``local_source`` copies from a local folder laid out like the hub repo instead (a mirror, a USB disk, the
-    tiny set); ``replace=False`` refuses to overwrite files of another size. Downloads resume where they stopped. With ``HF_HUB_OFFLINE`` set, only files already present are
+    tiny set), calling ``callback(done_bytes, total_bytes)`` per file and per copied chunk; ``replace=False``
+    refuses to overwrite files of another size. Downloads resume where they stopped. With ``HF_HUB_OFFLINE`` set, only files already present are
     accepted, with a clear error otherwise.
     """
     dest = Path(dest_dir)
@@ -191,7 +217,7 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
         source = Path(local_source)
         if not source.is_dir():
             raise FileNotFoundError(f"local source folder not found: {source}")
-        _copy_local(source, dest, components, patterns, progress, replace=replace)
+        _copy_local(source, dest, components, patterns, progress, replace=replace, callback=callback)
         return find_models(dest, variant, components)
     if _is_offline():
         missing = _missing(model_paths(dest, variant), components)

@@ -188,6 +188,34 @@ def choose_block_dtype(config: TransformerConfig, schedule: Schedule, device_byt
     return candidates[-1]
 
 
+# the longest run each set of released weights was trained for, at its resolution: (name, pn, pixel frames)
+LARGEST_RUNS = {"720p": (("720p 5 s", "0.90M", 81),), "480p": (("480p 10 s", "0.40M", 161),),
+                "interact": (("480p 10 s", "0.40M", 161),)}
+
+
+def largest_runs(variant: str) -> list[tuple[str, Schedule]]:
+    """(name, schedule) of the biggest run the ``variant`` weights make (16:9); for weights of unknown variant,
+    each released variant's: what an automatic storage choice has to fit before any run is known."""
+    from .schedule import build_schedule
+
+    runs = LARGEST_RUNS.get(variant) or tuple(dict.fromkeys(r for v in LARGEST_RUNS.values() for r in v))
+    return [(name, build_schedule(pn, "16:9", frames)) for name, pn, frames in runs]
+
+
+def fit_block_dtype(config: TransformerConfig, schedules, device_bytes: int, half: torch.dtype = torch.bfloat16,
+                    batch: int = 2, native_gqa: bool | None = None) -> torch.dtype:
+    """The blocks' storage for an automatic choice: ``half`` (bf16, or fp16 on GPUs without bf16: the official
+    layout) when its weights and the run of every one of ``schedules`` fit ``device_bytes``, else fp8 e4m3fn
+    (scaled, about half the bytes). Shared by the CLI (the run asked for) and the Model Loader's "auto" (the
+    weights' largest run, :func:`largest_runs`)."""
+    candidates = (half, torch.float8_e4m3fn)
+    for schedule in schedules:
+        if choose_block_dtype(config, schedule, device_bytes, candidates, dtype=half, batch=batch,
+                              native_gqa=native_gqa) != half:
+            return torch.float8_e4m3fn
+    return half
+
+
 def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int]:
     """Run ``fn`` and return (its result, the peak bytes of tensors allocated during it).
 

@@ -27,7 +27,9 @@ from comfy.cli_args import LatentPreviewMethod, PerformanceFeature, args
 logger = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+                 "auto": None}  # appended: saved workflows name their choice, old and new lists agree on each
+AUTO_WEIGHTS = "auto"  # the weight_dtype that picks by the GPU's size (:func:`auto_weight_dtype`)
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_NODE_MESSAGES = 6  # the latest warnings shown on a node (each one also goes to the server log)
 PREVIEW_EVERY = 4  # AR steps between previews; a preview costs a 64x64 eigendecomposition (without a tokenizer)
@@ -61,8 +63,40 @@ def resolve_compute_dtype(choice: str, device: torch.device, fp16_fallback: bool
 def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.device) -> None:
     """Refuse storage dtypes the device cannot hold, before minutes of loading: Apple's MPS has no fp8."""
     if torch.device(load_device).type == "mps" and weight_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise ValueError("fp8 weights are not supported on Apple MPS devices; set weight_dtype to default or fp16 "
+        raise ValueError("fp8 weights are not supported on Apple MPS devices; set weight_dtype to auto, default or fp16 "
                          "(ComfyUI streams the blocks from system memory when they do not fit).")
+
+
+def auto_weight_dtype(info, load_device: torch.device, compute: torch.dtype, attention: str) -> torch.dtype | None:
+    """weight_dtype "auto": on a CUDA GPU the official fp32 files' blocks in bf16 (fp16 where compute is fp16 on a
+    GPU without bf16) when they and the weights' largest run (720p 5 s, 480p 10 s with the reference K/V in host
+    memory) fit the GPU's total memory, else fp8 e4m3fn (scaled), as the CLI picks; logged. Elsewhere, and for
+    files stored otherwise (bf16, fp8, GGUF), what "default" gives."""
+    from ..infinitystar.attention import takes_gqa
+    from ..infinitystar.checkpoint import default_block_dtype
+    from ..infinitystar.memory import fit_block_dtype, largest_runs, weight_bytes
+    from ..infinitystar.sampler import AUTO_HEADROOM
+
+    half = default_block_dtype(info.dtype, load_device, compute)
+    if half is None or torch.device(load_device).type != "cuda":
+        return half
+    total = mm.get_total_memory(load_device)
+    runs = largest_runs(info.variant)
+    gqa = takes_gqa(load_device, half, info.config.head_dim, attention)
+    dtype = fit_block_dtype(info.config, [s for _, s in runs], total - mm.minimum_inference_memory() - AUTO_HEADROOM,
+                            half, native_gqa=gqa)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(half, str(half))
+    run = " / ".join(n for n, _ in runs)
+    if dtype == half:
+        logger.info("InfinityStar weight_dtype auto: %s blocks (%.1f GB); they and a %s run fit the %.1f GB of %s",
+                    name, weight_bytes(info.config, half) / 1e9, run, total / 1e9, load_device)
+    else:
+        logger.warning("InfinityStar weight_dtype auto: %s blocks (%.1f GB) and a %s run do not fit the %.1f GB of "
+                       "%s, so the blocks are stored in fp8 e4m3fn (%.1f GB, scaled; a small quality cost). "
+                       "weight_dtype %s forces %s (ComfyUI then streams the blocks that do not fit, slower).",
+                       name, weight_bytes(info.config, half) / 1e9, run, total / 1e9, load_device,
+                       weight_bytes(info.config, dtype) / 1e9, name, name)
+    return dtype
 
 
 @functools.cache

@@ -64,11 +64,14 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "make 10 s; interact weights (InfinityStarInteract_24K_iters) feed "
                                        "InfinityStar Interact. Missing? Use the InfinityStar Download Models "
                                        "node."),
-                io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the blocks. default = the official scripts' layout: "
+                io.Combo.Input("weight_dtype", options=list(host.WEIGHT_DTYPES), default=host.AUTO_WEIGHTS,
+                               tooltip="Storage dtype of the blocks. auto = default, except on a CUDA GPU too "
+                                       "small for bf16 blocks plus the weights' largest run (720p 5 s; 480p 10 s): "
+                                       "there fp8_e4m3fn (e.g. a 16 GB GPU gets fp8, a 24 GB one usually bf16). "
+                                       "default = the official scripts' layout: "
                                        "the official fp32 files' blocks in bf16 on a GPU (~17.6 GB; fp32 on the "
-                                       "CPU); other files as stored (a .gguf stays quantized: only default "
-                                       "applies). "
+                                       "CPU); other files as stored (a .gguf stays quantized: only auto and "
+                                       "default apply). "
                                        "fp8 halves that (~9 GB) at a small quality cost; both are upcast layer by layer "
                                        "on any CUDA GPU, and e4m3fn has about half the error of e5m2. "
                                        "fp8_e4m3fn is stored with a per-tensor scale; ComfyUI started with "
@@ -117,16 +120,20 @@ class InfinityStarModelLoader(io.ComfyNode):
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
         if path.suffix == ".gguf":
             if wdtype is not None:
-                raise ValueError(f"{path.name} is a GGUF file, already quantized: set weight_dtype to default "
+                raise ValueError(f"{path.name} is a GGUF file, already quantized: set weight_dtype to auto or default "
                                  f"(it is {weight_dtype}), or pick the official .safetensors weights to store "
                                  "them in another dtype.")
             ops = host.gguf_ops()
         else:
-            if wdtype is None:  # the official layout: the fp32 files' blocks in bf16 on a GPU
+            if weight_dtype == host.AUTO_WEIGHTS:  # bf16, or fp8 where bf16 and the largest run do not fit
+                wdtype = host.auto_weight_dtype(inspect_transformer(path), load_device, compute, backend)
+            elif wdtype is None:  # the official layout: the fp32 files' blocks in bf16 on a GPU
                 wdtype = default_block_dtype(inspect_transformer(path).dtype, load_device, compute)
             host.check_weight_dtype(wdtype, load_device)
             ops = host.pick_ops(wdtype, compute, load_device)
-        model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device)
+        # progress and cancel per tensor read: a cancel frees what was read (the output is then not cached)
+        model, info = load_transformer(path, dtype=wdtype, ops=ops, device=offload_device,
+                                       callback=host.ChunkProgress())
         patcher = host.make_patcher(model, "transformer")
         logger.info("InfinityStar transformer %s: variant %s, blocks %s, compute %s, attention %s, compile %s",
                     path.name, info.variant, info.storage, compute, backend, compile)
@@ -293,21 +300,20 @@ class InfinityStarDownloadModels(io.ComfyNode):
         source = typed_path(local_source)
         if source:
             check_local_source(source)
-        # a local source is checked whole (every component present, no truncated file) before anything is copied
-        groups = [wanted] if source else [(component,) for component in wanted]
-        for i, group in enumerate(groups):
-            bar(i, len(groups))
-            component = " + ".join(group)
+        if source:  # checked whole (every component present, no truncated file) before anything is copied
+            got.update(download_models(dest, variant=variant, components=wanted, progress=True,
+                                       local_source=source, replace=False, callback=bar))  # per copied chunk
+            bar(1, 1)
+        for i, component in enumerate(() if source else wanted):
+            bar(i, len(wanted))
             try:
-                got.update(download_models(dest, variant=variant, components=group, progress=True,
-                                           local_source=source, replace=False))
+                got.update(download_models(dest, variant=variant, components=(component,), progress=True,
+                                           replace=False))
             except Exception as exc:  # hub errors differ across huggingface_hub versions
-                if source:  # its errors name the file or component and what to do
-                    raise
                 raise RuntimeError(
                     f"could not fetch the InfinityStar {component} ({variant}) into {dest}: {exc}. Without "
                     "internet access, copy the files there by hand (hub layout: infinitystar_8b_720p_weights/, "
                     "infinitystar_videovae.pth, text_encoder/flan-t5-xl-official/) or set local_source.") from exc
-        bar(len(groups), len(groups))
+            bar(i + 1, len(wanted))
         summary = "\n".join(f"{k}: {v}" for k, v in got.items())
         return io.NodeOutput(str(dest), ui=ui.PreviewText(f"downloaded into {dest}\n{summary}"))

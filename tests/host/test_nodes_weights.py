@@ -39,6 +39,78 @@ def test_compile_option_runs_the_compiled_block_parts(pack, loaded, core, monkey
         run(loader, **inputs, compile=True)
 
 
+def test_cancel_while_the_transformer_loads_stops_it_and_frees_what_was_read(pack, comfy, comfy_dirs, core,
+                                                                             monkeypatch):
+    """The Model Loader reports its progress per tensor read and checks ComfyUI's interrupt flag there: a cancel
+    raises ComfyUI's InterruptProcessingException at the next tensor, and nothing of the half-loaded model stays
+    in memory; the next, uninterrupted run loads it whole, the bar ending at the checkpoint's size."""
+    import gc
+    import weakref
+
+    import comfy.utils as comfy_utils
+
+    checkpoint = core("checkpoint")
+    built, stream_into = [], checkpoint.stream_into
+    monkeypatch.setattr(checkpoint, "stream_into", lambda model, *a, **k: built.append(weakref.ref(model))
+                        or stream_into(model, *a, **k))
+    calls, cancel = [], [True]
+
+    def hook(value, total, preview, node_id=None):
+        calls.append((value, total))
+        if cancel.pop() if cancel else False:  # the user presses Cancel once, after the first tensor
+            comfy.interrupt_current_processing(True)
+
+    kw = dict(model_name="infinitystar_8b_720p_weights", weight_dtype="default", compute_dtype="auto",
+              attention="auto")
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.InterruptProcessingException) as caught:
+            run(pack.loaders.InfinityStarModelLoader, **kw)
+        assert len(calls) == 1 and 0 < calls[0][0] < calls[0][1]  # stopped at the tensor after the flag went up
+        model = built[0]()
+        assert model is not None and all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        del model, caught
+        gc.collect()
+        assert built[0]() is None
+        calls.clear()
+        loaded = run(pack.loaders.InfinityStarModelLoader, **kw)[0]
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        comfy.interrupt_current_processing(False)
+    assert loaded.info.storage == "float32" and not any(p.is_meta for p in loaded.module.parameters())
+    total = checkpoint.CheckpointReader(loaded.info.path)
+    assert len(calls) > 2 and calls[-1] == (sum(map(checkpoint.stored_bytes, total.entries.values())),) * 2
+    assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_download_node_copy_reports_per_chunk_and_can_be_cancelled(pack, comfy, comfy_dirs, core, tmp_path,
+                                                                  monkeypatch):
+    """With local_source the Download node's bar moves per copied chunk, not once for the whole copy, and a
+    cancel stops it there with no partial file left."""
+    import comfy.utils as comfy_utils
+    import folder_paths
+
+    monkeypatch.setattr(core("download"), "COPY_CHUNK", 64 << 10)
+    registered = folder_paths.folder_names_and_paths["infinitystar"][0]
+    folder_paths.add_model_folder_path("infinitystar", str(tmp_path), is_default=True)
+    calls = []
+    kw = dict(variant="720p", components="vae", local_source=str(comfy_dirs["models"]))
+    comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: calls.append((v, t)))
+    try:
+        run(pack.loaders.InfinityStarDownloadModels, **kw)
+        size = (tmp_path / "infinitystar_videovae.pth").stat().st_size
+        assert len({v for v, t in calls if t == size}) > 2  # bytes of the one file, chunk by chunk
+        (tmp_path / "infinitystar_videovae.pth").unlink()
+        comfy.interrupt_current_processing(True)
+        with pytest.raises(comfy.InterruptProcessingException):
+            run(pack.loaders.InfinityStarDownloadModels, **kw)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        comfy.interrupt_current_processing(False)
+        registered.remove(str(tmp_path))
+
+
 def test_fp8_on_apple_mps_is_refused_before_loading(pack, comfy_dirs, monkeypatch):
     import torch as _torch
 
@@ -70,6 +142,58 @@ def test_default_weight_dtype_is_the_official_layout(pack, comfy_dirs, monkeypat
     assert asked == [(_torch.bfloat16, "cuda")] and model.info.storage == "bfloat16"
     norms = [m.weight for m in model.module.blocks[0].modules() if type(m).__name__ == "RMSNorm"]
     assert norms and all(w.dtype == _torch.bfloat16 for w in norms)  # T2V weights: the T2V scripts' bf16 norms
+
+
+def test_auto_weight_dtype_stores_fp8_where_bf16_and_the_largest_run_do_not_fit(pack, comfy, comfy_dirs, core,
+                                                                              monkeypatch, caplog):
+    """weight_dtype auto, the default of new Model Loaders: on a CUDA GPU the official fp32 files' blocks go to
+    bf16 where they and the weights' largest run (720p 5 s; 480p 10 s) fit the GPU's total memory, else to fp8
+    e4m3fn, and the log says which; explicit choices stay as they are, and on the CPU auto is default (fp32)."""
+    import dataclasses
+    import logging
+
+    import comfy.model_management as mm
+
+    host, loader = pack.host, pack.loaders.InfinityStarModelLoader
+    schema = {i.id: i for i in loader.define_schema().inputs}["weight_dtype"]
+    assert schema.default == "auto" and list(schema.options)[:6] == ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn",
+                                                                      "fp8_e5m2"]  # saved workflows keep theirs
+    kw = dict(compute_dtype="auto", attention="auto")
+    assert run(loader, model_name="infinitystar_8b_720p_weights", weight_dtype="auto", **kw)[0].info.storage == \
+        "float32"
+    checkpoint, memory, big = core("checkpoint"), core("memory"), core("config").TRANSFORMER_PRESETS["8b"]
+    inspect = checkpoint.inspect_transformer  # the 8B model's sizes for the choice; the tiny tensors to load
+    monkeypatch.setattr(checkpoint, "inspect_transformer", lambda path: dataclasses.replace(inspect(path), config=big))
+    monkeypatch.setattr(host, "devices", lambda kind: (torch.device("cuda"), torch.device("cpu")))
+    monkeypatch.setattr(pack.loaders, "_pick_attention", lambda choice, device: "sdpa")
+    monkeypatch.setattr(host, "resolve_compute_dtype", lambda choice, device: torch.bfloat16)
+    monkeypatch.setattr(core("attention"), "takes_gqa", lambda *a, **k: True)  # SDPA on an Ampere+ GPU
+    pick_ops = host.pick_ops
+    monkeypatch.setattr(host, "pick_ops", lambda w, c, d: pick_ops(w, c, torch.device("cpu")))
+
+    def needs(variant):  # bf16 blocks + the variant's largest run, and what ComfyUI and "auto" keep free
+        (_, schedule), = memory.largest_runs(variant)
+        bf16 = torch.bfloat16
+        run_bytes = memory.estimate_sampling_memory(big, schedule, batch=2, dtype=bf16, offload_kv=True,
+                                                    weight_dtype=bf16, native_gqa=True)
+        return memory.weight_bytes(big, bf16) + run_bytes + mm.minimum_inference_memory() + core("sampler").AUTO_HEADROOM
+
+    between = (needs("480p") + needs("720p")) // 2  # 480p 10 s fits in bf16, 720p 5 s does not
+    assert needs("480p") < between < needs("720p")
+    cases = [(16 << 30, "720p", "auto", "float8_e4m3fn"), (16 << 30, "480p", "auto", "float8_e4m3fn"),
+             (80 << 30, "720p", "auto", "bfloat16"), (80 << 30, "480p", "auto", "bfloat16"),
+             (between, "480p", "auto", "bfloat16"), (between, "720p", "auto", "float8_e4m3fn"),
+             (16 << 30, "720p", "bf16", "bfloat16"), (16 << 30, "720p", "default", "bfloat16"),
+             (80 << 30, "720p", "fp8_e4m3fn", "float8_e4m3fn"), (80 << 30, "720p", "fp8_e5m2", "float8_e5m2")]
+    for total, variant, choice, want in cases:
+        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False, total=total: total)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            model = run(loader, model_name=f"infinitystar_8b_{variant}_weights", weight_dtype=choice, **kw)[0]
+        assert model.info.storage == want, (total, variant, choice)
+        said = [r.getMessage() for r in caplog.records if "weight_dtype auto" in r.getMessage()]
+        assert len(said) == (choice == "auto"), said
+        assert not said or ("stored in fp8" in said[0]) == (want != "bfloat16")
 
 
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
@@ -194,6 +318,6 @@ def test_gguf_weights_load_and_sample_through_comfy(pack, loaded, core, gguf_fil
     finally:
         patcher.detach()
     assert torch.equal(part.summed_codes, want.summed_codes)
-    with pytest.raises(ValueError, match="already quantized: set weight_dtype to default"):
+    with pytest.raises(ValueError, match="already quantized: set weight_dtype to auto or default"):
         run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="fp8_e4m3fn",
             compute_dtype="auto", attention="auto")

@@ -387,3 +387,37 @@ def test_pth_files_on_torch_before_2_6_warn(tmp_path, monkeypatch, caplog):
         with caplog.at_level("WARNING", logger="infinitystar.checkpoint_files"):
             assert torch.equal(checkpoint_files._torch_load(tmp_path / "t.pth")["w"], torch.ones(2))
         assert ("CVE-2025-32434" in caplog.text) == warned, version
+
+
+def test_load_reports_its_bytes_and_a_raising_callback_stops_it_and_frees_the_model(sd, sharded, monkeypatch):
+    """The loader's callback sees the file bytes read so far, increasing to the whole checkpoint; an exception
+    from it (a host's cancel) stops the load, and what was read is freed even while the traceback is kept."""
+    import gc
+    import weakref
+
+    from infinitystar import checkpoint
+
+    seen = []
+    load_transformer(sharded, dtype=torch.float8_e4m3fn, callback=lambda done, total: seen.append((done, total)))
+    total = json.loads((sharded / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert len(seen) == len(sd) and {t for _, t in seen} == {total}
+    assert all(a < b for (a, _), (b, _) in zip(seen, seen[1:])) and seen[-1][0] == total
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        if done > total // 3:
+            raise Cancelled
+
+    built, stream_into = [], checkpoint.stream_into
+    monkeypatch.setattr(checkpoint, "stream_into", lambda model, *a, **k: built.append(weakref.ref(model))
+                        or stream_into(model, *a, **k))
+    with pytest.raises(Cancelled) as caught:
+        load_transformer(sharded, dtype=torch.bfloat16, callback=cancel)
+    model = built[0]()
+    assert model is not None  # the traceback holds the loader's frame ...
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])  # ... but none of what it read
+    del model, caught
+    gc.collect()
+    assert built[0]() is None

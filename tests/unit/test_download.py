@@ -176,3 +176,35 @@ def test_an_unreachable_hub_points_to_the_local_source(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(RuntimeError, match="cannot reach huggingface.co/.*--local-source FOLDER"):
         D.download_models(tmp_path, "720p", progress=False)
+
+
+def test_a_local_copy_reports_per_chunk_and_a_raising_callback_stops_it(tiny_models, tmp_path, monkeypatch):
+    """Progress (and a host's cancel) per file and per copied chunk, not once per component: the bytes grow to
+    the total; an exception from the callback stops the copy, keeps the files copied whole and leaves no partial
+    file; a second copy then completes the rest."""
+    monkeypatch.setattr(D, "COPY_CHUNK", 4096)
+    seen = []
+    dest = tmp_path / "a"
+    D.download_models(dest, "720p", ("transformer",), progress=False, local_source=tiny_models["root"],
+                      callback=lambda done, total: seen.append((done, total)))
+    files = [p for p in (dest / "infinitystar_8b_720p_weights").iterdir()]
+    total = sum(p.stat().st_size for p in files)
+    assert {t for _, t in seen} == {total} and seen[-1][0] == total
+    assert all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert len(seen) > len(files) + 1 and len({d for d, _ in seen}) > len(files)  # more than one report per file
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        if done > total // 2:
+            raise Cancelled
+
+    dest = tmp_path / "b"
+    with pytest.raises(Cancelled):
+        D.download_models(dest, "720p", ("transformer",), progress=False, local_source=tiny_models["root"],
+                          callback=cancel)
+    left = sorted(p.name for p in (dest / "infinitystar_8b_720p_weights").iterdir())
+    assert left and not any(name.endswith(".incomplete") for name in left) and len(left) < len(files)
+    D.download_models(dest, "720p", ("transformer",), progress=False, local_source=tiny_models["root"])
+    assert len(list((dest / "infinitystar_8b_720p_weights").iterdir())) == len(files)

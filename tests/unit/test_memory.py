@@ -143,3 +143,29 @@ def test_block_dtype_choice_by_device_memory():
     assert choose_block_dtype(BIG, s720, bf16_need) == torch.bfloat16
     assert choose_block_dtype(BIG, s720, bf16_need - 1) == torch.float8_e4m3fn
     assert choose_block_dtype(BIG, s720, 4 * 2**30) == torch.float8_e4m3fn  # nothing fits: the narrowest
+
+
+def test_automatic_storage_fits_the_weights_largest_runs():
+    """fit_block_dtype (the CLI's auto and the Model Loader's auto): the wide storage only when every given run
+    fits with it, else fp8 e4m3fn; weights of unknown variant must fit each released variant's largest run."""
+    from infinitystar.memory import choose_block_dtype, fit_block_dtype, largest_runs, weight_bytes
+
+    runs = {v: largest_runs(v) for v in ("720p", "480p", "interact", "unknown")}
+    assert [(n, s.pn, s.frames) for n, s in runs["720p"]] == [("720p 5 s", "0.90M", 81)]
+    assert [(n, s.pn, s.frames) for n, s in runs["480p"]] == [("480p 10 s", "0.40M", 161)]
+    assert [n for n, _ in runs["interact"]] == ["480p 10 s"] and [n for n, _ in runs["unknown"]] == ["720p 5 s",
+                                                                                                     "480p 10 s"]
+    big, gib = TRANSFORMER_PRESETS["8b"], 1 << 30
+    need = {v: weight_bytes(big, torch.bfloat16) + estimate_sampling_memory(
+        big, s, offload_kv=True, weight_dtype=torch.bfloat16, native_gqa=True) for v, ((_, s),) in
+        (("720p", runs["720p"]), ("480p", runs["480p"]))}
+    assert 16 * gib < need["480p"] < need["720p"] < 24 * gib
+    between = (need["480p"] + need["720p"]) // 2
+    pick = {v: fit_block_dtype(big, [s for _, s in runs[v]], between, native_gqa=True) for v in runs}
+    assert pick == {"720p": torch.float8_e4m3fn, "480p": torch.bfloat16, "interact": torch.bfloat16,
+                    "unknown": torch.float8_e4m3fn}
+    (_, s720), = runs["720p"]
+    for budget in (16 * gib, 80 * gib):
+        assert fit_block_dtype(big, [s720], budget, native_gqa=True) == choose_block_dtype(big, s720, budget,
+                                                                                          native_gqa=True)
+    assert fit_block_dtype(big, [s720], 80 * gib, torch.float16, native_gqa=True) == torch.float16
