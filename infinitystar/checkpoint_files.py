@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # as the safetensors library: a bigger header is no checkpoint's
 SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")  # model-00001-of-00007.safetensors
-DOWNLOAD_HINT = "Get the official files with `python -m infinitystar download --variant 720p --dest DIR`."
+DOWNLOAD_HINT = ("Get the official files with the InfinityStar Download Models node in ComfyUI, or with "
+                 "`python -m infinitystar download --variant 720p --dest DIR`.")
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

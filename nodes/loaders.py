@@ -96,6 +96,7 @@ class InfinityStarModelLoader(io.ComfyNode):
             outputs=[T.Model.Output(display_name="model", tooltip="The transformer, held by ComfyUI's model manager "
                                                                   "(loaded to the GPU only while a node samples), for "
                                                                   "Sampler, Extend or Interact.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -105,6 +106,7 @@ class InfinityStarModelLoader(io.ComfyNode):
         return _missing(model_name, paths.transformer_choices(), "transformer") if checked is True else checked
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str,
                 compile: bool = False) -> io.NodeOutput:
         from ..infinitystar.checkpoint import default_block_dtype, inspect_transformer, load_transformer
@@ -161,6 +163,7 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
             ],
             outputs=[T.TextEncoder.Output(display_name="text_encoder", tooltip="flan-t5-xl, for InfinityStar Text "
                                                                                "Encode.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -169,6 +172,7 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
         return _missing(encoder_name, paths.text_encoder_choices(), "text encoder") if checked is True else checked
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
         from ..infinitystar.text import TextEncoder
 
@@ -200,6 +204,7 @@ class InfinityStarVAELoader(io.ComfyNode):
             ],
             outputs=[T.VAE.Output(display_name="vae", tooltip="The video tokenizer, for Decode, Encode, Interact "
                                                               "Start, the Sampler's start image and colour previews.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -208,6 +213,7 @@ class InfinityStarVAELoader(io.ComfyNode):
         return _missing(vae_name, paths.vae_choices(), "video tokenizer") if checked is True else checked
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
         from ..infinitystar.checkpoint import load_tokenizer
 
@@ -270,6 +276,7 @@ class InfinityStarDownloadModels(io.ComfyNode):
             outputs=[io.String.Output(display_name="folder", tooltip="The folder the files are in; the loaders list "
                                                                      "them after a refresh (R).")],
             is_output_node=True,
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -287,6 +294,7 @@ class InfinityStarDownloadModels(io.ComfyNode):
         return "|".join(f"{c}:{found[c].exists() and found[c].stat().st_mtime_ns}" for c in wanted)
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, variant: str, components: str, local_source: str = "") -> io.NodeOutput:
         try:
             from ..infinitystar.download import download_models
@@ -310,10 +318,13 @@ class InfinityStarDownloadModels(io.ComfyNode):
                 got.update(download_models(dest, variant=variant, components=(component,), progress=True,
                                            replace=False))
             except Exception as exc:  # hub errors differ across huggingface_hub versions
-                raise RuntimeError(
-                    f"could not fetch the InfinityStar {component} ({variant}) into {dest}: {exc}. Without "
-                    "internet access, copy the files there by hand (hub layout: infinitystar_8b_720p_weights/, "
-                    "infinitystar_videovae.pth, text_encoder/flan-t5-xl-official/) or set local_source.") from exc
+                said = str(exc).rstrip(".")
+                offline = "" if "local_source" in said else (
+                    ". Without internet access, copy the files there by hand (hub layout: infinitystar_8b_720p_weights/, "
+                    "infinitystar_videovae.pth, text_encoder/flan-t5-xl-official/) or set local_source")
+                raise RuntimeError(f"could not fetch the InfinityStar {component} ({variant}) into {dest}: "
+                                   f"{said}{offline}.") from exc
             bar(i + 1, len(wanted))
         summary = "\n".join(f"{k}: {v}" for k, v in got.items())
-        return io.NodeOutput(str(dest), ui=ui.PreviewText(f"downloaded into {dest}\n{summary}"))
+        return io.NodeOutput(str(dest), ui=ui.PreviewText(f"{'copied' if source else 'downloaded'} into {dest}\n"
+                                                          f"{summary}"))

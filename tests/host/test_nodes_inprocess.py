@@ -61,13 +61,15 @@ def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path, monk
                             (str(Path(folder_paths.get_output_directory()) / "x"), "input, output or temp folder")):
             with pytest.raises(ValueError, match=why):
                 run(node, variant="480p", components="vae", local_source=source)
-        with pytest.raises(RuntimeError, match="copy the files there by hand"):
+        with pytest.raises(RuntimeError, match="could not fetch the InfinityStar transformer") as offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
             try:
                 run(pack.loaders.InfinityStarDownloadModels, variant="480p", components="transformer",
                     local_source="")
             finally:
                 del os.environ["HF_HUB_OFFLINE"]
+        said = str(offline.value)  # one way out, said once, one full stop
+        assert said.count("local_source") == 1 and ".." not in said and said.endswith("."), said
     finally:
         registered.remove(str(tmp_path))
 
