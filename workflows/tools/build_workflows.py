@@ -213,7 +213,7 @@ def _encoded_clip(wf: Workflow, vae: dict, node_type: str) -> dict:
     node decodes only the frames it keeps, at the file's own rate (Get Video Components would decode every frame to
     float32 first)."""
     video = wf.node("LoadVideo", (440, 320), file="infinitystar_clip.mp4")
-    encode = wf.node(node_type, (770, 420), resolution="480p", aspect_ratio="from input", seed=0)
+    encode = wf.node(node_type, (770, 460), resolution="480p", aspect_ratio="from input", seed=0)
     wf.link(vae, 0, encode, "vae")
     wf.link(video, 0, encode, "video")
     return encode
