@@ -188,51 +188,87 @@ def _fps(stream) -> float:
     return float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
 
 
-def video_frame_count(path: str | Path) -> tuple[int, float]:
-    """(frames, fps) of a video file without decoding it (container metadata, else a count of its packets)."""
+def _is_path(source) -> bool:
+    return isinstance(source, (str, os.PathLike))
+
+
+def _name(source) -> str:
+    return str(source) if _is_path(source) else "the video"
+
+
+def _open(source):
+    """``av.open`` of a path (checked to be a file first) or of a file-like object, rewound: a source is read more
+    than once (its count, then its frames)."""
     import av
 
-    path = Path(path)
-    _check_file(path, "video")
+    if _is_path(source):
+        _check_file(Path(source), "video")
+        return av.open(str(source))
+    source.seek(0)
+    return av.open(source)
+
+
+def video_frame_count(source) -> tuple[int, float]:
+    """(frames, fps) of a video file (path or file-like object) without decoding it (container metadata, else a
+    count of its packets)."""
+    import av
+
+    name = _name(source)
     try:
-        container = av.open(str(path))
+        container = _open(source)
     except av.error.FFmpegError as exc:
-        raise ValueError(f"{path}: not a video FFmpeg can read ({exc.strerror}); give an .mp4, .mov, .mkv or "
+        raise ValueError(f"{name}: not a video FFmpeg can read ({exc.strerror}); give an .mp4, .mov, .mkv or "
                          ".webm file") from None
     with container:
         if not container.streams.video:
-            raise ValueError(f"{path}: holds no video stream; give a video file")
+            raise ValueError(f"{name}: holds no video stream; give a video file")
         if "image2" in container.format.name or container.format.name.endswith("_pipe"):
-            raise ValueError(f"{path} is a still image, not a video; an image starts a video through --image")
+            raise ValueError(f"{name} is a still image, not a video; an image starts a video through --image")
         stream = container.streams.video[0]
         fps = _fps(stream)
         total = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)
     if total == 0:
-        raise ValueError(f"{path}: no video frames could be decoded")
+        raise ValueError(f"{name}: no video frames could be decoded")
     return total, fps
 
 
-def read_video_clip(path: str | Path, count: int, seconds: float, *, from_end: bool = False,
+def read_frames(source, index, total: int | None = None) -> np.ndarray:
+    """The frames ``index`` (ascending, repeats allowed) of a video file (path or file-like object), as uint8
+    (len(index), H, W, 3) RGB. Decodes up to the last one and keeps only those: each picked frame is written once
+    into the output, so memory is the picks, never the video. ``total``: the count the picks were made from, for
+    the message when the file holds fewer frames than its header lists."""
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) == 0:
+        raise ValueError("no frames to read")
+    if np.any(np.diff(index) < 0) or index[0] < 0:
+        raise ValueError("frame indices must be ascending and not negative")
+    out, cursor, last = None, 0, int(index[-1])
+    with _open(source) as container:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if i == index[cursor]:
+                rgb = frame.to_ndarray(format="rgb24")
+                if out is None:
+                    out = np.empty((len(index), *rgb.shape), dtype=np.uint8)
+                while cursor < len(index) and index[cursor] == i:  # a pick repeated at a low frame rate
+                    out[cursor] = rgb
+                    cursor += 1
+            if i >= last:
+                break
+    if cursor < len(index):
+        listed = f" of the {total} the container lists" if total else ""
+        raise ValueError(f"{_name(source)}: frame {int(index[cursor])}{listed} could not be decoded; the file may be "
+                         "damaged or its header wrong (re-encode it, e.g. with ffmpeg)")
+    return out
+
+
+def read_video_clip(path, count: int, seconds: float, *, from_end: bool = False,
                     length: tuple[int, float] | None = None) -> tuple[np.ndarray, float]:
     """``count`` frames (uint8 (count, H, W, 3) RGB) of the first (or last) ``seconds`` of a video, picked as the
     official reader picks them (:func:`clip_indices`), and its frame rate. Only the frames picked are kept, so a
     long input never has to fit in memory. ``length``: :func:`video_frame_count` of the file, when already known."""
-    import av
-
     total, fps = length or video_frame_count(path)
     index = clip_indices(total, fps, count, seconds, from_end=from_end)
-    wanted, kept = set(index.tolist()), {}
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                kept[i] = frame.to_ndarray(format="rgb24")
-            if i >= index[-1]:
-                break
-    missing = sorted(wanted - set(kept))
-    if missing:
-        raise ValueError(f"{path}: frame {missing[0]} of the {total} the container lists could not be decoded")
-    return np.stack([kept[i] for i in index.tolist()]), fps
+    return read_frames(path, index, total), fps
 
 
 def write_png(path: str | Path, image) -> Path:

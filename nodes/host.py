@@ -431,3 +431,21 @@ def shows_warnings(execute):
         with node_messages(getattr(cls.hidden, "unique_id", None)):
             return execute(cls, *args, **kwargs)
     return run
+
+
+# ---------------------------------------------------------------------------------------------- video inputs
+
+def video_file(video):
+    """The file (path or BytesIO) a core VIDEO decodes its frames from, when decoding picked frames from it gives
+    what its ``get_components`` would: a plain Load Video (``VideoFromFile``) without a trim or crop window. None
+    for any other VIDEO (built from tensors, trimmed, a subclass), whose frames must come from ``get_components``."""
+    from comfy_api.latest import InputImpl
+
+    if type(video) is not InputImpl.VideoFromFile:
+        return None
+    window = getattr(video, "get_active_trim_window", None)  # newer ComfyUI trims and crops without decoding
+    if window is not None and tuple(window()) != (0.0, 0.0):
+        return None
+    if getattr(video, "_VideoFromFile__crop", None) is not None:
+        return None
+    return video.get_stream_source()

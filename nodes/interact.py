@@ -17,11 +17,10 @@ from .sampling import (
     generator_input,
     guidance_config,
     guidance_schedule_input,
-    image_to_uint8,
     run_transformer,
     warn_crop,
 )
-from .video import FPS, check_fps, frames_encode_inputs
+from .video import FPS, check_fps, frame_source, frames_encode_inputs, video_input
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +34,22 @@ class InfinityStarInteractStart(io.ComfyNode):
             node_id="InfinityStarInteractStart", display_name="InfinityStar Interact Start",
             category="InfinityStar/interact",
             description="Starts an interactive story from a reference video: 81 frames over its last 5 s, picked "
-                        "at 16 fps as the official interact script reads them (connect the video's fps), are "
+                        "at 16 fps as the official interact script reads them (connect a Load Video's video, or "
+                        "images with their fps), are "
                         "encoded by the video tokenizer, unquantized, as that script does. "
                         "Feed the tokens to InfinityStar Interact. A generated or encoded 5 s video's tokens "
                         "can start a story too.",
             inputs=[
                 T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
-                io.Image.Input("images", tooltip="The reference video (IMAGE batch, at least 5 s); frames over "
-                                                 "its last 5 s are used, resized to cover and center-cropped."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The reference video as an IMAGE batch (at least 5 s), or connect video "
+                                       "instead; frames over its last 5 s are used, resized to cover and "
+                                       "center-cropped."),
                 io.Combo.Input("resolution", options=list(START_RESOLUTIONS), default="480p",
                                tooltip="480p is what the interact weights were trained at; smaller ones are "
                                        "for drafts."),
                 *frames_encode_inputs(),
+                video_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="A story: the reference's last 5 s (81 frames "
                                                                     "at 16 fps) as raw latents, ready for "
@@ -58,23 +61,24 @@ class InfinityStarInteractStart(io.ComfyNode):
         return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio)
 
     @classmethod
-    def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
-                seed: int, fps: float = FPS) -> io.NodeOutput:
+    def execute(cls, vae: T.LoadedVAE, resolution: str, aspect_ratio: str, seed: int,
+                images: torch.Tensor | None = None, fps: float = FPS, video=None) -> io.NodeOutput:
         from ..infinitystar import interact, pipeline
         from ..infinitystar.video_io import clip_indices
 
         aspect = None if aspect_ratio == "from input" else aspect_ratio
-        check_fps(fps, "Interact Start")
+        count, fps, take = frame_source("Interact Start", images, video, fps)
+        check_fps(fps, "Interact Start", from_video=video is not None)
         try:
-            picks = clip_indices(len(images), fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
+            picks = clip_indices(count, fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
         except ValueError:  # under 5 s
-            count = len(images)
+            rate_hint = "" if video is not None else "; set fps to the video's frame rate"
             raise ValueError(f"Interact Start got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} "
-                             "s): a story starts from the last 5 s of a video (at least 80 frames at 16 fps; set fps "
-                             "to the video's frame rate).") from None
-        frames = image_to_uint8(images[torch.from_numpy(picks)])  # only the frames a story starts from
+                             f"s): a story starts from the last 5 s of a video (at least 80 frames at 16 fps"
+                             f"{rate_hint}).") from None
+        frames = take(picks)  # only the frames a story starts from
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
-        warn_crop("Interact Start", images, schedule, "set aspect_ratio to 'from input'" if aspect
+        warn_crop("Interact Start", frames, schedule, "set aspect_ratio to 'from input'" if aspect
                   else f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the input nearer to it")
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

@@ -39,20 +39,53 @@ def frames_encode_inputs() -> list:
         io.Float.Input("fps", default=FPS, min=1.0, max=240.0, step=0.001, optional=True,
                        tooltip="Frame rate of the images: connect Get Video Components' fps. The model runs at 16 "
                                "fps; other rates are resampled to it by picking frames as the official video "
-                               "reader does, so motion keeps its speed."),
+                               "reader does, so motion keeps its speed. Unused with video (its own rate is read)."),
     ]
+
+
+def video_input() -> io.Video.Input:
+    """The optional VIDEO input of Encode and Interact Start, last so saved widget orders keep their meaning."""
+    return io.Video.Input("video", optional=True,
+                          tooltip="A video from Load Video, instead of images: only the frames used are decoded "
+                                  "(Get Video Components decodes every frame to float, GiBs for a long clip), at "
+                                  "the file's own frame rate.")
+
+
+def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
+    """(count, fps, take) of the frames an encode node picks from; ``take(picks)`` gives those frames as uint8.
+
+    Exactly one of ``images`` and ``video``. A Load Video file is counted from its header and only the picks are
+    decoded, the same frames Get Video Components -> images would give at them; another VIDEO (built from tensors,
+    trimmed) gives its components."""
+    if images is not None and video is not None:
+        raise ValueError(f"{node}: connect either images or video, not both (video reads only the frames used).")
+    if images is None and video is None:
+        raise ValueError(f"{node}: connect video (from Load Video) or images (an IMAGE batch, with its fps).")
+    if video is not None:
+        source = host.video_file(video)
+        if source is not None:
+            from ..infinitystar.video_io import read_frames, video_frame_count
+
+            count, rate = video_frame_count(source)
+            return count, rate, lambda picks: read_frames(source, picks, count)
+        parts = video.get_components()
+        images, fps = parts.images, float(parts.frame_rate)
+    return len(images), fps, lambda picks: image_to_uint8(images[torch.from_numpy(picks)])
 
 
 CANCEL_CHUNK_LATENTS = 8  # decode in chunks of at most 8 latents (32 frames): Cancel is seen between chunks
 MAX_EXTEND_CLIPS = 8  # 40 s per Extend node; a chain of nodes goes further
 
 
-def check_fps(fps: float, node: str) -> None:
-    """An fps from a link (a video file's declared rate) skips the widget's minimum: refuse what cannot be a video's
-    frame rate, before frames are picked at it."""
+def check_fps(fps: float, node: str, from_video: bool = False) -> None:
+    """An fps from a link or a file (a video file's declared rate) skips the widget's minimum: refuse what cannot be
+    a video's frame rate, before frames are picked at it."""
     from ..infinitystar.video_io import MIN_FPS
 
     if not fps >= MIN_FPS:
+        if from_video:
+            raise ValueError(f"{node}: the video file declares {fps:g} fps, not a video's frame rate (below "
+                             f"{MIN_FPS:g}); re-encode it with its real rate (ffmpeg -r).")
         raise ValueError(f"{node}: fps {fps:g} is not a video's frame rate (below {MIN_FPS:g}); connect Get Video "
                          "Components' fps or type the video's rate (16 for InfinityStar videos).")
 
@@ -129,15 +162,18 @@ class InfinityStarEncode(io.ComfyNode):
             description="Encodes frames (IMAGE batch) into InfinityStar tokens, to continue them with "
                         "InfinityStar Extend or the Sampler's start_tokens. One frame gives image tokens; 5 s or more of video gives its whole 5 s "
                         "clips (the rest is dropped): 1 + 80k frames at 16 fps, picked as the official video "
-                        "reader picks them (connect the video's fps).",
+                        "reader picks them. Connect a Load Video's video (only those frames are decoded), or "
+                        "images with their fps.",
             inputs=[
                 T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
-                io.Image.Input("images", tooltip="Frames to encode, e.g. from LoadVideo -> GetVideoComponents. "
-                                                 "They are resized to cover and center-cropped."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Frames to encode (an IMAGE batch), or connect video instead. They are "
+                                       "resized to cover and center-cropped."),
                 io.Combo.Input("resolution", options=[r for r in RESOLUTIONS if r != "auto"], default="720p",
                                tooltip="Pyramid to encode into; must be the one the extension will use "
                                        "(720p or 480p for the released weights)."),
                 *frames_encode_inputs(),
+                video_input(),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The frames as tokens: Extend continues them, "
                                                                     "Interact starts a story from them, Decode gives "
@@ -149,22 +185,24 @@ class InfinityStarEncode(io.ComfyNode):
         return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio)
 
     @classmethod
-    def execute(cls, vae: T.LoadedVAE, images: torch.Tensor, resolution: str, aspect_ratio: str,
-                seed: int, fps: float = FPS) -> io.NodeOutput:
+    def execute(cls, vae: T.LoadedVAE, resolution: str, aspect_ratio: str, seed: int,
+                images: torch.Tensor | None = None, fps: float = FPS, video=None) -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
         from ..infinitystar.video_io import whole_clip_indices
 
-        aspect = images.shape[1] / images.shape[2] if aspect_ratio == "from input" else aspect_ratio
-        count = len(images)
+        count, fps, take = frame_source("Encode", images, video, fps)
         if count > 1:  # one frame is an image: no rate is used
-            check_fps(fps, "Encode")
+            check_fps(fps, "Encode", from_video=video is not None)
         picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP)
         if len(picks) == 0:
+            rate_hint = "" if video is not None else "; set fps to the video's frame rate"
             raise ValueError(f"Encode got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} s): give it one frame "
                              f"(image tokens, e.g. through Image From Batch) or at least 5 s of video (80 frames at "
-                             f"16 fps; set fps to the video's frame rate) to continue with Extend or the Sampler's "
-                             f"start_tokens.")
+                             f"16 fps{rate_hint}) to continue "
+                             f"with Extend or the Sampler's start_tokens.")
+        frames = take(picks)  # only these frames are decoded / converted
+        aspect = frames.shape[1] / frames.shape[2] if aspect_ratio == "from input" else aspect_ratio
         clips = (len(picks) - 1) // PIXEL_FRAMES_PER_CLIP
         if clips:
             logger.info("InfinityStar Encode: %d frames at %g fps -> %d clip(s) of 5 s, frames %d..%d picked at 16 "
@@ -172,9 +210,8 @@ class InfinityStarEncode(io.ComfyNode):
             schedule = pipeline.resolve_schedule(resolution, aspect, frames=len(picks) + PIXEL_FRAMES_PER_CLIP)
         else:
             schedule = pipeline.resolve_schedule(resolution, aspect, 0)
-        warn_crop("Encode", images, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
+        warn_crop("Encode", frames, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
                   else f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the input nearer to it")
-        frames = image_to_uint8(images[torch.from_numpy(picks)])
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             if clips == 0:

@@ -241,3 +241,71 @@ def test_damaged_or_misnamed_image_inputs_name_the_path(tmp_path):
         read_image(tmp_path)
     with pytest.raises(ValueError, match="is a folder; give the video file"):
         read_video(tmp_path)
+
+
+def _distinct_frames(t, h=32, w=48):
+    """Frames whose value says their index (after H.264: within a few levels), so a wrong pick shows."""
+    return (np.arange(t)[:, None, None, None] * 2 * np.ones((1, h, w, 3))).astype(np.uint8)
+
+
+def test_read_frames_equals_decoding_everything_and_indexing(tmp_path):
+    """Any ascending picks (repeats as the official reader makes them at low rates, gaps, the last frame) from a
+    path or from a BytesIO are the frames the whole decode gives at those indices."""
+    import io
+
+    from infinitystar.video_io import clip_indices, read_frames, whole_clip_indices
+
+    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(100), fps=20)
+    whole, fps = read_video(path)
+    buffer = io.BytesIO(path.read_bytes())
+    picks = [np.array([0, 0, 1, 5, 5, 5, 50, 99]), whole_clip_indices(100, fps, 80),
+             clip_indices(100, fps, 81, 5, from_end=True), np.array([42])]
+    for index in picks:
+        for source in (path, str(path), buffer):
+            got = read_frames(source, index, 100)
+            assert got.dtype == np.uint8 and np.array_equal(got, whole[index]), (index, type(source))
+    assert buffer.tell() > 0 and np.array_equal(read_frames(buffer, [3]), whole[[3]])  # rewound before reading
+
+
+def test_read_frames_refuses_what_it_cannot_give(tmp_path):
+    from infinitystar.video_io import read_frames
+
+    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(10), fps=16)
+    with pytest.raises(ValueError, match=r"frame 10 of the 12 the container lists could not be decoded"):
+        read_frames(path, [2, 10], 12)
+    with pytest.raises(ValueError, match="ascending"):
+        read_frames(path, [5, 2])
+    with pytest.raises(ValueError, match="no frames"):
+        read_frames(path, [])
+
+
+def test_frame_count_of_a_file_like_video(tmp_path):
+    import io
+
+    from infinitystar.video_io import video_frame_count
+
+    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(37), fps=24)
+    assert video_frame_count(io.BytesIO(path.read_bytes())) == (37, 24.0)
+    with pytest.raises(ValueError, match="the video: not a video FFmpeg can read"):
+        video_frame_count(io.BytesIO(b"not a video at all" * 100))
+
+
+def test_read_frames_holds_only_the_picks(tmp_path):
+    """Peak Python/numpy memory while reading 9 frames of 120 is about those 9 frames, far below the video."""
+    import tracemalloc
+
+    from infinitystar.video_io import read_frames
+
+    h, w = 192, 256
+    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(120, h, w), fps=30)
+    index = np.linspace(0, 119, 9, dtype=int)
+    frame = h * w * 3
+    tracemalloc.start()
+    try:
+        got = read_frames(path, index)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (9, h, w, 3)
+    assert peak < (len(index) + 4) * frame, peak / frame  # the picks and a few frames in flight
+    assert peak < 120 * frame / 5

@@ -208,6 +208,19 @@ def test_upscaled_frames_reach_the_video(info):
     assert [n["inputs"]["video"] for n in _find(wf, "SaveVideo")] == [[create_id, 0]]
 
 
+def test_video_workflows_feed_the_file_straight_to_the_encoders(info):
+    """Load Video -> Encode / Interact Start .video: the node decodes only the frames it keeps. Get Video Components
+    would first hold every frame of the clip as float32 (about 3 GiB for 10 s of 720p30)."""
+    encoders = 0
+    for name, wf in _api_all(info).items():
+        assert "GetVideoComponents" not in _classes(wf), name
+        for node in _find(wf, "InfinityStarEncode") + _find(wf, "InfinityStarInteractStart"):
+            assert "images" not in node["inputs"] and "fps" in node["inputs"], name  # fps: the unused widget
+            assert wf[node["inputs"]["video"][0]]["class_type"] == "LoadVideo", name
+            encoders += 1
+    assert encoders == 3
+
+
 def test_seed_widgets_carry_the_frontend_control_value(info):
     """Frontend 1.27 puts a control_after_generate value right after a seed (V3 flag or legacy name), except where
     the schema sets control_after_generate false (Encode, Interact Start: an encode seed that must stay put)."""

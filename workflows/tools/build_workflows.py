@@ -74,7 +74,7 @@ SIZES = {
     "InfinityStarDecode": [250, 102], "InfinityStarEncode": [300, 150], "InfinityStarExtend": [320, 278],
     "InfinityStarInteractStart": [300, 150], "InfinityStarInteract": [320, 304],
     "CreateVideo": [220, 78], "SaveVideo": [420, 420], "SaveImage": [420, 420], "LoadImage": [300, 330],
-    "LoadVideo": [300, 340], "GetVideoComponents": [220, 66], "ImageScaleBy": [280, 82],
+    "LoadVideo": [300, 340], "ImageScaleBy": [280, 82],
     "UpscaleModelLoader": [300, 58], "ImageUpscaleWithModel": [240, 46], "MarkdownNote": [420, 420],
 }
 
@@ -209,14 +209,13 @@ def _note(wf: Workflow, this_workflow: str) -> None:
 
 
 def _encoded_clip(wf: Workflow, vae: dict, node_type: str) -> dict:
-    """Load Video -> Get Video Components -> an encoding node (Encode, Interact Start) with the tokenizer."""
+    """Load Video -> an encoding node (Encode, Interact Start) with the tokenizer. The VIDEO goes straight in: the
+    node decodes only the frames it keeps, at the file's own rate (Get Video Components would decode every frame to
+    float32 first)."""
     video = wf.node("LoadVideo", (440, 320), file="infinitystar_clip.mp4")
-    parts = wf.node("GetVideoComponents", (770, 420))
-    wf.link(video, 0, parts, "video")
-    encode = wf.node(node_type, (1020, 420), resolution="480p", aspect_ratio="from input", seed=0)
+    encode = wf.node(node_type, (770, 460), resolution="480p", aspect_ratio="from input", seed=0)
     wf.link(vae, 0, encode, "vae")
-    wf.link(parts, 0, encode, "images")
-    wf.link(parts, 2, encode, "fps")  # frames are picked at 16 fps from the clip's own rate
+    wf.link(video, 0, encode, "video")
     return encode
 
 
@@ -294,8 +293,8 @@ def extend(info: dict) -> dict:
     _note(wf, (
         "continues a clip by 5 s clips (set *clips*) with the 480p weights. Load a clip of at least 5 s at "
         "any frame rate (e.g. an InfinityStar video): its whole 5 s clips are encoded, 81 frames each picked "
-        "at 16 fps as the official reader picks them (Get Video Components gives Encode the clip's fps), and the "
-        "rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones without replaying their "
+        "at 16 fps from the clip's own rate as the official reader picks them (only those frames are decoded), "
+        "and the rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones without replaying their "
         "draws, so a seed gives another clip than the official 5 s -> 10 s continuation (the *v2v* workflow)."))
     return wf.to_json()
 

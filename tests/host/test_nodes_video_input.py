@@ -1,0 +1,149 @@
+"""Encode and Interact Start fed a core VIDEO (Load Video) instead of Get Video Components' IMAGE batch: the same
+tokens, bit for bit, while only the frames they use are decoded (core's Get Video Components holds every frame as
+float32, 9.8 GiB of RAM for 10 s of 720p30)."""
+from __future__ import annotations
+
+import tracemalloc
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from node_kit import run
+
+HEIGHT, WIDTH, FPS, SECONDS = 144, 256, 30, 7  # 210 frames: Encode keeps 81 of the first 5 s, Start of the last
+
+
+@pytest.fixture(scope="module")
+def vae(pack, comfy_dirs):
+    return run(pack.loaders.InfinityStarVAELoader, vae_name="infinitystar_videovae.pth", dtype="auto")[0]
+
+
+@pytest.fixture(scope="module")
+def video_nodes(comfy):
+    from comfy_extras import nodes_video
+
+    return nodes_video
+
+
+@pytest.fixture(scope="module")
+def clip(core, comfy_dirs):
+    """A 7 s 30 fps mp4 in ComfyUI's input folder whose every frame differs (a wrong pick changes the tokens)."""
+    rng = np.random.default_rng(4)
+    base = np.repeat(np.repeat(rng.integers(0, 255, (HEIGHT // 8, WIDTH // 8 + FPS * SECONDS, 3)), 8, 0), 8, 1)
+    frames = np.stack([base[:, 8 * i:8 * i + WIDTH] for i in range(FPS * SECONDS)]).astype(np.uint8)
+    core("video_io").write_mp4(comfy_dirs["input"] / "seven_seconds.mp4", frames, fps=FPS)
+    return "seven_seconds.mp4"
+
+
+def _load(video_nodes, name):
+    return run(video_nodes.LoadVideo, file=name)[0]
+
+
+def _components(video_nodes, video):
+    images, _, fps = run(video_nodes.GetVideoComponents, video=video)
+    return images, fps
+
+
+def _picked_peak(fn):
+    """(result, peak bytes traced while it ran): numpy arrays are traced; torch tensors are not, so the guard below
+    that the VIDEO is never decoded whole covers core's float32 decode."""
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _never_whole(monkeypatch, video):
+    def whole():
+        raise AssertionError("the VIDEO was decoded whole (get_components)")
+
+    monkeypatch.setattr(video, "get_components", whole)
+
+
+def test_encode_of_a_video_equals_its_image_batch_and_decodes_only_the_picks(pack, vae, clip, video_nodes,
+                                                                              monkeypatch):
+    """Load Video -> Encode.video gives Load Video -> Get Video Components -> Encode.images/fps's tokens; peak traced
+    memory stays about the 81 picked uint8 frames, below even the 210 frames as uint8 (float32: 4x that)."""
+    settings = dict(vae=vae, resolution="0.06M", aspect_ratio="from input", seed=3)
+    images, fps = _components(video_nodes, _load(video_nodes, clip))
+    assert images.shape == (FPS * SECONDS, HEIGHT, WIDTH, 3) and fps == FPS
+    expect = run(pack.video.InfinityStarEncode, images=images, fps=fps, **settings)[0]
+    del images
+
+    video = _load(video_nodes, clip)
+    _never_whole(monkeypatch, video)
+    got, peak = _picked_peak(lambda: run(pack.video.InfinityStarEncode, video=video, **settings)[0])
+    assert got.frames == expect.frames == 81
+    assert len(got.bits) == len(expect.bits) and all(torch.equal(a, b) for a, b in zip(got.bits, expect.bits))
+    frame = HEIGHT * WIDTH * 3
+    assert peak < 1.5 * 81 * frame, f"peak {peak / frame:.0f} frames"
+    assert peak < FPS * SECONDS * frame
+
+
+def test_interact_start_of_a_video_equals_its_image_batch(pack, vae, clip, video_nodes, monkeypatch):
+    """The last 5 s (81 frames) of the file, read alone, start the same story as the whole IMAGE batch does."""
+    settings = dict(vae=vae, resolution="0.06M", aspect_ratio="from input", seed=3)
+    images, fps = _components(video_nodes, _load(video_nodes, clip))
+    expect = run(pack.interact.InfinityStarInteractStart, images=images, fps=fps, **settings)[0]
+    del images
+
+    video = _load(video_nodes, clip)
+    _never_whole(monkeypatch, video)
+    got, peak = _picked_peak(lambda: run(pack.interact.InfinityStarInteractStart, video=video, **settings)[0])
+    assert torch.equal(got.summed_codes, expect.summed_codes)
+    assert peak < 1.5 * 81 * HEIGHT * WIDTH * 3
+
+
+def test_a_video_from_tensors_is_read_through_its_components(pack, vae, core, tmp_path, monkeypatch):
+    """A VIDEO that is no file (Create Video's VideoFromComponents) gives its components' frames at its rate; a
+    BytesIO-backed VideoFromFile is read at the picks like a path. The frames reaching the tokenizer are compared
+    (the encode itself is the one the tests above check)."""
+    import io
+
+    from comfy_api.latest import InputImpl, Types
+
+    pipeline, seen = core("pipeline"), []
+    monkeypatch.setattr(pipeline, "encode_video", lambda tokenizer, frames, *a, **k: seen.append(frames))
+    frames = torch.rand(170, 48, 64, 3, generator=torch.Generator().manual_seed(2))  # 5.3 s at 32 fps
+    settings = dict(vae=vae, resolution="0.06M", aspect_ratio="16:9", seed=1)
+
+    def encoded(**inputs):
+        run(pack.video.InfinityStarEncode, **inputs, **settings)
+        return seen.pop()
+
+    video = InputImpl.VideoFromComponents(Types.VideoComponents(images=frames, audio=None, frame_rate=Fraction(32)))
+    assert pack.host.video_file(video) is None
+    expect = encoded(images=frames, fps=32.0)
+    assert len(expect) == 81 and np.array_equal(encoded(video=video), expect)
+
+    path = core("video_io").write_mp4(tmp_path / "in_memory.mp4", frames, fps=32)
+    from_memory = InputImpl.VideoFromFile(io.BytesIO(path.read_bytes()))
+    assert pack.host.video_file(from_memory) is not None
+    expect = encoded(images=from_memory.get_components().images, fps=32.0)
+    _never_whole(monkeypatch, from_memory)
+    assert len(expect) == 81 and np.array_equal(encoded(video=from_memory), expect)
+
+
+def test_images_or_video_is_asked_for_before_anything_loads(pack, clip, video_nodes, core):
+    """Neither or both inputs, and a video under 5 s, are refused with what to connect, the tokenizer untouched."""
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"vae.{name} used before the inputs were checked")
+
+    settings = dict(vae=Untouchable(), resolution="0.06M", aspect_ratio="16:9", seed=0)
+    video = _load(video_nodes, clip)
+    for node, name in ((pack.video.InfinityStarEncode, "Encode"),
+                       (pack.interact.InfinityStarInteractStart, "Interact Start")):
+        with pytest.raises(ValueError, match=f"{name}: connect video \\(from Load Video\\) or images"):
+            run(node, **settings)
+        with pytest.raises(ValueError, match=f"{name}: connect either images or video, not both"):
+            run(node, images=torch.zeros(1, 8, 8, 3), video=video, **settings)
+    short = core("video_io").write_mp4(video_nodes.folder_paths.get_input_directory() + "/two_seconds.mp4",
+                                       np.zeros((60, 32, 32, 3), np.uint8), fps=30)
+    with pytest.raises(ValueError, match=r"Encode got 60 frames at 30 fps \(2.00 s\): give it one frame"):
+        run(pack.video.InfinityStarEncode, video=_load(video_nodes, short.name), **settings)
+    with pytest.raises(ValueError, match=r"Interact Start got 60 frames at 30 fps \(2.00 s\): a story starts"):
+        run(pack.interact.InfinityStarInteractStart, video=_load(video_nodes, short.name), **settings)
