@@ -54,6 +54,7 @@ class InfinityStarInteractStart(io.ComfyNode):
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="A story: the reference's last 5 s (81 frames "
                                                                     "at 16 fps) as raw latents, ready for "
                                                                     "InfinityStar Interact.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -61,6 +62,7 @@ class InfinityStarInteractStart(io.ComfyNode):
         return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio)
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, vae: T.LoadedVAE, resolution: str, aspect_ratio: str, seed: int,
                 images: torch.Tensor | None = None, fps: float = FPS, video=None) -> io.NodeOutput:
         from ..infinitystar import interact, pipeline
@@ -136,6 +138,7 @@ class InfinityStarInteract(io.ComfyNode):
         return check_choices(cls, generator=generator)
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, model: T.LoadedTransformer, positive: T.Conditioned, tokens, seed: int,
                 guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, tau: float,
                 generator: str = "auto", vae: T.LoadedVAE | None = None, guidance_schedule: str = "") -> io.NodeOutput:

@@ -178,6 +178,7 @@ class InfinityStarEncode(io.ComfyNode):
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The frames as tokens: Extend continues them, "
                                                                     "Interact starts a story from them, Decode gives "
                                                                     "the frames back as the model sees them.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -185,6 +186,7 @@ class InfinityStarEncode(io.ComfyNode):
         return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio)
 
     @classmethod
+    @host.shows_warnings
     def execute(cls, vae: T.LoadedVAE, resolution: str, aspect_ratio: str, seed: int,
                 images: torch.Tensor | None = None, fps: float = FPS, video=None) -> io.NodeOutput:
         from ..infinitystar import pipeline
@@ -200,7 +202,8 @@ class InfinityStarEncode(io.ComfyNode):
             raise ValueError(f"Encode got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} s): give it one frame "
                              f"(image tokens, e.g. through Image From Batch) or at least 5 s of video (80 frames at "
                              f"16 fps{rate_hint}) to continue "
-                             f"with Extend or the Sampler's start_tokens.")
+                             f"with Extend or the Sampler's start_tokens. To continue a shorter clip from its end, "
+                             f"connect its frames to the Sampler's start_image with start_frame = last.")
         frames = take(picks)  # only these frames are decoded / converted
         aspect = frames.shape[1] / frames.shape[2] if aspect_ratio == "from input" else aspect_ratio
         clips = (len(picks) - 1) // PIXEL_FRAMES_PER_CLIP

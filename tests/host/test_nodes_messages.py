@@ -119,3 +119,14 @@ def test_decode_out_of_memory_retries_tiled_and_says_so(pack, loaded, core, serv
     monkeypatch.setattr(pipeline, "decode", lambda *a, **k: (_ for _ in ()).throw(ValueError("not memory")))
     with pytest.raises(ValueError, match="not memory"):
         run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=tokens, tiled=False)
+
+
+def test_every_node_shows_its_warnings(pack):
+    """Each node runs inside node_messages and declares the unique_id it needs for that (a node added later without
+    them would report only to the server log)."""
+    from comfy_api.latest import io
+
+    for node in pack.NODES:
+        execute = node.__dict__["execute"].__func__
+        assert getattr(execute, "__wrapped__", None) is not None, f"{node.__name__}.execute lacks host.shows_warnings"
+        assert io.Hidden.unique_id in (node.define_schema().hidden or []), f"{node.__name__} lacks hidden unique_id"
