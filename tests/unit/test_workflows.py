@@ -297,7 +297,7 @@ MUTATIONS = {
     "float_out_of_range": lambda info, wf: _set_widget(info, wf, "InfinityStarSampler", "guidance_scale", 1e6),
     "string_where_bool": lambda info, wf: _set_widget(info, wf, "InfinityStarDecode", "tiled", "no"),
     "missing_widget_value": lambda info, wf: _first(wf, "InfinityStarSampler")["widgets_values"].pop(),
-    "control_value_dropped": lambda info, wf: _first(wf, "InfinityStarSampler")["widgets_values"].remove("fixed"),
+    "control_value_dropped": lambda info, wf: _first(wf, "InfinityStarSampler")["widgets_values"].remove("randomize"),
     "bad_control_value": lambda info, wf: _set_control(info, wf, "sometimes"),
     "required_link_removed": lambda info, wf: _drop_link(wf, "InfinityStarDecode", "vae"),
     "incompatible_link": lambda info, wf: _rewire(wf, "InfinityStarDecode", "tokens", "InfinityStarModelLoader"),

@@ -52,7 +52,7 @@ models/infinitystar/
 
 No files yet? Queue the **InfinityStar Download Models** node once (then press **R** to refresh the lists), or, in a terminal inside the pack folder (custom_nodes/ComfyUI-InfinityStar), run `python -m infinitystar download --variant 720p --dest ../../models/infinitystar`. The transformer may also sit in `models/diffusion_models`, the tokenizer in `models/vae`, the text encoder folder in `models/text_encoders`.
 
-Short on VRAM? Set **weight_dtype** to fp8_e4m3fn on the model loader and **tiled** on the decoder."""
+Short on VRAM? weight_dtype **auto** already stores the blocks in fp8 on GPUs too small for bf16; set it to fp8_e4m3fn to force that, and **tiled** on the decoder (it also retries tiled by itself after running out of memory). Warnings show on the node that raised them."""
 
 PROMPT_FOX = ("A red fox trots through a snowy birch forest at golden hour, its breath visible in the cold air, "
               "snowflakes drifting through warm backlight, the camera tracking smoothly alongside at eye level")
@@ -189,7 +189,7 @@ def _prompt(wf: Workflow, text_encoder: dict, prompt: str, pos=(400, 0), duratio
 
 def _sampler(wf: Workflow, model: dict, cond: dict, vae: dict, pos=(860, 0), **widgets) -> dict:
     """The sampler, with the tokenizer connected: colour previews (and the start image's encode in I2V)."""
-    sampler = wf.node("InfinityStarSampler", pos, **{"seed": 41, **widgets})
+    sampler = wf.node("InfinityStarSampler", pos, control="randomize", **{"seed": 41, **widgets})  # a new video per queue
     wf.link(model, 0, sampler, "model")
     wf.link(cond, 0, sampler, "positive")
     wf.link(vae, 0, sampler, "vae")
@@ -249,13 +249,14 @@ def i2v(info: dict) -> dict:
     model, text_encoder, vae = _loaders(wf, MODEL_720P)
     cond = _prompt(wf, text_encoder, PROMPT_I2V)
     image = wf.node("LoadImage", (440, 320), image="infinitystar_start.png")
-    sampler = _sampler(wf, model, cond, vae, duration="5 s")
+    sampler = _sampler(wf, model, cond, vae, duration="5 s", aspect_ratio="from start image")
     wf.link(image, 0, sampler, "start_image")
     _save_video(wf, vae, sampler, "video/infinitystar_i2v_720p")
     _note(wf, (
-        "image-to-video at 720p, 5 s. Load your start frame in *Load Image*; it is "
-        "resized to cover the chosen aspect ratio and center-cropped, encoded by the video tokenizer and used "
-        "as the first frame."))
+        "image-to-video at 720p, 5 s. Load your start frame in *Load Image*; aspect_ratio 'from start image' takes "
+        "the model's aspect nearest to it (portrait photos stay portrait), the frame is resized to cover it and "
+        "center-cropped, encoded by the video tokenizer and used as the first frame. To continue a clip from its "
+        "end, give the Sampler its frames and set start_frame to last."))
     return wf.to_json()
 
 
