@@ -1,4 +1,4 @@
-"""Command line: ``python -m infinitystar generate|extend|interact|download|convert|convert-gguf|tiny|demo``.
+"""Command line: ``python -m infinitystar generate|extend|interact|download|convert|convert-text-encoder|convert-gguf|tiny|demo``.
 
 ``demo`` (or ``generate --tiny``) writes the tiny random-weight set to a cache folder and runs the same pipeline
 offline, so the whole path can be checked on any machine; its output is noise by design.
@@ -497,24 +497,18 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in paths.items():
                 print(f"{name:13s} {path}")
             return 0
-        elif args.command == "convert-gguf":
-            from .gguf import convert
+        elif args.command in ("convert-gguf", "convert-text-encoder", "convert"):
+            from . import convert, gguf
 
-            bar = _Progress(None, f"writing {args.type}", unit="tensor")  # no bar before the checks pass
-            try:
-                written = convert(args.source, args.out, args.type, args.variant,
-                                  progress=lambda done, total: bar(done - 1, total))
-            finally:
-                bar.close()
-            print(written)
-            return 0
-        elif args.command == "convert":
-            from .convert import convert_safetensors
-
-            bar = _Progress(None, f"writing {args.dtype}", unit="tensor")
-            try:
-                written = convert_safetensors(args.source, args.out, args.dtype, args.variant,
-                                              progress=lambda done, total: bar(done - 1, total))
+            write = {"convert-gguf": lambda progress: gguf.convert(args.source, args.out, args.type, args.variant,
+                                                                     progress=progress),
+                     "convert-text-encoder": lambda progress: convert.convert_text_encoder(
+                         args.source, args.out, args.dtype, progress=progress),
+                     "convert": lambda progress: convert.convert_safetensors(args.source, args.out, args.dtype,
+                                                                             args.variant, progress=progress)}
+            bar = _Progress(None, f"writing {getattr(args, 'type', None) or args.dtype}", unit="tensor")  # shown
+            try:  # from the first tensor written, after the checks passed
+                written = write[args.command](lambda done, total: bar(done - 1, total))
             finally:
                 bar.close()
             print(written)

@@ -221,6 +221,16 @@ def state_dict_key(key: str) -> str | None:
     return key if key == "shared.weight" or key.startswith("encoder.") else None
 
 
+def storage(dtype: torch.dtype):
+    """``target(key, tensor) -> dtype`` of the encoder's tensors for storage ``dtype``: ``wo`` stays fp32 under half
+    storage, as Hugging Face keeps it (``_keep_in_fp32_modules``)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+
+    def target(key: str, tensor: torch.Tensor) -> torch.dtype:
+        return torch.float32 if half and key.rsplit(".", 2)[-2] in FP32_KEPT else dtype
+    return target
+
+
 def weight_files(folder: Path) -> Path:
     """What :class:`~infinitystar.checkpoint_files.CheckpointReader` should read: the folder (index or
     ``*.safetensors``), or its ``pytorch_model.bin`` when it has no safetensors (read weights-only)."""
@@ -254,10 +264,5 @@ def load_t5_encoder(folder: str | Path, *, dtype: torch.dtype = torch.float16, o
             found[name] = shape
     check_keys(expected, found, folder, f"T5 encoder of {folder / 'config.json'}",
                f"{len(found)} encoder tensors of another model")
-    half = dtype in (torch.float16, torch.bfloat16)
-
-    def target(key: str, tensor: torch.Tensor) -> torch.dtype:
-        return torch.float32 if half and key.rsplit(".", 2)[-2] in FP32_KEPT else dtype
-
-    stream_into(model, reader, target, device, rename=state_dict_key)
+    stream_into(model, reader, storage(dtype), device, rename=state_dict_key)
     return model.eval().requires_grad_(False)

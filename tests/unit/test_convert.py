@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from infinitystar.checkpoint import CheckpointReader, load_transformer
 from infinitystar.cli import main
-from infinitystar.convert import convert_safetensors
+from infinitystar.convert import convert_safetensors, convert_text_encoder
 
 
 @pytest.mark.parametrize("variant,dtype", [("720p", "bf16"), ("interact", "bf16"), ("480p", "fp16")])
@@ -64,3 +64,57 @@ def test_cli_convert(tiny_models, tmp_path, capsys):
     assert load_transformer(out)[1].variant == "480p"
     assert main(["convert", str(tiny_models["transformer_480p"]), str(out)]) == 2  # exists: refused, not replaced
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory, tiny_models):
+    """A Hugging Face encoder-decoder T5 folder in two shards (as the published flan-t5-xl-official), with the tiny
+    set's tokenizer files."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    config = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    model = transformers.T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("t5") / "flan-t5-xl-official"
+    model.save_pretrained(str(folder), max_shard_size="60KB")
+    for file in tiny_models["text_encoder"].iterdir():
+        if file.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(file, folder / file.name)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_encoder_only_text_encoder_loads_as_the_published_folder_does(t5_folder, tmp_path, dtype):
+    """The converted folder: no decoder, the tokenizer and config copied, and the encoder the loaders make from it
+    equal, tensor for tensor and dtype for dtype, to what they make from the published folder at that dtype."""
+    from infinitystar.t5 import load_t5_encoder
+
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    out = convert_text_encoder(t5_folder, tmp_path / "t5_enc", dtype)
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".model")) == sorted(
+        p.name for p in t5_folder.iterdir() if p.suffix in (".json", ".model") and not p.name.endswith(".index.json"))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith(("decoder.", "lm_head.")) for k in keys)
+    want = load_t5_encoder(t5_folder, dtype=torch_dtype).state_dict()
+    have = load_t5_encoder(out, dtype=torch_dtype).state_dict()
+    assert want.keys() == have.keys()
+    for key, tensor in want.items():
+        assert have[key].dtype == tensor.dtype and torch.equal(have[key], tensor), key
+    size = (out / "model.safetensors").stat().st_size
+    published = sum(p.stat().st_size for p in t5_folder.glob("*.safetensors"))
+    assert size < published * (0.5 if dtype == "fp32" else 0.3)  # no decoder (and halves)
+
+
+def test_cli_convert_text_encoder_refuses_what_it_cannot_write(t5_folder, tiny_models, tmp_path, capsys):
+    out = tmp_path / "enc"
+    assert main(["convert-text-encoder", str(t5_folder), str(out)]) == 0 and (out / "model.safetensors").is_file()
+    assert main(["convert-text-encoder", str(t5_folder), str(out)]) == 2 and "exists" in capsys.readouterr().err
+    assert main(["convert-text-encoder", str(tiny_models["transformer_720p"]), str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.part").exists()
