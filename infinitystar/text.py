@@ -61,13 +61,14 @@ def _check_folder(path: str | Path) -> Path:
 
 
 def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
-                        ops=torch.nn) -> torch.nn.Module:
-    """The flan-t5 encoder of a Hugging Face folder (:mod:`infinitystar.t5`, built from ``ops``), without grads."""
+                        ops=torch.nn, callback=None) -> torch.nn.Module:
+    """The flan-t5 encoder of a Hugging Face folder (:mod:`infinitystar.t5`, built from ``ops``), without grads;
+    ``callback(done_bytes, total_bytes)`` per tensor read (progress, cancel)."""
     from .t5 import load_t5_encoder
 
     path = _check_folder(path)
     try:
-        module = load_t5_encoder(path, dtype=dtype, ops=ops, device=device)
+        module = load_t5_encoder(path, dtype=dtype, ops=ops, device=device, callback=callback)
     except FileNotFoundError as exc:
         raise ValueError(f"{path}: cannot load the T5 weights ({exc}). {TEXT_ENCODER_HINT}") from exc
     except ValueError as exc:  # a truncated or damaged file, foreign keys, a broken config
@@ -113,7 +114,7 @@ class TextEncoder:
 
     @classmethod
     def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
-                    ops=torch.nn) -> TextEncoder:
+                    ops=torch.nn, callback=None) -> TextEncoder:
         """Load the encoder (built from ``ops``) and ``AutoTokenizer`` from ``path`` offline (no hub access). The tokenizer is
         checked first (it is cheap): without its vocabulary, recent transformers build an empty one that turns
         every word into ``<unk>``, so every prompt would give the same video."""
@@ -134,7 +135,7 @@ class TextEncoder:
         if vocab and len(tokenizer) < vocab // 2:
             raise ValueError(f"{path}: the tokenizer knows {len(tokenizer)} tokens but the T5 model {vocab}; its files "
                              f"are damaged or belong to another model. {TEXT_ENCODER_HINT}")
-        module = load_encoder_module(path, dtype=dtype, device=device, ops=ops)
+        module = load_encoder_module(path, dtype=dtype, device=device, ops=ops, callback=callback)
         return cls(module, tokenizer, folder=path)
 
     @property

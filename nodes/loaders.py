@@ -179,8 +179,8 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
         path = paths.resolve_text_encoder(encoder_name)
         load_device, offload_device = host.devices("text_encoder")
         weights = host.text_encoder_dtype(dtype)
-        encoder = TextEncoder.from_folder(path, dtype=weights, device=offload_device,
-                                          ops=host.pick_ops(None, weights, load_device))
+        encoder = TextEncoder.from_folder(path, dtype=weights, device=offload_device,  # progress, cancel per tensor
+                                          ops=host.pick_ops(None, weights, load_device), callback=host.ChunkProgress())
         return io.NodeOutput(T.LoadedTextEncoder(host.make_patcher(encoder.module, "text_encoder"), encoder, path))
 
 

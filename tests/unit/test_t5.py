@@ -217,3 +217,31 @@ def test_folders_without_readable_weights_say_what_they_hold(gated, tmp_path):
         with pytest.raises(FileNotFoundError, match="sharded .bin files" if files else "holds no T5 weights") as info:
             load_t5_encoder(target)
         assert "720p" not in str(info.value)  # not the transformer's download hint
+
+
+def test_progress_per_tensor_and_a_cancel_frees_what_was_read(gated):
+    """callback(done_bytes, total_bytes) per tensor read, rising to the total; an exception from it (a host's
+    cancel) stops the load and leaves no tensor it read on the model the traceback still holds."""
+    folder, _ = gated
+    seen = []
+    load_t5_encoder(folder, dtype=torch.float32, callback=lambda done, total: seen.append((done, total)))
+    assert len(seen) > 5 and seen == sorted(seen) and seen[-1][0] == seen[-1][1] > 0
+
+    class Cancel(Exception):
+        pass
+
+    def cancel(done, total):
+        if done > total // 2:
+            raise Cancel
+
+    with pytest.raises(Cancel) as info:
+        load_t5_encoder(folder, dtype=torch.float32, callback=cancel)
+    frames = [tb.tb_frame for tb in _walk(info.value.__traceback__)]
+    models = [f.f_locals["model"] for f in frames if isinstance(f.f_locals.get("model"), T5Encoder)]
+    assert models and all(p.is_meta for m in models for p in m.parameters())
+
+
+def _walk(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
