@@ -98,6 +98,9 @@ def running_server(base: Path, models_root: Path, http_timeout: float = 60) -> I
             proc.wait()
 
 
+START_IMAGE_H_DIV_W = 160 / 96  # infinitystar_start.png: 96 wide, 160 high
+
+
 def write_workflow_inputs(base: Path, runnable: bool = False) -> None:
     """The files the workflows name (a start image, a clip to continue, an upscale model) under those names.
 
@@ -113,7 +116,8 @@ def write_workflow_inputs(base: Path, runnable: bool = False) -> None:
     (base / "input").mkdir(exist_ok=True)
     y, x = np.mgrid[0:96, 0:160]
     image = np.stack([x * 255 // 160, y * 255 // 96, np.full_like(x, 128)], -1).astype(np.uint8)
-    Image.fromarray(image).save(base / "input" / "infinitystar_start.png")
+    # the start image is portrait (h/w 5/3), so the i2v template's 'from start image' aspect shows in the output
+    Image.fromarray(np.ascontiguousarray(image.transpose(1, 0, 2))).save(base / "input" / "infinitystar_start.png")
     frames = np.stack([np.roll(image, 2 * t, axis=1) for t in range(81 if runnable else 9)])
     if runnable:
         rng = np.random.default_rng(0)

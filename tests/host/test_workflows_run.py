@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_server import PACK_FOLDER, Server, running_server, write_workflow_inputs
+from comfy_server import PACK_FOLDER, START_IMAGE_H_DIV_W, Server, running_server, write_workflow_inputs
 from workflow_graph import OBJECT_INFO, load_object_info, normalize_object_info, to_api, workflow_files
 
 RUN_TIMEOUT = 900
@@ -94,7 +94,10 @@ def _expected_size(prompt: dict) -> tuple[int, int, int]:
     sampler = next((n for n in prompt.values() if n["class_type"] == "InfinityStarSampler"), None)
     if sampler is not None:
         seconds = {"image": 0, "5 s": 5, "10 s": 10}[sampler["inputs"]["duration"]]
-        schedule = resolve_schedule(TINY_RESOLUTION, sampler["inputs"]["aspect_ratio"], seconds)
+        aspect = sampler["inputs"]["aspect_ratio"]
+        if aspect == "from start image":  # the shape of the image the template's Load Image names
+            aspect = START_IMAGE_H_DIV_W
+        schedule = resolve_schedule(TINY_RESOLUTION, aspect, seconds)
         return schedule.frames, schedule.height, schedule.width
     schedule = resolve_schedule(TINY_RESOLUTION, 96 / 160, 5)  # the test clip: 81 frames, h/w 0.6
     clips = [n for n in prompt.values() if n["class_type"] == "InfinityStarInteract"]  # one clip each
