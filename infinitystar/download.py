@@ -198,14 +198,44 @@ def _is_offline() -> bool:
     return constants.HF_HUB_OFFLINE or flag in ("1", "true", "yes", "on")
 
 
+def reporting_tqdm(callback):
+    """A tqdm class for ``snapshot_download(tqdm_class=...)`` whose bars also call ``callback(done, total)``.
+
+    huggingface_hub gives it the bar of files finished and, in recent releases, a bar of bytes received (unit B,
+    its total growing as downloads start); once a bytes bar has reported, the files bar is left out so the host's
+    one bar does not jump between scales. Updates may come from download threads; a raising callback fails the
+    download, which snapshot_download raises."""
+    from tqdm.auto import tqdm
+
+    state = {"bytes": False}
+
+    class Reporting(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)  # some huggingface_hub releases name their bars; plain tqdm refuses the key
+            self.in_bytes, self.done = kwargs.get("unit") == "B", int(kwargs.get("initial") or 0)
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):  # counted here: a disabled tqdm (HF_HUB_DISABLE_PROGRESS_BARS) counts nothing
+            shown = super().update(n)
+            self.done += int(n or 0)
+            if self.in_bytes or not state["bytes"]:
+                state["bytes"] = state["bytes"] or self.in_bytes
+                callback(self.done, max(int(self.total or 0), self.done))
+            return shown
+
+    return Reporting
+
+
 def download_models(dest_dir: str | Path, variant: str = "720p", components: Sequence[str] = COMPONENTS,
                     progress: bool = True, repo_id: str = REPO_ID, local_source: str | Path | None = None,
                     endpoint: str | None = None, revision: str | None = None,
                     replace: bool = True, callback=None) -> dict[str, Path]:
     """Fetch one variant's files into ``dest_dir`` (hub layout) and return their paths.
 
-    ``local_source`` copies from a local folder laid out like the hub repo instead (a mirror, a USB disk, the
-    tiny set), calling ``callback(done_bytes, total_bytes)`` per file and per copied chunk; ``replace=False``
+    ``callback(done, total)``: progress, and a host's cancel (it may raise). A hub download reports the bytes
+    received where huggingface_hub counts them (recent releases), else the files finished. ``local_source`` copies
+    from a local folder laid out like the hub repo instead (a mirror, a USB disk, the tiny set), reporting bytes per
+    file and per copied chunk; ``replace=False``
     refuses to overwrite files of another size. Downloads resume where they stopped. With ``HF_HUB_OFFLINE`` set, only files already present are
     accepted, with a clear error otherwise.
     """
@@ -234,8 +264,9 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
     if not progress:
         disable_progress_bars()
     try:
+        extra = {"tqdm_class": reporting_tqdm(callback)} if callback is not None else {}
         snapshot_download(repo_id, local_dir=str(dest), allow_patterns=patterns, revision=revision,
-                          endpoint=endpoint)
+                          endpoint=endpoint, **extra)
     except _unreachable() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeError(f"cannot reach huggingface.co/{repo_id}: {first}. {NO_NETWORK_HINT}") from exc

@@ -301,6 +301,9 @@ def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False) 
 
 # ---------------------------------------------------------------------------------------------- progress
 
+INTERRUPTED = mm.InterruptProcessingException  # what check_interrupt raises
+
+
 def check_interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
 

@@ -316,7 +316,9 @@ class InfinityStarDownloadModels(io.ComfyNode):
             bar(i, len(wanted))
             try:
                 got.update(download_models(dest, variant=variant, components=(component,), progress=True,
-                                           replace=False))
+                                           replace=False, callback=bar))  # this component's bytes (or files)
+            except host.INTERRUPTED:  # Cancel, raised by the bar: not a download error
+                raise
             except Exception as exc:  # hub errors differ across huggingface_hub versions
                 said = str(exc).rstrip(".")
                 offline = "" if "local_source" in said else (

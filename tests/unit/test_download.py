@@ -208,3 +208,37 @@ def test_a_local_copy_reports_per_chunk_and_a_raising_callback_stops_it(tiny_mod
     assert left and not any(name.endswith(".incomplete") for name in left) and len(left) < len(files)
     D.download_models(dest, "720p", ("transformer",), progress=False, local_source=tiny_models["root"])
     assert len(list((dest / "infinitystar_8b_720p_weights").iterdir())) == len(files)
+
+
+def test_hub_download_reports_through_the_callback_and_a_raising_callback_stops_it(tmp_path, monkeypatch):
+    """snapshot_download gets a tqdm class whose bars call back: bytes once a bytes bar reports (files before), and
+    an exception from the callback (a host's cancel) comes out of download_models as itself, not as 'cannot reach'."""
+    import huggingface_hub
+
+    seen = []
+
+    def fake_snapshot_download(repo_id, *, local_dir, tqdm_class, **kwargs):
+        files = tqdm_class(total=2, unit="it", disable=True)
+        files.update(1)  # reported: no bytes bar yet
+        received = tqdm_class(total=0, unit="B", disable=True)
+        received.total = 100
+        received.update(40)
+        files.update(1)  # left out: bytes are reported now
+        received.update(60)
+        D.model_paths(local_dir, "720p")["vae"].write_bytes(b"x")
+        return local_dir
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    D.download_models(tmp_path, "720p", components=("vae",), progress=False,
+                      callback=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 2), (40, 100), (100, 100)]
+
+    class Cancel(Exception):
+        pass
+
+    def cancel(done, total):
+        raise Cancel
+
+    with pytest.raises(Cancel):
+        D.download_models(tmp_path / "again", "720p", components=("vae",), progress=False, callback=cancel)
