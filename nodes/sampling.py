@@ -200,7 +200,7 @@ class InfinityStarSampler(io.ComfyNode):
 
         guidance = guidance_config(guidance_scale, apg_threshold, use_plain_cfg, guidance_schedule)  # checked first
         seconds = DURATIONS[duration]
-        aspect_ratio = start_aspect(aspect_ratio, start_image, start_tokens)
+        from_start, aspect_ratio = aspect_ratio == FROM_START, start_aspect(aspect_ratio, start_image, start_tokens)
         if start_tokens is not None:
             start_tokens = start_tokens_for(start_tokens, start_image, seconds)
             resolution, aspect_ratio = start_tokens_schedule(start_tokens, resolution, aspect_ratio)
@@ -221,7 +221,9 @@ class InfinityStarSampler(io.ComfyNode):
                                  "Loader to 'vae'.")
             if seconds == 0:
                 raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
-            warn_crop("Sampler", start_image, schedule, f"set aspect_ratio to '{FROM_START}'")
+            warn_crop("Sampler", start_image, schedule, f"set aspect_ratio to '{FROM_START}'" if not from_start else
+                      f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the image "
+                      "nearer to it")
             image = image_to_uint8(start_frame_of(start_image, start_frame))[0]
             need = pipeline.encode_memory(vae.module, 1, schedule.height, schedule.width)
             with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

@@ -122,7 +122,14 @@ def test_heavy_crops_of_input_frames_are_said(pack, loaded, caplog):
         caplog.clear()
         run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
             seed=5, start_image=square, vae=loaded["vae"], **SMALL)
-        assert "Sampler: the 64x64 input is resized" in caplog.text and "aspect_ratio nearer 64:64" in caplog.text
+        assert "Sampler: the 64x64 input is resized" in caplog.text
+        assert "set aspect_ratio to 'from start image'" in caplog.text
+        caplog.clear()
+        run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
+            seed=5, start_image=torch.rand(1, 16, 160, 3), vae=loaded["vae"],
+            **{**SMALL, "aspect_ratio": "from start image"})  # h/w 0.1: even the widest template cuts much
+        assert "of it; the nearest of the model's aspect templates is h/w 0.3" in caplog.text
+        assert "set aspect_ratio to" not in caplog.text
 
 
 def test_image_to_video_encode_extend_save_load(pack, loaded, comfy_dirs):
