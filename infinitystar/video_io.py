@@ -209,8 +209,9 @@ def _open(source):
 
 
 def video_frame_count(source) -> tuple[int, float]:
-    """(frames, fps) of a video file (path or file-like object) without decoding it (container metadata, else a
-    count of its packets)."""
+    """(frames, fps) of a video file (path or file-like object) without decoding it: its packets are counted, less
+    those the container marks to discard. The header's count is not used: a file trimmed without re-encoding (ffmpeg
+    ``-c copy``, phone editors) lists samples its edit list drops, which no decoder returns."""
     import av
 
     name = _name(source)
@@ -223,13 +224,20 @@ def video_frame_count(source) -> tuple[int, float]:
         if not container.streams.video:
             raise ValueError(f"{name}: holds no video stream; give a video file")
         if "image2" in container.format.name or container.format.name.endswith("_pipe"):
-            raise ValueError(f"{name} is a still image, not a video; an image starts a video through --image")
+            raise ValueError(f"{name} is a still image, not a video; give an image as the start image instead")
         stream = container.streams.video[0]
         fps = _fps(stream)
-        total = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)
+        total = sum(1 for packet in container.demux(stream) if packet.size and not getattr(packet, "is_discard", False))
     if total == 0:
         raise ValueError(f"{name}: no video frames could be decoded")
     return total, fps
+
+
+def upright(rgb: np.ndarray, rotation) -> np.ndarray:
+    """A decoded frame turned as the file says to show it (a phone's portrait clip is stored landscape with a display
+    rotation, in degrees counter-clockwise, as ComfyUI's own video decode turns it)."""
+    turns = int(round(float(rotation or 0) / 90)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
 def read_frames(source, index, total: int | None = None) -> np.ndarray:
@@ -246,7 +254,7 @@ def read_frames(source, index, total: int | None = None) -> np.ndarray:
     with _open(source) as container:
         for i, frame in enumerate(container.decode(container.streams.video[0])):
             if i == index[cursor]:
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
                 if out is None:
                     out = np.empty((len(index), *rgb.shape), dtype=np.uint8)
                 while cursor < len(index) and index[cursor] == i:  # a pick repeated at a low frame rate

@@ -309,3 +309,68 @@ def test_read_frames_holds_only_the_picks(tmp_path):
     assert got.shape == (9, h, w, 3)
     assert peak < (len(index) + 4) * frame, peak / frame  # the picks and a few frames in flight
     assert peak < 120 * frame / 5
+
+
+def _remux_shifted(source, target, frames_back: int, fps: int):
+    """``source`` remuxed with every timestamp moved back ``frames_back`` frames: an mp4 whose edit list drops its
+    first samples, as a trim without re-encoding (ffmpeg -ss ... -c copy) leaves it. Its header still lists them."""
+    with av.open(str(source)) as src, av.open(str(target), "w") as out:
+        stream = src.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        shift = frames_back * int(round(1 / (fps * stream.time_base)))
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = copy
+            out.mux(packet)
+    return target
+
+
+def test_frame_count_is_what_decodes_not_what_a_trimmed_header_lists(tmp_path):
+    """A stream-copied trim lists 120 samples but decodes 110: the count (and so the picks and the last frame) is
+    the decoded one, as ComfyUI's own decode gives it."""
+    from infinitystar.video_io import read_frames, video_frame_count
+
+    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(120), fps=16)
+    trimmed = _remux_shifted(path, tmp_path / "trim.mp4", 10, 16)
+    with av.open(str(trimmed)) as container:
+        listed = container.streams.video[0].frames
+        decoded = sum(1 for _ in container.decode(video=0))
+    assert listed > decoded  # the case: the header lists the dropped samples
+    assert video_frame_count(trimmed)[0] == decoded
+    whole, _ = read_video(trimmed)
+    assert np.array_equal(read_frames(trimmed, [decoded - 1], decoded), whole[[decoded - 1]])
+
+
+def _turned(path, target):
+    """``path`` with its track header's display matrix set to a quarter turn (a phone's portrait clip)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    version = data[at + 4]
+    matrix = at + 8 + (32 if version == 1 else 20) + 8 + 8  # flags, times/ids/duration, reserved, layer..volume
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 0x40000000)
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_frames_are_turned_upright_by_the_display_rotation(tmp_path):
+    from infinitystar.video_io import read_frames
+
+    frames = np.zeros((3, 32, 48, 3), dtype=np.uint8)
+    frames[:, :, 24:] = 255  # dark left half, bright right half
+    turned = _turned(write_mp4(tmp_path / "v.mp4", frames, fps=16), tmp_path / "turned.mp4")
+    with av.open(str(turned)) as container:
+        frame = next(container.decode(video=0))
+        rotation = getattr(frame, "rotation", None)
+        stored = frame.to_ndarray(format="rgb24")
+    if not rotation:
+        pytest.skip("this PyAV does not report the display rotation")
+    got = read_frames(turned, [0])[0]
+    assert stored.shape == (32, 48, 3) and got.shape == (48, 32, 3)
+    assert np.array_equal(got, np.rot90(stored, k=round(rotation / 90) % 4))
+    top, bottom = got[:24].mean(), got[24:].mean()  # -90: a clockwise turn brings the left half to the top
+    assert (top < bottom) if rotation == -90 else (top > bottom)
