@@ -201,13 +201,18 @@ def _is_offline() -> bool:
 def reporting_tqdm(callback):
     """A tqdm class for ``snapshot_download(tqdm_class=...)`` whose bars also call ``callback(done, total)``.
 
-    huggingface_hub gives it the bar of files finished and, in recent releases, a bar of bytes received (unit B,
-    its total growing as downloads start); once a bytes bar has reported, the files bar is left out so the host's
-    one bar does not jump between scales. Updates may come from download threads; a raising callback fails the
-    download, which snapshot_download raises."""
+    huggingface_hub gives it the bar of files finished and, in recent releases, bars of bytes (unit B; the first
+    counts bytes received, its total growing as downloads start). One bar is reported: the first bytes bar once
+    it exists, the files bar before, so the host's single bar does not jump between scales. Updates come from
+    several download threads: they are counted under a lock, and once the callback raises (a host's cancel, which
+    a host may raise only once) every later update on any thread raises the same, so every running download
+    stops instead of only the one that saw it."""
+    import threading
+
     from tqdm.auto import tqdm
 
-    state = {"bytes": False}
+    state = {"bar": None, "stop": None}
+    lock = threading.Lock()
 
     class Reporting(tqdm):
         def __init__(self, *args, **kwargs):
@@ -217,10 +222,20 @@ def reporting_tqdm(callback):
 
         def update(self, n=1):  # counted here: a disabled tqdm (HF_HUB_DISABLE_PROGRESS_BARS) counts nothing
             shown = super().update(n)
-            self.done += int(n or 0)
-            if self.in_bytes or not state["bytes"]:
-                state["bytes"] = state["bytes"] or self.in_bytes
-                callback(self.done, max(int(self.total or 0), self.done))
+            with lock:
+                if state["stop"] is not None:
+                    raise state["stop"]
+                self.done += int(n or 0)
+                if self.in_bytes and not getattr(state["bar"], "in_bytes", False):
+                    state["bar"] = self  # bytes from now on
+                elif state["bar"] is None:
+                    state["bar"] = self
+                if state["bar"] is self:
+                    try:
+                        callback(self.done, max(int(self.total or 0), self.done))
+                    except BaseException as exc:
+                        state["stop"] = exc
+                        raise
             return shown
 
     return Reporting

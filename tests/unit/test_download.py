@@ -242,3 +242,49 @@ def test_hub_download_reports_through_the_callback_and_a_raising_callback_stops_
 
     with pytest.raises(Cancel):
         D.download_models(tmp_path / "again", "720p", components=("vae",), progress=False, callback=cancel)
+
+
+def test_a_cancel_stops_every_download_thread_and_one_bar_is_reported():
+    """Downloads run on several threads sharing the bytes bar: a cancel raised once (ComfyUI clears its flag when it
+    raises) stops every thread at its next update; a second bytes bar (huggingface_hub's reconstruction bar) and the
+    files bar are not mixed into the one reported."""
+    import threading
+    import time
+
+    seen, raised = [], []
+
+    class Cancel(Exception):
+        pass
+
+    def callback(done, total):
+        seen.append((done, total))
+        if done >= 50 and not raised:
+            raised.append(True)
+            raise Cancel
+
+    bar_class = D.reporting_tqdm(callback)
+    files = bar_class(total=4, unit="it", disable=True)
+    received = bar_class(total=400, unit="B", disable=True)
+    rebuilt = bar_class(total=999, unit="B", disable=True)
+    files.update(0)
+    received.update(1)
+    rebuilt.update(7)  # not reported: the first bytes bar is
+    counts, errors = [0] * 4, []
+
+    def download(slot):
+        try:
+            for _ in range(100):
+                received.update(1)
+                counts[slot] += 1
+                time.sleep(0.001)
+        except Cancel as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=download, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4 and all(c < 100 for c in counts), counts  # every thread stopped early
+    assert all(total in (4, 400) for _, total in seen) and (0, 4) in seen and not any(t == 999 for _, t in seen)
+    assert [d for d, t in seen if t == 400] == sorted(d for d, t in seen if t == 400)  # counted under the lock
