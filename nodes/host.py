@@ -70,16 +70,18 @@ def check_weight_dtype(weight_dtype: torch.dtype | None, load_device: torch.devi
 def auto_weight_dtype(info, load_device: torch.device, compute: torch.dtype, attention: str) -> torch.dtype | None:
     """weight_dtype "auto": on a CUDA GPU the official fp32 files' blocks in bf16 (fp16 where compute is fp16 on a
     GPU without bf16) when they and the weights' largest run (720p 5 s, 480p 10 s with the reference K/V in host
-    memory) fit the GPU's total memory, else fp8 e4m3fn (scaled), as the CLI picks; logged. Elsewhere, and for
-    files stored otherwise (bf16, fp8, GGUF), what "default" gives."""
+    memory) fit the GPU's total memory, else fp8 e4m3fn (scaled), as the CLI picks; logged. A file stored in bf16 or
+    fp16 (``convert``'s) is kept as stored where it fits, else stored in fp8 the same way. Elsewhere, and for files
+    stored in fp8 or GGUF, what "default" gives."""
     from ..infinitystar.attention import takes_gqa
     from ..infinitystar.checkpoint import default_block_dtype
     from ..infinitystar.memory import fit_block_dtype, largest_runs, weight_bytes
     from ..infinitystar.sampler import AUTO_HEADROOM
 
-    half = default_block_dtype(info.dtype, load_device, compute)
+    default = default_block_dtype(info.dtype, load_device, compute)
+    half = default or (info.dtype if info.dtype in (torch.bfloat16, torch.float16) else None)
     if half is None or torch.device(load_device).type != "cuda":
-        return half
+        return default
     total = mm.get_total_memory(load_device)
     runs = largest_runs(info.variant)
     gqa = takes_gqa(load_device, half, info.config.head_dim, attention)
@@ -88,6 +90,8 @@ def auto_weight_dtype(info, load_device: torch.device, compute: torch.dtype, att
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(half, str(half))
     run = " / ".join(n for n, _ in runs)
     if dtype == half:
+        if default is None:  # stored in that half already: kept as stored
+            return None
         logger.info("InfinityStar weight_dtype auto: %s blocks (%.1f GB); they and a %s run fit the %.1f GB of %s",
                     name, weight_bytes(info.config, half) / 1e9, run, total / 1e9, load_device)
     else:

@@ -145,7 +145,7 @@ def test_default_weight_dtype_is_the_official_layout(pack, comfy_dirs, monkeypat
 
 
 def test_auto_weight_dtype_stores_fp8_where_bf16_and_the_largest_run_do_not_fit(pack, comfy, comfy_dirs, core,
-                                                                              monkeypatch, caplog):
+                                                                              monkeypatch, caplog, tmp_path):
     """weight_dtype auto, the default of new Model Loaders: on a CUDA GPU the official fp32 files' blocks go to
     bf16 where they and the weights' largest run (720p 5 s; 480p 10 s) fit the GPU's total memory, else to fp8
     e4m3fn, and the log says which; explicit choices stay as they are, and on the CPU auto is default (fp32)."""
@@ -194,6 +194,16 @@ def test_auto_weight_dtype_stores_fp8_where_bf16_and_the_largest_run_do_not_fit(
         said = [r.getMessage() for r in caplog.records if "weight_dtype auto" in r.getMessage()]
         assert len(said) == (choice == "auto"), said
         assert not said or ("stored in fp8" in said[0]) == (want != "bfloat16")
+    # convert's bf16 file: kept as stored where it fits, fp8 where it does not (as the fp32 files)
+    import folder_paths
+
+    converted = tmp_path / "infinitystar_8b_720p_bf16.safetensors"
+    core("convert").convert_safetensors(comfy_dirs["models"] / "infinitystar_8b_720p_weights", converted)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path)], {".safetensors"}))
+    for total, want in ((16 << 30, "float8_e4m3fn"), (80 << 30, "bfloat16")):
+        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False, total=total: total)
+        model = run(loader, model_name=converted.name, weight_dtype="auto", **kw)[0]
+        assert model.info.storage == want, total
 
 
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
