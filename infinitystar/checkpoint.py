@@ -326,32 +326,13 @@ def inspect_transformer(path: str | Path) -> CheckpointInfo:
                           reader.entries[block].dtype, reader.path, _gguf_quant(reader))
 
 
-def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",
-                     keep_fp32_modules: bool = True, fp8_matmul: bool = False, callback=None):
-    """Load the InfinityStar transformer from an official file or sharded folder.
-
-    ``dtype`` None keeps the file's dtype everywhere; otherwise the blocks are stored in ``dtype`` (fp8 only for
-    matmul weights, norms then bf16; the interact weights' norms fp32, :func:`block_norms_fp32`) and the
-    embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the official precision layout.
-    ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
-    (:class:`infinitystar.ops.Fp8MatmulLinear`). ``callback(done_bytes, total_bytes)``: see :func:`stream_into`; an
-    exception from it stops the load and frees what was read. Returns ``(model, CheckpointInfo)``.
-    """
+def checked_transformer(reader: CheckpointReader, path: str | Path, ops=torch.nn):
+    """The transformer ``reader`` holds, built on the meta device from ``ops`` after its keys and shapes were checked
+    (every tensor expected, nothing foreign; a null text of a T5 width): (model, config, description). What a loader
+    or a converter checks before reading any tensor."""
     from .config import detect_transformer_config
     from .transformer import InfinityStarTransformer
 
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ValueError(f"unsupported transformer dtype {dtype}; choose one of {FLOAT_DTYPES}")
-    if fp8_matmul and (dtype != SCALED_FP8 or ops is not torch.nn):
-        raise ValueError("fp8 matmuls need the blocks stored in fp8 e4m3fn (--dtype fp8) and the default ops")
-    if ops is torch.nn and dtype == SCALED_FP8:
-        ops = scaled_fp8_matmul if fp8_matmul else scaled_cast
-    reader = CheckpointReader(path)
-    if reader.is_gguf:
-        if dtype is not None or fp8_matmul:
-            raise ValueError(f"{reader.path} is a GGUF file, already quantized: load it with its own dtype "
-                             "(weight_dtype 'default', no --dtype / --fp8-matmul)")
-        ops = gguf.ops if ops is torch.nn else ops
     shapes = {k: v for k, v in reader.shapes.items() if k not in LEGACY_BUFFERS}
     description = describe_keys(shapes, path, reader.metadata())
     if not is_transformer_keys(shapes):
@@ -369,6 +350,34 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=
     if "cfg_uncond" in shapes:
         shapes["cfg_uncond"] = (CFG_UNCOND_ROWS, *shapes["cfg_uncond"][1:])
     check_keys(expected, shapes, reader.path, "InfinityStar transformer", description)
+    return model, config, description
+
+
+def load_transformer(path: str | Path, *, dtype: torch.dtype | None = None, ops=torch.nn, device="cpu",
+                     keep_fp32_modules: bool = True, fp8_matmul: bool = False, callback=None):
+    """Load the InfinityStar transformer from an official file or sharded folder.
+
+    ``dtype`` None keeps the file's dtype everywhere; otherwise the blocks are stored in ``dtype`` (fp8 only for
+    matmul weights, norms then bf16; the interact weights' norms fp32, :func:`block_norms_fp32`) and the
+    embeddings, heads, final norm and ``cfg_uncond`` stay fp32 as in the official precision layout.
+    ``fp8_matmul`` (e4m3fn only, default ops): multiply the blocks in fp8
+    (:class:`infinitystar.ops.Fp8MatmulLinear`). ``callback(done_bytes, total_bytes)``: see :func:`stream_into`; an
+    exception from it stops the load and frees what was read. Returns ``(model, CheckpointInfo)``.
+    """
+
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported transformer dtype {dtype}; choose one of {FLOAT_DTYPES}")
+    if fp8_matmul and (dtype != SCALED_FP8 or ops is not torch.nn):
+        raise ValueError("fp8 matmuls need the blocks stored in fp8 e4m3fn (--dtype fp8) and the default ops")
+    if ops is torch.nn and dtype == SCALED_FP8:
+        ops = scaled_fp8_matmul if fp8_matmul else scaled_cast
+    reader = CheckpointReader(path)
+    if reader.is_gguf:
+        if dtype is not None or fp8_matmul:
+            raise ValueError(f"{reader.path} is a GGUF file, already quantized: load it with its own dtype "
+                             "(weight_dtype 'default', no --dtype / --fp8-matmul)")
+        ops = gguf.ops if ops is torch.nn else ops
+    model, config, description = checked_transformer(reader, path, ops)
     variant = detect_variant(path, reader.metadata())
     if variant == "unknown" and is_released_size(config):  # released weights under a name that does not say which
         logger.warning("%s: the name does not say which released weights these are (720p, 480p or interact): keep "

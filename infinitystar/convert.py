@@ -26,8 +26,8 @@ from .checkpoint import (
     LEGACY_BUFFERS,
     CheckpointReader,
     block_norms_fp32,
+    checked_transformer,
     detect_variant,
-    is_transformer_keys,
     transformer_storage,
 )
 
@@ -70,34 +70,47 @@ def convert_safetensors(source, out: str | Path, dtype: str = "bf16", variant: s
                         progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the transformer at ``source`` (sharded folder or file) to ``out`` (a new ``.safetensors``) with its
     blocks in ``dtype`` (bf16 / fp16). An error or Ctrl-C leaves no partial file."""
+    from .video_io import written_whole
+
     if dtype not in DTYPES:
         raise ValueError(f"cannot write {dtype}; choose one of {', '.join(DTYPES)} (for fp8, load the bf16 file with "
                          "weight_dtype fp8_e4m3fn; for smaller files, convert-gguf)")
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise ValueError(f"{out}: the output is one .safetensors file; name it *.safetensors")
-    if out.is_dir():
-        raise ValueError(f"{out} is a folder; give the file to write (e.g. {out / 'infinitystar_8b_720p_bf16.safetensors'})")
+    out = output_file(source, out, ".safetensors", "infinitystar_8b_720p_bf16.safetensors")
+    reader = transformer_source(source)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it first or write another name")
-    reader = CheckpointReader(source)
-    if reader.is_gguf:
-        raise ValueError(f"{reader.path} is a GGUF file (quantized); convert from the official weights")
-    if not is_transformer_keys(reader.shapes):
-        raise ValueError(f"{reader.path} is not an InfinityStar transformer checkpoint; nothing written")
-    if out.resolve() in {f.resolve() for f in reader.files}:
-        raise ValueError(f"{out} is the file being read; write another name")
     variant = variant or detect_variant(reader.path, reader.metadata())
     layout = plan(reader, DTYPES[dtype], variant)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    try:
-        write_streamed(tmp, reader, layout, {"format": "pt", "variant": variant, "blocks": dtype}, progress)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with written_whole(out) as part:  # an error or Ctrl-C leaves no partial file
+        write_streamed(part, reader, layout, {"format": "pt", "variant": variant, "blocks": dtype}, progress)
     logger.info("wrote %s (%s blocks, variant %s)", out, dtype, variant)
     return out
+
+
+def output_file(source, out: str | Path, suffix: str, example: str) -> Path:
+    """``out`` checked as a converter's output file: named ``*suffix`` (the loaders tell files by it), not a
+    folder, not the checkpoint being read."""
+    out = Path(out)
+    if out.suffix.lower() != suffix:
+        raise ValueError(f"{out}: the output is one {suffix} file; name it *{suffix} (the loaders tell files by "
+                         "their suffix)")
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the file to write (e.g. {out / example})")
+    read = Path(source).resolve()
+    if read in (out.resolve(), out.resolve().parent):
+        raise ValueError(f"{out} is (in) the checkpoint being read; write it elsewhere")
+    return out
+
+
+def transformer_source(source) -> CheckpointReader:
+    """The official transformer to convert, its keys and shapes checked before anything is written: a GGUF (already
+    quantized) or a foreign or incomplete checkpoint is refused with what it looks like."""
+    reader = CheckpointReader(source)
+    if reader.is_gguf:  # its quantized blocks are not float tensors: converting would drop them
+        raise ValueError(f"{reader.path} is a GGUF file already; convert from the official weights (the sharded "
+                         "folder or a merged .safetensors)")
+    checked_transformer(reader, reader.path)
+    return reader
 
 
 def write_streamed(path: Path, reader: CheckpointReader, layout: dict[str, tuple[torch.dtype, tuple]],
@@ -127,7 +140,7 @@ def convert_text_encoder(source, out: str | Path, dtype: str = "fp16",
     encoder's tensors in ``dtype`` (``wo`` fp32 under half storage, as the loaders keep it) plus the folder's config
     and tokenizer files. The published folder is 11 GB (fp32, with the decoder the pack never reads); fp16 makes it
     about 2.9 GB and loads exactly as the published folder does in fp16 (the GPU default); fp32 keeps every bit."""
-    from .t5 import T5Config, state_dict_key, storage, weight_files
+    from .t5 import checked_t5, state_dict_key, storage
     from .text import TOKENIZER_FILES
 
     if dtype not in TEXT_DTYPES:
@@ -139,8 +152,7 @@ def convert_text_encoder(source, out: str | Path, dtype: str = "fp16",
         raise ValueError(f"{source} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); nothing written")
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it first or write another folder")
-    T5Config.from_folder(source)  # a readable T5 config
-    reader = CheckpointReader(weight_files(source))
+    reader = checked_t5(source)[1]  # keys and shapes against the config, before anything is written
     target, layout, names = storage(TEXT_DTYPES[dtype]), {}, {}
     for key in reader.read_order():
         name = state_dict_key(key)
@@ -149,8 +161,6 @@ def convert_text_encoder(source, out: str | Path, dtype: str = "fp16",
         entry = reader.entries[key]
         layout[key] = (target(name, torch.empty(entry.shape, dtype=entry.dtype, device="meta")), tuple(entry.shape))
         names[key] = name
-    if "shared.weight" not in names.values() or not any(n.startswith("encoder.block.") for n in names.values()):
-        raise ValueError(f"{reader.path} holds no T5 encoder (shared / encoder.block tensors); nothing written")
     tmp = out.with_name(out.name + ".part")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -373,35 +373,23 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
         import numpy as np
     except ImportError as exc:
         raise ImportError(INSTALL_HINT) from exc
-    from .checkpoint import LEGACY_BUFFERS, CheckpointReader, is_transformer_keys
+    from .checkpoint import LEGACY_BUFFERS
+    from .convert import output_file, transformer_source
+    from .video_io import written_whole
 
     if qtype not in WRITABLE:
         raise ValueError(f"cannot write {qtype}; choose one of {', '.join(WRITABLE)}")
-    out = Path(out)
-    if out.suffix.lower() != ".gguf":
-        raise ValueError(f"{out}: the output is a GGUF file; name it *.gguf (the loaders tell files by their suffix)")
-    if out.is_dir():
-        raise ValueError(f"{out} is a folder; give the .gguf file to write (e.g. {out / 'infinitystar_Q8_0.gguf'})")
+    out = output_file(source, out, ".gguf", "infinitystar_Q8_0.gguf")
     target = gguf.GGMLQuantizationType[qtype]
-    reader = CheckpointReader(source)
-    if reader.is_gguf:  # its quantized blocks are not float tensors: re-quantizing would drop them
-        raise ValueError(f"{reader.path} is a GGUF file already; convert from the official weights (the sharded "
-                         "folder or a merged .safetensors), so the blocks are quantized once")
-    if not is_transformer_keys(reader.shapes):
-        raise ValueError(f"{reader.path} is not an InfinityStar transformer checkpoint; nothing written")
+    reader = transformer_source(source)  # GGUF or foreign checkpoints refused before anything is written
     for key in [k for k, e in reader.entries.items() if k in LEGACY_BUFFERS or not e.dtype.is_floating_point]:
         del reader.entries[key]  # the official files' unused buffers: the loader drops them anyway
     plan = {}  # key -> GGML type written
     for key, entry in reader.entries.items():
         name = written_type(qtype, entry.shape[-1]) if block_weight(key, entry.shape) else None
         plan[key] = gguf.GGMLQuantizationType[name or "F32"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    try:
-        _write(gguf, np, reader, plan, tmp, variant, target, progress)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)  # an error or Ctrl-C leaves no partial file
+    with written_whole(out) as part:  # an error or Ctrl-C leaves no partial file
+        _write(gguf, np, reader, plan, part, variant, target, progress)
     logger.info("wrote %s (%s blocks)", out, qtype)
     return out
 

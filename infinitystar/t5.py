@@ -245,12 +245,10 @@ def weight_files(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder} holds no T5 weights (model.safetensors, its shards, or pytorch_model.bin)")
 
 
-def load_t5_encoder(folder: str | Path, *, dtype: torch.dtype = torch.float16, ops=nn, device="cpu",
-                    callback=None) -> T5Encoder:
-    """Build the encoder on the meta device and fill it tensor by tensor from the folder's files, each cast to
-    ``dtype`` (``wo`` kept fp32 when ``dtype`` is half); keys and shapes are checked against the config first.
-    ``callback(done_bytes, total_bytes)`` as :func:`~infinitystar.checkpoint.stream_into` calls it."""
-    from .checkpoint import check_keys, drop_tensors, stream_into
+def checked_t5(folder: str | Path, ops=nn, dtype: torch.dtype | None = None):
+    """(encoder on the meta device, reader of the folder's weights), the encoder tensors' keys and shapes checked
+    against ``config.json`` before any is read."""
+    from .checkpoint import check_keys
     from .checkpoint_files import CheckpointReader
 
     folder = Path(folder)
@@ -266,6 +264,17 @@ def load_t5_encoder(folder: str | Path, *, dtype: torch.dtype = torch.float16, o
             found[name] = shape
     check_keys(expected, found, folder, f"T5 encoder of {folder / 'config.json'}",
                f"{len(found)} encoder tensors of another model")
+    return model, reader
+
+
+def load_t5_encoder(folder: str | Path, *, dtype: torch.dtype = torch.float16, ops=nn, device="cpu",
+                    callback=None) -> T5Encoder:
+    """Build the encoder on the meta device and fill it tensor by tensor from the folder's files, each cast to
+    ``dtype`` (``wo`` kept fp32 when ``dtype`` is half); keys and shapes are checked against the config first.
+    ``callback(done_bytes, total_bytes)`` as :func:`~infinitystar.checkpoint.stream_into` calls it."""
+    from .checkpoint import drop_tensors, stream_into
+
+    model, reader = checked_t5(folder, ops, dtype)
     try:
         stream_into(model, reader, storage(dtype), device, rename=state_dict_key, callback=callback)
     except BaseException:  # a cancel included: the traceback keeps this frame, and so the model, alive

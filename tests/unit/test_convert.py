@@ -2,6 +2,9 @@
 loaded as the same model the loader makes from the official files."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -44,6 +47,16 @@ def test_convert_refuses_what_it_cannot_write_and_leaves_no_partial_file(tiny_mo
         convert_safetensors(src, tmp_path / "a.bin")
     with pytest.raises(ValueError, match="not an InfinityStar transformer"):
         convert_safetensors(tiny_models["text_encoder"], tmp_path / "t.safetensors")
+    from safetensors.torch import save_file
+
+    foreign = CheckpointReader(src).state_dict()  # the official tensors plus one no InfinityStar model has
+    foreign["extra.weight"] = torch.zeros(3)
+    save_file(foreign, str(tmp_path / "src_extra.safetensors"))
+    with pytest.raises(ValueError, match="extra.weight"):  # checked before anything is written
+        convert_safetensors(tmp_path / "src_extra.safetensors", tmp_path / "b.safetensors")
+    (tmp_path / "src_extra.safetensors").unlink()
+    with pytest.raises(ValueError, match="checkpoint being read"):
+        convert_safetensors(src, src / "inside.safetensors")
     (tmp_path / "taken.safetensors").write_bytes(b"x")
     with pytest.raises(FileExistsError):
         convert_safetensors(src, tmp_path / "taken.safetensors")
@@ -70,8 +83,6 @@ def test_cli_convert(tiny_models, tmp_path, capsys):
 def t5_folder(tmp_path_factory, tiny_models):
     """A Hugging Face encoder-decoder T5 folder in two shards (as the published flan-t5-xl-official), with the tiny
     set's tokenizer files."""
-    import shutil
-
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
     config = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
@@ -118,3 +129,16 @@ def test_cli_convert_text_encoder_refuses_what_it_cannot_write(t5_folder, tiny_m
     assert main(["convert-text-encoder", str(tiny_models["transformer_720p"]), str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.part").exists()
+    partial = tmp_path / "partial"  # an encoder missing a block's tensor: refused before anything is written
+    shutil.copytree(t5_folder, partial)
+    from safetensors.torch import load_file, save_file
+
+    index = partial / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = partial / data["weight_map"].pop("encoder.block.1.layer.1.DenseReluDense.wo.weight")
+    tensors = load_file(str(shard))
+    del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index.write_text(json.dumps(data))
+    assert main(["convert-text-encoder", str(partial), str(tmp_path / "y")]) == 2
+    assert "wo.weight" in capsys.readouterr().err and not (tmp_path / "y").exists()
