@@ -437,6 +437,7 @@ def shows_warnings(execute):
     def run(cls, *args, **kwargs):
         with node_messages(getattr(cls.hidden, "unique_id", None)):
             return execute(cls, *args, **kwargs)
+    run.shows_warnings = True  # what the tests look for on every node
     return run
 
 

@@ -142,17 +142,18 @@ def _inside(name: str, pathmod=os.path) -> str:
     return pathmod.relpath(pathmod.join(pathmod.sep, tail), pathmod.sep)
 
 
-def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str) -> Path:
-    """The file or folder ``name`` in the first of ``folders`` that holds it; else, when exactly one place holds its
-    last part directly (a workflow's ``text_encoder/flan-t5-xl-official`` put straight into ``text_encoders/``, as
-    the README allows), that one."""
+def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str, moved=None) -> Path:
+    """The file or folder ``name`` in the first of ``folders`` that holds it; else, with ``moved`` (what the
+    component must be), when exactly one place holds its last part directly (a workflow's
+    ``text_encoder/flan-t5-xl-official`` put straight into ``text_encoders/``, as the README allows), that one."""
     name = _inside(name)
     for base in _bases(folders):
         candidate = base / name
         if candidate.exists():
             return candidate
     tail = Path(name).name
-    elsewhere = {c.resolve(): c for c in (base / tail for base in _bases(folders)) if tail != name and c.exists()}
+    elsewhere = {c.resolve(): c for c in (base / tail for base in _bases(folders))
+                 if moved is not None and tail != name and c.exists() and moved(c)}
     if len(elsewhere) == 1:
         found = next(iter(elsewhere.values()))
         logger.info("InfinityStar %s %r found as %s", what, name, found)
@@ -174,7 +175,8 @@ def resolve_transformer(name: str) -> Path:
 
 def resolve_text_encoder(name: str) -> Path:
     return _resolve(name, TEXT_ENCODER_FOLDERS, "text encoder",
-                    f"It is the Hugging Face folder text_encoder/flan-t5-xl-official/. {DOWNLOAD_HINT}")
+                    f"It is the Hugging Face folder text_encoder/flan-t5-xl-official/. {DOWNLOAD_HINT}",
+                    moved=_is_hf_text_encoder)
 
 
 def resolve_vae(name: str) -> Path:

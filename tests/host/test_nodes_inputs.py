@@ -74,16 +74,29 @@ def test_a_workflow_name_finds_the_folder_put_straight_into_text_encoders(pack, 
     models/text_encoders: found there when exactly one folder has that last name, else 'not found' as before."""
     import folder_paths
 
+    def t5_folder(path):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / "spiece.model").write_bytes(b"")
+        return path
+
     one, two = tmp_path / "a", tmp_path / "b"
-    (one / "my-t5").mkdir(parents=True)
+    (one / "not-t5").mkdir(parents=True)  # a folder of that name that is no text encoder is not taken
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders", ([str(one)], set()))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pack.paths.resolve_text_encoder("text_encoder/not-t5")
+    t5_folder(one / "my-t5")
     assert pack.paths.resolve_text_encoder("text_encoder/my-t5") == one / "my-t5"
-    (two / "my-t5").mkdir(parents=True)
+    t5_folder(two / "my-t5")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders", ([str(one), str(two)], set()))
     with pytest.raises(FileNotFoundError, match="not found"):  # two candidates: which one is not guessed
         pack.paths.resolve_text_encoder("text_encoder/my-t5")
     with pytest.raises(FileNotFoundError, match="not found"):
         pack.paths.resolve_text_encoder("text_encoder/other-t5")
+    (one / "model.safetensors").write_bytes(b"")  # other components keep their exact names
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(one)], {".safetensors"}))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pack.paths.resolve_transformer("old/model.safetensors")
     assert (Path(folder_paths.models_dir) / "infinitystar").is_dir()  # registered and created
 
 

@@ -128,5 +128,5 @@ def test_every_node_shows_its_warnings(pack):
 
     for node in pack.NODES:
         execute = node.__dict__["execute"].__func__
-        assert getattr(execute, "__wrapped__", None) is not None, f"{node.__name__}.execute lacks host.shows_warnings"
+        assert getattr(execute, "shows_warnings", False), f"{node.__name__}.execute lacks host.shows_warnings"
         assert io.Hidden.unique_id in (node.define_schema().hidden or []), f"{node.__name__} lacks hidden unique_id"
