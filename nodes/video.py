@@ -54,9 +54,9 @@ def video_input() -> io.Video.Input:
 def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
     """(count, fps, take) of the frames an encode node picks from; ``take(picks)`` gives those frames as uint8.
 
-    Exactly one of ``images`` and ``video``. A Load Video file is counted from its header and only the picks are
-    decoded, the same frames Get Video Components -> images would give at them; another VIDEO (built from tensors,
-    trimmed) gives its components."""
+    Exactly one of ``images`` and ``video``. A Load Video file's frames are counted without decoding (its packets,
+    less those its edit list drops) and only the picks are decoded, turned upright by the file's display rotation;
+    another VIDEO (built from tensors, trimmed) gives its components."""
     if images is not None and video is not None:
         raise ValueError(f"{node}: connect either images or video, not both (video reads only the frames used).")
     if images is None and video is None:
