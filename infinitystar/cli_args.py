@@ -12,6 +12,8 @@ import torch
 
 from . import pipeline as P
 from .attention import BACKENDS
+from .convert import DTYPES as CONVERT_DTYPES
+from .convert import TEXT_DTYPES
 from .download import COMPONENTS, REPO_ID, TRANSFORMER_DIRS
 from .gguf import WRITABLE
 
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "half the size and half the read at every load, same model")
     v.add_argument("source", help="transformer sharded folder or file (the official layout)")
     v.add_argument("out", help="the .safetensors file to write (e.g. infinitystar_8b_720p_bf16.safetensors)")
-    v.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"],
+    v.add_argument("--dtype", default="bf16", choices=list(CONVERT_DTYPES),
                    help="the blocks' dtype (bf16: the official scripts' GPU layout, 17.6 GB for the 8B model); "
                         "embeddings, heads and the null text stay fp32")
     v.add_argument("--variant", choices=list(TRANSFORMER_DIRS), help="stored in the file (default: from the path)")
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "reads) as an encoder-only folder: fp16 about 2.9 GB")
     e.add_argument("source", help="the text_encoder/flan-t5-xl-official folder")
     e.add_argument("out", help="the folder to write (e.g. models/text_encoders/flan-t5-xl-encoder-fp16)")
-    e.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+    e.add_argument("--dtype", default="fp16", choices=list(TEXT_DTYPES),
                    help="fp16: what the loaders make of the published folder on a GPU, bit for bit (wo stays fp32); "
                         "fp32: every bit of the published encoder (about 4.9 GB)")
 

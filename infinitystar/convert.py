@@ -141,15 +141,11 @@ def convert_text_encoder(source, out: str | Path, dtype: str = "fp16",
     and tokenizer files. The published folder is 11 GB (fp32, with the decoder the pack never reads); fp16 makes it
     about 2.9 GB and loads exactly as the published folder does in fp16 (the GPU default); fp32 keeps every bit."""
     from .t5 import checked_t5, state_dict_key, storage
-    from .text import TOKENIZER_FILES
+    from .text import checked_folder
 
     if dtype not in TEXT_DTYPES:
         raise ValueError(f"cannot write {dtype}; choose one of {', '.join(TEXT_DTYPES)}")
-    source, out = Path(source), Path(out)
-    if not (source / "config.json").is_file():
-        raise ValueError(f"{source} is not a T5 text-encoder folder (no config.json)")
-    if not any((source / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"{source} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); nothing written")
+    source, out = checked_folder(source), Path(out)  # config and vocabulary, as the loader checks them
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it first or write another folder")
     reader = checked_t5(source)[1]  # keys and shapes against the config, before anything is written

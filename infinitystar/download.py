@@ -226,10 +226,8 @@ def reporting_tqdm(callback):
                 if state["stop"] is not None:
                     raise state["stop"]
                 self.done += int(n or 0)
-                if self.in_bytes and not getattr(state["bar"], "in_bytes", False):
-                    state["bar"] = self  # bytes from now on
-                elif state["bar"] is None:
-                    state["bar"] = self
+                if state["bar"] is None or (self.in_bytes and not state["bar"].in_bytes):
+                    state["bar"] = self  # the first bar, until a bytes bar reports
                 if state["bar"] is self:
                     try:
                         callback(self.done, max(int(self.total or 0), self.done))

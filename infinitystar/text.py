@@ -60,6 +60,16 @@ def _check_folder(path: str | Path) -> Path:
     return path
 
 
+def checked_folder(path: str | Path) -> Path:
+    """A text-encoder folder with its config and its tokenizer's vocabulary (without it, recent transformers build
+    an empty tokenizer that turns every word into ``<unk>``)."""
+    path = _check_folder(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); without them every word "
+                         f"would become <unk>. {TEXT_ENCODER_HINT}")
+    return path
+
+
 def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
                         ops=torch.nn, callback=None) -> torch.nn.Module:
     """The flan-t5 encoder of a Hugging Face folder (:mod:`infinitystar.t5`, built from ``ops``), without grads;
@@ -120,10 +130,7 @@ class TextEncoder:
         every word into ``<unk>``, so every prompt would give the same video."""
         from transformers import AutoTokenizer
 
-        path = _check_folder(path)
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            raise ValueError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); without them every word "
-                             f"would become <unk>. {TEXT_ENCODER_HINT}")
+        path = checked_folder(path)
         try:
             # never the folder's own code: a shared folder's tokenizer_config.json may name a Python class in it
             tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True, local_files_only=True,
