@@ -180,7 +180,7 @@ def continue_story(transformer, text: TextCondition, tokens, *, seed: int, guida
                          generator_device=resolve_generator_device(generator, transformer), **sample_kwargs)
     new = result.summed_codes.float().cpu()
     return Tokens([], torch.cat([chain.cpu(), new], dim=2), tokens.pn, tokens.h_div_w,
-                  tokens.frames + PIXEL_FRAMES_PER_CLIP, seed, kind=KIND)
+                  tokens.frames + PIXEL_FRAMES_PER_CLIP, seed, kind=KIND, kept_frames=tokens.frames)
 
 
 def decode_windows(latents: int) -> list[tuple[int, int]]:
@@ -193,11 +193,12 @@ def decode_windows(latents: int) -> list[tuple[int, int]]:
 
 
 def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool = False,
-           callback: Callable[[int, int], None] | None = None, last_clip: bool = False,
+           callback: Callable[[int, int], None] | None = None, last_clip: bool = False, first_frame: int = 0,
            max_chunk_latents: int | None = None) -> torch.Tensor:
     """Story -> float frames (T, H, W, 3) in [0, 1] on CPU: the first window whole, then of each later window
     (a clip decoded after 20 frames of its context, as the official script) its last 80 frames. The windows are
-    independent, so ``last_clip`` decodes only the last one: the newest clip's frames, the tail of a full decode."""
+    independent, so ``last_clip`` decodes only the last one: the newest clip's frames, the tail of a full decode;
+    ``first_frame`` (a clip boundary) skips the windows of the frames before it."""
     from .pipeline import _tokenizer_device
     from .vae import frames_to_float_images
 
@@ -205,12 +206,14 @@ def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool =
     windows = list(enumerate(decode_windows(tokens.summed_codes.shape[2])))
     if last_clip:
         windows = windows[-1:]
+    # window 0 gives frames [0, 81), window i > 0 the 80 frames after 1 + 80 i
+    windows = [(i, w) for i, w in windows if 1 + PIXEL_FRAMES_PER_CLIP * (i + 1) > first_frame]
     parts = []
     for done, (i, (a, b)) in enumerate(windows, start=1):
         raw = tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget, tiled=tiled,
                                max_chunk_latents=max_chunk_latents)
         images = frames_to_float_images(raw, smooth_first_frame=True)
-        parts.append(images if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:])
+        parts.append(images[first_frame:] if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:])
         del raw
         if callback is not None:
             callback(done, len(windows))

@@ -64,6 +64,7 @@ class Tokens:
     frames: int  # pixel frames (1 for an image)
     seed: int | None = None
     kind: str = "generation"  # or "interact": a story's latent chain, no bits (infinitystar.interact)
+    kept_frames: int = 0  # leading frames carried over from the tokens this generation continued (0: all new)
 
     def schedule(self) -> Schedule:
         return build_schedule(self.pn, self.h_div_w, self.frames)
@@ -87,7 +88,7 @@ class Tokens:
         short = build_schedule(self.pn, self.h_div_w, 1 + PIXEL_FRAMES_PER_CLIP * clips)
         latents = 1 + FRAMES_PER_CLIP * clips
         return Tokens(self.bits[:short.num_steps], self.summed_codes[:, :, :latents].clone(), self.pn, self.h_div_w,
-                      short.frames, self.seed)
+                      short.frames, self.seed, kept_frames=self.kept_frames if self.kept_frames < short.frames else 0)
 
     def save(self, path: str | Path) -> Path:
         """Write a .safetensors file (``bits.NNN`` uint8, ``summed_codes`` fp32, schedule in the metadata)."""
@@ -100,7 +101,7 @@ class Tokens:
         tensors["summed_codes"] = self.summed_codes.float().contiguous().cpu()
         meta = {"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "pn": self.pn,
                 "h_div_w": repr(float(self.h_div_w)), "frames": str(self.frames),
-                "seed": json.dumps(self.seed), "kind": self.kind}
+                "seed": json.dumps(self.seed), "kind": self.kind, "kept_frames": str(self.kept_frames)}
         with written_whole(path) as part:
             save_file(tensors, str(part), metadata=meta)
         return path
@@ -155,8 +156,12 @@ class Tokens:
         if summed.ndim != 5 or summed.shape[2] != latents:
             raise ValueError(f"{path}: summed_codes of shape {tuple(summed.shape)} do not hold the {latents} latent "
                              f"frames of {frames} frames; the file is damaged; {hint}")
+        kept = meta.get("kept_frames", "0")  # absent in files of earlier versions: all new
+        if not (kept.isdigit() and is_clip_boundary(int(kept), frames)):
+            raise ValueError(f"{path}: kept_frames {kept!r} is not a clip boundary before frame {frames}; the file "
+                             f"is damaged; {hint}")
         tokens = cls(bits, summed, meta["pn"], float(meta["h_div_w"]), frames, json.loads(meta["seed"]),
-                     meta.get("kind", "generation"))
+                     meta.get("kind", "generation"), int(kept))
         if tokens.kind not in TOKEN_KINDS:
             raise ValueError(f"{path}: unknown tokens kind {tokens.kind!r} (this version reads {TOKEN_KINDS})")
         schedule = tokens.schedule()
@@ -166,6 +171,12 @@ class Tokens:
             raise ValueError(f"{path}: summed_codes of shape {tuple(summed.shape)} do not fit the {tokens.pn} "
                              f"schedule's (1, 64, T, {cells[0]}, {cells[1]})")
         return tokens
+
+
+def is_clip_boundary(kept: int, frames: int) -> bool:
+    """Whether the first ``kept`` of ``frames`` frames end at a clip (none, the image clip, or 1 + 80k) and leave
+    something after them."""
+    return kept == 0 or (kept < frames and (kept - 1) % PIXEL_FRAMES_PER_CLIP == 0)
 
 
 def check_bits(bits: list[torch.Tensor], schedule: Schedule, what: str = "tokens") -> None:
@@ -362,7 +373,7 @@ def generate(transformer, text, schedule: Schedule, *, seed: int, guidance: Guid
                     tau_video=tau_video, teacher_bits=teacher, callback=callback, compute_dtype=compute_dtype,
                     generator_device=resolve_generator_device(generator, transformer), **sample_kwargs)
     return Tokens(result.bits, result.summed_codes.float().cpu(), schedule.pn, schedule.h_div_w, schedule.frames,
-                  seed)
+                  seed, kept_frames=condition.frames if condition is not None else 0)
 
 
 def extension_schedule(tokens: Tokens, clips: int, model_info=None) -> Schedule:
@@ -400,7 +411,7 @@ def extend(transformer, text, tokens: Tokens, clips: int = 1, *, seed: int,
                     tau_video=tau_video, prefix_bits=tokens.bits, callback=callback, compute_dtype=compute_dtype,
                     generator_device=resolve_generator_device(generator, transformer), **sample_kwargs)
     return Tokens(result.bits, result.summed_codes.float().cpu(), schedule.pn, schedule.h_div_w, schedule.frames,
-                  seed)
+                  seed, kept_frames=tokens.frames)
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -417,7 +428,7 @@ def decode_shape(tokens: Tokens) -> tuple[int, ...]:
 
 
 def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled: bool = False,
-           callback: Callable | None = None, last_clip: bool = False,
+           callback: Callable | None = None, last_clip: bool = False, new_clips: bool = False,
            max_chunk_latents: int | None = None) -> torch.Tensor:
     """Tokens -> float frames (T, H, W, 3) in [0, 1] on CPU, with the official frame-0 := frame-1 for videos.
 
@@ -425,6 +436,7 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
     the post-processing still runs in fp32, where the official code rounds it to bf16 (one level lower or higher
     in about a tenth of the pixels there); ours keeps the more exact values. ``last_clip``: only the last clip's
     frames (80; a 5 s video or an image whole): a story decodes just its last window, other tokens decode whole.
+    ``new_clips``: only the frames after ``tokens.kept_frames`` (what the last Extend / Interact / V2V added).
     ``max_chunk_latents`` caps the chunks ``memory_budget`` allows (see ``VideoTokenizer.decode``).
     """
     from .vae import frames_to_float_images
@@ -433,11 +445,13 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
         from .interact import decode as decode_story
 
         return decode_story(tokenizer, tokens, memory_budget=memory_budget, tiled=tiled, callback=callback,
-                            last_clip=last_clip, max_chunk_latents=max_chunk_latents)
+                            last_clip=last_clip, first_frame=tokens.kept_frames if new_clips else 0,
+                            max_chunk_latents=max_chunk_latents)
     codes = tokens.summed_codes.to(_tokenizer_device(tokenizer))
     raw = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback,
                            max_chunk_latents=max_chunk_latents)
     frames = frames_to_float_images(raw, smooth_first_frame=tokens.is_video)
-    if last_clip and len(frames) > 1 + PIXEL_FRAMES_PER_CLIP:  # the causal decoder needs every earlier latent
-        frames = frames[-PIXEL_FRAMES_PER_CLIP:]
-    return frames
+    first = tokens.kept_frames if new_clips else 0  # the causal decoder needs every earlier latent
+    if last_clip and len(frames) > 1 + PIXEL_FRAMES_PER_CLIP:
+        first = max(first, len(frames) - PIXEL_FRAMES_PER_CLIP)
+    return frames[first:] if first else frames

@@ -5,6 +5,7 @@ InfinityStar Decode turns the story into frames (window by window, as the offici
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -165,7 +166,7 @@ class InfinityStarInteract(io.ComfyNode):
 
                 story = interact.continue_story(module, text, story, seed=seed, guidance=guidance, tau=tau,
                                                 generator=generator, callback=callback, **run_kwargs)
-            return story
+            return dataclasses.replace(story, kept_frames=tokens.frames)  # every clip of this node is new
 
         return io.NodeOutput(run_transformer(model, schedule, run, getattr(cls.hidden, "unique_id", None), vae,
                                              extra_tokens=interact.condition_tokens(schedule), guidance=guidance))

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 FPS = 16.0
 DECODE_BUDGET_SHARE = 0.8  # of the free memory after loading; the rest is slack for the allocator
-DECODE_FRAMES = {"all": False, "last clip": True}  # Decode's choice -> pipeline.decode(last_clip=)
+DECODE_FRAMES = {"all": {}, "last clip": {"last_clip": True}, "new clips": {"new_clips": True}}  # -> pipeline.decode
 
 
 def frames_encode_inputs() -> list:
@@ -108,7 +108,9 @@ class InfinityStarDecode(io.ComfyNode):
                 io.Combo.Input("frames", options=list(DECODE_FRAMES), default="all", optional=True,
                                tooltip="all = the whole video. last clip = only the newest 5 s clip (80 frames): "
                                        "for a story (Interact) only its last clip is decoded, so each clip can be "
-                                       "saved as it is made; other tokens are decoded whole and cut."),
+                                       "saved as it is made; other tokens are decoded whole and cut. new clips = "
+                                       "only what the last Extend / Interact / start_tokens run added (all of "
+                                       "tokens that continue nothing)."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="RGB frames in 0..1 as an IMAGE batch (16 fps): "
                                                                     "for Create Video / Save Video, Video Combine, "
@@ -135,7 +137,7 @@ class InfinityStarDecode(io.ComfyNode):
 
             def decode(tiled: bool):
                 return pipeline.decode(tokenizer, tokens, memory_budget=budget, tiled=tiled,
-                                       callback=host.ChunkProgress(), last_clip=DECODE_FRAMES[frames],
+                                       callback=host.ChunkProgress(), **DECODE_FRAMES[frames],
                                        max_chunk_latents=CANCEL_CHUNK_LATENTS)
 
             images = None

@@ -198,6 +198,13 @@ def test_start_tokens_continue_a_video_as_the_official_v2v(pack, loaded, core, c
                    clips=1, seed=6, guidance_scale=34.0, apg_threshold=0.05, use_plain_cfg=False, tau_video=0.4)[0]
     new = len(tokens.bits)
     assert not all(torch.equal(a, b) for a, b in zip(v2v.bits[new:], extended.bits[new:]))
+    assert v2v.kept_frames == extended.kept_frames == 81 and tokens.kept_frames == 0
+    whole, _ = run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=v2v, tiled=False)
+    added, _ = run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=v2v, tiled=False, frames="new clips")
+    assert added.shape[0] == 80 and torch.equal(added, whole[81:])
+    assert torch.equal(run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=tokens, tiled=False,
+                           frames="new clips")[0], run(pack.video.InfinityStarDecode, vae=loaded["vae"],
+                                                       tokens=tokens, tiled=False)[0])  # continues nothing: all
 
     class Untouchable:  # any use of the patcher would mean something started loading
         def __getattr__(self, name):
@@ -392,6 +399,8 @@ def test_interact_nodes_make_a_story_and_decode_it(pack, loaded, core, comfy_dir
     torch.testing.assert_close(images, direct, atol=1e-5, rtol=0)
     newest, _ = run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=two, tiled=False, frames="last clip")
     torch.testing.assert_close(newest, direct[-80:], atol=1e-5, rtol=0)
+    added, _ = run(pack.video.InfinityStarDecode, vae=loaded["vae"], tokens=two, tiled=False, frames="new clips")
+    torch.testing.assert_close(added, direct[-80:], atol=1e-5, rtol=0)
 
     with pytest.raises(ValueError, match="needs the interact weights"):
         run(pack.interact.InfinityStarInteract, model=loaded["model"], positive=loaded["cond"], tokens=story,
@@ -427,6 +436,7 @@ def test_interact_takes_one_clip_per_prompt_line(pack, loaded, core):
         for text in lines:
             expect = interact.continue_story(module, text, expect, seed=3, generator="cpu")
     assert torch.equal(expect.summed_codes, both.summed_codes)
+    assert expect.kept_frames == 161 and both.kept_frames == 81  # both of this node's clips are new
 
     with pytest.raises(ValueError, match="2 clip prompts .* InfinityStar Interact"):
         run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=cond, duration="5 s", seed=0,

@@ -129,6 +129,7 @@ def test_story_start_continue_decode(models, schedule, single_thread, tmp_path):
     assert torch.equal(one.summed_codes[:, :, 21:], direct.summed_codes)
     two = I.continue_story(transformer, te.encode("a blue fox", duration_s=5), one, seed=3)
     assert two.frames == 241 and two.summed_codes.shape[2] == 61
+    assert (story.kept_frames, one.kept_frames, two.kept_frames) == (0, 81, 161)
     second = I.sample_clip(transformer, te.encode("a blue fox", duration_s=5), one.summed_codes[:, :, -21:],
                            story.summed_codes[:, :, :1], schedule, seed=3)  # first frame: the story's, not the clip's
     assert torch.equal(two.summed_codes[:, :, 41:], second.summed_codes)
@@ -136,6 +137,7 @@ def test_story_start_continue_decode(models, schedule, single_thread, tmp_path):
     path = two.save(tmp_path / "story.safetensors")
     back = P.Tokens.load(path)
     assert back.kind == "interact" and back.frames == 241 and torch.equal(back.summed_codes, two.summed_codes)
+    assert back.kept_frames == 161
 
     assert I.decode_windows(61) == [(0, 21), (1, 41), (21, 61)]
     frames = P.decode(tokenizer, one)
@@ -151,6 +153,14 @@ def test_story_start_continue_decode(models, schedule, single_thread, tmp_path):
     last = P.decode(tokenizer, one, last_clip=True, callback=lambda done, total: calls.append((done, total)))
     assert torch.equal(last, frames[81:]) and calls == [(1, 1)]  # only the last window is decoded
     assert torch.equal(P.decode(tokenizer, story, last_clip=True), frames[:81])
+    calls = []
+    new = P.decode(tokenizer, two, new_clips=True, callback=lambda done, total: calls.append((done, total)))
+    assert torch.equal(new, P.decode(tokenizer, two)[161:]) and calls == [(1, 1)]  # only the new clip's window
+    import dataclasses
+
+    assert torch.equal(P.decode(tokenizer, dataclasses.replace(two, kept_frames=81), new_clips=True),
+                       P.decode(tokenizer, two)[81:])
+    assert torch.equal(P.decode(tokenizer, story, new_clips=True), frames[:81])  # a start continues nothing
 
 
 def test_last_clip_of_other_tokens_is_cut_from_a_whole_decode(models):

@@ -92,6 +92,11 @@ def test_tokens_roundtrip_and_errors(t2v, tmp_path):
     assert len(back.bits) == len(t2v.bits) == back.schedule().num_steps
     assert all(torch.equal(a, b) for a, b in zip(back.bits, t2v.bits))
     assert torch.equal(back.summed_codes, t2v.summed_codes)
+    assert back.kept_frames == t2v.kept_frames == 0
+    import dataclasses
+
+    continued = P.Tokens.load(dataclasses.replace(t2v, kept_frames=1).save(tmp_path / "i2v.safetensors"))
+    assert continued.kept_frames == 1
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
@@ -116,6 +121,9 @@ def test_tokens_roundtrip_and_errors(t2v, tmp_path):
                                   ("short", {"summed_codes": tensors["summed_codes"][:, :, :-1].clone()},
                                    "do not hold"),
                                   ("odd", {"frames": "82"}, "frames '82' is no image or video length"),
+                                  ("kept_all", {"kept_frames": "81"}, "kept_frames '81' is not a clip boundary"),
+                                  ("kept_mid", {"kept_frames": "40"}, "kept_frames '40' is not a clip boundary"),
+                                  ("kept_neg", {"kept_frames": "-1"}, "kept_frames '-1' is not"),
                                   ("text", {"frames": "many"}, "frames 'many' is no")):
         m = {k: v for k, v in {**meta, **change}.items() if v is not None and not isinstance(v, torch.Tensor)}
         t = {k: v for k, v in {**tensors, **change}.items() if isinstance(v, torch.Tensor)}
@@ -156,6 +164,7 @@ def test_extend_replays_only_the_reference_chain(t2v, models, monkeypatch):
     torch.testing.assert_close(longer.summed_codes[:, :, : t2v.summed_codes.shape[2]], t2v.summed_codes)
     new_steps = new.num_steps - t2v.schedule().num_steps
     assert len(forwards) == 1 + 2 + new_steps  # text, last step of the image clip and of clip 1, new clip
+    assert longer.kept_frames == t2v.frames == 81  # what Decode's "new clips" drops
 
 
 def test_extend_rejects_partial_tokens(models):
@@ -293,3 +302,18 @@ def test_decode_chunks_can_be_capped_for_a_host_to_check_for_cancel(models, t2v)
                       callback=lambda d, n: calls["capped"].append(n))
     assert calls["whole"] == [1] and calls["capped"] == [3, 3, 3]  # 21 latents: 5 + 8 + 8
     assert torch.equal(whole, capped)
+
+
+def test_decode_new_clips_drops_the_frames_the_tokens_continued(models):
+    """``new_clips`` keeps the frames after ``kept_frames`` of a whole decode (the causal decoder reads them all);
+    tokens that continue nothing decode whole; an older file without the field reads as continuing nothing."""
+    _, _, tokenizer, _ = models
+    codes = torch.randn(1, 64, 41, 2, 3, generator=torch.Generator().manual_seed(1)) * 0.5
+    whole = P.decode(tokenizer, P.Tokens([], codes, "0.06M", 9 / 16, 161))
+    assert whole.shape[0] == 161
+    for kept in (0, 1, 81):
+        tokens = P.Tokens([], codes, "0.06M", 9 / 16, 161, kept_frames=kept)
+        assert torch.equal(P.decode(tokenizer, tokens, new_clips=True), whole[kept:]), kept
+        assert torch.equal(P.decode(tokenizer, tokens), whole), kept
+    both = P.Tokens([], codes, "0.06M", 9 / 16, 161, kept_frames=1)
+    assert torch.equal(P.decode(tokenizer, both, new_clips=True, last_clip=True), whole[-80:])
