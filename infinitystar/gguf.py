@@ -395,9 +395,16 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
 
 
 def _write(gguf, np, reader, plan: dict, tmp: Path, variant: str | None, target, progress) -> None:
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _write_into(gguf, np, writer, reader, plan, variant, target, progress)
+    finally:  # closed on an error too: Windows cannot remove the partial file while it is open
+        writer.close()
+
+
+def _write_into(gguf, np, writer, reader, plan: dict, variant: str | None, target, progress) -> None:
     from .checkpoint import detect_variant
 
-    writer = gguf.GGUFWriter(tmp, ARCH)
     writer.add_string(f"{ARCH}.variant", variant or detect_variant(reader.path, reader.metadata()))
     writer.add_file_type(int(target))
     for key in reader.read_order():  # shapes and sizes first, in the order the data follows
@@ -423,4 +430,3 @@ def _write(gguf, np, reader, plan: dict, tmp: Path, variant: str | None, target,
         del tensor, data
         if progress:
             progress(i + 1, len(plan))
-    writer.close()

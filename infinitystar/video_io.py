@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import uuid
 from fractions import Fraction
 from pathlib import Path
@@ -32,28 +33,62 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+REPLACE_TRIES, REPLACE_WAIT_S = 10, 0.2  # Windows refuses a replace while a scanner holds the new file briefly
+
+
+def _replace(part: Path, path: Path) -> None:
+    for attempt in range(REPLACE_TRIES):
+        try:
+            return os.replace(part, path)
+        except PermissionError:  # Windows: the target open in a player, the new file in an antivirus scan
+            if attempt == REPLACE_TRIES - 1:
+                raise
+            time.sleep(REPLACE_WAIT_S)
+
+
+def _kept_as(part: Path, path: Path) -> Path:
+    """Move a finished file that cannot take its name to a free visible one beside it (else leave it as is)."""
+    for n in range(1, 100):
+        free = path.with_name(f"{path.stem} ({n}){path.suffix}")
+        if not free.exists():
+            try:
+                os.rename(part, free)
+                return free
+            except OSError:
+                break
+    return part
+
+
 @contextlib.contextmanager
 def written_whole(path: str | Path):
     """Yield a temporary name beside ``path`` and move it onto ``path`` once written: an error or a Ctrl-C while
     writing leaves no truncated file under the name asked for (nor the temporary one). A symlink is written
     through (its target is replaced), an existing file's permissions are kept (a new file gets the umask's), and
-    write errors name the path."""
+    write errors name the path. A finished file that cannot take the name (Windows: the old file open in a player)
+    is kept under a free name, which the error gives: a long run's result is never thrown away."""
     asked = Path(path)
     path = Path(os.path.realpath(asked))
     part = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    written = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield part
+        written = True
         if path.is_file():
             shutil.copymode(path, part)
         else:
             part.chmod(new_file_mode())
-        os.replace(part, path)
+        _replace(part, path)
     except OSError as e:
+        if written and part.is_file():
+            kept = _kept_as(part, path)
+            raise OSError(f"cannot write {asked}: {e.strerror or e} (is it open in another program?); the finished "
+                          f"file is kept as {kept}") from e
         raise OSError(f"cannot write {asked}: {e.strerror or e}") from e
     finally:
-        if part.is_file():
-            part.unlink()
+        if not written:  # best effort: a file still held open (Windows) must not hide the error that stopped us
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
 
 
 def _check_file(path: Path, what: str) -> None:

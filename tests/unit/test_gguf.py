@@ -2,6 +2,7 @@
 ones (llama.cpp's formats), convert -> load round trips through real files, and the errors for files we cannot use.
 """
 import struct
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -220,9 +221,17 @@ def test_convert_refuses_what_it_would_write_wrong(converted, tmp_path):
         if done == 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    opened = []
+    real_open = gguf_pkg.GGUFWriter.open_output_file
+
+    def track(writer, *a, **k):
+        real_open(writer, *a, **k)
+        opened.extend(writer.fout)
+
+    with mock.patch.object(gguf_pkg.GGUFWriter, "open_output_file", track), pytest.raises(KeyboardInterrupt):
         gguf.convert(source, tmp_path / "cut.gguf", "Q8_0", progress=interrupt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf"]
+    assert opened and all(f.closed for f in opened)  # closed on the error: Windows cannot remove an open file
 
 
 def test_a_quantized_head_is_refused(tiny_models, tmp_path):

@@ -374,3 +374,63 @@ def test_frames_are_turned_upright_by_the_display_rotation(tmp_path):
     assert np.array_equal(got, np.rot90(stored, k=round(rotation / 90) % 4))
     top, bottom = got[:24].mean(), got[24:].mean()  # -90: a clockwise turn brings the left half to the top
     assert (top < bottom) if rotation == -90 else (top > bottom)
+
+
+def test_a_finished_file_that_cannot_take_its_name_is_kept(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open (the last out.mp4 in a player) and, for a
+    moment, one an antivirus scans: the replace is retried, and a finished file that still cannot take its name is
+    kept under a free one that the error names, never deleted after a long run."""
+    import os
+
+    from infinitystar import video_io
+
+    monkeypatch.setattr(video_io, "REPLACE_WAIT_S", 0)
+    real, calls = os.replace, []
+
+    def refused(n):
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) <= n:
+                raise PermissionError(13, "Access is denied")
+            return real(src, dst)
+        return replace
+
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"old")
+    monkeypatch.setattr(video_io.os, "replace", refused(3))  # a scanner lets go after three tries
+    with video_io.written_whole(out) as part:
+        part.write_bytes(b"new")
+    assert out.read_bytes() == b"new" and len(calls) == 4
+
+    calls.clear()
+    monkeypatch.setattr(video_io.os, "replace", refused(10**6))  # held open for good
+    with pytest.raises(OSError, match=r"cannot write .*out.mp4: .*open in another program.*kept as .*out \(1\).mp4"):
+        with video_io.written_whole(out) as part:
+            part.write_bytes(b"newer")
+    assert len(calls) == video_io.REPLACE_TRIES
+    assert out.read_bytes() == b"new" and (tmp_path / "out (1).mp4").read_bytes() == b"newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out (1).mp4", "out.mp4"]
+
+
+def test_an_error_while_writing_stays_the_error_when_the_partial_file_cannot_go(tmp_path, monkeypatch):
+    """A partial file still open (Windows) cannot be removed; the error that stopped the write is what the user sees
+    (Ctrl-C stays an interrupt), not the failed clean-up."""
+    from pathlib import Path
+
+    from infinitystar import video_io
+
+    with pytest.raises(KeyboardInterrupt):
+        with video_io.written_whole(tmp_path / "a.bin") as part:
+            part.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []  # removed where it can be
+
+    def held(self, missing_ok=False):
+        raise PermissionError(32, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(Path, "unlink", held)
+    with pytest.raises(KeyboardInterrupt):
+        with video_io.written_whole(tmp_path / "b.bin") as part:
+            part.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert not (tmp_path / "b.bin").exists()
