@@ -139,8 +139,10 @@ class Tokens:
                     raise ValueError(f"{path}: an incomplete tokens file (missing "
                                      f"{', '.join(missing or ['summed_codes'])}); {hint}")
                 keys = sorted(k for k in f.keys() if k.startswith("bits."))
-                bits = [f.get_tensor(k) for k in keys]
-                summed = f.get_tensor("summed_codes")
+                # copies (a few MB): safetensors' tensors map the file, and Windows then refuses to replace, move or
+                # delete it while they live (the Load Tokens cache; extend --save-tokens over its --tokens)
+                bits = [f.get_tensor(k).clone() for k in keys]
+                summed = f.get_tensor("summed_codes").clone()
         except ValueError:
             raise
         except Exception as e:  # safetensors' own error for a file that is no safetensors file at all
