@@ -182,7 +182,7 @@ class Session:
 
         if self._transformer is None:
             fp8_matmul = getattr(self.args, "fp8_matmul", False)  # with a conflicting --dtype refused at the start
-            gguf_file = Path(self.paths["transformer"]).suffix == ".gguf"  # quantized already: kept as stored
+            gguf_file = Path(self.paths["transformer"]).suffix.lower() == ".gguf"  # quantized already: kept as stored
             dtype = DTYPES[self.args.dtype] if self.args.dtype else (
                 None if gguf_file else torch.float8_e4m3fn if fp8_matmul else self.auto_dtype(schedule))
             self._transformer, self.info = load_transformer(self.paths["transformer"], dtype=dtype,

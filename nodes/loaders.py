@@ -120,7 +120,7 @@ class InfinityStarModelLoader(io.ComfyNode):
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
-        if path.suffix == ".gguf":
+        if path.suffix.lower() == ".gguf":  # Windows names are case-blind: X.GGUF is listed and read as GGUF
             if wdtype is not None:
                 raise ValueError(f"{path.name} is a GGUF file, already quantized: set weight_dtype to auto or default "
                                  f"(it is {weight_dtype}), or pick the official .safetensors weights to store "

@@ -131,7 +131,7 @@ def text_encoder_choices() -> list[str]:
 
 
 def vae_choices() -> list[str]:
-    return ours_first([n for n in _list(VAE_FOLDERS, ("file",)) if not n.endswith((".index.json", ".gguf"))])
+    return ours_first([n for n in _list(VAE_FOLDERS, ("file",)) if not n.lower().endswith((".index.json", ".gguf"))])
 
 
 def _inside(name: str, pathmod=os.path) -> str:

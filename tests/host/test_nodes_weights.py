@@ -3,6 +3,8 @@ fp8 and GGUF storage through ComfyUI's ops, bf16 compute, the attention choice a
 (see conftest.py)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from node_kit import SMALL, run
@@ -331,3 +333,14 @@ def test_gguf_weights_load_and_sample_through_comfy(pack, loaded, core, gguf_fil
     with pytest.raises(ValueError, match="already quantized: set weight_dtype to auto or default"):
         run(pack.loaders.InfinityStarModelLoader, model_name=gguf_file.name, weight_dtype="fp8_e4m3fn",
             compute_dtype="auto", attention="auto")
+    import shutil
+
+    upper = shutil.copy(gguf_file, gguf_file.with_name("TINY_UPPER.GGUF"))  # Windows: names are case-blind
+    try:
+        assert "TINY_UPPER.GGUF" in pack.paths.transformer_choices()
+        assert "TINY_UPPER.GGUF" not in pack.paths.vae_choices()
+        model = run(pack.loaders.InfinityStarModelLoader, model_name="TINY_UPPER.GGUF", weight_dtype="default",
+                    compute_dtype="auto", attention="auto")[0]
+        assert model.info.storage == "GGUF Q8_0"
+    finally:
+        os.remove(upper)

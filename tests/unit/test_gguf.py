@@ -268,6 +268,10 @@ def test_cli_converts_and_generates_from_a_gguf_file(tiny_models, tmp_path, caps
     assert main(["generate", "--models", str(tiny_models["root"]), "--transformer", str(out), "--resolution",
                  "0.06M", "--steps-preview"]) == 0
     assert "(GGUF Q5_0); sampling needs" in capsys.readouterr().out
+    upper = out.rename(tmp_path / "T.GGUF")  # Windows names are case-blind: listed and read as GGUF, so loaded so
+    assert main(["generate", "--models", str(tiny_models["root"]), "--transformer", str(upper), "--resolution",
+                 "0.06M", "--duration", "0", "--out", str(tmp_path / "k.png")]) == 0
+    assert "blocks GGUF Q5_0" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
