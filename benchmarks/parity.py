@@ -284,7 +284,7 @@ def _against_floor(report: ParityReport, floor: ParityReport | None) -> list[str
 def read_csv(path: str) -> list[ParityReport]:
     """The reports of a ``write_csv`` file, one per case, in file order (tolerance: the default)."""
     reports: dict[str, ParityReport] = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
             rep = reports.setdefault(r["case"], ParityReport(r["case"], DEFAULT_TOL))
             rep.steps.append(StepError(int(r["step"]), int(r["clip"]), int(r["scale"]), int(r["rep"]),
@@ -294,7 +294,7 @@ def read_csv(path: str) -> list[ParityReport]:
 
 
 def write_csv(reports: Sequence[ParityReport], path: str) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(["case", "step", "clip", "scale", "rep", "tokens", "rel_l2_cond", "rel_l2_uncond",
                       "draws_agree"])

@@ -183,7 +183,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         index = path / INDEX_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 weight_map = exc
             if not isinstance(weight_map, dict):
@@ -238,7 +238,7 @@ class CheckpointReader:
         """``metadata`` of the index file, if any (the released index has ``total_size``), else of the one file
         (a safetensors ``__metadata__``, a GGUF's keys): e.g. the ``variant`` that ``convert`` writes."""
         index = self.path / INDEX_FILE
-        return json.loads(index.read_text()).get("metadata", {}) if index.is_file() else dict(self._meta)
+        return json.loads(index.read_text(encoding="utf-8")).get("metadata", {}) if index.is_file() else dict(self._meta)
 
     @property
     def is_gguf(self) -> bool:

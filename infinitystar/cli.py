@@ -39,7 +39,7 @@ def _ensure_tiny(seed: int = 0) -> Path:
     if not done.is_file() or not all((root / name).is_dir() for name in TRANSFORMER_DIRS.values()):
         print(f"writing the tiny random-weight model set to {root} …", file=sys.stderr)
         write_tiny_models(root, seed=seed, overwrite=True)  # the cache's own, unfinished set
-        done.write_text("ok\n")
+        done.write_text("ok\n", encoding="utf-8")
     return root
 
 

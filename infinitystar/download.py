@@ -94,7 +94,7 @@ def _check_source_file(path: Path) -> None:
                              "Copy it to the source again.")
     elif path.name == "model.safetensors.index.json":
         try:
-            shards = set(json.loads(path.read_text())["weight_map"].values())
+            shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}: not a safetensors index ({exc})") from None
         lacking = sorted(s for s in shards if not (path.parent / s).is_file())

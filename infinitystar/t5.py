@@ -56,7 +56,7 @@ class T5Config:
         """Read ``config.json`` as Hugging Face does: ``feed_forward_proj`` 'gated-gelu' means gated ``gelu_new``."""
         path = Path(folder) / "config.json"
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
             proj = str(raw.get("feed_forward_proj", "relu"))
             gated, act = proj.startswith("gated-"), proj.rpartition("-")[2]
             act = "gelu_new" if proj == "gated-gelu" else act

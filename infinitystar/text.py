@@ -107,7 +107,7 @@ def _config_vocab_size(path: Path) -> int:
     import json
 
     try:
-        return int(json.loads((path / "config.json").read_text()).get("vocab_size", 0))
+        return int(json.loads((path / "config.json").read_text(encoding="utf-8")).get("vocab_size", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
 

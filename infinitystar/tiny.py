@@ -142,7 +142,7 @@ def write_sharded_safetensors(folder: str | Path, state_dict: dict[str, torch.Te
             save_file({k: state_dict[k] for k in group}, str(part), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, name))
     index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
 
 

@@ -25,7 +25,7 @@ def new_file_mode() -> int:
     """The mode ``open()`` gives a new file under the current umask. Writers such as safetensors create files
     0600, which hides a user's own outputs from their other accounts and services (a web UI, a sync client)."""
     try:  # Linux says it without changing it (other threads may be creating files meanwhile)
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="ascii") as f:
             mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
         mask = os.umask(0o022)  # elsewhere reading the umask means setting it; put it straight back

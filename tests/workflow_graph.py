@@ -32,7 +32,7 @@ VOLATILE_FIELDS = ("python_module", "description", "output_tooltips")
 
 
 def load_object_info(path: Path = OBJECT_INFO) -> dict:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def workflow_files() -> list[Path]:

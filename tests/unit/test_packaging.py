@@ -17,7 +17,7 @@ def _name(requirement: str) -> str:
 
 
 def _requirements(path: Path) -> list[str]:
-    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
     return [line for line in lines if line]
 
 

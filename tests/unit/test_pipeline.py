@@ -97,7 +97,7 @@ def test_tokens_roundtrip_and_errors(t2v, tmp_path):
     assert back.kept_frames == t2v.kept_frames == 0
     maps = Path("/proc/self/maps")
     if maps.exists():  # Windows refuses to replace or delete a file a live tensor maps (Load Tokens' cache)
-        assert str(path.resolve()) not in maps.read_text()
+        assert str(path.resolve()) not in maps.read_text(encoding="utf-8", errors="replace")
     import dataclasses
 
     continued = P.Tokens.load(dataclasses.replace(t2v, kept_frames=1).save(tmp_path / "i2v.safetensors"))

@@ -39,7 +39,7 @@ def info():
 
 
 def _load(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _by_type(wf: dict, node_type: str) -> list[dict]:

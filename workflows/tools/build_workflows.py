@@ -377,7 +377,7 @@ def main() -> None:
     info = load_object_info()
     for name, build in WORKFLOWS.items():
         path = REPO / "workflows" / f"{name}.json"
-        path.write_text(json.dumps(build(info), indent=2) + "\n")
+        path.write_text(json.dumps(build(info), indent=2) + "\n", encoding="utf-8", newline="\n")
         print(path.relative_to(REPO))
 
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             front.page.add_style_tag(content=HIDE)
             left, top, side = REGION
             for path in paths:
-                front.load(json.loads(path.read_text()))
+                front.load(json.loads(path.read_text(encoding="utf-8")))
                 front.page.wait_for_timeout(800)  # image and video previews
                 front.page.evaluate(FRAME, [MARGIN, WIDTH_SHARE, list(REGION)])
                 front.page.wait_for_timeout(300)  # DOM widgets follow the canvas on the next frame
