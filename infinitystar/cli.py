@@ -475,7 +475,16 @@ def _run_interact(args) -> Path:
     return s.write(story, args.out)
 
 
+def tolerant_output() -> None:
+    """Print what the console cannot encode as escapes: a redirected stdout on Windows is cp1252 (strict), which
+    has no ≈ (help texts, --steps-preview), and the portable build's Python ignores PYTHONIOENCODING."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    tolerant_output()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:

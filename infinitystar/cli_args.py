@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -107,8 +108,12 @@ def check_writable(path: str | None, option: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: the folder {folder} is not writable; choose another path")
+    try:  # a real file: os.access says yes to every folder on Windows, and to root everywhere
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable ({e.strerror or e}); choose another "
+                         "path") from None
 
 
 def check_sources(args) -> None:

@@ -174,6 +174,9 @@ def write_tiny_models(outdir: str | Path, seed: int = 0, overwrite: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import tolerant_output
+
+    tolerant_output()
     parser = argparse.ArgumentParser(prog="python -m infinitystar.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", help="folder to write the tiny model set into")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")

@@ -1,5 +1,7 @@
 """The CLI refusing what it cannot run (bad numbers, options that cannot apply together, wrong or damaged files),
 with a message saying what to do, before anything loads; on the tiny model set."""
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -74,6 +76,9 @@ def test_outputs_and_device_are_checked_before_anything_loads(tiny_models, tmp_p
     assert "file is a file, not a folder" in capsys.readouterr().err
     assert main([*base, "--save-tokens", str(tmp_path / "file" / "t.safetensors")]) == 2
     assert "--save-tokens" in capsys.readouterr().err
+    if Path("/sys").is_dir():  # a folder no one may write to, root included (os.access says yes to root)
+        assert main([*base, "--out", "/sys/x.png"]) == 2
+        assert "the folder /sys is not writable" in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*base, "--device", "cuda", "--out", str(tmp_path / "x.png")]) == 2
@@ -163,3 +168,19 @@ def test_interact_refuses_the_two_temperatures_it_does_not_use(tiny_models, caps
     with pytest.raises(SystemExit):
         main(["interact", "--help"])
     assert "--tau-video" not in capsys.readouterr().out
+
+
+def test_help_and_previews_print_where_the_console_cannot_encode_them(tmp_path):
+    """A redirected stdout on Windows is cp1252 and strict, without ≈ (the help of convert-gguf, --steps-preview);
+    unencodable characters print as escapes instead of a UnicodeEncodeError."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    for argv in (["-m", "infinitystar", "convert-gguf", "--help"], ["-m", "infinitystar.tiny", "--help"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, env=env, cwd=Path(__file__).parents[2],
+                              timeout=120)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert b"\\u2248" in subprocess.run([sys.executable, "-m", "infinitystar", "convert-gguf", "--help"],
+                                         capture_output=True, env=env, cwd=Path(__file__).parents[2]).stdout
