@@ -94,3 +94,19 @@ def test_github_workflows_publish_and_test():
     tests = yaml.safe_load((folder / "tests.yml").read_text())
     runs = [s.get("run", "") for job in tests["jobs"].values() for s in job["steps"]]
     assert ".ci/run" in runs
+
+
+def test_the_pack_folder_runs_the_cli_where_dash_m_cannot_find_it(tmp_path):
+    """The Windows portable build's Python (a ._pth file: isolated, no current folder on the path) cannot run
+    ``-m infinitystar``; ``python <pack folder> ...`` works with it. ``-I`` is the same isolation on any Python."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    isolated = subprocess.run([sys.executable, "-I", "-m", "infinitystar", "--help"], cwd=repo, capture_output=True,
+                              text=True, timeout=120)
+    assert isolated.returncode != 0 and "No module named infinitystar" in isolated.stderr
+    ran = subprocess.run([sys.executable, "-I", str(repo), "tiny", str(tmp_path / "models")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert (tmp_path / "models" / "infinitystar_videovae.pth").is_file()
