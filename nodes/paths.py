@@ -187,14 +187,14 @@ def resolve_vae(name: str) -> Path:
 def next_output_file(prefix: str, extension: str) -> tuple[Path, str]:
     """A new numbered file in ComfyUI's output folder for ``prefix`` (which may hold subfolders).
 
-    Returns (path, subfolder relative to the output folder). An empty name (``""``, ``"videos/"``) becomes
+    Returns (path, subfolder relative to the output folder, with / on Windows too). An empty name (``""``, ``"videos/"``) becomes
     ``infinitystar``, not a hidden ``._00001_`` file.
     """
     prefix = prefix.strip()
     if not prefix.replace("\\", "/").rsplit("/", 1)[-1].strip("."):  # "", "videos/", "." would name a hidden file
         prefix = prefix.rstrip(".") + "infinitystar"
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
-    return Path(folder) / f"{name}_{counter:05}_{extension}", subfolder
+    return Path(folder) / f"{name}_{counter:05}_{extension}", Path(subfolder).as_posix() if subfolder else ""
 
 
 def input_files(extension: str) -> list[str]:
