@@ -5,6 +5,7 @@ offline, so the whole path can be checked on any machine; its output is noise by
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -259,7 +260,8 @@ class Session:
         if native_bf16(self.device):
             # the official scripts decode under bf16 autocast (and encode outside it, in fp32); native bf16 only
             tokenizer.compute_dtype = torch.bfloat16
-        frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=self.decode_budget())
+        frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=self.decode_budget(),
+                          new_clips=getattr(self.args, "new_only", False))
         if bar is not None:
             bar.close()
         return write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
@@ -463,6 +465,7 @@ def _run_interact(args) -> Path:
     schedule = I.clip_schedule(story.pn, story.h_div_w)
     transformer = s.transformer(schedule)
     guidance = s.guidance(use_apg=args.apg)
+    started = story.frames
     for i, text in enumerate(texts):
         bar = _Progress(schedule.num_steps, f"clip {i + 1}/{len(texts)}")
         try:
@@ -472,7 +475,7 @@ def _run_interact(args) -> Path:
         finally:
             bar.close()
     del transformer
-    return s.write(story, args.out)
+    return s.write(dataclasses.replace(story, kept_frames=started), args.out)  # every clip of this run is new
 
 
 def tolerant_output() -> None:

@@ -229,6 +229,9 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
     p.add_argument("--save-tokens", help="also write the generated tokens (.safetensors), to continue later "
                                           "(`extend`; a story: `interact --tokens`)")
     p.add_argument("--out", help="output .mp4 (a .png for --duration 0; default out.mp4 / out.png)")
+    p.add_argument("--new-only", action="store_true",
+                   help="write only the clips this run adds to its --video / --tokens / --image (the whole "
+                        "video is still decoded: the decoder reads every earlier frame); --save-tokens keeps all")
 
 
 def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:

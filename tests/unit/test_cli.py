@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from infinitystar.cli import main
-from infinitystar.pipeline import resolve_schedule
+from infinitystar.pipeline import Tokens, resolve_schedule
 from infinitystar.video_io import write_png
 
 
@@ -41,6 +41,12 @@ def test_extend_adds_one_clip(t2v, tiny_models):
                "--clips", "1", "--seed", "4", "--out", str(t2v / "longer.mp4")])
     assert rc == 0
     assert _probe(t2v / "longer.mp4") == (161, 192, 336, 16.0)
+    rc = main(["extend", "--models", str(tiny_models["root"]), "--tokens", str(t2v / "t2v.safetensors"),
+               "--clips", "1", "--seed", "4", "--out", str(t2v / "added.mp4"), "--new-only",
+               "--save-tokens", str(t2v / "longer.safetensors")])
+    assert rc == 0 and _probe(t2v / "added.mp4") == (80, 192, 336, 16.0)  # only the new clip
+    longer = Tokens.load(t2v / "longer.safetensors")
+    assert longer.frames == 161 and longer.kept_frames == 81  # the tokens keep every clip
 
 
 def test_t2i_writes_a_png(tiny_models, tmp_path):
@@ -305,7 +311,7 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
     assert rc == 0
     assert _probe(t2v / "story.mp4") == (81 + 2 * 80, 192, 336, 16.0)
     story = Tokens.load(story_file)
-    assert story.kind == "interact" and story.frames == 241
+    assert story.kind == "interact" and story.frames == 241 and story.kept_frames == 81  # both clips are new
 
     frames, _ = read_video(t2v / "t2v.mp4")  # 81 frames at 16 fps; the interact script's reader picks from its
     tail = frames[np.linspace(1, 80, 81, dtype=int)]  # last 5 s: ceil(16 * (81 / 16 - 5)) = 1 .. 80, truncated
@@ -322,6 +328,9 @@ def test_interact_continues_a_video_one_clip_per_prompt(t2v, tiny_models):
     rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts),
                "--seed", "6", "--out", str(t2v / "story4.mp4")])
     assert rc == 0 and _probe(t2v / "story4.mp4")[0] == 241 + 2 * 80
+    rc = main(["interact", "--models", root, "--tokens", str(story_file), "--prompts-file", str(prompts),
+               "--seed", "6", "--new-only", "--out", str(t2v / "story4new.mp4")])
+    assert rc == 0 and _probe(t2v / "story4new.mp4")[0] == 2 * 80  # the two clips of this run only
     # the official prompt.txt: line 1 captions the reference video, the other lines are the clips
     official = t2v / "prompt.txt"
     official.write_text("a fox in the snow\na green frog\n", encoding="utf-8")
