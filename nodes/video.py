@@ -109,8 +109,9 @@ class InfinityStarDecode(io.ComfyNode):
                                tooltip="all = the whole video. last clip = only the newest 5 s clip (80 frames): "
                                        "for a story (Interact) only its last clip is decoded, so each clip can be "
                                        "saved as it is made; other tokens are decoded whole and cut. new clips = "
-                                       "only what the last Extend / Interact / start_tokens run added (all of "
-                                       "tokens that continue nothing)."),
+                                       "only what the last Extend / Interact / Sampler run added to its start "
+                                       "(start_tokens; start_image: its frame is dropped); all of tokens that "
+                                       "continue nothing."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="RGB frames in 0..1 as an IMAGE batch (16 fps): "
                                                                     "for Create Video / Save Video, Video Combine, "
