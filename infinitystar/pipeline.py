@@ -38,7 +38,7 @@ TOKEN_KINDS = ("generation", "interact")
 OFFLOAD_KV_CHOICES = {"auto": "auto", "on": True, "off": False}  # option word -> sampler's offload_kv
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 16)  # one entry per version of a file: an output folder's thousands stay cached
 def _is_tokens_header(path: str, mtime_ns: int, size: int) -> bool:
     from safetensors import safe_open
 

@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 
 from . import host, paths
 from . import types as T
-from .choices import check_choices
+from .choices import check_choices, check_values
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +21,10 @@ VAE_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TEXT_DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
 
-def _missing(name: str, choices: list[str], what: str) -> bool | str:
-    if name in choices:
-        return True
+def _missing(name: str, resolve) -> bool | str:
+    """True when ``resolve`` finds ``name``, else where it looked: one lookup, not a walk of the folders."""
     try:
-        {"transformer": paths.resolve_transformer, "text encoder": paths.resolve_text_encoder,
-         "video tokenizer": paths.resolve_vae}[what](name)
+        resolve(name)
     except FileNotFoundError as exc:
         return str(exc)
     return True
@@ -102,8 +100,10 @@ class InfinityStarModelLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model_name: str, weight_dtype: str | None = None, compute_dtype: str | None = None,
                         attention: str | None = None) -> bool | str:
-        checked = check_choices(cls, weight_dtype=weight_dtype, compute_dtype=compute_dtype, attention=attention)
-        return _missing(model_name, paths.transformer_choices(), "transformer") if checked is True else checked
+        checked = check_values({"weight_dtype": host.WEIGHT_DTYPES, "compute_dtype": host.COMPUTE_DTYPES,
+                                "attention": ATTENTION_CHOICES}, weight_dtype=weight_dtype,
+                               compute_dtype=compute_dtype, attention=attention)
+        return _missing(model_name, paths.resolve_transformer) if checked is True else checked
 
     @classmethod
     @host.shows_warnings
@@ -168,8 +168,8 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, encoder_name: str, dtype: str | None = None) -> bool | str:
-        checked = check_choices(cls, dtype=dtype)
-        return _missing(encoder_name, paths.text_encoder_choices(), "text encoder") if checked is True else checked
+        checked = check_values({"dtype": TEXT_DTYPE_CHOICES}, dtype=dtype)
+        return _missing(encoder_name, paths.resolve_text_encoder) if checked is True else checked
 
     @classmethod
     @host.shows_warnings
@@ -209,8 +209,8 @@ class InfinityStarVAELoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, vae_name: str, dtype: str | None = None) -> bool | str:
-        checked = check_choices(cls, dtype=dtype)
-        return _missing(vae_name, paths.vae_choices(), "video tokenizer") if checked is True else checked
+        checked = check_values({"dtype": VAE_DTYPE_CHOICES}, dtype=dtype)
+        return _missing(vae_name, paths.resolve_vae) if checked is True else checked
 
     @classmethod
     @host.shows_warnings
@@ -291,7 +291,14 @@ class InfinityStarDownloadModels(io.ComfyNode):
 
         wanted = ("transformer", "vae", "text_encoder") if components == "all" else (components,)
         found = model_paths(paths.default_dir(), variant)
-        return "|".join(f"{c}:{found[c].exists() and found[c].stat().st_mtime_ns}" for c in wanted)
+
+        def mtime(path) -> int | None:  # None for a file that is not there or cannot be seen
+            try:
+                return os.stat(path).st_mtime_ns
+            except OSError:
+                return None
+
+        return "|".join(f"{c}:{mtime(found[c])}" for c in wanted)
 
     @classmethod
     @host.shows_warnings

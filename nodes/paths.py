@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import folder_paths
@@ -17,10 +18,13 @@ FOLDER = "infinitystar"
 WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft", ".gguf")  # .gguf: transformer only
 INDEX_FILE = "model.safetensors.index.json"
 MAX_DEPTH = 3  # how deep to look for sharded folders and text-encoder folders
+RACY_NS = 3 * 10**9  # a folder changed this close to its scan may change again within its mtime's resolution (FAT: 2 s)
 # Where each component may live, searched in this order.
 TRANSFORMER_FOLDERS = (FOLDER, "diffusion_models")
 TEXT_ENCODER_FOLDERS = (FOLDER, "text_encoders")
 VAE_FOLDERS = (FOLDER, "vae")
+# What each list offers: 'file' a weight file, 'sharded' a sharded checkpoint folder, 'hf' a text-encoder folder
+TRANSFORMER_KINDS, TEXT_ENCODER_KINDS, VAE_KINDS = ("sharded", "file"), ("hf",), ("file",)
 
 
 def register() -> None:
@@ -60,58 +64,152 @@ def is_upload_folder(path: str | Path) -> bool:
 
 
 def _bases(folders: tuple[str, ...]) -> list[Path]:
+    """The registered folders of ``folders``, each once (a folder registered twice, or under two names through a
+    link such as unet -> diffusion_models, is scanned once)."""
     register()
-    out = []
+    out, seen = [], set()
     for name in folders:
         if name in folder_paths.folder_names_and_paths:
-            out += [Path(p) for p in folder_paths.get_folder_paths(name)]
+            for folder in folder_paths.get_folder_paths(name):
+                key = os.path.normcase(os.path.realpath(folder))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Path(folder))
     return out
 
 
-def _is_sharded(folder: Path) -> bool:
-    """A sharded checkpoint folder: its index, or shards named like the hub's (the loader reads every shard then)."""
+def _entries(folder: str | Path) -> list[tuple[str, bool, bool]] | None:
+    """(name, is a folder, is a link) of each entry of ``folder``, sorted; None where it cannot be read
+    (permissions, a dead mount, gone). Folders and links are told by the directory listing, without a stat per
+    file, and an entry that cannot be told is left out."""
+    try:
+        out = []
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    out.append((entry.name, entry.is_dir(), entry.is_symlink()))
+                except OSError:
+                    continue
+        return sorted(out)
+    except OSError:
+        return None
+
+
+def _folder_kind(names) -> str | None:
+    """'hf' (a Hugging Face text-encoder folder with a tokenizer; one with only tokenizer_config.json too, the loader
+    then says which tokenizer files are missing), 'sharded' (a sharded checkpoint: its index, or shards named like
+    the hub's) or None, from a folder's entry names. hf first: the official flan-t5-xl folder is sharded too."""
     from ..infinitystar.checkpoint_files import SHARD_NAME
-
-    return (folder / INDEX_FILE).is_file() or any(SHARD_NAME.search(f.name) for f in folder.glob("*.safetensors"))
-
-
-def _is_hf_text_encoder(folder: Path) -> bool:
-    """A Hugging Face model folder with a tokenizer. One with only tokenizer_config.json is listed too: the loader
-    then says which tokenizer files are missing."""
     from ..infinitystar.text import TOKENIZER_FILES
 
-    return (folder / "config.json").is_file() and any(
-        (folder / f).is_file() for f in (*TOKENIZER_FILES, "tokenizer_config.json"))
+    names = set(names)
+    if "config.json" in names and not names.isdisjoint((*TOKENIZER_FILES, "tokenizer_config.json")):
+        return "hf"
+    if INDEX_FILE in names or any(SHARD_NAME.search(n) for n in names):
+        return "sharded"
+    return None
 
 
-def _scan(base: Path, depth: int = 0):
-    """Yield (kind, path) under ``base``: 'sharded' and 'hf' folders (not descended into) and weight 'file's."""
-    try:
-        entries = sorted(base.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            if _is_hf_text_encoder(entry):  # first: the official flan-t5-xl folder is sharded too (index + 2 shards)
-                yield "hf", entry
-            elif _is_sharded(entry):
-                yield "sharded", entry
-            elif depth < MAX_DEPTH:
-                yield from _scan(entry, depth + 1)
-        elif entry.suffix.lower() in WEIGHT_EXTENSIONS:
-            yield "file", entry
+def _kind(path: Path) -> str | None:
+    """'file' (a weight file), 'hf' / 'sharded' (see _folder_kind) or None (anything else, unreadable, dangling)."""
+    if os.path.isdir(path):  # os.path's tests say False where pathlib's raise (a folder that cannot be read)
+        entries = _entries(path)
+        return None if entries is None else _folder_kind(name for name, _, _ in entries)
+    if os.path.isfile(path) and path.suffix.lower() in WEIGHT_EXTENSIONS:
+        return "file"
+    return None
+
+
+class _Scan:
+    """What one registered folder holds: (kind, relative posix name) of its 'sharded' and 'hf' folders (not
+    descended into) and weight 'file's, down to MAX_DEPTH folders.
+
+    An entry that cannot be read is skipped, never raised: ComfyUI builds the node list from these lists, and one
+    error there drops the whole pack (a lost+found, a private folder, a dead network mount). Links are followed onto
+    other disks, but not into a folder this scan has read already (a loop) or above the scanned folder. Kept while
+    no folder it read has changed (their mtimes), as ComfyUI's own lists are: ComfyUI asks for the node list at
+    every refresh and on every queue."""
+
+    def __init__(self, base: Path):
+        self.base, self.mtimes, self.found = base, {}, []
+        self._seen: set[tuple[int, int]] = set()
+        self._real = os.path.realpath(base)
+        started = time.time_ns()
+        entries = self._enter(str(base))
+        if entries is not None:
+            self._walk(str(base), "", 0, entries)
+        # a change within the same mtime tick as the scan would not show: such a scan is not reused
+        self.reusable = all(m < started - RACY_NS for m in self.mtimes.values())
+
+    def _enter(self, folder: str):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) in self._seen:
+            return None
+        self._seen.add((st.st_dev, st.st_ino))
+        entries = _entries(folder)
+        if entries is not None:
+            self.mtimes[folder] = st.st_mtime_ns
+        return entries
+
+    def _walk(self, folder: str, rel: str, depth: int, entries) -> None:
+        for name, is_dir, is_link in entries:
+            if name.startswith("."):  # .cache (hub downloads), hidden partial files
+                continue
+            path = os.path.join(folder, name)
+            if is_dir:
+                if is_link and self._above(path):
+                    continue
+                inner = self._enter(path)
+                if inner is None:
+                    continue
+                kind = _folder_kind(n for n, _, _ in inner)
+                if kind:
+                    self.found.append((kind, rel + name))
+                elif depth < MAX_DEPTH:
+                    self._walk(path, f"{rel}{name}/", depth + 1, inner)
+            elif name.lower().endswith(WEIGHT_EXTENSIONS) and (not is_link or os.path.isfile(path)):
+                self.found.append(("file", rel + name))  # a link only when it leads to a file
+
+    def _above(self, link: str) -> bool:
+        """A link to the scanned folder or a folder above it: everything would be listed again under its name."""
+        target = os.path.realpath(link)
+        return self._real == target or self._real.startswith(target.rstrip(os.sep) + os.sep)
+
+    def fresh(self) -> bool:
+        if not self.reusable:
+            return False
+        try:
+            return all(os.stat(f).st_mtime_ns == m for f, m in self.mtimes.items())
+        except OSError:
+            return False
+
+
+_SCANS: dict[str, _Scan] = {}
+
+
+def _scan(base: Path) -> list[tuple[str, str]]:
+    key = os.path.normcase(os.path.realpath(base))
+    scan = _SCANS.get(key)
+    if scan is None or scan.base != base or not scan.fresh():
+        try:
+            scan = _Scan(base)
+        except Exception:  # a last guard: a listing error must never take the node list down
+            logger.warning("InfinityStar: could not list %s", base, exc_info=True)
+            return []
+        _SCANS[key] = scan
+    return scan.found
 
 
 def _list(folders: tuple[str, ...], kinds: tuple[str, ...]) -> list[str]:
-    names: list[str] = []
+    names: dict[str, None] = {}  # ordered, de-duplicated
     for base in _bases(folders):
-        for kind, path in _scan(base):
-            rel = path.relative_to(base).as_posix()
-            if kind in kinds and rel not in names:
-                names.append(rel)
-    return names
+        for kind, rel in _scan(base):
+            if kind in kinds:
+                names.setdefault(rel)
+    return list(names)
 
 
 def ours_first(names: list[str]) -> list[str]:
@@ -122,16 +220,16 @@ def ours_first(names: list[str]) -> list[str]:
 
 def transformer_choices() -> list[str]:
     # the tokenizer shares models/infinitystar; keep it out of this list by its name (headers are not read here)
-    return ours_first([n for n in _list(TRANSFORMER_FOLDERS, ("sharded", "file"))
+    return ours_first([n for n in _list(TRANSFORMER_FOLDERS, TRANSFORMER_KINDS)
                        if "vae" not in n.rsplit("/", 1)[-1].lower()])
 
 
 def text_encoder_choices() -> list[str]:
-    return _list(TEXT_ENCODER_FOLDERS, ("hf",))
+    return _list(TEXT_ENCODER_FOLDERS, TEXT_ENCODER_KINDS)
 
 
 def vae_choices() -> list[str]:
-    return ours_first([n for n in _list(VAE_FOLDERS, ("file",)) if not n.lower().endswith((".index.json", ".gguf"))])
+    return ours_first([n for n in _list(VAE_FOLDERS, VAE_KINDS) if not n.lower().endswith((".index.json", ".gguf"))])
 
 
 def _inside(name: str, pathmod=os.path) -> str:
@@ -142,23 +240,30 @@ def _inside(name: str, pathmod=os.path) -> str:
     return pathmod.relpath(pathmod.join(pathmod.sep, tail), pathmod.sep)
 
 
-def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str, moved=None) -> Path:
-    """The file or folder ``name`` in the first of ``folders`` that holds it; else, with ``moved`` (what the
-    component must be), when exactly one place holds its last part directly (a workflow's
-    ``text_encoder/flan-t5-xl-official`` put straight into ``text_encoders/``, as the README allows), that one."""
+def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str, kinds: tuple[str, ...],
+             moved: bool = False) -> Path:
+    """The file or folder ``name`` in the first of ``folders`` that holds it as one of ``kinds`` (what the list
+    offers: a half-downloaded folder does not hide a complete copy in a later folder); else the first that holds
+    anything by that name (the loader then says what is wrong with it); else, with ``moved``, when exactly one
+    place holds its last part directly as one of ``kinds`` (a workflow's ``text_encoder/flan-t5-xl-official`` put
+    straight into ``text_encoders/``, as the README allows), that one."""
     name = _inside(name)
-    for base in _bases(folders):
-        candidate = base / name
-        if candidate.exists():
+    bases = _bases(folders)
+    candidates = [base / name for base in bases]
+    for candidate in candidates:
+        if _kind(candidate) in kinds:
+            return candidate
+    for candidate in candidates:
+        if os.path.exists(candidate):
             return candidate
     tail = Path(name).name
-    elsewhere = {c.resolve(): c for c in (base / tail for base in _bases(folders))
-                 if moved is not None and tail != name and c.exists() and moved(c)}
+    elsewhere = {os.path.realpath(c): c for c in (base / tail for base in bases)
+                 if moved and tail != name and _kind(c) in kinds}
     if len(elsewhere) == 1:
         found = next(iter(elsewhere.values()))
         logger.info("InfinityStar %s %r found as %s", what, name, found)
         return found
-    looked = ", ".join(str(b) for b in _bases(folders)) or "(no folder registered)"
+    looked = ", ".join(str(b) for b in bases) or "(no folder registered)"
     raise FileNotFoundError(
         f"InfinityStar {what} {name!r} not found. Put it in {default_dir()} (searched: {looked}). {hint}")
 
@@ -170,18 +275,18 @@ DOWNLOAD_HINT = ("Use the 'InfinityStar Download Models' node (or `python -m inf
 def resolve_transformer(name: str) -> Path:
     return _resolve(name, TRANSFORMER_FOLDERS, "transformer",
                     "It is the folder infinitystar_8b_720p_weights/ (or _480p_) with its shards and "
-                    f"{INDEX_FILE}, or one merged .safetensors file. {DOWNLOAD_HINT}")
+                    f"{INDEX_FILE}, or one merged .safetensors file. {DOWNLOAD_HINT}", TRANSFORMER_KINDS)
 
 
 def resolve_text_encoder(name: str) -> Path:
     return _resolve(name, TEXT_ENCODER_FOLDERS, "text encoder",
                     f"It is the Hugging Face folder text_encoder/flan-t5-xl-official/. {DOWNLOAD_HINT}",
-                    moved=_is_hf_text_encoder)
+                    TEXT_ENCODER_KINDS, moved=True)
 
 
 def resolve_vae(name: str) -> Path:
     return _resolve(name, VAE_FOLDERS, "video tokenizer",
-                    f"It is the file infinitystar_videovae.pth. {DOWNLOAD_HINT}")
+                    f"It is the file infinitystar_videovae.pth. {DOWNLOAD_HINT}", VAE_KINDS)
 
 
 def next_output_file(prefix: str, extension: str) -> tuple[Path, str]:
@@ -197,12 +302,17 @@ def next_output_file(prefix: str, extension: str) -> tuple[Path, str]:
     return Path(folder) / f"{name}_{counter:05}_{extension}", Path(subfolder).as_posix() if subfolder else ""
 
 
+def _files(base: Path, extension: str) -> list[Path]:
+    """Files named ``*extension`` under ``base``; folders that cannot be read are skipped (os.walk's default), links
+    to folders not followed."""
+    return [Path(root, name) for root, _, names in os.walk(base) for name in names
+            if name.endswith(extension) and os.path.isfile(os.path.join(root, name))]
+
+
 def input_files(extension: str) -> list[str]:
     """Files with ``extension`` under ComfyUI's input folder (relative posix paths)."""
     base = input_dir()
-    if not base.is_dir():
-        return []
-    return sorted(p.relative_to(base).as_posix() for p in base.rglob(f"*{extension}") if p.is_file())
+    return sorted(p.relative_to(base).as_posix() for p in _files(base, extension))
 
 
 OUTPUT_TAG = " [output]"  # ComfyUI's annotation for a file picked from the output folder (as Load Image takes it)
@@ -211,10 +321,7 @@ OUTPUT_TAG = " [output]"  # ComfyUI's annotation for a file picked from the outp
 def output_files(extension: str, keep) -> list[str]:
     """Files with ``extension`` under ComfyUI's output folder that ``keep(path)`` accepts, annotated ``[output]``."""
     base = output_dir()
-    if not base.is_dir():
-        return []
-    return sorted(p.relative_to(base).as_posix() + OUTPUT_TAG for p in base.rglob(f"*{extension}")
-                  if p.is_file() and keep(p))
+    return sorted(p.relative_to(base).as_posix() + OUTPUT_TAG for p in _files(base, extension) if keep(p))
 
 
 def resolve_input(name: str) -> Path:
@@ -228,6 +335,6 @@ def resolve_input(name: str) -> Path:
     elif name.endswith("[input]"):
         name = name[:-len("[input]")].rstrip()
     path = base / _inside(name)
-    if not path.is_file():
+    if not os.path.isfile(path):  # os.path: False, not an error, for a folder that cannot be read
         raise FileNotFoundError(f"{name!r} not found in ComfyUI's {where} folder {base}")
     return path

@@ -100,6 +100,100 @@ def test_a_workflow_name_finds_the_folder_put_straight_into_text_encoders(pack, 
     assert (Path(folder_paths.models_dir) / "infinitystar").is_dir()  # registered and created
 
 
+def test_unreadable_and_looping_entries_never_take_the_lists_down(pack, comfy_dirs, tmp_path, monkeypatch):
+    """A folder the server cannot read (a disk's lost+found, another user's folder, a dead network mount) used to
+    raise out of the loaders' schemas, and ComfyUI then dropped the whole pack at startup. Such entries are
+    skipped; a link loop or a link to a parent lists nothing twice, and a dangling link is no choice."""
+    import os
+
+    import folder_paths
+
+    base = tmp_path / "models"
+    (base / "sub").mkdir(parents=True)
+    (base / "a.safetensors").write_bytes(b"")
+    (base / "sub" / "b.safetensors").write_bytes(b"")
+    private = base / "lost+found"
+    (private / "inner").mkdir(parents=True)
+    (private / "c.safetensors").write_bytes(b"")
+    (base / "dead.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    (base / "sub" / "loop").symlink_to(base / "sub", target_is_directory=True)
+    (base / "up").symlink_to(tmp_path, target_is_directory=True)
+    real_stat, real_scandir = os.stat, os.scandir
+
+    def denied(path):
+        if str(private) in os.fsdecode(path):
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def stat(path, *a, **k):  # what a non-root server meets: the folder is seen, nothing in it can be
+        if os.fsdecode(path) != str(private):
+            denied(path)
+        return real_stat(path, *a, **k)
+
+    def scandir(path="."):
+        denied(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(base)], {".safetensors"}))
+    listed = pack.paths.transformer_choices()
+    assert "a.safetensors" in listed and "sub/b.safetensors" in listed
+    assert not [n for n in listed if n.startswith(("lost+found", "dead", "up/", "sub/loop"))], listed
+    schema = pack.loaders.InfinityStarModelLoader.define_schema()  # what ComfyUI calls at startup
+    assert "a.safetensors" in next(i for i in schema.inputs if i.id == "model_name").options
+    assert "not found" in pack.loaders.InfinityStarModelLoader.validate_inputs(model_name="lost+found/c.safetensors")
+
+
+def test_a_complete_copy_is_not_hidden_by_a_partial_one_and_lists_are_reused(pack, comfy_dirs, tmp_path,
+                                                                             monkeypatch):
+    """The loader opens what the list offered: a half-downloaded folder in models/infinitystar (only the hub's
+    .cache) does not hide a complete copy in diffusion_models. A folder registered twice is read once, and a listing
+    is reused until a folder in it changes (ComfyUI asks for every node's list at each refresh and each queue)."""
+    import os
+
+    import folder_paths
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "weights" / ".cache").mkdir(parents=True)
+    (first / "weights" / ".cache" / "x.incomplete").write_bytes(b"")
+    (second / "weights").mkdir(parents=True)
+    (second / "weights" / "model-00001-of-00002.safetensors").write_bytes(b"")
+    (second / "weights" / "model-00002-of-00002.safetensors").write_bytes(b"")
+    (first / "videovae.pth").write_bytes(b"")
+    (first / "t5").mkdir()
+    (first / "t5" / "config.json").write_text("{}", encoding="utf-8")
+    (first / "t5" / "spiece.model").write_bytes(b"")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "infinitystar", ([str(first)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models",
+                        ([str(second), str(second) + os.sep, str(first)], {".safetensors"}))
+    assert pack.paths.resolve_transformer("weights") == second / "weights"
+    bases = [b.resolve() for b in pack.paths._bases(pack.paths.TRANSFORMER_FOLDERS)]
+    assert bases.count(first) == 1 and bases.count(second) == 1  # registered three times between them
+
+    for folder in (first, second, second / "weights", first / "weights", first / "t5"):  # older than the racy window
+        os.utime(folder, ns=(10**18, 10**18))
+    reads = []
+    real = pack.paths._entries
+    monkeypatch.setattr(pack.paths, "_entries", lambda folder: reads.append(str(folder)) or real(folder))
+    assert pack.paths.transformer_choices().count("weights") == 1
+    reads.clear()
+    assert "weights" in pack.paths.transformer_choices()
+    assert reads == []  # nothing changed: nothing read again
+    (second / "new.safetensors").write_bytes(b"")
+    assert "new.safetensors" in pack.paths.transformer_choices() and reads
+
+    def no_walk(*a, **k):
+        raise AssertionError("a queue's validation walked the model folders")
+
+    monkeypatch.setattr(pack.paths, "_list", no_walk)  # a queue checks the names it got, without listing again
+    assert pack.loaders.InfinityStarModelLoader.validate_inputs(model_name="weights", weight_dtype="auto") is True
+    assert "weight_dtype is 'fp4'" in pack.loaders.InfinityStarModelLoader.validate_inputs(model_name="weights",
+                                                                                           weight_dtype="fp4")
+    assert pack.loaders.InfinityStarVAELoader.validate_inputs(vae_name="videovae.pth", dtype="auto") is True
+    assert pack.loaders.InfinityStarTextEncoderLoader.validate_inputs(encoder_name="t5", dtype="fp16") is True
+    assert "not found" in pack.loaders.InfinityStarTextEncoderLoader.validate_inputs(encoder_name="t6", dtype="fp16")
+
+
 def test_registration_keeps_user_paths(pack, comfy_dirs):
     import folder_paths
 
