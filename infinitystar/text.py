@@ -190,14 +190,27 @@ class TextEncoder:
         """
         from .sampler import TextCondition
 
+        self.check_negative(prompt, negative_prompt, duration_s, decorate, closing)
         cond = self.encode_text(decorate_prompt(prompt, duration_s, enabled=decorate, closing=closing),
                                 device=device)
-        uncond = None
-        if negative_prompt:
-            uncond = self.encode_text(negative_prompt, device=device)
-            if uncond.shape[0] > cond.shape[0]:
-                raise ValueError(
-                    f"negative prompt is {uncond.shape[0]} tokens but the (decorated) prompt is only "
-                    f"{cond.shape[0]}; the official sampler pads the negative to the prompt's length and cannot "
-                    "shorten it. Shorten the negative prompt or lengthen the prompt.")
+        uncond = self.encode_text(negative_prompt, device=device) if negative_prompt else None
         return TextCondition(cond=cond, uncond=uncond)
+
+    def token_count(self, text: str) -> int:
+        """Tokens the encoder sees of ``text`` (its features' length), counted by the tokenizer alone."""
+        return len(self.tokenizer(text=text, max_length=self.max_length, truncation=True).input_ids)
+
+    def check_negative(self, prompt: str, negative_prompt: str, duration_s: int | None = 5, decorate: bool = True,
+                       closing: bool = True) -> None:
+        """Raise ValueError when the negative prompt is longer in tokens than the decorated prompt: the official
+        sampler pads the negative to the prompt's length and cannot shorten it. The tokenizer alone tells, so a
+        host can refuse it before loading the encoder."""
+        if not negative_prompt:
+            return
+        cond = self.token_count(decorate_prompt(prompt, duration_s, enabled=decorate, closing=closing))
+        uncond = self.token_count(negative_prompt)
+        if uncond > cond:
+            raise ValueError(
+                f"negative prompt is {uncond} tokens but the (decorated) prompt is only {cond}; the official sampler "
+                "pads the negative to the prompt's length and cannot shorten it. Shorten the negative prompt or "
+                "lengthen the prompt.")

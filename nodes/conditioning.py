@@ -59,6 +59,10 @@ class InfinityStarTextEncode(io.ComfyNode):
         lines = prompt_lines(prompt)
         clips = lines if duration_tag == "interact" and len(lines) > 1 else []  # a story: one clip per line
         encoded = []
+        for text in clips or [prompt]:  # refused before the encoder loads (the tokenizer alone counts)
+            for seconds in DURATION_TAGS[duration_tag]:
+                text_encoder.encoder.check_negative(text, negative_prompt, seconds or None,
+                                                    closing=duration_tag not in NO_CLOSING_PHRASE)
         with host.loaded(patcher):  # resident afterwards, as core text encoders: ComfyUI evicts it when needed
             for text in clips or [prompt]:
                 texts = {}

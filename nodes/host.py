@@ -118,14 +118,16 @@ def _castable_norm(cls: type) -> type:
     return Norm
 
 
-_FAMILIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ComfyUI makes an fp8 family per load
-
-
 def with_norms(family: type) -> type:
-    """``family`` (a ``comfy.ops`` namespace) with the library's ``norm_layer`` hook (``infinitystar.ops``)."""
-    if family not in _FAMILIES:
-        _FAMILIES[family] = type(family.__name__, (family,), {"norm_layer": staticmethod(_castable_norm)})
-    return _FAMILIES[family]
+    """``family`` (a ``comfy.ops`` namespace) with the library's ``norm_layer`` hook (``infinitystar.ops``).
+
+    Kept on the family itself: ComfyUI makes a new scaled-fp8 family per load, and a cache keyed by family would
+    hold each one forever (the subclass refers to its base); this way each dies with its family."""
+    made = family.__dict__.get("_infinitystar_with_norms")
+    if made is None:
+        made = type(family.__name__, (family,), {"norm_layer": staticmethod(_castable_norm)})
+        type.__setattr__(family, "_infinitystar_with_norms", made)
+    return made
 
 
 def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_device: torch.device):
@@ -298,7 +300,10 @@ def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False) 
         ok = True
     finally:
         if not ok:
-            release(patcher)
+            try:
+                release(patcher)
+            except Exception:  # e.g. after a CUDA fault: the error that stopped the node is the one to show
+                logger.exception("InfinityStar: unloading %s after an error failed too", type(_module(patcher)).__name__)
         else:
             mm.soft_empty_cache()
 

@@ -460,3 +460,14 @@ def test_start_image_without_vae_is_refused(pack, loaded):
     with pytest.raises(ValueError, match="vae"):
         run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"], duration="5 s",
             seed=0, start_image=torch.rand(1, 64, 64, 3), **SMALL)
+
+
+def test_a_too_long_negative_prompt_is_refused_before_the_encoder_loads(pack, loaded, monkeypatch):
+    """The tokenizer alone tells that a negative prompt is longer than the prompt: the node refuses it without
+    loading T5 (an error after loading used to unload it as well, so the next queue loaded it again)."""
+    loads = []
+    monkeypatch.setattr(pack.host.mm, "load_models_gpu", lambda *a, **k: loads.append(a))
+    with pytest.raises(ValueError, match="negative prompt is .* tokens but the .* prompt is only"):
+        run(pack.conditioning.InfinityStarTextEncode, text_encoder=loaded["te"], prompt="a fox",
+            negative_prompt=" ".join(["blurry, low quality"] * 20), duration_tag="auto")
+    assert loads == []

@@ -55,6 +55,23 @@ def test_text_encoder_partly_loaded_encodes_as_fully_loaded(pack, loaded):
     assert pack.host.is_loaded(loaded["te"].patcher)
 
 
+def test_the_ops_family_with_norms_dies_with_comfys_family(pack, comfy):
+    """ComfyUI makes a new scaled-fp8 ops family on every fp8 load; the pack's subclass of each (its norm hook) must
+    not keep them alive (a cache keyed by family grew by one family per load, forever)."""
+    import gc
+    import weakref
+
+    import comfy.ops
+
+    family = type("Family", (comfy.ops.manual_cast,), {})
+    made = pack.host.with_norms(family)
+    assert made is pack.host.with_norms(family) and issubclass(made, family) and made.norm_layer
+    gone = weakref.ref(family)
+    del family, made
+    gc.collect()
+    assert gone() is None
+
+
 def test_norms_of_the_transformer_and_tokenizer_are_comfy_layers(pack, loaded, core):
     """No layer of the transformer or the tokenizer holds a weight outside ComfyUI's cast (the root's cfg_uncond and
     sos_token aside, which the ON_LOAD callback places); an offloaded norm computes what a loaded one does."""

@@ -80,10 +80,19 @@ def test_encode_returns_text_condition(encoder):
     torch.testing.assert_close(neg.cond, text.cond)
 
 
-def test_negative_longer_than_prompt_is_rejected(encoder):
+def test_negative_longer_than_prompt_is_rejected(encoder, monkeypatch):
+    """Refused from the tokenizer's counts, which are the features' lengths, before the encoder runs (a host can
+    check before loading it)."""
     pytest.importorskip("infinitystar.sampler")
+    long = " ".join(["blurry ugly"] * 40)
+    for text in (decorate_prompt("fox", 5), "blurry", long, " ".join(["a red fox"] * 300)):
+        assert encoder.token_count(text) == encoder.encode_text(text).shape[0]
+    encoder.check_negative("fox", "blurry", 5)
+    monkeypatch.setattr(encoder, "encode_text", lambda *a, **k: pytest.fail("encoded before the check"))
+    with pytest.raises(ValueError, match="negative prompt is .* tokens but the \\(decorated\\) prompt is only"):
+        encoder.encode("fox", negative_prompt=long, duration_s=5)
     with pytest.raises(ValueError, match="negative prompt"):
-        encoder.encode("fox", negative_prompt=" ".join(["blurry ugly"] * 40), duration_s=5)
+        encoder.check_negative("fox", long, 5)
 
 
 def test_missing_folder_message(tmp_path):
