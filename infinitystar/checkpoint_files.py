@@ -204,11 +204,29 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no .safetensors files. {DOWNLOAD_HINT}")
+        _check_whole_set(path, files)
         return files
     if path.suffix.lower() not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf"):
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .safetensors, .gguf, .pth or "
                          "a folder")
     return [path]
+
+
+def _check_whole_set(path: Path, files: list[Path]) -> None:
+    """Shards named like the hub's (``model-00001-of-00002.safetensors``) without their index must all be there: a
+    cancelled copy or download leaves the first ones, which would load as a model with missing tensors."""
+    sets: dict[tuple[str, str], set[int]] = {}  # (name before the numbers, total as written) -> shard numbers
+    for f in files:
+        shard = SHARD_NAME.search(f.name)
+        if shard:
+            sets.setdefault((f.name[:shard.start()], shard[2]), set()).add(int(shard[1]))
+    for (stem, total), present in sets.items():
+        missing = [f"{stem}-{i:0{len(total)}d}-of-{total}.safetensors" for i in range(1, int(total) + 1)
+                   if i not in present]
+        if missing:
+            raise FileNotFoundError(f"{path}: holds {len(present)} of {int(total)} shards ({', '.join(missing[:3])}"
+                                    f"{' ...' if len(missing) > 3 else ''} missing) and no {INDEX_FILE}: the "
+                                    "download or copy is incomplete; run it again (it resumes).")
 
 
 class CheckpointReader:

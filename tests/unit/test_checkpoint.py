@@ -176,6 +176,24 @@ def test_one_shard_says_to_choose_its_folder(sharded):
     assert shard_hint("model-00001-of-00001.safetensors") == "" and shard_hint("model.safetensors") == ""
 
 
+def test_shards_without_their_index_must_all_be_there(sharded, tmp_path):
+    """A cancelled copy or download leaves the first shards (the index is copied last): such a folder is refused as
+    incomplete, with the shards it lacks, instead of loading as a model with missing tensors; a whole set loads."""
+    import shutil
+
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    shards = sorted(sharded.glob("*-of-*.safetensors"))
+    shutil.copy(shards[0], folder / shards[0].name)
+    with pytest.raises(FileNotFoundError, match=r"holds 1 of 3 shards \(model-00002-of-00003.safetensors, "
+                                                r"model-00003-of-00003.safetensors missing\).*incomplete"):
+        load_transformer(folder)
+    for shard in shards[1:]:
+        shutil.copy(shard, folder / shard.name)
+    model, info = load_transformer(folder)
+    assert info.config.depth > 0
+
+
 def test_empty_pth_names_the_error(tmp_path):
     empty = tmp_path / "infinitystar_videovae.pth"
     empty.write_bytes(b"")
