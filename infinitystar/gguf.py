@@ -12,6 +12,7 @@ types with that package's reference quantizers and the K-quants with ours (:func
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -388,21 +389,14 @@ def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = 
     for key, entry in reader.entries.items():
         name = written_type(qtype, entry.shape[-1]) if block_weight(key, entry.shape) else None
         plan[key] = gguf.GGMLQuantizationType[name or "F32"]
-    with written_whole(out) as part:  # an error or Ctrl-C leaves no partial file
-        _write(gguf, np, reader, plan, part, variant, target, progress)
+    # an error or Ctrl-C leaves no partial file; the writer's file is closed first (Windows cannot remove an open one)
+    with written_whole(out) as part, contextlib.closing(gguf.GGUFWriter(part, ARCH)) as writer:
+        _write(gguf, np, writer, reader, plan, variant, target, progress)
     logger.info("wrote %s (%s blocks)", out, qtype)
     return out
 
 
-def _write(gguf, np, reader, plan: dict, tmp: Path, variant: str | None, target, progress) -> None:
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        _write_into(gguf, np, writer, reader, plan, variant, target, progress)
-    finally:  # closed on an error too: Windows cannot remove the partial file while it is open
-        writer.close()
-
-
-def _write_into(gguf, np, writer, reader, plan: dict, variant: str | None, target, progress) -> None:
+def _write(gguf, np, writer, reader, plan: dict, variant: str | None, target, progress) -> None:
     from .checkpoint import detect_variant
 
     writer.add_string(f"{ARCH}.variant", variant or detect_variant(reader.path, reader.metadata()))

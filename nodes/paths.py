@@ -131,7 +131,7 @@ class _Scan:
     every refresh and on every queue."""
 
     def __init__(self, base: Path):
-        self.base, self.mtimes, self.found = base, {}, []
+        self.mtimes, self.found = {}, []
         self._seen: set[tuple[int, int]] = set()
         self._real = os.path.realpath(base)
         started = time.time_ns()
@@ -193,7 +193,7 @@ _SCANS: dict[str, _Scan] = {}
 def _scan(base: Path) -> list[tuple[str, str]]:
     key = os.path.normcase(os.path.realpath(base))
     scan = _SCANS.get(key)
-    if scan is None or scan.base != base or not scan.fresh():
+    if scan is None or not scan.fresh():  # names are relative: any path to the same folder finds the same
         try:
             scan = _Scan(base)
         except Exception:  # a last guard: a listing error must never take the node list down
@@ -257,8 +257,9 @@ def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str, kinds: t
         if os.path.exists(candidate):
             return candidate
     tail = Path(name).name
-    elsewhere = {os.path.realpath(c): c for c in (base / tail for base in bases)
-                 if moved and tail != name and _kind(c) in kinds}
+    elsewhere = {}
+    if moved and tail != name:
+        elsewhere = {os.path.realpath(c): c for c in (base / tail for base in bases) if _kind(c) in kinds}
     if len(elsewhere) == 1:
         found = next(iter(elsewhere.values()))
         logger.info("InfinityStar %s %r found as %s", what, name, found)
