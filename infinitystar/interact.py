@@ -200,7 +200,7 @@ def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool =
     independent, so ``last_clip`` decodes only the last one: the newest clip's frames, the tail of a full decode;
     ``first_frame`` (a clip boundary) skips the windows of the frames before it."""
     from .pipeline import _tokenizer_device
-    from .vae import frames_to_float_images
+    from .vae import first_frame_rule
 
     device = _tokenizer_device(tokenizer)
     windows = list(enumerate(decode_windows(tokens.summed_codes.shape[2])))
@@ -210,11 +210,10 @@ def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool =
     windows = [(i, w) for i, w in windows if 1 + PIXEL_FRAMES_PER_CLIP * (i + 1) > first_frame]
     parts = []
     for done, (i, (a, b)) in enumerate(windows, start=1):
-        raw = tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget, tiled=tiled,
-                               max_chunk_latents=max_chunk_latents)
-        images = frames_to_float_images(raw, smooth_first_frame=True)
+        images = first_frame_rule(tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget,
+                                                   tiled=tiled, max_chunk_latents=max_chunk_latents, images_to="cpu"))
         parts.append(images[first_frame:] if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:])
-        del raw
+        del images
         if callback is not None:
             callback(done, len(windows))
     return torch.cat(parts, dim=0)

@@ -441,7 +441,7 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
     ``new_clips``: only the frames after ``tokens.kept_frames`` (what the last Extend / Interact / V2V added).
     ``max_chunk_latents`` caps the chunks ``memory_budget`` allows (see ``VideoTokenizer.decode``).
     """
-    from .vae import frames_to_float_images
+    from .vae import first_frame_rule
 
     if tokens.kind == "interact":
         from .interact import decode as decode_story
@@ -450,10 +450,11 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
                             last_clip=last_clip, first_frame=tokens.kept_frames if new_clips else 0,
                             max_chunk_latents=max_chunk_latents)
     codes = tokens.summed_codes.to(_tokenizer_device(tokenizer))
-    raw = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback,
-                           max_chunk_latents=max_chunk_latents)
-    frames = frames_to_float_images(raw, smooth_first_frame=tokens.is_video)
+    frames = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback,
+                              max_chunk_latents=max_chunk_latents, images_to="cpu")
+    if tokens.is_video:
+        first_frame_rule(frames)
     first = tokens.kept_frames if new_clips else 0  # the causal decoder needs every earlier latent
     if last_clip and len(frames) > 1 + PIXEL_FRAMES_PER_CLIP:
         first = max(first, len(frames) - PIXEL_FRAMES_PER_CLIP)
-    return frames[first:] if first else frames
+    return frames[first:].clone() if first else frames  # a view would keep the dropped frames alive in the cache

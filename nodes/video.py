@@ -132,7 +132,7 @@ class InfinityStarDecode(io.ComfyNode):
 
         tokenizer = vae.module
         need = estimate_decode_memory(tokenizer.config, pipeline.decode_shape(tokens), None,
-                                      tokenizer.compute_dtype or torch.float32)
+                                      tokenizer.compute_dtype or torch.float32, video_on_device=False)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:
             budget = int(host.free_memory_for(vae.patcher) * DECODE_BUDGET_SHARE)
 

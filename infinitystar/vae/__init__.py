@@ -3,6 +3,7 @@ from .codec import (
     CROP_WARN_SHARE,
     cropped_share,
     encode_bits,
+    first_frame_rule,
     frames_to_float_images,
     frames_to_uint8,
     prepare_image,
@@ -14,6 +15,6 @@ from .model import VideoTokenizer, load_vae_state_dict
 
 __all__ = [
     "CROP_WARN_SHARE", "VAE_PRESETS", "VaeConfig", "VideoTokenizer", "cropped_share", "detect_vae_config",
-    "encode_bits", "estimate_decode_memory", "estimate_encode_memory", "frames_to_float_images", "frames_to_uint8",
+    "encode_bits", "estimate_decode_memory", "estimate_encode_memory", "first_frame_rule", "frames_to_float_images", "frames_to_uint8",
     "load_vae_state_dict", "prepare_image", "prepare_video",
 ]

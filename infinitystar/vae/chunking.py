@@ -75,15 +75,21 @@ def plan_decode_chunks(latents: int, chunk_latents: int | None = None) -> list[t
 
 
 def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
-                   callback: Callback = None) -> torch.Tensor:
-    """Decode (B, 16, T, h, w) chunk by chunk with one conv cache; returns (B, 3, 1+4(T-1), 8h, 8w)."""
+                   callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Decode (B, 16, T, h, w) chunk by chunk with one conv cache; returns (B, 3, 1+4(T-1), 8h, 8w).
+
+    ``keep`` maps each chunk's output to what is kept, frames first, concatenated along dim 0 instead (e.g. images
+    moved off the device, so that the whole video never sits on it).
+    """
     cache: ConvCache = {}
     out = []
     for i, (s, e) in enumerate(plan):
-        out.append(decoder(z[:, :, s:e], cache, split_first=(i == 0)))
+        pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
+        out.append(pix if keep is None else keep(pix))
+        del pix
         if callback is not None:
             callback(i + 1, len(plan))
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+    return torch.cat(out, dim=2 if keep is None else 0) if len(out) > 1 else out[0]
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,14 @@ def _to_thwc(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)
 
 
+def images_on(device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Post-processing of one decoded chunk where it was decoded, then the move of its images to ``device``
+    (``VideoTokenizer.decode(images_to=...)``): the same values as ``frames_to_float_images`` of the whole."""
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        return _to_thwc(x).contiguous().to(device)
+    return keep
+
+
 def frames_to_uint8(x: torch.Tensor, *, is_video: bool) -> torch.Tensor:
     """Raw decoder output -> (T, H, W, 3) uint8 RGB on CPU, exactly as the official post-processing.
 
@@ -106,9 +114,14 @@ def frames_to_float_images(x: torch.Tensor, *, smooth_first_frame: bool = False)
     ``smooth_first_frame`` applies the official video rule frame 0 := frame 1 (ignored for one frame).
     """
     img = _to_thwc(x).cpu().contiguous()
-    if smooth_first_frame and img.shape[0] > 1:
-        img[0] = img[1]
-    return img
+    return first_frame_rule(img) if smooth_first_frame else img
+
+
+def first_frame_rule(images: torch.Tensor) -> torch.Tensor:
+    """The official video rule frame 0 := frame 1 on images (T, H, W, 3), in place; one frame stays as it is."""
+    if images.shape[0] > 1:
+        images[0] = images[1]
+    return images
 
 
 def encode_bits(latent: torch.Tensor, steps: Sequence[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:

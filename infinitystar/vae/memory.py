@@ -50,12 +50,15 @@ def _decoder_chunk(cfg: VaeConfig, latents: int, h: int, w: int, first: bool) ->
 
 
 def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk_latents: int | None,
-                           dtype: torch.dtype = torch.float32, tile: Sequence[int] | None = None) -> int:
+                           dtype: torch.dtype = torch.float32, tile: Sequence[int] | None = None, *,
+                           video_on_device: bool = True) -> int:
     """Bytes of activations to decode summed codes of ``latent_shape`` (B, 64, T, h, w) in chunks.
 
     ``chunk_latents`` as in ``VideoTokenizer.decode`` (None = official plan); ``tile`` (th, tw) in
     latent cells for tiled decoding. The decoded video (kept across chunks, then concatenated) is
-    included; the weights are not.
+    included; the weights are not. ``video_on_device=False``: the decode moves each chunk's images off the
+    device (``VideoTokenizer.decode(images_to=...)``), so only one chunk's output and its fp32 images count
+    (a tiled decode still blends the whole video on the device).
     """
     b, _, t, h, w = (int(s) for s in latent_shape)
     p = config.patch_size
@@ -66,10 +69,17 @@ def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk
         largest, cache = _decoder_chunk(config, e - s, th * p, tw * p, i == 0)
         chunk_peak = max(chunk_peak, DECODE_LIVE_FACTOR * largest + cache)
     hp, wp = h * config.spatial_factor, w * config.spatial_factor
-    output = 2 * config.out_channels * config.pixel_frames(t) * hp * wp
-    if tile is not None:
-        output += 2 * config.out_channels * config.pixel_frames(t) * hp * wp  # blend sums + weights, fp32
-    return int(b * (chunk_peak + output) * _itemsize(dtype))
+    size = _itemsize(dtype)
+    if video_on_device or tile is not None:
+        output = 2 * config.out_channels * config.pixel_frames(t) * hp * wp
+        if tile is not None:
+            output += 2 * config.out_channels * config.pixel_frames(t) * hp * wp  # blend sums + weights, fp32
+        if not video_on_device:  # the blended video's fp32 images, made on the device before they move
+            output += config.out_channels * config.pixel_frames(t) * hp * wp * 8 // size
+    else:  # the largest chunk's output and, at the peak of its post-processing, two fp32 copies of it
+        frames = max(config.pixel_frames(e) - (config.pixel_frames(s) if s else 0) for s, e in plan)
+        output = config.out_channels * frames * hp * wp * (size + 8) // size
+    return int(b * (chunk_peak + output) * size)
 
 
 def estimate_encode_memory(config: VaeConfig, frames_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int:
@@ -96,14 +106,14 @@ def estimate_encode_memory(config: VaeConfig, frames_shape: Sequence[int], dtype
 
 
 def choose_decode_chunk(config: VaeConfig, latent_shape: Sequence[int], dtype: torch.dtype, budget: int,
-                        tile: int | Sequence[int] | None = None) -> int:
+                        tile: int | Sequence[int] | None = None, *, video_on_device: bool = True) -> int:
     """Largest chunk of latent frames whose estimate fits ``budget`` bytes (at least 2, the smallest exact chunk)."""
     t = int(latent_shape[2])
     if isinstance(tile, int):
         tile = (tile, tile)
     best = 2
     for c in [*range(2, t, 2), t]:  # later chunks are even anyway
-        if estimate_decode_memory(config, latent_shape, c, dtype, tile) <= budget:
+        if estimate_decode_memory(config, latent_shape, c, dtype, tile, video_on_device=video_on_device) <= budget:
             best = c
         else:
             break

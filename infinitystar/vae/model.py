@@ -263,7 +263,7 @@ class VideoTokenizer(nn.Module):
                memory_budget: int | None = None, tiled: bool = False, tile: int | tuple[int, int] = 32,
                overlap: int | tuple[int, int] = 8,
                callback: Callable[[int, int], None] | None = None,
-               max_chunk_latents: int | None = None) -> torch.Tensor:
+               max_chunk_latents: int | None = None, images_to: torch.device | str | None = None) -> torch.Tensor:
         """Summed codes (B, 64, T, h, w) -> raw decoder output (B, 3, 1 + 4(T-1), 16h, 16w), RGB, unclamped.
 
         Decodes latent frames in chunks with conv caches, which equals a one-shot decode
@@ -272,20 +272,30 @@ class VideoTokenizer(nn.Module):
         checks for a cancel in ``callback`` gets to check a few times per video). ``tiled`` decodes
         overlapping spatial tiles (``tile``/``overlap`` in latent cells) and blends them linearly:
         an approximation, for when even one chunk does not fit.
+
+        ``images_to`` (one video, B = 1): (T, H, W, 3) float32 images in [0, 1] on that device instead, each chunk
+        post-processed where it was decoded and moved right away, so the whole video never sits on the decoding
+        device (the official rule for frame 0 is the caller's: ``first_frame_rule``).
         """
+        from .codec import images_on  # local: codec imports the quantizer
         from .memory import choose_decode_chunk  # local: memory imports the config only
 
+        if images_to is not None and summed_codes.shape[0] != 1:
+            raise ValueError(f"images_to decodes one video (1, 64, T, h, w), got {tuple(summed_codes.shape)}")
+        offload = images_to is not None and torch.device(images_to) != summed_codes.device
         if chunk_latents is None and memory_budget is not None:
             chunk_latents = choose_decode_chunk(self.config, tuple(summed_codes.shape), self._work_dtype(),
-                                                memory_budget, tile=tile if tiled else None)
+                                                memory_budget, tile=tile if tiled else None, video_on_device=not offload)
         if max_chunk_latents is not None and chunk_latents is not None:
             chunk_latents = min(chunk_latents, max_chunk_latents)
         z = self.latent_to_decoder_input(summed_codes).to(self._work_dtype())
         plan = plan_decode_chunks(z.shape[2], chunk_latents)
         logger.debug("decode %s latent frames in chunks %s (tiled=%s)", z.shape[2], plan, tiled)
+        keep = None if images_to is None else images_on(images_to)
         if tiled:
-            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback)
-        return decode_chunked(self.decoder, z, plan, callback)
+            pix = decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback)
+            return pix if keep is None else keep(pix)
+        return decode_chunked(self.decoder, z, plan, callback, keep)
 
 
 def check_frames(frames: torch.Tensor, cfg: VaeConfig) -> None:

@@ -321,4 +321,7 @@ def test_decode_new_clips_drops_the_frames_the_tokens_continued(models):
         assert torch.equal(P.decode(tokenizer, tokens, new_clips=True), whole[kept:]), kept
         assert torch.equal(P.decode(tokenizer, tokens), whole), kept
     both = P.Tokens([], codes, "0.06M", 9 / 16, 161, kept_frames=1)
-    assert torch.equal(P.decode(tokenizer, both, new_clips=True, last_clip=True), whole[-80:])
+    last = P.decode(tokenizer, both, new_clips=True, last_clip=True)
+    assert torch.equal(last, whole[-80:])
+    # what is dropped is freed: the frames kept hold no more memory than their own (ComfyUI caches them)
+    assert last.untyped_storage().nbytes() == last.numel() * last.element_size()

@@ -69,3 +69,36 @@ def test_estimates_scale_and_choose_chunk():
     budget = estimate_decode_memory(full, shape, 6, torch.bfloat16)
     assert choose_decode_chunk(full, shape, torch.bfloat16, budget) == 6
     assert choose_decode_chunk(full, shape, torch.bfloat16, 1) == 2  # never below the smallest exact chunk
+
+
+def test_images_moved_off_the_device_keep_the_peak_flat_in_frames(tok):
+    """``images_to`` another device ("meta" here: counted nowhere, as the host's RAM is not device memory): the
+    decoded video no longer grows the device's peak with the frame count, and each peak stays within its estimate."""
+    moved, whole = {}, {}
+    for t in (5, 13, 21):
+        whole[t] = peak_bytes(lambda t=t: tok.decode(_codes(t), chunk_latents=2))
+        moved[t] = peak_bytes(lambda t=t: tok.decode(_codes(t), chunk_latents=2, images_to="meta"))
+        est = estimate_decode_memory(CFG, (1, 64, t, 3, 3), 2, torch.float32, video_on_device=False)
+        assert moved[t] <= est <= 2.0 * moved[t], (t, moved[t], est)
+        assert est < estimate_decode_memory(CFG, (1, 64, t, 3, 3), 2, torch.float32)
+    assert moved[21] <= 1.1 * moved[5], moved
+    assert whole[21] - whole[5] >= _output_bytes(21) - _output_bytes(5), whole  # kept on the device, it grows
+
+
+@pytest.mark.parametrize("chunk", [6, None])
+def test_images_moved_off_the_device_within_the_estimate(tok, chunk):
+    moved = peak_bytes(lambda: tok.decode(_codes(13), chunk_latents=chunk, images_to="meta"))
+    est = estimate_decode_memory(CFG, (1, 64, 13, 3, 3), chunk, torch.float32, video_on_device=False)
+    assert moved <= est <= 2.0 * moved, (moved, est)
+
+
+def test_images_off_the_device_allow_bigger_chunks_on_the_same_budget():
+    full = VaeConfig()
+    shape = (1, 64, 41, 30, 53)  # 480p, 161 frames
+    off = estimate_decode_memory(full, shape, 2, torch.bfloat16, video_on_device=False)
+    kept = estimate_decode_memory(full, shape, 2, torch.bfloat16)
+    frames_bytes = 3 * 161 * 480 * 848 * 2  # the whole video in bf16, kept on the device otherwise
+    assert kept - off >= frames_bytes, (kept, off)
+    budget = estimate_decode_memory(full, shape, 4, torch.bfloat16, video_on_device=False)
+    assert choose_decode_chunk(full, shape, torch.bfloat16, budget) == 2
+    assert choose_decode_chunk(full, shape, torch.bfloat16, budget, video_on_device=False) == 4

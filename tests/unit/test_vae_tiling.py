@@ -64,3 +64,20 @@ def test_the_overlap_blends_with_linear_weights():
     out = decode_tiled(_TileOriginDecoder(), z, [(0, 1)], tile=(1, 4), overlap=(1, 2), patch=1)[0, 0, 0, 0]
     expected = torch.cat([torch.zeros(16), torch.tensor([2 * (j + 1) / 17 for j in range(16)]), torch.full((16,), 2.0)])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
+def test_images_to_another_device_equal_the_post_processed_whole(tok, tiled):
+    """``images_to``: each chunk post-processed where it was decoded gives exactly the images of the whole decode
+    (clamp((x + 1) / 2), frames first), on the device asked for; one video at a time."""
+    from infinitystar.vae import frames_to_float_images
+
+    codes = torch.randn(1, 64, 7, 3, 4, generator=torch.Generator().manual_seed(3)) * 0.3
+    kw = dict(chunk_latents=2, tiled=tiled, tile=(2, 3), overlap=1)
+    whole = frames_to_float_images(tok.decode(codes, **kw))
+    images = tok.decode(codes, images_to="cpu", **kw)
+    assert images.shape == (25, 48, 64, 3) and images.dtype == torch.float32 and images.is_contiguous()
+    assert torch.equal(images, whole)
+    assert tok.decode(codes, images_to="meta", **kw).device.type == "meta"
+    with pytest.raises(ValueError, match="one video"):
+        tok.decode(codes.expand(2, -1, -1, -1, -1), images_to="cpu")
