@@ -126,41 +126,50 @@ class _Scan:
 
     An entry that cannot be read is skipped, never raised: ComfyUI builds the node list from these lists, and one
     error there drops the whole pack (a lost+found, a private folder, a dead network mount). Links are followed onto
-    other disks, but not into a folder this scan has read already (a loop) or above the scanned folder. Kept while
-    no folder it read has changed (their mtimes), as ComfyUI's own lists are: ComfyUI asks for the node list at
-    every refresh and on every queue."""
+    other disks and listed under their own names, but not into the folder being walked or one above it (a loop;
+    told by real paths: some network and shared-folder file systems give every file the same inode). Kept while no
+    folder it read has changed (their mtimes) and none it could not read has become readable, as ComfyUI's own lists
+    are: ComfyUI asks for the node list at every refresh and on every queue."""
 
     def __init__(self, base: Path):
-        self.mtimes, self.found = {}, []
-        self._seen: set[tuple[int, int]] = set()
-        self._real = os.path.realpath(base)
+        self.mtimes: dict[str, int] = {}  # folders read, and the folders of links' missing targets
+        self.failed: set[str] = set()  # folders that could not be read: a mount that comes later, a chmod
+        self.found: list[tuple[str, str]] = []
         started = time.time_ns()
         entries = self._enter(str(base))
         if entries is not None:
-            self._walk(str(base), "", 0, entries)
+            self._walk(str(base), "", 0, entries, (os.path.realpath(base),))
         # a change within the same mtime tick as the scan would not show: such a scan is not reused
         self.reusable = all(m < started - RACY_NS for m in self.mtimes.values())
 
     def _enter(self, folder: str):
         try:
-            st = os.stat(folder)
+            mtime = os.stat(folder).st_mtime_ns
         except OSError:
+            self.failed.add(folder)
             return None
-        if (st.st_dev, st.st_ino) in self._seen:
-            return None
-        self._seen.add((st.st_dev, st.st_ino))
         entries = _entries(folder)
-        if entries is not None:
-            self.mtimes[folder] = st.st_mtime_ns
+        if entries is None:
+            self.failed.add(folder)
+        else:
+            self.mtimes[folder] = mtime
         return entries
 
-    def _walk(self, folder: str, rel: str, depth: int, entries) -> None:
+    def _watch(self, folder: str) -> None:
+        """Notice when something appears in ``folder`` (a link's target still downloading, a disk not mounted)."""
+        try:
+            self.mtimes.setdefault(folder, os.stat(folder).st_mtime_ns)
+        except OSError:
+            self.failed.add(folder)
+
+    def _walk(self, folder: str, rel: str, depth: int, entries, chain: tuple[str, ...]) -> None:
         for name, is_dir, is_link in entries:
             if name.startswith("."):  # .cache (hub downloads), hidden partial files
                 continue
             path = os.path.join(folder, name)
             if is_dir:
-                if is_link and self._above(path):
+                real = os.path.realpath(path) if is_link else os.path.join(chain[-1], name)
+                if is_link and _loops(real, chain):
                     continue
                 inner = self._enter(path)
                 if inner is None:
@@ -169,22 +178,29 @@ class _Scan:
                 if kind:
                     self.found.append((kind, rel + name))
                 elif depth < MAX_DEPTH:
-                    self._walk(path, f"{rel}{name}/", depth + 1, inner)
-            elif name.lower().endswith(WEIGHT_EXTENSIONS) and (not is_link or os.path.isfile(path)):
-                self.found.append(("file", rel + name))  # a link only when it leads to a file
-
-    def _above(self, link: str) -> bool:
-        """A link to the scanned folder or a folder above it: everything would be listed again under its name."""
-        target = os.path.realpath(link)
-        return self._real == target or self._real.startswith(target.rstrip(os.sep) + os.sep)
+                    self._walk(path, f"{rel}{name}/", depth + 1, inner, (*chain, real))
+            elif name.lower().endswith(WEIGHT_EXTENSIONS):
+                if not is_link or os.path.isfile(path):
+                    self.found.append(("file", rel + name))
+                else:  # listed once its target is there
+                    self._watch(os.path.dirname(os.path.realpath(path)))
 
     def fresh(self) -> bool:
         if not self.reusable:
             return False
         try:
-            return all(os.stat(f).st_mtime_ns == m for f, m in self.mtimes.items())
+            if not all(os.stat(f).st_mtime_ns == m for f, m in self.mtimes.items()):
+                return False
         except OSError:
             return False
+        return not any(os.path.isdir(f) and _entries(f) is not None for f in self.failed)
+
+
+def _loops(target: str, chain: tuple[str, ...]) -> bool:
+    """Whether a link to real path ``target`` leads back into a folder being walked (``chain``, real paths): its
+    own folder, one above it, or one above the scanned folder, where everything would be listed again."""
+    top = target.rstrip(os.sep) + os.sep
+    return any(c == target or c.startswith(top) for c in chain)
 
 
 _SCANS: dict[str, _Scan] = {}
@@ -240,30 +256,42 @@ def _inside(name: str, pathmod=os.path) -> str:
     return pathmod.relpath(pathmod.join(pathmod.sep, tail), pathmod.sep)
 
 
+def _complete(path: Path) -> bool:
+    """Whether a sharded folder holds every shard its index names (or, without one, every shard of its set)."""
+    from ..infinitystar.checkpoint_files import checkpoint_files
+
+    try:
+        checkpoint_files(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str, kinds: tuple[str, ...],
              moved: bool = False) -> Path:
-    """The file or folder ``name`` in the first of ``folders`` that holds it as one of ``kinds`` (what the list
-    offers: a half-downloaded folder does not hide a complete copy in a later folder); else the first that holds
-    anything by that name (the loader then says what is wrong with it); else, with ``moved``, when exactly one
-    place holds its last part directly as one of ``kinds`` (a workflow's ``text_encoder/flan-t5-xl-official`` put
-    straight into ``text_encoders/``, as the README allows), that one."""
+    """The file or folder ``name`` as the list offers it, whole, in the first of ``folders`` that holds it so (a
+    download cut off in one folder does not hide a complete copy in a later one); else, with ``moved``, the one
+    place that holds its last part directly (a workflow's ``text_encoder/flan-t5-xl-official`` put straight into
+    ``text_encoders/``, as the README allows); else the first of ``folders`` that holds anything by that name (the
+    loader then says what is wrong with it: the shards it lacks, the files of a text encoder)."""
     name = _inside(name)
     bases = _bases(folders)
     candidates = [base / name for base in bases]
-    for candidate in candidates:
-        if _kind(candidate) in kinds:
-            return candidate
-    for candidate in candidates:
-        if os.path.exists(candidate):
+    kinds_of = {c: _kind(c) for c in candidates}
+    offered = [c for c in candidates if kinds_of[c] in kinds]
+    for candidate in offered:
+        if kinds_of[candidate] != "sharded" or _complete(candidate):
             return candidate
     tail = Path(name).name
-    elsewhere = {}
     if moved and tail != name:
         elsewhere = {os.path.realpath(c): c for c in (base / tail for base in bases) if _kind(c) in kinds}
-    if len(elsewhere) == 1:
-        found = next(iter(elsewhere.values()))
-        logger.info("InfinityStar %s %r found as %s", what, name, found)
-        return found
+        if len(elsewhere) == 1:
+            found = next(iter(elsewhere.values()))
+            logger.info("InfinityStar %s %r found as %s", what, name, found)
+            return found
+    for candidate in (*offered, *candidates):
+        if os.path.exists(candidate):
+            return candidate
     looked = ", ".join(str(b) for b in bases) or "(no folder registered)"
     raise FileNotFoundError(
         f"InfinityStar {what} {name!r} not found. Put it in {default_dir()} (searched: {looked}). {hint}")
@@ -304,10 +332,11 @@ def next_output_file(prefix: str, extension: str) -> tuple[Path, str]:
 
 
 def _files(base: Path, extension: str) -> list[Path]:
-    """Files named ``*extension`` under ``base``; folders that cannot be read are skipped (os.walk's default), links
-    to folders not followed."""
+    """Files named ``*extension`` (any case: CLIP.MP4 too, as Windows users name them) under ``base``; folders that
+    cannot be read are skipped (os.walk's default), links to folders not followed."""
+    extension = extension.lower()
     return [Path(root, name) for root, _, names in os.walk(base) for name in names
-            if name.endswith(extension) and os.path.isfile(os.path.join(root, name))]
+            if name.lower().endswith(extension) and os.path.isfile(os.path.join(root, name))]
 
 
 def input_files(extension: str) -> list[str]:

@@ -194,6 +194,133 @@ def test_a_complete_copy_is_not_hidden_by_a_partial_one_and_lists_are_reused(pac
     assert "not found" in pack.loaders.InfinityStarTextEncoderLoader.validate_inputs(encoder_name="t6", dtype="fp16")
 
 
+OLD_NS = (10**18, 10**18)  # far past, outside the racy window: a listing of such folders is reused
+
+
+def _older(*folders):
+    import os
+
+    for folder in folders:
+        os.utime(folder, ns=OLD_NS)
+
+
+def _listed(pack) -> list[str]:
+    """The transformer list of diffusion_models alone (models/infinitystar holds the session's tiny models)."""
+    return pack.paths._list(("diffusion_models",), pack.paths.TRANSFORMER_KINDS)
+
+
+def test_folders_that_could_not_be_read_are_listed_once_they_can(pack, comfy_dirs, tmp_path, monkeypatch):
+    """A listing is reused until a folder in it changes, but a folder that was missing (extra_model_paths on a disk
+    mounted later) or unreadable (a chmod, a remount) is tried again at each listing: pressing R shows it."""
+    import os
+
+    import folder_paths
+
+    nas = tmp_path / "nas" / "diffusion_models"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(nas)], {".safetensors"}))
+    assert _listed(pack) == []
+    nas.mkdir(parents=True)
+    (nas / "shared").mkdir()
+    (nas / "a.safetensors").write_bytes(b"")
+    (nas / "shared" / "b.safetensors").write_bytes(b"")
+    _older(nas, nas / "shared")
+    real_scandir, locked = os.scandir, {"on": True}
+
+    def scandir(path="."):
+        if locked["on"] and os.fsdecode(path).endswith("shared"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert _listed(pack) == ["a.safetensors"]  # the mount came: listed without a restart
+    locked["on"] = False  # no mtime changes with a chmod
+    assert _listed(pack) == ["a.safetensors", "shared/b.safetensors"]
+
+
+def test_folders_are_told_apart_where_the_file_system_gives_no_inodes(pack, comfy_dirs, tmp_path, monkeypatch):
+    """sshfs-win, WebDAV drives and VirtualBox shares report inode 0 for every file: loops are told by real paths,
+    so sharded folders and subfolders still show there."""
+    import os
+
+    import folder_paths
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / pack.paths.INDEX_FILE).write_text("{}", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.safetensors").write_bytes(b"")
+    real_stat = os.stat
+
+    class NoInode:
+        def __init__(self, st):
+            self._st = st
+
+        def __getattr__(self, name):
+            return 0 if name in ("st_ino", "st_dev") else getattr(self._st, name)
+
+    def stat(path, *a, **k):
+        return NoInode(real_stat(path, *a, **k))
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path)], {".safetensors"}))
+    assert _listed(pack) == ["sub/b.safetensors", "weights"]
+
+
+def test_links_keep_their_names_and_a_file_link_shows_once_its_target_is_there(pack, comfy_dirs, tmp_path,
+                                                                               monkeypatch):
+    """A link to a model folder beside it (a short alias) does not hide the folder's own name, which the templates
+    use; a link to a file still downloading elsewhere is offered once the file is there."""
+    import folder_paths
+
+    base, elsewhere = tmp_path / "models", tmp_path / "downloads"
+    (base / "infinitystar_8b_720p_weights").mkdir(parents=True)
+    (base / "infinitystar_8b_720p_weights" / pack.paths.INDEX_FILE).write_text("{}", encoding="utf-8")
+    (base / "720p").symlink_to(base / "infinitystar_8b_720p_weights", target_is_directory=True)
+    elsewhere.mkdir()
+    (base / "big.safetensors").symlink_to(elsewhere / "big.safetensors")
+    _older(base, base / "infinitystar_8b_720p_weights", elsewhere)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(base)], {".safetensors"}))
+    assert _listed(pack) == ["720p", "infinitystar_8b_720p_weights"]
+    (elsewhere / "big.safetensors").write_bytes(b"")
+    assert _listed(pack) == ["720p", "big.safetensors", "infinitystar_8b_720p_weights"]
+
+
+def test_a_cut_off_download_does_not_hide_a_whole_copy(pack, comfy_dirs, tmp_path, monkeypatch):
+    """A download cut off after the index and some shards is a sharded folder too: the loader opens the complete
+    copy in a later folder. A workflow's text encoder name that exists only as a broken folder in the first place
+    resolves to the complete copy moved into text_encoders/; with no complete copy anywhere, the loader gets the
+    broken one and says what it lacks."""
+    import json
+
+    import folder_paths
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, shards in ((first, [1]), (second, [1, 2])):
+        weights = folder / "weights"
+        weights.mkdir(parents=True)
+        names = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+        (weights / pack.paths.INDEX_FILE).write_text(json.dumps({"weight_map": {"a": names[0], "b": names[1]}}),
+                                                     encoding="utf-8")
+        for i in shards:
+            (weights / names[i - 1]).write_bytes(b"")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "infinitystar", ([str(first)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(second)], {".safetensors"}))
+    assert pack.paths.resolve_transformer("weights") == second / "weights"
+    (second / "weights" / "model-00002-of-00002.safetensors").unlink()
+    assert pack.paths.resolve_transformer("weights") == first / "weights"  # none whole: the first, as listed
+
+    broken = first / "text_encoder" / "flan-t5-xl-official"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}", encoding="utf-8")
+    moved = second / "flan-t5-xl-official"
+    moved.mkdir()
+    (moved / "config.json").write_text("{}", encoding="utf-8")
+    (moved / "spiece.model").write_bytes(b"")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders", ([str(second)], set()))
+    assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == moved
+    (moved / "spiece.model").unlink()
+    assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == broken
+
+
 def test_registration_keeps_user_paths(pack, comfy_dirs):
     import folder_paths
 
