@@ -216,12 +216,15 @@ def _check_whole_set(path: Path, files: list[Path]) -> None:
     """Shards named like the hub's (``model-00001-of-00002.safetensors``) without their index must all be there: a
     cancelled copy or download leaves the first ones, which would load as a model with missing tensors."""
     sets: dict[tuple[str, str], set[int]] = {}  # (name before the numbers, total as written) -> shard numbers
+    widths: dict[tuple[str, str], int] = {}  # the width of the shard numbers as written (00001, or 1)
     for f in files:
         shard = SHARD_NAME.search(f.name)
         if shard:
             sets.setdefault((f.name[:shard.start()], shard[2]), set()).add(int(shard[1]))
+            widths[f.name[:shard.start()], shard[2]] = len(shard[1]) if shard[1].startswith("0") else 1
     for (stem, total), present in sets.items():
-        missing = [f"{stem}-{i:0{len(total)}d}-of-{total}.safetensors" for i in range(1, int(total) + 1)
+        width = widths[stem, total]
+        missing = [f"{stem}-{i:0{width}d}-of-{total}.safetensors" for i in range(1, int(total) + 1)
                    if i not in present]
         if missing:
             raise FileNotFoundError(f"{path}: holds {len(present)} of {int(total)} shards ({', '.join(missing[:3])}"

@@ -74,16 +74,19 @@ def written_whole(path: str | Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         yield part
         written = True
-        if path.is_file():
-            shutil.copymode(path, part)
-        else:
-            part.chmod(new_file_mode())
+        try:  # best effort: FAT / exFAT and some network mounts refuse modes they cannot hold
+            if path.is_file():
+                shutil.copymode(path, part)
+            else:
+                part.chmod(new_file_mode())
+        except OSError as e:
+            logger.debug("could not set the mode of %s: %s", part, e)
         _replace(part, path)
     except OSError as e:
         if written and part.is_file():
             kept = _kept_as(part, path)
-            raise OSError(f"cannot write {asked}: {e.strerror or e} (is it open in another program?); the finished "
-                          f"file is kept as {kept}") from e
+            held = " (is it open in another program?)" if isinstance(e, PermissionError) else ""
+            raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; the finished file is kept as {kept}") from e
         raise OSError(f"cannot write {asked}: {e.strerror or e}") from e
     finally:
         if not written:  # best effort: a file still held open (Windows) must not hide the error that stopped us

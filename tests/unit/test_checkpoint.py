@@ -192,6 +192,12 @@ def test_shards_without_their_index_must_all_be_there(sharded, tmp_path):
         shutil.copy(shard, folder / shard.name)
     model, info = load_transformer(folder)
     assert info.config.depth > 0
+    unpadded = tmp_path / "unpadded"  # the missing names are given as the set writes them
+    unpadded.mkdir()
+    for name in ("part-1-of-12.safetensors", "part-10-of-12.safetensors"):
+        shutil.copy(shards[0], unpadded / name)
+    with pytest.raises(FileNotFoundError, match=r"holds 2 of 12 shards \(part-2-of-12.safetensors, part-3-of-12"):
+        load_transformer(unpadded)
 
 
 def test_empty_pth_names_the_error(tmp_path):

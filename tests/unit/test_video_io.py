@@ -412,6 +412,34 @@ def test_a_finished_file_that_cannot_take_its_name_is_kept(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out (1).mp4", "out.mp4"]
 
 
+def test_a_mode_the_file_system_cannot_hold_does_not_fail_the_write(tmp_path, monkeypatch):
+    """FAT / exFAT drives and some network mounts refuse to change a file's mode: the file is written all the same;
+    a replace that fails otherwise than by a refusal does not blame another program."""
+    from pathlib import Path
+
+    from infinitystar import video_io
+
+    def refused(self, mode, **kw):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "chmod", refused)
+    monkeypatch.setattr(video_io.shutil, "copymode", lambda *a, **k: refused(None, 0))
+    out = tmp_path / "out.mp4"
+    for content in (b"new", b"newer"):  # a new file, then over an existing one
+        with video_io.written_whole(out) as part:
+            part.write_bytes(content)
+        assert out.read_bytes() == content
+
+    def gone(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(video_io.os, "replace", gone)
+    with pytest.raises(OSError, match=r"Input/output error; the finished file is kept") as err:
+        with video_io.written_whole(out) as part:
+            part.write_bytes(b"newest")
+    assert "another program" not in str(err.value)
+
+
 def test_an_error_while_writing_stays_the_error_when_the_partial_file_cannot_go(tmp_path, monkeypatch):
     """A partial file still open (Windows) cannot be removed; the error that stopped the write is what the user sees
     (Ctrl-C stays an interrupt), not the failed clean-up."""
