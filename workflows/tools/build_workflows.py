@@ -50,7 +50,7 @@ models/infinitystar/
   {TEXT_ENCODER}/   config, weights, spiece.model
 ```
 
-No files yet? Queue the **InfinityStar Download Models** node once (then press **R** to refresh the lists), or, in a terminal inside the pack folder (custom_nodes/ComfyUI-InfinityStar), run `python -m infinitystar download --variant 720p --dest ../../models/infinitystar` (Windows portable build, from the ComfyUI_windows_portable folder: `python_embeded\\python.exe ComfyUI\\custom_nodes\\ComfyUI-InfinityStar download --variant 720p --dest ComfyUI\\models\\infinitystar`). The transformer may also sit in `models/diffusion_models`, the tokenizer in `models/vae`, the text encoder folder in `models/text_encoders`.
+No files yet? Queue the **InfinityStar Download Models** node once (then press **R** to refresh the lists), or, in a terminal inside the pack folder (custom_nodes/ComfyUI-InfinityStar; custom_nodes/infinitystar after a Manager install), run `python -m infinitystar download --variant 720p --dest ../../models/infinitystar` (Windows portable build, from the ComfyUI_windows_portable folder: `python_embeded\\python.exe ComfyUI\\custom_nodes\\ComfyUI-InfinityStar download --variant 720p --dest ComfyUI\\models\\infinitystar`). The transformer may also sit in `models/diffusion_models`, the tokenizer in `models/vae`, the text encoder folder in `models/text_encoders`.
 
 Short on VRAM? weight_dtype **auto** already stores the blocks in fp8 on GPUs too small for bf16; set it to fp8_e4m3fn to force that, and **tiled** on the decoder (it also retries tiled by itself after running out of memory). Warnings show on the node that raised them."""
 
