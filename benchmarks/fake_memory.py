@@ -204,7 +204,8 @@ def auto_offload_layers(config: TransformerConfig, schedule, weights: torch.dtyp
     return choose_kv_offload(config, schedule, room, chunk_tokens=chunk_tokens, weight_dtype=weights)
 
 
-DECODE_GRIDS = {"720p5": (45, 80, 21), "480p5": (30, 53, 21), "480p10": (30, 53, 41)}  # latent h, w, T at 16:9
+DECODE_GRIDS = {"720p5": (45, 80, 21), "480p5": (30, 53, 21), "480p10": (30, 53, 41),  # latent h, w, T at 16:9
+                "720p20": (45, 80, 81)}  # a 720p 5 s video extended three times
 
 
 def measure_decode(latent_shape, dtype: torch.dtype = torch.bfloat16, **decode_kwargs) -> int:
@@ -231,7 +232,9 @@ def decode_table(cases) -> str:
         for label, kwargs, est_kwargs in (("official chunks", {}, dict(chunk_latents=None)),
                                           ("official chunks, images to the host", dict(images_to="meta"),
                                            dict(chunk_latents=None, video_on_device=False)),
-                                          ("tiled 32, overlap 8", dict(tiled=True), dict(chunk_latents=None, tile=(32, 32)))):
+                                          ("tiled 32, overlap 8", dict(tiled=True), dict(chunk_latents=None, tile=(32, 32))),
+                                          ("tiled, images to the host", dict(tiled=True, images_to="meta"),
+                                           dict(chunk_latents=None, tile=(32, 32), video_on_device=False))):
             peak = measure_decode(shape, **kwargs)
             est = estimate_decode_memory(VaeConfig(), shape, dtype=torch.bfloat16, **est_kwargs)
             rows.append(f"| {case} | {t}x{h}x{w} | {label} | {peak / 1e9:.2f} | {est / 1e9:.2f} | {est / peak:.2f} |")

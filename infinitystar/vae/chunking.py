@@ -116,38 +116,49 @@ def _ramp(length: int, lo_blend: int, hi_blend: int, device) -> torch.Tensor:
 
 def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
                  tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int,
-                 callback: Callback = None) -> torch.Tensor:
+                 callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Approximate decode of overlapping spatial tiles, linearly blended in the overlaps.
 
     ``tile`` and ``overlap`` are in cells of the 64-channel latent grid (16 px each); each tile is
     decoded exactly in time (chunks + its own conv cache). The decoder's receptive field crosses
-    tile borders, so results differ from a full decode near the seams.
+    tile borders, so results differ from a full decode near the seams. Each chunk of a tile is added to its
+    chunk's fp32 sums as soon as it is decoded, so no tile's whole video sits beside them; ``keep`` as in
+    ``decode_chunked``, chunk by chunk once every tile is in.
     """
     (th, tw), (oh, ow) = _pair(tile), _pair(overlap)
     th, tw, oh, ow = th * patch, tw * patch, oh * patch, ow * patch  # decoder input is unpatchified
-    b, _, t, h, w = z.shape
+    b, _, _, h, w = z.shape
     ys, xs = _tile_starts(h, th, oh), _tile_starts(w, tw, ow)
-    up = None
-    out = weight = None
+    sums: list[torch.Tensor | None] = [None] * len(plan)  # per chunk, (B, 3, its frames, H, W) in fp32
+    weight = None
     total, done = len(ys) * len(xs) * len(plan), 0
     for y0 in ys:
         for x0 in xs:
-            part = z[:, :, :, y0:y0 + th, x0:x0 + tw]
-            cb = None
-            if callback is not None:
-                def cb(i, n, _base=done):
-                    callback(_base + i, total)
-            pix = decode_chunked(decoder, part, plan, cb)
-            done += len(plan)
-            if out is None:
-                up = pix.shape[-1] // part.shape[-1]
-                out = torch.zeros(b, pix.shape[1], pix.shape[2], h * up, w * up, dtype=torch.float32, device=pix.device)
-                weight = torch.zeros(1, 1, 1, h * up, w * up, dtype=torch.float32, device=pix.device)
-            ph, pw = pix.shape[-2:]
-            py, px = y0 * up, x0 * up
-            wy = _ramp(ph, (oh * up) if y0 > 0 else 0, (oh * up) if y0 + th < h else 0, pix.device)
-            wx = _ramp(pw, (ow * up) if x0 > 0 else 0, (ow * up) if x0 + tw < w else 0, pix.device)
-            wmap = (wy[:, None] * wx[None, :])[None, None, None]
-            out[..., py:py + ph, px:px + pw] += pix.float() * wmap
-            weight[..., py:py + ph, px:px + pw] += wmap
-    return out / weight
+            cache: ConvCache = {}
+            for i, (s, e) in enumerate(plan):
+                part = z[:, :, s:e, y0:y0 + th, x0:x0 + tw]
+                pix = decoder(part, cache, split_first=(i == 0))
+                if i == 0:  # this tile's place and blend weights
+                    up = pix.shape[-1] // part.shape[-1]
+                    ph, pw = pix.shape[-2:]
+                    py, px = y0 * up, x0 * up
+                    wy = _ramp(ph, (oh * up) if y0 > 0 else 0, (oh * up) if y0 + th < h else 0, pix.device)
+                    wx = _ramp(pw, (ow * up) if x0 > 0 else 0, (ow * up) if x0 + tw < w else 0, pix.device)
+                    wmap = (wy[:, None] * wx[None, :])[None, None, None]
+                    if weight is None:
+                        weight = torch.zeros(1, 1, 1, h * up, w * up, dtype=torch.float32, device=pix.device)
+                    weight[..., py:py + ph, px:px + pw] += wmap
+                if sums[i] is None:
+                    sums[i] = torch.zeros(b, pix.shape[1], pix.shape[2], h * up, w * up, dtype=torch.float32,
+                                          device=pix.device)
+                sums[i][..., py:py + ph, px:px + pw] += pix.float() * wmap
+                del pix
+                done += 1
+                if callback is not None:
+                    callback(done, total)
+    out = []
+    for i in range(len(sums)):
+        chunk, sums[i] = sums[i].div_(weight), None
+        out.append(chunk if keep is None else keep(chunk))
+        del chunk
+    return torch.cat(out, dim=2 if keep is None else 0) if len(out) > 1 else out[0]

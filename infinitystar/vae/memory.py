@@ -55,30 +55,28 @@ def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk
     """Bytes of activations to decode summed codes of ``latent_shape`` (B, 64, T, h, w) in chunks.
 
     ``chunk_latents`` as in ``VideoTokenizer.decode`` (None = official plan); ``tile`` (th, tw) in
-    latent cells for tiled decoding. The decoded video (kept across chunks, then concatenated) is
-    included; the weights are not. ``video_on_device=False``: the decode moves each chunk's images off the
-    device (``VideoTokenizer.decode(images_to=...)``), so only one chunk's output and its fp32 images count
-    (a tiled decode still blends the whole video on the device).
+    latent cells for tiled decoding (the video's blend sums, fp32, stay on the device). The decoded video (kept
+    across chunks, then concatenated) is included; the weights are not. ``video_on_device=False``: the decode moves
+    each chunk's images off the device (``VideoTokenizer.decode(images_to=...)``), so only one chunk's output and its
+    fp32 images count.
     """
     b, _, t, h, w = (int(s) for s in latent_shape)
-    p = config.patch_size
+    p, size = config.patch_size, _itemsize(dtype)
     th, tw = (h, w) if tile is None else (min(h, int(tile[0])), min(w, int(tile[1])))
     plan = plan_decode_chunks(t, chunk_latents)
     chunk_peak = 0
     for i, (s, e) in enumerate(plan[:2]):  # later chunks repeat the second one
         largest, cache = _decoder_chunk(config, e - s, th * p, tw * p, i == 0)
         chunk_peak = max(chunk_peak, DECODE_LIVE_FACTOR * largest + cache)
-    hp, wp = h * config.spatial_factor, w * config.spatial_factor
-    size = _itemsize(dtype)
-    if video_on_device or tile is not None:
-        output = 2 * config.out_channels * config.pixel_frames(t) * hp * wp
-        if tile is not None:
-            output += 2 * config.out_channels * config.pixel_frames(t) * hp * wp  # blend sums + weights, fp32
-        if not video_on_device:  # the blended video's fp32 images, made on the device before they move
-            output += config.out_channels * config.pixel_frames(t) * hp * wp * 8 // size
-    else:  # the largest chunk's output and, at the peak of its post-processing, two fp32 copies of it
-        frames = max(config.pixel_frames(e) - (config.pixel_frames(s) if s else 0) for s, e in plan)
-        output = config.out_channels * frames * hp * wp * (size + 8) // size
+    pixels = config.out_channels * h * config.spatial_factor * w * config.spatial_factor
+    video = pixels * config.pixel_frames(t)
+    chunk = pixels * max(config.pixel_frames(e) - (config.pixel_frames(s) if s else 0) for s, e in plan)
+    fp32 = 4 / size  # elements of ``dtype`` in one fp32 element
+    if tile is None:
+        # kept, then concatenated; or one chunk's output and, at the peak of its post-processing, two fp32 copies
+        output = 2 * video if video_on_device else chunk * (1 + 2 * fp32)
+    else:  # the blend sums, then their concatenation or one chunk's fp32 images
+        output = video * fp32 + (video * fp32 if video_on_device else 2 * chunk * fp32)
     return int(b * (chunk_peak + output) * size)
 
 

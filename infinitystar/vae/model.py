@@ -293,8 +293,7 @@ class VideoTokenizer(nn.Module):
         logger.debug("decode %s latent frames in chunks %s (tiled=%s)", z.shape[2], plan, tiled)
         keep = None if images_to is None else images_on(images_to)
         if tiled:
-            pix = decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback)
-            return pix if keep is None else keep(pix)
+            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback, keep)
         return decode_chunked(self.decoder, z, plan, callback, keep)
 
 

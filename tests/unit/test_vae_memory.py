@@ -102,3 +102,22 @@ def test_images_off_the_device_allow_bigger_chunks_on_the_same_budget():
     budget = estimate_decode_memory(full, shape, 4, torch.bfloat16, video_on_device=False)
     assert choose_decode_chunk(full, shape, torch.bfloat16, budget) == 2
     assert choose_decode_chunk(full, shape, torch.bfloat16, budget, video_on_device=False) == 4
+
+
+@pytest.mark.parametrize("images_to", [None, "meta"], ids=["video-kept", "images-moved"])
+def test_tiled_decode_within_its_estimate_and_flat_in_frames_when_moved(tok, images_to):
+    """Tiled: each chunk of a tile goes into the video's fp32 blend sums as it is decoded, and with the images moved
+    they leave chunk by chunk: the estimate bounds the measured peak, and the sums are all that grows with frames."""
+    kw = dict(chunk_latents=2, tiled=True, tile=(2, 2), overlap=1, images_to=images_to)
+    peaks = {}
+    for t in (5, 13):
+        peaks[t] = peak_bytes(lambda t=t: tok.decode(_codes(t), **kw))
+        est = estimate_decode_memory(CFG, (1, 64, t, 3, 3), 2, torch.float32, tile=(2, 2),
+                                     video_on_device=images_to is None)
+        assert peaks[t] <= est <= 2.0 * peaks[t], (t, peaks[t], est)
+    grown = peaks[13] - peaks[5]
+    sums = _output_bytes(13) - _output_bytes(5)  # fp32, as the blend sums
+    if images_to is None:
+        assert grown >= 1.3 * sums, peaks  # summed, then concatenated
+    else:
+        assert grown <= 1.2 * sums, peaks
