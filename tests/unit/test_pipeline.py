@@ -191,6 +191,7 @@ def test_i2v_teacher_forces_the_image(models):
     out = P.generate(transformer, te.encode("a cat", duration_s=5), schedule, seed=2, condition=cond)
     assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(out.bits, cond.bits))
     torch.testing.assert_close(out.summed_codes[:, :, :1], cond.summed_codes)
+    assert out.kept_frames == 1  # Decode's "new clips" drops the start image's frame
     wrong = P.resolve_schedule("0.06M", "1:1", 5)
     with pytest.raises(ValueError, match="same schedule"):
         P.generate(transformer, te.encode("a cat"), wrong, seed=2, condition=cond)
