@@ -88,6 +88,11 @@ def written_whole(path: str | Path):
             held = " (is it open in another program?)" if isinstance(e, PermissionError) else ""
             raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; the finished file is kept as {kept}") from e
         raise OSError(f"cannot write {asked}: {e.strerror or e}") from e
+    except KeyboardInterrupt:  # Ctrl-C while the name is retried: the finished file stays, visible
+        if written and part.is_file():
+            with contextlib.suppress(OSError):
+                logger.warning("interrupted: the finished file is kept as %s", _kept_as(part, path))
+        raise
     finally:
         if not written:  # best effort: a file still held open (Windows) must not hide the error that stopped us
             with contextlib.suppress(OSError):

@@ -412,6 +412,19 @@ def test_a_finished_file_that_cannot_take_its_name_is_kept(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out (1).mp4", "out.mp4"]
 
 
+def test_ctrl_c_while_the_name_is_retried_keeps_the_finished_file_visible(tmp_path, monkeypatch):
+    from infinitystar import video_io
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(video_io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with video_io.written_whole(tmp_path / "out.mp4") as part:
+            part.write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out (1).mp4"]
+
+
 def test_a_mode_the_file_system_cannot_hold_does_not_fail_the_write(tmp_path, monkeypatch):
     """FAT / exFAT drives and some network mounts refuse to change a file's mode: the file is written all the same;
     a replace that fails otherwise than by a refusal does not blame another program."""
