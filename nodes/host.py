@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import sys
 import threading
@@ -134,18 +135,57 @@ def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_
     """``comfy.ops`` family for storing in ``weight_dtype`` and computing in ``compute_dtype``.
 
     ``None`` (files kept as stored: fp32 on the CPU, or already bf16 / fp16 / fp8) gets ``manual_cast``, which
-    casts per layer only when the dtypes differ. fp8_e4m3fn gets ComfyUI's scaled-fp8 ops: the loader stores each block weight divided
-    by its own scale (``infinitystar.ops.quantize_scaled``); with ``--fast fp8_matrix_mult`` they use fp8 matmuls.
+    casts per layer only when the dtypes differ. fp8_e4m3fn gets scaled-fp8 ops: the loader stores each block weight
+    divided by its own scale (``infinitystar.ops.quantize_scaled``); ComfyUI's own family before 0.4 (with
+    ``--fast fp8_matrix_mult`` it uses fp8 matmuls), the pack's (:func:`scaled_fp8_ops`) where ComfyUI has none.
     Every family carries ``comfy_cast_weights``, which is what lets a partial load leave layers on the offload
     device and stream them in.
     """
     if weight_dtype is None:
         return with_norms(comfy.ops.manual_cast)
     if weight_dtype == torch.float8_e4m3fn:  # per-tensor scaled, as ComfyUI's fp8_scaled checkpoints (see ops.py)
+        if "scaled_fp8" not in inspect.signature(comfy.ops.pick_operations).parameters:  # ComfyUI 0.4 and newer
+            return with_norms(scaled_fp8_ops())
         fast = PerformanceFeature.Fp8MatrixMultiplication in (args.fast or ())
         return with_norms(comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device, fp8_optimizations=fast,
                                                     scaled_fp8=torch.float8_e4m3fn))
     return with_norms(comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device))
+
+
+@functools.cache
+def scaled_fp8_ops() -> type:
+    """A ``manual_cast`` family whose Linear holds a per-tensor ``scale_weight``, applied after ComfyUI's cast (so
+    offloading and patches keep working), for ComfyUI 0.4 and newer: they dropped the scaled-fp8 family (their fp8
+    now comes as quantized tensors from per-layer checkpoint keys, which the pack's streaming loader does not
+    write). The same arithmetic as the family older versions had, without its fp8 matmuls."""
+    class Linear(comfy.ops.manual_cast.Linear):
+        def reset_parameters(self):
+            if not hasattr(self, "scale_weight"):
+                self.scale_weight = torch.nn.Parameter(torch.ones((), device=self.weight.device, dtype=torch.float32),
+                                                       requires_grad=False)
+
+        def _scale(self, like: torch.Tensor) -> torch.Tensor:
+            return self.scale_weight.to(device=like.device, dtype=like.dtype)
+
+        def forward_comfy_cast_weights(self, input):
+            weight, bias = comfy.ops.cast_bias_weight(self, input)[:2]
+            if weight.numel() < input.numel():  # scale the smaller operand
+                return torch.nn.functional.linear(input, weight * self._scale(weight), bias)
+            return torch.nn.functional.linear(input * self._scale(weight), weight, bias)
+
+        def convert_weight(self, weight, inplace=False, **kwargs):  # what weight patches see: the real values
+            return weight.mul_(self._scale(weight)) if inplace else weight * self._scale(weight)
+
+        def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+            weight = (weight / self._scale(weight)).to(self.weight.dtype)
+            if return_weight:
+                return weight
+            if inplace_update:
+                self.weight.data.copy_(weight)
+            else:
+                self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    return type("scaled_fp8_ops", (comfy.ops.manual_cast,), {"Linear": Linear})
 
 
 def gguf_ops():
@@ -205,12 +245,31 @@ def _place_small_tensors(patcher, device_to, lowvram_model_memory, force_patch_w
     model = patcher.model
     if device_to is None:
         return
+    unpin = getattr(patcher, "unpin_weight", None)  # ComfyUI 0.3.68+: offloaded weights may sit in pinned memory
     for name in getattr(model, "fp32_modules", ()):
         obj = getattr(model, name, None)
+        if isinstance(obj, torch.nn.Module | torch.nn.Parameter) and unpin is not None:
+            keys = [name] if isinstance(obj, torch.nn.Parameter) else [f"{name}.{n}" for n, _ in obj.named_parameters()]
+            for key in keys:  # unregistered before the move frees the pinned copy, or ComfyUI's records keep it
+                if key in getattr(patcher, "pinned", ()):
+                    unpin(key)
         if isinstance(obj, torch.nn.Parameter):
             obj.data = obj.data.to(device_to)
         elif isinstance(obj, torch.nn.Module):
             obj.to(device_to)
+
+
+def _small_tensors_home(patcher) -> None:
+    """Put the transformer's small fp32 modules back on the load device where a load left them elsewhere: ComfyUI
+    0.3.76+ may partly unload an already loaded model to fit a run (smallest modules first), without the ON_LOAD
+    callback, and the sampler runs where ``word_embed`` is."""
+    model, device = patcher.model, torch.device(patcher.load_device)
+    for name in getattr(model, "fp32_modules", ()):
+        obj = getattr(model, name, None)
+        tensors = [obj] if isinstance(obj, torch.nn.Parameter) else list(getattr(obj, "parameters", list)())
+        if any(t.device != device for t in tensors):
+            _place_small_tensors(patcher, device, 0, False, False)
+            return
 
 
 def make_patcher(module: torch.nn.Module, kind: str):
@@ -296,6 +355,7 @@ def loaded(patcher, memory_required: int = 0, *, force_full_load: bool = False) 
     mm.load_models_gpu([patcher], memory_required=int(memory_required), force_full_load=force_full_load)
     ok = False
     try:
+        _small_tensors_home(patcher)
         yield _module(patcher)
         ok = True
     finally:

@@ -28,7 +28,8 @@ FILE_COMBOS = {
     ("LoadImage", "image"), ("LoadVideo", "file"), ("UpscaleModelLoader", "model_name"),
 }
 # Fields that vary between machines or only carry prose; left out of the snapshot.
-VOLATILE_FIELDS = ("python_module", "description", "output_tooltips")
+VOLATILE_FIELDS = ("python_module", "description", "output_tooltips",
+                   "output_matchtypes")  # ComfyUI 0.4+ adds it (null for every node of ours)
 
 
 def load_object_info(path: Path = OBJECT_INFO) -> dict:

@@ -234,6 +234,63 @@ def test_fp8_weights_load_and_sample_through_comfy_ops(pack, loaded, weight_dtyp
     assert len(tokens.bits) == tokens.schedule().num_steps
 
 
+def test_fp8_e4m3fn_where_comfyui_has_no_scaled_fp8_family(pack, loaded, monkeypatch):
+    """ComfyUI 0.4 and newer dropped ``pick_operations(scaled_fp8=...)``: fp8_e4m3fn then loads into the pack's own
+    scaled family, which holds the same fp8 weights and scales and samples the same tokens."""
+    import comfy.ops
+
+    kw = dict(model_name="infinitystar_8b_720p_weights", weight_dtype="fp8_e4m3fn", compute_dtype="auto",
+              attention="auto")
+    theirs = run(pack.loaders.InfinityStarModelLoader, **kw)[0]
+    original = comfy.ops.pick_operations
+
+    def newer(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False, fp8_optimizations=False,
+              model_config=None):  # ComfyUI 0.8's signature
+        return original(weight_dtype, compute_dtype, load_device, disable_fast_fp8, fp8_optimizations)
+
+    monkeypatch.setattr(comfy.ops, "pick_operations", newer)
+    ours = run(pack.loaders.InfinityStarModelLoader, **kw)[0]
+    assert ours.module is not theirs.module
+    theirs_layers = dict(theirs.module.named_modules())
+    layers = [(n, m) for n, m in ours.module.named_modules() if n.startswith("block_chunks.") and hasattr(m, "scale_weight")]
+    assert layers
+    for name, layer in layers:
+        assert type(layer).__qualname__.startswith("scaled_fp8_ops.")
+        assert layer.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(layer.weight.view(torch.uint8), theirs_layers[name].weight.view(torch.uint8)), name
+        assert torch.equal(layer.scale_weight, theirs_layers[name].scale_weight), name
+    sample = dict(positive=loaded["cond"], duration="image", seed=3, **SMALL)
+    a = run(pack.sampling.InfinityStarSampler, model=ours, **sample)[0]
+    b = run(pack.sampling.InfinityStarSampler, model=theirs, **sample)[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+
+
+def test_small_modules_go_back_to_the_load_device_and_unpin_first(pack):
+    """ComfyUI 0.3.76+ may partly unload a loaded transformer to fit a run, smallest modules first, without the load
+    callback: the embeddings and heads the sampler runs by go back to the load device (their pinned host copies
+    unregistered first, as ComfyUI pins offloaded weights since 0.3.68). "meta" plays the GPU here."""
+    model = torch.nn.Module()
+    model.word_embed, model.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    model.fp32_modules = ("word_embed", "head")
+    unpinned = []
+
+    class Patcher:  # what the seam reads of ComfyUI's patcher
+        def __init__(self):
+            self.model, self.load_device, self.pinned = model, torch.device("meta"), {"word_embed.weight"}
+
+        def unpin_weight(self, key):
+            unpinned.append(key)
+            self.pinned.discard(key)
+
+    model.head.to("meta")  # the load left only the smallest modules behind
+    patcher = Patcher()
+    pack.host._small_tensors_home(patcher)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert unpinned == ["word_embed.weight"] and patcher.pinned == set()
+    pack.host._small_tensors_home(patcher)  # all home: nothing to do
+    assert unpinned == ["word_embed.weight"]
+
+
 def test_cudnn_attention_choice_reaches_the_sampler(pack, loaded, core, monkeypatch):
     """attention=cudnn on the loader: every attention call of the Sampler gets backend "cudnn" (on a CPU that is
     plain SDPA, so the tokens equal the default loader's bit for bit)."""
