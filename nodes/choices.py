@@ -1,9 +1,10 @@
 """Dropdown values checked when a prompt is queued.
 
-ComfyUI (0.3.x) checks a dropdown's value only for inputs declared as Python lists, the V1 form; a V3 ``io.Combo``
+ComfyUI 0.3.x checks a dropdown's value only for inputs declared as Python lists, the V1 form; a V3 ``io.Combo``
 reaches ``execute`` with whatever an API prompt or a hand-edited workflow holds, where it would end in a bare
 KeyError or be taken silently as a default. Each node names its fixed-choice dropdowns in ``validate_inputs`` and
 calls :func:`check_choices`. Only the named inputs leave ComfyUI's own checks (min/max stay on for the rest).
+ComfyUI 0.8 checks V3 dropdowns itself, except the inputs a ``validate_inputs`` names: the same check, kept here.
 """
 from __future__ import annotations
 
