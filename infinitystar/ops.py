@@ -63,31 +63,37 @@ class Fp8MatmulLinear(ScaledCastLinear):
         w = self.weight
         if w.dtype != torch.float8_e4m3fn or w.device != x.device or not x.is_floating_point():
             return super().forward(x)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        fmax = torch.finfo(torch.float8_e4m3fn).max
-        scale = (torch.linalg.vector_norm(x2, float("inf")).float() / fmax).clamp_min(torch.finfo(torch.float32).tiny)
-        inverse, scale_w = (1 / scale).to(x2.dtype), self.scale_weight.float()
+        return fp8_linear(x, w, self.scale_weight, self.bias)
 
-        def matmul(part):
-            rows = part.shape[0]
-            pad = -rows % 16 if x.is_cuda else 0  # cuBLASLt's fp8 GEMM wants multiples of 16
-            part8 = F.pad(part, (0, 0, 0, pad)) if pad else part
-            # no clamp needed: |x| <= amax, so |x * inverse| <= 448 * (1 + 2^-9) before its own rounding (at most
-            # 450 in bf16), which the cast rounds to 448; e4m3fn only turns values from 464 on into NaN
-            part8 = (part8 * inverse).to(torch.float8_e4m3fn)
-            done = torch._scaled_mm(part8, w.t(), scale_a=scale, scale_b=scale_w, out_dtype=x.dtype)
-            return done[:rows] if pad else done
 
-        if x2.shape[0] <= FP8_MATMUL_ROWS:  # the sampler's token blocks (2 x 5,120 rows): one GEMM, no copy
-            out = matmul(x2)
-        else:
-            out = x2.new_empty(x2.shape[0], w.shape[0])
-            for start in range(0, x2.shape[0], FP8_MATMUL_ROWS):  # quantized copies of a row block only
-                part = x2[start:start + FP8_MATMUL_ROWS]
-                out[start:start + part.shape[0]] = matmul(part)
-        out = out.reshape(*shape[:-1], w.shape[0])
-        return out if self.bias is None else out.add_(_cast(self.bias, out))
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (w * scale_w).T + bias`` in fp8: ``w`` e4m3fn on ``x``'s device, ``x`` quantized per call with its own
+    per-tensor scale (see ``Fp8MatmulLinear``; a host's ops call it with the weight it cast)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    scale = (torch.linalg.vector_norm(x2, float("inf")).float() / fmax).clamp_min(torch.finfo(torch.float32).tiny)
+    inverse, scale_w = (1 / scale).to(x2.dtype), scale_w.float()
+
+    def matmul(part):
+        rows = part.shape[0]
+        pad = -rows % 16 if x.is_cuda else 0  # cuBLASLt's fp8 GEMM wants multiples of 16
+        part8 = F.pad(part, (0, 0, 0, pad)) if pad else part
+        # no clamp needed: |x| <= amax, so |x * inverse| <= 448 * (1 + 2^-9) before its own rounding (at most
+        # 450 in bf16), which the cast rounds to 448; e4m3fn only turns values from 464 on into NaN
+        part8 = (part8 * inverse).to(torch.float8_e4m3fn)
+        done = torch._scaled_mm(part8, w.t(), scale_a=scale, scale_b=scale_w, out_dtype=x.dtype)
+        return done[:rows] if pad else done
+
+    if x2.shape[0] <= FP8_MATMUL_ROWS:  # the sampler's token blocks (2 x 5,120 rows): one GEMM, no copy
+        out = matmul(x2)
+    else:
+        out = x2.new_empty(x2.shape[0], w.shape[0])
+        for start in range(0, x2.shape[0], FP8_MATMUL_ROWS):  # quantized copies of a row block only
+            part = x2[start:start + FP8_MATMUL_ROWS]
+            out[start:start + part.shape[0]] = matmul(part)
+    out = out.reshape(*shape[:-1], w.shape[0])
+    return out if bias is None else out.add_(_cast(bias, out))
 
 
 # rows quantized at a time: bounds the input's scaled and fp8 copies (3 bytes a value: 0.5 GB for the MLP's down

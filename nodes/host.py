@@ -144,20 +144,23 @@ def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_
     if weight_dtype is None:
         return with_norms(comfy.ops.manual_cast)
     if weight_dtype == torch.float8_e4m3fn:  # per-tensor scaled, as ComfyUI's fp8_scaled checkpoints (see ops.py)
-        if "scaled_fp8" not in inspect.signature(comfy.ops.pick_operations).parameters:  # ComfyUI 0.4 and newer
-            return with_norms(scaled_fp8_ops())
         fast = PerformanceFeature.Fp8MatrixMultiplication in (args.fast or ())
+        if "scaled_fp8" not in inspect.signature(comfy.ops.pick_operations).parameters:  # ComfyUI 0.4 and newer
+            return with_norms(scaled_fp8_ops(fast and mm.supports_fp8_compute(load_device)))
         return with_norms(comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device, fp8_optimizations=fast,
                                                     scaled_fp8=torch.float8_e4m3fn))
     return with_norms(comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device))
 
 
 @functools.cache
-def scaled_fp8_ops() -> type:
+def scaled_fp8_ops(fp8_matmul: bool = False) -> type:
     """A ``manual_cast`` family whose Linear holds a per-tensor ``scale_weight``, applied after ComfyUI's cast (so
     offloading and patches keep working), for ComfyUI 0.4 and newer: they dropped the scaled-fp8 family (their fp8
     now comes as quantized tensors from per-layer checkpoint keys, which the pack's streaming loader does not
-    write). The same arithmetic as the family older versions had, without its fp8 matmuls."""
+    write). The same arithmetic as the family older versions had; ``fp8_matmul`` (``--fast fp8_matrix_mult`` on a
+    GPU with fp8 units) multiplies in fp8 as the library's ``Fp8MatmulLinear`` does."""
+    from ..infinitystar.ops import fp8_linear
+
     class Linear(comfy.ops.manual_cast.Linear):
         def reset_parameters(self):
             if not hasattr(self, "scale_weight"):
@@ -168,6 +171,10 @@ def scaled_fp8_ops() -> type:
             return self.scale_weight.to(device=like.device, dtype=like.dtype)
 
         def forward_comfy_cast_weights(self, input):
+            if fp8_matmul and self.weight.dtype == torch.float8_e4m3fn and input.is_floating_point():
+                weight, bias = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
+                                                          bias_dtype=input.dtype)[:2]  # moved, kept in fp8
+                return fp8_linear(input, weight, self.scale_weight.to(device=weight.device, dtype=torch.float32), bias)
             weight, bias = comfy.ops.cast_bias_weight(self, input)[:2]
             if weight.numel() < input.numel():  # scale the smaller operand
                 return torch.nn.functional.linear(input, weight * self._scale(weight), bias)

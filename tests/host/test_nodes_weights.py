@@ -264,6 +264,18 @@ def test_fp8_e4m3fn_where_comfyui_has_no_scaled_fp8_family(pack, loaded, monkeyp
     b = run(pack.sampling.InfinityStarSampler, model=theirs, **sample)[0]
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
 
+    # --fast fp8_matrix_mult on a GPU with fp8 units: the same layer multiplies in fp8 (the CPU's _scaled_mm here)
+    name, layer = layers[0]
+    fast = pack.host.scaled_fp8_ops(True).Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                                 dtype=torch.float8_e4m3fn)
+    fast.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(0))
+    exact = torch.nn.functional.linear(x, layer.weight.float() * layer.scale_weight, layer.bias)
+    plain, quick = layer(x), fast(x)
+    assert torch.allclose(plain, exact, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(quick, plain)  # the input went through fp8
+    assert ((quick - exact).norm() / exact.norm()).item() < 0.06
+
 
 def test_small_modules_go_back_to_the_load_device_and_unpin_first(pack):
     """ComfyUI 0.3.76+ may partly unload a loaded transformer to fit a run, smallest modules first, without the load
