@@ -221,7 +221,8 @@ def _check_whole_set(path: Path, files: list[Path]) -> None:
         shard = SHARD_NAME.search(f.name)
         if shard:
             sets.setdefault((f.name[:shard.start()], shard[2]), set()).add(int(shard[1]))
-            widths[f.name[:shard.start()], shard[2]] = len(shard[1]) if shard[1].startswith("0") else 1
+            key = (f.name[:shard.start()], shard[2])
+            widths[key] = max(widths.get(key, 1), len(shard[1]) if shard[1].startswith("0") else 1)
     for (stem, total), present in sets.items():
         width = widths[stem, total]
         missing = [f"{stem}-{i:0{width}d}-of-{total}.safetensors" for i in range(1, int(total) + 1)

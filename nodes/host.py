@@ -155,7 +155,8 @@ def pick_ops(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype, load_
 @functools.cache
 def scaled_fp8_ops(fp8_matmul: bool = False) -> type:
     """A ``manual_cast`` family whose Linear holds a per-tensor ``scale_weight``, applied after ComfyUI's cast (so
-    offloading and patches keep working), for ComfyUI 0.4 and newer: they dropped the scaled-fp8 family (their fp8
+    offloading keeps working; weight patches, which the pack's nodes never add, see the stored values), for ComfyUI
+    0.4 and newer: they dropped the scaled-fp8 family (their fp8
     now comes as quantized tensors from per-layer checkpoint keys, which the pack's streaming loader does not
     write). The same arithmetic as the family older versions had; ``fp8_matmul`` (``--fast fp8_matrix_mult`` on a
     GPU with fp8 units) multiplies in fp8 as the library's ``Fp8MatmulLinear`` does."""

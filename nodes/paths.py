@@ -168,8 +168,8 @@ class _Scan:
                 continue
             path = os.path.join(folder, name)
             if is_dir:
-                real = os.path.realpath(path) if is_link else os.path.join(chain[-1], name)
-                if is_link and _loops(real, chain):
+                real = os.path.realpath(path)  # also for what is no link to scandir: a Windows junction
+                if _loops(real, chain):
                     continue
                 inner = self._enter(path)
                 if inner is None:
@@ -199,8 +199,9 @@ class _Scan:
 def _loops(target: str, chain: tuple[str, ...]) -> bool:
     """Whether a link to real path ``target`` leads back into a folder being walked (``chain``, real paths): its
     own folder, one above it, or one above the scanned folder, where everything would be listed again."""
+    target = os.path.normcase(target)  # Windows: one folder, whatever the case of its name
     top = target.rstrip(os.sep) + os.sep
-    return any(c == target or c.startswith(top) for c in chain)
+    return any(c == target or c.startswith(top) for c in map(os.path.normcase, chain))
 
 
 _SCANS: dict[str, _Scan] = {}
@@ -257,9 +258,13 @@ def _inside(name: str, pathmod=os.path) -> str:
 
 
 def _complete(path: Path) -> bool:
-    """Whether a sharded folder holds every shard its index names (or, without one, every shard of its set)."""
+    """Whether a sharded or text-encoder folder holds every shard its index names (or, without one, every shard of
+    its set), or a text encoder's single pytorch_model.bin."""
     from ..infinitystar.checkpoint_files import checkpoint_files
 
+    names = {name for name, _, _ in _entries(path) or ()}
+    if "pytorch_model.bin" in names and not any(name.endswith(".safetensors") for name in names):
+        return True  # what the T5 loader reads where there are no safetensors
     try:
         checkpoint_files(path)
     except (OSError, ValueError):
@@ -280,7 +285,7 @@ def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str, kinds: t
     kinds_of = {c: _kind(c) for c in candidates}
     offered = [c for c in candidates if kinds_of[c] in kinds]
     for candidate in offered:
-        if kinds_of[candidate] != "sharded" or _complete(candidate):
+        if kinds_of[candidate] == "file" or _complete(candidate):
             return candidate
     tail = Path(name).name
     if moved and tail != name:

@@ -51,14 +51,15 @@ def _decoder_chunk(cfg: VaeConfig, latents: int, h: int, w: int, first: bool) ->
 
 def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk_latents: int | None,
                            dtype: torch.dtype = torch.float32, tile: Sequence[int] | None = None, *,
-                           video_on_device: bool = True) -> int:
+                           video_on_device: bool = True, images: bool = False) -> int:
     """Bytes of activations to decode summed codes of ``latent_shape`` (B, 64, T, h, w) in chunks.
 
     ``chunk_latents`` as in ``VideoTokenizer.decode`` (None = official plan); ``tile`` (th, tw) in
     latent cells for tiled decoding (the video's blend sums, fp32, stay on the device). The decoded video (kept
     across chunks, then concatenated) is included; the weights are not. ``video_on_device=False``: the decode moves
     each chunk's images off the device (``VideoTokenizer.decode(images_to=...)``), so only one chunk's output and its
-    fp32 images count.
+    fp32 images count; ``images`` with the video on the device: the decode keeps fp32 images there (``images_to``
+    the decoding device itself).
     """
     b, _, t, h, w = (int(s) for s in latent_shape)
     p, size = config.patch_size, _itemsize(dtype)
@@ -72,11 +73,12 @@ def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk
     video = pixels * config.pixel_frames(t)
     chunk = pixels * max(config.pixel_frames(e) - (config.pixel_frames(s) if s else 0) for s, e in plan)
     fp32 = 4 / size  # elements of ``dtype`` in one fp32 element
+    post = 2 * chunk * fp32  # at the peak of one chunk's post-processing, two fp32 copies of it
+    kept = 2 * video * (fp32 if images or tile is not None else 1)  # kept across chunks, then concatenated
     if tile is None:
-        # kept, then concatenated; or one chunk's output and, at the peak of its post-processing, two fp32 copies
-        output = 2 * video if video_on_device else chunk * (1 + 2 * fp32)
-    else:  # the blend sums, then their concatenation or one chunk's fp32 images
-        output = video * fp32 + (video * fp32 if video_on_device else 2 * chunk * fp32)
+        output = (kept if video_on_device else 0) + (chunk + post if images or not video_on_device else 0)
+    else:  # the fp32 blend sums are handed on chunk by chunk
+        output = kept + post if video_on_device and images else (kept if video_on_device else video * fp32 + post)
     return int(b * (chunk_peak + output) * size)
 
 
@@ -104,14 +106,16 @@ def estimate_encode_memory(config: VaeConfig, frames_shape: Sequence[int], dtype
 
 
 def choose_decode_chunk(config: VaeConfig, latent_shape: Sequence[int], dtype: torch.dtype, budget: int,
-                        tile: int | Sequence[int] | None = None, *, video_on_device: bool = True) -> int:
+                        tile: int | Sequence[int] | None = None, *, video_on_device: bool = True,
+                        images: bool = False) -> int:
     """Largest chunk of latent frames whose estimate fits ``budget`` bytes (at least 2, the smallest exact chunk)."""
     t = int(latent_shape[2])
     if isinstance(tile, int):
         tile = (tile, tile)
     best = 2
     for c in [*range(2, t, 2), t]:  # later chunks are even anyway
-        if estimate_decode_memory(config, latent_shape, c, dtype, tile, video_on_device=video_on_device) <= budget:
+        if estimate_decode_memory(config, latent_shape, c, dtype, tile, video_on_device=video_on_device,
+                                  images=images) <= budget:
             best = c
         else:
             break

@@ -282,10 +282,11 @@ class VideoTokenizer(nn.Module):
 
         if images_to is not None and summed_codes.shape[0] != 1:
             raise ValueError(f"images_to decodes one video (1, 64, T, h, w), got {tuple(summed_codes.shape)}")
-        offload = images_to is not None and torch.device(images_to) != summed_codes.device
+        offload = images_to is not None and not _same_device(torch.device(images_to), summed_codes.device)
         if chunk_latents is None and memory_budget is not None:
             chunk_latents = choose_decode_chunk(self.config, tuple(summed_codes.shape), self._work_dtype(),
-                                                memory_budget, tile=tile if tiled else None, video_on_device=not offload)
+                                                memory_budget, tile=tile if tiled else None, video_on_device=not offload,
+                                                images=images_to is not None)
         if max_chunk_latents is not None and chunk_latents is not None:
             chunk_latents = min(chunk_latents, max_chunk_latents)
         z = self.latent_to_decoder_input(summed_codes).to(self._work_dtype())
@@ -295,6 +296,16 @@ class VideoTokenizer(nn.Module):
         if tiled:
             return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback, keep)
         return decode_chunked(self.decoder, z, plan, callback, keep)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" are one device where the current one is 0."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
 
 
 def check_frames(frames: torch.Tensor, cfg: VaeConfig) -> None:

@@ -284,6 +284,23 @@ def test_links_keep_their_names_and_a_file_link_shows_once_its_target_is_there(p
     assert _listed(pack) == ["720p", "big.safetensors", "infinitystar_8b_720p_weights"]
 
 
+def test_a_junction_back_up_the_tree_lists_nothing_twice(pack, comfy_dirs, tmp_path, monkeypatch):
+    """Windows junctions are links the directory listing does not call links: a junction to its own folder or one
+    above is no loop into the lists (played here by a symlink that the listing reports as a plain folder)."""
+    import folder_paths
+
+    base = tmp_path / "models"
+    (base / "all_models").mkdir(parents=True)
+    (base / "all_models" / "a.safetensors").write_bytes(b"")
+    (base / "all_models" / "again").symlink_to(base / "all_models", target_is_directory=True)
+    (base / "all_models" / "up").symlink_to(tmp_path, target_is_directory=True)
+    real = pack.paths._entries
+    monkeypatch.setattr(pack.paths, "_entries", lambda folder: [(n, d, False) for n, d, _ in real(folder) or ()]
+                        if real(folder) is not None else None)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(base)], {".safetensors"}))
+    assert _listed(pack) == ["all_models/a.safetensors"]
+
+
 def test_a_cut_off_download_does_not_hide_a_whole_copy(pack, comfy_dirs, tmp_path, monkeypatch):
     """A download cut off after the index and some shards is a sharded folder too: the loader opens the complete
     copy in a later folder. A workflow's text encoder name that exists only as a broken folder in the first place
@@ -319,6 +336,18 @@ def test_a_cut_off_download_does_not_hide_a_whole_copy(pack, comfy_dirs, tmp_pat
     assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == moved
     (moved / "spiece.model").unlink()
     assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == broken
+
+    # a text encoder download cut off after its config, tokenizer and index, beside a whole copy in text_encoders/
+    (moved / "spiece.model").write_bytes(b"")
+    (broken / "spiece.model").write_bytes(b"")
+    index = json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    (broken / pack.paths.INDEX_FILE).write_text(index, encoding="utf-8")
+    (broken / "model-00001-of-00002.safetensors").write_bytes(b"")
+    whole = second / "text_encoder" / "flan-t5-xl-official"
+    whole.mkdir(parents=True)
+    for name in ("config.json", "spiece.model", "pytorch_model.bin"):  # a single .bin is whole too
+        (whole / name).write_bytes(b"{}")
+    assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == whole
 
 
 def test_registration_keeps_user_paths(pack, comfy_dirs):

@@ -198,6 +198,12 @@ def test_shards_without_their_index_must_all_be_there(sharded, tmp_path):
         shutil.copy(shards[0], unpadded / name)
     with pytest.raises(FileNotFoundError, match=r"holds 2 of 12 shards \(part-2-of-12.safetensors, part-3-of-12"):
         load_transformer(unpadded)
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    for name in ("part-01-of-12.safetensors", "part-02-of-12.safetensors", "part-10-of-12.safetensors"):
+        shutil.copy(shards[0], padded / name)
+    with pytest.raises(FileNotFoundError, match=r"holds 3 of 12 shards \(part-03-of-12.safetensors, part-04-of-12"):
+        load_transformer(padded)
 
 
 def test_empty_pth_names_the_error(tmp_path):

@@ -121,3 +121,19 @@ def test_tiled_decode_within_its_estimate_and_flat_in_frames_when_moved(tok, ima
         assert grown >= 1.3 * sums, peaks  # summed, then concatenated
     else:
         assert grown <= 1.2 * sums, peaks
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
+def test_images_kept_on_the_decoding_device_within_the_estimate(tok, tiled):
+    """A CPU-only host decodes with ``images_to`` its own device: the fp32 images stay there, in a bf16 decode too
+    (twice the bytes of the raw video), and the estimate says so."""
+    kw = dict(chunk_latents=2, tiled=tiled, tile=(2, 2), overlap=1) if tiled else dict(chunk_latents=2)
+    tok.compute_dtype = torch.bfloat16
+    try:
+        for t in (13, 21):
+            measured = peak_bytes(lambda t=t: tok.decode(_codes(t), images_to="cpu", **kw))
+            est = estimate_decode_memory(CFG, (1, 64, t, 3, 3), 2, torch.bfloat16, tile=(2, 2) if tiled else None,
+                                         images=True)
+            assert measured <= est <= 2.0 * measured, (t, measured, est)
+    finally:
+        tok.compute_dtype = None
