@@ -68,7 +68,8 @@ fi
 step() {
     local name=$1 cap=$2 min=$3
     shift 3
-    [ -n "${REHEARSE:-}" ] && min=1  # the minimums are device seconds; a rehearsal runs whatever is left
+    # caps and minimums are device seconds; a rehearsal (a CPU, maybe a busy one) runs in whatever is left
+    [ -n "${REHEARSE:-}" ] && min=1 && cap=$BUDGET
     if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
         return  # STEPS="a b" runs only those steps (a second call for what the first left out)
     fi
