@@ -220,8 +220,8 @@ def _check_whole_set(path: Path, files: list[Path]) -> None:
     for f in files:
         shard = SHARD_NAME.search(f.name)
         if shard:
-            sets.setdefault((f.name[:shard.start()], shard[2]), set()).add(int(shard[1]))
             key = (f.name[:shard.start()], shard[2])
+            sets.setdefault(key, set()).add(int(shard[1]))
             widths[key] = max(widths.get(key, 1), len(shard[1]) if shard[1].startswith("0") else 1)
     for (stem, total), present in sets.items():
         width = widths[stem, total]
