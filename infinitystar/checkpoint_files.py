@@ -19,6 +19,8 @@ from . import gguf
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+# a Hugging Face folder saved before safetensors (a text encoder): shards read weights-only, as a single .pth
+INDEX_FILES = (INDEX_FILE, "pytorch_model.bin.index.json")
 MAX_HEADER_BYTES = 100_000_000  # as the safetensors library: a bigger header is no checkpoint's
 SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")  # model-00001-of-00007.safetensors
 DOWNLOAD_HINT = ("Get the official files with the InfinityStar Download Models node in ComfyUI, or with "
@@ -180,14 +182,14 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}. {DOWNLOAD_HINT}")
     if path.is_dir():
-        index = path / INDEX_FILE
-        if index.is_file():
+        index = next((path / name for name in INDEX_FILES if (path / name).is_file()), None)
+        if index is not None:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 weight_map = exc
             if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: not a safetensors index (no weight_map of file names: {weight_map!r}). "
+                raise ValueError(f"{index}: not a shard index (no weight_map of file names: {weight_map!r}). "
                                  "Download the folder again.")
             names = list(dict.fromkeys(weight_map.values()))
             foreign = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or "/" in n or "\\" in n
@@ -198,7 +200,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
             files = [path / name for name in names]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise FileNotFoundError(f"{path}: shards listed in {INDEX_FILE} are missing: {missing}. "
+                raise FileNotFoundError(f"{path}: shards listed in {index.name} are missing: {missing}. "
                                         "The download is incomplete; run the download again (it resumes).")
             return files
         files = sorted(path.glob("*.safetensors"))

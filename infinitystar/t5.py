@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attend
+from .checkpoint_files import INDEX_FILES
 from .ops import WeightNorm, norm_layer
 
 logger = logging.getLogger(__name__)
@@ -232,17 +233,16 @@ def storage(dtype: torch.dtype):
 
 
 def weight_files(folder: Path) -> Path:
-    """What :class:`~infinitystar.checkpoint_files.CheckpointReader` should read: the folder (index or
-    ``*.safetensors``), or its ``pytorch_model.bin`` when it has no safetensors (read weights-only)."""
-    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+    """What :class:`~infinitystar.checkpoint_files.CheckpointReader` should read: the folder (an index or
+    ``*.safetensors``), or its ``pytorch_model.bin`` when it has no safetensors. ``.bin`` files, one or sharded
+    under ``pytorch_model.bin.index.json``, are read weights-only."""
+    if any(folder.glob("*.safetensors")) or any((folder / name).is_file() for name in INDEX_FILES):
         return folder
     legacy = folder / "pytorch_model.bin"
     if legacy.is_file():
         return legacy
-    if (folder / "pytorch_model.bin.index.json").is_file():
-        raise FileNotFoundError(f"{folder} holds its T5 weights as sharded .bin files, which are not read here; use "
-                                "the safetensors files (the published flan-t5-xl-official folder has them)")
-    raise FileNotFoundError(f"{folder} holds no T5 weights (model.safetensors, its shards, or pytorch_model.bin)")
+    raise FileNotFoundError(f"{folder} holds no T5 weights (model.safetensors or its shards, pytorch_model.bin or "
+                            "its shards)")
 
 
 def checked_t5(folder: str | Path, ops=nn, dtype: torch.dtype | None = None):

@@ -295,7 +295,7 @@ def test_broken_index_and_headers_are_clear_errors(sharded, tmp_path):
     index = folder / "model.safetensors.index.json"
     for text in ('{"metadata": {}}', "not json"):
         index.write_text(text)
-        with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
+        with pytest.raises(ValueError, match="model.safetensors.index.json: not a shard index"):
             load_transformer(folder)
     for header in ([1, 2], {"x": {"dtype": "F32", "shape": [1]}},
                    # odd entries: a ValueError naming the file, not a TypeError / RuntimeError

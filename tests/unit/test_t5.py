@@ -1,5 +1,7 @@
 """The ops-built flan-t5 encoder against Hugging Face's ``T5EncoderModel`` (what the official scripts run), on random
 tiny configurations saved as Hugging Face folders."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -116,8 +118,9 @@ def test_encoder_decoder_folder_reads_the_encoder_only(tmp_path, monkeypatch):
 
 
 def test_embedding_under_the_encoder_s_name_and_legacy_bin_files(gated, tmp_path, monkeypatch):
-    """Files that name the embedding ``encoder.embed_tokens.weight`` load; a folder with only ``pytorch_model.bin``
-    is read weights-only."""
+    """Files that name the embedding ``encoder.embed_tokens.weight`` load; a folder with only ``pytorch_model.bin``,
+    or with ``.bin`` shards under ``pytorch_model.bin.index.json`` (as transformers saves without safetensors), is
+    read weights-only."""
     folder, reference = gated
     tensors = load_file(str(folder / "model.safetensors"))
     renamed = tmp_path / "renamed"
@@ -130,13 +133,23 @@ def test_embedding_under_the_encoder_s_name_and_legacy_bin_files(gated, tmp_path
     (legacy / "config.json").write_text((folder / "config.json").read_text())
     torch.save({k: v.clone() for k, v in reference.state_dict().items()}, legacy / "pytorch_model.bin")
     assert (legacy / "pytorch_model.bin").is_file() and not list(legacy.glob("*.safetensors"))
+    shards = tmp_path / "shards"  # as transformers 4 saved with safe_serialization=False and a max_shard_size
+    shards.mkdir()
+    (shards / "config.json").write_text((folder / "config.json").read_text())
+    state = reference.state_dict()
+    halves = (list(state)[: len(state) // 2], list(state)[len(state) // 2:])
+    weight_map = {}
+    for i, keys in enumerate(halves, 1):
+        torch.save({k: state[k].clone() for k in keys}, shards / f"pytorch_model-0000{i}-of-00002.bin")
+        weight_map.update(dict.fromkeys(keys, f"pytorch_model-0000{i}-of-00002.bin"))
+    (shards / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real_load(*a, **kw))
     ids, mask = _ids_and_mask()
     with torch.no_grad():
         want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
-        for path in (renamed, legacy):
+        for path in (renamed, legacy, shards):
             torch.testing.assert_close(load_t5_encoder(path, dtype=torch.float32)(ids, mask)[0], want[0],
                                        rtol=1e-5, atol=1e-5)
     assert calls and all(calls)
@@ -207,14 +220,18 @@ def test_fp16_activations_stay_finite():
 
 def test_folders_without_readable_weights_say_what_they_hold(gated, tmp_path):
     folder, _ = gated
-    for name, files in (("sharded_bin", ("pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin")),
-                        ("empty", ())):
+    index = json.dumps({"weight_map": {"shared.weight": "pytorch_model-00001-of-00002.bin",
+                                       "encoder.final_layer_norm.weight": "pytorch_model-00002-of-00002.bin"}})
+    for name, files, says in (
+            ("sharded_bin", {"pytorch_model.bin.index.json": index, "pytorch_model-00001-of-00002.bin": "{}"},
+             r"shards listed in pytorch_model\.bin\.index\.json are missing: \['pytorch_model-00002-of-00002\.bin'\]"),
+            ("empty", {}, "holds no T5 weights")):
         target = tmp_path / name
         target.mkdir()
         (target / "config.json").write_text((folder / "config.json").read_text())
-        for f in files:
-            (target / f).write_bytes(b"{}")
-        with pytest.raises(FileNotFoundError, match="sharded .bin files" if files else "holds no T5 weights") as info:
+        for f, text in files.items():
+            (target / f).write_text(text)
+        with pytest.raises(FileNotFoundError, match=says) as info:
             load_t5_encoder(target)
         assert "720p" not in str(info.value)  # not the transformer's download hint
 
