@@ -188,11 +188,11 @@ def checkpoint_files(path: str | Path) -> list[Path]:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 weight_map = exc
-            if not isinstance(weight_map, dict):
+            if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
                 raise ValueError(f"{index}: not a shard index (no weight_map of file names: {weight_map!r}). "
                                  "Download the folder again.")
             names = list(dict.fromkeys(weight_map.values()))
-            foreign = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or "/" in n or "\\" in n
+            foreign = [n for n in names if n in ("", ".", "..") or "/" in n or "\\" in n
                        or ":" in n]
             if foreign:
                 raise ValueError(f"{index}: names shard files outside its folder ({foreign[:3]!r}); an index lists "

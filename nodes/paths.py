@@ -257,16 +257,15 @@ def _inside(name: str, pathmod=os.path) -> str:
     return pathmod.relpath(pathmod.join(pathmod.sep, tail), pathmod.sep)
 
 
-def _complete(path: Path) -> bool:
-    """Whether a sharded or text-encoder folder holds every shard its index names (or, without one, every shard of
-    its set), or a text encoder's single pytorch_model.bin."""
+def _complete(path: Path, kind: str) -> bool:
+    """Whether a sharded or text-encoder ('hf') folder holds every file its loader would read: each shard its index
+    names (or, without one, every shard of its set); a text encoder's single pytorch_model.bin where the loader
+    takes that (the same rule: ``t5.weight_files``)."""
     from ..infinitystar.checkpoint_files import checkpoint_files
+    from ..infinitystar.t5 import weight_files
 
-    names = {name for name, _, _ in _entries(path) or ()}
-    if "pytorch_model.bin" in names and not any(name.endswith(".safetensors") for name in names):
-        return True  # what the T5 loader reads where there are no safetensors
     try:
-        checkpoint_files(path)
+        checkpoint_files(weight_files(path) if kind == "hf" else path)
     except (OSError, ValueError):
         return False
     return True
@@ -285,7 +284,7 @@ def _resolve(name: str, folders: tuple[str, ...], what: str, hint: str, kinds: t
     kinds_of = {c: _kind(c) for c in candidates}
     offered = [c for c in candidates if kinds_of[c] in kinds]
     for candidate in offered:
-        if kinds_of[candidate] == "file" or _complete(candidate):
+        if kinds_of[candidate] == "file" or _complete(candidate, kinds_of[candidate]):
             return candidate
     tail = Path(name).name
     if moved and tail != name:

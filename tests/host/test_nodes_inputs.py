@@ -194,6 +194,47 @@ def test_a_complete_copy_is_not_hidden_by_a_partial_one_and_lists_are_reused(pac
     assert "not found" in pack.loaders.InfinityStarTextEncoderLoader.validate_inputs(encoder_name="t6", dtype="fp16")
 
 
+def test_a_copy_is_whole_by_the_loader_s_own_rule(pack, comfy_dirs, tmp_path, monkeypatch):
+    """A folder counts as whole only if its loader could read it: a text encoder cut off after its .bin and a
+    safetensors index (which the loader reads first) and a transformer whose index is damaged both give way to a
+    whole copy further on; a text encoder of .bin shards under their index is whole."""
+    import json
+
+    import folder_paths
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for base in (first, second):
+        t5 = base / "text_encoder" / "flan-t5-xl-official"
+        t5.mkdir(parents=True)
+        (t5 / "config.json").write_text("{}", encoding="utf-8")
+        (t5 / "spiece.model").write_bytes(b"")
+        (t5 / "pytorch_model.bin").write_bytes(b"")
+        (base / "weights").mkdir()
+        (base / "weights" / "model-00001-of-00001.safetensors").write_bytes(b"")
+    cut = first / "text_encoder" / "flan-t5-xl-official"
+    (cut / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}), encoding="utf-8")
+    (first / "weights" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": ["model-00001-of-00001.safetensors"]}}), encoding="utf-8")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "infinitystar", ([str(first)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders", ([str(second)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(second)], {".safetensors"}))
+    assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == \
+        second / "text_encoder" / "flan-t5-xl-official"
+    assert pack.paths.resolve_transformer("weights") == second / "weights"
+
+    (cut / "model.safetensors.index.json").unlink()
+    (cut / "pytorch_model.bin").unlink()
+    (cut / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
+    (cut / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}),
+        encoding="utf-8")
+    assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == second / "text_encoder" / \
+        "flan-t5-xl-official"  # a shard missing
+    (cut / "pytorch_model-00002-of-00002.bin").write_bytes(b"")
+    assert pack.paths.resolve_text_encoder("text_encoder/flan-t5-xl-official") == cut
+
+
 OLD_NS = (10**18, 10**18)  # far past, outside the racy window: a listing of such folders is reused
 
 

@@ -255,7 +255,8 @@ def test_fp8_e4m3fn_where_comfyui_has_no_scaled_fp8_family(pack, loaded, monkeyp
     layers = [(n, m) for n, m in ours.module.named_modules() if n.startswith("block_chunks.") and hasattr(m, "scale_weight")]
     assert layers
     for name, layer in layers:
-        assert type(layer).__qualname__.startswith("scaled_fp8_ops.")
+        # the pack's family, not ComfyUI's (0.3.64's is scaled_fp8_ops.<locals>.scaled_fp8_op.Linear, in comfy.ops)
+        assert (type(layer).__module__, type(layer).__qualname__) == (pack.host.__name__, "scaled_fp8_ops.<locals>.Linear")
         assert layer.weight.dtype == torch.float8_e4m3fn
         assert torch.equal(layer.weight.view(torch.uint8), theirs_layers[name].weight.view(torch.uint8)), name
         assert torch.equal(layer.scale_weight, theirs_layers[name].scale_weight), name
@@ -275,6 +276,13 @@ def test_fp8_e4m3fn_where_comfyui_has_no_scaled_fp8_family(pack, loaded, monkeyp
     assert torch.allclose(plain, exact, rtol=1e-5, atol=1e-5)
     assert not torch.equal(quick, plain)  # the input went through fp8
     assert ((quick - exact).norm() / exact.norm()).item() < 0.06
+    # which family the loader picks under --fast fp8_matrix_mult: the fp8-matmul one only where the device has fp8 units
+    monkeypatch.setattr(pack.host.args, "fast", {pack.host.PerformanceFeature.Fp8MatrixMultiplication})
+    for units in (True, False):
+        monkeypatch.setattr(pack.host.mm, "supports_fp8_compute", lambda device=None, units=units: units)
+        family = pack.host.pick_ops(torch.float8_e4m3fn, torch.float32, torch.device("cpu"))
+        assert issubclass(family.Linear, pack.host.scaled_fp8_ops(units).Linear)
+        assert not issubclass(family.Linear, pack.host.scaled_fp8_ops(not units).Linear)
 
 
 def test_small_modules_go_back_to_the_load_device_and_unpin_first(pack):

@@ -293,7 +293,7 @@ def test_broken_index_and_headers_are_clear_errors(sharded, tmp_path):
     folder = tmp_path / "w"
     shutil.copytree(sharded, folder)
     index = folder / "model.safetensors.index.json"
-    for text in ('{"metadata": {}}', "not json"):
+    for text in ('{"metadata": {}}', "not json", '{"weight_map": {"a": ["x.safetensors"]}}', '{"weight_map": {"a": 3}}'):
         index.write_text(text)
         with pytest.raises(ValueError, match="model.safetensors.index.json: not a shard index"):
             load_transformer(folder)
