@@ -116,14 +116,16 @@ def _ramp(length: int, lo_blend: int, hi_blend: int, device) -> torch.Tensor:
 
 def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
                  tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int,
-                 callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                 callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 sums_on: torch.device | str | None = None) -> torch.Tensor:
     """Approximate decode of overlapping spatial tiles, linearly blended in the overlaps.
 
     ``tile`` and ``overlap`` are in cells of the 64-channel latent grid (16 px each); each tile is
     decoded exactly in time (chunks + its own conv cache). The decoder's receptive field crosses
     tile borders, so results differ from a full decode near the seams. Each chunk of a tile is added to its
     chunk's fp32 sums as soon as it is decoded, so no tile's whole video sits beside them; ``keep`` as in
-    ``decode_chunked``, chunk by chunk once every tile is in.
+    ``decode_chunked``, chunk by chunk once every tile is in. ``sums_on``: where the sums live (the decoding device
+    when None); on the host, where the images go anyway, the device's share stays flat however long the video.
     """
     (th, tw), (oh, ow) = _pair(tile), _pair(overlap)
     th, tw, oh, ow = th * patch, tw * patch, oh * patch, ow * patch  # decoder input is unpatchified
@@ -145,13 +147,14 @@ def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]
                     wy = _ramp(ph, (oh * up) if y0 > 0 else 0, (oh * up) if y0 + th < h else 0, pix.device)
                     wx = _ramp(pw, (ow * up) if x0 > 0 else 0, (ow * up) if x0 + tw < w else 0, pix.device)
                     wmap = (wy[:, None] * wx[None, :])[None, None, None]
+                    home = pix.device if sums_on is None else torch.device(sums_on)
                     if weight is None:
-                        weight = torch.zeros(1, 1, 1, h * up, w * up, dtype=torch.float32, device=pix.device)
-                    weight[..., py:py + ph, px:px + pw] += wmap
+                        weight = torch.zeros(1, 1, 1, h * up, w * up, dtype=torch.float32, device=home)
+                    weight[..., py:py + ph, px:px + pw] += wmap.to(home)
                 if sums[i] is None:
                     sums[i] = torch.zeros(b, pix.shape[1], pix.shape[2], h * up, w * up, dtype=torch.float32,
-                                          device=pix.device)
-                sums[i][..., py:py + ph, px:px + pw] += pix.float() * wmap
+                                          device=home)
+                sums[i][..., py:py + ph, px:px + pw] += (pix.float() * wmap).to(home)
                 del pix
                 done += 1
                 if callback is not None:

@@ -55,11 +55,11 @@ def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk
     """Bytes of activations to decode summed codes of ``latent_shape`` (B, 64, T, h, w) in chunks.
 
     ``chunk_latents`` as in ``VideoTokenizer.decode`` (None = official plan); ``tile`` (th, tw) in
-    latent cells for tiled decoding (the video's blend sums, fp32, stay on the device). The decoded video (kept
-    across chunks, then concatenated) is included; the weights are not. ``video_on_device=False``: the decode moves
-    each chunk's images off the device (``VideoTokenizer.decode(images_to=...)``), so only one chunk's output and its
-    fp32 images count; ``images`` with the video on the device: the decode keeps fp32 images there (``images_to``
-    the decoding device itself).
+    latent cells for tiled decoding (the video's blend sums, fp32, on the device unless the images leave it). The
+    decoded video (kept across chunks, then concatenated) is included; the weights are not. ``video_on_device=False``:
+    the decode moves each chunk's images off the device (``VideoTokenizer.decode(images_to=...)``), so only one
+    chunk's output and its fp32 images count (tiled: one tile's chunk, blended on the host); ``images`` with the video
+    on the device: the decode keeps fp32 images there (``images_to`` the decoding device itself).
     """
     b, _, t, h, w = (int(s) for s in latent_shape)
     p, size = config.patch_size, _itemsize(dtype)
@@ -77,8 +77,10 @@ def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk
     kept = 2 * video * (fp32 if images or tile is not None else 1)  # kept across chunks, then concatenated
     if tile is None:
         output = (kept if video_on_device else 0) + (chunk + post if images or not video_on_device else 0)
-    else:  # the fp32 blend sums are handed on chunk by chunk
-        output = kept + post if video_on_device and images else (kept if video_on_device else video * fp32 + post)
+    elif video_on_device:  # the fp32 blend sums, handed on chunk by chunk
+        output = kept + post if images else kept
+    else:  # sums and images on the host: a tile's chunk on its way there, in fp32 and weighted
+        output = 2 * fp32 * config.out_channels * th * tw * config.spatial_factor ** 2 * (chunk // pixels)
     return int(b * (chunk_peak + output) * size)
 
 

@@ -275,7 +275,8 @@ class VideoTokenizer(nn.Module):
 
         ``images_to`` (one video, B = 1): (T, H, W, 3) float32 images in [0, 1] on that device instead, each chunk
         post-processed where it was decoded and moved right away, so the whole video never sits on the decoding
-        device (the official rule for frame 0 is the caller's: ``first_frame_rule``).
+        device (a tiled decode blends its tiles there too; the official rule for frame 0 is the caller's:
+        ``first_frame_rule``).
         """
         from .codec import images_on  # local: codec imports the quantizer
         from .memory import choose_decode_chunk  # local: memory imports the config only
@@ -294,7 +295,8 @@ class VideoTokenizer(nn.Module):
         logger.debug("decode %s latent frames in chunks %s (tiled=%s)", z.shape[2], plan, tiled)
         keep = None if images_to is None else images_on(images_to)
         if tiled:
-            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback, keep)
+            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback, keep,
+                                sums_on=images_to if offload else None)
         return decode_chunked(self.decoder, z, plan, callback, keep)
 
 

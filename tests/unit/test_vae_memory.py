@@ -106,8 +106,9 @@ def test_images_off_the_device_allow_bigger_chunks_on_the_same_budget():
 
 @pytest.mark.parametrize("images_to", [None, "meta"], ids=["video-kept", "images-moved"])
 def test_tiled_decode_within_its_estimate_and_flat_in_frames_when_moved(tok, images_to):
-    """Tiled: each chunk of a tile goes into the video's fp32 blend sums as it is decoded, and with the images moved
-    they leave chunk by chunk: the estimate bounds the measured peak, and the sums are all that grows with frames."""
+    """Tiled: each chunk of a tile goes into the video's fp32 blend sums as it is decoded, kept on the device with
+    the video, or where the images go (the host): the estimate bounds the measured peak, which with the images moved
+    does not grow with the frames."""
     kw = dict(chunk_latents=2, tiled=True, tile=(2, 2), overlap=1, images_to=images_to)
     peaks = {}
     for t in (5, 13):
@@ -120,7 +121,7 @@ def test_tiled_decode_within_its_estimate_and_flat_in_frames_when_moved(tok, ima
     if images_to is None:
         assert grown >= 1.3 * sums, peaks  # summed, then concatenated
     else:
-        assert grown <= 1.2 * sums, peaks
+        assert grown <= 0.1 * sums, peaks
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])

@@ -67,9 +67,12 @@ def test_the_overlap_blends_with_linear_weights():
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
-def test_images_to_another_device_equal_the_post_processed_whole(tok, tiled):
+def test_images_to_another_device_equal_the_post_processed_whole(tok, tiled, monkeypatch):
     """``images_to``: each chunk post-processed where it was decoded gives exactly the images of the whole decode
-    (clamp((x + 1) / 2), frames first), on the device asked for; one video at a time."""
+    (clamp((x + 1) / 2), frames first), on the device asked for; one video at a time. Tiled, with the images on
+    another device, the tiles are blended there: the same images."""
+    import infinitystar.vae.model as vae_model
+
     from infinitystar.vae import frames_to_float_images
 
     codes = torch.randn(1, 64, 7, 3, 4, generator=torch.Generator().manual_seed(3)) * 0.3
@@ -79,5 +82,11 @@ def test_images_to_another_device_equal_the_post_processed_whole(tok, tiled):
     assert images.shape == (25, 48, 64, 3) and images.dtype == torch.float32 and images.is_contiguous()
     assert torch.equal(images, whole)
     assert tok.decode(codes, images_to="meta", **kw).device.type == "meta"
+    homes = []
+    real_tiled = vae_model.decode_tiled
+    monkeypatch.setattr(vae_model, "decode_tiled", lambda *a, **k: homes.append(k.get("sums_on")) or real_tiled(*a, **k))
+    monkeypatch.setattr(vae_model, "_same_device", lambda a, b: False)  # "cpu" plays the host beside a GPU
+    assert torch.equal(tok.decode(codes, images_to="cpu", **kw), whole)
+    assert homes == (["cpu"] if tiled else [])
     with pytest.raises(ValueError, match="one video"):
         tok.decode(codes.expand(2, -1, -1, -1, -1), images_to="cpu")
