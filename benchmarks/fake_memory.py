@@ -151,7 +151,7 @@ def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.d
     model = InfinityStarTransformer(config, device="meta", ops=ops).eval().requires_grad_(False)
     model.apply_precision_layout(torch.bfloat16)
     if gguf_type:
-        for module in model.block_chunks.modules():
+        for module in model.block_stack.modules():
             if isinstance(module, gguf.GGUFLinear):
                 name = gguf.written_type(gguf_type, module.in_features)
                 module.gguf_type = gguf.QUANT_IDS[name]
@@ -159,7 +159,7 @@ def fake_model(config: TransformerConfig, mode: FakeTensorMode, weights: torch.d
                 module.weight = torch.nn.Parameter(torch.empty(module.out_features, nbytes // module.out_features,
                                                                dtype=torch.uint8, device="meta"), requires_grad=False)
         return fake_tensors(model, mode)
-    model.block_chunks.to(weights)
+    model.block_stack.to(weights)
     for module in model.modules():  # the scales stay fp32 scalars
         if "scale_weight" in module._parameters:
             module.scale_weight.data = module.scale_weight.data.float()

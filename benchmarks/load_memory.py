@@ -50,7 +50,7 @@ if mode == "streamed":
 else:
     config = TransformerConfig(**json.loads(sys.argv[4]))
     model = InfinityStarTransformer(config)
-    model.block_chunks.to(dtype)
+    model.block_stack.to(dtype)
     for f in sorted(folder.glob("*.safetensors")):
         sd = load_file(str(f))
         model.load_state_dict(sd, strict=False)

@@ -28,7 +28,7 @@ from .checkpoint_files import (  # noqa: F401  (re-exported: the reader is part 
     TensorEntry,
     checkpoint_files,
 )
-from .config import FP32_MODULES, is_released_size
+from .config import FP32_MODULES, is_block_key, is_released_size
 from .ops import SCALE_KEYS, quantize_scaled, scaled_cast, scaled_fp8_matmul
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ _FOREIGN = (  # (key substring, description): checked in order, first hit wins
 def is_transformer_keys(keys) -> bool:
     keys = set(keys)
     return "cfg_uncond" in keys and "semantic_head2.weight" in keys and any(
-        k.startswith("block_chunks.") and ".attn.q_proj." in k for k in keys)
+        is_block_key(k) and ".attn.q_proj." in k for k in keys)
 
 
 def is_tokenizer_keys(keys) -> bool:
@@ -321,7 +321,7 @@ def inspect_transformer(path: str | Path) -> CheckpointInfo:
     if not is_transformer_keys(shapes):
         raise ValueError(f"{reader.path} is not an InfinityStar transformer: it looks like "
                          f"{describe_keys(shapes, path, reader.metadata())}.{shard_hint(reader.path)} {DOWNLOAD_HINT}")
-    block = next(k for k in shapes if k.startswith("block_chunks.") and k.endswith("q_proj.weight"))
+    block = next(k for k in shapes if is_block_key(k) and k.endswith("q_proj.weight"))
     return CheckpointInfo(detect_variant(path, reader.metadata()), detect_transformer_config(shapes),
                           reader.entries[block].dtype, reader.path, _gguf_quant(reader))
 

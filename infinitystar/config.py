@@ -13,7 +13,7 @@ FP32_MODULES = ("word_embed", "text_proj", "head", "semantic_head2", "norm_hidde
 @dataclass(frozen=True)
 class TransformerConfig:
     depth: int = 36  # number of Qwen-style blocks
-    block_chunks: int = 6  # blocks are grouped as block_chunks.{c}.module.{j} in the state dict
+    block_chunks: int = 6  # blocks are grouped as block_chunks.{c}.module.{j} in the state dict (one: blocks.{i})
     width: int = 4096  # residual width C
     num_heads: int = 32  # query heads
     num_kv_heads: int = 8  # key/value heads (GQA)
@@ -57,6 +57,13 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
 }
 
 _BLOCK_KEY = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
+_ONE_CHUNK_KEY = re.compile(r"^blocks\.(\d+)\.")  # the official model names its blocks so when block_chunks is 1
+
+
+def is_block_key(key: str) -> bool:
+    """Whether ``key`` is a transformer block's, in either official layout (``block_chunks.{c}.module.{j}.`` or,
+    with one chunk, ``blocks.{i}.``)."""
+    return bool(_BLOCK_KEY.match(key) or _ONE_CHUNK_KEY.match(key))
 
 
 def detect_transformer_config(shapes: Mapping[str, tuple]) -> TransformerConfig:
@@ -65,12 +72,16 @@ def detect_transformer_config(shapes: Mapping[str, tuple]) -> TransformerConfig:
     need = ("word_embed.weight", "text_proj.weight", "head.weight", "semantic_head2.weight", "cfg_uncond")
     missing = [k for k in need if k not in shapes]
     chunks = {m.group(1, 2) for k in shapes if (m := _BLOCK_KEY.match(k))}
-    if missing or not chunks:
+    single = {m.group(1) for k in shapes if (m := _ONE_CHUNK_KEY.match(k))}
+    if missing or not (chunks or single):
         raise ValueError(f"not an InfinityStar transformer state dict: missing {missing or ['block_chunks.*']}; "
                          f"first keys: {list(shapes)[:5]}")
-    num_chunks = 1 + max(int(c) for c, _ in chunks)
-    per_chunk = 1 + max(int(j) for _, j in chunks)
-    p = "block_chunks.0.module.0."
+    if chunks:
+        num_chunks = 1 + max(int(c) for c, _ in chunks)
+        per_chunk = 1 + max(int(j) for _, j in chunks)
+        p = "block_chunks.0.module.0."
+    else:
+        num_chunks, per_chunk, p = 1, 1 + max(int(i) for i in single), "blocks.0."
     head_dim = shapes[p + "attn.q_norm.weight"][0]
     width, codebook_dim = shapes["word_embed.weight"]
     return TransformerConfig(

@@ -99,9 +99,9 @@ class StepGraphs:
     def begin(self, model, dtype: torch.dtype) -> None:
         """At the start of a generation: keep the graphs only if the weights and the precision are unchanged
         (a model moved off the device and back has its weights at other addresses)."""
-        params = list(model.block_chunks.parameters())
+        params = list(model.block_stack.parameters())
         signature = (dtype, *(p.data_ptr() for p in params),
-                     *(getattr(m, "fused", None) for m in model.block_chunks[0].module[0].modules()))
+                     *(getattr(m, "fused", None) for m in model.blocks[0].modules()))
         if signature != self.signature:
             self.release()
             self.signature = signature

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import is_block_key
+
 logger = logging.getLogger(__name__)
 
 ARCH = "infinitystar"  # general.architecture of the files we write
@@ -360,7 +362,7 @@ def check_quantized(name: str, qtype: int, allowed: bool) -> None:
 
 def block_weight(key: str, shape: tuple) -> bool:
     """The tensors :func:`convert` quantizes: the blocks' 2-D matmul weights."""
-    return key.startswith("block_chunks.") and key.endswith(".weight") and len(shape) == 2
+    return is_block_key(key) and key.endswith(".weight") and len(shape) == 2
 
 
 def convert(source, out: str | Path, qtype: str = "Q8_0", variant: str | None = None,

@@ -334,8 +334,11 @@ class InfinityStarTransformer(nn.Module):
         self.head = ops.Linear(cfg.width, 2 * cfg.detail_dim, bias=True, **kw)
         self.semantic_head2 = ops.Linear(cfg.width, 2 * cfg.semantic_dim, bias=True, **kw)
         per = cfg.blocks_per_chunk
-        self.block_chunks = nn.ModuleList(
-            BlockChunk([Block(cfg, ops, **kw) for _ in range(per)]) for _ in range(cfg.block_chunks))
+        if cfg.block_chunks == 1:  # the official layout for one chunk: blocks.{i} (set past the property below)
+            self._modules["blocks"] = nn.ModuleList(Block(cfg, ops, **kw) for _ in range(per))
+        else:
+            self.block_chunks = nn.ModuleList(
+                BlockChunk([Block(cfg, ops, **kw) for _ in range(per)]) for _ in range(cfg.block_chunks))
         if self.cfg_uncond.device.type != "meta":
             with torch.no_grad():
                 nn.init.trunc_normal_(self.cfg_uncond, std=1.2)
@@ -343,7 +346,15 @@ class InfinityStarTransformer(nn.Module):
                 nn.init.normal_(self.sos_token, std=0.02)
 
     @property
-    def blocks(self) -> list[Block]:
+    def block_stack(self) -> nn.ModuleList:
+        """The module that holds every block: ``block_chunks``, or ``blocks`` with one chunk."""
+        return self._modules["block_chunks" if "block_chunks" in self._modules else "blocks"]
+
+    @property
+    def blocks(self) -> Sequence[Block]:
+        """Every block in order; with one chunk the ``blocks`` module itself (so ``get_submodule`` finds it)."""
+        if "blocks" in self._modules:
+            return self._modules["blocks"]
         return [b for chunk in self.block_chunks for b in chunk.module]
 
     def use_fused_norms(self, fused: bool = True) -> InfinityStarTransformer:
@@ -357,11 +368,11 @@ class InfinityStarTransformer(nn.Module):
         return self
 
     def block_dtype(self) -> torch.dtype:
-        return self.block_chunks[0].module[0].attn.q_proj.weight.dtype
+        return self.blocks[0].attn.q_proj.weight.dtype
 
     def apply_precision_layout(self, block_dtype: torch.dtype = torch.bfloat16) -> InfinityStarTransformer:
         """Official layout: blocks in ``block_dtype``, FP32_MODULES in fp32 (spec §2.2)."""
-        self.block_chunks.to(block_dtype)
+        self.block_stack.to(block_dtype)
         for name in self.fp32_modules:
             module = getattr(self, name)
             if isinstance(module, nn.Parameter):

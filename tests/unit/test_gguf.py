@@ -141,6 +141,29 @@ def test_convert_quantizes_the_block_weights_only(converted):
             list(official.entries[key].shape)
 
 
+def test_a_one_chunk_checkpoint_loads_and_converts(tmp_path):
+    """The official layout of a one-chunk model (``blocks.{i}``, see test_transformer): the file loads as one chunk
+    with its own weights, and convert quantizes its block weights as it does chunked ones."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from infinitystar.tiny import tiny_transformer_state_dict
+
+    sd = {re.sub(r"^block_chunks\.(\d+)\.module\.0\.", r"blocks.\1.", k): v
+          for k, v in tiny_transformer_state_dict(seed=2).items()}
+    save_file(sd, str(tmp_path / "one_chunk.safetensors"))
+    model, info = load_transformer(tmp_path / "one_chunk.safetensors")
+    assert model.config.block_chunks == 1 and len(model.blocks) == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    out = gguf.convert(tmp_path / "one_chunk.safetensors", tmp_path / "one_chunk.gguf", "Q8_0", variant="720p")
+    types = {t.name: t.tensor_type.name for t in gguf_pkg.GGUFReader(out).tensors}
+    assert {types[k] for k in sd if k.startswith("blocks.") and k.endswith("_proj.weight")} == {"Q8_0"}
+    assert {types[k] for k in sd if not k.startswith("blocks.")} == {"F32"}
+    quantized, _ = load_transformer(out)
+    assert quantized.config == model.config
+
+
 def test_a_converted_file_loads_with_the_official_weights_dequantized(converted):
     src, files = converted
     ref, _ = load_transformer(src)

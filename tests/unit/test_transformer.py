@@ -27,6 +27,31 @@ def test_official_key_layout():
     assert not any(k.endswith(".bias") and "proj" in k and "text_proj" not in k for k in sd)
 
 
+def test_one_chunk_is_the_official_blocks_list_and_computes_the_same():
+    """With ``block_chunks`` 1 the official model keeps its blocks as ``blocks.{i}`` (no ``block_chunks`` list): a
+    checkpoint in that layout is read back as one chunk, and its weights give the tokens they give when chunked."""
+    import re
+
+    from infinitystar.config import detect_transformer_config, with_overrides
+    from infinitystar.sampler import TextCondition, sample
+    from infinitystar.schedule import build_schedule
+
+    torch.manual_seed(0)
+    chunked = InfinityStarTransformer(with_overrides(TINY, depth=3, block_chunks=3)).eval()
+    one_cfg = with_overrides(TINY, depth=3, block_chunks=1)
+    one = InfinityStarTransformer(one_cfg).eval()
+    sd = {re.sub(r"^block_chunks\.(\d+)\.module\.0\.", r"blocks.\1.", k): v for k, v in chunked.state_dict().items()}
+    assert sorted(sd) == sorted(one.state_dict()) and len(sd) == 33 + 11
+    assert "blocks.2.mlp.down_proj.weight" in sd and not any(k.startswith("block_chunks") for k in sd)
+    assert detect_transformer_config({k: v.shape for k, v in sd.items()}) == one_cfg
+    load_transformer_state_dict(one, sd)
+    assert len(one.blocks) == 3 and one.block_dtype() == torch.float32
+    text = TextCondition(torch.randn(5, TINY.text_channels, generator=torch.Generator().manual_seed(1)))
+    sched = build_schedule("0.06M", "1:1", 1, image_repetition=(1,) * 5, num_scales=5)
+    a, b = sample(chunked, text, sched, seed=3), sample(one, text, sched, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)) and torch.equal(a.summed_codes, b.summed_codes)
+
+
 def test_ops_injection_builds_every_linear():
     built = []
 
