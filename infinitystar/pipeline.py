@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 from .guidance import GuidanceConfig
-from .schedule import FRAMES_PER_CLIP, PIXEL_FRAMES_PER_CLIP, Schedule, build_schedule, num_video_clips
+from .schedule import (
+    FRAMES_PER_CLIP,
+    PIXEL_FRAMES_PER_CLIP,
+    Schedule,
+    build_schedule,
+    latent_frames,
+    num_video_clips,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +82,8 @@ class Tokens:
 
     @property
     def clips(self) -> int:
-        """Video clips of 80 frames after the image clip."""
-        return (self.frames - 1) // PIXEL_FRAMES_PER_CLIP
+        """Video clips of 80 frames after the image clip (the last one partial in a length between whole clips)."""
+        return num_video_clips(self.frames)
 
     def leading_clips(self, clips: int) -> Tokens:
         """The image clip and the first ``clips`` video clips of complete generation tokens: later clips read
@@ -149,12 +156,11 @@ class Tokens:
             raise ValueError(f"{path} is not a readable .safetensors tokens file ({e}); {hint}") from e
         try:
             frames = int(meta["frames"])
-            clips = num_video_clips(frames)
+            latents = latent_frames(frames)
         except ValueError:
-            raise ValueError(f"{path}: frames {meta['frames']!r} is no image or video length (1 + 80k); {hint}") \
-                from None
+            raise ValueError(f"{path}: frames {meta['frames']!r} is no image or video length (1, 17 to 65 by 16, "
+                             f"or 1 + 80k); {hint}") from None
         # checked before the schedule is built: a file's frame count cannot size it beyond what the file holds
-        latents = 1 + FRAMES_PER_CLIP * clips
         if summed.ndim != 5 or summed.shape[2] != latents:
             raise ValueError(f"{path}: summed_codes of shape {tuple(summed.shape)} do not hold the {latents} latent "
                              f"frames of {frames} frames; the file is damaged; {hint}")
@@ -387,6 +393,9 @@ def extension_schedule(tokens: Tokens, clips: int, model_info=None) -> Schedule:
     if tokens.kind != "generation":
         raise ValueError(f"these tokens are an {tokens.kind} story (interact model); continue them with InfinityStar "
                          "Interact (node) or `python -m infinitystar interact --tokens FILE`, not Extend")
+    if (tokens.frames - 1) % PIXEL_FRAMES_PER_CLIP:
+        raise ValueError(f"these tokens are {tokens.frames} frames, which end in a partial clip; Extend continues "
+                         "videos of whole 5 s clips (81, 161, ... frames)")
     old = tokens.schedule()
     if len(tokens.bits) != old.num_steps:
         raise ValueError(f"tokens hold {len(tokens.bits)} of {old.num_steps} steps; only complete generations "

@@ -1,7 +1,7 @@
 """Scale schedules of the official ``infinity_elegant_clip20frames_v2`` layout (spec §3.4, §2.4, §5.3).
 
 A schedule is the image pyramid (t = 1) followed by one pyramid with t = 20 latent frames per
-video clip. Every scale is predicted several times ("repetitions"); one AR *step* is one
+video clip (the last one shorter for a length between whole clips). Every scale is predicted several times ("repetitions"); one AR *step* is one
 (scale, repetition) pair. Video scales attend to the last scale of the previous clip.
 Everything here is derived from the rules; tests compare it with the golden manifests.
 """
@@ -15,6 +15,7 @@ import numpy as np
 VAE_STRIDE = 16  # pixels per latent cell
 FRAMES_PER_CLIP = 20  # latent frames in one video clip
 PIXEL_FRAMES_PER_CLIP = 4 * FRAMES_PER_CLIP  # 80 pixel frames (temporal compression 4)
+PIXEL_FRAMES_PER_SECOND = 16  # the official table's step: one second
 SEMANTIC_DIM = 16
 DETAIL_DIM = 64
 BASE_SIDES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 40, 60)
@@ -121,7 +122,8 @@ def supported_aspects() -> list[str]:
 
 
 def supported_frames(max_clips: int = 3) -> list[int]:
-    """1 (image) or 1 + 80k pixel frames (k 20-latent-frame clips); the list shows the first few."""
+    """1 (image) or 1 + 80k pixel frames (k 20-latent-frame clips), the official scripts' lengths; the list shows
+    the first few. :func:`build_schedule` also takes 1 to 4 s (17, 33, 49, 65 frames)."""
     return [1] + [1 + PIXEL_FRAMES_PER_CLIP * k for k in range(1, max_clips + 1)]
 
 
@@ -185,11 +187,24 @@ def parse_aspect(aspect: str | float) -> float:
 
 
 def num_video_clips(frames: int) -> int:
-    """Video clips after the image clip in ``frames`` pixel frames (1 or 1 + 80k), else ValueError."""
-    if not isinstance(frames, (int, np.integer)) or frames < 1 or (frames - 1) % PIXEL_FRAMES_PER_CLIP:
-        raise ValueError(f"unsupported frame count {frames!r}; supported: 1 (image) or 1 + 80k "
-                         f"(e.g. {supported_frames()}: 5 s, 10 s, 15 s at 16 fps)")
-    return (int(frames) - 1) // PIXEL_FRAMES_PER_CLIP
+    """Video clips after the image clip in ``frames`` pixel frames: 1 (image), 1 + 80k (whole clips), or a whole
+    number of seconds up to 5 (17, 33, 49, 65: one clip, cut to the latent frames there are), as the official table
+    offers them (``pt2scale_schedule``, one entry per second); else ValueError. A partial clip after a whole one is
+    in the table too, but the official sampler fails on it (its reference to the previous clip keeps 20 frames)."""
+    whole = isinstance(frames, (int, np.integer)) and frames >= 1 and not (frames - 1) % PIXEL_FRAMES_PER_CLIP
+    short = isinstance(frames, (int, np.integer)) and 1 < frames < 1 + PIXEL_FRAMES_PER_CLIP and \
+        not (frames - 1) % PIXEL_FRAMES_PER_SECOND
+    if not (whole or short):
+        raise ValueError(f"unsupported frame count {frames!r}; supported: 1 (image), 1 + 80k (whole 5 s clips, e.g. "
+                         f"{supported_frames()[1:]}: 5 s, 10 s, 15 s at 16 fps) or 1 to 4 s (17, 33, 49, 65)")
+    return -(-(int(frames) - 1) // PIXEL_FRAMES_PER_CLIP)
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of ``frames`` pixel frames (see :func:`num_video_clips`): the first alone, then 4 pixel frames
+    each."""
+    num_video_clips(frames)
+    return 1 + (int(frames) - 1) // 4
 
 
 def default_repetitions(pn: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -223,8 +238,10 @@ def build_schedule(pn: str = "0.90M", aspect: str | float = "16:9", frames: int 
     if len(img_rep) != n or len(vid_rep) != n or min(img_rep + vid_rep) < 1:
         raise ValueError(f"repetitions must list {n} positive counts for pn {pn}")
     scales = [(1, h, w) for h, w in pyramid]
-    for _ in range(clips):
-        scales += [(FRAMES_PER_CLIP, h, w) for h, w in pyramid]
+    latents = latent_frames(frames)
+    for clip in range(clips):  # the last clip holds what is left (a 3 s video: one clip of 12 latent frames)
+        t = min(FRAMES_PER_CLIP, latents - 1 - clip * FRAMES_PER_CLIP)
+        scales += [(t, h, w) for h, w in pyramid]
     semantic_scales = max(n - 3, 0)
     steps, real_sid = [], 0
     for si, (t, h, w) in enumerate(scales):
@@ -241,5 +258,5 @@ def build_schedule(pn: str = "0.90M", aspect: str | float = "16:9", frames: int 
         real_sid += reps
     uh, uw = pyramid[-1]
     return Schedule(tuple(scales), tuple(steps), pn, h_div_w, uh * VAE_STRIDE, uw * VAE_STRIDE, int(frames),
-                    1 + clips * FRAMES_PER_CLIP, n, semantic_scales, DETAIL_MIN_TOKENS[pn], 1 + clips,
+                    latents, n, semantic_scales, DETAIL_MIN_TOKENS[pn], 1 + clips,
                     img_rep, vid_rep)

@@ -8,6 +8,7 @@ import torch
 from infinitystar import pipeline as P
 from infinitystar.checkpoint import CheckpointInfo, load_tokenizer, load_transformer
 from infinitystar.config import TRANSFORMER_PRESETS
+from infinitystar.schedule import build_schedule
 from infinitystar.text import TextEncoder
 
 
@@ -170,6 +171,21 @@ def test_extend_replays_only_the_reference_chain(t2v, models, monkeypatch):
     new_steps = new.num_steps - t2v.schedule().num_steps
     assert len(forwards) == 1 + 2 + new_steps  # text, last step of the image clip and of clip 1, new clip
     assert longer.kept_frames == t2v.frames == 81  # what Decode's "new clips" drops
+
+
+def test_a_short_video_ends_in_a_partial_clip_and_round_trips(models, tmp_path):
+    """3 s (49 frames) as the official table has it: one clip of 12 latent frames, decoded to 49 frames; its tokens
+    save and load, and Extend, which continues whole clips, says so."""
+    transformer, _, tokenizer, te = models
+    schedule = build_schedule("0.06M", "16:9", 49)
+    tokens = P.generate(transformer, te.encode("a red fox"), schedule, seed=5)
+    assert tokens.frames == 49 and tokens.summed_codes.shape == (1, 64, 13, 12, 21)
+    frames = P.decode(tokenizer, tokens)
+    assert frames.shape == (49, schedule.height, schedule.width, 3)
+    back = P.Tokens.load(tokens.save(tmp_path / "short.safetensors"))
+    assert back.frames == 49 and torch.equal(back.summed_codes, tokens.summed_codes)
+    with pytest.raises(ValueError, match="partial clip; Extend continues videos of whole 5 s clips"):
+        P.extend(transformer, te.encode("x"), tokens, seed=0)
 
 
 def test_extend_rejects_partial_tokens(models):

@@ -72,13 +72,28 @@ def test_nearest_template_snaps():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(pn="1080p"), "unsupported resolution"), (dict(aspect="wide"), "unsupported aspect"),
-    (dict(aspect=-1.0), "unsupported aspect"), (dict(frames=49), "unsupported frame count"),
-    (dict(frames=0), "unsupported frame count")])
+    (dict(aspect=-1.0), "unsupported aspect"), (dict(frames=50), "unsupported frame count"),
+    (dict(frames=0), "unsupported frame count"), (dict(frames=9), "unsupported frame count")])
 def test_bad_input_lists_supported(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         build_schedule(**kwargs)
     text = str(info.value)
     assert any(str(x) in text for x in supported_pn() + supported_frames() + ["W:H"])
+
+
+def test_lengths_between_whole_clips_end_in_a_partial_clip():
+    """The official table's entries under 5 s (``pt2scale_schedule[pt]`` for every second: 17, 33, 49, 65 frames)
+    keep the clip's pyramid and cut its t to the latent frames there are: 3 s = 13 latent frames, one clip of 12.
+    Past 5 s only whole clips: the official sampler fails on a partial clip after a whole one (8 s, 129 frames)."""
+    three = build_schedule("0.06M", "16:9", 49)
+    assert (three.latent_frames, three.num_clips, three.frames) == (13, 2, 49)
+    assert {t for t, _, _ in three.scales[11:]} == {12} and three.scales[-1] == (12, 12, 21)
+    last = three.steps[-1]
+    assert (last.frame_ss, last.frame_ee, last.ref_sids) == (1, 13, (10,))
+    assert [s.rep for s in three.steps] == [s.rep for s in build_schedule("0.06M", "16:9", 81).steps]
+    assert build_schedule("0.06M", "16:9", 17).scales[-1] == (4, 12, 21)
+    with pytest.raises(ValueError, match="unsupported frame count 129.*1 to 4 s"):
+        build_schedule("0.06M", "16:9", 129)
 
 
 def test_custom_repetitions():
@@ -102,26 +117,28 @@ def test_detail_token_threshold_agrees_with_the_detail_scales(pn):
 
 
 def test_schedules_equal_the_official_tables(official_path):
-    """Every aspect template, resolution and length (image, 5, 10 and 15 s) against the official schedule tables:
-    the same scales, clip split, reference scales and frame ranges (needs INFINITYSTAR_OFFICIAL_PATH)."""
+    """Every aspect template, resolution and length (image, 1 to 5 s by the second, 10 and 15 s) against the
+    official schedule tables: the same scales, clip split, reference scales and frame ranges (needs
+    INFINITYSTAR_OFFICIAL_PATH)."""
     from bench_loader import load_benchmark
 
     official = load_benchmark("official")
     mod = official.import_official(official_path)
     checked = 0
-    for frames in (1, 81, 161, 241):
-        tables, _ = mod.get_dynamic_resolution_meta("infinity_elegant_clip20frames_v2", frames)
-        assert sorted(tables) == sorted(aspect_templates())
+    tables, _ = mod.get_dynamic_resolution_meta("infinity_elegant_clip20frames_v2", 241)  # the 15 s table
+    assert sorted(tables) == sorted(aspect_templates())
+    for frames in (1, 17, 33, 49, 65, 81, 161, 241):
         for h_div_w, by_pn in tables.items():
             for pn in ("0.06M", "0.25M", "0.40M", "0.90M"):
                 theirs = [tuple(s) for s in by_pn[pn]["pt2scale_schedule"][(frames - 1) // 4 + 1]]
                 ours = build_schedule(pn, h_div_w, frames)
+                assert ours.latent_frames == 1 + (frames - 1) // 4 and ours.frames == frames
                 first_full = mod.get_first_full_spatial_size_scale_index(theirs)
-                info = mod.get_scale_pack_info(theirs, first_full, official.official_args(mod, pn, frames, False, ours))
+                info = mod.get_scale_pack_info(theirs, first_full, official.official_args(mod, pn, 241, False, ours))
                 assert ours.scales == tuple(theirs) and ours.scales_per_clip == first_full + 1, (frames, h_div_w, pn)
                 for step in ours.steps:
                     packed = info[step.si]
                     assert list(step.ref_sids) == list(packed["ref_sids"]), (frames, h_div_w, pn, step.si)
                     assert (step.frame_ss, step.frame_ee) == (packed["frame_ss"], packed["frame_ee"])
                 checked += 1
-    assert checked == 4 * 15 * 4
+    assert checked == 8 * 15 * 4
