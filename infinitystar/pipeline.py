@@ -90,6 +90,9 @@ class Tokens:
         earlier ones, never the reverse, so their steps' bits and latent frames are a prefix of these."""
         if self.kind != "generation" or not 0 <= clips <= self.clips:
             raise ValueError(f"cannot take {clips} leading clip(s) of {self.kind} tokens with {self.clips}")
+        if clips and clips == self.clips and (self.frames - 1) % PIXEL_FRAMES_PER_CLIP:
+            raise ValueError(f"these tokens are {self.frames} frames, which end in a partial clip; only whole 5 s "
+                             "clips (81, 161, ... frames) start a longer generation")
         if clips == self.clips:
             return self
         short = build_schedule(self.pn, self.h_div_w, 1 + PIXEL_FRAMES_PER_CLIP * clips)

@@ -186,6 +186,9 @@ def test_a_short_video_ends_in_a_partial_clip_and_round_trips(models, tmp_path):
     assert back.frames == 49 and torch.equal(back.summed_codes, tokens.summed_codes)
     with pytest.raises(ValueError, match="partial clip; Extend continues videos of whole 5 s clips"):
         P.extend(transformer, te.encode("x"), tokens, seed=0)
+    with pytest.raises(ValueError, match="partial clip; only whole 5 s clips"):  # the Sampler's start_tokens
+        tokens.leading_clips(1)
+    assert tokens.leading_clips(0).frames == 1  # its image clip is whole
 
 
 def test_extend_rejects_partial_tokens(models):
