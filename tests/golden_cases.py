@@ -1,8 +1,8 @@
 """Discovery of golden case folders (made by running the official code; see shared/golden/README.md).
 
 Case folders are read from the colon-separated paths in ``INFINITYSTAR_GOLDEN_DIRS``
-(default ``../shared/golden`` relative to the repository root). A path may be a folder of
-case folders or a case folder itself. Tests dispatch on ``manifest["kind"]``, never on names.
+(default ``../shared/golden`` relative to the repository root). A path may be a case folder itself or a folder with
+case folders anywhere below it (a few levels deep). Tests dispatch on ``manifest["kind"]``, never on names.
 """
 from __future__ import annotations
 
@@ -22,13 +22,28 @@ def golden_roots() -> list[Path]:
     return [p for p in paths if p.is_dir()]
 
 
+MAX_DEPTH = 4  # folders of folders of cases: how deep a root is searched
+
+
+def _cases_under(folder: Path, depth: int = 0) -> list[Path]:
+    """``folder`` if it is a case (holds manifest.json), else the cases below it, in name order; a case folder's
+    own subfolders are not searched."""
+    if (folder / "manifest.json").is_file():
+        return [folder]
+    if depth >= MAX_DEPTH:
+        return []
+    try:
+        children = sorted(d for d in folder.iterdir() if d.is_dir())
+    except OSError:
+        return []
+    return [case for d in children for case in _cases_under(d, depth + 1)]
+
+
 def _case_dirs() -> list[Path]:
     found: dict[str, Path] = {}
     for root in golden_roots():
-        candidates = [root] if (root / "manifest.json").is_file() else sorted(root.iterdir())
-        for d in candidates:
-            if (d / "manifest.json").is_file():
-                found.setdefault(str(d.resolve()), d)
+        for d in _cases_under(root):
+            found.setdefault(str(d.resolve()), d)
     return list(found.values())
 
 

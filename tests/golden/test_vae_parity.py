@@ -141,7 +141,9 @@ def test_decoded_floats(case_dir):
     out = _npz(case_dir, "outputs.npz")
     _frames_stored(out, case_dir)
     dec = _decoded(case_dir)
-    key = next(k for k in out if k.startswith("decoded_float_first"))
+    key = next((k for k in out if k.startswith("decoded_float_first")), None)
+    if key is None:
+        pytest.skip(f"{case_dir.name} stores no decoded_float_first* frames (outputs.npz has {sorted(out)})")
     ref = torch.from_numpy(out[key])
     assert dec.shape[2] == out["frame_mean_bgr"].shape[0]
     torch.testing.assert_close(dec[0, :, :ref.shape[1]], ref, rtol=0, atol=1e-4)
