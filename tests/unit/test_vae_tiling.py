@@ -72,7 +72,6 @@ def test_images_to_another_device_equal_the_post_processed_whole(tok, tiled, mon
     (clamp((x + 1) / 2), frames first), on the device asked for; one video at a time. Tiled, with the images on
     another device, the tiles are blended there: the same images."""
     import infinitystar.vae.model as vae_model
-
     from infinitystar.vae import frames_to_float_images
 
     codes = torch.randn(1, 64, 7, 3, 4, generator=torch.Generator().manual_seed(3)) * 0.3
