@@ -218,7 +218,7 @@ def test_fp8_file_loads_as_stored_or_upcast(sd, tmp_path):
     save_file(fp8, str(tmp_path / "fp8.safetensors"))
     kept, info = load_transformer(tmp_path / "fp8.safetensors")
     assert info.dtype == torch.float8_e5m2
-    assert kept.block_chunks[0].module[0].mlp.up_proj.weight.dtype == torch.float8_e5m2
+    assert kept.blocks[0].mlp.up_proj.weight.dtype == torch.float8_e5m2
     up, info = load_transformer(tmp_path / "fp8.safetensors", dtype=torch.bfloat16)
     key = "block_chunks.0.module.0.mlp.up_proj.weight"
     assert info.dtype == torch.bfloat16 and torch.equal(up.state_dict()[key], fp8[key].to(torch.bfloat16))

@@ -69,7 +69,7 @@ def test_a_new_prompt_length_or_moved_weights_drop_the_graphs(model):
     graphed = _run(model, _text(2, tokens=5), sched, 4, cuda_graphs=graphs)  # the text K/V homes change shape
     _assert_same(eager, graphed)
     assert graphs.counts["replayed"] > 0 and all(k[3][0][1][2] == 5 for k in graphs.graphs)  # rebuilt for 5 tokens
-    p = next(model.block_chunks.parameters())
+    p = next(model.block_stack.parameters())
     old = p.data
     try:
         p.data = old.clone()  # the weights at another address (ComfyUI moved the model off the device and back)

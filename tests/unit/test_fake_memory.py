@@ -117,7 +117,7 @@ def test_gguf_blocks_on_fake_tensors_match_a_real_run_and_the_estimate(fm, weigh
     model = InfinityStarTransformer(CFG, ops=gguf.ops).eval().requires_grad_(False)
     model.apply_precision_layout(torch.bfloat16)
     stored = 0
-    for module in model.block_chunks.modules():
+    for module in model.block_stack.modules():
         if isinstance(module, gguf.GGUFLinear):
             module.weight = torch.nn.Parameter(gguf.quantize(module.weight.float(), name), requires_grad=False)
             module.gguf_type = gguf.QUANT_IDS[name]
@@ -126,7 +126,7 @@ def test_gguf_blocks_on_fake_tensors_match_a_real_run_and_the_estimate(fm, weigh
     _, real = measure_peak_bytes(lambda: sample(model, text, _schedule(), seed=0, chunk_tokens=256))
     mode = FakeTensorMode()
     fake = fm.fake_model(CFG, mode, torch.uint8, name)
-    assert stored == sum(m.weight.numel() for m in fake.block_chunks.modules() if isinstance(m, gguf.GGUFLinear))
+    assert stored == sum(m.weight.numel() for m in fake.block_stack.modules() if isinstance(m, gguf.GGUFLinear))
     with mode, fm.no_value_checks():
         fake_text = TextCondition(torch.empty(L, CFG.text_channels))
         with fm.LiveDeviceBytes("cpu", existing=[*fake.parameters(), *fake.buffers()]) as tracker:

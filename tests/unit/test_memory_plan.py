@@ -92,7 +92,7 @@ def test_fp8_storage_upcasts_on_the_fly(fp8):
     sched = build_schedule("0.06M", "1:1", 1, num_scales=4)
     text = TextCondition(torch.randn(5, GQA.text_channels))
     stored = _model(ops=cast)
-    store_weights(stored.block_chunks, fp8)
+    store_weights(stored.block_stack, fp8)
     assert stored.blocks[0].mlp.up_proj.weight.dtype == fp8 and isinstance(stored.blocks[0].mlp.up_proj, CastLinear)
     assert stored.blocks[0].input_layernorm.weight.dtype == torch.float32  # norms keep their dtype
     # reference: plain torch.nn with the same (fp8-rounded) weights held in fp32

@@ -65,7 +65,7 @@ def test_fp8_blocks_loaded_scaled_give_logits_closer_to_full_precision(tmp_path)
     folder = write_sharded_safetensors(tmp_path / "infinitystar_8b_720p_weights", tiny_transformer_state_dict(seed=2))
     models = {"fp32": load_transformer(folder)[0], "scaled": load_transformer(folder, dtype=E4M3)[0],
               "plain": load_transformer(folder, dtype=E4M3, ops=cast)[0]}
-    assert isinstance(models["scaled"].block_chunks[0].module[0].attn.q_proj, ScaledCastLinear)
+    assert isinstance(models["scaled"].blocks[0].attn.q_proj, ScaledCastLinear)
     assert not any("scale_weight" in k for k in models["plain"].state_dict())
     sched = build_schedule("0.06M", "16:9", 81, num_scales=5)
     text = TextCondition(torch.randn(6, models["fp32"].config.text_channels, generator=torch.Generator().manual_seed(4)))
@@ -148,7 +148,7 @@ def test_fp8_matmul_availability(monkeypatch):
 def test_load_with_fp8_matmul(tmp_path):
     folder = write_sharded_safetensors(tmp_path / "infinitystar_8b_720p_weights", tiny_transformer_state_dict(seed=2))
     model, _ = load_transformer(folder, dtype=E4M3, fp8_matmul=True)
-    assert isinstance(model.block_chunks[0].module[0].mlp.down_proj, Fp8MatmulLinear)
+    assert isinstance(model.blocks[0].mlp.down_proj, Fp8MatmulLinear)
     with pytest.raises(ValueError, match="fp8 matmuls need the blocks stored in fp8 e4m3fn"):
         load_transformer(folder, dtype=torch.bfloat16, fp8_matmul=True)
     sched = build_schedule("0.06M", "16:9", 81, num_scales=4)
