@@ -85,12 +85,17 @@ class Tokens:
         """Video clips of 80 frames after the image clip (the last one partial in a length between whole clips)."""
         return num_video_clips(self.frames)
 
+    @property
+    def ends_in_partial_clip(self) -> bool:
+        """A 1 to 4 s video: its one clip is shorter than 5 s, so nothing continues it."""
+        return (self.frames - 1) % PIXEL_FRAMES_PER_CLIP != 0
+
     def leading_clips(self, clips: int) -> Tokens:
         """The image clip and the first ``clips`` video clips of complete generation tokens: later clips read
         earlier ones, never the reverse, so their steps' bits and latent frames are a prefix of these."""
         if self.kind != "generation" or not 0 <= clips <= self.clips:
             raise ValueError(f"cannot take {clips} leading clip(s) of {self.kind} tokens with {self.clips}")
-        if clips and clips == self.clips and (self.frames - 1) % PIXEL_FRAMES_PER_CLIP:
+        if clips and clips == self.clips and self.ends_in_partial_clip:
             raise ValueError(f"these tokens are {self.frames} frames, which end in a partial clip; only whole 5 s "
                              "clips (81, 161, ... frames) start a longer generation")
         if clips == self.clips:
@@ -396,7 +401,7 @@ def extension_schedule(tokens: Tokens, clips: int, model_info=None) -> Schedule:
     if tokens.kind != "generation":
         raise ValueError(f"these tokens are an {tokens.kind} story (interact model); continue them with InfinityStar "
                          "Interact (node) or `python -m infinitystar interact --tokens FILE`, not Extend")
-    if (tokens.frames - 1) % PIXEL_FRAMES_PER_CLIP:
+    if tokens.ends_in_partial_clip:
         raise ValueError(f"these tokens are {tokens.frames} frames, which end in a partial clip; Extend continues "
                          "videos of whole 5 s clips (81, 161, ... frames)")
     old = tokens.schedule()

@@ -1,8 +1,8 @@
 """Scale schedules of the official ``infinity_elegant_clip20frames_v2`` layout (spec §3.4, §2.4, §5.3).
 
 A schedule is the image pyramid (t = 1) followed by one pyramid with t = 20 latent frames per
-video clip (the last one shorter for a length between whole clips). Every scale is predicted several times ("repetitions"); one AR *step* is one
-(scale, repetition) pair. Video scales attend to the last scale of the previous clip.
+video clip (fewer in a video under 5 s). Every scale is predicted several times ("repetitions");
+one AR *step* is one (scale, repetition) pair. Video scales attend to the last scale of the previous clip.
 Everything here is derived from the rules; tests compare it with the golden manifests.
 """
 from __future__ import annotations
@@ -191,13 +191,11 @@ def num_video_clips(frames: int) -> int:
     number of seconds up to 5 (17, 33, 49, 65: one clip, cut to the latent frames there are), as the official table
     offers them (``pt2scale_schedule``, one entry per second); else ValueError. A partial clip after a whole one is
     in the table too, but the official sampler fails on it (its reference to the previous clip keeps 20 frames)."""
-    whole = isinstance(frames, (int, np.integer)) and frames >= 1 and not (frames - 1) % PIXEL_FRAMES_PER_CLIP
-    short = isinstance(frames, (int, np.integer)) and 1 < frames < 1 + PIXEL_FRAMES_PER_CLIP and \
-        not (frames - 1) % PIXEL_FRAMES_PER_SECOND
-    if not (whole or short):
+    after = int(frames) - 1 if isinstance(frames, (int, np.integer)) else -1  # frames after the first
+    if after < 0 or (after % PIXEL_FRAMES_PER_CLIP and (after > PIXEL_FRAMES_PER_CLIP or after % PIXEL_FRAMES_PER_SECOND)):
         raise ValueError(f"unsupported frame count {frames!r}; supported: 1 (image), 1 + 80k (whole 5 s clips, e.g. "
                          f"{supported_frames()[1:]}: 5 s, 10 s, 15 s at 16 fps) or 1 to 4 s (17, 33, 49, 65)")
-    return -(-(int(frames) - 1) // PIXEL_FRAMES_PER_CLIP)
+    return -(-after // PIXEL_FRAMES_PER_CLIP)
 
 
 def latent_frames(frames: int) -> int:
