@@ -86,6 +86,22 @@ def test_pack_registers_its_nodes(server):
     assert "InfinityStarInteract_24K_iters" in options
 
 
+def test_help_pages_are_served_where_the_frontend_looks(server):
+    """The frontend's node help panel fetches ``/extensions/<pack>/docs/<node>.md``, the pack being the second part of
+    the node's ``python_module`` (``custom_nodes.<folder>``)."""
+    import urllib.request
+
+    ours = {k: v for k, v in server.get("/object_info").items() if k.startswith("InfinityStar")}
+    assert ours
+    for node, info in ours.items():
+        prefix, pack = info["python_module"].split(".")[:2]
+        assert prefix == "custom_nodes"
+        url = f"{server.url}/extensions/{pack.split('@')[0]}/docs/{node}.md"
+        with urllib.request.urlopen(url, timeout=server.http_timeout) as r:
+            assert r.status == 200
+            assert r.read().decode("utf-8").startswith(f"# {info['display_name']}\n"), url
+
+
 def test_validation_errors_come_back_before_running(server):
     prompt = _prompt("10 s")
     prompt["5"]["inputs"]["resolution"] = "720p"
