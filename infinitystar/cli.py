@@ -241,9 +241,14 @@ class Session:
         """Save the tokens (--save-tokens), free the transformer, decode and write the mp4 / PNG."""
         from .video_io import write_mp4, write_png
 
+        unsaved = None
         if self.args.save_tokens:
-            tokens.save(self.args.save_tokens)
-            print(f"tokens: {self.args.save_tokens}", file=sys.stderr)
+            try:
+                tokens.save(self.args.save_tokens)
+                print(f"tokens: {self.args.save_tokens}", file=sys.stderr)
+            except OSError as e:  # a full disk: the run's video is still worth writing
+                unsaved = e
+                print(f"error: {e}; the tokens are not saved, the video is still decoded", file=sys.stderr)
         bar = None
 
         def progress(i, n):
@@ -264,7 +269,10 @@ class Session:
                           new_clips=getattr(self.args, "new_only", False))
         if bar is not None:
             bar.close()
-        return write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
+        written = write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
+        if unsaved is not None:
+            raise OSError(f"{written} is written, but the tokens are not ({unsaved})")
+        return written
 
 
 ASPECT_TOLERANCE = 0.1  # relative h/w difference beyond which a snap to an aspect template is worth saying

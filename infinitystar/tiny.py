@@ -142,7 +142,8 @@ def write_sharded_safetensors(folder: str | Path, state_dict: dict[str, torch.Te
             save_file({k: state_dict[k] for k in group}, str(part), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, name))
     index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    with written_whole(folder / "model.safetensors.index.json") as part:  # last: the folder is whole once it is there
+        part.write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
 
 
@@ -152,6 +153,7 @@ def write_tiny_models(outdir: str | Path, seed: int = 0, overwrite: bool = False
     The names are the official files', so a folder that holds any of them (a real download) is refused unless
     ``overwrite``: random weights would replace the real ones."""
     from .config import TRANSFORMER_PRESETS
+    from .video_io import written_whole
 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
@@ -166,7 +168,8 @@ def write_tiny_models(outdir: str | Path, seed: int = 0, overwrite: bool = False
         paths[f"transformer_{variant}"] = write_sharded_safetensors(
             outdir / name, tiny_transformer_state_dict(seed + offset))
     paths["vae"] = outdir / VAE_FILE
-    torch.save({"vae": tiny_tokenizer_state_dict(seed, tiny_set_vae_config())}, paths["vae"])
+    with written_whole(paths["vae"]) as part:
+        torch.save({"vae": tiny_tokenizer_state_dict(seed, tiny_set_vae_config())}, part)
     paths["text_encoder"] = write_tiny_text_encoder(
         outdir / TEXT_ENCODER_DIR, d_model=TRANSFORMER_PRESETS["tiny"].text_channels, seed=seed)
     logger.info("tiny models written to %s", outdir)

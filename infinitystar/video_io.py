@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -59,6 +60,18 @@ def _kept_as(part: Path, path: Path) -> Path:
     return part
 
 
+def as_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as an OSError where it is a failed read or write: safetensors reports those (a full disk, ...) as its
+    own SafetensorError ("I/O error: No space left on device (os error 28)"), which is no OSError."""
+    if isinstance(exc, OSError):
+        return exc
+    if type(exc).__name__ == "SafetensorError":
+        found = re.search(r"I/O error: (.+?)(?: \(os error (\d+)\))?\s*$", str(exc))
+        if found:
+            return OSError(int(found.group(2) or 0), found.group(1))
+    return None
+
+
 @contextlib.contextmanager
 def written_whole(path: str | Path):
     """Yield a temporary name beside ``path`` and move it onto ``path`` once written: an error or a Ctrl-C while
@@ -82,12 +95,15 @@ def written_whole(path: str | Path):
         except OSError as e:
             logger.debug("could not set the mode of %s: %s", part, e)
         _replace(part, path)
-    except OSError as e:
+    except Exception as failed:  # noqa: BLE001 — only read/write errors are handled here; the rest re-raised
+        e = as_os_error(failed)
+        if e is None:
+            raise
         if written and part.is_file():
             kept = _kept_as(part, path)
             held = " (is it open in another program?)" if isinstance(e, PermissionError) else ""
-            raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; the finished file is kept as {kept}") from e
-        raise OSError(f"cannot write {asked}: {e.strerror or e}") from e
+            raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; the finished file is kept as {kept}") from failed
+        raise OSError(f"cannot write {asked}: {e.strerror or e}") from failed
     except KeyboardInterrupt:  # Ctrl-C while the name is retried: the finished file stays, visible
         if written and part.is_file():
             with contextlib.suppress(OSError):

@@ -470,3 +470,22 @@ def test_names_seeds_and_previews_that_are_fine_pass(tiny_models, tmp_path, caps
     assert "--image " + str(tmp_path / "missing.png") + ": no such file" in capsys.readouterr().err
     assert main(["extend", "--models", root, "--video", str(tmp_path / "missing.mp4"), "--clips", "0"]) == 2
     assert "--clips 0: give 1 or more" in capsys.readouterr().err
+
+
+def test_tokens_that_cannot_be_saved_do_not_cost_the_video(tiny_models, tmp_path, monkeypatch, capsys):
+    """--save-tokens on a full disk: the run's image or video is still decoded and written, and the exit status and
+    message say that the tokens are not saved."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--duration", "0",
+               "--prompt", "a tulip", "--out", str(tmp_path / "img.png"), "--save-tokens", str(tmp_path / "t.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert (tmp_path / "img.png").is_file() and not (tmp_path / "t.safetensors").exists()
+    assert "No space left on device" in err and "img.png is written, but the tokens are not" in err
+    assert "Traceback" not in err

@@ -475,3 +475,31 @@ def test_an_error_while_writing_stays_the_error_when_the_partial_file_cannot_go(
             part.write_bytes(b"half")
             raise KeyboardInterrupt
     assert not (tmp_path / "b.bin").exists()
+
+
+def test_a_full_disk_in_safetensors_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError (no OSError): written_whole gives it the path and
+    leaves nothing behind, so callers that handle OSError (the CLI, the nodes' messages) say what happened."""
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from infinitystar.pipeline import Tokens
+    from infinitystar.video_io import written_whole
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    tokens = Tokens([torch.zeros(1, 1, 1, 1, 4, dtype=torch.uint8)], torch.zeros(1, 64, 1, 1, 1), "0.06M", 1.0, 1, 0)
+    with pytest.raises(OSError, match=r"cannot write .*t\.safetensors: No space left on device") as err:
+        tokens.save(tmp_path / "t.safetensors")
+    assert isinstance(err.value.__cause__, SafetensorError)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="not an I/O"):  # other errors pass through as they are
+        with written_whole(tmp_path / "x.bin") as part:
+            part.write_bytes(b"x")
+            raise ValueError("not an I/O error")
+    assert list(tmp_path.iterdir()) == []
