@@ -46,8 +46,40 @@ class TensorEntry:
 
 # ---------------------------------------------------------------------------------------------- reading files
 
+# NAME + these lie beside NAME while a download tool is not done with it (aria2c, Firefox, Chrome, Safari). Not
+# ".incomplete": our own copy writes NAME.incomplete and renames it, and one left by a hard kill says nothing of NAME
+UNFINISHED_MARKERS = (".aria2", ".part", ".crdownload", ".download")
+LFS_POINTER = b"version https://git-lfs"
+
+
+def check_readable(file: Path) -> bytes:
+    """What no parser can say, said first; returns the file's first bytes.
+
+    A download tool that preallocates (aria2c, as HF mirror scripts run it) leaves a whole-size file under the final
+    name with its tail never written, and a ``NAME.aria2`` beside it until it is done: the size cannot tell, the
+    marker can. A repo cloned without git-lfs holds small text pointers under the weights' names. And a file the
+    user may not read is no damaged file."""
+    for suffix in UNFINISHED_MARKERS:
+        marker = file.with_name(file.name + suffix)
+        if marker.exists():
+            raise ValueError(f"{file}: an unfinished download ({marker.name} lies beside it, left by the tool that is "
+                             "fetching it). Let that download finish or resume it, or delete both files and download "
+                             "again.")
+    try:
+        with open(file, "rb") as f:
+            head = f.read(64)
+    except PermissionError as exc:
+        raise PermissionError(f"{file}: no permission to read it ({exc.strerror}); give the account that runs this "
+                              "read access to it.") from None
+    if head.startswith(LFS_POINTER):
+        raise ValueError(f"{file} ({_size(file)}) is a Git LFS pointer, not the weights: the repo was cloned without "
+                         "git-lfs. Run `git lfs pull` in it, or download the file itself.")
+    return head
+
+
 def _safetensors_header(file: Path, metadata: dict | None = None) -> dict[str, TensorEntry]:
     """Parse a safetensors header and check every byte range against the file size."""
+    check_readable(file)
     size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
@@ -95,6 +127,7 @@ def _safetensors_header(file: Path, metadata: dict | None = None) -> dict[str, T
 def _gguf_header(file: Path, meta: dict) -> dict[str, TensorEntry]:
     """Entries of a GGUF file (logical shapes; quantized tensors as uint8 rows of their bytes); fills ``meta``
     with the file's ``infinitystar.*`` metadata, prefix dropped (``variant``)."""
+    check_readable(file)
     found, tensors = gguf.read_header(file)
     meta.update({k.split(".", 1)[1]: v for k, v in found.items() if k.startswith("infinitystar.")})
     entries = {}
@@ -153,6 +186,12 @@ def _torch_load(file: Path) -> dict:
         logger.warning("%s: torch %s reads .pth files with a weights-only loader that a crafted file can get past "
                        "(CVE-2025-32434, fixed in torch 2.6): load .pth files only from sources you trust (the official "
                        "hub repo), or upgrade torch", file, torch.__version__)
+    head = check_readable(file)
+    if not head:
+        raise ValueError(f"{file} is empty (0 bytes): its download or copy did not finish. Download it again.")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format, or a legacy pickle
+        raise ValueError(f"{file} ({_size(file)}) is not a PyTorch checkpoint (it starts with {head[:16]!r}); the "
+                         "download is damaged or a page was saved in its place. Download it again.")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:

@@ -157,7 +157,7 @@ def convert_text_encoder(source, out: str | Path, dtype: str = "fp16",
         entry = reader.entries[key]
         layout[key] = (target(name, torch.empty(entry.shape, dtype=entry.dtype, device="meta")), tuple(entry.shape))
         names[key] = name
-    tmp = out.with_name(out.name + ".part")
+    tmp = out.with_name(f".{out.name}.part")  # hidden: one left by a hard kill is not offered by the loaders' lists
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

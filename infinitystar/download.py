@@ -81,14 +81,13 @@ def find_models(root: str | Path, variant: str = "720p", components: Sequence[st
 def _check_source_file(path: Path) -> None:
     """Refuse a file of a local source that cannot be whole: a truncated .safetensors or zip-format .pth, an index
     naming shards the folder lacks, a text-encoder folder without its config or tokenizer."""
-    from .checkpoint_files import _safetensors_header
+    from .checkpoint_files import _safetensors_header, check_readable
 
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         _safetensors_header(path)  # checks every tensor's bytes against the file size
     elif suffix in (".pth", ".pt"):
-        with open(path, "rb") as f:
-            is_zip_format = f.read(4) == b"PK\x03\x04"  # torch.save's format; legacy pickles are left to the loader
+        is_zip_format = check_readable(path).startswith(b"PK\x03\x04")  # torch.save's; legacy pickles: the loader
         if is_zip_format and not zipfile.is_zipfile(path):
             raise ValueError(f"{path}: truncated ({path.stat().st_size:,} bytes; its zip directory is missing). "
                              "Copy it to the source again.")
@@ -135,6 +134,8 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
     the copy, leaving the files copied whole)."""
     from tqdm.auto import tqdm
 
+    from .checkpoint_files import UNFINISHED_MARKERS
+
     every = [p for p in sorted(source.rglob("*")) if p.is_file()]
     by_pattern = {pat: [p for p in every if fnmatch.fnmatch(p.relative_to(source).as_posix(), pat)]
                   for pat in patterns}
@@ -151,6 +152,12 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
             _check_source_file(p)
         except ValueError as exc:
             raise ValueError(f"local source damaged, nothing copied: {exc}") from None
+    unfinished = [p.relative_to(source).as_posix() for p in files if any(
+        (dest / p.relative_to(source)).with_name(p.name + m).exists() for m in UNFINISHED_MARKERS)]
+    if unfinished:  # another tool's download of the same name: its size says nothing, and it may still be running
+        raise FileExistsError(f"{dest} holds unfinished downloads of another tool: {', '.join(unfinished[:5])} (a "
+                              f"{'/'.join(UNFINISHED_MARKERS)} file beside each); nothing copied. Let that download "
+                              "finish, or delete those files and their markers, then copy again.")
     todo = [p for p in files if not ((dest / p.relative_to(source)).is_file()
                                      and (dest / p.relative_to(source)).stat().st_size == p.stat().st_size)]
     replaced = [p.relative_to(source).as_posix() for p in todo if (dest / p.relative_to(source)).exists()]

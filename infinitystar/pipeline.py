@@ -136,9 +136,14 @@ class Tokens:
         """Read tokens written by :meth:`save` and check them against their schedule."""
         from safetensors import safe_open
 
+        from .checkpoint_files import check_readable
+
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give a tokens .safetensors file")
         if not path.is_file():
             raise FileNotFoundError(f"tokens file not found: {path}")
+        check_readable(path)
         hint = "save tokens with InfinityStar Save Tokens or `generate --save-tokens`"
         try:
             with safe_open(str(path), framework="pt") as f:

@@ -112,6 +112,21 @@ def _config_vocab_size(path: Path) -> int:
         return 0
 
 
+def _check_sentencepiece(folder: Path) -> None:
+    """Where spiece.model is the only vocabulary, a damaged one is said as such: transformers would go on to try
+    other tokenizer formats and end with advice to install tiktoken."""
+    spiece = folder / "spiece.model"
+    if (folder / "tokenizer.json").is_file() or not spiece.is_file():
+        return
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"{spiece} ({spiece.stat().st_size:,} bytes) cannot be read by sentencepiece ({exc}); it is "
+                         f"damaged or incomplete. {TEXT_ENCODER_HINT}") from None
+
+
 class TextEncoder:
     """flan-t5 encoder plus its tokenizer, loaded from a Hugging Face folder (``text_encoder/flan-t5-xl-official``)."""
 
@@ -131,13 +146,14 @@ class TextEncoder:
         from transformers import AutoTokenizer
 
         path = checked_folder(path)
+        _check_sentencepiece(path)
         try:
             # never the folder's own code: a shared folder's tokenizer_config.json may name a Python class in it
             tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True, local_files_only=True,
                                                       trust_remote_code=False)
         except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: no usable tokenizer files ({' / '.join(TOKENIZER_FILES)}): {exc}. "
-                             f"{TEXT_ENCODER_HINT}") from exc
+            raise ValueError(f"{path}: no usable tokenizer files ({' / '.join(TOKENIZER_FILES)}): "
+                             f"{str(exc).rstrip('.')}. {TEXT_ENCODER_HINT}") from exc
         vocab = _config_vocab_size(path)
         if vocab and len(tokenizer) < vocab // 2:
             raise ValueError(f"{path}: the tokenizer knows {len(tokenizer)} tokens but the T5 model {vocab}; its files "

@@ -120,6 +120,12 @@ def _check_file(path: Path, what: str) -> None:
         raise ValueError(f"{path} is a folder; give the {what} file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    try:  # said as it is: the readers would call an unreadable file damaged
+        with open(path, "rb"):
+            pass
+    except PermissionError as exc:
+        raise PermissionError(f"{path}: no permission to read this {what} ({exc.strerror}); give the account that "
+                              "runs this read access to it.") from None
 
 
 def to_uint8(frames) -> np.ndarray:
@@ -309,18 +315,24 @@ def read_frames(source, index, total: int | None = None) -> np.ndarray:
         raise ValueError("no frames to read")
     if np.any(np.diff(index) < 0) or index[0] < 0:
         raise ValueError("frame indices must be ascending and not negative")
-    out, cursor, last = None, 0, int(index[-1])
-    with _open(source) as container:
-        for i, frame in enumerate(container.decode(container.streams.video[0])):
-            if i == index[cursor]:
-                rgb = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
-                if out is None:
-                    out = np.empty((len(index), *rgb.shape), dtype=np.uint8)
-                while cursor < len(index) and index[cursor] == i:  # a pick repeated at a low frame rate
-                    out[cursor] = rgb
-                    cursor += 1
-            if i >= last:
-                break
+    import av
+
+    out, cursor, last, i = None, 0, int(index[-1]), -1
+    try:
+        with _open(source) as container:
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i == index[cursor]:
+                    rgb = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
+                    if out is None:
+                        out = np.empty((len(index), *rgb.shape), dtype=np.uint8)
+                    while cursor < len(index) and index[cursor] == i:  # a pick repeated at a low frame rate
+                        out[cursor] = rgb
+                        cursor += 1
+                if i >= last:
+                    break
+    except av.error.FFmpegError as exc:  # damaged data mid-file: FFmpeg's message names neither file nor frame
+        raise ValueError(f"{_name(source)}: decoding stopped after {i + 1} frame(s) ({exc.strerror}); the file "
+                         "is damaged. Re-encode it (e.g. ffmpeg -i in.mp4 out.mp4) or use another copy.") from None
     if cursor < len(index):
         listed = f" of the {total} the container lists" if total else ""
         raise ValueError(f"{_name(source)}: frame {int(index[cursor])}{listed} could not be decoded; the file may be "

@@ -209,6 +209,9 @@ def test_shards_without_their_index_must_all_be_there(sharded, tmp_path):
 def test_empty_pth_names_the_error(tmp_path):
     empty = tmp_path / "infinitystar_videovae.pth"
     empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"infinitystar_videovae.pth is empty \(0 bytes\).*Download it again"):
+        load_tokenizer(empty)
+    empty.write_bytes(b"PK\x03\x04 and then nothing")  # a zip cut short: torch's own reason, and what it means
     with pytest.raises(ValueError, match=r"cannot read this \.pth \(\w.*corrupted"):
         load_tokenizer(empty)
 

@@ -137,7 +137,7 @@ def test_a_wrong_tokenizer_file_is_found_before_sampling(tiny_models, tmp_path, 
     monkeypatch.setattr(cli.Session, "texts", lambda *a, **k: pytest.fail("the run went on to the text encoder"))
     assert main(["generate", "--models", str(models), "--resolution", "0.06M", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "infinitystar_videovae.pth (5 bytes): cannot read this .pth" in err
+    assert "infinitystar_videovae.pth (5 bytes) is not a PyTorch checkpoint" in err
     monkeypatch.setattr(cli, "_run_generate", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["generate", "--models", str(models), "--out", str(tmp_path / "y")]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"

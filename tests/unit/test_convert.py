@@ -128,7 +128,7 @@ def test_cli_convert_text_encoder_refuses_what_it_cannot_write(t5_folder, tiny_m
     assert main(["convert-text-encoder", str(t5_folder), str(out)]) == 2 and "exists" in capsys.readouterr().err
     assert main(["convert-text-encoder", str(tiny_models["transformer_720p"]), str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "x.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc"]  # nothing left of the refused one
     partial = tmp_path / "partial"  # an encoder missing a block's tensor: refused before anything is written
     shutil.copytree(t5_folder, partial)
     from safetensors.torch import load_file, save_file
@@ -142,3 +142,21 @@ def test_cli_convert_text_encoder_refuses_what_it_cannot_write(t5_folder, tiny_m
     index.write_text(json.dumps(data))
     assert main(["convert-text-encoder", str(partial), str(tmp_path / "y")]) == 2
     assert "wo.weight" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_convert_text_encoder_writes_into_a_hidden_folder(t5_folder, tmp_path, monkeypatch):
+    """The folder being written is hidden (the loaders' lists skip dot-names): one left by a hard kill is not
+    offered as a text encoder; an error removes it."""
+    import infinitystar.convert as C
+
+    seen = []
+
+    def stopped(path, *args, **kwargs):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "write_streamed", stopped)
+    with pytest.raises(OSError):
+        convert_text_encoder(t5_folder, tmp_path / "enc")
+    assert seen == [[".enc.part"]]
+    assert list(tmp_path.iterdir()) == []
