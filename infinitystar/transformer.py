@@ -276,8 +276,31 @@ def compiled(fn):
     were bit-exact on the CPU; keeping it eager costs a materialised fp32 copy of every normed tensor).
     """
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True, options=_compile_options())
+        _COMPILED[fn] = _or_eager(fn, torch.compile(fn, dynamic=True, options=_compile_options()))
     return _COMPILED[fn]
+
+
+def _or_eager(fn, built):
+    """``built`` (fn compiled), or ``fn`` itself from the first call whose compilation fails: an Inductor or Dynamo
+    bug of the installed torch (torch 2.9's C++ backend cannot build the bf16 parts with kept roundings, say) costs
+    the speed-up, with a warning, not the run. A compilation fails before anything runs, so the call is made again
+    eagerly; other errors (out of memory, a wrong shape) are raised as they are."""
+    current = [built]
+
+    def run(*args, **kwargs):
+        try:
+            return current[0](*args, **kwargs)
+        except Exception as exc:
+            if current[0] is fn or not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            reason = (str(exc).strip().splitlines() or [""])[0][:300]
+            logger.warning("torch.compile of %s failed in this torch %s (%s: %s); it runs uncompiled from here on",
+                           fn.__name__, torch.__version__, type(exc).__name__, reason)
+            current[0] = fn
+            return fn(*args, **kwargs)
+
+    run.compiled = lambda: current[0] is not fn  # False once it fell back
+    return run
 
 
 @functools.cache  # one warning, not one per compiled part

@@ -183,6 +183,7 @@ def test_compiled_block_parts_give_the_same_logits(text):
     parts = {transformer_mod.attention_inputs, transformer_mod.attention_queries, transformer_mod.attention_keys,
              transformer_mod.feed_forward}
     assert set(transformer_mod._COMPILED) == parts  # both paths ran: whole steps and token blocks
+    assert all(part.compiled() for part in transformer_mod._COMPILED.values())  # none fell back to eager
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs <= 2 * len(parts), graphs  # one per part, and one more for 1-token steps: not per block or scale
     assert len(logs[0]) == len(logs[1]) == sched.num_steps
@@ -213,9 +214,12 @@ def test_compiled_bf16_block_parts_keep_the_eager_roundings():
             run = transformer_mod.compiled
             got = [*run(transformer_mod.attention_inputs)(block, x, cos, sin),
                    run(transformer_mod.feed_forward)(block, x)]
+            fell_back = [fn.__name__ for fn, part in transformer_mod._COMPILED.items() if not part.compiled()]
     finally:
         torch._dynamo.reset()
         transformer_mod._COMPILED.clear()
+    if fell_back:  # torch 2.9's Inductor C++ backend fails on kept bf16 roundings; the sampler runs them eagerly
+        pytest.skip(f"this torch ({torch.__version__}) cannot compile {fell_back} in bf16 on the CPU")
     for name, a, b in zip(("q", "k", "v", "feed-forward"), eager, got):
         assert a.dtype == b.dtype == torch.bfloat16
         differing = (a != b).float().mean().item()
@@ -309,3 +313,45 @@ def test_unguided_runs_the_conditional_branch_alone(model, text, monkeypatch):
         torch.testing.assert_close(logits[0], ref[0], rtol=1e-5, atol=1e-5)
     plain = sample(model, text, sched, seed=7, guidance=GuidanceConfig(scale=1.0))
     assert all(torch.equal(x, y) for x, y in zip(out.bits, plain.bits))
+
+
+def test_a_compilation_that_fails_runs_the_part_uncompiled(text, monkeypatch, caplog):
+    """An Inductor bug of the installed torch costs the speed-up, with a warning, not the run: the parts run eagerly
+    and the tokens are those of an uncompiled run. Other errors of a compiled part are not swallowed."""
+    import torch._inductor.exc
+
+    model = InfinityStarTransformer(TINY).eval()
+    sched = build_schedule("0.06M", "1:1", 1, num_scales=4)
+    eager = sample(model, text, sched, seed=4)
+    attempts = []
+
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            attempts.append(fn.__name__)
+            raise torch._inductor.exc.InductorError(TypeError("to_dtype() got an unexpected keyword argument"), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    transformer_mod._COMPILED.clear()
+    try:
+        with caplog.at_level("WARNING", logger=transformer_mod.__name__):
+            got = sample(model, text, sched, seed=4, compile=True)
+        parts = dict(transformer_mod._COMPILED)
+    finally:
+        transformer_mod._COMPILED.clear()
+    assert all(torch.equal(a, b) for a, b in zip(eager.bits, got.bits)) and len(eager.bits) == len(got.bits)
+    assert parts and not any(part.compiled() for part in parts.values())
+    assert sorted(attempts) == sorted(fn.__name__ for fn in parts)  # each tried once, then eager
+    assert caplog.text.count("runs uncompiled from here on") == len(parts)
+
+    def out_of_memory(fn, **kwargs):
+        def run(*args, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return run
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            sample(model, text, sched, seed=4, compile=True)
+    finally:
+        transformer_mod._COMPILED.clear()
