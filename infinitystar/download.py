@@ -56,6 +56,44 @@ def how_to_get(root: str | Path, variant: str) -> str:
             "`python -m infinitystar demo`.")
 
 
+# What each component weighs on the hub (fp32 transformer shards, the tokenizer, the whole flan-t5-xl folder): only
+# to warn before a download that the disk cannot hold
+APPROX_BYTES = {"transformer": 35_200_000_000, "vae": 700_000_000, "text_encoder": 11_400_000_000}
+GB = 1e9
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk that holds ``folder`` (or would: its nearest existing parent)."""
+    import shutil
+
+    for place in (folder, *folder.parents):
+        if place.exists():
+            try:
+                return shutil.disk_usage(place).free
+            except OSError:
+                return None
+    return None
+
+
+def _bytes_under(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _warn_if_short_of_space(dest: Path, variant: str, components: Sequence[str]) -> None:
+    """A 47 GB download that fills the disk stops hours in: say so before it starts (what is already there counts;
+    the sizes are approximate, so this warns and does not refuse)."""
+    paths = model_paths(dest, variant)
+    need = sum(max(APPROX_BYTES[c] - _bytes_under(paths[c]), 0) for c in components)
+    free = free_bytes(dest)
+    if free is not None and need > free:
+        logger.warning("about %.1f GB are still to download into %s, but only %.1f GB are free on that disk: the "
+                       "download will stop when the disk is full (it resumes once there is room). Free some space, or "
+                       "download to another disk and point ComfyUI there (extra_model_paths.yaml).", need / GB, dest,
+                       free / GB)
+
+
 def _is_present(component: str, path: Path) -> bool:
     if component == "transformer":  # what checkpoint.checkpoint_files loads from a folder
         return path.is_dir() and any(path.glob("*.safetensors"))
@@ -169,6 +207,11 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
         logger.warning("replacing %d file(s) under %s whose size differs from the source's: %s", len(replaced), dest,
                        ", ".join(replaced[:5]) + (" ..." if len(replaced) > 5 else ""))
     total, done = sum(p.stat().st_size for p in todo), 0
+    free = free_bytes(dest)
+    if free is not None and total > free:
+        raise OSError(28, f"copying {total / GB:.1f} GB into {dest} needs more than the {free / GB:.1f} GB free on that "
+                          "disk; nothing copied. Free some space, or copy to another disk and point ComfyUI there "
+                          "(extra_model_paths.yaml)")
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="copying") as bar:
 
         def on_chunk(nbytes: int) -> None:
@@ -281,6 +324,7 @@ def download_models(dest_dir: str | Path, variant: str = "720p", components: Seq
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     logger.info("downloading %s (%s) from %s into %s", variant, ", ".join(components), repo_id, dest)
+    _warn_if_short_of_space(dest, variant, components)
     if not progress:
         disable_progress_bars()
     try:

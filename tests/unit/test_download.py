@@ -288,3 +288,52 @@ def test_a_cancel_stops_every_download_thread_and_one_bar_is_reported():
     assert len(errors) == 4 and all(c < 100 for c in counts), counts  # every thread stopped early
     assert all(total in (4, 400) for _, total in seen) and (0, 4) in seen and not any(t == 999 for _, t in seen)
     assert [d for d, t in seen if t == 400] == sorted(d for d, t in seen if t == 400)  # counted under the lock
+
+
+def _free(monkeypatch, nbytes):
+    import collections
+    import shutil as sh
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10**13, 0, nbytes))
+
+
+def test_a_local_copy_the_disk_cannot_hold_copies_nothing(tiny_models, tmp_path, monkeypatch):
+    dest = tmp_path / "dest"
+    _free(monkeypatch, 1000)
+    with pytest.raises(OSError, match=r"copying 0.0 GB into .*dest needs more than the 0.0 GB free on that disk; "
+                                      "nothing copied"):
+        D.download_models(dest, "720p", components=("vae",), progress=False, local_source=tiny_models["root"])
+    assert not (dest / D.VAE_FILE).exists()
+    _free(monkeypatch, 10**12)
+    D.download_models(dest, "720p", components=("vae",), progress=False, local_source=tiny_models["root"])
+    assert (dest / D.VAE_FILE).is_file()
+
+
+def test_a_hub_download_the_disk_cannot_hold_is_warned_before_it_starts(tmp_path, monkeypatch, caplog):
+    """The hub's sizes are not asked for; the published ones are near enough to warn (not refuse). What is already
+    there counts."""
+    import huggingface_hub
+
+    started = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        started.append(caplog.text)
+        (tmp_path / D.VAE_FILE).write_bytes(b"x")
+        return str(tmp_path)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    _free(monkeypatch, 20 * 10**9)
+    with caplog.at_level("WARNING", logger=D.__name__):
+        with pytest.raises(FileNotFoundError):  # the fake brings no transformer
+            D.download_models(tmp_path, "720p", components=("transformer", "vae"), progress=False)
+    assert len(started) == 1 and "about 35.9 GB are still to download" in started[0]
+    assert "only 20.0 GB are free" in started[0]
+    caplog.clear()
+    (tmp_path / D.TRANSFORMER_DIRS["720p"]).mkdir()
+    with open(tmp_path / D.TRANSFORMER_DIRS["720p"] / "model-00001-of-00002.safetensors", "wb") as f:
+        f.truncate(30 * 10**9)  # sparse: a resumed download's first part
+    with caplog.at_level("WARNING", logger=D.__name__):
+        D.download_models(tmp_path, "720p", components=("transformer",), progress=False)
+    assert "still to download" not in caplog.text  # 5.2 GB to go, 20 GB free
