@@ -505,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 is_image = args.command in ("generate", "demo") and args.duration == 0
                 name = args.out or ("demo" if args.command == "demo" else "out")
                 args.out = C.output_path(name, is_image, is_default=args.out is None)
+                args.save_tokens = C.tokens_path(args.save_tokens)
                 C.check_outputs(args.out, args.save_tokens)
         if args.command in ("generate", "demo"):
             out = _run_generate(args)
@@ -519,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         elif args.command in ("convert-gguf", "convert-text-encoder", "convert"):
             from . import convert, gguf
+
+            # a folder that is a file, or read-only: said before anything is read (convert-text-encoder writes a folder)
+            C.check_writable(str(Path(args.out) / "config.json") if args.command == "convert-text-encoder" else args.out,
+                             "the output")
 
             write = {"convert-gguf": lambda progress: gguf.convert(args.source, args.out, args.type, args.variant,
                                                                      progress=progress),

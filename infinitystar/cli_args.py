@@ -87,6 +87,24 @@ def output_path(path: str, is_image: bool, is_default: bool) -> str:
     raise ValueError(f"--out {path}: this run writes {kind} as {suffix}; name the file {target.with_suffix(suffix)}")
 
 
+TOKENS_SUFFIX = ".safetensors"
+
+
+def tokens_path(path: str | None) -> str | None:
+    """--save-tokens: a name without the .safetensors suffix gets it (Load Tokens lists only those); a media or
+    weights suffix is refused, as it would name a tokens file like a video."""
+    if not path:
+        return path
+    target = Path(path)
+    check_writable(path, "--save-tokens")
+    if target.suffix.lower() == TOKENS_SUFFIX:
+        return path
+    if target.suffix.lower() in OTHER_FORMATS:
+        raise ValueError(f"--save-tokens {path}: tokens are written as a {TOKENS_SUFFIX} file; name it "
+                         f"{target.with_suffix(TOKENS_SUFFIX)}")
+    return str(target.with_name(target.name + TOKENS_SUFFIX))
+
+
 def check_outputs(out: str | None, save_tokens: str | None) -> None:
     """Refuse outputs that cannot be written, before the run: folders, unwritable places, one file for both."""
     for path, option in ((out, "--out"), (save_tokens, "--save-tokens")):
@@ -101,8 +119,11 @@ def check_writable(path: str | None, option: str) -> None:
     if not path:
         return
     target = Path(path)
+    example = target / ("tokens.safetensors" if option == "--save-tokens" else "out.mp4")
     if target.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name (e.g. {target / 'out.mp4'})")
+        raise ValueError(f"{option} {path} is a folder; give a file name (e.g. {example})")
+    if path.endswith(("/", os.sep)):  # "outs/": a folder meant, which a Path would take for a file name
+        raise ValueError(f"{option} {path} names a folder; give a file name (e.g. {example})")
     folder = target.parent.absolute()
     while not folder.exists():  # the nearest folder that exists decides whether the rest can be made
         folder = folder.parent

@@ -51,7 +51,9 @@ def test_extend_adds_one_clip(t2v, tiny_models):
 
 def test_t2i_writes_a_png(tiny_models, tmp_path):
     rc = main(["generate", "--models", str(tiny_models["root"]), "--resolution", "0.06M", "--aspect", "1:1",
-               "--duration", "0", "--prompt", "a tulip", "--out", str(tmp_path / "img")])  # the suffix is added
+               "--duration", "0", "--prompt", "a tulip", "--out", str(tmp_path / "img"),  # the suffixes are added
+               "--save-tokens", str(tmp_path / "tok")])
+    assert Tokens.load(tmp_path / "tok.safetensors").frames == 1
     assert rc == 0
     schedule = resolve_schedule("0.06M", "1:1", 0)
     with Image.open(tmp_path / "img.png") as img:

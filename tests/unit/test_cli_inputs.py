@@ -112,7 +112,10 @@ def test_combinations_and_outputs_are_refused_before_anything_is_made(tiny_model
         (["interact", "--tokens", "t.safetensors", "--video", "v.mp4"], "--tokens and --video both given"),
         (["generate", "--out", str(tmp_path / "x.avi")], "writes a video as .mp4; name the file"),
         (["generate", "--duration", "0", "--out", str(tmp_path / "x.mp4")], "writes an image (--duration 0) as .png"),
-        (["generate", "--out", str(out), "--save-tokens", str(out)], "are the same file"),
+        (["generate", "--out", str(out), "--save-tokens", str(out)], "tokens are written as a .safetensors file"),
+        (["generate", "--save-tokens", str(tmp_path / "t.gguf")], "name it " + str(tmp_path / "t.safetensors")),
+        (["generate", "--out", str(tmp_path / "new") + "/"], "names a folder; give a file name"),
+        (["generate", "--save-tokens", str(tmp_path / "new") + "/"], "names a folder; give a file name"),
     ]
     for args, says in cases:
         assert main([*args, "--models", root]) == 2, args
@@ -184,3 +187,12 @@ def test_help_and_previews_print_where_the_console_cannot_encode_them(tmp_path):
         assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert b"\\u2248" in subprocess.run([sys.executable, "-m", "infinitystar", "convert-gguf", "--help"],
                                          capture_output=True, env=env, cwd=Path(__file__).parents[2]).stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "convert-gguf", "convert-text-encoder"])
+def test_a_converter_output_under_a_file_is_said_before_reading(tiny_models, tmp_path, command, capsys):
+    (tmp_path / "afile").write_text("x")
+    source = tiny_models["text_encoder" if command == "convert-text-encoder" else "transformer_720p"]
+    assert main([command, str(source), str(tmp_path / "afile" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "afile is a file, not a folder" in err and "File exists" not in err
