@@ -312,6 +312,7 @@ def _run_generate(args) -> Path:
     s = Session(args)
     schedule = P.resolve_schedule(args.resolution, args.aspect, args.duration, model_info=s.model_info())
     _say_size(schedule, args.aspect, args.image)
+    _check_media(args)
     text = s.text(args.prompt, args.negative_prompt, args.duration)
     condition = None
     if args.image:
@@ -327,6 +328,17 @@ def _run_generate(args) -> Path:
         bar.close()
     del transformer  # freed before the decode
     return s.write(tokens, args.out)
+
+
+def _check_media(args) -> None:
+    """A start image or video that cannot be read is said before the text encoder loads (minutes with the
+    published flan-t5-xl), not after it: the header of a video, the whole of an image (it is small)."""
+    from .video_io import read_image, video_frame_count
+
+    if getattr(args, "image", None):
+        read_image(args.image)
+    if getattr(args, "video", None) and not getattr(args, "tokens", None):
+        video_frame_count(args.video)
 
 
 def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | None = None) -> P.Tokens:
@@ -458,6 +470,7 @@ def _run_interact(args) -> Path:
             raise ValueError(f"{args.prompts_file} holds no clip prompt{more}: write one prompt per line, a clip each")
     elif args.skip_first_line:
         raise ValueError("--skip-first-line applies to --prompts-file; give the prompt file too")
+    _check_media(args)
     texts = s.texts(prompts, args.negative_prompt, 5, closing=False)  # the interact script's decoration
     if args.tokens:
         story = P.Tokens.load(args.tokens)

@@ -196,3 +196,22 @@ def test_a_converter_output_under_a_file_is_said_before_reading(tiny_models, tmp
     assert main([command, str(source), str(tmp_path / "afile" / "x")]) == 2
     err = capsys.readouterr().err
     assert "afile is a file, not a folder" in err and "File exists" not in err
+
+
+def test_an_unreadable_start_image_or_video_is_said_before_the_text_encoder_loads(tiny_models, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import infinitystar.cli as cli
+
+    monkeypatch.setattr(cli.Session, "text", lambda *a, **k: pytest.fail("the run went on to the text encoder"))
+    monkeypatch.setattr(cli.Session, "texts", lambda *a, **k: pytest.fail("the run went on to the text encoder"))
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom cut short")
+    root = str(tiny_models["root"])
+    runs = [(["generate", "--variant", "720p", "--image", str(tmp_path / "photo.png")], "photo.png"),
+            (["generate", "--variant", "480p", "--duration", "10", "--video", str(tmp_path / "clip.mp4")], "clip.mp4"),
+            (["interact", "--video", str(tmp_path / "clip.mp4")], "clip.mp4")]
+    for args, name in runs:
+        assert main([*args, "--models", root, "--resolution", "0.06M", "--out", str(tmp_path / "o.mp4")]) == 2, args
+        err = capsys.readouterr().err
+        assert name in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.mp4").exists()
