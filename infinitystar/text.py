@@ -80,10 +80,11 @@ def load_encoder_module(path: str | Path, dtype: torch.dtype = torch.float16, de
     try:
         module = load_t5_encoder(path, dtype=dtype, ops=ops, device=device, callback=callback)
     except FileNotFoundError as exc:
-        raise ValueError(f"{path}: cannot load the T5 weights ({exc}). {TEXT_ENCODER_HINT}") from exc
+        raise ValueError(f"{path}: cannot load the T5 weights ({str(exc).rstrip('.')}). {TEXT_ENCODER_HINT}") from exc
     except ValueError as exc:  # a truncated or damaged file, foreign keys, a broken config
-        raise ValueError(f"{path}: cannot load the T5 weights: {exc}. If a weight file is damaged or incomplete, "
-                         f"delete the folder's *.safetensors and download them again. {TEXT_ENCODER_HINT}") from exc
+        raise ValueError(f"{path}: cannot load the T5 weights: {str(exc).rstrip('.')}. If a weight file is damaged or "
+                         f"incomplete, delete the folder's *.safetensors and download them again. {TEXT_ENCODER_HINT}"
+                         ) from exc
     logger.info("text encoder %s loaded (%s, d_model %d)", path, dtype, module.config.d_model)
     return module
 
