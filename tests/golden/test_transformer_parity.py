@@ -38,10 +38,14 @@ RTOL, ATOL = 1e-4, 1e-5
 STRICT = os.environ.get("INFINITYSTAR_STRICT_LOGITS") == "1"
 # name -> (max fraction of elements outside rtol/atol in one step, mean fraction over the case,
 #          max per-step median abs error, max abs error)
-# The mean is over the steps a case stores, which may be only its hardest (the visible cases' worst steps: cond 1.2 %,
-# guided 14 %); half the one-step limit leaves room for that and still fails an error spread over every step.
-LIMITS = {"cond": (0.03, 0.015, 1e-5, 2e-3), "uncond": (0.03, 0.015, 1e-5, 2e-3),
-          "guided": (0.3, 0.15, 1e-4, 1e-2)}
+# The share outside is a noisy count on small steps: another torch build flips other bf16 roundings (torch 2.9.1's CPU
+# kernels: up to 5.3 % of a 28-token step of i2v_gqa_vaech, and 37.5 % of a 2-token one, where torch 2.13 and 2.14.1
+# stay under 1.2 %), so one step may lose 6 %, and never less than one token's row. Guided logits carry that noise
+# times the guidance scale (34): 38 % of a step with torch 2.9.1, 14 % with 2.13. The mean is over the steps a case
+# stores, which may be only its hardest; it, the median and the max are what a real error moves (skipping the bf16
+# rounding puts 19-70 % of the elements outside on average, 93-96 % of the guided ones).
+LIMITS = {"cond": (0.06, 0.015, 1e-5, 2e-3), "uncond": (0.06, 0.015, 1e-5, 2e-3),
+          "guided": (0.5, 0.15, 1e-4, 1e-2)}
 AR_KINDS = ("t2v", "t2i", "i2v", "v2v")
 
 
@@ -125,7 +129,8 @@ def teacher_forced_run(case_dir):
             mine = got[name][rows].cpu()
             err = (mine - ref).abs()
             outside = (err > ATOL + RTOL * ref.abs()).float().mean().item()
-            stats.append((s.index, name, outside, err.median().item(), err.max().item(), mine, ref))
+            stats.append((s.index, name, outside, err.median().item(), err.max().item(), mine, ref,
+                          ref.shape[-1] / ref.numel()))  # the share of the step one token's row is
 
     check_tau_supported(manifest)
     with torch.no_grad():
@@ -147,7 +152,7 @@ def test_teacher_forced_logits(case_dir, name):
         pytest.skip(f"{case_dir.name} stores no {name} logits (cfg 1 runs no unconditional branch)")
     assert rows, f"the manifest lists {name} logits, but the run compared none"
     if STRICT:
-        for index, _, _, _, _, mine, ref in rows:
+        for index, _, _, _, _, mine, ref, _ in rows:
             torch.testing.assert_close(mine, ref, rtol=RTOL, atol=ATOL, msg=lambda m, i=index: f"step {i}: {m}")
         return
     max_frac, mean_frac, max_median, max_abs = LIMITS[name]
@@ -156,7 +161,7 @@ def test_teacher_forced_logits(case_dir, name):
     summary = (f"{name}: {len(rows)} steps; outside rtol {RTOL}/atol {ATOL}: worst step {worst[0]} "
                f"{worst[2]:.2%}, mean {np.mean(fracs):.3%}; max median err {max(r[3] for r in rows):.2e}; "
                f"max err {max(r[4] for r in rows):.2e}")
-    assert max(fracs) <= max_frac and np.mean(fracs) <= mean_frac, summary
+    assert all(r[2] <= max(max_frac, r[7]) for r in rows) and np.mean(fracs) <= mean_frac, summary
     assert max(r[3] for r in rows) <= max_median, summary
     assert max(r[4] for r in rows) <= max_abs, summary
 
