@@ -74,6 +74,9 @@ def test_half_storage_is_hugging_face_s_under_bf16_autocast_and_without(gated, a
     """fp16 storage keeps ``wo`` in fp32 as Hugging Face does (its fp16 overflow guard); under the official bf16
     autocast (CPU autocast here) and in plain fp16 (GPUs without bf16) the features are Hugging Face's, bit for bit:
     the same ops in the same order (GELU written out, not fused)."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__} runs T5's attention softmax in fp32 (5.x: in the scores' "
+                    "dtype, as ours): on the CPU the half-precision features differ")
     folder, _ = gated
     ours = load_t5_encoder(folder, dtype=torch.float16)
     reference = transformers.T5EncoderModel.from_pretrained(str(folder), dtype=torch.float16).eval()
