@@ -52,6 +52,11 @@ UNFINISHED_MARKERS = (".aria2", ".part", ".crdownload", ".download")
 LFS_POINTER = b"version https://git-lfs"
 
 
+def unfinished_marker(file: Path) -> Path | None:
+    """The marker another download tool keeps beside ``file`` while it is not done with it, if there is one."""
+    return next((m for m in (file.with_name(file.name + s) for s in UNFINISHED_MARKERS) if m.exists()), None)
+
+
 def check_readable(file: Path) -> bytes:
     """What no parser can say, said first; returns the file's first bytes.
 
@@ -59,12 +64,11 @@ def check_readable(file: Path) -> bytes:
     name with its tail never written, and a ``NAME.aria2`` beside it until it is done: the size cannot tell, the
     marker can. A repo cloned without git-lfs holds small text pointers under the weights' names. And a file the
     user may not read is no damaged file."""
-    for suffix in UNFINISHED_MARKERS:
-        marker = file.with_name(file.name + suffix)
-        if marker.exists():
-            raise ValueError(f"{file}: an unfinished download ({marker.name} lies beside it, left by the tool that is "
-                             "fetching it). Let that download finish or resume it, or delete both files and download "
-                             "again.")
+    marker = unfinished_marker(file)
+    if marker is not None:
+        raise ValueError(f"{file}: an unfinished download ({marker.name} lies beside it, left by the tool that is "
+                         "fetching it). Let that download finish or resume it, or delete both files and download "
+                         "again.")
     try:
         with open(file, "rb") as f:
             head = f.read(64)

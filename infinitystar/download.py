@@ -172,7 +172,7 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
     the copy, leaving the files copied whole)."""
     from tqdm.auto import tqdm
 
-    from .checkpoint_files import UNFINISHED_MARKERS
+    from .checkpoint_files import UNFINISHED_MARKERS, unfinished_marker
 
     every = [p for p in sorted(source.rglob("*")) if p.is_file()]
     by_pattern = {pat: [p for p in every if fnmatch.fnmatch(p.relative_to(source).as_posix(), pat)]
@@ -190,8 +190,8 @@ def _copy_local(source: Path, dest: Path, components: Sequence[str], patterns: l
             _check_source_file(p)
         except ValueError as exc:
             raise ValueError(f"local source damaged, nothing copied: {exc}") from None
-    unfinished = [p.relative_to(source).as_posix() for p in files if any(
-        (dest / p.relative_to(source)).with_name(p.name + m).exists() for m in UNFINISHED_MARKERS)]
+    unfinished = [p.relative_to(source).as_posix() for p in files
+                  if unfinished_marker(dest / p.relative_to(source)) is not None]
     if unfinished:  # another tool's download of the same name: its size says nothing, and it may still be running
         raise FileExistsError(f"{dest} holds unfinished downloads of another tool: {', '.join(unfinished[:5])} (a "
                               f"{'/'.join(UNFINISHED_MARKERS)} file beside each); nothing copied. Let that download "
