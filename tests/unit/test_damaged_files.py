@@ -70,18 +70,23 @@ def test_a_pth_that_is_no_checkpoint_says_so_without_torchs_advice(tmp_path):
     assert "weights_only" not in str(err.value)
 
 
-def test_a_file_the_user_may_not_read_is_not_called_damaged(tiny_models, weights, monkeypatch):
-    """As root a chmod does not bite, so the refusal is simulated where the file is opened."""
+def _refuse_opening(monkeypatch, endings: tuple[str, ...]) -> None:
+    """open() of a file whose name ends in one of ``endings`` fails as a file the user may not read."""
     import builtins
 
     real_open = builtins.open
 
     def guarded(file, *args, **kwargs):
-        if str(file).endswith((SHARD, ".pth")):
+        if str(file).endswith(endings):
             raise PermissionError(13, "Permission denied")
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", guarded)
+
+
+def test_a_file_the_user_may_not_read_is_not_called_damaged(tiny_models, weights, monkeypatch):
+    """As root a chmod does not bite, so the refusal is simulated where the file is opened."""
+    _refuse_opening(monkeypatch, (SHARD, ".pth"))
     with pytest.raises(PermissionError, match=rf"{SHARD}: no permission to read it \(Permission denied\)"):
         load_transformer(weights)
     with pytest.raises(PermissionError, match="no permission to read it"):
@@ -89,20 +94,11 @@ def test_a_file_the_user_may_not_read_is_not_called_damaged(tiny_models, weights
 
 
 def test_an_image_or_video_the_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch):
-    import builtins
-
     from infinitystar.video_io import read_image, video_frame_count, write_mp4, write_png
 
     write_png(tmp_path / "i.png", np.zeros((8, 8, 3), np.uint8))
     write_mp4(tmp_path / "v.mp4", np.zeros((3, 16, 16, 3), np.uint8))
-    real_open = builtins.open
-
-    def guarded(file, *args, **kwargs):
-        if str(file).endswith((".png", ".mp4")):
-            raise PermissionError(13, "Permission denied")
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", guarded)
+    _refuse_opening(monkeypatch, (".png", ".mp4"))
     with pytest.raises(PermissionError, match=r"i.png: no permission to read this image"):
         read_image(tmp_path / "i.png")
     with pytest.raises(PermissionError, match=r"v.mp4: no permission to read this video"):
