@@ -357,7 +357,11 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
     if clips < 1:
         raise ValueError(f"a {(schedule.frames - 1) // P.FPS} s output leaves nothing to generate after the video's "
                          "first 5 s: give --duration 10 (the 480p weights), or continue it with `extend`")
-    picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips, length=length)  # official V2V
+    from .vae import FrameFit
+
+    fit = FrameFit(lambda h, w: (schedule.height, schedule.width))  # a 4K video is held at the output's size
+    picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips, length=length,
+                                fit=fit)  # the official V2V picks
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
 
 
@@ -478,8 +482,9 @@ def _run_interact(args) -> Path:
     elif args.video:
         from .video_io import read_video_clip
 
-        tail, _ = read_video_clip(args.video, I.START_FRAMES, 5, from_end=True)  # as the interact script reads it
-        story = I.start(s.tokenizer(), tail, pn=args.resolution, aspect=args.aspect, seed=args.seed)
+        fit = I.start_fit(args.resolution, args.aspect)  # a 4K reference is held at the output's size
+        tail, _ = read_video_clip(args.video, I.START_FRAMES, 5, from_end=True, fit=fit)  # as the interact script
+        story = I.start(s.tokenizer(), tail, pn=args.resolution, aspect=args.aspect or fit.aspect, seed=args.seed)
     else:
         raise ValueError("interact needs --video REF.mp4 (its last 5 s start the story) or --tokens FILE")
     I.check_story(story)

@@ -148,17 +148,28 @@ def start_schedule(frames, pn: str = PN, aspect: str | float | None = None) -> S
     return clip_schedule(pn, frames.shape[1] / frames.shape[2] if aspect is None else aspect)
 
 
+def start_fit(pn: str = PN, aspect: str | float | None = None):
+    """A ``vae.FrameFit`` for a reference's frames: each is fitted, as it is read, to the size :func:`start` gives it
+    (the aspect template nearest the frames' own unless given); pass ``aspect or fit.aspect`` to :func:`start`."""
+    from .vae import FrameFit
+
+    def size_of(height: int, width: int) -> tuple[int, int]:
+        schedule = clip_schedule(pn, height / width if aspect is None else aspect)
+        return schedule.height, schedule.width
+    return FrameFit(size_of)
+
+
 def start(tokenizer, frames, *, pn: str = PN, aspect: str | float | None = None, seed: int = 0,
           callback: Callable[[int, int], None] | None = None):
     """A story from a reference video: the tokenizer's raw latent of its last 81 frames (16 fps, uint8 (T, H, W, 3)
     RGB). The aspect template is the nearest to the frames' own unless given. Returns ``Tokens`` of kind
     ``"interact"`` (no bits; ``summed_codes`` is the latent chain)."""
     from .pipeline import Tokens
-    from .vae import prepare_video
+    from .vae import fit_video
 
     schedule = start_schedule(frames, pn, aspect)
     frames = frames[len(frames) - START_FRAMES:]
-    pixels = prepare_video(frames, schedule.height, schedule.width)
+    pixels = fit_video(frames, schedule.height, schedule.width)  # uint8: [-1, 1] chunk by chunk
     generator = torch.Generator("cpu").manual_seed(int(seed))
     latent = tokenizer.encode_latent(pixels, generator=generator, callback=callback)  # chunks go to its device
     return Tokens([], latent.float().cpu(), schedule.pn, schedule.h_div_w, START_FRAMES, seed, kind=KIND)

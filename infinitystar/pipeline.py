@@ -324,7 +324,7 @@ def encode_video(tokenizer, frames, schedule: Schedule, *, seed: int = 0, clips:
     ``clips`` defaults to as many whole clips (80 frames after the first) as the frames hold, at most one less
     than the schedule has. Returns the tokens of the image clip plus those clips.
     """
-    from .vae import prepare_video
+    from .vae import fit_video
 
     available = (len(frames) - 1) // PIXEL_FRAMES_PER_CLIP
     if clips is None and schedule.num_clips < 3 and available >= 1:
@@ -336,7 +336,7 @@ def encode_video(tokenizer, frames, schedule: Schedule, *, seed: int = 0, clips:
                          f"{max(clips, 1)} clip(s), got {len(frames)} frames; the schedule has "
                          f"{schedule.num_clips - 1} video clip(s)")
     target = build_schedule(schedule.pn, schedule.h_div_w, 1 + PIXEL_FRAMES_PER_CLIP * clips)
-    pixels = prepare_video(frames[: target.frames], target.height, target.width)
+    pixels = fit_video(frames[: target.frames], target.height, target.width)  # uint8: [-1, 1] chunk by chunk
     return _encode(tokenizer, pixels, target, seed, callback)
 
 

@@ -305,11 +305,12 @@ def upright(rgb: np.ndarray, rotation) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
-def read_frames(source, index, total: int | None = None) -> np.ndarray:
+def read_frames(source, index, total: int | None = None, fit=None) -> np.ndarray:
     """The frames ``index`` (ascending, repeats allowed) of a video file (path or file-like object), as uint8
     (len(index), H, W, 3) RGB. Decodes up to the last one and keeps only those: each picked frame is written once
     into the output, so memory is the picks, never the video. ``total``: the count the picks were made from, for
-    the message when the file holds fewer frames than its header lists."""
+    the message when the file holds fewer frames than its header lists. ``fit``: applied to each picked frame as it
+    is decoded (``vae.FrameFit``: held at the output's size, not the source's)."""
     index = np.asarray(index, dtype=np.int64)
     if len(index) == 0:
         raise ValueError("no frames to read")
@@ -323,6 +324,8 @@ def read_frames(source, index, total: int | None = None) -> np.ndarray:
             for i, frame in enumerate(container.decode(container.streams.video[0])):
                 if i == index[cursor]:
                     rgb = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
+                    if fit is not None:
+                        rgb = fit(rgb)
                     if out is None:
                         out = np.empty((len(index), *rgb.shape), dtype=np.uint8)
                     while cursor < len(index) and index[cursor] == i:  # a pick repeated at a low frame rate
@@ -341,13 +344,14 @@ def read_frames(source, index, total: int | None = None) -> np.ndarray:
 
 
 def read_video_clip(path, count: int, seconds: float, *, from_end: bool = False,
-                    length: tuple[int, float] | None = None) -> tuple[np.ndarray, float]:
+                    length: tuple[int, float] | None = None, fit=None) -> tuple[np.ndarray, float]:
     """``count`` frames (uint8 (count, H, W, 3) RGB) of the first (or last) ``seconds`` of a video, picked as the
     official reader picks them (:func:`clip_indices`), and its frame rate. Only the frames picked are kept, so a
-    long input never has to fit in memory. ``length``: :func:`video_frame_count` of the file, when already known."""
+    long input never has to fit in memory. ``length``: :func:`video_frame_count` of the file, when already known;
+    ``fit``: as :func:`read_frames`."""
     total, fps = length or video_frame_count(path)
     index = clip_indices(total, fps, count, seconds, from_end=from_end)
-    return read_frames(path, index, total), fps
+    return read_frames(path, index, total, fit), fps
 
 
 def write_png(path: str | Path, image) -> Path:

@@ -79,9 +79,11 @@ class InfinityStarInteractStart(io.ComfyNode):
             raise ValueError(f"Interact Start got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} "
                              f"s): a story starts from the last 5 s of a video (at least 80 frames at 16 fps"
                              f"{rate_hint}).") from None
-        frames = take(picks)  # only the frames a story starts from
+        fit = interact.start_fit(resolution, aspect)  # a 4K video's frames are held at the output's size
+        frames = take(picks, fit)  # only the frames a story starts from
+        aspect = aspect or fit.aspect
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
-        warn_crop("Interact Start", frames, schedule, "set aspect_ratio to 'from input'" if aspect
+        warn_crop("Interact Start", fit.source, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
                   else f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the input nearer to it")
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

@@ -79,11 +79,12 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
     return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def warn_crop(node: str, image: torch.Tensor, schedule, keep_more: str) -> None:
-    """Say when fitting ``image`` frames to the output size cuts much of them (resize to cover, center crop)."""
+def warn_crop(node: str, size: tuple[int, int], schedule, keep_more: str) -> None:
+    """Say when fitting frames of ``size`` (height, width) to the output size cuts much of them (resize to cover,
+    center crop)."""
     from ..infinitystar.vae import CROP_WARN_SHARE, cropped_share
 
-    height, width = image.shape[1], image.shape[2]
+    height, width = size
     share = cropped_share(height, width, schedule.height, schedule.width)
     if share > CROP_WARN_SHARE:
         logger.warning("InfinityStar %s: the %dx%d input is resized to cover %dx%d and center-cropped, cutting %.0f%% "
@@ -221,7 +222,7 @@ class InfinityStarSampler(io.ComfyNode):
                                  "Loader to 'vae'.")
             if seconds == 0:
                 raise ValueError("start_image with duration 'image' would only reproduce the image; pick 5 s.")
-            warn_crop("Sampler", start_image, schedule, f"set aspect_ratio to '{FROM_START}'" if not from_start else
+            warn_crop("Sampler", tuple(start_image.shape[1:3]), schedule, f"set aspect_ratio to '{FROM_START}'" if not from_start else
                       f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the image "
                       "nearer to it")
             image = image_to_uint8(start_frame_of(start_image, start_frame))[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from comfy_api.latest import io
 
@@ -52,7 +53,8 @@ def video_input() -> io.Video.Input:
 
 
 def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
-    """(count, fps, take) of the frames an encode node picks from; ``take(picks)`` gives those frames as uint8.
+    """(count, fps, take) of the frames an encode node picks from; ``take(picks, fit)`` gives those frames as uint8,
+    each passed through ``fit`` (``vae.FrameFit``: held at the output's size) as it is decoded or converted.
 
     Exactly one of ``images`` and ``video``. A Load Video file's frames are counted without decoding (its packets,
     less those its edit list drops) and only the picks are decoded, turned upright by the file's display rotation;
@@ -67,10 +69,13 @@ def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
             from ..infinitystar.video_io import read_frames, video_frame_count
 
             count, rate = video_frame_count(source)
-            return count, rate, lambda picks: read_frames(source, picks, count)
+            return count, rate, lambda picks, fit: read_frames(source, picks, count, fit)
         parts = video.get_components()
         images, fps = parts.images, float(parts.frame_rate)
-    return len(images), fps, lambda picks: image_to_uint8(images[torch.from_numpy(picks)])
+
+    def take(picks, fit):
+        return np.stack([fit(image_to_uint8(images[int(i)][None])[0]) for i in picks])
+    return len(images), fps, take
 
 
 CANCEL_CHUNK_LATENTS = 8  # decode in chunks of at most 8 latents (32 frames): Cancel is seen between chunks
@@ -194,6 +199,7 @@ class InfinityStarEncode(io.ComfyNode):
                 images: torch.Tensor | None = None, fps: float = FPS, video=None) -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
+        from ..infinitystar.vae import FrameFit
         from ..infinitystar.video_io import whole_clip_indices
 
         count, fps, take = frame_source("Encode", images, video, fps)
@@ -207,16 +213,25 @@ class InfinityStarEncode(io.ComfyNode):
                              f"16 fps{rate_hint}) to continue "
                              f"with Extend or the Sampler's start_tokens. To continue a shorter clip from its end, "
                              f"connect its frames to the Sampler's start_image with start_frame = last.")
-        frames = take(picks)  # only these frames are decoded / converted
-        aspect = frames.shape[1] / frames.shape[2] if aspect_ratio == "from input" else aspect_ratio
         clips = (len(picks) - 1) // PIXEL_FRAMES_PER_CLIP
         if clips:
             logger.info("InfinityStar Encode: %d frames at %g fps -> %d clip(s) of 5 s, frames %d..%d picked at 16 "
                         "fps", count, fps, clips, picks[0], picks[-1])
-            schedule = pipeline.resolve_schedule(resolution, aspect, frames=len(picks) + PIXEL_FRAMES_PER_CLIP)
-        else:
-            schedule = pipeline.resolve_schedule(resolution, aspect, 0)
-        warn_crop("Encode", frames, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
+
+        def schedule_for(height: int, width: int):
+            aspect = height / width if aspect_ratio == "from input" else aspect_ratio
+            if clips:
+                return pipeline.resolve_schedule(resolution, aspect, frames=len(picks) + PIXEL_FRAMES_PER_CLIP)
+            return pipeline.resolve_schedule(resolution, aspect, 0)
+
+        def size_for(height: int, width: int) -> tuple[int, int]:
+            schedule = schedule_for(height, width)
+            return schedule.height, schedule.width
+
+        fit = FrameFit(size_for)
+        frames = take(picks, fit)  # only these frames are decoded / converted, each fitted to the output's size
+        schedule = schedule_for(*fit.source)
+        warn_crop("Encode", fit.source, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
                   else f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the input nearer to it")
         need = pipeline.encode_memory(vae.module, len(frames), schedule.height, schedule.width)
         with host.loaded(vae.patcher, need, force_full_load=True) as tokenizer:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .blocks import ConvCache
+from .codec import to_signed_unit
 
 Callback = Callable[[int, int], None] | None
 
@@ -35,12 +36,15 @@ def encode_chunks(encoder: nn.Module, x: torch.Tensor, chunk: int, callback: Cal
     """Run the encoder over the official frame chunks with one conv cache; concatenate along T.
 
     Each chunk is moved to ``device`` / cast to ``dtype`` on its own, so the frames can stay in system memory:
-    a long video's pixels (10 GB in fp32 for a minute at 720p) never sit on the GPU at once."""
+    a long video's pixels (10 GB in fp32 for a minute at 720p) never sit on the GPU at once. uint8 pixels
+    (``codec.fit_video``, a quarter of that) are turned to [-1, 1] a chunk at a time, on the CPU as the official
+    transform does."""
     plan = plan_encode_chunks(x.shape[2], chunk)
     cache: ConvCache = {}
     out = []
     for i, (s, e) in enumerate(plan):
-        out.append(encoder(x[:, :, s:e].to(device=device or x.device, dtype=dtype or x.dtype), cache))
+        part = to_signed_unit(x[:, :, s:e]) if x.dtype == torch.uint8 else x[:, :, s:e]
+        out.append(encoder(part.to(device=device or x.device, dtype=dtype or part.dtype), cache))
         if callback is not None:
             callback(i + 1, len(plan))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]

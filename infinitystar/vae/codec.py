@@ -1,7 +1,7 @@
 """Pixels in and out of the tokenizer, and the multi-scale BSQ encode of a latent (spec §3.3, §3.5, §6).
 
 - ``prepare_image`` / ``prepare_video``: the official ``transform`` (LANCZOS resize to cover with
-  int() truncation, center crop, 2x - 1).
+  int() truncation, center crop, 2x - 1); ``FrameFit`` does its resize and crop as frames are read.
 - ``frames_to_uint8`` / ``frames_to_float_images``: the official post-processing (clamp((x+1)/2),
   truncation to uint8, frame 0 := frame 1 for videos only; upstream crashes on single images).
 - ``encode_bits``: the encoder-side residual loop over a schedule's steps, one zero accumulator
@@ -28,12 +28,15 @@ def _as_pil(img: Any) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def _transform(pil: Image.Image, height: int, width: int) -> torch.Tensor:
-    """Resize to cover (LANCZOS, int() on the computed side), center crop, to [-1, 1]; (3, H, W).
+def cover_crop(img: Any, height: int, width: int) -> np.ndarray:
+    """The uint8 half of the official transform: resize to cover (LANCZOS, int() on the computed side), center crop;
+    uint8 (height, width, 3). A picture already ``height`` x ``width`` comes back unchanged (PIL copies at its own
+    size), so fitting frames early (:class:`FrameFit`) and transforming them later gives the same pixels.
 
     When the source has exactly the target's aspect, int() can land one pixel short of the target (e.g. 223 for
     224; the official transform then crops a single row and fails): the computed side is kept at least the target,
     which changes nothing where the official transform works."""
+    pil = _as_pil(img)
     w0, h0 = pil.size
     if w0 / h0 <= width / height:
         rw, rh = width, max(height, int(width / (w0 / h0)))
@@ -41,9 +44,41 @@ def _transform(pil: Image.Image, height: int, width: int) -> torch.Tensor:
         rw, rh = max(width, int((w0 / h0) * height)), height
     arr = np.asarray(pil.resize((rw, rh), resample=Image.LANCZOS))
     y0, x0 = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
-    x = torch.from_numpy(np.array(arr[y0:y0 + height, x0:x0 + width])).permute(2, 0, 1)
+    return np.array(arr[y0:y0 + height, x0:x0 + width])
+
+
+def to_signed_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] as the official transform computes it (x / 255, then x + x - 1)."""
     x = x.float().div(255)
     return x + x - 1  # parity: official im.add(im).add_(-1)
+
+
+def _transform(pil: Image.Image, height: int, width: int) -> torch.Tensor:
+    """:func:`cover_crop`, then to [-1, 1]; (3, H, W)."""
+    return to_signed_unit(torch.from_numpy(cover_crop(pil, height, width)).permute(2, 0, 1))
+
+
+class FrameFit:
+    """Fits each frame to the output size as it is read (:func:`cover_crop`), so that a 4K or 8K video's frames are
+    held at the output's size, not the source's (a minute of 4K is 24 GB of uint8 frames; at 720p it is 2.6 GB).
+    ``size_of(height, width)`` gives the output (height, width) from the first frame's size, which ``source`` then
+    holds (for the aspect and crop messages)."""
+
+    def __init__(self, size_of: Callable[[int, int], tuple[int, int]]):
+        self.size_of, self.source, self.size = size_of, None, None
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if self.size is None:
+            self.source = (int(frame.shape[0]), int(frame.shape[1]))
+            self.size = tuple(int(v) for v in self.size_of(*self.source))
+        return cover_crop(frame, *self.size)
+
+    @property
+    def aspect(self) -> float:
+        """h/w of the frames as read (before fitting)."""
+        if self.source is None:
+            raise RuntimeError("no frame fitted yet")
+        return self.source[0] / self.source[1]
 
 
 CROP_WARN_SHARE = 0.1  # cutting more of a picture than this is worth telling the user
@@ -67,13 +102,24 @@ def prepare_image(img: Any, height: int, width: int) -> torch.Tensor:
     return _transform(_as_pil(img), height, width)[None, :, None]
 
 
-def prepare_video(frames: Any, height: int, width: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) RGB frames -> (1, 3, T, height, width) float32 in [-1, 1], per-frame transform."""
+def fit_video(frames: Any, height: int, width: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) RGB frames -> uint8 (1, 3, T, height, width), each :func:`cover_crop`-ped; frames already
+    that size (:class:`FrameFit`) are viewed, not copied. The tokenizer takes these and turns each chunk to [-1, 1]
+    as it encodes it (:func:`to_signed_unit`): a minute at 720p is 2.6 GB as uint8, 10.6 GB as float32."""
     _check_size(height, width)
     arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3 or len(arr) == 0:
         raise ValueError(f"expected uint8 video frames (T, H, W, 3) RGB, got {arr.dtype} {arr.shape}")
-    return torch.stack([_transform(Image.fromarray(f, "RGB"), height, width) for f in arr], dim=1)[None]
+    if arr.shape[1:3] != (height, width):
+        arr = np.stack([cover_crop(f, height, width) for f in arr])
+    elif not arr.flags.writeable:  # torch views only writable arrays
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(3, 0, 1, 2)[None]
+
+
+def prepare_video(frames: Any, height: int, width: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) RGB frames -> (1, 3, T, height, width) float32 in [-1, 1], per-frame transform."""
+    return to_signed_unit(fit_video(frames, height, width))
 
 
 def _to_thwc(x: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,8 @@ class VideoTokenizer(nn.Module):
     @torch.no_grad()
     def encode_posterior(self, frames: torch.Tensor, *, callback: Callable[[int, int], None] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frames (B, 3, T, H, W) in [-1, 1], T = 1 + 4k -> (mean, logvar) (B, 64, 1 + k, H/16, W/16).
+        """Frames (B, 3, T, H, W) in [-1, 1] (or uint8 pixels: ``codec.fit_video``), T = 1 + 4k -> (mean, logvar)
+        (B, 64, 1 + k, H/16, W/16).
 
         Runs the encoder in the official frame chunks (8, the first absorbing the remainder)
         with conv caches; logvar is clamped as the official DiagonalGaussianDistribution does. The frames may be
@@ -311,12 +312,13 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def check_frames(frames: torch.Tensor, cfg: VaeConfig) -> None:
-    """Raise ValueError unless frames are float (B, 3, 1 + 4k, H, W) with H, W multiples of 16."""
+    """Raise ValueError unless frames are float in [-1, 1] or uint8 pixels, (B, 3, 1 + 4k, H, W) with H, W multiples
+    of 16."""
     if not isinstance(frames, torch.Tensor) or frames.ndim != 5:
         shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
         raise ValueError(f"expected frames as a tensor (B, 3, T, H, W), got {shape}")
-    if not frames.is_floating_point():
-        raise ValueError(f"expected float frames in [-1, 1], got dtype {frames.dtype}")
+    if not (frames.is_floating_point() or frames.dtype == torch.uint8):
+        raise ValueError(f"expected float frames in [-1, 1] or uint8 pixels, got dtype {frames.dtype}")
     b, c, t, h, w = frames.shape
     if c != cfg.in_channels:
         raise ValueError(f"expected {cfg.in_channels} channels (B, 3, T, H, W), got {c} in shape {tuple(frames.shape)}")

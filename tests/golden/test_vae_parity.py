@@ -20,6 +20,7 @@ from infinitystar.vae import (
     VideoTokenizer,
     detect_vae_config,
     encode_bits,
+    fit_video,
     frames_to_uint8,
     load_vae_state_dict,
     prepare_image,
@@ -98,6 +99,22 @@ def test_prepare_matches_official_transform(case_dir):
 def test_posterior(case_dir):
     enc = _npz(case_dir, "encode.npz")
     mean, logvar = _posterior(case_dir)
+    torch.testing.assert_close(mean, torch.from_numpy(enc["posterior_mean"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logvar, torch.from_numpy(enc["posterior_logvar"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case_dir", cases(*ENCODE_KINDS))
+def test_posterior_of_uint8_pixels(case_dir):
+    """The encodes hand the tokenizer 8-bit pixels (``fit_video``), turned to [-1, 1] chunk by chunk: the official
+    posterior all the same."""
+    inputs = _npz(case_dir, "inputs.npz")
+    if "video_rgb_u8" not in inputs:
+        pytest.skip("an image case: images reach the tokenizer as float pixels")
+    raw, ref = inputs["video_rgb_u8"], _pixels_in(case_dir)
+    if raw.shape[0] != ref.shape[2]:
+        pytest.skip(f"stored raw video has {raw.shape[0]} frames, prepared {ref.shape[2]}: frame selection is not the tokenizer's")
+    enc = _npz(case_dir, "encode.npz")
+    mean, logvar = _tokenizer(case_dir).encode_posterior(fit_video(raw, ref.shape[-2], ref.shape[-1]))
     torch.testing.assert_close(mean, torch.from_numpy(enc["posterior_mean"]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logvar, torch.from_numpy(enc["posterior_logvar"]), rtol=1e-4, atol=1e-5)
 

@@ -136,16 +136,17 @@ def test_video_input_uses_whole_5s_clips(tmp_path, monkeypatch):
     seen = {}
 
     def fake_encode_video(tokenizer, frames, schedule, *, seed, clips):
-        seen.update(frames=len(frames), clips=clips, seed=seed, first=int(frames[0, 0, 0, 0]))
+        seen.update(frames=len(frames), clips=clips, seed=seed, first=int(frames[0, 0, 0, 0]), size=frames.shape[1:3])
         return "tokens"
 
     frames = np.zeros((100, 32, 48, 3), np.uint8)
     frames[:, :, :, 0] = np.arange(100)[:, None, None] * 2
     write_mp4(tmp_path / "in.mp4", frames, fps=16)
     monkeypatch.setattr(cli.P, "encode_video", fake_encode_video)
-    assert cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 10), 5) \
-        == "tokens"
+    schedule = resolve_schedule("0.06M", "16:9", 10)
+    assert cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), schedule, 5) == "tokens"
     assert seen["frames"] == 81 and seen["clips"] == 1 and seen["seed"] == 5 and seen["first"] < 8
+    assert seen["size"] == (schedule.height, schedule.width)  # fitted as read (tests/unit/test_frame_fit.py)
     with pytest.raises(ValueError, match="a 5 s output leaves nothing to generate .* --duration 10"):
         cli._encode_video_file(Session(), str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", 5), 5)
     write_mp4(tmp_path / "short.mp4", frames[:40], fps=16)
