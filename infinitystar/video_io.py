@@ -72,6 +72,21 @@ def as_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+STALE_PART_S = 24 * 3600  # a temporary file of ours this old was left by a killed writer
+OUR_PART = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.part")  # the names written_whole gives its temporaries
+
+
+def _drop_stale_parts(folder: Path) -> None:
+    """Remove the hidden temporaries a hard kill (power cut, OOM killer) left in ``folder`` in an earlier run: ours
+    only (by their name's pattern) and a day old, so that a writer's file in progress is never touched."""
+    cutoff = time.time() - STALE_PART_S
+    with contextlib.suppress(OSError):
+        for old in folder.glob(".*.part"):
+            with contextlib.suppress(OSError):
+                if OUR_PART.fullmatch(old.name) and old.is_file() and old.stat().st_mtime < cutoff:
+                    old.unlink()
+
+
 @contextlib.contextmanager
 def written_whole(path: str | Path):
     """Yield a temporary name beside ``path`` and move it onto ``path`` once written: an error or a Ctrl-C while
@@ -85,6 +100,7 @@ def written_whole(path: str | Path):
     written = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_stale_parts(path.parent)
         yield part
         written = True
         try:  # best effort: FAT / exFAT and some network mounts refuse modes they cannot hold

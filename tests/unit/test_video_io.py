@@ -509,3 +509,28 @@ def test_a_full_disk_in_safetensors_is_an_os_error_naming_the_file(tmp_path, mon
             part.write_bytes(b"x")
             raise ValueError("not an I/O error")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_a_killed_writer_left_are_removed_a_day_later(tmp_path):
+    """A hard kill leaves written_whole's hidden temporary; the next write into the folder removes ours once a day old,
+    and leaves fresh ones (a writer in progress) and other programs' .part files alone."""
+    import os
+    import time
+
+    from infinitystar import video_io
+
+    with video_io.written_whole(tmp_path / "probe.mp4") as part:  # the name a killed writer would have left
+        left = part.name
+        part.write_bytes(b"x")
+    day_old = time.time() - video_io.STALE_PART_S - 60
+    stale, fresh = tmp_path / left.replace("probe", "stale"), tmp_path / left.replace("probe", "fresh")
+    others = [tmp_path / ".firefox.mp4.part", tmp_path / "video.mp4.part", tmp_path / ".a.mp4.12-notours.part"]
+    for f in (stale, fresh, *others):
+        f.write_bytes(b"partial")
+        if f is not fresh:
+            os.utime(f, (day_old, day_old))
+    with video_io.written_whole(tmp_path / "next.mp4") as part:
+        part.write_bytes(b"y")
+    assert not stale.exists()
+    assert fresh.exists() and all(f.exists() for f in others)
+    assert (tmp_path / "next.mp4").read_bytes() == b"y" and (tmp_path / "probe.mp4").read_bytes() == b"x"
