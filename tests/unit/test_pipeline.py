@@ -226,8 +226,10 @@ class _StubTokenizer:
         self.seen = []
 
     def encode_latent(self, pixels, generator=None, callback=None):
+        from infinitystar.vae.codec import to_signed_unit
+
         self.seen.append(tuple(pixels.shape))
-        self.pixels = pixels
+        self.pixels = to_signed_unit(pixels) if pixels.dtype == torch.uint8 else pixels  # as the tokenizer's chunks
         _, _, t, h, w = pixels.shape
         return torch.randn(1, 64, 1 + (t - 1) // 4, h // 16, w // 16, generator=generator)
 

@@ -121,7 +121,7 @@ def test_encode_latent_modes(tok):
 @pytest.mark.parametrize("bad, msg", [
     (torch.zeros(3, 5, 32, 32), "B, 3, T, H, W"),
     (torch.zeros(1, 4, 5, 32, 32), "channels"),
-    (torch.zeros(1, 3, 5, 32, 32, dtype=torch.uint8), "float"),
+    (torch.zeros(1, 3, 5, 32, 32, dtype=torch.int32), "float frames in .* or uint8 pixels"),
     (torch.zeros(1, 3, 4, 32, 32), r"1 \+ 4k"),
     (torch.zeros(1, 3, 5, 40, 32), "multiples of 16"),
 ])
