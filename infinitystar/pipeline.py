@@ -283,6 +283,16 @@ def _tokenizer_device(tokenizer) -> torch.device:
     return tokenizer.decoder.conv_in.conv.weight.device
 
 
+def encode_host_memory(frames: int, height: int, width: int, latent_channels: int = 64) -> int:
+    """System-memory bytes an encode of ``frames`` frames of height x width holds at least: the frames as 8-bit
+    pixels (``vae.fit_video``) and four fp32 latent-sized tensors (posterior mean and log-variance, noise, latent).
+    What a node checks before reading a long video's frames."""
+    from .schedule import VAE_STRIDE
+
+    cells = latent_frames(int(frames)) * (int(height) // VAE_STRIDE) * (int(width) // VAE_STRIDE)
+    return int(frames) * int(height) * int(width) * 3 + 4 * cells * latent_channels * 4
+
+
 def encode_memory(tokenizer, frames: int, height: int, width: int) -> int:
     """Bytes the tokenizer needs beyond its weights to encode ``frames`` frames of height x width (what the nodes
     ask ComfyUI to free, as ComfyUI's own VAE encode does)."""

@@ -335,6 +335,11 @@ def free_memory_for(patcher) -> int:
     return int(mm.get_free_memory(patcher.load_device))
 
 
+def free_ram() -> int:
+    """Free system memory in bytes, as ComfyUI counts it."""
+    return int(mm.get_free_memory(torch.device("cpu")))
+
+
 def release(patcher) -> None:
     """Take ``patcher`` off ComfyUI's loaded-model list and back to its offload device."""
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):

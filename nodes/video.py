@@ -78,6 +78,23 @@ def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
     return len(images), fps, take
 
 
+def check_ram(frames: int, seconds: float, schedule, resolution: str) -> None:
+    """Refuse, before any frame is read, an encode whose frames cannot fit the free system memory (every template of
+    a resolution has about the same area, so the size for the frames' own aspect is not needed): a clear message
+    rather than a machine swapping or ComfyUI killed by the OOM killer."""
+    from ..infinitystar import pipeline
+    from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
+
+    need, free = pipeline.encode_host_memory(frames, schedule.height, schedule.width), host.free_ram()
+    if need > free:
+        clips = (frames - 1) // PIXEL_FRAMES_PER_CLIP
+        raise ValueError(f"Encode: the {clips} whole 5 s clips of this {seconds:.0f} s video need about "
+                         f"{need / 1e9:.1f} GB of system memory at {resolution} and {free / 1e9:.1f} GB is free. Give "
+                         "it a shorter video (continuing a video needs only its last clip: cut it with a video "
+                         "editor, or load it with Video Helper Suite's Load Video and a frame_load_cap), choose a "
+                         "lower resolution, or free memory.")
+
+
 CANCEL_CHUNK_LATENTS = 8  # decode in chunks of at most 8 latents (32 frames): Cancel is seen between chunks
 MAX_EXTEND_CLIPS = 8  # 40 s per Extend node; a chain of nodes goes further
 
@@ -228,6 +245,7 @@ class InfinityStarEncode(io.ComfyNode):
             schedule = schedule_for(height, width)
             return schedule.height, schedule.width
 
+        check_ram(len(picks), count / fps, schedule_for(9, 16), resolution)  # 16:9 when the aspect is the frames'
         fit = FrameFit(size_for)
         frames = take(picks, fit)  # only these frames are decoded / converted, each fitted to the output's size
         schedule = schedule_for(*fit.source)

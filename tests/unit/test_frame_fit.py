@@ -144,3 +144,21 @@ def test_encodes_hand_the_tokenizer_uint8_pixels(tiny_models, monkeypatch):
     with pytest.raises(Handed) as story:
         I.start(tokenizer, frames, pn="0.06M")
     assert v2v.value.args == story.value.args == (torch.uint8, (1, 3, 81, 192, 336))
+
+
+def test_encode_host_memory_covers_the_frames_and_the_latents_an_encode_holds(tiny_models, single_thread):
+    """The estimate a node checks against free RAM before reading a long video: at least the 8-bit frames handed
+    to the tokenizer and four tensors of the latent's size (mean, log-variance, noise, latent)."""
+    from infinitystar import pipeline as P
+    from infinitystar.checkpoint import load_tokenizer
+    from infinitystar.vae import fit_video
+
+    tokenizer = load_tokenizer(tiny_models["vae"])
+    frames = _noise(17, 48, 80, seed=5)
+    pixels = fit_video(frames, 48, 80)
+    latent = tokenizer.encode_latent(pixels, generator=torch.Generator().manual_seed(0))
+    estimate = P.encode_host_memory(17, 48, 80)
+    assert estimate >= pixels.nelement() * pixels.element_size() + 4 * latent.nelement() * 4
+    assert estimate < 2 * (pixels.nelement() + 4 * latent.nelement() * 4)  # not a guess far above it
+    frames_of_a_minute = 961 * 720 * 1280 * 3  # at 720p: the README's 220 MB per 5 s clip
+    assert frames_of_a_minute < P.encode_host_memory(961, 720, 1280) < 1.5 * frames_of_a_minute
