@@ -279,7 +279,8 @@ def test_official_standin_runs_the_named_kernel_on_cuda(kernel, name, not_name):
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
 
 
-@pytest.mark.parametrize("script", ["parity", "bench_generate", "bench_decode", "fake_memory", "load_memory"])
+@pytest.mark.parametrize("script", ["parity", "bench_generate", "bench_decode", "fake_memory", "load_memory",
+                                    "encode_frames_memory"])
 def test_benchmark_scripts_run_from_a_checkout_without_installing(script, tmp_path):
     """The README's commands (``python benchmarks/X.py ...``) from any folder, with nothing installed or on
     PYTHONPATH: each script finds the package itself."""
@@ -293,3 +294,20 @@ def test_benchmark_scripts_run_from_a_checkout_without_installing(script, tmp_pa
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def test_encode_frames_memory_runs_at_a_small_size(tmp_path):
+    """The frame-memory benchmark end to end on a small source (a smoke run, not a measurement): both rows, the
+    tensors the size they must be (81 frames of 0.06M 16:9: uint8 fitted, float32 at the source's pick)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "encode_frames_memory.py"
+    done = subprocess.run([sys.executable, str(path), "--height", "144", "--width", "256", "--resolution", "0.06M",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"fitted", "source"} and rows["fitted"][1] == rows["source"][1] == "336x192"
+    assert float(rows["fitted"][2]) == round(81 * 192 * 336 * 3 / 2**20)
+    assert float(rows["source"][2]) == round(81 * 192 * 336 * 3 * 4 / 2**20)
