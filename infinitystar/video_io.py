@@ -118,7 +118,9 @@ def written_whole(path: str | Path):
         if written and part.is_file():
             kept = _kept_as(part, path)
             held = " (is it open in another program?)" if isinstance(e, PermissionError) else ""
-            raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; the finished file is kept as {kept}") from failed
+            hidden = " (rename it: hidden temporaries are removed after a day)" if kept == part else ""
+            raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; the finished file is kept as {kept}"
+                          f"{hidden}") from failed
         raise OSError(f"cannot write {asked}: {e.strerror or e}") from failed
     except KeyboardInterrupt:  # Ctrl-C while the name is retried: the finished file stays, visible
         if written and part.is_file():

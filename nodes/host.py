@@ -340,6 +340,11 @@ def free_ram() -> int:
     return int(mm.get_free_memory(torch.device("cpu")))
 
 
+def total_ram() -> int:
+    """The machine's system memory in bytes, as ComfyUI counts it."""
+    return int(mm.get_total_memory(torch.device("cpu")))
+
+
 def release(patcher) -> None:
     """Take ``patcher`` off ComfyUI's loaded-model list and back to its offload device."""
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):

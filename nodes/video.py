@@ -73,26 +73,39 @@ def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
         parts = video.get_components()
         images, fps = parts.images, float(parts.frame_rate)
 
-    def take(picks, fit):
-        return np.stack([fit(image_to_uint8(images[int(i)][None])[0]) for i in picks])
+    def take(picks, fit):  # one output array, filled frame by frame as read_frames does
+        out, last = None, None
+        for j, i in enumerate(picks):
+            if i != last:  # a pick repeated at a low frame rate is fitted once
+                frame, last = fit(image_to_uint8(images[int(i)][None])[0]), i
+            if out is None:
+                out = np.empty((len(picks), *frame.shape), dtype=np.uint8)
+            out[j] = frame
+        return out
     return len(images), fps, take
 
 
 def check_ram(frames: int, seconds: float, schedule, resolution: str) -> None:
-    """Refuse, before any frame is read, an encode whose frames cannot fit the free system memory (every template of
-    a resolution has about the same area, so the size for the frames' own aspect is not needed): a clear message
-    rather than a machine swapping or ComfyUI killed by the OOM killer."""
+    """Before any frame is read: refuse an encode whose frames the machine's memory cannot hold at all (a clear
+    message rather than ComfyUI killed by the OOM killer), and warn when they exceed what is free now (the free
+    figure misses caches some systems can give back, e.g. ZFS's). Every template of a resolution has about the
+    same area, so the size for the frames' own aspect is not needed."""
     from ..infinitystar import pipeline
     from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
 
-    need, free = pipeline.encode_host_memory(frames, schedule.height, schedule.width), host.free_ram()
-    if need > free:
-        clips = (frames - 1) // PIXEL_FRAMES_PER_CLIP
-        raise ValueError(f"Encode: the {clips} whole 5 s clips of this {seconds:.0f} s video need about "
-                         f"{need / 1e9:.1f} GB of system memory at {resolution} and {free / 1e9:.1f} GB is free. Give "
-                         "it a shorter video (continuing a video needs only its last clip: cut it with a video "
-                         "editor, or load it with Video Helper Suite's Load Video and a frame_load_cap), choose a "
-                         "lower resolution, or free memory.")
+    need = pipeline.encode_host_memory(frames, schedule.height, schedule.width)
+    free, total = host.free_ram(), host.total_ram()
+    if need <= free:
+        return
+    clips = (frames - 1) // PIXEL_FRAMES_PER_CLIP
+    what = (f"the {clips} whole 5 s clip{'s' * (clips != 1)} of this {seconds:.0f} s video need about "
+            f"{need / 1e9:.1f} GB of system memory at {resolution}")
+    fixes = ("give it a shorter video (continuing a video needs only its last clip: cut it with a video editor, or "
+             "load it with Video Helper Suite's Load Video and a frame_load_cap) or choose a lower resolution")
+    if need > total:
+        raise ValueError(f"Encode: {what}, more than this machine's {total / 1e9:.1f} GB: {fixes}.")
+    logger.warning("InfinityStar Encode: %s and %.1f GB is free: the system may swap. If it does, %s, or free "
+                   "memory.", what, free / 1e9, fixes)
 
 
 CANCEL_CHUNK_LATENTS = 8  # decode in chunks of at most 8 latents (32 frames): Cancel is seen between chunks

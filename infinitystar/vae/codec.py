@@ -112,7 +112,7 @@ def fit_video(frames: Any, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"expected uint8 video frames (T, H, W, 3) RGB, got {arr.dtype} {arr.shape}")
     if arr.shape[1:3] != (height, width):
         arr = np.stack([cover_crop(f, height, width) for f in arr])
-    elif not arr.flags.writeable:  # torch views only writable arrays
+    elif not arr.flags.writeable or min(arr.strides) < 0:  # torch views only writable, unflipped arrays
         arr = arr.copy()
     return torch.from_numpy(arr).permute(3, 0, 1, 2)[None]
 

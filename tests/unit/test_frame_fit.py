@@ -122,6 +122,8 @@ def test_fit_video_views_fitted_frames_and_the_tokenizer_encodes_uint8_as_float(
     assert fit_video(frames[:, :30], 32, 48).shape == (1, 3, 17, 32, 48)  # other sizes are fitted (copied)
     with pytest.raises(ValueError, match="expected uint8 video frames"):
         fit_video(frames[:0], 32, 48)
+    for flipped in (frames[..., ::-1], frames[:, ::-1], frames[::-1]):  # BGR -> RGB views, np.flip: copied
+        assert torch.equal(fit_video(flipped, 32, 48), fit_video(np.ascontiguousarray(flipped), 32, 48))
 
 
 def test_encodes_hand_the_tokenizer_uint8_pixels(tiny_models, monkeypatch):

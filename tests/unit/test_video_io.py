@@ -457,6 +457,12 @@ def test_a_mode_the_file_system_cannot_hold_does_not_fail_the_write(tmp_path, mo
         with video_io.written_whole(out) as part:
             part.write_bytes(b"newest")
     assert "another program" not in str(err.value)
+    assert "rename it" not in str(err.value)  # kept under a visible free name
+
+    monkeypatch.setattr(video_io.os, "rename", gone)  # not even a free name: it stays hidden, and the user is told
+    with pytest.raises(OSError, match=r"kept as .*\.part \(rename it: hidden temporaries are removed after a day\)"):
+        with video_io.written_whole(out) as part:
+            part.write_bytes(b"newest")
 
 
 def test_an_error_while_writing_stays_the_error_when_the_partial_file_cannot_go(tmp_path, monkeypatch):
