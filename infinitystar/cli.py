@@ -359,7 +359,7 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
                          "first 5 s: give --duration 10 (the 480p weights), or continue it with `extend`")
     from .vae import FrameFit
 
-    fit = FrameFit(lambda h, w: (schedule.height, schedule.width))  # a 4K video is held at the output's size
+    fit = FrameFit(lambda h, w: P.encode_size(schedule))  # a 4K video is held at the output's size
     picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips, length=length,
                                 fit=fit)  # the official V2V picks
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)

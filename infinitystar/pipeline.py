@@ -327,6 +327,13 @@ def encode_image(tokenizer, image, schedule: Schedule, *, seed: int = 0) -> Toke
     return _encode(tokenizer, prepare_image(image, target.height, target.width), target, seed)
 
 
+def encode_size(schedule: Schedule) -> tuple[int, int]:
+    """(height, width) :func:`encode_video` fits frames to for ``schedule``: its resolution and aspect template's
+    full pyramid, also for a schedule cut short (``num_scales``); what to fit frames to as they are read."""
+    full = build_schedule(schedule.pn, schedule.h_div_w, 1)
+    return full.height, full.width
+
+
 def encode_video(tokenizer, frames, schedule: Schedule, *, seed: int = 0, clips: int | None = None,
                  callback=None) -> Tokens:
     """Encode uint8 (T, H, W, 3) RGB frames (16 fps) as the first ``clips`` video clips for V2V continuation.

@@ -87,6 +87,9 @@ def test_cli_video_continuation_encodes_as_the_unfitted_frames(tiny_models, tmp_
     got = cli._encode_video_file(Session(), str(path), schedule, 5)
     frames, _ = read_video_clip(path, 81, 5)
     _tokens_equal(got, P.encode_video(tokenizer, frames, schedule, seed=5, clips=1))
+    short = P.build_schedule("0.06M", "16:9", 161, num_scales=3)  # a pyramid cut short: the encode's size all the same
+    assert P.encode_size(short) == P.encode_size(schedule) == (schedule.height, schedule.width) != \
+        (short.height, short.width)
 
 
 def test_interact_start_fit_starts_the_story_of_the_unfitted_frames(tiny_models, tmp_path, single_thread):
