@@ -258,7 +258,8 @@ class InfinityStarEncode(io.ComfyNode):
             schedule = schedule_for(height, width)
             return schedule.height, schedule.width
 
-        check_ram(len(picks), count / fps, schedule_for(9, 16), resolution)  # 16:9 when the aspect is the frames'
+        seconds = count / fps if fps > 0 else 0.0  # one frame (an image) comes with any fps, 0 included
+        check_ram(len(picks), seconds, schedule_for(9, 16), resolution)  # 16:9 when the aspect is the frames'
         fit = FrameFit(size_for)
         frames = take(picks, fit)  # only these frames are decoded / converted, each fitted to the output's size
         schedule = schedule_for(*fit.source)
