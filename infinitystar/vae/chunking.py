@@ -43,7 +43,9 @@ def encode_chunks(encoder: nn.Module, x: torch.Tensor, chunk: int, callback: Cal
     cache: ConvCache = {}
     out = []
     for i, (s, e) in enumerate(plan):
-        part = to_signed_unit(x[:, :, s:e]) if x.dtype == torch.uint8 else x[:, :, s:e]
+        part = x[:, :, s:e]
+        if part.dtype == torch.uint8:  # contiguous (NCDHW), as a chunk of float frames reaches the device
+            part = to_signed_unit(part).contiguous()
         out.append(encoder(part.to(device=device or x.device, dtype=dtype or part.dtype), cache))
         if callback is not None:
             callback(i + 1, len(plan))

@@ -118,8 +118,9 @@ def fit_video(frames: Any, height: int, width: int) -> torch.Tensor:
 
 
 def prepare_video(frames: Any, height: int, width: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) RGB frames -> (1, 3, T, height, width) float32 in [-1, 1], per-frame transform."""
-    return to_signed_unit(fit_video(frames, height, width))
+    """uint8 (T, H, W, 3) RGB frames -> (1, 3, T, height, width) float32 in [-1, 1], per-frame transform
+    (contiguous: the layout convolutions have always been given)."""
+    return to_signed_unit(fit_video(frames, height, width)).contiguous()
 
 
 def _to_thwc(x: torch.Tensor) -> torch.Tensor:

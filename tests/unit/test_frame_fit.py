@@ -118,10 +118,17 @@ def test_fit_video_views_fitted_frames_and_the_tokenizer_encodes_uint8_as_float(
     assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 17, 32, 48)
     assert pixels.untyped_storage().data_ptr() == frames.ctypes.data  # a view
     floats = prepare_video(frames, 32, 48)
-    assert torch.equal(floats, (pixels.float() / 255) * 2 - 1)
+    assert floats.is_contiguous() and torch.equal(floats, (pixels.float() / 255) * 2 - 1)
     tokenizer = load_tokenizer(tiny_models["vae"])
-    for got, expect in zip(tokenizer.encode_posterior(pixels), tokenizer.encode_posterior(floats)):
-        assert torch.equal(got, expect)
+    layouts = []
+    hook = tokenizer.encoder.register_forward_pre_hook(lambda _m, args: layouts.append(args[0].is_contiguous()))
+    try:
+        for got, expect in zip(tokenizer.encode_posterior(pixels), tokenizer.encode_posterior(floats)):
+            assert torch.equal(got, expect)
+    finally:
+        hook.remove()
+    chunks = len(layouts) // 2  # the uint8 pass's chunks reach the encoder as NCDHW (a float chunk on a GPU does)
+    assert chunks >= 2 and layouts[:chunks] == [True] * chunks
     assert fit_video(frames[:, :30], 32, 48).shape == (1, 3, 17, 32, 48)  # other sizes are fitted (copied)
     with pytest.raises(ValueError, match="expected uint8 video frames"):
         fit_video(frames[:0], 32, 48)
