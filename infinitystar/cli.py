@@ -318,7 +318,7 @@ def _run_generate(args) -> Path:
     if args.image:
         condition = P.encode_image(s.tokenizer(), args.image, schedule, seed=args.seed)
     elif args.video:
-        condition = _encode_video_file(s, args.video, schedule, args.seed)
+        condition = _encode_video_file(s, args.video, schedule, args.seed, last=args.last)
     transformer = s.transformer(schedule)
     bar = _Progress(schedule.num_steps, "sampling")
     try:
@@ -341,7 +341,11 @@ def _check_media(args) -> None:
         video_frame_count(args.video)
 
 
-def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | None = None) -> P.Tokens:
+def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | None = None,
+                       last: int | None = None) -> P.Tokens:
+    """The tokens of a video's whole 5 s clips: ``clips`` of them (None: as many as leave one clip of ``schedule``
+    to generate; -1: all) from its start, or with ``last`` (seconds) at most the last ``last / 5``, ending at its
+    last frame."""
     from .video_io import read_video_clip, video_frame_count, whole_clips
 
     length = video_frame_count(path)  # (frames, fps), read once
@@ -354,6 +358,8 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
         clips = min(available, schedule.num_clips - 2)
     elif clips < 0:  # every whole 5 s clip of the video
         clips = available
+    if last:
+        clips = min(clips, last // 5)
     if clips < 1:
         raise ValueError(f"a {(schedule.frames - 1) // P.FPS} s output leaves nothing to generate after the video's "
                          "first 5 s: give --duration 10 (the 480p weights), or continue it with `extend`")
@@ -361,7 +367,7 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
 
     fit = FrameFit(lambda h, w: P.encode_size(schedule))  # a 4K video is held at the output's size
     picked, _ = read_video_clip(path, 1 + P.PIXEL_FRAMES_PER_CLIP * clips, 5 * clips, length=length,
-                                fit=fit)  # the official V2V picks
+                                fit=fit, from_end=bool(last))  # the official V2V picks (from the end: interact's)
     return P.encode_video(s.tokenizer(), picked, schedule, seed=seed, clips=clips)
 
 
@@ -427,7 +433,7 @@ def _run_extend(args) -> Path:
     s = Session(args)
     if tokens is None:
         base = P.resolve_schedule(args.resolution, args.aspect, frames=1)
-        tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1)
+        tokens = _encode_video_file(s, args.video, base, args.seed, clips=-1, last=args.last)
     total = P.extension_schedule(tokens, args.clips, model_info=s.model_info())  # refuses stories / partial tokens
     seconds = (total.frames - 1) // P.FPS
     if seconds > P.TRAINED_SECONDS:

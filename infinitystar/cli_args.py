@@ -145,6 +145,8 @@ def check_sources(args) -> None:
     if command == "interact" and (args.tau_image, args.tau_video) != (TAU_IMAGE, TAU_VIDEO):
         raise ValueError("interact samples every scale at one temperature: give --tau (official 0.5); --tau-image "
                          "and --tau-video are for generate and extend")
+    if getattr(args, "last", None) and not getattr(args, "video", None):
+        raise ValueError(f"--last {args.last} picks the end of --video; give --video, or leave --last out")
     if command in ("extend", "interact") and getattr(args, "tokens", None) and getattr(args, "video", None):
         raise ValueError(f"{command}: --tokens and --video both given; continue saved tokens or a video, not both")
     if command == "generate":
@@ -260,6 +262,13 @@ def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
     next(a for a in p._actions if a.dest == dest).help = text
 
 
+def _add_last(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--last", type=int, choices=(5, 10), metavar="SECONDS",
+                   help="encode only the last 5 or 10 s of --video, ending at its last frame, so the new clips start "
+                        "where it ends (default: its whole 5 s clips from the start, as the official V2V reader, "
+                        "dropping up to 5 s at the end)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m infinitystar", description="InfinityStar video generation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -271,18 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="conditioning image (I2V)")
     g.add_argument("--video", help="video to continue (V2V, as the official 480p script: its first 5 s, and "
                                    "--duration 10)")
+    _add_last(g)
     g.add_argument("--steps-preview", action="store_true", help="print the AR step schedule and exit")
 
     d = sub.add_parser("demo", help="generate with tiny random weights, offline (checks the install)")
     _add_model_args(d, resolution_default="0.06M")
     d.add_argument("--duration", type=int, default=5)
-    d.set_defaults(tiny=True, image=None, video=None, steps_preview=False)
+    d.set_defaults(tiny=True, image=None, video=None, last=None, steps_preview=False)
     _set_help(d, "out", "output .mp4 (default demo.mp4)")
 
     e = sub.add_parser("extend", help="append 5 s clips to saved tokens or to a video")
     _add_model_args(e)
     e.add_argument("--tokens", help="tokens file from generate --save-tokens")
     e.add_argument("--video", help="video to encode and extend (whole 5 s clips are used)")
+    _add_last(e)
     e.add_argument("--clips", type=int, default=1, help="clips of 5 s to add")
     _set_help(e, "out", "output .mp4 (default out.mp4)")
 

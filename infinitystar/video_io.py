@@ -254,17 +254,26 @@ def whole_clips(total: int, fps: float, clip_seconds: float = 5.0) -> int:
     return int(float(total) / checked_fps(fps) / clip_seconds + 1e-6)
 
 
-def whole_clip_indices(total: int, fps: float, clip_frames: int, clip_seconds: float = 5.0) -> np.ndarray:
+def whole_clip_indices(total: int, fps: float, clip_frames: int, clip_seconds: float = 5.0,
+                       last: int | None = None) -> np.ndarray:
     """The frames a video continuation is encoded from: every whole ``clip_seconds`` clip of a ``total``-frame video
     at ``fps``, picked as the official V2V reader picks them (:func:`clip_indices`, ``1 + clip_frames`` per clip at
     the model's rate, so a 30 fps video is not played 1.9x too fast). One frame is an image: ``[0]``. A video shorter
-    than one clip gives an empty array (the caller says what to do)."""
+    than one clip gives an empty array (the caller says what to do).
+
+    ``last``: at most that many whole clips, ending at the video's last frame (read from its end as the interact
+    script reads its reference), so that a continuation starts where the video ends: from its start, up to a clip
+    less a frame of the end would be dropped, and a long video would cost a clip per 5 s to encode and to replay."""
     if total == 1:
         return np.zeros(1, dtype=int)
     clips = whole_clips(total, fps, clip_seconds)
     if clips == 0:
         return np.zeros(0, dtype=int)
-    return clip_indices(total, fps, 1 + clip_frames * clips, clip_seconds * clips)
+    if last is not None:
+        if last < 1:
+            raise ValueError(f"last must be at least 1 clip, got {last}")
+        clips = min(clips, int(last))
+    return clip_indices(total, fps, 1 + clip_frames * clips, clip_seconds * clips, from_end=last is not None)
 
 
 def _fps(stream) -> float:

@@ -262,7 +262,7 @@ def start_frame_of(start_image: torch.Tensor, start_frame: str) -> torch.Tensor:
 def start_tokens_for(tokens, start_image, seconds: int):
     """The part of the Sampler's start_tokens a ``seconds`` generation starts from, refused before anything loads
     when they cannot start it. Of a video, the leading 5 s clips, as many as leave one to generate: the official
-    continuation continues the first 5 s of its video, and Encode keeps every whole 5 s clip."""
+    continuation continues the first 5 s of its video, and Encode keeps every whole 5 s clip (or the last ones)."""
     if start_image is not None:
         raise ValueError("start_image and start_tokens are both connected: give the Sampler one start (an image, or "
                          "the tokens of an encoded image or video).")

@@ -85,7 +85,7 @@ def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
     return len(images), fps, take
 
 
-def check_ram(frames: int, seconds: float, schedule, resolution: str) -> None:
+def check_ram(frames: int, seconds: float, schedule, resolution: str, keep: str) -> None:
     """Before any frame is read: refuse an encode whose frames the machine's memory cannot hold at all (a clear
     message rather than ComfyUI killed by the OOM killer), and warn when they exceed what is free now (the free
     figure misses caches some systems can give back, e.g. ZFS's). Every template of a resolution has about the
@@ -98,16 +98,19 @@ def check_ram(frames: int, seconds: float, schedule, resolution: str) -> None:
     if need <= free:
         return
     clips = (frames - 1) // PIXEL_FRAMES_PER_CLIP
-    what = (f"the {clips} whole 5 s clip{'s' * (clips != 1)} of this {seconds:.0f} s video need about "
-            f"{need / 1e9:.1f} GB of system memory at {resolution}")
-    fixes = ("give it a shorter video (continuing a video needs only its last clip: cut it with a video editor, or "
-             "load it with Video Helper Suite's Load Video and a frame_load_cap) or choose a lower resolution")
+    what = (f"the {clips} whole 5 s clip{'s' * (clips != 1)} it keeps of this {seconds:.0f} s video (keep = "
+            f"{keep}) need about {need / 1e9:.1f} GB of system memory at {resolution}")
+    fixes = ("set keep to 'last 5 s' (continuing a video needs only its last clip), give it a shorter video or "
+             "choose a lower resolution" if clips > 1 else "choose a lower resolution")
     if need > total:
         raise ValueError(f"Encode: {what}, more than this machine's {total / 1e9:.1f} GB: {fixes}.")
     logger.warning("InfinityStar Encode: %s and %.1f GB is free: the system may swap. If it does, %s, or free "
                    "memory.", what, free / 1e9, fixes)
 
 
+# Encode's keep: None = every whole clip from the start (the official V2V reader); n = the last n clips, ending at
+# the video's last frame
+ENCODE_KEEP = {"all whole clips": None, "last 5 s": 1, "last 10 s": 2}
 CANCEL_CHUNK_LATENTS = 8  # decode in chunks of at most 8 latents (32 frames): Cancel is seen between chunks
 MAX_EXTEND_CLIPS = 8  # 40 s per Extend node; a chain of nodes goes further
 
@@ -199,8 +202,8 @@ class InfinityStarEncode(io.ComfyNode):
             node_id="InfinityStarEncode", display_name="InfinityStar Encode", category="InfinityStar/video",
             description="Encodes frames (IMAGE batch) into InfinityStar tokens, to continue them with "
                         "InfinityStar Extend or the Sampler's start_tokens. One frame gives image tokens; 5 s or more of video gives its whole 5 s "
-                        "clips (the rest is dropped): 1 + 80k frames at 16 fps, picked as the official video "
-                        "reader picks them. Connect a Load Video's video (only those frames are decoded), or "
+                        "clips (keep: all from the start, or only the last 5 s / 10 s): 1 + 80k frames at 16 fps, "
+                        "picked as the official video readers pick them. Connect a Load Video's video (only those frames are decoded), or "
                         "images with their fps.",
             inputs=[
                 T.VAE.Input("vae", tooltip="From InfinityStar Video Tokenizer Loader."),
@@ -212,6 +215,13 @@ class InfinityStarEncode(io.ComfyNode):
                                        "(720p or 480p for the released weights)."),
                 *frames_encode_inputs(),
                 video_input(),
+                io.Combo.Input("keep", options=list(ENCODE_KEEP), default="all whole clips", optional=True,
+                               tooltip="Which clips of a video are encoded. all whole clips = every whole 5 s clip "
+                                       "from the start, as the official video-to-video reader (up to 5 s at the "
+                                       "end are dropped). last 5 s / last 10 s = only the end of the video, ending "
+                                       "at its last frame: to continue a video from where it ends, at the memory "
+                                       "and time of one or two clips whatever its length (the models were trained "
+                                       "up to 10 s). Unused for one frame (an image)."),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The frames as tokens: Extend continues them, "
                                                                     "Interact starts a story from them, Decode gives "
@@ -220,13 +230,15 @@ class InfinityStarEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resolution: str | None = None, aspect_ratio: str | None = None) -> bool | str:
-        return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio)
+    def validate_inputs(cls, resolution: str | None = None, aspect_ratio: str | None = None,
+                        keep: str | None = None) -> bool | str:
+        return check_choices(cls, resolution=resolution, aspect_ratio=aspect_ratio, keep=keep)
 
     @classmethod
     @host.shows_warnings
     def execute(cls, vae: T.LoadedVAE, resolution: str, aspect_ratio: str, seed: int,
-                images: torch.Tensor | None = None, fps: float = FPS, video=None) -> io.NodeOutput:
+                images: torch.Tensor | None = None, fps: float = FPS, video=None,
+                keep: str = "all whole clips") -> io.NodeOutput:
         from ..infinitystar import pipeline
         from ..infinitystar.schedule import PIXEL_FRAMES_PER_CLIP
         from ..infinitystar.vae import FrameFit
@@ -235,7 +247,7 @@ class InfinityStarEncode(io.ComfyNode):
         count, fps, take = frame_source("Encode", images, video, fps)
         if count > 1:  # one frame is an image: no rate is used
             check_fps(fps, "Encode", from_video=video is not None)
-        picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP)
+        picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP, last=ENCODE_KEEP[keep])
         if len(picks) == 0:
             rate_hint = "" if video is not None else "; set fps to the video's frame rate"
             raise ValueError(f"Encode got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} s): give it one frame "
@@ -259,7 +271,7 @@ class InfinityStarEncode(io.ComfyNode):
             return schedule.height, schedule.width
 
         seconds = count / fps if fps > 0 else 0.0  # one frame (an image) comes with any fps, 0 included
-        check_ram(len(picks), seconds, schedule_for(9, 16), resolution)  # 16:9 when the aspect is the frames'
+        check_ram(len(picks), seconds, schedule_for(9, 16), resolution, keep)  # 16:9 when the aspect is the frames'
         fit = FrameFit(size_for)
         frames = take(picks, fit)  # only these frames are decoded / converted, each fitted to the output's size
         schedule = schedule_for(*fit.source)

@@ -128,6 +128,29 @@ def test_a_video_from_tensors_is_read_through_its_components(pack, vae, core, tm
     assert len(expect) == 81 and np.array_equal(encoded(video=from_memory), expect)
 
 
+def test_keep_the_last_seconds_encodes_the_video_s_end(pack, vae, clip, video_nodes, core, monkeypatch):
+    """keep = last 5 s: the frames reaching the tokenizer are those of the file cut to its last 5 s (frames 60..209
+    of the 7 s 30 fps clip, as an IMAGE batch with keep = all whole clips), from the VIDEO and from the whole IMAGE
+    batch alike; last 10 s of a 7 s video is its one whole clip, the same frames; the default keeps the first 5 s."""
+    pipeline, seen = core("pipeline"), []
+    monkeypatch.setattr(pipeline, "encode_video", lambda tokenizer, frames, *a, **k: seen.append(frames) or "tokens")
+    settings = dict(vae=vae, resolution="0.06M", aspect_ratio="from input", seed=3)
+    images, fps = _components(video_nodes, _load(video_nodes, clip))
+
+    def encoded(**inputs):
+        run(pack.video.InfinityStarEncode, **inputs, **settings)
+        return seen.pop()
+
+    cut = encoded(images=images[2 * FPS:], fps=float(fps))
+    assert len(cut) == 81
+    assert np.array_equal(encoded(images=images, fps=float(fps), keep="last 5 s"), cut)
+    assert np.array_equal(encoded(video=_load(video_nodes, clip), keep="last 5 s"), cut)
+    assert np.array_equal(encoded(video=_load(video_nodes, clip), keep="last 10 s"), cut)
+    first = encoded(images=images[:5 * FPS], fps=float(fps))
+    assert np.array_equal(encoded(video=_load(video_nodes, clip)), first) and not np.array_equal(first, cut)
+    assert pack.video.InfinityStarEncode.validate_inputs(keep="last 7 s").startswith("keep is 'last 7 s'")
+
+
 def test_images_or_video_is_asked_for_before_anything_loads(pack, clip, video_nodes, core):
     """Neither or both inputs, and a video under 5 s, are refused with what to connect, the tokenizer untouched."""
     class Untouchable:
@@ -167,8 +190,9 @@ def test_an_encode_the_memory_cannot_hold_is_refused_before_a_frame_is_read(pack
     monkeypatch.setattr(core("video_io"), "read_frames", no_read)
     monkeypatch.setattr(pack.host, "free_ram", lambda: need // 3)
     monkeypatch.setattr(pack.host, "total_ram", lambda: need // 2)
-    with pytest.raises(ValueError, match=r"Encode: the 1 whole 5 s clip of this 7 s video need about 0\.0 GB of "
-                                         r"system memory at 0.06M, more than this machine's .* shorter video"):
+    with pytest.raises(ValueError, match=r"Encode: the 1 whole 5 s clip it keeps of this 7 s video \(keep = all "
+                                         r"whole clips\) need about 0\.0 GB of system memory at 0.06M, more than "
+                                         r"this machine's .* lower resolution"):
         run(pack.video.InfinityStarEncode, vae=Untouchable(), video=_load(video_nodes, clip), resolution="0.06M",
             aspect_ratio="from input", seed=0)
     monkeypatch.setattr(pack.host, "total_ram", lambda: 4 * need)

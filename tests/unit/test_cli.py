@@ -154,6 +154,42 @@ def test_video_input_uses_whole_5s_clips(tmp_path, monkeypatch):
         cli._encode_video_file(Session(), str(tmp_path / "short.mp4"), resolve_schedule("0.06M", "16:9", 10), 5)
 
 
+def test_last_encodes_the_end_of_the_video(tmp_path, monkeypatch):
+    """--last 5 / 10: the video's last whole clips, ending at its last frame, for extend (every clip otherwise) and
+    generate (the first 5 s otherwise); --last without --video is refused."""
+    from infinitystar import cli, cli_args
+    from infinitystar.video_io import write_mp4
+
+    class Session:
+        def tokenizer(self):
+            return "tokenizer"
+
+    seen = {}
+
+    def fake_encode_video(tokenizer, frames, schedule, *, seed, clips):
+        seen.update(frames=len(frames), clips=clips, first=int(frames[0, 0, 0, 0]), last=int(frames[-1, 0, 0, 0]))
+        return "tokens"
+
+    frames = np.zeros((200, 32, 48, 3), np.uint8)  # 12.5 s at 16 fps; red = the frame's index
+    frames[:, :, :, 0] = np.arange(200)[:, None, None]
+    write_mp4(tmp_path / "in.mp4", frames, fps=16)
+    monkeypatch.setattr(cli.P, "encode_video", fake_encode_video)
+    video, image = str(tmp_path / "in.mp4"), resolve_schedule("0.06M", "16:9", frames=1)
+    cli._encode_video_file(Session(), video, image, 0, clips=-1)
+    assert seen["clips"] == 2 and seen["frames"] == 161 and seen["first"] < 6 and abs(seen["last"] - 159) < 6
+    for last, clips in ((5, 1), (10, 2)):
+        cli._encode_video_file(Session(), video, image, 0, clips=-1, last=last)
+        assert seen["clips"] == clips and seen["frames"] == 1 + 80 * clips and abs(seen["last"] - 199) < 6
+        assert abs(seen["first"] - (200 - 80 * clips)) < 6
+    cli._encode_video_file(Session(), video, resolve_schedule("0.06M", "16:9", 10), 0, last=10)  # leaves a clip
+    assert seen["clips"] == 1 and abs(seen["first"] - 120) < 6 and abs(seen["last"] - 199) < 6
+    with pytest.raises(ValueError, match="--last 5 picks the end of --video; give --video"):
+        cli_args.check_sources(cli_args.build_parser().parse_args(["extend", "--tokens", "t.safetensors", "--last", "5"]))
+    assert cli_args.build_parser().parse_args(["generate", "--video", video, "--last", "10"]).last == 10
+    with pytest.raises(SystemExit):
+        cli_args.build_parser().parse_args(["extend", "--video", video, "--last", "7"])
+
+
 @pytest.mark.parametrize("option, value, bad", [("generator", "cpu", "tpu"), ("offload_kv", "on", "maybe")])
 def test_sampling_options_on_every_sampling_command(option, value, bad):
     from infinitystar.cli import build_parser

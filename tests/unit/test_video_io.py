@@ -121,6 +121,25 @@ def test_whole_clip_indices_encode_every_whole_clip_at_the_model_rate():
     assert len(whole_clip_indices(100, 8.0, 80)) == 161 and whole_clip_indices(100, 8.0, 80)[-1] == 79  # 12.5 s
 
 
+def test_the_last_clips_end_at_the_video_s_last_frame():
+    """Encode's keep = last 5 s / 10 s, the CLI's --last: the official get_clip window over the video's last 5k
+    seconds (linspace(ceil(fps * (duration - 5k)), total - 1, 1 + 80k), as the interact script reads its reference),
+    at most as many clips as the video holds; an image stays one frame."""
+    from infinitystar.video_io import whole_clip_indices
+
+    twelve = whole_clip_indices(200, 16.0, 80, last=1)  # 12.5 s at 16 fps: the window starts at 7.5 s = frame 120
+    assert np.array_equal(twelve, np.linspace(120, 199, 81, dtype=int)) and twelve[-1] == 199
+    minute = whole_clip_indices(1800, 30.0, 80, last=2)  # 60 s at 30 fps: 161 frames over its last 10 s
+    assert np.array_equal(minute, np.linspace(1500, 1799, 161, dtype=int))
+    assert len(whole_clip_indices(1800, 30.0, 80)) == 1 + 80 * 12  # without it: every whole clip, from the start
+    seven = whole_clip_indices(210, 30.0, 80, last=2)  # 7 s hold one whole clip: its last 5 s, from 2 s
+    assert np.array_equal(seven, np.linspace(60, 209, 81, dtype=int))
+    assert np.array_equal(whole_clip_indices(80, 16.0, 80, last=1), whole_clip_indices(80, 16.0, 80))  # exactly 5 s
+    assert whole_clip_indices(1, 16.0, 80, last=1).tolist() == [0] and len(whole_clip_indices(79, 16.0, 80, last=1)) == 0
+    with pytest.raises(ValueError, match="at least 1 clip"):
+        whole_clip_indices(200, 16.0, 80, last=0)
+
+
 def test_a_video_slower_than_the_model_rate_is_said_to_repeat_frames(caplog):
     """8 fps read at the model's 16: 81 picks over 40 frames, so 41 of them repeat the frame before; at 16 fps and
     above nothing is said (16 fps repeats only the official reader's first frame)."""

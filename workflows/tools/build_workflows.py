@@ -208,12 +208,12 @@ def _note(wf: Workflow, this_workflow: str) -> None:
     wf.node("MarkdownNote", (0, 480), text=FILES_NOTE + "\n\n**This workflow:** " + this_workflow)
 
 
-def _encoded_clip(wf: Workflow, vae: dict, node_type: str) -> dict:
+def _encoded_clip(wf: Workflow, vae: dict, node_type: str, **widgets) -> dict:
     """Load Video -> an encoding node (Encode, Interact Start) with the tokenizer. The VIDEO goes straight in: the
     node decodes only the frames it keeps, at the file's own rate (Get Video Components would decode every frame to
     float32 first)."""
     video = wf.node("LoadVideo", (440, 320), file="infinitystar_clip.mp4")
-    encode = wf.node(node_type, (770, 460), resolution="480p", aspect_ratio="from input", seed=0)
+    encode = wf.node(node_type, (770, 460), resolution="480p", aspect_ratio="from input", seed=0, **widgets)
     wf.link(vae, 0, encode, "vae")
     wf.link(video, 0, encode, "video")
     return encode
@@ -275,16 +275,16 @@ def t2i(info: dict) -> dict:
     return wf.to_json()
 
 
-def _continuation(wf: Workflow):
+def _continuation(wf: Workflow, **widgets):
     """The 480p loaders, the continuation prompt and an encoded clip: (model, prompt, tokenizer, Encode)."""
     model, text_encoder, vae = _loaders(wf, MODEL_480P)
     cond = _prompt(wf, text_encoder, PROMPT_EXTEND)
-    return model, cond, vae, _encoded_clip(wf, vae, "InfinityStarEncode")
+    return model, cond, vae, _encoded_clip(wf, vae, "InfinityStarEncode", **widgets)
 
 
 def extend(info: dict) -> dict:
     wf = Workflow(info, "extend-480p")
-    model, cond, vae, encode = _continuation(wf)
+    model, cond, vae, encode = _continuation(wf, keep="last 5 s")
     ext = wf.node("InfinityStarExtend", (860, 0), clips=1, seed=41)
     wf.link(model, 0, ext, "model")
     wf.link(cond, 0, ext, "positive")
@@ -293,9 +293,10 @@ def extend(info: dict) -> dict:
     _save_video(wf, vae, ext, "video/infinitystar_extended", x=1240)
     _note(wf, (
         "continues a clip by 5 s clips (set *clips*) with the 480p weights. Load a clip of at least 5 s at "
-        "any frame rate (e.g. an InfinityStar video): its whole 5 s clips are encoded, 81 frames each picked "
+        "any frame rate (e.g. an InfinityStar video): Encode keeps its last 5 s (*keep*), 81 frames picked "
         "at 16 fps from the clip's own rate as the official reader picks them (only those frames are decoded), "
-        "and the rest is dropped. The encoded clips stay bit for bit; Extend adds the new ones without replaying their "
+        "so the new clips start where the clip ends, whatever its length (*all whole clips* keeps every whole 5 s "
+        "clip from the start instead, dropping up to 5 s at the end). The encoded clip stays bit for bit; Extend adds the new ones without replaying their "
         "draws, so a seed gives another clip than the official 5 s -> 10 s continuation (the *v2v* workflow)."))
     return wf.to_json()
 
