@@ -60,6 +60,14 @@ def _kept_as(part: Path, path: Path) -> Path:
     return part
 
 
+def _kept_said(part: Path, path: Path) -> str:
+    """Keep a finished file that cannot take its name (:func:`_kept_as`) and say where; one left under its hidden
+    temporary name must be renamed, as a later write removes day-old temporaries (:func:`_drop_stale_parts`)."""
+    kept = _kept_as(part, path)
+    hidden = " (rename it: hidden temporaries are removed after a day)" if kept == part else ""
+    return f"the finished file is kept as {kept}{hidden}"
+
+
 def as_os_error(exc: BaseException) -> OSError | None:
     """``exc`` as an OSError where it is a failed read or write: safetensors reports those (a full disk, ...) as its
     own SafetensorError ("I/O error: No space left on device (os error 28)"), which is no OSError."""
@@ -116,16 +124,13 @@ def written_whole(path: str | Path):
         if e is None:
             raise
         if written and part.is_file():
-            kept = _kept_as(part, path)
             held = " (is it open in another program?)" if isinstance(e, PermissionError) else ""
-            hidden = " (rename it: hidden temporaries are removed after a day)" if kept == part else ""
-            raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; the finished file is kept as {kept}"
-                          f"{hidden}") from failed
+            raise OSError(f"cannot write {asked}: {e.strerror or e}{held}; {_kept_said(part, path)}") from failed
         raise OSError(f"cannot write {asked}: {e.strerror or e}") from failed
     except KeyboardInterrupt:  # Ctrl-C while the name is retried: the finished file stays, visible
         if written and part.is_file():
             with contextlib.suppress(OSError):
-                logger.warning("interrupted: the finished file is kept as %s", _kept_as(part, path))
+                logger.warning("interrupted: %s", _kept_said(part, path))
         raise
     finally:
         if not written:  # best effort: a file still held open (Windows) must not hide the error that stopped us

@@ -437,17 +437,26 @@ def test_a_finished_file_that_cannot_take_its_name_is_kept(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out (1).mp4", "out.mp4"]
 
 
-def test_ctrl_c_while_the_name_is_retried_keeps_the_finished_file_visible(tmp_path, monkeypatch):
+def test_ctrl_c_while_the_name_is_retried_keeps_the_finished_file_visible(tmp_path, monkeypatch, caplog):
+    """Kept under a free visible name, said; where even that fails, kept hidden with the hint to rename it."""
     from infinitystar import video_io
 
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(video_io.os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with caplog.at_level("WARNING", logger="infinitystar.video_io"), pytest.raises(KeyboardInterrupt):
         with video_io.written_whole(tmp_path / "out.mp4") as part:
             part.write_bytes(b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out (1).mp4"]
+    assert "kept as" in caplog.text and "out (1).mp4" in caplog.text and "rename it" not in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(video_io.os, "rename", lambda *a: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with caplog.at_level("WARNING", logger="infinitystar.video_io"), pytest.raises(KeyboardInterrupt):
+        with video_io.written_whole(tmp_path / "out.mp4") as part:
+            part.write_bytes(b"new")
+    assert part.is_file() and f"kept as {part} (rename it: hidden temporaries are removed after a day)" in caplog.text
 
 
 def test_a_mode_the_file_system_cannot_hold_does_not_fail_the_write(tmp_path, monkeypatch):
