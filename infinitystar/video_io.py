@@ -5,6 +5,7 @@ The official scripts write 16 fps mp4s; frames here are uint8 RGB arrays (T, H, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -308,7 +309,24 @@ def _open(source):
 def video_frame_count(source) -> tuple[int, float]:
     """(frames, fps) of a video file (path or file-like object) without decoding it: its packets are counted, less
     those the container marks to discard. The header's count is not used: a file trimmed without re-encoding (ffmpeg
-    ``-c copy``, phone editors) lists samples its edit list drops, which no decoder returns."""
+    ``-c copy``, phone editors) lists samples its edit list drops, which no decoder returns.
+
+    A path's count is kept for that version of the file (its inode, size and modification time): the count reads every
+    packet (seconds for an hour of 4K), and a run asks for it more than once (a check before the models load, then
+    the picks; an Encode queued again with other settings)."""
+    if _is_path(source):
+        _check_file(Path(source), "video")
+        stat = os.stat(source)
+        return _counted_file(str(source), os.path.realpath(source), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return _count_frames(source)
+
+
+@functools.lru_cache(maxsize=32)
+def _counted_file(name: str, real: str, inode: int, size: int, mtime_ns: int) -> tuple[int, float]:
+    return _count_frames(name)  # errors are raised each time, not kept
+
+
+def _count_frames(source) -> tuple[int, float]:
     import av
 
     name = _name(source)

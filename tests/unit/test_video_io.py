@@ -121,6 +121,32 @@ def test_whole_clip_indices_encode_every_whole_clip_at_the_model_rate():
     assert len(whole_clip_indices(100, 8.0, 80)) == 161 and whole_clip_indices(100, 8.0, 80)[-1] == 79  # 12.5 s
 
 
+def test_a_file_s_frames_are_counted_once_per_version(tmp_path, monkeypatch):
+    """The packet count (seconds for a long video) is kept for a path while the file stays the same; a rewritten
+    file is counted again, a file-like object every time, and an error is raised each time."""
+    import io
+
+    from infinitystar import video_io
+
+    counted = []
+    real = video_io._count_frames
+    monkeypatch.setattr(video_io, "_count_frames", lambda source: counted.append(source) or real(source))
+    path = video_io.write_mp4(tmp_path / "count_me.mp4", np.zeros((20, 16, 16, 3), np.uint8), fps=16)
+    assert video_io.video_frame_count(path) == video_io.video_frame_count(str(path)) == (20, 16.0)
+    assert len(counted) == 1
+    video_io.write_mp4(path, np.zeros((30, 16, 16, 3), np.uint8), fps=16)
+    assert video_io.video_frame_count(path) == (30, 16.0) and len(counted) == 2
+    data = path.read_bytes()
+    for _ in range(2):
+        assert video_io.video_frame_count(io.BytesIO(data)) == (30, 16.0)
+    assert len(counted) == 4
+    path.write_bytes(b"not a video" * 50)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="not a video FFmpeg can read"):
+            video_io.video_frame_count(path)
+    assert len(counted) == 6
+
+
 def test_the_last_clips_end_at_the_video_s_last_frame():
     """Encode's keep = last 5 s / 10 s, the CLI's --last: the official get_clip window over the video's last 5k
     seconds (linspace(ceil(fps * (duration - 5k)), total - 1, 1 + 80k), as the interact script reads its reference),
