@@ -256,7 +256,8 @@ class InfinityStarDownloadModels(io.ComfyNode):
             node_id="InfinityStarDownloadModels", display_name="InfinityStar Download Models",
             category="InfinityStar/loaders",
             description="Downloads the official files from the Hugging Face repo FoundationVision/InfinityStar "
-                        "into models/infinitystar (resumable; files already there are kept). Queue it once, "
+                        "into models/infinitystar, or into the folder extra_model_paths.yaml gives as infinitystar "
+                        "(it comes first: a larger disk), resumable; files already there are kept. Queue it once, "
                         "then refresh the loaders' lists (press R).",
             inputs=[
                 io.Combo.Input("variant", options=["720p", "480p", "interact"], default="720p",

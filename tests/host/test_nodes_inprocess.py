@@ -74,6 +74,24 @@ def test_download_node_copies_from_local_source(pack, comfy_dirs, tmp_path, monk
         registered.remove(str(tmp_path))
 
 
+def test_an_extra_model_paths_folder_is_where_downloads_go(pack, tmp_path, monkeypatch):
+    """ComfyUI reads extra_model_paths.yaml before it imports packs: an ``infinitystar:`` folder given there (a larger
+    disk) comes before models/infinitystar, which the pack adds, so the Download node writes there (as its help
+    page says), and the loaders list both."""
+    import folder_paths
+    from utils.extra_config import load_extra_path_config
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "infinitystar", ([], set()))
+    del folder_paths.folder_names_and_paths["infinitystar"]  # as before the yaml and the pack registered it
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(f"big_disk:\n  base_path: {tmp_path.as_posix()}\n  infinitystar: models/infinitystar\n")
+    load_extra_path_config(str(config))
+    pack.paths.register()
+    registered = folder_paths.get_folder_paths("infinitystar")
+    assert pack.paths.default_dir() == tmp_path / "models" / "infinitystar"
+    assert registered[1:] == [os.path.join(folder_paths.models_dir, "infinitystar")]
+
+
 def test_text_to_image_chains_into_core_nodes(pack, loaded, comfy):
     from comfy_extras.nodes_video import CreateVideo
 
