@@ -314,6 +314,11 @@ def video_frame_count(source) -> tuple[int, float]:
     A path's count is kept for that version of the file (its inode, size and modification time): the count reads every
     packet (seconds for an hour of 4K), and a run asks for it more than once (a check before the models load, then
     the picks; an Encode queued again with other settings)."""
+    return _frame_table(source)[:2]
+
+
+def _frame_table(source) -> tuple[int, float, np.ndarray | None]:
+    """(frames, fps, each frame's pts in presentation order, or None where they cannot place a frame)."""
     if _is_path(source):
         _check_file(Path(source), "video")
         stat = os.stat(source)
@@ -322,11 +327,11 @@ def video_frame_count(source) -> tuple[int, float]:
 
 
 @functools.lru_cache(maxsize=32)
-def _counted_file(name: str, real: str, inode: int, size: int, mtime_ns: int) -> tuple[int, float]:
+def _counted_file(name: str, real: str, inode: int, size: int, mtime_ns: int) -> tuple[int, float, np.ndarray | None]:
     return _count_frames(name)  # errors are raised each time, not kept
 
 
-def _count_frames(source) -> tuple[int, float]:
+def _count_frames(source) -> tuple[int, float, np.ndarray | None]:
     import av
 
     name = _name(source)
@@ -342,10 +347,18 @@ def _count_frames(source) -> tuple[int, float]:
             raise ValueError(f"{name} is a still image, not a video; give an image as the start image instead")
         stream = container.streams.video[0]
         fps = _fps(stream)
-        total = sum(1 for packet in container.demux(stream) if packet.size and not getattr(packet, "is_discard", False))
-    if total == 0:
+        stamps = [packet.pts for packet in container.demux(stream)
+                  if packet.size and not getattr(packet, "is_discard", False)]
+    if not stamps:
         raise ValueError(f"{name}: no video frames could be decoded")
-    return total, fps
+    order = None
+    if all(pts is not None for pts in stamps):
+        order = np.sort(np.asarray(stamps, dtype=np.int64))
+        if np.any(np.diff(order) <= 0):  # two frames at one time: a time cannot place a frame
+            order = None
+        else:
+            order.flags.writeable = False  # shared by every caller of the cached table
+    return len(stamps), fps, order
 
 
 def upright(rgb: np.ndarray, rotation) -> np.ndarray:
@@ -355,23 +368,64 @@ def upright(rgb: np.ndarray, rotation) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
+class _SeekMiss(Exception):
+    """The frames after a seek cannot be matched to their indices: decode from the start instead."""
+
+
+def _seeked(container, stream, order: np.ndarray, first: int):
+    """(index, frame) from the keyframe at or before frame ``first`` on, each frame's index read from its time;
+    :class:`_SeekMiss` when a frame's time is not a listed frame's, a frame from ``first`` on is skipped, or one
+    is decoded damaged (a reference before the seek point missing)."""
+    container.seek(int(order[first]), stream=stream, backward=True, any_frame=False)
+    previous = -1
+    for frame in container.decode(stream):
+        i = -1 if frame.pts is None else int(np.searchsorted(order, frame.pts))
+        if i < 0 or i >= len(order) or order[i] != frame.pts or i <= previous or i > max(previous + 1, first):
+            raise _SeekMiss
+        if i >= first and getattr(frame, "is_corrupt", False):
+            raise _SeekMiss
+        previous = i
+        yield i, frame
+
+
 def read_frames(source, index, total: int | None = None, fit=None) -> np.ndarray:
     """The frames ``index`` (ascending, repeats allowed) of a video file (path or file-like object), as uint8
     (len(index), H, W, 3) RGB. Decodes up to the last one and keeps only those: each picked frame is written once
     into the output, so memory is the picks, never the video. ``total``: the count the picks were made from, for
     the message when the file holds fewer frames than its header lists. ``fit``: applied to each picked frame as it
-    is decoded (``vae.FrameFit``: held at the output's size, not the source's)."""
+    is decoded (``vae.FrameFit``: held at the output's size, not the source's).
+
+    Picks that start later in the video (its last 5 s: Interact Start, Encode's keep) are decoded from the keyframe
+    before the first of them, found by the frames' times, instead of from the start (minutes for a long 4K
+    video). Where the times cannot place every frame, the video is decoded from its start."""
     index = np.asarray(index, dtype=np.int64)
     if len(index) == 0:
         raise ValueError("no frames to read")
     if np.any(np.diff(index) < 0) or index[0] < 0:
         raise ValueError("frame indices must be ascending and not negative")
+    order = None
+    if index[0] > 0:
+        with contextlib.suppress(ValueError, OSError):  # the decode from the start says what is wrong
+            order = _frame_table(source)[2]
+    if order is not None and index[-1] < len(order):
+        try:
+            return _read_picks(source, index, total, fit, order)
+        except _SeekMiss:
+            logger.debug("%s: frame times do not place every frame after a seek; decoding from the start",
+                         _name(source))
+    return _read_picks(source, index, total, fit, None)
+
+
+def _read_picks(source, index: np.ndarray, total: int | None, fit, order: np.ndarray | None) -> np.ndarray:
     import av
 
     out, cursor, last, i = None, 0, int(index[-1]), -1
     try:
         with _open(source) as container:
-            for i, frame in enumerate(container.decode(container.streams.video[0])):
+            stream = container.streams.video[0]
+            frames = (enumerate(container.decode(stream)) if order is None
+                      else _seeked(container, stream, order, int(index[0])))
+            for i, frame in frames:
                 if i == index[cursor]:
                     rgb = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
                     if fit is not None:
@@ -384,9 +438,13 @@ def read_frames(source, index, total: int | None = None, fit=None) -> np.ndarray
                 if i >= last:
                     break
     except av.error.FFmpegError as exc:  # damaged data mid-file: FFmpeg's message names neither file nor frame
+        if order is not None:
+            raise _SeekMiss from exc  # said by the decode from the start, with its frame count
         raise ValueError(f"{_name(source)}: decoding stopped after {i + 1} frame(s) ({exc.strerror}); the file "
                          "is damaged. Re-encode it (e.g. ffmpeg -i in.mp4 out.mp4) or use another copy.") from None
     if cursor < len(index):
+        if order is not None:
+            raise _SeekMiss
         listed = f" of the {total} the container lists" if total else ""
         raise ValueError(f"{_name(source)}: frame {int(index[cursor])}{listed} could not be decoded; the file may be "
                          "damaged or its header wrong (re-encode it, e.g. with ffmpeg)")

@@ -280,7 +280,7 @@ def test_official_standin_runs_the_named_kernel_on_cuda(kernel, name, not_name):
 
 
 @pytest.mark.parametrize("script", ["parity", "bench_generate", "bench_decode", "fake_memory", "load_memory",
-                                    "encode_frames_memory"])
+                                    "encode_frames_memory", "read_tail_speed"])
 def test_benchmark_scripts_run_from_a_checkout_without_installing(script, tmp_path):
     """The README's commands (``python benchmarks/X.py ...``) from any folder, with nothing installed or on
     PYTHONPATH: each script finds the package itself."""
@@ -311,3 +311,19 @@ def test_encode_frames_memory_runs_at_a_small_size(tmp_path):
     assert set(rows) == {"fitted", "source"} and rows["fitted"][1] == rows["source"][1] == "336x192"
     assert float(rows["fitted"][2]) == round(81 * 192 * 336 * 3 / 2**20)
     assert float(rows["source"][2]) == round(81 * 192 * 336 * 3 * 4 / 2**20)
+
+
+def test_read_tail_speed_runs_at_a_small_size(tmp_path):
+    """The tail-read benchmark end to end on a small source (a smoke run, not a measurement): its three rows, the
+    window of the last 5 s of an 8 s 30 fps video (frames 90..239), the seek's frames equal to the full decode's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "read_tail_speed.py"
+    done = subprocess.run([sys.executable, str(path), "--seconds", "8", "--height", "96", "--width", "128",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "240 frames at 30 fps" in done.stdout and "frames 90..239" in done.stdout
+    rows = {line.split()[0]: float(line.split()[-1]) for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"count", "seek", "from"} and all(v >= 0 for v in rows.values())

@@ -2,6 +2,7 @@
 import av
 import numpy as np
 import pytest
+from video_files import distinct_frames, remux_shifted, rotated
 
 from infinitystar.video_io import read_image, read_video, sample_frames, to_uint8, write_mp4, write_png
 
@@ -291,11 +292,6 @@ def test_damaged_or_misnamed_image_inputs_name_the_path(tmp_path):
         read_video(tmp_path)
 
 
-def _distinct_frames(t, h=32, w=48):
-    """Frames whose value says their index (after H.264: within a few levels), so a wrong pick shows."""
-    return (np.arange(t)[:, None, None, None] * 2 * np.ones((1, h, w, 3))).astype(np.uint8)
-
-
 def test_read_frames_equals_decoding_everything_and_indexing(tmp_path):
     """Any ascending picks (repeats as the official reader makes them at low rates, gaps, the last frame) from a
     path or from a BytesIO are the frames the whole decode gives at those indices."""
@@ -303,7 +299,7 @@ def test_read_frames_equals_decoding_everything_and_indexing(tmp_path):
 
     from infinitystar.video_io import clip_indices, read_frames, whole_clip_indices
 
-    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(100), fps=20)
+    path = write_mp4(tmp_path / "v.mp4", distinct_frames(100), fps=20)
     whole, fps = read_video(path)
     buffer = io.BytesIO(path.read_bytes())
     picks = [np.array([0, 0, 1, 5, 5, 5, 50, 99]), whole_clip_indices(100, fps, 80),
@@ -318,7 +314,7 @@ def test_read_frames_equals_decoding_everything_and_indexing(tmp_path):
 def test_read_frames_refuses_what_it_cannot_give(tmp_path):
     from infinitystar.video_io import read_frames
 
-    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(10), fps=16)
+    path = write_mp4(tmp_path / "v.mp4", distinct_frames(10), fps=16)
     with pytest.raises(ValueError, match=r"frame 10 of the 12 the container lists could not be decoded"):
         read_frames(path, [2, 10], 12)
     with pytest.raises(ValueError, match="ascending"):
@@ -332,7 +328,7 @@ def test_frame_count_of_a_file_like_video(tmp_path):
 
     from infinitystar.video_io import video_frame_count
 
-    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(37), fps=24)
+    path = write_mp4(tmp_path / "v.mp4", distinct_frames(37), fps=24)
     assert video_frame_count(io.BytesIO(path.read_bytes())) == (37, 24.0)
     with pytest.raises(ValueError, match="the video: not a video FFmpeg can read"):
         video_frame_count(io.BytesIO(b"not a video at all" * 100))
@@ -345,7 +341,7 @@ def test_read_frames_holds_only_the_picks(tmp_path):
     from infinitystar.video_io import read_frames
 
     h, w = 192, 256
-    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(120, h, w), fps=30)
+    path = write_mp4(tmp_path / "v.mp4", distinct_frames(120, h, w), fps=30)
     index = np.linspace(0, 119, 9, dtype=int)
     frame = h * w * 3
     tracemalloc.start()
@@ -359,30 +355,13 @@ def test_read_frames_holds_only_the_picks(tmp_path):
     assert peak < 120 * frame / 5
 
 
-def _remux_shifted(source, target, frames_back: int, fps: int):
-    """``source`` remuxed with every timestamp moved back ``frames_back`` frames: an mp4 whose edit list drops its
-    first samples, as a trim without re-encoding (ffmpeg -ss ... -c copy) leaves it. Its header still lists them."""
-    with av.open(str(source)) as src, av.open(str(target), "w") as out:
-        stream = src.streams.video[0]
-        copy = out.add_stream_from_template(stream)
-        shift = frames_back * int(round(1 / (fps * stream.time_base)))
-        for packet in src.demux(stream):
-            if packet.dts is None:
-                continue
-            packet.pts -= shift
-            packet.dts -= shift
-            packet.stream = copy
-            out.mux(packet)
-    return target
-
-
 def test_frame_count_is_what_decodes_not_what_a_trimmed_header_lists(tmp_path):
     """A stream-copied trim lists 120 samples but decodes 110: the count (and so the picks and the last frame) is
     the decoded one, as ComfyUI's own decode gives it."""
     from infinitystar.video_io import read_frames, video_frame_count
 
-    path = write_mp4(tmp_path / "v.mp4", _distinct_frames(120), fps=16)
-    trimmed = _remux_shifted(path, tmp_path / "trim.mp4", 10, 16)
+    path = write_mp4(tmp_path / "v.mp4", distinct_frames(120), fps=16)
+    trimmed = remux_shifted(path, tmp_path / "trim.mp4", 10, 16)
     try:
         with av.open(str(trimmed)) as container:
             listed = container.streams.video[0].frames
@@ -395,25 +374,12 @@ def test_frame_count_is_what_decodes_not_what_a_trimmed_header_lists(tmp_path):
     assert np.array_equal(read_frames(trimmed, [decoded - 1], decoded), whole[[decoded - 1]])
 
 
-def _turned(path, target):
-    """``path`` with its track header's display matrix set to a quarter turn (a phone's portrait clip)."""
-    import struct
-
-    data = bytearray(path.read_bytes())
-    at = data.find(b"tkhd")
-    version = data[at + 4]
-    matrix = at + 8 + (32 if version == 1 else 20) + 8 + 8  # flags, times/ids/duration, reserved, layer..volume
-    data[matrix:matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 0x40000000)
-    target.write_bytes(bytes(data))
-    return target
-
-
 def test_frames_are_turned_upright_by_the_display_rotation(tmp_path):
     from infinitystar.video_io import read_frames
 
     frames = np.zeros((3, 32, 48, 3), dtype=np.uint8)
     frames[:, :, 24:] = 255  # dark left half, bright right half
-    turned = _turned(write_mp4(tmp_path / "v.mp4", frames, fps=16), tmp_path / "turned.mp4")
+    turned = rotated(write_mp4(tmp_path / "v.mp4", frames, fps=16), tmp_path / "turned.mp4")
     with av.open(str(turned)) as container:
         frame = next(container.decode(video=0))
         rotation = getattr(frame, "rotation", None)
