@@ -14,6 +14,7 @@ The tokenizer's own activations are not part of it (``vae_memory.py`` measures t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -72,19 +73,35 @@ def write_video(path: Path, height: int, width: int, seconds: float, fps: int) -
         container.mux(stream.encode())
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--height", type=int, default=1080, help="source video height (default 1080)")
-    parser.add_argument("--width", type=int, default=1920, help="source video width (default 1920)")
+def add_source_args(parser: argparse.ArgumentParser, height: int, width: int) -> None:
+    """--height, --width, --fps and --workdir of a benchmark's synthetic source video."""
+    parser.add_argument("--height", type=int, default=height, help=f"source video height (default {height})")
+    parser.add_argument("--width", type=int, default=width, help=f"source video width (default {width})")
     parser.add_argument("--fps", type=int, default=30, help="source frame rate (default 30)")
-    parser.add_argument("--resolution", default="720p", help="output resolution: 720p, 480p, 0.25M, 0.06M")
     parser.add_argument("--workdir", help="where to write the video (default: a temp folder, removed)")
-    args = parser.parse_args()
+
+
+@contextlib.contextmanager
+def source_video(args, seconds: float):
+    """The synthetic video ``add_source_args`` describe, written once into --workdir (kept) or a temp folder
+    (removed afterwards)."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="infinitystar-bench-"))
-    path = work / f"source_{args.width}x{args.height}.mp4"
+    path = work / f"source_{args.width}x{args.height}_{seconds:g}s.mp4"
     try:
         if not path.exists():
-            write_video(path, args.height, args.width, 5.0, args.fps)
+            write_video(path, args.height, args.width, seconds, args.fps)
+        yield path
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_source_args(parser, 1080, 1920)
+    parser.add_argument("--resolution", default="720p", help="output resolution: 720p, 480p, 0.25M, 0.06M")
+    args = parser.parse_args()
+    with source_video(args, 5.0) as path:
         print(f"source: {args.width}x{args.height}, 5 s at {args.fps} fps; 81 frames picked; output {args.resolution}")
         print(f"{'pixels kept':12s} {'output':>10s} {'tensor MB':>10s} {'peak-base MB':>13s}")
         for mode in ("fitted", "source"):
@@ -94,9 +111,6 @@ def main() -> int:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             size = f"{r['out'][1]}x{r['out'][0]}"
             print(f"{mode:12s} {size:>10s} {r['pixels'] / 2**20:10.0f} {(r['peak'] - r['base']) / 2**20:13.0f}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

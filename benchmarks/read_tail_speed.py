@@ -13,36 +13,27 @@ one warm-up read of the file (so both rows read it from the page cache):
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # run from a checkout without installing
 
-from encode_frames_memory import write_video  # noqa: E402
+from encode_frames_memory import add_source_args, source_video  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="source video length (default 120)")
-    parser.add_argument("--height", type=int, default=720, help="source video height (default 720)")
-    parser.add_argument("--width", type=int, default=1280, help="source video width (default 1280)")
-    parser.add_argument("--fps", type=int, default=30, help="source frame rate (default 30)")
-    parser.add_argument("--workdir", help="where to write the video (default: a temp folder, removed)")
+    add_source_args(parser, 720, 1280)
     args = parser.parse_args()
 
     import numpy as np
 
     from infinitystar import video_io
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="infinitystar-bench-"))
-    path = work / f"source_{args.width}x{args.height}_{args.seconds:g}s.mp4"
-    try:
-        if not path.exists():
-            write_video(path, args.height, args.width, args.seconds, args.fps)
+    with source_video(args, args.seconds) as path:
         path.read_bytes()  # warm the page cache: both rows read the file from memory
         start = time.perf_counter()
         total, fps = video_io.video_frame_count(path)
@@ -61,9 +52,6 @@ def main() -> int:
         print(f"{'read':12s} {'seconds':>8s}")
         for name, seconds in (("count", counted), ("seek", seek_s), ("from start", start_s)):
             print(f"{name:12s} {seconds:8.2f}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
