@@ -362,7 +362,8 @@ def _encode_video_file(s: Session, path: str, schedule, seed: int, clips: int | 
         clips = min(clips, last // 5)
     if clips < 1:
         raise ValueError(f"a {(schedule.frames - 1) // P.FPS} s output leaves nothing to generate after the video's "
-                         "first 5 s: give --duration 10 (the 480p weights), or continue it with `extend`")
+                         f"{'last' if last else 'first'} 5 s: give --duration 10 (the 480p weights), or continue it "
+                         "with `extend`")
     from .vae import FrameFit
 
     fit = FrameFit(lambda h, w: P.encode_size(schedule))  # a 4K video is held at the output's size

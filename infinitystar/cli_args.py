@@ -153,6 +153,11 @@ def check_sources(args) -> None:
         if args.image and args.video:
             raise ValueError("--image and --video both given: start from an image (image-to-video) or continue a "
                              "video, not both")
+        if args.video and args.duration < 10:
+            raise ValueError(f"--video with --duration {args.duration}: a continuation keeps 5 s of the video "
+                             f"({'its last' if args.last else 'its first'} 5 s) and generates what follows, so it "
+                             "needs --duration 10 (the 480p weights); to add 5 s clips to a video, use `extend "
+                             "--video`")
         if args.image and args.duration == 0:
             raise ValueError("--image with --duration 0 would only give the image back; image-to-video needs "
                              "--duration 5 (or 10 with the 480p weights)")
@@ -262,11 +267,8 @@ def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
     next(a for a in p._actions if a.dest == dest).help = text
 
 
-def _add_last(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--last", type=int, choices=(5, 10), metavar="SECONDS",
-                   help="encode only the last 5 or 10 s of --video, ending at its last frame, so the new clips start "
-                        "where it ends (default: its whole 5 s clips from the start, as the official V2V reader, "
-                        "dropping up to 5 s at the end)")
+def _add_last(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--last", type=int, choices=(5, 10), metavar="SECONDS", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="conditioning image (I2V)")
     g.add_argument("--video", help="video to continue (V2V, as the official 480p script: its first 5 s, and "
                                    "--duration 10)")
-    _add_last(g)
+    _add_last(g, "read the last 5 s of --video instead of its first 5 s, ending at its last frame, so the new 5 s "
+                 "start where it ends (a 10 s output continues 5 s of the video: --last 10 reads 5 s too)")
     g.add_argument("--steps-preview", action="store_true", help="print the AR step schedule and exit")
 
     d = sub.add_parser("demo", help="generate with tiny random weights, offline (checks the install)")
@@ -293,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.add_argument("--tokens", help="tokens file from generate --save-tokens")
     e.add_argument("--video", help="video to encode and extend (whole 5 s clips are used)")
-    _add_last(e)
+    _add_last(e, "encode at most the last 5 or 10 s of --video, ending at its last frame, so the new clips start "
+                 "where it ends (default: its whole 5 s clips from the start, as the official V2V reader, dropping "
+                 "up to 5 s at the end)")
     e.add_argument("--clips", type=int, default=1, help="clips of 5 s to add")
     _set_help(e, "out", "output .mp4 (default out.mp4)")
 

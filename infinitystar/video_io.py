@@ -311,7 +311,8 @@ def video_frame_count(source) -> tuple[int, float]:
     those the container marks to discard. The header's count is not used: a file trimmed without re-encoding (ffmpeg
     ``-c copy``, phone editors) lists samples its edit list drops, which no decoder returns.
 
-    A path's count is kept for that version of the file (its inode, size and modification time): the count reads every
+    A path's count is kept for that version of the file (its device, inode, size, modification and change times:
+    the change time also moves when a copy restores the modification time, cp -p or an unzip): the count reads every
     packet (seconds for an hour of 4K), and a run asks for it more than once (a check before the models load, then
     the picks; an Encode queued again with other settings)."""
     return _frame_table(source)[:2]
@@ -322,12 +323,14 @@ def _frame_table(source) -> tuple[int, float, np.ndarray | None]:
     if _is_path(source):
         _check_file(Path(source), "video")
         stat = os.stat(source)
-        return _counted_file(str(source), os.path.realpath(source), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        return _counted_file(str(source), os.path.realpath(source), stat.st_dev, stat.st_ino, stat.st_size,
+                             stat.st_mtime_ns, stat.st_ctime_ns)
     return _count_frames(source)
 
 
 @functools.lru_cache(maxsize=32)
-def _counted_file(name: str, real: str, inode: int, size: int, mtime_ns: int) -> tuple[int, float, np.ndarray | None]:
+def _counted_file(name: str, real: str, device: int, inode: int, size: int, mtime_ns: int,
+                  ctime_ns: int) -> tuple[int, float, np.ndarray | None]:
     return _count_frames(name)  # errors are raised each time, not kept
 
 

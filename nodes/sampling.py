@@ -289,8 +289,9 @@ def start_tokens_for(tokens, start_image, seconds: int):
                          "continue clip by clip with InfinityStar Extend.")
     if used < tokens.clips:
         logger.warning("InfinityStar Sampler: start_tokens hold %d s of video; only the first %d s start the %d s "
-                       "output (the rest is not kept: InfinityStar Extend continues a whole video)",
-                       tokens.clips * 5, used * 5, seconds)
+                       "output (the rest is not kept). To continue the video from its end, set Encode's keep to "
+                       "'last %d s'; InfinityStar Extend continues a whole video.",
+                       tokens.clips * 5, used * 5, seconds, used * 5)
     return tokens.leading_clips(used)
 
 

@@ -100,8 +100,11 @@ def check_ram(frames: int, seconds: float, schedule, resolution: str, keep: str)
     clips = (frames - 1) // PIXEL_FRAMES_PER_CLIP
     what = (f"the {clips} whole 5 s clip{'s' * (clips != 1)} it keeps of this {seconds:.0f} s video (keep = "
             f"{keep}) need about {need / 1e9:.1f} GB of system memory at {resolution}")
-    fixes = ("set keep to 'last 5 s' (continuing a video needs only its last clip), give it a shorter video or "
-             "choose a lower resolution" if clips > 1 else "choose a lower resolution")
+    if clips > 1 and keep == "all whole clips":
+        fixes = ("set keep to 'last 5 s' (continuing a video needs only its last clip), give it a shorter video or "
+                 "choose a lower resolution")
+    else:
+        fixes = "set keep to 'last 5 s' or choose a lower resolution" if clips > 1 else "choose a lower resolution"
     if need > total:
         raise ValueError(f"Encode: {what}, more than this machine's {total / 1e9:.1f} GB: {fixes}.")
     logger.warning("InfinityStar Encode: %s and %.1f GB is free: the system may swap. If it does, %s, or free "
@@ -218,10 +221,11 @@ class InfinityStarEncode(io.ComfyNode):
                 io.Combo.Input("keep", options=list(ENCODE_KEEP), default="all whole clips", optional=True,
                                tooltip="Which clips of a video are encoded. all whole clips = every whole 5 s clip "
                                        "from the start, as the official video-to-video reader (up to 5 s at the "
-                                       "end are dropped). last 5 s / last 10 s = only the end of the video, ending "
-                                       "at its last frame: to continue a video from where it ends, at the memory "
-                                       "and time of one or two clips whatever its length (the models were trained "
-                                       "up to 10 s). Unused for one frame (an image)."),
+                                       "end are dropped). last 5 s / last 10 s = at most that much of the end of "
+                                       "the video, ending at its last frame, at the memory and time of one or two "
+                                       "clips whatever its length: to continue a video from where it ends (the "
+                                       "Sampler's start_tokens, 10 s: last 5 s; Extend: either). Unused for one "
+                                       "frame (an image)."),
             ],
             outputs=[T.Tokens.Output(display_name="tokens", tooltip="The frames as tokens: Extend continues them, "
                                                                     "Interact starts a story from them, Decode gives "

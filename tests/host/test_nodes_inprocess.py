@@ -266,6 +266,7 @@ def test_start_tokens_of_a_longer_video_continue_its_first_clips(pack, loaded, c
         out = run(pack.sampling.InfinityStarSampler, model=loaded["model"], positive=loaded["cond"],
                   duration="10 s", seed=6, start_tokens=tokens, **SMALL)[0]
     assert "start_tokens hold 10 s of video; only the first 5 s start the 10 s output" in caplog.text
+    assert "To continue the video from its end, set Encode's keep to 'last 5 s'" in caplog.text
     first = tokens.leading_clips(1)
     with pack.host.loaded(loaded["model"].patcher) as module:
         expect = pipeline.generate(module, loaded["cond"].select(10), pipeline.resolve_schedule("0.06M", "16:9", 10),

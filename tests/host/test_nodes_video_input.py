@@ -206,3 +206,17 @@ def test_an_encode_the_memory_cannot_hold_is_refused_before_a_frame_is_read(pack
         run(pack.video.InfinityStarEncode, vae=Untouchable(), video=_load(video_nodes, clip), resolution="0.06M",
             aspect_ratio="from input", seed=0)
     assert "swap" not in caplog.text
+    caplog.clear()  # what to do follows keep: the video's length no longer matters once only its end is kept
+    monkeypatch.setattr(pack.host, "free_ram", lambda: 0)
+    monkeypatch.setattr(pack.host, "total_ram", lambda: 0)
+    ten = core("video_io").write_mp4(video_nodes.folder_paths.get_input_directory() + "/ten_seconds.mp4",
+                                     np.zeros((168, 32, 32, 3), np.uint8), fps=16)  # 10.5 s: 2 whole clips
+    for keep, fix in (("all whole clips", r"set keep to 'last 5 s' \(continuing a video needs only its last clip\), "
+                                          r"give it a shorter video or choose a lower resolution"),
+                      ("last 10 s", r"set keep to 'last 5 s' or choose a lower resolution"),
+                      ("last 5 s", r"choose a lower resolution")):
+        clips = "the 1 whole 5 s clip" if keep == "last 5 s" else "the 2 whole 5 s clips"
+        with pytest.raises(ValueError, match=r"Encode: %s it keeps of this 10 s video \(keep = %s\) .*: %s\.$"
+                                             % (clips, keep, fix)):
+            run(pack.video.InfinityStarEncode, vae=Untouchable(), video=_load(video_nodes, ten.name),
+                resolution="0.06M", aspect_ratio="from input", seed=0, keep=keep)

@@ -110,6 +110,10 @@ def test_combinations_and_outputs_are_refused_before_anything_is_made(tiny_model
         (["generate", "--image", "a.png", "--duration", "0"], "would only give the image back"),
         (["extend", "--tokens", "t.safetensors", "--video", "v.mp4"], "--tokens and --video both given"),
         (["interact", "--tokens", "t.safetensors", "--video", "v.mp4"], "--tokens and --video both given"),
+        (["generate", "--video", "v.mp4"], "--video with --duration 5: a continuation keeps 5 s of the video (its "
+                                           "first 5 s) and generates what follows, so it needs --duration 10"),
+        (["generate", "--video", "v.mp4", "--last", "5", "--duration", "0"], "(its last 5 s)"),
+        (["extend", "--tokens", "t.safetensors", "--last", "10"], "--last 10 picks the end of --video"),
         (["generate", "--out", str(tmp_path / "x.avi")], "writes a video as .mp4; name the file"),
         (["generate", "--duration", "0", "--out", str(tmp_path / "x.mp4")], "writes an image (--duration 0) as .png"),
         (["generate", "--out", str(out), "--save-tokens", str(out)], "tokens are written as a .safetensors file"),

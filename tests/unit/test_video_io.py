@@ -137,15 +137,25 @@ def test_a_file_s_frames_are_counted_once_per_version(tmp_path, monkeypatch):
     assert len(counted) == 1
     video_io.write_mp4(path, np.zeros((30, 16, 16, 3), np.uint8), fps=16)
     assert video_io.video_frame_count(path) == (30, 16.0) and len(counted) == 2
+    import os
+    import time
+
+    stat, data = path.stat(), path.read_bytes()
+    time.sleep(0.02)
+    with open(path, "r+b") as f:  # rewritten in place, its size and modification time put back (cp -p, unzip)
+        f.write(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    assert video_io.video_frame_count(path) == (30, 16.0) and len(counted) == 3  # its change time moved
     data = path.read_bytes()
     for _ in range(2):
         assert video_io.video_frame_count(io.BytesIO(data)) == (30, 16.0)
-    assert len(counted) == 4
+    assert len(counted) == 5
     path.write_bytes(b"not a video" * 50)
     for _ in range(2):
         with pytest.raises(ValueError, match="not a video FFmpeg can read"):
             video_io.video_frame_count(path)
-    assert len(counted) == 6
+    assert len(counted) == 7
 
 
 def test_the_last_clips_end_at_the_video_s_last_frame():
