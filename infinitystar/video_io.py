@@ -357,11 +357,25 @@ def _count_frames(source) -> tuple[int, float, np.ndarray | None]:
     order = None
     if all(pts is not None for pts in stamps):
         order = np.sort(np.asarray(stamps, dtype=np.int64))
-        if np.any(np.diff(order) <= 0):  # two frames at one time: a time cannot place a frame
-            order = None
+        if np.any(np.diff(order) <= 0) or not _first_frame_at(source, order[0]):
+            order = None  # two frames at one time, or frames the decoder drops at the start: times cannot place them
         else:
             order.flags.writeable = False  # shared by every caller of the cached table
     return len(stamps), fps, order
+
+
+def _first_frame_at(source, pts: int) -> bool:
+    """Whether the decode from the start begins with the frame at ``pts``. It does not for a file cut inside a
+    group of pictures (its packets before the first keyframe, or an open GOP's leading B-frames, are dropped), so
+    there the k-th time is not the k-th decoded frame."""
+    import av
+
+    try:
+        with _open(source) as container:
+            first = next(iter(container.decode(container.streams.video[0])), None)
+    except av.error.FFmpegError:
+        return False
+    return first is not None and first.pts == pts
 
 
 def upright(rgb: np.ndarray, rotation) -> np.ndarray:
@@ -375,17 +389,30 @@ class _SeekMiss(Exception):
     """The frames after a seek cannot be matched to their indices: decode from the start instead."""
 
 
-def _seeked(container, stream, order: np.ndarray, first: int):
-    """(index, frame) from the keyframe at or before frame ``first`` on, each frame's index read from its time;
-    :class:`_SeekMiss` when a frame's time is not a listed frame's, a frame from ``first`` on is skipped, or one
-    is decoded damaged (a reference before the seek point missing)."""
-    container.seek(int(order[first]), stream=stream, backward=True, any_frame=False)
-    previous = -1
+class _SeekLate(_SeekMiss):
+    """The seek landed after the first pick (some demuxers seek by decode time, MPEG-TS by byte position): an
+    earlier target may land before it."""
+
+
+SEEK_BACK = (0, 64, 512)  # frames before the first pick to seek to, tried in turn while a seek lands after it
+
+
+def _seeked(container, stream, order: np.ndarray, first: int, back: int = 0):
+    """(index, frame) from the keyframe at or before frame ``first - back`` on, each frame's index read from its
+    time. :class:`_SeekLate` when the first frame decoded is after ``first``; :class:`_SeekMiss` when a frame's
+    time is not a listed frame's, a frame from ``first`` on is skipped, comes before the decoder has output a
+    keyframe (a container may mark as keyframes what the decoder does not: x264's intra-refresh recovery points,
+    whose frames would be built from references before the seek), or is decoded damaged."""
+    container.seek(int(order[max(first - back, 0)]), stream=stream, backward=True, any_frame=False)
+    previous, keyed = -1, False
     for frame in container.decode(stream):
         i = -1 if frame.pts is None else int(np.searchsorted(order, frame.pts))
+        if previous < 0 and 0 <= i < len(order) and order[i] == frame.pts and i > first:
+            raise _SeekLate
         if i < 0 or i >= len(order) or order[i] != frame.pts or i <= previous or i > max(previous + 1, first):
             raise _SeekMiss
-        if i >= first and getattr(frame, "is_corrupt", False):
+        keyed = keyed or bool(frame.key_frame)
+        if i >= first and (not keyed or getattr(frame, "is_corrupt", False)):
             raise _SeekMiss
         previous = i
         yield i, frame
@@ -411,15 +438,20 @@ def read_frames(source, index, total: int | None = None, fit=None) -> np.ndarray
         with contextlib.suppress(ValueError, OSError):  # the decode from the start says what is wrong
             order = _frame_table(source)[2]
     if order is not None and index[-1] < len(order):
-        try:
-            return _read_picks(source, index, total, fit, order)
-        except _SeekMiss:
-            logger.debug("%s: frame times do not place every frame after a seek; decoding from the start",
-                         _name(source))
+        for back in SEEK_BACK:
+            try:
+                return _read_picks(source, index, total, fit, order, back)
+            except _SeekLate:
+                continue
+            except _SeekMiss:
+                break
+        logger.debug("%s: frame times do not place every frame after a seek; decoding from the start",
+                     _name(source))
     return _read_picks(source, index, total, fit, None)
 
 
-def _read_picks(source, index: np.ndarray, total: int | None, fit, order: np.ndarray | None) -> np.ndarray:
+def _read_picks(source, index: np.ndarray, total: int | None, fit, order: np.ndarray | None,
+                back: int = 0) -> np.ndarray:
     import av
 
     out, cursor, last, i = None, 0, int(index[-1]), -1
@@ -427,7 +459,7 @@ def _read_picks(source, index: np.ndarray, total: int | None, fit, order: np.nda
         with _open(source) as container:
             stream = container.streams.video[0]
             frames = (enumerate(container.decode(stream)) if order is None
-                      else _seeked(container, stream, order, int(index[0])))
+                      else _seeked(container, stream, order, int(index[0]), back))
             for i, frame in frames:
                 if i == index[cursor]:
                     rgb = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))

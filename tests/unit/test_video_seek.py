@@ -16,18 +16,21 @@ from infinitystar.video_io import clip_indices, read_frames, read_video, write_m
 FRAMES, FPS = 300, 30
 
 
-def _encode(path, codec="libx264", gop=None, bframes=True, vfr=False, frames=FRAMES):
-    """``frames`` frames that all differ (a wrong pick shows), encoded as asked."""
+def _encode(path, codec="libx264", gop=None, bframes=True, vfr=False, frames=FRAMES, x264=None):
+    """``frames`` frames that all differ (a wrong pick shows), encoded as asked (``x264``: x264-params)."""
     rng = np.random.default_rng(1)
-    pixels = distinct_frames(frames, 48, 64) // 2
-    pixels[:, :, :, 2] = rng.integers(0, 255, (frames, 1, 64), dtype=np.uint8)  # a per-frame stripe pattern
+    yy, xx = np.mgrid[0:48, 0:64]
+    pixels = np.empty((frames, 48, 64, 3), np.uint8)
+    for t in range(frames):  # moving gradients and a moving box: P-frames that lean on their references
+        pixels[t] = np.stack([(3 * xx + 2 * t) % 256, (4 * yy + 3 * t) % 256, (2 * (xx + yy) + 5 * t) % 256], -1)
+        pixels[t, 8:20, (3 * t) % 48:(3 * t) % 48 + 16] = 255
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         if gop:
             stream.codec_context.gop_size = gop
         if codec == "libx264":
-            stream.options = {"crf": "18", **({} if bframes else {"bf": "0"})}
+            stream.options = {"crf": "18", **({} if bframes else {"bf": "0"}), **({"x264-params": x264} if x264 else {})}
         if vfr:
             stream.codec_context.time_base = Fraction(1, 1000)
         t = 0
@@ -48,6 +51,15 @@ def _file(kind, tmp_path):
         if "libvpx-vp9" not in av.codecs_available:
             pytest.skip("this PyAV has no VP9 encoder")
         return _encode(tmp_path / "v.webm", codec="libvpx-vp9", gop=60)
+    if kind == "MPEG-TS":  # a broadcast / camcorder stream: its demuxer seeks by byte position
+        return _encode(tmp_path / "v.ts", gop=15)
+    if kind == "cut inside a GOP":  # its first packets are no keyframe: the decoder drops them
+        path = _cut(_encode(tmp_path / "v.mkv", x264="keyint=10:bframes=2"), tmp_path / "cut.mkv", 4)
+        try:
+            read_video(path)
+        except av.error.InvalidDataError:  # PyAV 14 stops at the first of them
+            pytest.skip(f"PyAV {av.__version__} does not decode a file that starts inside a GOP")
+        return path
     if kind == "trimmed":  # an edit list drops the first 10 samples (a stream-copied trim)
         path = remux_shifted(_encode(tmp_path / "v.mp4", gop=30), tmp_path / "trim.mp4", 10, FPS)
         try:
@@ -57,12 +69,26 @@ def _file(kind, tmp_path):
         return path
     options = {"short keyframe interval": dict(gop=12), "long keyframe interval": dict(gop=250),
                "no B-frames": dict(gop=30, bframes=False), "variable frame rate": dict(gop=30, vfr=True),
-               "mpeg4": dict(codec="mpeg4", gop=24)}[kind]
+               "mpeg4": dict(codec="mpeg4", gop=24),
+               # no keyframe after the first: the container marks recovery points the decoder cannot start from
+               "intra-refresh": dict(x264="intra-refresh=1:keyint=30:bframes=0")}[kind]
     return _encode(tmp_path / "v.mp4", **options)
 
 
 KINDS = ["short keyframe interval", "long keyframe interval", "no B-frames", "variable frame rate", "mpeg4", "webm",
-         "trimmed"]
+         "trimmed", "intra-refresh", "cut inside a GOP", "MPEG-TS"]
+
+
+def _cut(source, target, packets: int):
+    """``source`` remuxed without its first ``packets`` packets: a file that starts inside a group of pictures (a
+    capture or a cut that ignored keyframes)."""
+    with av.open(str(source)) as src, av.open(str(target), "w") as out:
+        copy = out.add_stream_from_template(src.streams.video[0])
+        for n, packet in enumerate(p for p in src.demux(src.streams.video[0]) if p.size):
+            if n >= packets:
+                packet.stream = copy
+                out.mux(packet)
+    return target
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -86,8 +112,8 @@ def test_late_picks_decode_from_the_keyframe_before_them(tmp_path, monkeypatch):
     seen = []
     real = video_io._seeked
 
-    def spy(container, stream, order, first):
-        for i, frame in real(container, stream, order, first):
+    def spy(container, stream, order, first, back=0):
+        for i, frame in real(container, stream, order, first, back):
             seen.append(i)
             yield i, frame
 
@@ -102,6 +128,28 @@ def test_late_picks_decode_from_the_keyframe_before_them(tmp_path, monkeypatch):
     assert np.array_equal(got, read_video(path)[0][index])
 
 
+def test_a_seek_that_lands_late_is_tried_earlier(tmp_path, monkeypatch):
+    """MPEG-TS seeks by byte position and lands after the target: the reader seeks further back, and still decodes
+    far less than the whole video."""
+    path = _file("MPEG-TS", tmp_path)
+    attempts, seen = [], []
+    real = video_io._seeked
+
+    def spy(container, stream, order, first, back=0):
+        attempts.append(back)
+        for i, frame in real(container, stream, order, first, back):
+            seen.append(i)
+            yield i, frame
+
+    monkeypatch.setattr(video_io, "_seeked", spy)
+    index = clip_indices(FRAMES, FPS, 81, 5.0, from_end=True)  # frames 150..299
+    got = read_frames(path, index, FRAMES)
+    assert attempts[0] == 0 and len(attempts) > 1 and attempts == sorted(attempts)  # late, then further back
+    assert seen and 0 < seen[0] <= index[0]  # not from the first frame
+    monkeypatch.setattr(video_io, "_seeked", real)
+    assert np.array_equal(got, read_video(path)[0][index])
+
+
 def test_frames_the_times_cannot_place_are_decoded_from_the_start(tmp_path, monkeypatch, caplog):
     """A seek whose frames cannot be matched to their indices, or a file whose frame times cannot place its frames
     (missing or repeated), gives the same frames from a decode from the start."""
@@ -109,7 +157,7 @@ def test_frames_the_times_cannot_place_are_decoded_from_the_start(tmp_path, monk
     whole = read_video(path)[0]
     index = np.arange(200, 260, 3)
 
-    def lost(container, stream, order, first):
+    def lost(container, stream, order, first, back=0):
         yield from ()
         raise video_io._SeekMiss
 
@@ -154,26 +202,30 @@ def test_repeated_frame_times_place_no_frame(tmp_path, monkeypatch):
     assert video_io._count_frames("repeated.mp4") == (4, 16.0, None)
 
 
-@pytest.mark.parametrize("stamps, corrupt, why", [
-    ([0, 1, 2, 3, 4, 5], None, None),  # from the keyframe before the pick on: read
-    ([4, 5], None, None),  # the keyframe is the first pick
-    ([5, 6], None, "the first pick (4) was never decoded"),
-    ([2, 3, 5, 6], None, "frame 4 skipped"),
-    ([2, 3, 3, 4], None, "a frame twice"),
-    ([2, 35, 4], None, "a time no frame has"),
-    ([2, None, 4], None, "a frame without a time"),
-    ([2, 3, 4, 5], 5, "a damaged frame from the first pick on"),
-    ([1, 2, 3, 4], 2, None),  # a damaged frame before the picks is not used
+@pytest.mark.parametrize("stamps, keys, corrupt, why", [
+    ([0, 1, 2, 3, 4, 5], {0}, None, None),  # from the keyframe before the pick on: read
+    ([4, 5], {4}, None, None),  # the keyframe is the first pick
+    ([5, 6], {5}, None, "late"),  # the first pick (4) is behind: seek earlier
+    ([2, 3, 5, 6], {2}, None, "frame 4 skipped"),
+    ([2, 3, 3, 4], {2}, None, "a frame twice"),
+    ([2, 35, 4], {2}, None, "a time no frame has"),
+    ([2, None, 4], {2}, None, "a frame without a time"),
+    ([2, 3, 4, 5], {2}, 5, "a damaged frame from the first pick on"),
+    ([1, 2, 3, 4], {1}, 2, None),  # a damaged frame before the picks is not used
+    ([2, 3, 4, 5], set(), None, "no keyframe before the first pick (x264 intra-refresh)"),
+    ([1, 2, 3, 4], {3}, None, None),  # frames before the first keyframe (open GOP) are not picked
 ])
-def test_a_seek_reads_on_only_while_every_frame_is_placed(stamps, corrupt, why):
+def test_a_seek_reads_on_only_while_every_frame_is_placed(stamps, keys, corrupt, why):
     """After the seek, each frame's index comes from its time; one that is not a listed frame's time, out of order,
-    or a gap over a frame to pick, makes the reader decode from the start instead."""
+    a gap over a frame to pick, or a pick before the decoder has output a keyframe (a container's keyframe that is
+    none to the decoder, as x264's intra-refresh recovery points) makes the reader decode from the start instead; a
+    first frame after the first pick asks for an earlier seek."""
     order = np.arange(0, 100, 10)  # frame i at time 10 i
 
     class Frame:
         def __init__(self, i):
             self.pts = None if i is None else (35 if i == 35 else 10 * i)
-            self.is_corrupt = i == corrupt
+            self.key_frame, self.is_corrupt = i in keys, i == corrupt
 
     class Container:
         def seek(self, *a, **k):
@@ -186,5 +238,16 @@ def test_a_seek_reads_on_only_while_every_frame_is_placed(stamps, corrupt, why):
     if why is None:
         assert [i for i, _ in frames] == stamps
     else:
-        with pytest.raises(video_io._SeekMiss):
+        with pytest.raises(video_io._SeekMiss) as miss:
             list(frames)
+        assert (miss.type is video_io._SeekLate) == (why == "late")
+
+
+def test_every_late_pick_of_an_intra_refresh_video_is_its_frame(tmp_path):
+    """x264's intra-refresh writes no keyframe after the first but marks recovery points as keyframes in the
+    container: a seek to one would build frames from references it never decoded (garbage, with correct times and
+    no damage flag). One pick at a time, from late in the video, each equals the decode from the start's."""
+    path = _file("intra-refresh", tmp_path)
+    whole = read_video(path)[0]
+    for k in range(200, len(whole), 3):
+        assert np.array_equal(read_frames(path, [k]), whole[[k]]), f"frame {k}"
