@@ -216,24 +216,29 @@ def test_only_sampling_seeds_change_after_a_queue(frontend):
                         "InfinityStarInteractStart": None}
 
 
-def test_workflows_saved_with_the_old_encode_seed_control_still_load(frontend):
+@pytest.mark.parametrize("before_keep", [False, True])
+def test_workflows_saved_with_the_old_encode_seed_control_still_load(frontend, before_keep):
     """Encode and Interact Start once had a seed control widget, so workflows saved then hold one more value after
-    the seed; the pack's frontend extension (web/infinitystar.js) drops it, or 'fixed' would land in fps."""
-    path = next(p for p in WORKFLOWS if p.stem == "infinitystar_v2v_480p_10s")
-    workflow = json.loads(path.read_text())
-    current = {}
-    for node in workflow["nodes"]:
-        if node["type"] in ("InfinityStarEncode", "InfinityStarInteractStart"):
-            current[node["id"]] = list(node["widgets_values"])
-            node["widgets_values"].insert(3, "fixed")  # resolution, aspect_ratio, seed, [control], fps
-    assert current
-    _close_dialogs(frontend)
-    frontend.load(workflow)
-    frontend.page.wait_for_timeout(SETTLE_MS)
-    loaded = frontend.page.evaluate("""() => Object.fromEntries(window.app.graph._nodes
-        .filter(n => n.type === "InfinityStarEncode" || n.type === "InfinityStarInteractStart")
-        .map(n => [n.id, n.widgets.map(w => w.value)]))""")
-    assert {int(k): v for k, v in loaded.items()} == current
+    the seed; the pack's frontend extension (web/infinitystar.js) drops it, or 'fixed' would land in fps. Such a
+    workflow also predates Encode's keep (added last): it loads with keep's default."""
+    for stem in ("infinitystar_v2v_480p_10s", "infinitystar_interact_480p"):  # Encode, Interact Start
+        workflow = json.loads(next(p for p in WORKFLOWS if p.stem == stem).read_text())
+        expect = {}
+        for node in workflow["nodes"]:
+            if node["type"] in ("InfinityStarEncode", "InfinityStarInteractStart"):
+                values = node["widgets_values"]
+                expect[node["id"]] = list(values)
+                if before_keep and node["type"] == "InfinityStarEncode":
+                    assert values.pop() == "all whole clips"  # saved before keep existed
+                values.insert(3, "fixed")  # resolution, aspect_ratio, seed, [control], fps
+        assert expect
+        _close_dialogs(frontend)
+        frontend.load(workflow)
+        frontend.page.wait_for_timeout(SETTLE_MS)
+        loaded = frontend.page.evaluate("""() => Object.fromEntries(window.app.graph._nodes
+            .filter(n => n.type === "InfinityStarEncode" || n.type === "InfinityStarInteractStart")
+            .map(n => [n.id, n.widgets.map(w => w.value)]))""")
+        assert {int(k): v for k, v in loaded.items()} == expect, stem
 
 
 def test_a_missing_node_type_is_caught(frontend, info):
