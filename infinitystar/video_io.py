@@ -309,7 +309,8 @@ def _open(source):
 def video_frame_count(source) -> tuple[int, float]:
     """(frames, fps) of a video file (path or file-like object) without decoding it: its packets are counted, less
     those the container marks to discard. The header's count is not used: a file trimmed without re-encoding (ffmpeg
-    ``-c copy``, phone editors) lists samples its edit list drops, which no decoder returns.
+    ``-c copy``, phone editors) lists samples its edit list drops, which no decoder returns; and a file cut inside a
+    group of pictures holds packets before its first keyframe that give no frame.
 
     A path's count is kept for that version of the file (its device, inode, size, modification and change times:
     the change time also moves when a copy restores the modification time, cp -p or an unzip): the count reads every
@@ -354,28 +355,31 @@ def _count_frames(source) -> tuple[int, float, np.ndarray | None]:
                   if packet.size and not getattr(packet, "is_discard", False)]
     if not stamps:
         raise ValueError(f"{name}: no video frames could be decoded")
-    order = None
+    total, order = len(stamps), None
     if all(pts is not None for pts in stamps):
         order = np.sort(np.asarray(stamps, dtype=np.int64))
-        if np.any(np.diff(order) <= 0) or not _first_frame_at(source, order[0]):
-            order = None  # two frames at one time, or frames the decoder drops at the start: times cannot place them
-        else:
+        first = _first_decoded_pts(source)
+        dropped = int(np.searchsorted(order, first)) if first is not None else total
+        if np.any(np.diff(order) <= 0) or dropped >= total or order[dropped] != first:
+            order = None  # two frames at one time, or a first frame no time lists: times cannot place them
+        else:  # a file cut inside a group of pictures: the decoder drops the frames before its first keyframe
+            order, total = order[dropped:], total - dropped
             order.flags.writeable = False  # shared by every caller of the cached table
-    return len(stamps), fps, order
+    return total, fps, order
 
 
-def _first_frame_at(source, pts: int) -> bool:
-    """Whether the decode from the start begins with the frame at ``pts``. It does not for a file cut inside a
-    group of pictures (its packets before the first keyframe, or an open GOP's leading B-frames, are dropped), so
-    there the k-th time is not the k-th decoded frame."""
+def _first_decoded_pts(source) -> int | None:
+    """The time of the first frame the decode from the start gives: the first listed one, except in a file cut
+    inside a group of pictures (its packets before the first keyframe, or an open GOP's leading B-frames, give no
+    frame, so the frame count and every index start after them)."""
     import av
 
     try:
         with _open(source) as container:
             first = next(iter(container.decode(container.streams.video[0])), None)
     except av.error.FFmpegError:
-        return False
-    return first is not None and first.pts == pts
+        return None
+    return None if first is None else first.pts
 
 
 def upright(rgb: np.ndarray, rotation) -> np.ndarray:

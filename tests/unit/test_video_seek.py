@@ -192,6 +192,9 @@ def test_repeated_frame_times_place_no_frame(tmp_path, monkeypatch):
         def demux(self, stream):
             return iter([Packet(0), Packet(512), Packet(512), Packet(1024)])
 
+        def decode(self, stream):
+            return iter([type("Frame", (), {"pts": 0})()])
+
         def __enter__(self):
             return self
 
@@ -241,6 +244,27 @@ def test_a_seek_reads_on_only_while_every_frame_is_placed(stamps, keys, corrupt,
         with pytest.raises(video_io._SeekMiss) as miss:
             list(frames)
         assert (miss.type is video_io._SeekLate) == (why == "late")
+
+
+def test_a_file_cut_inside_a_gop_counts_and_seeks_what_decodes(tmp_path, monkeypatch):
+    """A file that starts inside a group of pictures: the decoder gives no frame for its packets before the first
+    keyframe, so the count is the frames it gives (the picks from the end exist), and late picks still seek."""
+    path = _file("cut inside a GOP", tmp_path)
+    whole = read_video(path)[0]
+    total, fps = video_io.video_frame_count(path)
+    assert total == len(whole) < FRAMES - 4  # 4 packets cut, and the B-frames that leaned on them
+    seen = []
+    real = video_io._seeked
+
+    def spy(container, stream, order, first, back=0):
+        for i, frame in real(container, stream, order, first, back):
+            seen.append(i)
+            yield i, frame
+
+    monkeypatch.setattr(video_io, "_seeked", spy)
+    index = clip_indices(total, fps, 81, 5.0, from_end=True)
+    assert np.array_equal(read_frames(path, index, total), whole[index])
+    assert seen and 0 < seen[0] <= index[0]
 
 
 def test_every_late_pick_of_an_intra_refresh_video_is_its_frame(tmp_path):
