@@ -106,32 +106,9 @@ def test_late_picks_are_the_frames_of_the_decode_from_the_start(kind, tmp_path):
     assert np.array_equal(read_frames(source, picks[0], total), whole[picks[0]])
 
 
-def test_late_picks_decode_from_the_keyframe_before_them(tmp_path, monkeypatch):
-    """The decode starts at most one keyframe interval before the first pick, not at the first frame."""
-    path = _encode(tmp_path / "v.mp4", gop=12)
-    seen = []
-    real = video_io._seeked
-
-    def spy(container, stream, order, first, back=0):
-        for i, frame in real(container, stream, order, first, back):
-            seen.append(i)
-            yield i, frame
-
-    monkeypatch.setattr(video_io, "_seeked", spy)
-    index = clip_indices(FRAMES, FPS, 81, 5.0, from_end=True)  # frames 150..299
-    got = read_frames(path, index, FRAMES)
-    assert index[0] - 12 <= seen[0] <= index[0] and seen[-1] == FRAMES - 1 and len(seen) <= FRAMES - index[0] + 12
-    seen.clear()
-    read_frames(path, np.arange(0, 5), FRAMES)  # picks from the start: nothing to seek
-    assert seen == []
-    monkeypatch.setattr(video_io, "_seeked", real)
-    assert np.array_equal(got, read_video(path)[0][index])
-
-
-def test_a_seek_that_lands_late_is_tried_earlier(tmp_path, monkeypatch):
-    """MPEG-TS seeks by byte position and lands after the target: the reader seeks further back, and still decodes
-    far less than the whole video."""
-    path = _file("MPEG-TS", tmp_path)
+def _watch_seeks(monkeypatch) -> tuple[list[int], list[int]]:
+    """(how far back each seek attempt aimed, the index of every frame read after a seek), filled as read_frames
+    runs; a decode from the start adds nothing."""
     attempts, seen = [], []
     real = video_io._seeked
 
@@ -142,11 +119,33 @@ def test_a_seek_that_lands_late_is_tried_earlier(tmp_path, monkeypatch):
             yield i, frame
 
     monkeypatch.setattr(video_io, "_seeked", spy)
+    return attempts, seen
+
+
+def test_late_picks_decode_from_the_keyframe_before_them(tmp_path, monkeypatch):
+    """The decode starts at most one keyframe interval before the first pick, not at the first frame."""
+    path = _encode(tmp_path / "v.mp4", gop=12)
+    _, seen = _watch_seeks(monkeypatch)
+    index = clip_indices(FRAMES, FPS, 81, 5.0, from_end=True)  # frames 150..299
+    got = read_frames(path, index, FRAMES)
+    assert index[0] - 12 <= seen[0] <= index[0] and seen[-1] == FRAMES - 1 and len(seen) <= FRAMES - index[0] + 12
+    seen.clear()
+    read_frames(path, np.arange(0, 5), FRAMES)  # picks from the start: nothing to seek
+    assert seen == []
+    monkeypatch.undo()
+    assert np.array_equal(got, read_video(path)[0][index])
+
+
+def test_a_seek_that_lands_late_is_tried_earlier(tmp_path, monkeypatch):
+    """MPEG-TS seeks by byte position and lands after the target: the reader seeks further back, and still decodes
+    far less than the whole video."""
+    path = _file("MPEG-TS", tmp_path)
+    attempts, seen = _watch_seeks(monkeypatch)
     index = clip_indices(FRAMES, FPS, 81, 5.0, from_end=True)  # frames 150..299
     got = read_frames(path, index, FRAMES)
     assert attempts[0] == 0 and len(attempts) > 1 and attempts == sorted(attempts)  # late, then further back
     assert seen and 0 < seen[0] <= index[0]  # not from the first frame
-    monkeypatch.setattr(video_io, "_seeked", real)
+    monkeypatch.undo()
     assert np.array_equal(got, read_video(path)[0][index])
 
 
@@ -253,15 +252,7 @@ def test_a_file_cut_inside_a_gop_counts_and_seeks_what_decodes(tmp_path, monkeyp
     whole = read_video(path)[0]
     total, fps = video_io.video_frame_count(path)
     assert total == len(whole) < FRAMES - 4  # 4 packets cut, and the B-frames that leaned on them
-    seen = []
-    real = video_io._seeked
-
-    def spy(container, stream, order, first, back=0):
-        for i, frame in real(container, stream, order, first, back):
-            seen.append(i)
-            yield i, frame
-
-    monkeypatch.setattr(video_io, "_seeked", spy)
+    _, seen = _watch_seeks(monkeypatch)
     index = clip_indices(total, fps, 81, 5.0, from_end=True)
     assert np.array_equal(read_frames(path, index, total), whole[index])
     assert seen and 0 < seen[0] <= index[0]
