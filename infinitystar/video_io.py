@@ -389,6 +389,15 @@ def upright(rgb: np.ndarray, rotation) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
+class DecodeStopped(ValueError):
+    """The decode from a video's start ended (its data ran out, or FFmpeg could not decode a packet) before the last
+    frame asked for; ``decoded`` frames came out before it stopped."""
+
+    def __init__(self, message: str, decoded: int):
+        super().__init__(message)
+        self.decoded = decoded
+
+
 class _SeekMiss(Exception):
     """The frames after a seek cannot be matched to their indices: decode from the start instead."""
 
@@ -422,7 +431,7 @@ def _seeked(container, stream, order: np.ndarray, first: int, back: int = 0):
         yield i, frame
 
 
-def read_frames(source, index, total: int | None = None, fit=None) -> np.ndarray:
+def read_frames(source, index, total: int | None = None, fit=None, repick=None) -> np.ndarray:
     """The frames ``index`` (ascending, repeats allowed) of a video file (path or file-like object), as uint8
     (len(index), H, W, 3) RGB. Decodes up to the last one and keeps only those: each picked frame is written once
     into the output, so memory is the picks, never the video. ``total``: the count the picks were made from, for
@@ -431,12 +440,49 @@ def read_frames(source, index, total: int | None = None, fit=None) -> np.ndarray
 
     Picks that start later in the video (its last 5 s: Interact Start, Encode's keep) are decoded from the keyframe
     before the first of them, found by the frames' times, instead of from the start (minutes for a long 4K
-    video). Where the times cannot place every frame, the video is decoded from its start."""
+    video). Where the times cannot place every frame, the video is decoded from its start.
+
+    ``repick``: for picks from the video's end, ``repick(n)`` gives them for a video of ``n`` frames. A file whose
+    last frames cannot be decoded (cut short: an unfinished download or recording lists packets whose data is
+    missing or partial) then gives the same number of picks ending at its last decodable frame, with a warning,
+    where up to a second of frames is lost; without it, or when more is lost, it is refused as damaged."""
     index = np.asarray(index, dtype=np.int64)
     if len(index) == 0:
         raise ValueError("no frames to read")
     if np.any(np.diff(index) < 0) or index[0] < 0:
         raise ValueError("frame indices must be ascending and not negative")
+    try:
+        return _read_frames(source, index, total, fit)
+    except DecodeStopped as stopped:
+        decoded = stopped.decoded
+        shorter = None if repick is None else _picks_before_the_cut(source, index, total, repick, decoded)
+        if shorter is None:
+            raise
+    return _read_frames(source, shorter, decoded, fit)
+
+
+def _picks_before_the_cut(source, index: np.ndarray, total: int | None, repick, decoded: int) -> np.ndarray | None:
+    """``repick(decoded)`` where the frames that cannot be decoded are the file's last second at most and the picks
+    keep their number (a window that no longer fits is refused as before); else None."""
+    listed, fps, _ = _frame_table(source)
+    listed = total or listed
+    lost = listed - decoded
+    if not 0 < lost <= max(fps, 1.0):
+        return None
+    try:
+        picks = np.asarray(repick(decoded), dtype=np.int64)
+    except ValueError:  # what decodes is shorter than the window
+        return None
+    if len(picks) != len(index) or picks[-1] >= decoded:
+        return None
+    logger.warning("%s: its last %d of the %d frames it lists cannot be decoded (the file is cut short, e.g. an "
+                   "unfinished download or recording); the frames are picked from its end as if it ended at frame %d, "
+                   "the last one that decodes. Re-encode it (e.g. ffmpeg -i in.mp4 out.mp4) to drop them for good.",
+                   _name(source), lost, listed, decoded - 1)
+    return picks
+
+
+def _read_frames(source, index: np.ndarray, total: int | None, fit) -> np.ndarray:
     order = None
     if index[0] > 0:
         with contextlib.suppress(ValueError, OSError):  # the decode from the start says what is wrong
@@ -479,14 +525,15 @@ def _read_picks(source, index: np.ndarray, total: int | None, fit, order: np.nda
     except av.error.FFmpegError as exc:  # damaged data mid-file: FFmpeg's message names neither file nor frame
         if order is not None:
             raise _SeekMiss from exc  # said by the decode from the start, with its frame count
-        raise ValueError(f"{_name(source)}: decoding stopped after {i + 1} frame(s) ({exc.strerror}); the file "
-                         "is damaged. Re-encode it (e.g. ffmpeg -i in.mp4 out.mp4) or use another copy.") from None
+        raise DecodeStopped(f"{_name(source)}: decoding stopped after {i + 1} frame(s) ({exc.strerror}); the file "
+                            "is damaged. Re-encode it (e.g. ffmpeg -i in.mp4 out.mp4) or use another copy.",
+                            i + 1) from None
     if cursor < len(index):
         if order is not None:
             raise _SeekMiss
         listed = f" of the {total} the container lists" if total else ""
-        raise ValueError(f"{_name(source)}: frame {int(index[cursor])}{listed} could not be decoded; the file may be "
-                         "damaged or its header wrong (re-encode it, e.g. with ffmpeg)")
+        raise DecodeStopped(f"{_name(source)}: frame {int(index[cursor])}{listed} could not be decoded; the file may "
+                            "be damaged or its header wrong (re-encode it, e.g. with ffmpeg)", i + 1)
     return out
 
 
@@ -498,7 +545,8 @@ def read_video_clip(path, count: int, seconds: float, *, from_end: bool = False,
     ``fit``: as :func:`read_frames`."""
     total, fps = length or video_frame_count(path)
     index = clip_indices(total, fps, count, seconds, from_end=from_end)
-    return read_frames(path, index, total, fit), fps
+    repick = (lambda n: clip_indices(n, fps, count, seconds, from_end=True)) if from_end else None
+    return read_frames(path, index, total, fit, repick), fps
 
 
 def write_png(path: str | Path, image) -> Path:

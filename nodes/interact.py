@@ -72,15 +72,19 @@ class InfinityStarInteractStart(io.ComfyNode):
         aspect = None if aspect_ratio == "from input" else aspect_ratio
         count, fps, take = frame_source("Interact Start", images, video, fps)
         check_fps(fps, "Interact Start", from_video=video is not None)
+
+        def last_5s(frames: int):  # the interact script's picks (a file cut short: up to its last decodable frame)
+            return clip_indices(frames, fps, interact.START_FRAMES, 5, from_end=True)
+
         try:
-            picks = clip_indices(count, fps, interact.START_FRAMES, 5, from_end=True)  # the interact script's
+            picks = last_5s(count)
         except ValueError:  # under 5 s
             rate_hint = "" if video is not None else "; set fps to the video's frame rate"
             raise ValueError(f"Interact Start got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} "
                              f"s): a story starts from the last 5 s of a video (at least 80 frames at 16 fps"
                              f"{rate_hint}).") from None
         fit = interact.start_fit(resolution, aspect)  # a 4K video's frames are held at the output's size
-        frames = take(picks, fit)  # only the frames a story starts from
+        frames = take(picks, fit, last_5s)  # only the frames a story starts from
         aspect = aspect or fit.aspect
         schedule = interact.start_schedule(frames, resolution, aspect)  # too few frames: refused before loading
         warn_crop("Interact Start", fit.source, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"

@@ -53,8 +53,10 @@ def video_input() -> io.Video.Input:
 
 
 def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
-    """(count, fps, take) of the frames an encode node picks from; ``take(picks, fit)`` gives those frames as uint8,
-    each passed through ``fit`` (``vae.FrameFit``: held at the output's size) as it is decoded or converted.
+    """(count, fps, take) of the frames an encode node picks from; ``take(picks, fit, repick=None)`` gives those
+    frames as uint8, each passed through ``fit`` (``vae.FrameFit``: held at the output's size) as it is decoded or
+    converted. ``repick(n)``: for picks from the end, the picks of an ``n``-frame video (``read_frames``: a file cut
+    short is read up to its last decodable frame).
 
     Exactly one of ``images`` and ``video``. A Load Video file's frames are counted without decoding (its packets,
     less those its edit list drops) and only the picks are decoded, turned upright by the file's display rotation;
@@ -69,11 +71,11 @@ def frame_source(node: str, images: torch.Tensor | None, video, fps: float):
             from ..infinitystar.video_io import read_frames, video_frame_count
 
             count, rate = video_frame_count(source)
-            return count, rate, lambda picks, fit: read_frames(source, picks, count, fit)
+            return count, rate, lambda picks, fit, repick=None: read_frames(source, picks, count, fit, repick)
         parts = video.get_components()
         images, fps = parts.images, float(parts.frame_rate)
 
-    def take(picks, fit):  # one output array, filled frame by frame as read_frames does
+    def take(picks, fit, repick=None):  # one output array, filled frame by frame as read_frames does
         out, last = None, None
         for j, i in enumerate(picks):
             if i != last:  # a pick repeated at a low frame rate is fitted once
@@ -251,7 +253,12 @@ class InfinityStarEncode(io.ComfyNode):
         count, fps, take = frame_source("Encode", images, video, fps)
         if count > 1:  # one frame is an image: no rate is used
             check_fps(fps, "Encode", from_video=video is not None)
-        picks = whole_clip_indices(count, fps, PIXEL_FRAMES_PER_CLIP, last=ENCODE_KEEP[keep])
+        last = ENCODE_KEEP[keep]
+
+        def picks_of(frames: int):  # also of a file cut short, its last clips ending at its last decodable frame
+            return whole_clip_indices(frames, fps, PIXEL_FRAMES_PER_CLIP, last=last)
+
+        picks = picks_of(count)
         if len(picks) == 0:
             rate_hint = "" if video is not None else "; set fps to the video's frame rate"
             raise ValueError(f"Encode got {count} frame{'s' * (count != 1)} at {fps:g} fps ({count / fps:.2f} s): give it one frame "
@@ -277,7 +284,7 @@ class InfinityStarEncode(io.ComfyNode):
         seconds = count / fps if fps > 0 else 0.0  # one frame (an image) comes with any fps, 0 included
         check_ram(len(picks), seconds, schedule_for(9, 16), resolution, keep)  # 16:9 when the aspect is the frames'
         fit = FrameFit(size_for)
-        frames = take(picks, fit)  # only these frames are decoded / converted, each fitted to the output's size
+        frames = take(picks, fit, None if last is None else picks_of)  # only these are decoded, each fitted to the output's size
         schedule = schedule_for(*fit.source)
         warn_crop("Encode", fit.source, schedule, "set aspect_ratio to 'from input'" if aspect_ratio != "from input"
                   else f"the nearest of the model's aspect templates is h/w {schedule.h_div_w:.3f}: crop the input nearer to it")

@@ -37,3 +37,30 @@ def rotated(path, target):
     data[matrix:matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 0x40000000)
     target.write_bytes(bytes(data))
     return target
+
+
+def cut_short(source, target, share: float = 0.9):
+    """``source`` remuxed with its index first (faststart, as web videos and many phones write mp4) and cut to
+    ``share`` of its bytes: an unfinished download or recording. Its index lists every frame; the last ones' data
+    is missing or partial, so the packets that are read count a few frames more than decode."""
+    with av.open(str(source)) as src, av.open(str(target), "w", options={"movflags": "faststart"}) as out:
+        copy = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = copy
+                out.mux(packet)
+    data = target.read_bytes()
+    target.write_bytes(data[:int(len(data) * share)])
+    return target
+
+
+def decodable(path) -> np.ndarray:
+    """Every frame the decode from the start gives before it stops (at the end, or at data it cannot decode)."""
+    frames = []
+    with av.open(str(path)) as container:
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                frames.append(frame.to_ndarray(format="rgb24"))
+        except av.error.FFmpegError:
+            pass
+    return np.stack(frames)

@@ -151,6 +151,33 @@ def test_keep_the_last_seconds_encodes_the_video_s_end(pack, vae, clip, video_no
     assert pack.video.InfinityStarEncode.validate_inputs(keep="last 7 s").startswith("keep is 'last 7 s'")
 
 
+def test_the_end_of_a_video_cut_short_is_read_up_to_its_last_decodable_frame(pack, vae, clip, video_nodes, core,
+                                                                               comfy_dirs, monkeypatch, caplog):
+    """An unfinished download (index first, its last packets missing or partial): Encode with keep = last 5 s and
+    Interact Start take the last 5 s of what decodes, the frames the same decodable frames give as an IMAGE batch,
+    and say so; it was refused as damaged."""
+    from video_files import cut_short, decodable
+
+    cut = cut_short(comfy_dirs["input"] / clip, comfy_dirs["input"] / "cut_short.mp4")
+    images = torch.from_numpy(decodable(cut)).float() / 255
+    listed = core("video_io").video_frame_count(cut)[0]
+    assert 5 * FPS < len(images) < listed
+    settings = dict(vae=vae, resolution="0.06M", aspect_ratio="from input", seed=3)
+
+    pipeline, seen = core("pipeline"), []
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "encode_video", lambda tokenizer, frames, *a, **k: seen.append(frames) or "tokens")
+        run(pack.video.InfinityStarEncode, images=images, fps=float(FPS), keep="last 5 s", **settings)
+        with caplog.at_level("WARNING"):
+            run(pack.video.InfinityStarEncode, video=_load(video_nodes, "cut_short.mp4"), keep="last 5 s", **settings)
+    assert len(seen) == 2 and len(seen[0]) == 81 and np.array_equal(seen[1], seen[0])
+    assert f"cut_short.mp4: its last {listed - len(images)} of the {listed} frames it lists cannot be decoded" in caplog.text
+
+    expect = run(pack.interact.InfinityStarInteractStart, images=images, fps=float(FPS), **settings)[0]
+    got = run(pack.interact.InfinityStarInteractStart, video=_load(video_nodes, "cut_short.mp4"), **settings)[0]
+    assert torch.equal(got.summed_codes, expect.summed_codes)
+
+
 def test_images_or_video_is_asked_for_before_anything_loads(pack, clip, video_nodes, core):
     """Neither or both inputs, and a video under 5 s, are refused with what to connect, the tokenizer untouched."""
     class Untouchable:
