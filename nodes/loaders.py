@@ -21,8 +21,11 @@ VAE_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TEXT_DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
 
-def _missing(name: str, resolve) -> bool | str:
-    """True when ``resolve`` finds ``name``, else where it looked: one lookup, not a walk of the folders."""
+def _missing(name: str | None, resolve) -> bool | str:
+    """True when ``resolve`` finds ``name``, else where it looked: one lookup, not a walk of the folders. ``None``
+    (left out of an API prompt) passes: ComfyUI has already said "Required input is missing"."""
+    if name is None:
+        return True
     try:
         resolve(name)
     except FileNotFoundError as exc:
@@ -98,7 +101,7 @@ class InfinityStarModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str, weight_dtype: str | None = None, compute_dtype: str | None = None,
+    def validate_inputs(cls, model_name: str | None = None, weight_dtype: str | None = None, compute_dtype: str | None = None,
                         attention: str | None = None) -> bool | str:
         checked = check_values({"weight_dtype": host.WEIGHT_DTYPES, "compute_dtype": host.COMPUTE_DTYPES,
                                 "attention": ATTENTION_CHOICES}, weight_dtype=weight_dtype,
@@ -167,7 +170,7 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, encoder_name: str, dtype: str | None = None) -> bool | str:
+    def validate_inputs(cls, encoder_name: str | None = None, dtype: str | None = None) -> bool | str:
         checked = check_values({"dtype": TEXT_DTYPE_CHOICES}, dtype=dtype)
         return _missing(encoder_name, paths.resolve_text_encoder) if checked is True else checked
 
@@ -208,7 +211,7 @@ class InfinityStarVAELoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae_name: str, dtype: str | None = None) -> bool | str:
+    def validate_inputs(cls, vae_name: str | None = None, dtype: str | None = None) -> bool | str:
         checked = check_values({"dtype": VAE_DTYPE_CHOICES}, dtype=dtype)
         return _missing(vae_name, paths.resolve_vae) if checked is True else checked
 

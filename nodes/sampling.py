@@ -61,6 +61,18 @@ def guidance_schedule_input() -> io.String.Input:
                                    "every scale (official).")
 
 
+def check_guidance_schedule(schedule: str | None) -> bool | str:
+    """True, or what is wrong with a typed guidance schedule: said when the prompt is queued, not after the models
+    have loaded. ``None`` (fed by a link, or left out) passes; ``guidance_config`` checks it again when it runs."""
+    from ..infinitystar.guidance import parse_scale_list
+
+    try:
+        parse_scale_list(schedule or "")
+    except ValueError as exc:
+        return str(exc)
+    return True
+
+
 def guidance_config(guidance_scale: float, apg_threshold: float, use_plain_cfg: bool, schedule: str = ""):
     from ..infinitystar.guidance import GuidanceConfig, parse_scale_list
 
@@ -180,9 +192,11 @@ class InfinityStarSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, resolution: str | None = None, duration: str | None = None,
                         aspect_ratio: str | None = None, generator: str | None = None,
-                        start_frame: str | None = None) -> bool | str:
+                        start_frame: str | None = None, guidance_schedule: str | None = None) -> bool | str:
         checked = check_choices(cls, resolution=resolution, duration=duration, aspect_ratio=aspect_ratio,
                                 generator=generator, start_frame=start_frame)
+        if checked is True:
+            checked = check_guidance_schedule(guidance_schedule)
         if checked is not True:
             return checked
         if resolution == "720p" and DURATIONS.get(duration, 0) > 5:

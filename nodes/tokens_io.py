@@ -59,7 +59,9 @@ class InfinityStarLoadTokens(io.ComfyNode):
         return paths.input_files(EXTENSION) + paths.output_files(EXTENSION, keep=Tokens.is_file_of_tokens)
 
     @classmethod
-    def validate_inputs(cls, tokens_file: str) -> bool | str:
+    def validate_inputs(cls, tokens_file: str | None = None) -> bool | str:
+        if tokens_file is None:  # left out of an API prompt: ComfyUI has said "Required input is missing"
+            return True
         try:
             paths.resolve_input(tokens_file)
         except FileNotFoundError as exc:

@@ -11,6 +11,7 @@ from . import host
 from . import types as T
 from .choices import check_choices
 from .sampling import (
+    check_guidance_schedule,
     generator_input,
     guidance_config,
     guidance_inputs,
@@ -327,8 +328,9 @@ class InfinityStarExtend(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, generator: str | None = None) -> bool | str:
-        return check_choices(cls, generator=generator)
+    def validate_inputs(cls, generator: str | None = None, guidance_schedule: str | None = None) -> bool | str:
+        checked = check_choices(cls, generator=generator)
+        return check_guidance_schedule(guidance_schedule) if checked is True else checked
 
     @classmethod
     @host.shows_warnings

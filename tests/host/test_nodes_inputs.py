@@ -69,6 +69,16 @@ def test_sampler_checks_the_inputs_its_validation_takes_over(pack):
     assert "5 s clips only" in sampler.validate_inputs(resolution="720p", duration="10 s")
 
 
+def test_a_guidance_schedule_is_checked_when_queued(pack):
+    """Sampler, Extend and Interact refuse a typed schedule that is no list of numbers >= 0 in validate_inputs
+    (before the models load), and take one that is, or none (a link: None)."""
+    for node in (pack.sampling.InfinityStarSampler, pack.video.InfinityStarExtend, pack.interact.InfinityStarInteract):
+        assert node.validate_inputs(guidance_schedule="34, 20; 10") is True, node
+        assert node.validate_inputs(guidance_schedule="") is True and node.validate_inputs() is True, node
+        assert "write numbers separated by commas" in node.validate_inputs(guidance_schedule="34, lots"), node
+        assert "finite number >= 0" in node.validate_inputs(guidance_schedule="nan"), node
+
+
 def test_every_dropdown_value_is_checked_when_queued(pack, comfy_dirs):
     """ComfyUI 0.3.x does not check a V3 dropdown's value, so an API prompt's typo reached execute as a KeyError or
     was taken silently as a default: every Combo of every node must be refused by its validate_inputs with a message

@@ -124,6 +124,31 @@ def test_validation_errors_come_back_before_running(server):
     assert status == 400 and body["node_errors"]["6"]["errors"][0]["type"] == "return_type_mismatch"
 
 
+def test_an_api_prompt_missing_a_file_name_or_with_a_bad_schedule_is_refused_plainly(server):
+    """An API prompt without a loader's file name gets ComfyUI's "Required input is missing" for that input, not a
+    traceback from validate_inputs called without it; a guidance schedule that is no list of numbers is refused
+    when queued, before a model loads."""
+    for node, name in [("1", "model_name"), ("2", "encoder_name"), ("3", "vae_name")]:
+        bad = _prompt("image")
+        del bad[node]["inputs"][name]
+        status, body = server.post("/prompt", {"prompt": bad})
+        assert status == 400, (name, body)
+        errors = body["node_errors"][node]["errors"]
+        assert [(e["type"], e["details"]) for e in errors] == [("required_input_missing", name)], errors
+    bad = _prompt("image")
+    bad["9"] = {"class_type": "InfinityStarLoadTokens", "inputs": {}}
+    bad["6"]["inputs"]["tokens"] = ["9", 0]
+    status, body = server.post("/prompt", {"prompt": bad})
+    errors = body["node_errors"]["9"]["errors"]
+    assert status == 400 and [(e["type"], e["details"]) for e in errors] == [("required_input_missing", "tokens_file")]
+    for schedule, why in [("abc, 3", "write numbers separated by commas"), ("34, -5", "finite number >= 0")]:
+        bad = _prompt("image")
+        bad["5"]["inputs"]["guidance_schedule"] = schedule
+        status, body = server.post("/prompt", {"prompt": bad})
+        assert status == 400, (schedule, body)
+        assert any(why in e["details"] for e in body["node_errors"]["5"]["errors"]), body
+
+
 def test_text_to_video_round_trip_writes_mp4(server):
     import av
 
