@@ -1,7 +1,8 @@
 """Loader nodes: transformer, flan-t5 text encoder, video tokenizer, and the official-files downloader.
 
 Each loader returns its module inside a ComfyUI patcher (``nodes.host``); ComfyUI's output cache keeps the
-loaded object for later prompts while the inputs stay the same, so nothing is cached in the pack.
+loaded object for later prompts while the inputs and the files on disk (``fingerprint_inputs``) stay the same, so
+nothing is cached in the pack.
 """
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ class InfinityStarModelLoader(io.ComfyNode):
         return _missing(model_name, paths.resolve_transformer) if checked is True else checked
 
     @classmethod
+    def fingerprint_inputs(cls, model_name: str, **_settings) -> str:
+        return paths.on_disk(model_name, paths.resolve_transformer)  # replaced files load again
+
+    @classmethod
     @host.shows_warnings
     def execute(cls, model_name: str, weight_dtype: str, compute_dtype: str, attention: str,
                 compile: bool = False) -> io.NodeOutput:
@@ -175,6 +180,10 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
         return _missing(encoder_name, paths.resolve_text_encoder) if checked is True else checked
 
     @classmethod
+    def fingerprint_inputs(cls, encoder_name: str, **_settings) -> str:
+        return paths.on_disk(encoder_name, paths.resolve_text_encoder)  # replaced files load again
+
+    @classmethod
     @host.shows_warnings
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
         from ..infinitystar.text import TextEncoder
@@ -214,6 +223,10 @@ class InfinityStarVAELoader(io.ComfyNode):
     def validate_inputs(cls, vae_name: str | None = None, dtype: str | None = None) -> bool | str:
         checked = check_values({"dtype": VAE_DTYPE_CHOICES}, dtype=dtype)
         return _missing(vae_name, paths.resolve_vae) if checked is True else checked
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name: str, **_settings) -> str:
+        return paths.on_disk(vae_name, paths.resolve_vae)  # replaced files load again
 
     @classmethod
     @host.shows_warnings

@@ -322,6 +322,31 @@ def resolve_vae(name: str) -> Path:
                     f"It is the file infinitystar_videovae.pth. {DOWNLOAD_HINT}", VAE_KINDS)
 
 
+def on_disk(name: str, resolve) -> str:
+    """What a loader's file (or its folder's files) is on disk now, for ``fingerprint_inputs``: size and modification
+    time of each file, so that files replaced under the same name (the demo weights by a download, a shard copied
+    over) are loaded again instead of ComfyUI's cache serving the old weights until a restart."""
+    try:
+        path = resolve(name)
+    except (FileNotFoundError, ValueError):
+        return f"{name}: not found"  # the loader says so when it runs
+
+    def stamp(entry: Path) -> str:
+        try:
+            stat = entry.stat()
+        except OSError:
+            return f"{entry.name}:?"
+        return f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+    if not path.is_dir():
+        return f"{path}|{stamp(path)}"
+    try:
+        entries = sorted(p for p in path.iterdir() if p.is_file())
+    except OSError:
+        entries = []
+    return "|".join([str(path), *map(stamp, entries)])
+
+
 def next_output_file(prefix: str, extension: str) -> tuple[Path, str]:
     """A new numbered file in ComfyUI's output folder for ``prefix`` (which may hold subfolders).
 

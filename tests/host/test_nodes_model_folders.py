@@ -489,3 +489,37 @@ def test_shards_without_their_index_are_one_folder(pack, comfy_dirs):
             run(pack.loaders.InfinityStarModelLoader, model_name=f"unindexed_720p/{shards[0].name}", **loader)
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_loader_s_fingerprint_follows_its_files_on_disk(pack, comfy_dirs, tmp_path, monkeypatch):
+    """ComfyUI reruns a loader whose fingerprint changed: a shard or a text encoder file replaced under its name
+    (same folder, same names) changes it; nothing changed, or a file beside a merged one, does not."""
+    import folder_paths
+
+    shards = tmp_path / "weights"
+    shards.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (shards / name).write_bytes(b"1" * 8)
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "t5" / "spiece.model").write_bytes(b"s")
+    (tmp_path / "merged.safetensors").write_bytes(b"m" * 8)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "infinitystar", ([str(tmp_path)], {".safetensors"}))
+    model, text = pack.loaders.InfinityStarModelLoader, pack.loaders.InfinityStarTextEncoderLoader
+
+    def prints():
+        return (model.fingerprint_inputs(model_name="weights", weight_dtype="auto"),
+                model.fingerprint_inputs(model_name="merged.safetensors"), text.fingerprint_inputs(encoder_name="t5"))
+
+    first = prints()
+    assert prints() == first and len(set(first)) == 3
+    (tmp_path / "notes.txt").write_text("x", encoding="utf-8")
+    assert prints() == first
+    (shards / "model-00002-of-00002.safetensors").write_bytes(b"2" * 9)  # a download replacing the demo shard
+    second = prints()
+    assert second[0] != first[0] and second[1:] == first[1:]
+    (tmp_path / "t5" / "spiece.model").write_bytes(b"t")
+    stat = (tmp_path / "t5" / "spiece.model").stat()
+    os.utime(tmp_path / "t5" / "spiece.model", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size
+    assert prints()[2] != second[2]
+    assert "not found" in model.fingerprint_inputs(model_name="gone")

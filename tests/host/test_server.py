@@ -4,8 +4,10 @@ progress arrives over the websocket and ``POST /interrupt`` stops a run. Needs C
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from comfy_server import PACK_FOLDER, Server, running_server
@@ -147,6 +149,35 @@ def test_an_api_prompt_missing_a_file_name_or_with_a_bad_schedule_is_refused_pla
         status, body = server.post("/prompt", {"prompt": bad})
         assert status == 400, (schedule, body)
         assert any(why in e["details"] for e in body["node_errors"]["5"]["errors"]), body
+
+
+def _run(server: Server, prompt: dict) -> list[str]:
+    """Queue ``prompt``, wait for it to succeed; the nodes ComfyUI answered from its cache."""
+    ws, client_id = _connect(server)
+    try:
+        status, body = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200, body
+        cached = [m["data"]["nodes"] for m in _messages(ws, body["prompt_id"], {"execution_success", "execution_error"})
+                  if m["type"] == "execution_cached"]
+    finally:
+        ws.close()
+    assert _history(server, body["prompt_id"])["status"]["status_str"] == "success"
+    return sorted(n for nodes in cached for n in nodes)
+
+
+def test_a_model_file_replaced_on_disk_is_loaded_again(server, tiny_models):
+    """ComfyUI's cache keeps a loader's output while its inputs stay the same; a file replaced under the same name
+    (the demo weights by a download, a shard copied over) must be read again, the other loaders still cached."""
+    vae = Path(tiny_models["root"]) / "infinitystar_videovae.pth"
+    before = vae.stat()
+    _run(server, _prompt("image", seed=11))
+    assert {"1", "2", "3"} <= set(_run(server, _prompt("image", seed=12)))  # nothing changed: cached
+    os.utime(vae, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # as a copy over it would leave it
+    try:
+        cached = _run(server, _prompt("image", seed=13))
+    finally:
+        os.utime(vae, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "3" not in cached and {"1", "2"} <= set(cached), cached
 
 
 def test_text_to_video_round_trip_writes_mp4(server):
