@@ -47,6 +47,38 @@ def devices(kind: str) -> tuple[torch.device, torch.device]:
     return mm.get_torch_device(), mm.unet_offload_device()
 
 
+# ComfyUI's start flags for a model's precision, which an "auto" dtype follows as core's own loaders do: (args
+# attribute, flag, our choice; None: a dtype the pack does not offer for it). --force-fp16 sets fp16_unet.
+PRECISION_FLAGS = {
+    "transformer": (("fp32_unet", "--fp32-unet", "fp32"), ("bf16_unet", "--bf16-unet", "bf16"),
+                    ("fp16_unet", "--fp16-unet", "fp16"), ("fp8_e4m3fn_unet", "--fp8_e4m3fn-unet", "fp8_e4m3fn"),
+                    ("fp8_e5m2_unet", "--fp8_e5m2-unet", "fp8_e5m2"), ("fp64_unet", "--fp64-unet", None),
+                    ("fp8_e8m0fnu_unet", "--fp8_e8m0fnu-unet", None)),
+    "text encoder": (("fp32_text_enc", "--fp32-text-enc", "fp32"), ("bf16_text_enc", "--bf16-text-enc", "bf16"),
+                     ("fp16_text_enc", "--fp16-text-enc", "fp16"),
+                     ("fp8_e4m3fn_text_enc", "--fp8_e4m3fn-text-enc", None),
+                     ("fp8_e5m2_text_enc", "--fp8_e5m2-text-enc", None)),
+    "video tokenizer": (("fp32_vae", "--fp32-vae", "fp32"), ("bf16_vae", "--bf16-vae", "bf16"),
+                        ("fp16_vae", "--fp16-vae", "fp16")),
+}
+
+
+def flagged_dtype(kind: str) -> str | None:
+    """The dtype ComfyUI was started with for ``kind`` ('transformer', 'text encoder', 'video tokenizer'): the
+    choice its flag names (--bf16-unet -> 'bf16'), logged, or None without such a flag. A flag for a dtype the
+    pack does not offer (fp8 flan-t5, fp64) is said to be ignored and gives None."""
+    for attr, flag, choice in PRECISION_FLAGS[kind]:
+        if getattr(args, attr, False):
+            if choice is None:
+                logger.warning("InfinityStar: ComfyUI's %s is not offered for the %s; its auto dtype picks as "
+                               "without the flag", flag, kind)
+            else:
+                logger.info("InfinityStar: ComfyUI was started with %s, so the %s's auto dtype is %s", flag, kind,
+                            choice)
+            return choice
+    return None
+
+
 def resolve_compute_dtype(choice: str, device: torch.device, fp16_fallback: bool = True) -> torch.dtype:
     """'auto' -> bf16 where the device supports it (the official numerics), else fp16 on GPUs, else fp32.
 
@@ -214,7 +246,10 @@ def gguf_ops():
 
 
 def text_encoder_dtype(choice: str) -> torch.dtype:
-    """'auto' -> fp16 on GPUs (the official flan-t5 dtype), fp32 on the CPU where fp16 matmuls are slow."""
+    """'auto' -> ComfyUI's --fp16/bf16/fp32-text-enc where it was started with one; else fp16 on GPUs (the official
+    flan-t5 dtype), fp32 on the CPU where fp16 matmuls are slow."""
+    if choice == "auto":
+        choice = flagged_dtype("text encoder") or choice
     if COMPUTE_DTYPES.get(choice) is not None:
         return COMPUTE_DTYPES[choice]
     device, _ = devices("text_encoder")

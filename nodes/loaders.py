@@ -126,7 +126,12 @@ class InfinityStarModelLoader(io.ComfyNode):
         why = compile_unavailable(load_device) if compile else None
         if why:
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
+        flagged = host.flagged_dtype("transformer") if "auto" in (weight_dtype, compute_dtype) else None
+        if compute_dtype == "auto" and flagged in host.COMPUTE_DTYPES:  # --fp32/bf16/fp16-unet: "run it in"
+            compute_dtype = flagged
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
+        if weight_dtype == host.AUTO_WEIGHTS and flagged and path.suffix.lower() != ".gguf":
+            weight_dtype = flagged  # and --fp8_e4m3fn/e5m2-unet: "store it in"
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
         if path.suffix.lower() == ".gguf":  # Windows names are case-blind: X.GGUF is listed and read as GGUF
             if wdtype is not None:
@@ -235,6 +240,8 @@ class InfinityStarVAELoader(io.ComfyNode):
 
         path = paths.resolve_vae(vae_name)
         load_device, offload_device = host.devices("vae")
+        if dtype == "auto":
+            dtype = host.flagged_dtype("video tokenizer") or dtype  # --fp16/bf16/fp32-vae
         compute = host.resolve_compute_dtype(dtype, load_device, fp16_fallback=False)
         tokenizer = load_tokenizer(path, ops=host.pick_ops(None, compute, load_device), device=offload_device)
         tokenizer.compute_dtype = compute

@@ -421,3 +421,41 @@ def test_gguf_weights_load_and_sample_through_comfy(pack, loaded, core, gguf_fil
         assert model.info.storage == "GGUF Q8_0"
     finally:
         os.remove(upper)
+
+
+@pytest.mark.parametrize("flag, storage, compute", [
+    ("bf16_unet", "bfloat16", torch.bfloat16), ("fp32_unet", "float32", torch.float32),
+    ("fp8_e4m3fn_unet", "float8_e4m3fn", torch.float32), ("fp8_e5m2_unet", "float8_e5m2", torch.float32),
+    ("fp64_unet", "float32", torch.float32)])  # not offered: auto as without it (the CPU's fp32), said so
+def test_comfyui_precision_flags_set_the_auto_dtypes(pack, comfy_dirs, monkeypatch, caplog, flag, storage, compute):
+    """ComfyUI started with --bf16-unet / --fp8_e4m3fn-unet / --fp16-text-enc / --bf16-vae...: the loaders' auto
+    dtypes follow it, as core's loaders do (it was ignored); explicit choices stay as chosen."""
+    import logging
+
+    args = pack.host.args
+    monkeypatch.setattr(args, flag, True)
+    loader = pack.loaders.InfinityStarModelLoader
+    kw = dict(model_name="infinitystar_8b_720p_weights", attention="auto")
+    with caplog.at_level(logging.INFO):
+        model = run(loader, weight_dtype="auto", compute_dtype="auto", **kw)[0]
+    assert (model.info.storage, model.compute_dtype) == (storage, compute)
+    said = "not offered for the transformer" if flag == "fp64_unet" else "so the transformer's auto dtype is"
+    assert f"ComfyUI was started with --{flag.replace('_unet', '-unet')}" in caplog.text or \
+        f"ComfyUI's --{flag.replace('_unet', '-unet')} is not offered" in caplog.text
+    assert said in caplog.text
+    explicit = run(loader, weight_dtype="fp32", compute_dtype="fp32", **kw)[0]
+    assert (explicit.info.storage, explicit.compute_dtype) == ("float32", torch.float32)
+
+    monkeypatch.setattr(args, flag, False)
+    monkeypatch.setattr(args, "fp16_text_enc", True)
+    monkeypatch.setattr(args, "bf16_vae", True)
+    def text_dtypes(dtype):
+        encoder = run(pack.loaders.InfinityStarTextEncoderLoader, encoder_name="text_encoder/flan-t5-xl-official",
+                      dtype=dtype)[0]
+        return {p.dtype for p in encoder.patcher.model.parameters()}
+
+    assert torch.float16 in text_dtypes("auto") and torch.float16 not in text_dtypes("fp32")  # (T5 keeps wo fp32)
+    vae = run(pack.loaders.InfinityStarVAELoader, vae_name="infinitystar_videovae.pth", dtype="auto")[0]
+    assert vae.module.compute_dtype == torch.bfloat16
+    assert run(pack.loaders.InfinityStarVAELoader, vae_name="infinitystar_videovae.pth",
+               dtype="fp32")[0].module.compute_dtype == torch.float32
