@@ -190,6 +190,28 @@ def test_last_encodes_the_end_of_the_video(tmp_path, monkeypatch):
         cli_args.build_parser().parse_args(["extend", "--video", video, "--last", "7"])
 
 
+def test_last_reaches_the_video_s_encode_from_the_command_line(tiny_models, tmp_path, monkeypatch):
+    """generate --video V --last 5 and extend --video V --last 10 hand --last to the encode of the video (its end,
+    not its start), through main() as a user runs them."""
+    from infinitystar import cli
+    from infinitystar.video_io import write_mp4
+
+    write_mp4(tmp_path / "in.mp4", np.zeros((200, 32, 48, 3), np.uint8), fps=16)
+    asked = []
+
+    def spy(s, path, schedule, seed, clips=None, last=None):
+        asked.append((path, last))
+        raise RuntimeError("stopped by the test after the encode was asked for")
+
+    monkeypatch.setattr(cli, "_encode_video_file", spy)
+    common = ["--models", str(tiny_models["root"]), "--video", str(tmp_path / "in.mp4"), "--out",
+              str(tmp_path / "out.mp4"), "--resolution", "0.06M"]
+    assert main(["generate", *common, "--duration", "10", "--prompt", "a fox", "--last", "5"]) == 2
+    assert main(["extend", *common, "--last", "10"]) == 2
+    assert main(["extend", *common]) == 2
+    assert asked == [(str(tmp_path / "in.mp4"), 5), (str(tmp_path / "in.mp4"), 10), (str(tmp_path / "in.mp4"), None)]
+
+
 @pytest.mark.parametrize("option, value, bad", [("generator", "cpu", "tpu"), ("offload_kv", "on", "maybe")])
 def test_sampling_options_on_every_sampling_command(option, value, bad):
     from infinitystar.cli import build_parser

@@ -114,6 +114,7 @@ def test_combinations_and_outputs_are_refused_before_anything_is_made(tiny_model
                                            "first 5 s) and generates what follows, so it needs --duration 10"),
         (["generate", "--video", "v.mp4", "--last", "5", "--duration", "0"], "(its last 5 s)"),
         (["extend", "--tokens", "t.safetensors", "--last", "10"], "--last 10 picks the end of --video"),
+        (["generate", "--last", "5"], "--last 5 picks the end of --video"),  # text to video: not ignored silently
         (["generate", "--out", str(tmp_path / "x.avi")], "writes a video as .mp4; name the file"),
         (["generate", "--duration", "0", "--out", str(tmp_path / "x.mp4")], "writes an image (--duration 0) as .png"),
         (["generate", "--out", str(out), "--save-tokens", str(out)], "tokens are written as a .safetensors file"),

@@ -95,6 +95,19 @@ def test_the_last_5_s_window_starts_at_the_official_ceil_at_any_rate():
     assert tail[0] == 11 and np.array_equal(tail, np.linspace(11, 159, 81, dtype=int))
 
 
+@pytest.mark.parametrize("fps", [16.0, 24.0, 25.0, 29.97, 30000 / 1001, 30.0, 60.0])
+def test_a_window_from_the_end_ends_at_the_last_frame_at_every_length(fps):
+    """The official get_clip ends at min(ceil(fps * end), total): for the last seconds, fps * (total / fps) is total
+    in exact arithmetic but a float above it at some lengths (248 frames at 30 fps, 218 at 25), whose ceil alone
+    would shift every pick one frame and ask for a frame past the end (a valid video refused)."""
+    from infinitystar.video_io import clip_indices, whole_clip_indices
+
+    for total in range(int(5 * fps) + 1, 1500):
+        tail = clip_indices(total, fps, 81, 5.0, from_end=True)
+        assert tail[-1] == total - 1, (total, fps)
+        assert whole_clip_indices(total, fps, 80, last=1)[-1] == total - 1, (total, fps)
+
+
 def test_float_frames_are_truncated_not_rounded_like_the_official_writer():
     """The official post-processing multiplies by 255 and casts to uint8 (truncation): 0.5 -> 127 (127.5),
     0.999 -> 254 (254.7), 1.0 -> 255; values outside [0, 1] clip."""

@@ -125,10 +125,15 @@ def _watch_seeks(monkeypatch) -> tuple[list[int], list[int]]:
 def test_late_picks_decode_from_the_keyframe_before_them(tmp_path, monkeypatch):
     """The decode starts at most one keyframe interval before the first pick, not at the first frame."""
     path = _encode(tmp_path / "v.mp4", gop=12)
-    _, seen = _watch_seeks(monkeypatch)
+    attempts, seen = _watch_seeks(monkeypatch)
     index = clip_indices(FRAMES, FPS, 81, 5.0, from_end=True)  # frames 150..299
     got = read_frames(path, index, FRAMES)
     assert index[0] - 12 <= seen[0] <= index[0] and seen[-1] == FRAMES - 1 and len(seen) <= FRAMES - index[0] + 12
+    assert attempts == [0]  # an mp4 seeks by time: never after the pick
+    seen.clear()
+    off_key = np.arange(155, 300, 2)  # a first pick between keyframes (150, 162): from the one before it
+    assert np.array_equal(read_frames(path, off_key, FRAMES), read_video(path)[0][off_key])
+    assert seen[0] == 150 and attempts == [0, 0]
     seen.clear()
     read_frames(path, np.arange(0, 5), FRAMES)  # picks from the start: nothing to seek
     assert seen == []
@@ -156,14 +161,17 @@ def test_frames_the_times_cannot_place_are_decoded_from_the_start(tmp_path, monk
     whole = read_video(path)[0]
     index = np.arange(200, 260, 3)
 
+    calls = []
+
     def lost(container, stream, order, first, back=0):
+        calls.append(back)
         yield from ()
         raise video_io._SeekMiss
 
     monkeypatch.setattr(video_io, "_seeked", lost)
     with caplog.at_level("DEBUG", logger="infinitystar.video_io"):
         assert np.array_equal(read_frames(path, index, FRAMES), whole[index])
-    assert "decoding from the start" in caplog.text
+    assert "decoding from the start" in caplog.text and calls == [0]  # one miss is enough: no seek further back
 
     real = video_io._count_frames
     monkeypatch.setattr(video_io, "_count_frames", lambda source: (*real(source)[:2], None))
@@ -174,25 +182,36 @@ def test_frames_the_times_cannot_place_are_decoded_from_the_start(tmp_path, monk
         video_io._counted_file.cache_clear()
 
 
-def test_repeated_frame_times_place_no_frame(tmp_path, monkeypatch):
-    """Two packets at one time cannot tell their frames apart: no seek table, the count unchanged."""
+def test_a_real_file_s_table_lists_every_frame_time_once(tmp_path):
     path = write_mp4(tmp_path / "v.mp4", distinct_frames(40), fps=16)
     total, fps, order = video_io._count_frames(str(path))
-    assert total == 40 and order is not None and len(order) == 40 and not order.flags.writeable
+    assert total == 40 and order is not None and len(np.unique(order)) == 40 and not order.flags.writeable
 
+
+@pytest.mark.parametrize("packets, first, count, table, why", [
+    ([0, 512, 512, 1024], 0, 4, None, "two packets at one time cannot tell their frames apart"),
+    ([0, 512, 1024, 1536], 256, 4, None, "a first decoded frame at a time no packet lists"),
+    ([0, 512, 1024, (1536, "discard")], 0, 3, [0, 512, 1024], "a packet the container marks to discard"),
+    ([0, 512, 1024, 1536], None, 4, None, "no frame decodes (a damaged first keyframe)"),
+    ([0, 512, 1024, 1536], 512, 3, [512, 1024, 1536], "the decode starts at the second (cut inside a GOP)"),
+])
+def test_the_count_and_table_follow_what_decodes(monkeypatch, packets, first, count, table, why):
+    """The count is the packets that give frames, and the table of times places frames only where the decode's first
+    frame is a listed time and no time repeats; otherwise no table (the picks decode from the start)."""
     class Packet:
         def __init__(self, pts):
-            self.pts, self.size, self.is_discard = pts, 10, False
+            discard = isinstance(pts, tuple)
+            self.pts, self.size, self.is_discard = (pts[0] if discard else pts), 10, discard
 
     class Container:
         format = type("F", (), {"name": "mov,mp4"})()
         streams = type("S", (), {"video": [type("V", (), {"average_rate": 16})()]})()
 
         def demux(self, stream):
-            return iter([Packet(0), Packet(512), Packet(512), Packet(1024)])
+            return iter([Packet(pts) for pts in packets])
 
         def decode(self, stream):
-            return iter([type("Frame", (), {"pts": 0})()])
+            return iter([] if first is None else [type("Frame", (), {"pts": first})()])
 
         def __enter__(self):
             return self
@@ -201,7 +220,9 @@ def test_repeated_frame_times_place_no_frame(tmp_path, monkeypatch):
             return False
 
     monkeypatch.setattr(video_io, "_open", lambda source: Container())
-    assert video_io._count_frames("repeated.mp4") == (4, 16.0, None)
+    total, fps, order = video_io._count_frames("fake.mp4")
+    assert (total, fps) == (count, 16.0), why
+    assert (order is None and table is None) or (order is not None and order.tolist() == table), why
 
 
 @pytest.mark.parametrize("stamps, keys, corrupt, why", [
@@ -215,6 +236,7 @@ def test_repeated_frame_times_place_no_frame(tmp_path, monkeypatch):
     ([2, 3, 4, 5], {2}, 5, "a damaged frame from the first pick on"),
     ([1, 2, 3, 4], {1}, 2, None),  # a damaged frame before the picks is not used
     ([2, 3, 4, 5], set(), None, "no keyframe before the first pick (x264 intra-refresh)"),
+    ([2, 3, 4, 100], {2}, None, "a time after the last frame's"),
     ([1, 2, 3, 4], {3}, None, None),  # frames before the first keyframe (open GOP) are not picked
 ])
 def test_a_seek_reads_on_only_while_every_frame_is_placed(stamps, keys, corrupt, why):
