@@ -342,6 +342,8 @@ def test_read_frames_refuses_what_it_cannot_give(tmp_path):
         read_frames(path, [2, 10], 12)
     with pytest.raises(ValueError, match="ascending"):
         read_frames(path, [5, 2])
+    with pytest.raises(ValueError, match="not negative"):
+        read_frames(path, [-1, 2])
     with pytest.raises(ValueError, match="no frames"):
         read_frames(path, [])
 
