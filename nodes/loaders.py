@@ -78,7 +78,8 @@ class InfinityStarModelLoader(io.ComfyNode):
                                        "on any CUDA GPU, and e4m3fn has about half the error of e5m2. "
                                        "fp8_e4m3fn is stored with a per-tensor scale; ComfyUI started with "
                                        "--fast fp8_matrix_mult also multiplies it in fp8 (RTX 40xx and newer). "
-                                       "Embeddings and heads stay fp32 as in the official layout."),
+                                       "Embeddings and heads stay fp32 as in the official layout. ComfyUI started "
+                                       "with --bf16-unet, --fp8_e4m3fn-unet etc. sets auto to that dtype."),
                 io.Combo.Input("compute_dtype", options=list(host.COMPUTE_DTYPES), default="auto",
                                tooltip="Dtype the blocks run in. auto = bf16 where supported (official), fp16 "
                                        "on older GPUs, fp32 on CPU. Weights are cast per layer when it differs."),
@@ -172,7 +173,8 @@ class InfinityStarTextEncoderLoader(io.ComfyNode):
                                        "node."),
                 io.Combo.Input("dtype", options=list(TEXT_DTYPE_CHOICES), default="auto",
                                tooltip="auto = fp16 on GPUs (as the official scripts load it), fp32 on CPU "
-                                       "where fp16 is slow. bf16 halves memory like fp16 with a wider range."),
+                                       "where fp16 is slow; ComfyUI's --fp16/bf16/fp32-text-enc set it. bf16 "
+                                       "halves memory like fp16 with a wider range."),
             ],
             outputs=[T.TextEncoder.Output(display_name="text_encoder", tooltip="flan-t5-xl, for InfinityStar Text "
                                                                                "Encode.")],
@@ -216,7 +218,8 @@ class InfinityStarVAELoader(io.ComfyNode):
                                        "note of what they look like."),
                 io.Combo.Input("dtype", options=list(VAE_DTYPE_CHOICES), default="auto",
                                tooltip="Dtype the decode runs in (weights stay as stored). auto = bf16 where "
-                                       "supported (the official decode runs under bf16 autocast), else fp32. "
+                                       "supported (the official decode runs under bf16 autocast), else fp32; "
+                                       "ComfyUI's --fp16/bf16/fp32-vae set it. "
                                        "Encoding always runs in fp32, as the official scripts encode."),
             ],
             outputs=[T.VAE.Output(display_name="vae", tooltip="The video tokenizer, for Decode, Encode, Interact "
