@@ -79,6 +79,12 @@ def flagged_dtype(kind: str) -> str | None:
     return None
 
 
+def computes_in(choice: str, device: torch.device) -> bool:
+    """Whether a start flag's dtype can also be the compute dtype on ``device``: bf16 only on a CPU or a GPU that
+    has it (core then casts per layer to what the GPU has, as auto does here)."""
+    return choice != "bf16" or mm.is_device_cpu(device) or bool(mm.should_use_bf16(device))
+
+
 def resolve_compute_dtype(choice: str, device: torch.device, fp16_fallback: bool = True) -> torch.dtype:
     """'auto' -> bf16 where the device supports it (the official numerics), else fp16 on GPUs, else fp32.
 

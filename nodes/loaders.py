@@ -128,8 +128,8 @@ class InfinityStarModelLoader(io.ComfyNode):
         if why:
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
         flagged = host.flagged_dtype("transformer") if "auto" in (weight_dtype, compute_dtype) else None
-        if compute_dtype == "auto" and flagged in host.COMPUTE_DTYPES:  # --fp32/bf16/fp16-unet: "run it in"
-            compute_dtype = flagged
+        if compute_dtype == "auto" and flagged in host.COMPUTE_DTYPES and host.computes_in(flagged, load_device):
+            compute_dtype = flagged  # --fp32/bf16/fp16-unet: "run it in" (bf16 where the GPU has it, as core)
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
         if weight_dtype == host.AUTO_WEIGHTS and flagged and path.suffix.lower() != ".gguf":
             weight_dtype = flagged  # and --fp8_e4m3fn/e5m2-unet: "store it in"

@@ -445,6 +445,12 @@ def test_comfyui_precision_flags_set_the_auto_dtypes(pack, comfy_dirs, monkeypat
     assert said in caplog.text
     explicit = run(loader, weight_dtype="fp32", compute_dtype="fp32", **kw)[0]
     assert (explicit.info.storage, explicit.compute_dtype) == ("float32", torch.float32)
+    import comfy.model_management as mm
+
+    for has_bf16 in (False, True):  # --bf16-unet computes in bf16 only on a GPU that has it (as core casts)
+        monkeypatch.setattr(mm, "should_use_bf16", lambda device=None, *a, has=has_bf16, **k: has)
+        assert pack.host.computes_in("bf16", torch.device("cuda")) is has_bf16
+    assert pack.host.computes_in("fp32", torch.device("cuda")) and pack.host.computes_in("bf16", torch.device("cpu"))
 
     monkeypatch.setattr(args, flag, False)
     monkeypatch.setattr(args, "fp16_text_enc", True)
