@@ -219,12 +219,18 @@ def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool =
         windows = windows[-1:]
     # window 0 gives frames [0, 81), window i > 0 the 80 frames after 1 + 80 i
     windows = [(i, w) for i, w in windows if 1 + PIXEL_FRAMES_PER_CLIP * (i + 1) > first_frame]
-    parts = []
-    for done, (i, (a, b)) in enumerate(windows, start=1):
+    # the story's frames, filled window by window: never each window whole (a kept slice would hold its window)
+    # nor the parts and their concatenation at once
+    sizes = [1 + PIXEL_FRAMES_PER_CLIP - first_frame if i == 0 else PIXEL_FRAMES_PER_CLIP for i, _ in windows]
+    out, at = None, 0
+    for done, ((i, (a, b)), size) in enumerate(zip(windows, sizes), start=1):
         images = first_frame_rule(tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget,
                                                    tiled=tiled, max_chunk_latents=max_chunk_latents, images_to="cpu"))
-        parts.append(images[first_frame:] if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:])
+        if out is None:
+            out = images.new_empty((sum(sizes), *images.shape[1:]))
+        out[at:at + size] = images[first_frame:] if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:]
+        at += size
         del images
         if callback is not None:
             callback(done, len(windows))
-    return torch.cat(parts, dim=0)
+    return out

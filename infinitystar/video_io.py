@@ -174,24 +174,27 @@ def write_mp4(path: str | Path, frames, fps: int = DEFAULT_FPS, crf: int = 18) -
     """
     import av
 
-    frames = to_uint8(frames)
+    if not hasattr(frames, "detach"):
+        frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"write_mp4 expects (T, H, W, 3) frames, got shape {frames.shape}")
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        raise ValueError(f"write_mp4 expects (T, H, W, 3) frames, got shape {tuple(frames.shape)}")
+    height, width = frames.shape[1], frames.shape[2]
+    pad = ((0, height % 2), (0, width % 2), (0, 0))
     path = Path(path)
     with written_whole(path) as part, av.open(str(part), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for frame in frames:  # converted one at a time: a long float video is not copied whole (3x its size)
+            pixels = to_uint8(frame)
+            if height % 2 or width % 2:
+                pixels = np.pad(pixels, pad, mode="edge")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    logger.debug("wrote %s (%d frames, %dx%d, %d fps)", path, len(frames), frames.shape[2], frames.shape[1], fps)
+    logger.debug("wrote %s (%d frames, %dx%d, %d fps)", path, len(frames), width, height, fps)
     return path
 
 

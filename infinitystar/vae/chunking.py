@@ -88,14 +88,24 @@ def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, in
     moved off the device, so that the whole video never sits on it).
     """
     cache: ConvCache = {}
-    out = []
+    dim = 2 if keep is None else 0
+    total = 1 + 4 * (z.shape[2] - 1)  # frames of the whole video: 1 for the first latent, then 4 each
+    out, at = None, 0
     for i, (s, e) in enumerate(plan):
         pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
-        out.append(pix if keep is None else keep(pix))
+        part = pix if keep is None else keep(pix)
         del pix
+        if len(plan) == 1:
+            out = part
+        else:  # filled chunk by chunk: the chunks and their concatenation are never held at once
+            if out is None:
+                out = part.new_empty((*part.shape[:dim], total, *part.shape[dim + 1:]))
+            out.narrow(dim, at, part.shape[dim]).copy_(part)
+            at += part.shape[dim]
+        del part
         if callback is not None:
             callback(i + 1, len(plan))
-    return torch.cat(out, dim=2 if keep is None else 0) if len(out) > 1 else out[0]
+    return out
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:

@@ -108,6 +108,23 @@ def test_a_window_from_the_end_ends_at_the_last_frame_at_every_length(fps):
         assert whole_clip_indices(total, fps, 80, last=1)[-1] == total - 1, (total, fps)
 
 
+def test_write_mp4_converts_float_frames_one_at_a_time(tmp_path):
+    """A long float video is written without a whole converted copy (the CLI's 40 s at 720p is 7 GB as float32):
+    the memory write_mp4 takes stays about one frame, and the file equals the one written from uint8 frames."""
+    import tracemalloc
+
+    frames = np.random.default_rng(0).random((60, 64, 96, 3), dtype=np.float32)
+    write_mp4(tmp_path / "u8.mp4", to_uint8(frames))
+    tracemalloc.start()
+    try:
+        write_mp4(tmp_path / "f32.mp4", frames)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < frames.nbytes / 10, f"peak {peak / frames[0].nbytes:.1f} frames"
+    assert np.array_equal(read_video(tmp_path / "f32.mp4")[0], read_video(tmp_path / "u8.mp4")[0])
+
+
 def test_float_frames_are_truncated_not_rounded_like_the_official_writer():
     """The official post-processing multiplies by 255 and casts to uint8 (truncation): 0.5 -> 127 (127.5),
     0.999 -> 254 (254.7), 1.0 -> 255; values outside [0, 1] clip."""
