@@ -173,6 +173,24 @@ def test_extend_replays_only_the_reference_chain(t2v, models, monkeypatch):
     assert longer.kept_frames == t2v.frames == 81  # what Decode's "new clips" drops
 
 
+def test_chained_extends_with_one_seed_do_not_redraw_the_same_numbers(t2v, models):
+    """Extend draws nothing for the earlier clips: from the seed alone, Extend -> Extend with one seed (the CLI's
+    default 41 on every call) drew each new clip from the same random numbers at the same places, and consecutive
+    clips came out nearly alike. The draws now depend on the clip's place too; the same seeds still give the same
+    video."""
+    transformer, _, _, te = models
+    text = te.encode("a red fox", duration_s=10)
+    once = P.extend(transformer, text, t2v, clips=1, seed=7)
+    twice = P.extend(transformer, text, once, clips=1, seed=7)
+    steps = once.schedule().num_steps - t2v.schedule().num_steps  # one clip's steps, the same shapes in both
+    first, second = once.bits[-steps:], twice.bits[-steps:]
+    alike = sum(int((a == b).sum()) for a, b in zip(first, second)) / sum(a.numel() for a in first)
+    assert alike < 0.8, f"consecutive clips share {alike:.0%} of their bits"
+    again = P.extend(transformer, text, once, clips=1, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(again.bits, twice.bits)) and twice.seed == 7
+    assert P.clip_seed(7, 0) == 7 and P.clip_seed(2**64 - 1, 3) < 2**64
+
+
 def test_a_short_video_ends_in_a_partial_clip_and_round_trips(models, tmp_path):
     """3 s (49 frames) as the official table has it: one clip of 12 latent frames, decoded to 49 frames; its tokens
     save and load, and Extend, which continues whole clips, says so."""
