@@ -81,30 +81,36 @@ def plan_decode_chunks(latents: int, chunk_latents: int | None = None) -> list[t
 
 
 def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
-                   callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                   callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   frames: int | None = None) -> torch.Tensor:
     """Decode (B, 16, T, h, w) chunk by chunk with one conv cache; returns (B, 3, 1+4(T-1), 8h, 8w).
 
     ``keep`` maps each chunk's output to what is kept, frames first, concatenated along dim 0 instead (e.g. images
-    moved off the device, so that the whole video never sits on it).
+    moved off the device, so that the whole video never sits on it). ``frames``: the frames the whole video
+    decodes to (``VaeConfig.pixel_frames``); given, the output is filled chunk by chunk, so the chunks and their
+    concatenation are never held at once (twice the video).
     """
     cache: ConvCache = {}
     dim = 2 if keep is None else 0
-    total = 1 + 4 * (z.shape[2] - 1)  # frames of the whole video: 1 for the first latent, then 4 each
-    out, at = None, 0
+    parts, out, at = [], None, 0
     for i, (s, e) in enumerate(plan):
         pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
         part = pix if keep is None else keep(pix)
         del pix
-        if len(plan) == 1:
-            out = part
-        else:  # filled chunk by chunk: the chunks and their concatenation are never held at once
+        if frames is None or len(plan) == 1:
+            parts.append(part)
+        else:
             if out is None:
-                out = part.new_empty((*part.shape[:dim], total, *part.shape[dim + 1:]))
+                out = part.new_empty((*part.shape[:dim], frames, *part.shape[dim + 1:]))
             out.narrow(dim, at, part.shape[dim]).copy_(part)
             at += part.shape[dim]
         del part
         if callback is not None:
             callback(i + 1, len(plan))
+    if out is None:
+        return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+    if at != frames:
+        raise RuntimeError(f"the decoder gave {at} frames for {z.shape[2]} latent frames; {frames} were expected")
     return out
 
 

@@ -298,7 +298,7 @@ class VideoTokenizer(nn.Module):
         if tiled:
             return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback, keep,
                                 sums_on=images_to if offload else None)
-        return decode_chunked(self.decoder, z, plan, callback, keep)
+        return decode_chunked(self.decoder, z, plan, callback, keep, frames=self.config.pixel_frames(z.shape[2]))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

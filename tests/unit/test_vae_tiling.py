@@ -39,6 +39,18 @@ def test_tiles_blend_to_a_partition_of_unity(tile, overlap):
     assert seen[-1][0] == seen[-1][1] == len(seen)
 
 
+def test_a_chunked_decode_fills_one_output_of_the_frames_given():
+    """With ``frames`` the chunks are written into one output (equal to their concatenation); a decoder that gives
+    another number of frames is an error, not frames left unwritten."""
+    z = torch.randn(1, 16, 5, 4, 6, generator=torch.Generator().manual_seed(3))
+    dec = _PointwiseDecoder()  # one frame per latent frame
+    whole = decode_chunked(dec, z, [(0, 5)])
+    torch.testing.assert_close(decode_chunked(dec, z, [(0, 2), (2, 5)], frames=5), whole, rtol=0, atol=0)
+    torch.testing.assert_close(decode_chunked(dec, z, [(0, 2), (2, 5)]), whole, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="gave 5 frames for 5 latent frames; 17 were expected"):
+        decode_chunked(dec, z, [(0, 2), (2, 4), (4, 5)], frames=17)
+
+
 def test_overlapping_tiles_run_on_the_model(tok):
     codes = torch.randn(1, 64, 3, 4, 6, generator=torch.Generator().manual_seed(1)) * 0.3
     full = tok.decode(codes)
