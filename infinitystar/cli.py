@@ -1,4 +1,4 @@
-"""Command line: ``python -m infinitystar generate|extend|interact|download|convert|convert-text-encoder|convert-gguf|tiny|demo``.
+"""Command line: ``python -m infinitystar generate|extend|interact|decode|download|convert|convert-text-encoder|convert-gguf|tiny|demo``.
 
 ``demo`` (or ``generate --tiny``) writes the tiny random-weight set to a cache folder and runs the same pipeline
 offline, so the whole path can be checked on any machine; its output is noise by design.
@@ -82,6 +82,50 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def decode_budget(device: torch.device) -> int | None:
+    """Bytes the decode may use on a GPU (it picks its chunk size to fit); None on the CPU: the official chunks."""
+    if device.type != "cuda":
+        return None
+    from .sampler import AUTO_HEADROOM, cuda_available_bytes
+
+    return max(0, cuda_available_bytes(device) - AUTO_HEADROOM)
+
+
+def decode_to_file(tokenizer, tokens: P.Tokens, out: str, *, memory_budget: int | None, tiled: bool = False,
+                   new_clips: bool = False, last_clip: bool = False) -> Path:
+    """Decode with a progress bar (chunks) and write the mp4 (a video) or PNG (an image). Out of GPU memory, the
+    decode runs once more in spatial tiles, as the Decode node does, rather than losing the run."""
+    from .video_io import write_mp4, write_png
+
+    device = next(tokenizer.parameters()).device
+    if native_bf16(device):
+        # the official scripts decode under bf16 autocast (and encode outside it, in fp32); native bf16 only
+        tokenizer.compute_dtype = torch.bfloat16
+    frames = None
+    for tiles in (True,) if tiled else (False, True):
+        bar = _Progress(None, "decode" + (" (tiled)" if tiles else ""), unit="chunk")
+
+        def progress(done, total, bar=bar):
+            bar(done - 1, total)  # the tokenizer reports chunks done, 1-based
+
+        try:
+            frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=memory_budget, tiled=tiles,
+                              new_clips=new_clips, last_clip=last_clip)
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError
+            if tiles:
+                raise
+        finally:
+            bar.close()
+        if frames is not None:
+            break
+        gc.collect()  # the failed attempt's tensors, before the second one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print("note: out of GPU memory in the decode; decoding again in spatial tiles (seams are possible; "
+              "--tiled skips the first attempt)", file=sys.stderr)
+    return write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
 
 
 class Session:
@@ -220,12 +264,7 @@ class Session:
             torch.cuda.empty_cache()
 
     def decode_budget(self) -> int | None:
-        """Bytes the decode may use on a GPU (it picks its chunk size to fit); None on the CPU: the official chunks."""
-        if self.device.type != "cuda":
-            return None
-        from .sampler import AUTO_HEADROOM, cuda_available_bytes
-
-        return max(0, cuda_available_bytes(self.device) - AUTO_HEADROOM)
+        return decode_budget(self.device)
 
     def sample_kwargs(self):
         a = self.args
@@ -239,8 +278,6 @@ class Session:
 
     def write(self, tokens: P.Tokens, out: str) -> Path:
         """Save the tokens (--save-tokens), free the transformer, decode and write the mp4 / PNG."""
-        from .video_io import write_mp4, write_png
-
         unsaved = None
         if self.args.save_tokens:
             try:
@@ -249,27 +286,9 @@ class Session:
             except OSError as e:  # a full disk: the run's video is still worth writing
                 unsaved = e
                 print(f"error: {e}; the tokens are not saved, the video is still decoded", file=sys.stderr)
-        bar = None
-
-        def progress(i, n):
-            nonlocal bar
-            if bar is None:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n, desc="decode", unit="chunk")
-            bar.n = i  # the tokenizer reports chunks done, 1-based
-            bar.refresh()
-
         self.release_transformer()
-        tokenizer = self.tokenizer()
-        if native_bf16(self.device):
-            # the official scripts decode under bf16 autocast (and encode outside it, in fp32); native bf16 only
-            tokenizer.compute_dtype = torch.bfloat16
-        frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=self.decode_budget(),
-                          new_clips=getattr(self.args, "new_only", False))
-        if bar is not None:
-            bar.close()
-        written = write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
+        written = decode_to_file(self.tokenizer(), tokens, out, memory_budget=self.decode_budget(),
+                                 new_clips=getattr(self.args, "new_only", False))
         if unsaved is not None:
             raise OSError(f"{written} is written, but the tokens are not ({unsaved})")
         return written
@@ -511,6 +530,34 @@ def _run_interact(args) -> Path:
     return s.write(dataclasses.replace(story, kept_frames=started), args.out)  # every clip of this run is new
 
 
+def _run_decode(args) -> Path:
+    """Tokens file -> mp4 / PNG with the video tokenizer alone (the CLI's Load Tokens -> Decode)."""
+    from .checkpoint import check_tokenizer_file, load_tokenizer
+    from .download import VAE_FILE
+
+    tokens = P.Tokens.load(args.tokens)
+    args.out = C.output_path(args.out or "out", not tokens.is_video, is_default=args.out is None)
+    if args.new_only and not tokens.kept_frames:
+        print(f"note: {args.tokens} continues nothing (all its frames are new); --new-only writes them all",
+              file=sys.stderr)
+    if args.vae:
+        path = Path(args.vae)
+        if not path.exists():
+            raise FileNotFoundError(f"--vae {path}: no such file")
+    elif args.tiny:
+        path = _ensure_tiny(args.tiny_seed) / VAE_FILE
+    else:
+        path = Path(args.models) / VAE_FILE  # one tokenizer for every variant
+        if not path.is_file():
+            raise FileNotFoundError(f"no video tokenizer at {path}: give --vae FILE, or download it (0.7 GB) with "
+                                    f"`python -m infinitystar download --components vae --dest {args.models}`")
+    check_tokenizer_file(path)
+    device = C.device(args.device)
+    tokenizer = load_tokenizer(path, device=device)
+    return decode_to_file(tokenizer, tokens, args.out, memory_budget=decode_budget(device), tiled=args.tiled,
+                          new_clips=args.new_only, last_clip=args.last_clip)
+
+
 def tolerant_output() -> None:
     """Print what the console cannot encode as escapes: a redirected stdout on Windows is cp1252 (strict), which
     has no ≈ (help texts, --steps-preview), and the portable build's Python ignores PYTHONIOENCODING."""
@@ -538,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             out = _run_extend(args)
         elif args.command == "interact":
             out = _run_interact(args)
+        elif args.command == "decode":
+            out = _run_decode(args)
         elif args.command == "download":
             paths = download_models(args.dest, args.variant, args.components, local_source=args.local_source)
             for name, path in paths.items():

@@ -325,6 +325,28 @@ def build_parser() -> argparse.ArgumentParser:
     _set_help(it, "tau_image", argparse.SUPPRESS)  # interact has one --tau
     _set_help(it, "tau_video", argparse.SUPPRESS)
 
+    dc = sub.add_parser("decode", help="decode a tokens file (--save-tokens, Save Tokens) to an mp4 / PNG with the "
+                                       "video tokenizer alone: no transformer or text encoder loads")
+    dc.add_argument("tokens", help="the tokens .safetensors file")
+    dc.add_argument("--models", default=os.environ.get("INFINITYSTAR_MODELS", "models"),
+                    help="folder laid out like the hub repo, for its video tokenizer (default $INFINITYSTAR_MODELS "
+                         "or ./models)")
+    dc.add_argument("--vae", help="video tokenizer file to use instead of the one under --models")
+    dc.add_argument("--tiny", action="store_true", help="the tiny random-weight tokenizer (tokens made with --tiny)")
+    dc.add_argument("--tiny-seed", type=int, default=0, help=argparse.SUPPRESS)
+    dc.add_argument("--device", help="cuda, cuda:1, mps, cpu (default: cuda when available)")
+    dc.add_argument("--out", help="output .mp4 (a .png for an image's tokens; default out.mp4 / out.png)")
+    frames = dc.add_mutually_exclusive_group()
+    frames.add_argument("--new-only", action="store_true",
+                        help="write only the clips the run that saved the tokens added to its start video, image or "
+                             "tokens (the whole video is still decoded: the decoder reads every earlier frame)")
+    frames.add_argument("--last-clip", action="store_true",
+                        help="write only the last 5 s clip (80 frames; a 5 s video whole); a story (interact) "
+                             "decodes only its last window")
+    dc.add_argument("--tiled", action="store_true",
+                    help="also split each frame into overlapping spatial tiles (less memory; seams are possible). "
+                         "Without it a decode that runs out of GPU memory is retried tiled")
+
     dl = sub.add_parser("download", help=f"fetch one variant from huggingface.co/{REPO_ID}")
     dl.add_argument("--variant", choices=list(TRANSFORMER_DIRS), default="720p")
     dl.add_argument("--dest", default=os.environ.get("INFINITYSTAR_MODELS", "models"))

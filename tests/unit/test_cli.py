@@ -550,3 +550,96 @@ def test_tokens_that_cannot_be_saved_do_not_cost_the_video(tiny_models, tmp_path
     assert (tmp_path / "img.png").is_file() and not (tmp_path / "t.safetensors").exists()
     assert "No space left on device" in err and "img.png is written, but the tokens are not" in err
     assert "Traceback" not in err
+
+
+def _pixels(path):
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.mark.slow
+def test_decode_writes_saved_tokens_with_the_tokenizer_alone(t2v, tiny_models, tmp_path, monkeypatch, capsys):
+    """`decode` turns a tokens file into the video the run that saved it wrote, from a folder holding only the
+    video tokenizer (no transformer, no text encoder); --last-clip / --new-only cut as the Decode node does, and an
+    image's tokens give a PNG."""
+    import dataclasses
+    import shutil
+
+    from infinitystar.download import VAE_FILE
+
+    only_vae = tmp_path / "models"
+    only_vae.mkdir()
+    shutil.copy(tiny_models["vae"], only_vae / VAE_FILE)
+    tokens = t2v / "t2v.safetensors"
+    assert main(["decode", str(tokens), "--models", str(only_vae), "--out", str(tmp_path / "all")]) == 0
+    whole = _pixels(t2v / "t2v.mp4")
+    assert capsys.readouterr().out.strip().endswith("all.mp4")
+    assert np.array_equal(_pixels(tmp_path / "all.mp4"), whole)  # the same frames, encoded the same way
+    import infinitystar.pipeline as P
+
+    asked, real_decode = [], P.decode
+    monkeypatch.setattr(P, "decode", lambda *a, **kw: asked.append(kw) or real_decode(*a, **kw))
+    assert main(["decode", str(tokens), "--vae", str(tiny_models["vae"]), "--last-clip", "--out",
+                 str(tmp_path / "last.mp4")]) == 0
+    assert asked[-1]["last_clip"] and not asked[-1]["new_clips"] and not asked[-1]["tiled"]
+    assert np.array_equal(_pixels(tmp_path / "last.mp4"), whole)  # a 5 s video's last clip is the whole video
+    # as an image-to-video run saves them: the start image's frame is not new
+    i2v = dataclasses.replace(Tokens.load(tokens), kept_frames=1)
+    i2v.save(tmp_path / "i2v.safetensors")
+    assert main(["decode", str(tmp_path / "i2v.safetensors"), "--models", str(only_vae), "--new-only", "--out",
+                 str(tmp_path / "new.mp4")]) == 0
+    assert _probe(tmp_path / "new.mp4") == (80, 192, 336, 16.0)
+    image = Tokens.load(tokens).leading_clips(0)
+    image.save(tmp_path / "image.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert main(["decode", "image.safetensors", "--models", str(only_vae)]) == 0  # default name: out.png
+    from infinitystar.checkpoint import load_tokenizer
+    from infinitystar.video_io import to_uint8
+
+    expected = to_uint8(real_decode(load_tokenizer(tiny_models["vae"]), image))[0]
+    with Image.open(tmp_path / "out.png") as img:
+        assert img.size == (336, 192) and np.array_equal(np.asarray(img), expected)  # PNG: lossless
+
+
+def test_decode_errors_say_what_to_do(t2v, tiny_models, tmp_path, capsys):
+    tokens = str(t2v / "t2v.safetensors")
+    assert main(["decode", tokens, "--models", str(tmp_path)]) == 2
+    assert "--components vae" in capsys.readouterr().err  # a folder without the tokenizer
+    assert main(["decode", tokens, "--vae", str(tmp_path / "nothing.pth")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["decode", str(tiny_models["vae"]), "--models", str(tmp_path)]) == 2  # weights, not tokens
+    assert "not a readable .safetensors tokens file" in capsys.readouterr().err
+    assert main(["decode", tokens, "--vae", tokens]) == 2  # tokens given as the tokenizer
+    assert "is not the InfinityStar video tokenizer" in capsys.readouterr().err
+    assert main(["decode", tokens, "--vae", str(tiny_models["vae"]), "--out", str(tmp_path / "a.png")]) == 2
+    assert "writes a video as .mp4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["decode", tokens, "--new-only", "--last-clip"])
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_decode_out_of_gpu_memory_is_retried_in_tiles(t2v, tiny_models, tmp_path, monkeypatch, capsys):
+    """A decode that runs out of memory runs again tiled (as the Decode node does); --tiled goes there first, and a
+    tiled decode that still runs out is an error."""
+    import infinitystar.pipeline as P
+
+    calls, real_decode = [], P.decode
+
+    def decode(tokenizer, tokens, **kw):
+        calls.append(kw["tiled"])
+        if not kw["tiled"] or fail_tiled:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decode(tokenizer, tokens, **kw)
+
+    monkeypatch.setattr(P, "decode", decode)
+    args = ["decode", str(t2v / "t2v.safetensors"), "--vae", str(tiny_models["vae"]), "--last-clip"]
+    fail_tiled = False
+    assert main([*args, "--out", str(tmp_path / "a.mp4")]) == 0
+    assert calls == [False, True] and "decoding again in spatial tiles" in capsys.readouterr().err
+    assert _probe(tmp_path / "a.mp4")[0] == 81
+    calls.clear()
+    assert main([*args, "--tiled", "--out", str(tmp_path / "b.mp4")]) == 0 and calls == [True]
+    calls.clear()
+    fail_tiled = True
+    assert main([*args, "--out", str(tmp_path / "c.mp4")]) == 2 and calls == [False, True]
+    assert "out of memory" in capsys.readouterr().err and not (tmp_path / "c.mp4").exists()
