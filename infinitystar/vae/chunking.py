@@ -91,26 +91,51 @@ def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, in
     concatenation are never held at once (twice the video).
     """
     cache: ConvCache = {}
-    dim = 2 if keep is None else 0
-    parts, out, at = [], None, 0
-    for i, (s, e) in enumerate(plan):
-        pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
-        part = pix if keep is None else keep(pix)
-        del pix
-        if frames is None or len(plan) == 1:
-            parts.append(part)
+
+    def chunks():
+        for i, (s, e) in enumerate(plan):
+            pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
+            part = pix if keep is None else keep(pix)
+            del pix
+            yield part
+            del part  # not held through the next chunk's decode
+            if callback is not None:
+                callback(i + 1, len(plan))
+
+    try:
+        return _join(chunks(), 2 if keep is None else 0, frames)
+    except _CountMismatch as e:
+        raise RuntimeError(f"the decoder gave {e.args[0]} frames for {z.shape[2]} latent frames; {frames} were "
+                           "expected") from None
+
+
+class _CountMismatch(Exception):
+    pass
+
+
+def _join(parts, dim: int, frames: int | None) -> torch.Tensor:
+    """The chunks' outputs along ``dim``: written into one tensor of ``frames`` along it when that is known, so the
+    chunks and their concatenation are never held at once (twice the video); concatenated otherwise. A single
+    chunk of the whole length is returned as it is."""
+    kept, out, at = [], None, 0
+    for part in parts:
+        n = part.shape[dim]
+        if frames is None:
+            kept.append(part)
+        elif out is None and n == frames:
+            out, at = part, n
         else:
+            if at + n > frames:
+                raise _CountMismatch(f"at least {at + n}")
             if out is None:
                 out = part.new_empty((*part.shape[:dim], frames, *part.shape[dim + 1:]))
-            out.narrow(dim, at, part.shape[dim]).copy_(part)
-            at += part.shape[dim]
+            out.narrow(dim, at, n).copy_(part)
+            at += n
         del part
-        if callback is not None:
-            callback(i + 1, len(plan))
-    if out is None:
-        return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+    if frames is None:
+        return torch.cat(kept, dim=dim) if len(kept) > 1 else kept[0]
     if at != frames:
-        raise RuntimeError(f"the decoder gave {at} frames for {z.shape[2]} latent frames; {frames} were expected")
+        raise _CountMismatch(at)
     return out
 
 
@@ -137,28 +162,33 @@ def _ramp(length: int, lo_blend: int, hi_blend: int, device) -> torch.Tensor:
 
 
 def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
-                 tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int,
-                 callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int, frames: int,
+                 callback: Callback = None, images_to: torch.device | str | None = None,
                  sums_on: torch.device | str | None = None) -> torch.Tensor:
     """Approximate decode of overlapping spatial tiles, linearly blended in the overlaps.
 
     ``tile`` and ``overlap`` are in cells of the 64-channel latent grid (16 px each); each tile is
     decoded exactly in time (chunks + its own conv cache). The decoder's receptive field crosses
-    tile borders, so results differ from a full decode near the seams. Each chunk of a tile is added to its
-    chunk's fp32 sums as soon as it is decoded, so no tile's whole video sits beside them; ``keep`` as in
-    ``decode_chunked``, chunk by chunk once every tile is in. ``sums_on``: where the sums live (the decoding device
-    when None); on the host, where the images go anyway, the device's share stays flat however long the video.
+    tile borders, so results differ from a full decode near the seams. Each chunk of a tile is added into one fp32
+    buffer of the whole video (``frames`` long) as soon as it is decoded, so no tile's whole video sits beside it,
+    and the buffer becomes the output in place: (B, 3, frames, H, W), or with ``images_to`` (one video) its images
+    (frames, H, W, 3) in [0, 1], the values of ``codec.images_on``, the buffer laid out that way from the start.
+    So the decode holds one video's worth, not the sums and their result. ``sums_on``: where the buffer lives (the
+    decoding device when None); on the host, where the images go anyway, the device's share stays flat however
+    long the video.
     """
     (th, tw), (oh, ow) = _pair(tile), _pair(overlap)
     th, tw, oh, ow = th * patch, tw * patch, oh * patch, ow * patch  # decoder input is unpatchified
     b, _, _, h, w = z.shape
+    if images_to is not None and b != 1:
+        raise ValueError(f"images_to decodes one video (1, 16, T, h, w), got {tuple(z.shape)}")
     ys, xs = _tile_starts(h, th, oh), _tile_starts(w, tw, ow)
-    sums: list[torch.Tensor | None] = [None] * len(plan)  # per chunk, (B, 3, its frames, H, W) in fp32
-    weight = None
+    buffer = sums = weight = None  # sums: (B, 3, frames, H, W), a view of the buffer
     total, done = len(ys) * len(xs) * len(plan), 0
     for y0 in ys:
         for x0 in xs:
             cache: ConvCache = {}
+            at = 0  # this tile's first frame of the chunk
             for i, (s, e) in enumerate(plan):
                 part = z[:, :, s:e, y0:y0 + th, x0:x0 + tw]
                 pix = decoder(part, cache, split_first=(i == 0))
@@ -170,20 +200,29 @@ def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]
                     wx = _ramp(pw, (ow * up) if x0 > 0 else 0, (ow * up) if x0 + tw < w else 0, pix.device)
                     wmap = (wy[:, None] * wx[None, :])[None, None, None]
                     home = pix.device if sums_on is None else torch.device(sums_on)
-                    if weight is None:
-                        weight = torch.zeros(1, 1, 1, h * up, w * up, dtype=torch.float32, device=home)
+                    if buffer is None:
+                        c, size = pix.shape[1], (h * up, w * up)
+                        weight = torch.zeros(1, 1, 1, *size, dtype=torch.float32, device=home)
+                        if images_to is None:
+                            buffer = sums = torch.zeros(b, c, frames, *size, dtype=torch.float32, device=home)
+                        else:  # channels last: the images' layout
+                            buffer = torch.zeros(frames, *size, c, dtype=torch.float32, device=home)
+                            sums = buffer.permute(3, 0, 1, 2)[None]
                     weight[..., py:py + ph, px:px + pw] += wmap.to(home)
-                if sums[i] is None:
-                    sums[i] = torch.zeros(b, pix.shape[1], pix.shape[2], h * up, w * up, dtype=torch.float32,
-                                          device=home)
-                sums[i][..., py:py + ph, px:px + pw] += (pix.float() * wmap).to(home)
+                n = pix.shape[2]
+                if at + n > frames:
+                    raise RuntimeError(f"the decoder gave at least {at + n} frames for {z.shape[2]} latent frames; "
+                                       f"{frames} were expected")
+                sums[:, :, at:at + n, py:py + ph, px:px + pw] += (pix.float() * wmap).to(home)
+                at += n
                 del pix
                 done += 1
                 if callback is not None:
                     callback(done, total)
-    out = []
-    for i in range(len(sums)):
-        chunk, sums[i] = sums[i].div_(weight), None
-        out.append(chunk if keep is None else keep(chunk))
-        del chunk
-    return torch.cat(out, dim=2 if keep is None else 0) if len(out) > 1 else out[0]
+            if at != frames:
+                raise RuntimeError(f"the decoder gave {at} frames for {z.shape[2]} latent frames; {frames} were "
+                                   "expected")
+    sums.div_(weight)
+    if images_to is None:
+        return buffer
+    return buffer.add_(1).div_(2).clamp_(0, 1).to(images_to)  # codec.images_on's ((x + 1) / 2).clamp(0, 1)

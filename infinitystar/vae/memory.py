@@ -55,8 +55,8 @@ def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk
     """Bytes of activations to decode summed codes of ``latent_shape`` (B, 64, T, h, w) in chunks.
 
     ``chunk_latents`` as in ``VideoTokenizer.decode`` (None = official plan); ``tile`` (th, tw) in
-    latent cells for tiled decoding (the video's blend sums, fp32, on the device unless the images leave it). The
-    decoded video (kept across chunks, then concatenated) is included; the weights are not. ``video_on_device=False``:
+    latent cells for tiled decoding (the video's blend sums, fp32, on the device unless the images leave it; they
+    become the output in place). The decoded video is included; the weights are not. ``video_on_device=False``:
     the decode moves each chunk's images off the device (``VideoTokenizer.decode(images_to=...)``), so only one
     chunk's output and its fp32 images count (tiled: one tile's chunk, blended on the host); ``images`` with the video
     on the device: the decode keeps fp32 images there (``images_to`` the decoding device itself).
@@ -74,11 +74,11 @@ def estimate_decode_memory(config: VaeConfig, latent_shape: Sequence[int], chunk
     chunk = pixels * max(config.pixel_frames(e) - (config.pixel_frames(s) if s else 0) for s, e in plan)
     fp32 = 4 / size  # elements of ``dtype`` in one fp32 element
     post = 2 * chunk * fp32  # at the peak of one chunk's post-processing, two fp32 copies of it
-    kept = 2 * video * (fp32 if images or tile is not None else 1)  # kept across chunks, then concatenated
     if tile is None:
+        kept = 2 * video * (fp32 if images else 1)  # the output, filled chunk by chunk: a bound with room to spare
         output = (kept if video_on_device else 0) + (chunk + post if images or not video_on_device else 0)
-    elif video_on_device:  # the fp32 blend sums, handed on chunk by chunk
-        output = kept + post if images else kept
+    elif video_on_device:  # the fp32 blend sums (which become the frames or images in place), a weighted chunk
+        output = video * fp32 + post
     else:  # sums and images on the host: a tile's chunk on its way there, in fp32 and weighted
         output = 2 * fp32 * config.out_channels * th * tw * config.spatial_factor ** 2 * (chunk // pixels)
     return int(b * (chunk_peak + output) * size)

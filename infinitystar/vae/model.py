@@ -296,7 +296,8 @@ class VideoTokenizer(nn.Module):
         logger.debug("decode %s latent frames in chunks %s (tiled=%s)", z.shape[2], plan, tiled)
         keep = None if images_to is None else images_on(images_to)
         if tiled:
-            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, callback, keep,
+            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size,
+                                self.config.pixel_frames(z.shape[2]), callback, images_to=images_to,
                                 sums_on=images_to if offload else None)
         return decode_chunked(self.decoder, z, plan, callback, keep, frames=self.config.pixel_frames(z.shape[2]))
 

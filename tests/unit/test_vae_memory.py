@@ -119,7 +119,7 @@ def test_tiled_decode_within_its_estimate_and_flat_in_frames_when_moved(tok, ima
     grown = peaks[13] - peaks[5]
     sums = _output_bytes(13) - _output_bytes(5)  # fp32, as the blend sums
     if images_to is None:
-        assert grown >= 1.3 * sums, peaks  # summed, then concatenated
+        assert 0.9 * sums <= grown <= 1.2 * sums, peaks  # the sums become the output in place: one video's worth
     else:
         assert grown <= 0.1 * sums, peaks
 

@@ -34,7 +34,7 @@ def test_tiles_blend_to_a_partition_of_unity(tile, overlap):
     dec = _PointwiseDecoder()
     full = decode_chunked(dec, z, [(0, 3)])
     seen = []
-    tiled = decode_tiled(dec, z, [(0, 1), (1, 3)], tile, overlap, 2, callback=lambda i, n: seen.append((i, n)))
+    tiled = decode_tiled(dec, z, [(0, 1), (1, 3)], tile, overlap, 2, 3, callback=lambda i, n: seen.append((i, n)))
     torch.testing.assert_close(tiled, full, rtol=0, atol=1e-5)
     assert seen[-1][0] == seen[-1][1] == len(seen)
 
@@ -49,6 +49,38 @@ def test_a_chunked_decode_fills_one_output_of_the_frames_given():
     torch.testing.assert_close(decode_chunked(dec, z, [(0, 2), (2, 5)]), whole, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="gave 5 frames for 5 latent frames; 17 were expected"):
         decode_chunked(dec, z, [(0, 2), (2, 4), (4, 5)], frames=17)
+
+
+@pytest.mark.parametrize("images", [False, True], ids=["frames", "images"])
+@pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
+def test_chunks_are_written_into_one_output_not_concatenated(tiled, images, monkeypatch):
+    """A chunked decode given the video's length writes its chunks into one output, and a tiled decode blends its
+    tiles into one buffer that becomes the output in place: never a concatenation, which holds the chunks and the
+    whole video at once. The output equals the one-chunk decode, frames or images; a decoder that gives more or
+    fewer frames than asked is an error."""
+    import infinitystar.vae.chunking as chunking
+    from infinitystar.vae.codec import images_on
+
+    z = torch.randn(1, 16, 7, 4, 6, generator=torch.Generator().manual_seed(4))
+    dec = _PointwiseDecoder()
+    keep = images_on("cpu") if images else None
+    whole = decode_chunked(dec, z, [(0, 7)], keep=keep)
+    plan = [(0, 1), (1, 3), (3, 5), (5, 7)]
+    joined = []
+    real_cat = torch.cat
+    monkeypatch.setattr(chunking.torch, "cat", lambda parts, *a, **k: joined.append(len(parts)) or real_cat(parts, *a, **k))
+    if tiled:
+        out = decode_tiled(dec, z, plan, (2, 3), (1, 1), 2, 7, images_to="cpu" if images else None)
+        run = lambda frames: decode_tiled(dec, z, plan, (2, 3), (1, 1), 2, frames)  # noqa: E731
+    else:
+        out = decode_chunked(dec, z, plan, keep=keep, frames=7)
+        run = lambda frames: decode_chunked(dec, z, plan, keep=keep, frames=frames)  # noqa: E731
+    assert joined == [] and out.is_contiguous() and out.shape == whole.shape
+    torch.testing.assert_close(out, whole, rtol=0, atol=1e-6 if tiled else 0)
+    with pytest.raises(RuntimeError, match="gave at least 7 frames for 7 latent frames; 6 were expected"):
+        run(6)
+    with pytest.raises(RuntimeError, match="gave 7 frames for 7 latent frames; 8 were expected"):
+        run(8)
 
 
 def test_overlapping_tiles_run_on_the_model(tok):
@@ -73,7 +105,7 @@ def test_the_overlap_blends_with_linear_weights():
     (0 * (16 - j) + 2 * (j + 1)) / 17; outside it each tile alone."""
     z = torch.zeros(1, 16, 1, 1, 6)
     z[:, 0] = torch.arange(6.0)
-    out = decode_tiled(_TileOriginDecoder(), z, [(0, 1)], tile=(1, 4), overlap=(1, 2), patch=1)[0, 0, 0, 0]
+    out = decode_tiled(_TileOriginDecoder(), z, [(0, 1)], tile=(1, 4), overlap=(1, 2), patch=1, frames=1)[0, 0, 0, 0]
     expected = torch.cat([torch.zeros(16), torch.tensor([2 * (j + 1) / 17 for j in range(16)]), torch.full((16,), 2.0)])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
