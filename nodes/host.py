@@ -63,20 +63,38 @@ PRECISION_FLAGS = {
 }
 
 
-def flagged_dtype(kind: str) -> str | None:
-    """The dtype ComfyUI was started with for ``kind`` ('transformer', 'text encoder', 'video tokenizer'): the
-    choice its flag names (--bf16-unet -> 'bf16'), logged, or None without such a flag. A flag for a dtype the
-    pack does not offer (fp8 flan-t5, fp64) is said to be ignored and gives None."""
+def start_flag(kind: str) -> tuple[str, str | None] | None:
+    """The precision flag ComfyUI was started with for ``kind`` ('transformer', 'text encoder', 'video
+    tokenizer') and the pack's dtype choice it names (--bf16-unet -> 'bf16'; None for a dtype the pack does not
+    offer: fp8 flan-t5, fp64), or None without such a flag."""
     for attr, flag, choice in PRECISION_FLAGS[kind]:
         if getattr(args, attr, False):
-            if choice is None:
-                logger.warning("InfinityStar: ComfyUI's %s is not offered for the %s; its auto dtype picks as "
-                               "without the flag", flag, kind)
-            else:
-                logger.info("InfinityStar: ComfyUI was started with %s, so the %s's auto dtype is %s", flag, kind,
-                            choice)
-            return choice
+            return flag, choice
     return None
+
+
+def say_flag(kind: str, found: tuple[str, str | None] | None, applied: str | None) -> None:
+    """Log what a start flag did to ``kind``'s auto dtypes: ``applied`` names the ones it set ('auto dtype',
+    'auto weight and compute dtypes'); None: the node's explicit choices left it nothing to set."""
+    if found is None:
+        return
+    flag, choice = found
+    if choice is None:
+        logger.warning("InfinityStar: ComfyUI's %s is not offered for the %s; its auto dtype picks as without the "
+                       "flag", flag, kind)
+    elif applied:
+        logger.info("InfinityStar: ComfyUI was started with %s, so the %s's %s %s %s", flag, kind, applied,
+                    "are" if applied.endswith("dtypes") else "is", choice)
+    else:
+        logger.info("InfinityStar: ComfyUI was started with %s; it changes none of the %s's dtypes (chosen on its "
+                    "loader, or a GGUF file's own)", flag, kind)
+
+
+def flagged_dtype(kind: str) -> str | None:
+    """The dtype choice of ``kind``'s start flag, for a loader whose one dtype is on auto (logged), or None."""
+    found = start_flag(kind)
+    say_flag(kind, found, "auto dtype")
+    return found[1] if found else None
 
 
 def computes_in(choice: str, device: torch.device) -> bool:

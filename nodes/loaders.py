@@ -127,12 +127,17 @@ class InfinityStarModelLoader(io.ComfyNode):
         why = compile_unavailable(load_device) if compile else None
         if why:
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
-        flagged = host.flagged_dtype("transformer") if "auto" in (weight_dtype, compute_dtype) else None
+        found = host.start_flag("transformer")
+        flagged, applied = found[1] if found else None, []
         if compute_dtype == "auto" and flagged in host.COMPUTE_DTYPES and host.computes_in(flagged, load_device):
             compute_dtype = flagged  # --fp32/bf16/fp16-unet: "run it in" (bf16 where the GPU has it, as core)
+            applied.append("compute")
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
         if weight_dtype == host.AUTO_WEIGHTS and flagged and path.suffix.lower() != ".gguf":
             weight_dtype = flagged  # and --fp8_e4m3fn/e5m2-unet: "store it in"
+            applied.insert(0, "weight")
+        host.say_flag("transformer", found, f"auto {' and '.join(applied)} dtype{'s' * (len(applied) > 1)}"
+                      if applied else None)
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
         if path.suffix.lower() == ".gguf":  # Windows names are case-blind: X.GGUF is listed and read as GGUF
             if wdtype is not None:

@@ -439,12 +439,25 @@ def test_comfyui_precision_flags_set_the_auto_dtypes(pack, comfy_dirs, monkeypat
     with caplog.at_level(logging.INFO):
         model = run(loader, weight_dtype="auto", compute_dtype="auto", **kw)[0]
     assert (model.info.storage, model.compute_dtype) == (storage, compute)
-    said = "not offered for the transformer" if flag == "fp64_unet" else "so the transformer's auto dtype is"
-    assert f"ComfyUI was started with --{flag.replace('_unet', '-unet')}" in caplog.text or \
-        f"ComfyUI's --{flag.replace('_unet', '-unet')} is not offered" in caplog.text
-    assert said in caplog.text
-    explicit = run(loader, weight_dtype="fp32", compute_dtype="fp32", **kw)[0]
-    assert (explicit.info.storage, explicit.compute_dtype) == ("float32", torch.float32)
+    name = f"--{flag.replace('_unet', '-unet')}"
+    said = {"fp64_unet": f"ComfyUI's {name} is not offered for the transformer",
+            "bf16_unet": f"started with {name}, so the transformer's auto weight and compute dtypes are bf16",
+            "fp32_unet": f"started with {name}, so the transformer's auto weight and compute dtypes are fp32"}
+    assert said.get(flag, f"started with {name}, so the transformer's auto weight dtype is {flag[:-5]}") in caplog.text
+    # the log says what the flag set, and only that
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        explicit = run(loader, weight_dtype="fp32", compute_dtype="fp32", **kw)[0]
+        assert (explicit.info.storage, explicit.compute_dtype) == ("float32", torch.float32)
+        if flag != "fp64_unet":
+            assert f"started with {name}; it changes none of the transformer's dtypes" in caplog.text
+        caplog.clear()
+        half = run(loader, weight_dtype="fp32", compute_dtype="auto", **kw)[0]
+    assert half.info.storage == "float32" and half.compute_dtype == compute
+    if flag in ("bf16_unet", "fp32_unet"):
+        assert f"so the transformer's auto compute dtype is {flag[:4]}" in caplog.text
+    elif flag != "fp64_unet":  # fp8: storage only, which the node chose
+        assert "changes none of the transformer's dtypes" in caplog.text and "auto" not in caplog.text
     import comfy.model_management as mm
 
     for has_bf16 in (False, True):  # --bf16-unet computes in bf16 only on a GPU that has it (as core casts)
