@@ -602,3 +602,30 @@ def test_temporaries_a_killed_writer_left_are_removed_a_day_later(tmp_path):
     assert not stale.exists()
     assert fresh.exists() and all(f.exists() for f in others)
     assert (tmp_path / "next.mp4").read_bytes() == b"y" and (tmp_path / "probe.mp4").read_bytes() == b"x"
+
+
+def test_a_file_rewritten_within_one_timestamp_tick_is_counted_again_by_its_size(tmp_path, monkeypatch):
+    """On a file system with coarse times (FAT / exFAT: 2 s for modification, no change time), a video replaced
+    by a longer one within one tick keeps its times: the size in the cache key still tells them apart."""
+    import os
+
+    from infinitystar import video_io
+
+    counted, real_count, real_stat = [], video_io._count_frames, os.stat
+    monkeypatch.setattr(video_io, "_count_frames", lambda source: counted.append(source) or real_count(source))
+
+    def coarse(path, *a, **k):  # what such a disk reports: the same times whatever was written
+        st = real_stat(path, *a, **k)
+        return os.stat_result(tuple(st), {"st_atime_ns": 0, "st_mtime_ns": 0, "st_ctime_ns": 0})
+
+    monkeypatch.setattr(video_io.os, "stat", coarse)
+    path = tmp_path / "coarse.mp4"
+    video_io.write_mp4(path, np.zeros((20, 16, 16, 3), np.uint8), fps=16)
+    assert video_io.video_frame_count(path) == video_io.video_frame_count(path) == (20, 16.0) and len(counted) == 1
+    longer = video_io.write_mp4(tmp_path / "longer.mp4", np.zeros((30, 16, 16, 3), np.uint8), fps=16)
+    inode = path.stat().st_ino
+    with open(path, "r+b") as f:  # rewritten in place: same name, folder entry and (reported) times
+        f.write(longer.read_bytes())
+        f.truncate()
+    assert path.stat().st_ino == inode and path.stat().st_size == longer.stat().st_size
+    assert video_io.video_frame_count(path) == (30, 16.0) and len(counted) == 2
