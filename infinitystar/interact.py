@@ -224,11 +224,15 @@ def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool =
     sizes = [1 + PIXEL_FRAMES_PER_CLIP - first_frame if i == 0 else PIXEL_FRAMES_PER_CLIP for i, _ in windows]
     out, at = None, 0
     for done, ((i, (a, b)), size) in enumerate(zip(windows, sizes), start=1):
-        images = first_frame_rule(tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget,
-                                                   tiled=tiled, max_chunk_latents=max_chunk_latents, images_to="cpu"))
+        # of a later window, only its clip is kept (the context before it is decoded, not held)
+        skip = first_frame if i == 0 else tokenizer.config.pixel_frames(b - a) - PIXEL_FRAMES_PER_CLIP
+        images = tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget, tiled=tiled,
+                                  max_chunk_latents=max_chunk_latents, images_to="cpu", first_frame=skip)
+        if not skip:
+            first_frame_rule(images)
         if out is None:
             out = images.new_empty((sum(sizes), *images.shape[1:]))
-        out[at:at + size] = images[first_frame:] if i == 0 else images[-PIXEL_FRAMES_PER_CLIP:]
+        out[at:at + size] = images
         at += size
         del images
         if callback is not None:

@@ -501,12 +501,11 @@ def decode(tokenizer, tokens: Tokens, *, memory_budget: int | None = None, tiled
         return decode_story(tokenizer, tokens, memory_budget=memory_budget, tiled=tiled, callback=callback,
                             last_clip=last_clip, first_frame=tokens.kept_frames if new_clips else 0,
                             max_chunk_latents=max_chunk_latents)
+    first = tokens.kept_frames if new_clips else 0
+    if last_clip and tokens.frames > 1 + PIXEL_FRAMES_PER_CLIP:
+        first = max(first, tokens.frames - PIXEL_FRAMES_PER_CLIP)
     codes = tokens.summed_codes.to(_tokenizer_device(tokenizer))
+    # the frames before ``first`` are decoded (the causal decoder reads every earlier latent), not kept
     frames = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, callback=callback,
-                              max_chunk_latents=max_chunk_latents, images_to="cpu")
-    if tokens.is_video:
-        first_frame_rule(frames)
-    first = tokens.kept_frames if new_clips else 0  # the causal decoder needs every earlier latent
-    if last_clip and len(frames) > 1 + PIXEL_FRAMES_PER_CLIP:
-        first = max(first, len(frames) - PIXEL_FRAMES_PER_CLIP)
-    return frames[first:].clone() if first else frames  # a view would keep the dropped frames alive in the cache
+                              max_chunk_latents=max_chunk_latents, images_to="cpu", first_frame=first)
+    return first_frame_rule(frames) if tokens.is_video and not first else frames

@@ -82,31 +82,42 @@ def plan_decode_chunks(latents: int, chunk_latents: int | None = None) -> list[t
 
 def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
                    callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   frames: int | None = None) -> torch.Tensor:
+                   frames: int | None = None, first_frame: int = 0) -> torch.Tensor:
     """Decode (B, 16, T, h, w) chunk by chunk with one conv cache; returns (B, 3, 1+4(T-1), 8h, 8w).
 
     ``keep`` maps each chunk's output to what is kept, frames first, concatenated along dim 0 instead (e.g. images
     moved off the device, so that the whole video never sits on it). ``frames``: the frames the whole video
     decodes to (``VaeConfig.pixel_frames``); given, the output is filled chunk by chunk, so the chunks and their
-    concatenation are never held at once (twice the video).
+    concatenation are never held at once (twice the video). ``first_frame``: the frames before it are decoded (the
+    causal decoder reads them) but neither kept nor returned, so the newest clip of a long video costs its own
+    memory, not the video's.
     """
+    if first_frame and frames is None:
+        raise ValueError("first_frame needs the video's frame count (frames)")
     cache: ConvCache = {}
 
     def chunks():
+        at = 0
         for i, (s, e) in enumerate(plan):
             pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
-            part = pix if keep is None else keep(pix)
+            skip, at, part = max(0, first_frame - at), at + pix.shape[2], None
+            if skip < pix.shape[2]:  # a view of the kept frames would hold the skipped ones: kept, or copied
+                part = pix if not skip else pix[:, :, skip:] if keep else pix[:, :, skip:].clone()
+                part = part if keep is None else keep(part)
             del pix
-            yield part
-            del part  # not held through the next chunk's decode
+            if part is not None:
+                yield part
+                del part  # not held through the next chunk's decode
             if callback is not None:
                 callback(i + 1, len(plan))
 
+    wanted = None if frames is None else frames - first_frame
     try:
-        return _join(chunks(), 2 if keep is None else 0, frames)
+        return _join(chunks(), 2 if keep is None else 0, wanted)
     except _CountMismatch as e:
-        raise RuntimeError(f"the decoder gave {e.args[0]} frames for {z.shape[2]} latent frames; {frames} were "
-                           "expected") from None
+        after = f" after frame {first_frame}" if first_frame else ""
+        raise RuntimeError(f"the decoder gave {e.args[0]} frames{after} for {z.shape[2]} latent frames; {wanted} "
+                           "were expected") from None
 
 
 class _CountMismatch(Exception):
@@ -164,7 +175,7 @@ def _ramp(length: int, lo_blend: int, hi_blend: int, device) -> torch.Tensor:
 def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
                  tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int, frames: int,
                  callback: Callback = None, images_to: torch.device | str | None = None,
-                 sums_on: torch.device | str | None = None) -> torch.Tensor:
+                 sums_on: torch.device | str | None = None, first_frame: int = 0) -> torch.Tensor:
     """Approximate decode of overlapping spatial tiles, linearly blended in the overlaps.
 
     ``tile`` and ``overlap`` are in cells of the 64-channel latent grid (16 px each); each tile is
@@ -175,7 +186,7 @@ def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]
     (frames, H, W, 3) in [0, 1], the values of ``codec.images_on``, the buffer laid out that way from the start.
     So the decode holds one video's worth, not the sums and their result. ``sums_on``: where the buffer lives (the
     decoding device when None); on the host, where the images go anyway, the device's share stays flat however
-    long the video.
+    long the video. ``first_frame`` as in ``decode_chunked``: the buffer holds only the frames from it on.
     """
     (th, tw), (oh, ow) = _pair(tile), _pair(overlap)
     th, tw, oh, ow = th * patch, tw * patch, oh * patch, ow * patch  # decoder input is unpatchified
@@ -183,7 +194,8 @@ def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]
     if images_to is not None and b != 1:
         raise ValueError(f"images_to decodes one video (1, 16, T, h, w), got {tuple(z.shape)}")
     ys, xs = _tile_starts(h, th, oh), _tile_starts(w, tw, ow)
-    buffer = sums = weight = None  # sums: (B, 3, frames, H, W), a view of the buffer
+    kept = frames - first_frame
+    buffer = sums = weight = None  # sums: (B, 3, kept, H, W), a view of the buffer
     total, done = len(ys) * len(xs) * len(plan), 0
     for y0 in ys:
         for x0 in xs:
@@ -204,16 +216,19 @@ def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]
                         c, size = pix.shape[1], (h * up, w * up)
                         weight = torch.zeros(1, 1, 1, *size, dtype=torch.float32, device=home)
                         if images_to is None:
-                            buffer = sums = torch.zeros(b, c, frames, *size, dtype=torch.float32, device=home)
+                            buffer = sums = torch.zeros(b, c, kept, *size, dtype=torch.float32, device=home)
                         else:  # channels last: the images' layout
-                            buffer = torch.zeros(frames, *size, c, dtype=torch.float32, device=home)
+                            buffer = torch.zeros(kept, *size, c, dtype=torch.float32, device=home)
                             sums = buffer.permute(3, 0, 1, 2)[None]
                     weight[..., py:py + ph, px:px + pw] += wmap.to(home)
                 n = pix.shape[2]
                 if at + n > frames:
                     raise RuntimeError(f"the decoder gave at least {at + n} frames for {z.shape[2]} latent frames; "
                                        f"{frames} were expected")
-                sums[:, :, at:at + n, py:py + ph, px:px + pw] += (pix.float() * wmap).to(home)
+                skip = max(0, first_frame - at)
+                if skip < n:  # the frames before first_frame only feed the conv cache
+                    sums[:, :, at + skip - first_frame:at + n - first_frame, py:py + ph, px:px + pw] += (
+                        pix[:, :, skip:].float() * wmap).to(home)
                 at += n
                 del pix
                 done += 1

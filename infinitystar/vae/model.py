@@ -264,7 +264,8 @@ class VideoTokenizer(nn.Module):
                memory_budget: int | None = None, tiled: bool = False, tile: int | tuple[int, int] = 32,
                overlap: int | tuple[int, int] = 8,
                callback: Callable[[int, int], None] | None = None,
-               max_chunk_latents: int | None = None, images_to: torch.device | str | None = None) -> torch.Tensor:
+               max_chunk_latents: int | None = None, images_to: torch.device | str | None = None,
+               first_frame: int = 0) -> torch.Tensor:
         """Summed codes (B, 64, T, h, w) -> raw decoder output (B, 3, 1 + 4(T-1), 16h, 16w), RGB, unclamped.
 
         Decodes latent frames in chunks with conv caches, which equals a one-shot decode
@@ -277,13 +278,17 @@ class VideoTokenizer(nn.Module):
         ``images_to`` (one video, B = 1): (T, H, W, 3) float32 images in [0, 1] on that device instead, each chunk
         post-processed where it was decoded and moved right away, so the whole video never sits on the decoding
         device (a tiled decode blends its tiles there too; the official rule for frame 0 is the caller's:
-        ``first_frame_rule``).
+        ``first_frame_rule``). ``first_frame``: only the frames from it on are kept and returned; the earlier ones
+        are still decoded (the causal decoder reads them), so the last clip of a long video costs its own memory.
         """
         from .codec import images_on  # local: codec imports the quantizer
         from .memory import choose_decode_chunk  # local: memory imports the config only
 
         if images_to is not None and summed_codes.shape[0] != 1:
             raise ValueError(f"images_to decodes one video (1, 64, T, h, w), got {tuple(summed_codes.shape)}")
+        frames = self.config.pixel_frames(summed_codes.shape[2])
+        if not 0 <= first_frame < frames:
+            raise ValueError(f"first_frame {first_frame}: these codes decode to {frames} frames, numbered from 0")
         offload = images_to is not None and not _same_device(torch.device(images_to), summed_codes.device)
         if chunk_latents is None and memory_budget is not None:
             chunk_latents = choose_decode_chunk(self.config, tuple(summed_codes.shape), self._work_dtype(),
@@ -296,10 +301,9 @@ class VideoTokenizer(nn.Module):
         logger.debug("decode %s latent frames in chunks %s (tiled=%s)", z.shape[2], plan, tiled)
         keep = None if images_to is None else images_on(images_to)
         if tiled:
-            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size,
-                                self.config.pixel_frames(z.shape[2]), callback, images_to=images_to,
-                                sums_on=images_to if offload else None)
-        return decode_chunked(self.decoder, z, plan, callback, keep, frames=self.config.pixel_frames(z.shape[2]))
+            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, frames, callback,
+                                images_to=images_to, sums_on=images_to if offload else None, first_frame=first_frame)
+        return decode_chunked(self.decoder, z, plan, callback, keep, frames=frames, first_frame=first_frame)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -133,3 +133,37 @@ def test_images_to_another_device_equal_the_post_processed_whole(tok, tiled, mon
     assert homes == (["cpu"] if tiled else [])
     with pytest.raises(ValueError, match="one video"):
         tok.decode(codes.expand(2, -1, -1, -1, -1), images_to="cpu")
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
+@pytest.mark.parametrize("images_to", [None, "cpu"], ids=["frames", "images"])
+def test_first_frame_keeps_the_tail_of_the_whole_decode(tok, tiled, images_to):
+    """``first_frame``: the frames from it on, exactly as the whole decode gives them (the earlier ones still feed
+    the causal decoder), at a chunk boundary or inside a chunk; out of range is refused."""
+    codes = torch.randn(1, 64, 7, 3, 4, generator=torch.Generator().manual_seed(5)) * 0.3
+    kw = dict(chunk_latents=2, tiled=tiled, tile=(2, 3), overlap=1, images_to=images_to)
+    whole = tok.decode(codes, **kw)
+    dim = 0 if images_to else 2
+    for first in (1, 4, 5, 13, 24):  # frames 0 | 1-8 | 9-16 | 17-24 come from the latents 0 | 1-2 | 3-4 | 5-6
+        tail = tok.decode(codes, first_frame=first, **kw)
+        assert tail.shape[dim] == 25 - first and tail.is_contiguous()
+        assert torch.equal(tail, whole.narrow(dim, first, 25 - first)), first
+    for bad in (-1, 25):
+        with pytest.raises(ValueError, match=f"first_frame {bad}: these codes decode to 25 frames"):
+            tok.decode(codes, first_frame=bad, **kw)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
+def test_a_late_first_frame_holds_its_frames_not_the_video_s(tok, tiled):
+    """The last clip of a long video: the decode's peak follows the frames kept, not the video's length."""
+    from infinitystar.memory import measure_peak_bytes
+
+    kw = dict(chunk_latents=2, tiled=tiled, tile=(2, 2), overlap=1, images_to="cpu")
+    peaks = {}
+    for t in (5, 41):
+        codes = torch.randn(1, 64, t, 3, 3, generator=torch.Generator().manual_seed(t)) * 0.3
+        frames = 1 + 4 * (t - 1)
+        peaks[t] = measure_peak_bytes(lambda codes=codes, frames=frames: tok.decode(codes, first_frame=frames - 16,
+                                                                                   **kw))[1]
+    video = 3 * 161 * 48 * 48 * 4  # the long one's fp32 frames
+    assert peaks[41] - peaks[5] < 0.25 * video, peaks
