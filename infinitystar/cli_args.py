@@ -258,8 +258,8 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                                           "(`extend`; a story: `interact --tokens`)")
     p.add_argument("--out", help="output .mp4 (a .png for --duration 0; default out.mp4 / out.png)")
     p.add_argument("--new-only", action="store_true",
-                   help="write only the clips this run adds to its --video / --tokens / --image (the whole "
-                        "video is still decoded: the decoder reads every earlier frame); --save-tokens keeps all")
+                   help="write only the clips this run adds to its --video / --tokens / --image (the earlier "
+                        "frames are still decoded, as the decoder reads them, but not held); --save-tokens keeps all")
 
 
 def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     frames = dc.add_mutually_exclusive_group()
     frames.add_argument("--new-only", action="store_true",
                         help="write only the clips the run that saved the tokens added to its start video, image or "
-                             "tokens (the whole video is still decoded: the decoder reads every earlier frame)")
+                             "tokens (the earlier frames are still decoded, as the decoder reads them, but not held)")
     frames.add_argument("--last-clip", action="store_true",
                         help="write only the last 5 s clip (80 frames; a 5 s video whole); a story (interact) "
                              "decodes only its last window")
