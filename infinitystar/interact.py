@@ -225,9 +225,11 @@ def decode(tokenizer, tokens, *, memory_budget: int | None = None, tiled: bool =
     out, at = None, 0
     for done, ((i, (a, b)), size) in enumerate(zip(windows, sizes), start=1):
         # of a later window, only its clip is kept (the context before it is decoded, not held)
-        skip = first_frame if i == 0 else tokenizer.config.pixel_frames(b - a) - PIXEL_FRAMES_PER_CLIP
-        images = tokenizer.decode(tokens.summed_codes[:, :, a:b].to(device), memory_budget=memory_budget, tiled=tiled,
-                                  max_chunk_latents=max_chunk_latents, images_to="cpu", first_frame=skip)
+        codes = tokens.summed_codes[:, :, a:b].to(device)
+        skip = first_frame if i == 0 else tokenizer.config.pixel_frames(codes.shape[2]) - PIXEL_FRAMES_PER_CLIP
+        images = tokenizer.decode(codes, memory_budget=memory_budget, tiled=tiled, max_chunk_latents=max_chunk_latents,
+                                  images_to="cpu", first_frame=skip)
+        del codes
         if not skip:
             first_frame_rule(images)
         if out is None:

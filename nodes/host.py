@@ -73,21 +73,22 @@ def start_flag(kind: str) -> tuple[str, str | None] | None:
     return None
 
 
-def say_flag(kind: str, found: tuple[str, str | None] | None, applied: str | None) -> None:
+def say_flag(kind: str, found: tuple[str, str | None] | None, applied: str | None,
+             why_none: str = "chosen on its loader") -> None:
     """Log what a start flag did to ``kind``'s auto dtypes: ``applied`` names the ones it set ('auto dtype',
-    'auto weight and compute dtypes'); None: the node's explicit choices left it nothing to set."""
+    'auto weight and compute dtypes'); None: it set none, for the reason ``why_none``."""
     if found is None:
         return
     flag, choice = found
-    if choice is None:
-        logger.warning("InfinityStar: ComfyUI's %s is not offered for the %s; its auto dtype picks as without the "
-                       "flag", flag, kind)
+    if applied and choice is None:
+        logger.warning("InfinityStar: ComfyUI's %s is not offered for the %s; its %s %s as without the flag", flag,
+                       kind, applied, "pick" if applied.endswith("dtypes") else "picks")
     elif applied:
         logger.info("InfinityStar: ComfyUI was started with %s, so the %s's %s %s %s", flag, kind, applied,
                     "are" if applied.endswith("dtypes") else "is", choice)
     else:
-        logger.info("InfinityStar: ComfyUI was started with %s; it changes none of the %s's dtypes (chosen on its "
-                    "loader, or a GGUF file's own)", flag, kind)
+        logger.info("InfinityStar: ComfyUI was started with %s; it changes none of the %s's dtypes (%s)", flag, kind,
+                    why_none)
 
 
 def flagged_dtype(kind: str) -> str | None:

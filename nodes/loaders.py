@@ -128,16 +128,24 @@ class InfinityStarModelLoader(io.ComfyNode):
         if why:
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
         found = host.start_flag("transformer")
-        flagged, applied = found[1] if found else None, []
-        if compute_dtype == "auto" and flagged in host.COMPUTE_DTYPES and host.computes_in(flagged, load_device):
-            compute_dtype = flagged  # --fp32/bf16/fp16-unet: "run it in" (bf16 where the GPU has it, as core)
-            applied.append("compute")
+        flagged, applied, why_none = found[1] if found else None, [], []
+        if compute_dtype == "auto" and flagged in host.COMPUTE_DTYPES:
+            if host.computes_in(flagged, load_device):
+                compute_dtype = flagged  # --fp32/bf16/fp16-unet: "run it in" (bf16 where the GPU has it, as core)
+                applied.append("compute")
+            else:
+                why_none.append(f"{load_device} does not compute in {flagged}")
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
-        if weight_dtype == host.AUTO_WEIGHTS and flagged and path.suffix.lower() != ".gguf":
+        gguf_file = path.suffix.lower() == ".gguf"
+        if weight_dtype == host.AUTO_WEIGHTS and flagged and not gguf_file:
             weight_dtype = flagged  # and --fp8_e4m3fn/e5m2-unet: "store it in"
             applied.insert(0, "weight")
+        elif weight_dtype == host.AUTO_WEIGHTS and gguf_file:
+            why_none.append("a GGUF file keeps its own")
+        if found and found[1] is None:  # a flag for a dtype not offered: said for what was left on auto
+            applied = [name for name, choice in (("weight", weight_dtype), ("compute", compute_dtype)) if choice == "auto"]
         host.say_flag("transformer", found, f"auto {' and '.join(applied)} dtype{'s' * (len(applied) > 1)}"
-                      if applied else None)
+                      if applied else None, "; ".join(why_none) or "chosen on its loader")
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
         if path.suffix.lower() == ".gguf":  # Windows names are case-blind: X.GGUF is listed and read as GGUF
             if wdtype is not None:

@@ -83,7 +83,7 @@ def plan_decode_chunks(latents: int, chunk_latents: int | None = None) -> list[t
 def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
                    callback: Callback = None, keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    frames: int | None = None, first_frame: int = 0) -> torch.Tensor:
-    """Decode (B, 16, T, h, w) chunk by chunk with one conv cache; returns (B, 3, 1+4(T-1), 8h, 8w).
+    """Decode (B, 16, T, h, w) chunk by chunk with one conv cache; returns (B, 3, 1+4(T-1) - first_frame, 8h, 8w).
 
     ``keep`` maps each chunk's output to what is kept, frames first, concatenated along dim 0 instead (e.g. images
     moved off the device, so that the whole video never sits on it). ``frames``: the frames the whole video
@@ -112,12 +112,15 @@ def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, in
                 callback(i + 1, len(plan))
 
     wanted = None if frames is None else frames - first_frame
+    parts, gave = chunks(), None
     try:
-        return _join(chunks(), 2 if keep is None else 0, wanted)
+        return _join(parts, 2 if keep is None else 0, wanted)
     except _CountMismatch as e:
-        after = f" after frame {first_frame}" if first_frame else ""
-        raise RuntimeError(f"the decoder gave {e.args[0]} frames{after} for {z.shape[2]} latent frames; {wanted} "
-                           "were expected") from None
+        gave = e.args[0]
+    finally:
+        parts.close()  # its cache and chunk, not kept alive by the error
+    after = f" after frame {first_frame}" if first_frame else ""
+    raise RuntimeError(f"the decoder gave {gave} frames{after} for {z.shape[2]} latent frames; {wanted} were expected")
 
 
 class _CountMismatch(Exception):
@@ -173,7 +176,7 @@ def _ramp(length: int, lo_blend: int, hi_blend: int, device) -> torch.Tensor:
 
 
 def decode_tiled(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, int]],
-                 tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int, frames: int,
+                 tile: int | tuple[int, int], overlap: int | tuple[int, int], patch: int, frames: int, *,
                  callback: Callback = None, images_to: torch.device | str | None = None,
                  sums_on: torch.device | str | None = None, first_frame: int = 0) -> torch.Tensor:
     """Approximate decode of overlapping spatial tiles, linearly blended in the overlaps.

@@ -301,7 +301,7 @@ class VideoTokenizer(nn.Module):
         logger.debug("decode %s latent frames in chunks %s (tiled=%s)", z.shape[2], plan, tiled)
         keep = None if images_to is None else images_on(images_to)
         if tiled:
-            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, frames, callback,
+            return decode_tiled(self.decoder, z, plan, tile, overlap, self.config.patch_size, frames, callback=callback,
                                 images_to=images_to, sums_on=images_to if offload else None, first_frame=first_frame)
         return decode_chunked(self.decoder, z, plan, callback, keep, frames=frames, first_frame=first_frame)
 

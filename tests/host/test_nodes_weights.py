@@ -440,7 +440,8 @@ def test_comfyui_precision_flags_set_the_auto_dtypes(pack, comfy_dirs, monkeypat
         model = run(loader, weight_dtype="auto", compute_dtype="auto", **kw)[0]
     assert (model.info.storage, model.compute_dtype) == (storage, compute)
     name = f"--{flag.replace('_unet', '-unet')}"
-    said = {"fp64_unet": f"ComfyUI's {name} is not offered for the transformer",
+    said = {"fp64_unet": f"ComfyUI's {name} is not offered for the transformer; its auto weight and compute dtypes "
+                         "pick as without the flag",
             "bf16_unet": f"started with {name}, so the transformer's auto weight and compute dtypes are bf16",
             "fp32_unet": f"started with {name}, so the transformer's auto weight and compute dtypes are fp32"}
     assert said.get(flag, f"started with {name}, so the transformer's auto weight dtype is {flag[:-5]}") in caplog.text
@@ -449,8 +450,8 @@ def test_comfyui_precision_flags_set_the_auto_dtypes(pack, comfy_dirs, monkeypat
     with caplog.at_level(logging.INFO):
         explicit = run(loader, weight_dtype="fp32", compute_dtype="fp32", **kw)[0]
         assert (explicit.info.storage, explicit.compute_dtype) == ("float32", torch.float32)
-        if flag != "fp64_unet":
-            assert f"started with {name}; it changes none of the transformer's dtypes" in caplog.text
+        assert f"started with {name}; it changes none of the transformer's dtypes (chosen on its loader)" in caplog.text
+        assert "WARNING" not in caplog.text  # nothing on auto: nothing to warn about
         caplog.clear()
         half = run(loader, weight_dtype="fp32", compute_dtype="auto", **kw)[0]
     assert half.info.storage == "float32" and half.compute_dtype == compute
@@ -458,6 +459,14 @@ def test_comfyui_precision_flags_set_the_auto_dtypes(pack, comfy_dirs, monkeypat
         assert f"so the transformer's auto compute dtype is {flag[:4]}" in caplog.text
     elif flag != "fp64_unet":  # fp8: storage only, which the node chose
         assert "changes none of the transformer's dtypes" in caplog.text and "auto" not in caplog.text
+    else:
+        assert f"{name} is not offered for the transformer; its auto compute dtype picks as without" in caplog.text
+    if flag == "bf16_unet":  # a GPU without bf16 compute: the flag leaves compute on auto, and the log says why
+        caplog.clear()
+        with monkeypatch.context() as m, caplog.at_level(logging.INFO):
+            m.setattr(pack.host, "computes_in", lambda choice, device: choice != "bf16")
+            run(loader, weight_dtype="fp32", compute_dtype="auto", **kw)
+        assert "changes none of the transformer's dtypes (cpu does not compute in bf16)" in caplog.text
     import comfy.model_management as mm
 
     for has_bf16 in (False, True):  # --bf16-unet computes in bf16 only on a GPU that has it (as core casts)

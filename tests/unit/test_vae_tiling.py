@@ -151,14 +151,31 @@ def test_first_frame_keeps_the_tail_of_the_whole_decode(tok, tiled, images_to):
     for bad in (-1, 25):
         with pytest.raises(ValueError, match=f"first_frame {bad}: these codes decode to 25 frames"):
             tok.decode(codes, first_frame=bad, **kw)
+    if images_to is None:  # frames of a batch: each video's tail
+        pair = torch.cat([codes, codes.flip(-1)])
+        assert torch.equal(tok.decode(pair, first_frame=6, **kw), tok.decode(pair, **kw)[:, :, 6:])
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
-def test_a_late_first_frame_holds_its_frames_not_the_video_s(tok, tiled):
+def test_a_decoder_giving_another_frame_count_after_first_frame_is_an_error(tiled):
+    z = torch.randn(1, 16, 5, 4, 6, generator=torch.Generator().manual_seed(6))
+    dec = _PointwiseDecoder()  # one frame per latent frame: 5 frames
+    plan = [(0, 1), (1, 3), (3, 5)]
+    run = (lambda frames, first: decode_tiled(dec, z, plan, (2, 3), (1, 1), 2, frames, first_frame=first)) if tiled \
+        else (lambda frames, first: decode_chunked(dec, z, plan, frames=frames, first_frame=first))
+    torch.testing.assert_close(run(5, 2), decode_chunked(dec, z, [(0, 5)])[:, :, 2:], rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="gave 3 frames after frame 2 for 5 latent frames; 4 were expected"
+                       if not tiled else "gave 5 frames for 5 latent frames; 6 were expected"):
+        run(6, 2)
+
+
+@pytest.mark.parametrize("images_to", [None, "cpu"], ids=["frames", "images"])
+@pytest.mark.parametrize("tiled", [False, True], ids=["chunked", "tiled"])
+def test_a_late_first_frame_holds_its_frames_not_the_video_s(tok, tiled, images_to):
     """The last clip of a long video: the decode's peak follows the frames kept, not the video's length."""
     from infinitystar.memory import measure_peak_bytes
 
-    kw = dict(chunk_latents=2, tiled=tiled, tile=(2, 2), overlap=1, images_to="cpu")
+    kw = dict(chunk_latents=2, tiled=tiled, tile=(2, 2), overlap=1, images_to=images_to)
     peaks = {}
     for t in (5, 41):
         codes = torch.randn(1, 64, t, 3, 3, generator=torch.Generator().manual_seed(t)) * 0.3
