@@ -114,15 +114,17 @@ def decode_to_file(tokenizer, tokens: P.Tokens, out: str, *, memory_budget: int 
             frames = P.decode(tokenizer, tokens, callback=progress, memory_budget=memory_budget, tiled=tiles,
                               new_clips=new_clips, last_clip=last_clip)
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError
-            if tiles:
-                raise
+            pass  # handled below, once the failed attempt's tensors are no longer referenced by the error
         finally:
             bar.close()
         if frames is not None:
             break
-        gc.collect()  # the failed attempt's tensors, before the second one
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if tiles:
+            raise RuntimeError(f"the decode ran out of memory on {device}, in spatial tiles too: close other programs "
+                               "that use it, or decode on the CPU (--device cpu; slow)")
         print("note: out of GPU memory in the decode; decoding again in spatial tiles (seams are possible; "
               "--tiled skips the first attempt)", file=sys.stderr)
     return write_mp4(out, frames, fps=P.FPS) if tokens.is_video else write_png(out, frames)
@@ -287,8 +289,16 @@ class Session:
                 unsaved = e
                 print(f"error: {e}; the tokens are not saved, the video is still decoded", file=sys.stderr)
         self.release_transformer()
-        written = decode_to_file(self.tokenizer(), tokens, out, memory_budget=self.decode_budget(),
-                                 new_clips=getattr(self.args, "new_only", False))
+        try:
+            written = decode_to_file(self.tokenizer(), tokens, out, memory_budget=self.decode_budget(),
+                                     new_clips=getattr(self.args, "new_only", False))
+        except RuntimeError as e:  # out of memory, even tiled: the sampled tokens need not be lost
+            if not self.args.save_tokens or unsaved is not None:
+                raise RuntimeError(f"{e}. (With --save-tokens the sampled tokens are kept and a failed decode can be "
+                                   "run again with `decode`.)") from e
+            where = "--tiny" if self.tiny else f"--models {self.args.models}"
+            raise RuntimeError(f"{e}. The sampled tokens are saved: decode them with `python -m infinitystar decode "
+                               f"{self.args.save_tokens} {where} --out {out}` (--device cpu: slow, but it fits)") from e
         if unsaved is not None:
             raise OSError(f"{written} is written, but the tokens are not ({unsaved})")
         return written
@@ -536,12 +546,16 @@ def _run_decode(args) -> Path:
     from .download import VAE_FILE
 
     tokens = P.Tokens.load(args.tokens)
-    args.out = C.output_path(args.out or "out", not tokens.is_video, is_default=args.out is None)
+    args.out = C.output_path(args.out or "out", not tokens.is_video, is_default=args.out is None,
+                             kind="an image's tokens" if not tokens.is_video else "a video's tokens")
     if args.new_only and not tokens.kept_frames:
         print(f"note: {args.tokens} continues nothing (all its frames are new); --new-only writes them all",
               file=sys.stderr)
     if args.vae:
         path = Path(args.vae)
+        if path.is_dir():
+            raise ValueError(f"--vae {path} is a folder; give the tokenizer file ({VAE_FILE}), or the models folder "
+                             "as --models")
         if not path.exists():
             raise FileNotFoundError(f"--vae {path}: no such file")
     elif args.tiny:
@@ -549,8 +563,9 @@ def _run_decode(args) -> Path:
     else:
         path = Path(args.models) / VAE_FILE  # one tokenizer for every variant
         if not path.is_file():
-            raise FileNotFoundError(f"no video tokenizer at {path}: give --vae FILE, or download it (0.7 GB) with "
-                                    f"`python -m infinitystar download --components vae --dest {args.models}`")
+            raise FileNotFoundError(f"no video tokenizer at {path}: give --vae FILE (--tiny for tokens made with "
+                                    "--tiny or demo), or download it (0.7 GB) with `python -m infinitystar download "
+                                    f"--components vae --dest {args.models}`")
     check_tokenizer_file(path)
     device = C.device(args.device)
     tokenizer = load_tokenizer(path, device=device)

@@ -71,7 +71,7 @@ def _number(text: str) -> float:
     return value
 
 
-def output_path(path: str, is_image: bool, is_default: bool) -> str:
+def output_path(path: str, is_image: bool, is_default: bool, kind: str | None = None) -> str:
     """The file the run writes: .mp4 for videos, .png for an image. A name without a suffix gets it, the default
     name follows the output kind, and another suffix is refused (the CLI writes no other format)."""
     target = Path(path)
@@ -83,7 +83,7 @@ def output_path(path: str, is_image: bool, is_default: bool) -> str:
         return str(target.with_suffix(suffix))
     if target.suffix.lower() not in OTHER_FORMATS:
         return str(target.with_name(target.name + suffix))
-    kind = "an image (--duration 0)" if is_image else "a video"
+    kind = kind or ("an image (--duration 0)" if is_image else "a video")
     raise ValueError(f"--out {path}: this run writes {kind} as {suffix}; name the file {target.with_suffix(suffix)}")
 
 
@@ -258,8 +258,9 @@ def _add_model_args(p: argparse.ArgumentParser, resolution_default: str | None =
                                           "(`extend`; a story: `interact --tokens`)")
     p.add_argument("--out", help="output .mp4 (a .png for --duration 0; default out.mp4 / out.png)")
     p.add_argument("--new-only", action="store_true",
-                   help="write only the clips this run adds to its --video / --tokens / --image (the earlier "
-                        "frames are still decoded, as the decoder reads them, but not held); --save-tokens keeps all")
+                   help="write only the clips this run adds to its --video / --tokens / --image (a video's "
+                        "earlier frames are still decoded, as the decoder reads them, but not held; a story decodes "
+                        "only its new clips' windows); --save-tokens keeps all")
 
 
 def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -331,15 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--models", default=os.environ.get("INFINITYSTAR_MODELS", "models"),
                     help="folder laid out like the hub repo, for its video tokenizer (default $INFINITYSTAR_MODELS "
                          "or ./models)")
-    dc.add_argument("--vae", help="video tokenizer file to use instead of the one under --models")
-    dc.add_argument("--tiny", action="store_true", help="the tiny random-weight tokenizer (tokens made with --tiny)")
+    source = dc.add_mutually_exclusive_group()
+    source.add_argument("--vae", help="video tokenizer file to use instead of the one under --models")
+    source.add_argument("--tiny", action="store_true",
+                        help="the tiny random-weight tokenizer (tokens made with --tiny or demo)")
     dc.add_argument("--tiny-seed", type=int, default=0, help=argparse.SUPPRESS)
     dc.add_argument("--device", help="cuda, cuda:1, mps, cpu (default: cuda when available)")
     dc.add_argument("--out", help="output .mp4 (a .png for an image's tokens; default out.mp4 / out.png)")
     frames = dc.add_mutually_exclusive_group()
     frames.add_argument("--new-only", action="store_true",
                         help="write only the clips the run that saved the tokens added to its start video, image or "
-                             "tokens (the earlier frames are still decoded, as the decoder reads them, but not held)")
+                             "tokens (a video's earlier frames are still decoded, as the decoder reads them, but not "
+                             "held; a story decodes only its new clips' windows)")
     frames.add_argument("--last-clip", action="store_true",
                         help="write only the last 5 s clip (80 frames; a 5 s video whole); a story (interact) "
                              "decodes only its last window")

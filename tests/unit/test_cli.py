@@ -583,6 +583,24 @@ def test_decode_writes_saved_tokens_with_the_tokenizer_alone(t2v, tiny_models, t
                  str(tmp_path / "last.mp4")]) == 0
     assert asked[-1]["last_clip"] and not asked[-1]["new_clips"] and not asked[-1]["tiled"]
     assert np.array_equal(_pixels(tmp_path / "last.mp4"), whole)  # a 5 s video's last clip is the whole video
+    assert main(["decode", str(tokens), "--models", str(only_vae), "--new-only", "--out",
+                 str(tmp_path / "same.mp4")]) == 0
+    assert "continues nothing" in capsys.readouterr().err
+    assert np.array_equal(_pixels(tmp_path / "same.mp4"), whole)
+    # 10 s: the last clip and the clip the extend added are its last 80 frames
+    assert main(["extend", "--models", str(tiny_models["root"]), "--tokens", str(tokens), "--clips", "1", "--seed",
+                 "4", "--out", str(tmp_path / "longer.mp4"), "--save-tokens", str(tmp_path / "longer")]) == 0
+    for option in ("--last-clip", "--new-only"):
+        assert main(["decode", str(tmp_path / "longer.safetensors"), "--models", str(only_vae), option, "--out",
+                     str(tmp_path / f"{option}.mp4")]) == 0
+    from infinitystar.checkpoint import load_tokenizer
+    from infinitystar.video_io import write_mp4
+
+    tokenizer = load_tokenizer(tiny_models["vae"])
+    tail = real_decode(tokenizer, Tokens.load(tmp_path / "longer.safetensors"))[81:]  # of the whole decode
+    expected = _pixels(write_mp4(tmp_path / "expected.mp4", tail))
+    last, new = _pixels(tmp_path / "--last-clip.mp4"), _pixels(tmp_path / "--new-only.mp4")
+    assert last.shape[0] == 80 and np.array_equal(last, expected) and np.array_equal(new, expected)
     # as an image-to-video run saves them: the start image's frame is not new
     i2v = dataclasses.replace(Tokens.load(tokens), kept_frames=1)
     i2v.save(tmp_path / "i2v.safetensors")
@@ -593,10 +611,9 @@ def test_decode_writes_saved_tokens_with_the_tokenizer_alone(t2v, tiny_models, t
     image.save(tmp_path / "image.safetensors")
     monkeypatch.chdir(tmp_path)
     assert main(["decode", "image.safetensors", "--models", str(only_vae)]) == 0  # default name: out.png
-    from infinitystar.checkpoint import load_tokenizer
     from infinitystar.video_io import to_uint8
 
-    expected = to_uint8(real_decode(load_tokenizer(tiny_models["vae"]), image))[0]
+    expected = to_uint8(real_decode(tokenizer, image))[0]
     with Image.open(tmp_path / "out.png") as img:
         assert img.size == (336, 192) and np.array_equal(np.asarray(img), expected)  # PNG: lossless
 
@@ -612,9 +629,16 @@ def test_decode_errors_say_what_to_do(t2v, tiny_models, tmp_path, capsys):
     assert main(["decode", tokens, "--vae", tokens]) == 2  # tokens given as the tokenizer
     assert "is not the InfinityStar video tokenizer" in capsys.readouterr().err
     assert main(["decode", tokens, "--vae", str(tiny_models["vae"]), "--out", str(tmp_path / "a.png")]) == 2
-    assert "writes a video as .mp4" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["decode", tokens, "--new-only", "--last-clip"])
+    assert "writes a video's tokens as .mp4; name the file" in capsys.readouterr().err
+    Tokens.load(tokens).leading_clips(0).save(tmp_path / "image.safetensors")
+    assert main(["decode", str(tmp_path / "image.safetensors"), "--tiny", "--out", str(tmp_path / "a.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "writes an image's tokens as .png; name the file" in err and "--duration" not in err
+    assert main(["decode", tokens, "--vae", str(tmp_path)]) == 2
+    assert "is a folder; give the tokenizer file" in capsys.readouterr().err
+    for both in (["--new-only", "--last-clip"], ["--tiny", "--vae", str(tiny_models["vae"])]):
+        with pytest.raises(SystemExit):
+            main(["decode", tokens, *both])
     assert not list(tmp_path.glob("*.mp4"))
 
 
@@ -642,4 +666,14 @@ def test_decode_out_of_gpu_memory_is_retried_in_tiles(t2v, tiny_models, tmp_path
     calls.clear()
     fail_tiled = True
     assert main([*args, "--out", str(tmp_path / "c.mp4")]) == 2 and calls == [False, True]
-    assert "out of memory" in capsys.readouterr().err and not (tmp_path / "c.mp4").exists()
+    assert "in spatial tiles too: close other programs" in capsys.readouterr().err
+    assert not (tmp_path / "c.mp4").exists()
+    # a generate whose decode fails: the sampled tokens are kept, and the error says how to decode them
+    root = str(tiny_models["root"])
+    assert main(["generate", "--models", root, "--resolution", "0.06M", "--duration", "0", "--out",
+                 str(tmp_path / "d.png"), "--save-tokens", str(tmp_path / "d.safetensors")]) == 2
+    err = capsys.readouterr().err
+    hint = f"decode {tmp_path / 'd.safetensors'} --models {root} --out {tmp_path / 'd.png'}"
+    assert hint in err and not (tmp_path / "d.png").exists()
+    fail_tiled = False
+    assert main(hint.split()) == 0 and (tmp_path / "d.png").is_file()  # the command it gives works
