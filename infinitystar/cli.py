@@ -84,6 +84,14 @@ class _Progress:
             self.bar.close()
 
 
+def _free_cached_memory(device: torch.device) -> None:
+    """After dropping a model or a failed attempt: collect what still refers to it, and give the CUDA allocator's
+    cache back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def decode_budget(device: torch.device) -> int | None:
     """Bytes the decode may use on a GPU (it picks its chunk size to fit); None on the CPU: the official chunks."""
     if device.type != "cuda":
@@ -99,7 +107,7 @@ def decode_to_file(tokenizer, tokens: P.Tokens, out: str, *, memory_budget: int 
     decode runs once more in spatial tiles, as the Decode node does, rather than losing the run."""
     from .video_io import write_mp4, write_png
 
-    device = next(tokenizer.parameters()).device
+    device = P._tokenizer_device(tokenizer)
     if native_bf16(device):
         # the official scripts decode under bf16 autocast (and encode outside it, in fp32); native bf16 only
         tokenizer.compute_dtype = torch.bfloat16
@@ -119,9 +127,7 @@ def decode_to_file(tokenizer, tokens: P.Tokens, out: str, *, memory_budget: int 
             bar.close()
         if frames is not None:
             break
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_cached_memory(device)
         if tiles:
             raise RuntimeError(f"the decode ran out of memory on {device}, in spatial tiles too: close other programs "
                                "that use it, or decode on the CPU (--device cpu; slow)")
@@ -260,10 +266,7 @@ class Session:
         self._free_cached_memory()
 
     def _free_cached_memory(self) -> None:
-        """After dropping a model: collect what still refers to it, and give the CUDA allocator's cache back."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_cached_memory(self.device)
 
     def decode_budget(self) -> int | None:
         return decode_budget(self.device)

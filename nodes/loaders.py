@@ -127,6 +127,7 @@ class InfinityStarModelLoader(io.ComfyNode):
         why = compile_unavailable(load_device) if compile else None
         if why:
             raise ValueError(f"compile is on, but {why}. Install it, or set compile to false.")
+        gguf_file = path.suffix.lower() == ".gguf"
         found = host.start_flag("transformer")
         flagged, applied, why_none = found[1] if found else None, [], []
         if compute_dtype == "auto" and flagged in host.COMPUTE_DTYPES:
@@ -136,7 +137,6 @@ class InfinityStarModelLoader(io.ComfyNode):
             else:
                 why_none.append(f"{load_device} does not compute in {flagged}")
         compute = host.resolve_compute_dtype(compute_dtype, load_device)
-        gguf_file = path.suffix.lower() == ".gguf"
         if weight_dtype == host.AUTO_WEIGHTS and flagged and not gguf_file:
             weight_dtype = flagged  # and --fp8_e4m3fn/e5m2-unet: "store it in"
             applied.insert(0, "weight")
@@ -147,7 +147,7 @@ class InfinityStarModelLoader(io.ComfyNode):
         host.say_flag("transformer", found, f"auto {' and '.join(applied)} dtype{'s' * (len(applied) > 1)}"
                       if applied else None, "; ".join(why_none) or "chosen on its loader")
         wdtype = host.WEIGHT_DTYPES[weight_dtype]
-        if path.suffix.lower() == ".gguf":  # Windows names are case-blind: X.GGUF is listed and read as GGUF
+        if gguf_file:  # Windows names are case-blind: X.GGUF is listed and read as GGUF
             if wdtype is not None:
                 raise ValueError(f"{path.name} is a GGUF file, already quantized: set weight_dtype to auto or default "
                                  f"(it is {weight_dtype}), or pick the official .safetensors weights to store "

@@ -95,61 +95,43 @@ def decode_chunked(decoder: nn.Module, z: torch.Tensor, plan: list[tuple[int, in
     if first_frame and frames is None:
         raise ValueError("first_frame needs the video's frame count (frames)")
     cache: ConvCache = {}
-
-    def chunks():
-        at = 0
-        for i, (s, e) in enumerate(plan):
-            pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
-            skip, at, part = max(0, first_frame - at), at + pix.shape[2], None
-            if skip < pix.shape[2]:  # a view of the kept frames would hold the skipped ones: kept, or copied
-                part = pix if not skip else pix[:, :, skip:] if keep else pix[:, :, skip:].clone()
-                part = part if keep is None else keep(part)
-            del pix
-            if part is not None:
-                yield part
-                del part  # not held through the next chunk's decode
-            if callback is not None:
-                callback(i + 1, len(plan))
-
+    dim = 2 if keep is None else 0
     wanted = None if frames is None else frames - first_frame
-    parts, gave = chunks(), None
-    try:
-        return _join(parts, 2 if keep is None else 0, wanted)
-    except _CountMismatch as e:
-        gave = e.args[0]
-    finally:
-        parts.close()  # its cache and chunk, not kept alive by the error
     after = f" after frame {first_frame}" if first_frame else ""
-    raise RuntimeError(f"the decoder gave {gave} frames{after} for {z.shape[2]} latent frames; {wanted} were expected")
 
+    def miscount(gave) -> RuntimeError:
+        return RuntimeError(f"the decoder gave {gave} frames{after} for {z.shape[2]} latent frames; {wanted} were "
+                            "expected")
 
-class _CountMismatch(Exception):
-    pass
-
-
-def _join(parts, dim: int, frames: int | None) -> torch.Tensor:
-    """The chunks' outputs along ``dim``: written into one tensor of ``frames`` along it when that is known, so the
-    chunks and their concatenation are never held at once (twice the video); concatenated otherwise. A single
-    chunk of the whole length is returned as it is."""
-    kept, out, at = [], None, 0
-    for part in parts:
-        n = part.shape[dim]
-        if frames is None:
-            kept.append(part)
-        elif out is None and n == frames:
-            out, at = part, n
+    parts, out, at, decoded = [], None, 0, 0  # out: filled when ``frames`` is given; at: its frames written
+    for i, (s, e) in enumerate(plan):
+        pix = decoder(z[:, :, s:e], cache, split_first=(i == 0))
+        skip, decoded = max(0, first_frame - decoded), decoded + pix.shape[2]
+        if skip < pix.shape[2]:  # a view of the kept frames would hold the skipped ones: kept, or copied
+            part = pix if not skip else pix[:, :, skip:] if keep else pix[:, :, skip:].clone()
+            part = part if keep is None else keep(part)
+            del pix
+            n = part.shape[dim]
+            if wanted is None:
+                parts.append(part)
+            elif out is None and n == wanted:  # one chunk of the whole length: returned as it is
+                out, at = part, n
+            else:
+                if at + n > wanted:
+                    raise miscount(f"at least {at + n}")
+                if out is None:
+                    out = part.new_empty((*part.shape[:dim], wanted, *part.shape[dim + 1:]))
+                out.narrow(dim, at, n).copy_(part)
+                at += n
+            del part  # not held through the next chunk's decode
         else:
-            if at + n > frames:
-                raise _CountMismatch(f"at least {at + n}")
-            if out is None:
-                out = part.new_empty((*part.shape[:dim], frames, *part.shape[dim + 1:]))
-            out.narrow(dim, at, n).copy_(part)
-            at += n
-        del part
-    if frames is None:
-        return torch.cat(kept, dim=dim) if len(kept) > 1 else kept[0]
-    if at != frames:
-        raise _CountMismatch(at)
+            del pix
+        if callback is not None:
+            callback(i + 1, len(plan))
+    if wanted is None:
+        return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+    if at != wanted:
+        raise miscount(at)
     return out
 
 
